@@ -1,0 +1,153 @@
+"""The broker directory: settings, accounts, password file, ACL and credentials.
+
+``hiertrain broker init --dir D`` writes::
+
+    D/broker.json              settings (advertised host, port, bind address, TLS, packet limit)
+    D/passwd                   Mosquitto password file, PBKDF2-SHA512 ($7$), one line per account
+    D/acl                      each account publishes only below hiertrain/+/<account>/,
+                               only the planner on hiertrain/+/schedule; all read hiertrain/#
+    D/credentials/<acct>.json  what a tier needs to connect (hiertrain.transport.Endpoint)
+    D/mosquitto.conf           written by broker.mosquitto from the settings
+    D/data/                    Mosquitto persistence (sessions, retained schedule)
+
+The same files drive the embedded fallback broker (broker.embedded).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from hiertrain import ACCOUNTS, topics
+from hiertrain.errors import BrokerError
+from hiertrain.transport import Endpoint
+
+DEFAULT_PORT = 1883
+DEFAULT_MAX_PACKET = 16 << 20
+_PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    max_packet_bytes: int = DEFAULT_MAX_PACKET
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise BrokerError(f"port {self.port} is not in 1..65535")
+        if self.max_packet_bytes < 1 << 20 or self.max_packet_bytes > 268_435_455:
+            raise BrokerError(f"max packet size {self.max_packet_bytes} must be in 1 MiB..256 MiB")
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(tls) and not all(tls):
+            raise BrokerError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+        for path in filter(None, tls):
+            if not Path(path).is_file():
+                raise BrokerError(f"TLS file {path!r} does not exist")
+
+
+def password_hash(password: str, *, salt: Optional[bytes] = None) -> str:
+    """A Mosquitto 2.0 ``$7$`` (PBKDF2-SHA512) password hash."""
+    salt = salt if salt is not None else os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ITERATIONS)
+    return f"$7${_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def password_matches(password: str, hashed: str) -> bool:
+    try:
+        _, kind, iterations, salt, digest = hashed.split("$")
+        if kind != "7":
+            return False
+        got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
+        return hmac.compare_digest(base64.b64encode(got).decode(), digest)
+    except (ValueError, TypeError):
+        return False
+
+
+def read_password_file(path: str | os.PathLike) -> dict[str, str]:
+    """user -> hash, from a Mosquitto password file."""
+    lines = Path(path).read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def acl_text() -> str:
+    lines = ["# hiertrain ACL: every account reads the job tree and writes only its own topics."]
+    for account in ACCOUNTS:
+        lines += ["", f"user {account}", "topic read hiertrain/#"]
+        lines += [f"topic write {f}" for f in topics.writable_by(account)]
+    return "\n".join(lines) + "\n"
+
+
+class BrokerDir:
+    """Paths and contents of one broker directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+        self.settings_file = self.root / "broker.json"
+        self.passwd = self.root / "passwd"
+        self.acl = self.root / "acl"
+        self.credentials = self.root / "credentials"
+        self.conf = self.root / "mosquitto.conf"
+        self.data = self.root / "data"
+
+    def credentials_file(self, account: str) -> Path:
+        return self.credentials / f"{topics.validate_account(account)}.json"
+
+    def settings(self) -> Settings:
+        if not self.settings_file.is_file():
+            raise BrokerError(f"{self.root} is not a broker directory; run `hiertrain broker init --dir {self.root}`")
+        try:
+            return Settings(**json.loads(self.settings_file.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise BrokerError(f"{self.settings_file} is not valid: {exc}") from None
+
+    def init(self, settings: Settings, *, force: bool = False) -> None:
+        """Create accounts with fresh random passwords and write every file."""
+        if self.settings_file.exists() and not force:
+            raise BrokerError(f"{self.root} already holds a broker; pass --force to replace its accounts")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.credentials.mkdir(exist_ok=True)
+        self.data.mkdir(exist_ok=True)
+        passwords = {a: secrets.token_urlsafe(18) for a in ACCOUNTS}
+        _write_private(self.passwd, "".join(f"{a}:{password_hash(p)}\n" for a, p in passwords.items()))
+        self.acl.write_text(acl_text())
+        for account, password in passwords.items():
+            self._write_credentials(account, password, settings)
+        self.save(settings)
+
+    def save(self, settings: Settings) -> None:
+        """Record ``settings`` and bring the credentials' address in line with them."""
+        self.settings_file.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+        for account in ACCOUNTS:
+            path = self.credentials_file(account)
+            if path.exists():
+                self._write_credentials(account, Endpoint.load(path).password, settings)
+
+    def with_port(self, port: Optional[int]) -> Settings:
+        """The settings, with ``port`` recorded if one is given."""
+        settings = self.settings()
+        if port is not None and port != settings.port:
+            settings = replace(settings, port=port)
+            self.save(settings)
+        return settings
+
+    def _write_credentials(self, account: str, password: str, settings: Settings) -> None:
+        endpoint = Endpoint(settings.host, settings.port, account, password, tls_ca=settings.tls_ca)
+        _write_private(self.credentials_file(account), endpoint.to_json())
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

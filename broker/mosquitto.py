@@ -1,0 +1,63 @@
+"""Mosquitto for a broker directory: its configuration file and command line."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+from typing import Optional
+
+from broker.layout import BrokerDir, Settings
+from hiertrain.errors import BrokerError
+
+READY = " running"  # "mosquitto version 2.0.11 running", logged once every listener is open
+
+
+def executable() -> Optional[str]:
+    """The Mosquitto binary, or ``None`` when it is not installed."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+
+
+def config_text(bdir: BrokerDir, settings: Settings) -> str:
+    lines = [
+        "# Written by hiertrain from broker.json; edit that and restart, not this file.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {bdir.passwd}",
+        f"acl_file {bdir.acl}",
+        "persistence true",
+        f"persistence_location {bdir.data}/",
+        f"max_packet_size {settings.max_packet_bytes}",
+        "max_queued_messages 100000",
+        "max_inflight_messages 0",
+        "set_tcp_nodelay true",
+        # Stay the user who started us (mosquitto would otherwise switch from root to "mosquitto",
+        # which cannot read the private files of this directory).
+        f"user {pwd.getpwuid(os.getuid()).pw_name}",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "",
+        f"listener {settings.port} {settings.bind}",
+    ]
+    if settings.tls_cert:
+        lines += [f"certfile {settings.tls_cert}", f"keyfile {settings.tls_key}", f"cafile {settings.tls_ca}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(bdir: BrokerDir, port: Optional[int] = None) -> Settings:
+    settings = bdir.with_port(port)
+    bdir.conf.write_text(config_text(bdir, settings))
+    return settings
+
+
+def command(bdir: BrokerDir) -> list[str]:
+    exe = executable()
+    if exe is None:
+        raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto); "
+                          "`hiertrain broker start --embedded` runs the pure-Python fallback")
+    return [exe, "-c", str(bdir.conf)]

@@ -1,0 +1,15 @@
+"""hiertrain: HierTrain's hybrid-parallel DNN training over device, edge and cloud, through MQTT.
+
+The core package holds what every tier shares: the wire format (:mod:`hiertrain.wire`), topic
+names (:mod:`hiertrain.topics`), the MQTT transport (:mod:`hiertrain.transport`) and the CLI.
+Tier services live in the top-level ``device``, ``edge`` and ``cloud`` packages, the broker
+service in ``broker`` and the planner in ``planner``.
+"""
+
+__version__ = "0.1.0"
+
+TIERS: tuple[str, ...] = ("device", "edge", "cloud")
+"""The three machines of a mobile-edge-cloud deployment, nearest to the data first."""
+
+ACCOUNTS: tuple[str, ...] = TIERS + ("planner",)
+"""Broker accounts: one per tier, one for the planner."""

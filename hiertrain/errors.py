@@ -1,0 +1,50 @@
+"""The one exception hierarchy of hiertrain.
+
+Every message names the offending value and, where it can, the fix.
+"""
+
+
+class HiertrainError(Exception):
+    """Base of every error hiertrain raises on purpose."""
+
+
+class WireError(HiertrainError, ValueError):
+    """Bytes that are not a valid hiertrain wire object (tensor, frame or message)."""
+
+
+class TopicError(HiertrainError, ValueError):
+    """A topic name or a topic's part that does not follow the hiertrain topic tree."""
+
+
+class ConfigError(HiertrainError, ValueError):
+    """A configuration file or option that cannot be used."""
+
+
+class TransportError(HiertrainError):
+    """The MQTT connection failed or was refused."""
+
+
+class MissingMessage(TransportError, TimeoutError):
+    """A message we waited for did not arrive in time.
+
+    Carries what was missing so that callers (and logs) can name the tier, iteration and layer.
+    """
+
+    def __init__(self, *, kind: str, sender: str, iteration: int, layer: int, timeout: float):
+        self.kind = kind
+        self.sender = sender
+        self.iteration = iteration
+        self.layer = layer
+        self.timeout = timeout
+        super().__init__(
+            f"no {kind!r} from tier {sender!r} for iteration {iteration}, layer {layer} "
+            f"within {timeout:g} s"
+        )
+
+
+class BrokerError(HiertrainError):
+    """The broker could not be configured or started."""
+
+
+class PlanError(HiertrainError, ValueError):
+    """A profile, schedule or planning request that cannot be planned."""

@@ -1,0 +1,69 @@
+"""Where received messages wait for the worker that expects them.
+
+Messages are filed by (kind, iteration, layer, sender). A key is delivered at most once: a
+second message with a key already filed or taken is a duplicate and is refused, so QoS-1
+redeliveries are handled once. Iterations before the watermark are stale and refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Optional
+
+from hiertrain.errors import MissingMessage
+from hiertrain.wire import Message
+
+Key = tuple[str, int, int, str]
+
+
+class Mailbox:
+    def __init__(self, *, remember: int = 65536) -> None:
+        self._cond = threading.Condition()
+        self._waiting: dict[Key, Message] = {}
+        self._taken: OrderedDict[Key, None] = OrderedDict()
+        self._remember = remember
+        self._watermark = 0
+
+    def put(self, msg: Message) -> Optional[str]:
+        """File ``msg``; return ``None`` if accepted, else the reason it was refused."""
+        key = msg.key
+        with self._cond:
+            if msg.iteration < self._watermark:
+                return f"stale: iteration {msg.iteration} is before {self._watermark}"
+            if key in self._waiting or key in self._taken:
+                return "duplicate"
+            self._waiting[key] = msg
+            self._cond.notify_all()
+        return None
+
+    def take(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
+        """Remove and return the message for this key; raise :class:`MissingMessage` on timeout."""
+        key = (kind, iteration, layer, sender)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MissingMessage(kind=kind, sender=sender, iteration=iteration, layer=layer,
+                                         timeout=timeout)
+                self._cond.wait(left)
+            msg = self._waiting.pop(key)
+            self._taken[key] = None
+            if len(self._taken) > self._remember:
+                self._taken.popitem(last=False)
+            return msg
+
+    def advance(self, iteration: int) -> int:
+        """Refuse from now on anything before ``iteration``; drop what is waiting there. Returns the count dropped."""
+        with self._cond:
+            self._watermark = max(self._watermark, iteration)
+            old = [k for k in self._waiting if k[1] < self._watermark]
+            for k in old:
+                del self._waiting[k]
+            return len(old)
+
+    def pending(self) -> list[Key]:
+        with self._cond:
+            return sorted(self._waiting)

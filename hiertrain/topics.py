@@ -1,0 +1,176 @@
+"""The MQTT topic tree of a hiertrain job: builders and a parser that validate.
+
+::
+
+    hiertrain/<job>/schedule                              retained JSON, planner only
+    hiertrain/<job>/<account>/status                      retained JSON, Last Will "offline"
+    hiertrain/<job>/<account>/telemetry                   JSON: link rates, phase times
+    hiertrain/<job>/<tier>/profile                        retained JSON hiertrain-profile/1
+    hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.wire)
+
+``<kind>`` is one of :data:`TENSOR_KINDS`; ``<layer>`` the unit index the tensor belongs to
+(the cut for activations and their gradients, the unit for weights and weight gradients,
+0 for samples and labels). Every account publishes only below ``hiertrain/+/<account>/``,
+which is what the broker's ACL enforces; the schedule topic is the planner's alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from hiertrain import ACCOUNTS, TIERS
+from hiertrain.errors import TopicError
+
+ROOT = "hiertrain"
+TENSOR_KINDS: tuple[str, ...] = ("samples", "labels", "act", "grad", "wgrad", "weights")
+ACCOUNT_KINDS: tuple[str, ...] = ("status", "telemetry", "profile")
+MAX_LAYER = 100_000
+_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_LAYER = re.compile(r"(0|[1-9][0-9]{0,5})\Z")
+
+
+def validate_job(job: object) -> str:
+    """Return ``job`` if it is a valid job id, else raise :class:`TopicError`."""
+    if not isinstance(job, str) or not _JOB.match(job):
+        raise TopicError(
+            f"bad job id {job!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
+            "starting with a letter or digit"
+        )
+    return job
+
+
+def validate_tier(tier: object, *, what: str = "tier") -> str:
+    if tier not in TIERS:
+        raise TopicError(f"bad {what} {tier!r}: expected one of {', '.join(TIERS)}")
+    return tier  # type: ignore[return-value]
+
+
+def validate_account(account: object) -> str:
+    if account not in ACCOUNTS:
+        raise TopicError(f"bad account {account!r}: expected one of {', '.join(ACCOUNTS)}")
+    return account  # type: ignore[return-value]
+
+
+def validate_layer(layer: object) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= MAX_LAYER:
+        raise TopicError(f"bad layer {layer!r}: expected an integer in 0..{MAX_LAYER}")
+    return layer
+
+
+@dataclass(frozen=True)
+class TensorTopic:
+    """``hiertrain/<job>/<sender>/<kind>/<dest>/<layer>``: tensors from one tier to another."""
+
+    job: str
+    sender: str
+    kind: str
+    dest: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        validate_job(self.job)
+        validate_tier(self.sender, what="sender")
+        if self.kind not in TENSOR_KINDS:
+            raise TopicError(f"bad tensor kind {self.kind!r}: expected one of {', '.join(TENSOR_KINDS)}")
+        validate_tier(self.dest, what="destination")
+        validate_layer(self.layer)
+
+    def __str__(self) -> str:
+        return f"{ROOT}/{self.job}/{self.sender}/{self.kind}/{self.dest}/{self.layer}"
+
+
+@dataclass(frozen=True)
+class AccountTopic:
+    """``hiertrain/<job>/<account>/<kind>`` for status, telemetry and profiles."""
+
+    job: str
+    account: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        validate_job(self.job)
+        validate_account(self.account)
+        if self.kind not in ACCOUNT_KINDS:
+            raise TopicError(f"bad topic kind {self.kind!r}: expected one of {', '.join(ACCOUNT_KINDS)}")
+
+    def __str__(self) -> str:
+        return f"{ROOT}/{self.job}/{self.account}/{self.kind}"
+
+
+@dataclass(frozen=True)
+class ScheduleTopic:
+    """``hiertrain/<job>/schedule``: the planner's retained, versioned schedule."""
+
+    job: str
+
+    def __post_init__(self) -> None:
+        validate_job(self.job)
+
+    def __str__(self) -> str:
+        return f"{ROOT}/{self.job}/schedule"
+
+
+Topic = Union[TensorTopic, AccountTopic, ScheduleTopic]
+
+
+def tensor(job: str, sender: str, kind: str, dest: str, layer: int) -> str:
+    return str(TensorTopic(job, sender, kind, dest, layer))
+
+
+def schedule(job: str) -> str:
+    return str(ScheduleTopic(job))
+
+
+def status(job: str, account: str) -> str:
+    return str(AccountTopic(job, account, "status"))
+
+
+def telemetry(job: str, account: str) -> str:
+    return str(AccountTopic(job, account, "telemetry"))
+
+
+def profile(job: str, tier: str) -> str:
+    validate_tier(tier)
+    return str(AccountTopic(job, tier, "profile"))
+
+
+def inbox(job: str, tier: str) -> str:
+    """The subscription filter for every tensor addressed to ``tier``."""
+    return f"{ROOT}/{validate_job(job)}/+/+/{validate_tier(tier)}/+"
+
+
+def all_of_kind(job: str, kind: str) -> str:
+    """The filter for one account-topic kind (``status``, ``telemetry``, ``profile``) of all accounts."""
+    if kind not in ACCOUNT_KINDS:
+        raise TopicError(f"bad topic kind {kind!r}: expected one of {', '.join(ACCOUNT_KINDS)}")
+    return f"{ROOT}/{validate_job(job)}/+/{kind}"
+
+
+def writable_by(account: str) -> list[str]:
+    """The topic filters ``account`` may publish to (the broker's ACL is built from this)."""
+    validate_account(account)
+    own = [f"{ROOT}/+/{account}/#"]
+    return own + [f"{ROOT}/+/schedule"] if account == "planner" else own
+
+
+def parse(topic: str) -> Topic:
+    """Parse a concrete topic name; raise :class:`TopicError` naming what is wrong."""
+    if not isinstance(topic, str):
+        raise TopicError(f"topic must be a string, not {type(topic).__name__}")
+    parts = topic.split("/")
+    if parts[0] != ROOT:
+        raise TopicError(f"topic {topic!r} is not under {ROOT}/")
+    try:
+        if len(parts) == 3 and parts[2] == "schedule":
+            return ScheduleTopic(parts[1])
+        if len(parts) == 4:
+            return AccountTopic(parts[1], parts[2], parts[3])
+        if len(parts) == 6:
+            if not _LAYER.match(parts[5]):
+                raise TopicError(f"bad layer {parts[5]!r}")
+            return TensorTopic(parts[1], parts[2], parts[3], parts[4], int(parts[5]))
+    except TopicError as exc:
+        raise TopicError(f"topic {topic!r}: {exc}") from None
+    raise TopicError(f"topic {topic!r} has {len(parts)} levels; not a hiertrain topic")

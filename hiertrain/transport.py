@@ -1,0 +1,284 @@
+"""MQTT transport: paho-mqtt 2.x, QoS 1, persistent session, Last Will.
+
+The network thread only enqueues what arrives; a dispatcher thread decodes frames, reassembles
+messages and files them in a :class:`~hiertrain.mailbox.Mailbox` (tensor topics) or in
+:attr:`Transport.events` (JSON topics). Workers take messages by (kind, sender, iteration,
+layer) with a timeout that raises :class:`~hiertrain.errors.MissingMessage`.
+
+Anything malformed, unauthorized or duplicate is dropped with a logged reason and counted in
+:attr:`Transport.dropped`; nothing arriving can stop the transport.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import paho.mqtt.client as mqtt
+
+from hiertrain import TIERS, topics
+from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
+from hiertrain.mailbox import Mailbox
+from hiertrain.wire import DEFAULT_CHUNK_BYTES, Message, Reassembler, encode_message
+
+log = logging.getLogger("hiertrain.transport")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the broker is and who we are to it (one credentials file per account)."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    tls_ca: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.host or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"bad broker address {self.host!r}:{self.port!r}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Endpoint":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: data[k] for k in ("host", "port", "username", "password")},
+                       tls_ca=data.get("tls_ca"))
+        except FileNotFoundError:
+            raise ConfigError(f"credentials file {str(path)!r} does not exist") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"credentials file {str(path)!r} is not valid: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A JSON message from a non-tensor topic (schedule, status, telemetry, profile)."""
+
+    topic: topics.Topic
+    payload: Any
+    retained: bool
+
+
+class Transport:
+    """One account's connection to the broker.
+
+    Tiers receive the tensors addressed to them automatically; JSON topics are subscribed with
+    :meth:`subscribe` and arrive on :attr:`events`.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, account: str, job: str, client_id: Optional[str] = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, persistent: bool = True,
+                 keepalive: int = 30) -> None:
+        self.account = topics.validate_account(account)
+        self.job = topics.validate_job(job)
+        self.endpoint = endpoint
+        self.chunk_bytes = chunk_bytes
+        self.mailbox = Mailbox()
+        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.dropped: Counter[str] = Counter()
+        self.sent_bytes = 0
+        self._inbound: "queue.Queue[Optional[mqtt.MQTTMessage]]" = queue.Queue()
+        self._reassembler = Reassembler()
+        self._ids = itertools.count()
+        self._nonce = os.urandom(4).hex()
+        self._filters: set[str] = set()
+        self._connected = threading.Event()
+        self._refused: Optional[str] = None
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._lock = threading.Lock()
+        self._status = topics.status(job, account)
+
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"hiertrain-{job}-{account}",
+            clean_session=not persistent,
+            protocol=mqtt.MQTTv311,
+        )
+        self._client.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls_ca:
+            self._client.tls_set(ca_certs=endpoint.tls_ca)
+        self._client.will_set(self._status, json.dumps({"state": "offline"}), qos=1, retain=True)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        self._client.max_queued_messages_set(0)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_socket_open = _no_delay
+        self._keepalive = keepalive
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"hiertrain-{account}-dispatch",
+                                            daemon=True)
+        if account in TIERS:
+            self._filters.add(topics.inbox(job, account))
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self, timeout: float = 10.0) -> "Transport":
+        """Connect, subscribe, announce ``online``; raise :class:`TransportError` if refused."""
+        self._dispatcher.start()
+        try:
+            self._client.connect(self.endpoint.host, self.endpoint.port, keepalive=self._keepalive)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot reach the broker at {self.endpoint.host}:{self.endpoint.port}: {exc}") from None
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._refused or time.monotonic() > deadline:
+                self._client.loop_stop()
+                self._inbound.put(None)
+                why = self._refused or f"no answer within {timeout:g} s"
+                raise TransportError(
+                    f"broker at {self.endpoint.host}:{self.endpoint.port} refused account "
+                    f"{self.account!r} (user {self.endpoint.username!r}): {why}")
+        self.publish_json(self._status, {"state": "online", "pid": os.getpid()}, retain=True)
+        return self
+
+    def stop(self, *, state: str = "stopped", timeout: float = 5.0) -> None:
+        """Flush what is queued, announce ``state`` and disconnect."""
+        try:
+            if self._connected.is_set():
+                self.publish_json(self._status, {"state": state}, retain=True)
+                self.flush(timeout)
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._inbound.put(None)
+            self._dispatcher.join(timeout)
+
+    def __enter__(self) -> "Transport":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def subscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._filters.add(topic_filter)
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=1)
+
+    # -------------------------------------------------------------- sending
+
+    def send(self, msg: Message) -> int:
+        """Publish ``msg`` in frames on its tensor topic (QoS 1); return the bytes queued."""
+        if msg.sender != self.account or msg.job != self.job:
+            raise TransportError(f"account {self.account!r} of job {self.job!r} cannot send {msg.describe()} "
+                                 f"of job {msg.job!r}")
+        frames = encode_message(msg, msg_id=f"{self._nonce}:{next(self._ids)}", chunk_bytes=self.chunk_bytes)
+        topic = msg.topic
+        n = 0
+        for frame in frames:
+            self._track(self._client.publish(topic, frame, qos=1))
+            n += len(frame)
+        self.sent_bytes += n
+        return n
+
+    def publish_json(self, topic: str, payload: Any, *, retain: bool = False) -> None:
+        self._track(self._client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1,
+                                         retain=retain))
+
+    def _track(self, info: mqtt.MQTTMessageInfo) -> None:
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
+        with self._lock:
+            self._pending = [p for p in self._pending if not p.is_published()]
+            self._pending.append(info)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until the broker acknowledged everything published so far."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for info in pending:
+            left = deadline - time.monotonic()
+            if not info.is_published() and (left <= 0 or not _wait_published(info, left)):
+                raise TransportError(f"the broker did not acknowledge {len(pending)} publication(s) "
+                                     f"of {self.account!r} within {timeout:g} s")
+
+    # -------------------------------------------------------------- receiving
+
+    def take(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
+        """The message ``kind`` from ``sender`` for (iteration, layer); see :meth:`Mailbox.take`."""
+        return self.mailbox.take(kind, sender, iteration, layer, timeout)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            client.disconnect()
+            return
+        with self._lock:
+            filters = sorted(self._filters)
+        for f in filters:
+            client.subscribe(f, qos=1)
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        if reason.is_failure:
+            log.warning("%s: disconnected from the broker (%s); reconnecting", self.account, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._inbound.put(message)  # the network thread does nothing else
+
+    def _dispatch(self) -> None:
+        while (message := self._inbound.get()) is not None:
+            try:
+                reason = self._handle(message.topic, message.payload, bool(message.retain))
+            except Exception as exc:  # never let one message stop the dispatcher
+                reason = f"unexpected {type(exc).__name__}: {exc}"
+            if reason:
+                self.dropped[reason.split(":")[0]] += 1
+                log.warning("%s: dropped a message on %r: %s", self.account, message.topic, reason)
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> Optional[str]:
+        try:
+            parsed = topics.parse(topic)
+        except TopicError as exc:
+            return f"bad topic: {exc}"
+        if parsed.job != self.job:
+            return f"wrong job: {parsed.job!r}"
+        if not isinstance(parsed, topics.TensorTopic):
+            try:
+                self.events.put(Event(parsed, json.loads(payload), retained))
+            except (ValueError, UnicodeDecodeError) as exc:
+                return f"malformed JSON: {exc}"
+            return None
+        if parsed.dest != self.account:
+            return f"misrouted: addressed to {parsed.dest!r}"
+        duplicates = self._reassembler.duplicates
+        try:
+            msg = self._reassembler.feed(payload)
+        except WireError as exc:
+            return f"malformed frame: {exc}"
+        if msg is None:
+            return "duplicate: frame already received" if self._reassembler.duplicates > duplicates else None
+        if (msg.sender, msg.kind, msg.dest, msg.layer) != (parsed.sender, parsed.kind, parsed.dest, parsed.layer):
+            return f"unauthorized: frame says {msg.describe()} but came on {topic!r}"
+        return self.mailbox.put(msg)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    # paho leaves Nagle on: small frames (acks, gradients) would wait ~40 ms for delayed ACKs.
+    if hasattr(sock, "setsockopt"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError):
+        return False
+    return info.is_published()
