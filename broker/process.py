@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import socket
 import subprocess
 import threading
 from typing import Optional
@@ -75,3 +76,10 @@ class BrokerProcess:
 def available_kind() -> str:
     """Mosquitto when installed, else the embedded fallback."""
     return "mosquitto" if mosquitto.executable() else "embedded"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

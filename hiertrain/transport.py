@@ -76,12 +76,13 @@ class Transport:
     """One account's connection to the broker.
 
     Tiers receive the tensors addressed to them automatically; JSON topics are subscribed with
-    :meth:`subscribe` and arrive on :attr:`events`.
+    :meth:`subscribe` and arrive on :attr:`events`. An *observer* (e.g. ``schedule watch``) uses
+    an account's credentials to read only: no inbox, no status, no Last Will, clean session.
     """
 
     def __init__(self, endpoint: Endpoint, *, account: str, job: str, client_id: Optional[str] = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, persistent: bool = True,
-                 keepalive: int = 30) -> None:
+                 observer: bool = False, keepalive: int = 30) -> None:
         self.account = topics.validate_account(account)
         self.job = topics.validate_job(job)
         self.endpoint = endpoint
@@ -99,7 +100,10 @@ class Transport:
         self._refused: Optional[str] = None
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
-        self._status = topics.status(job, account)
+        self._status = None if observer else topics.status(job, account)
+        if observer:
+            persistent = False
+            client_id = client_id or f"hiertrain-{job}-{account}-observer-{os.getpid()}-{self._nonce}"
 
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -110,7 +114,8 @@ class Transport:
         self._client.username_pw_set(endpoint.username, endpoint.password)
         if endpoint.tls_ca:
             self._client.tls_set(ca_certs=endpoint.tls_ca)
-        self._client.will_set(self._status, json.dumps({"state": "offline"}), qos=1, retain=True)
+        if self._status:
+            self._client.will_set(self._status, json.dumps({"state": "offline"}), qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)
         self._client.max_queued_messages_set(0)
         self._client.on_connect = self._on_connect
@@ -120,7 +125,7 @@ class Transport:
         self._keepalive = keepalive
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"hiertrain-{account}-dispatch",
                                             daemon=True)
-        if account in TIERS:
+        if account in TIERS and not observer:
             self._filters.add(topics.inbox(job, account))
 
     # -------------------------------------------------------------- lifecycle
@@ -143,14 +148,16 @@ class Transport:
                 raise TransportError(
                     f"broker at {self.endpoint.host}:{self.endpoint.port} refused account "
                     f"{self.account!r} (user {self.endpoint.username!r}): {why}")
-        self.publish_json(self._status, {"state": "online", "pid": os.getpid()}, retain=True)
+        if self._status:
+            self.publish_json(self._status, {"state": "online", "pid": os.getpid()}, retain=True)
         return self
 
     def stop(self, *, state: str = "stopped", timeout: float = 5.0) -> None:
         """Flush what is queued, announce ``state`` and disconnect."""
         try:
             if self._connected.is_set():
-                self.publish_json(self._status, {"state": state}, retain=True)
+                if self._status:
+                    self.publish_json(self._status, {"state": state}, retain=True)
                 self.flush(timeout)
         finally:
             self._client.disconnect()

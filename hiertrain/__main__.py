@@ -1,0 +1,5 @@
+import sys
+
+from hiertrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,16 @@
+"""Benchmarks behind ``hiertrain bench <which>``: each returns a JSON-able dict with its figures."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCHES = {
+    "wire": "hiertrain.bench.wire",
+    "transport": "hiertrain.bench.transport",
+}
+
+
+def run(which: str, args: argparse.Namespace) -> dict[str, Any]:
+    return importlib.import_module(BENCHES[which]).bench(args)

@@ -1,0 +1,186 @@
+"""The ``hiertrain`` command line: one console script, one subcommand per capability.
+
+Handlers import what they need lazily, so a device install without the solver or the plotting
+stack still runs the commands it has. Errors of hiertrain's own kind and bad arguments print one
+line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from hiertrain.errors import HiertrainError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is not in 1..65535")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+# ------------------------------------------------------------------------------------ broker
+
+def _broker_init(args: argparse.Namespace) -> int:
+    from broker.layout import DEFAULT_PORT, BrokerDir, Settings
+
+    settings = Settings(host=args.host, port=args.port or DEFAULT_PORT, bind=args.bind,
+                        max_packet_bytes=args.max_packet_mb << 20, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, tls_ca=args.tls_ca)
+    bdir = BrokerDir(args.dir)
+    bdir.init(settings, force=args.force)
+    from broker.mosquitto import write_config
+
+    write_config(bdir)
+    print(f"broker directory {bdir.root}: accounts {', '.join(sorted(p.stem for p in bdir.credentials.iterdir()))}; "
+          f"give each tier its file from {bdir.credentials}")
+    return 0
+
+
+def _broker_start(args: argparse.Namespace) -> int:
+    import os
+
+    from broker import embedded, mosquitto
+    from broker.layout import BrokerDir
+
+    bdir = BrokerDir(args.dir)
+    if args.embedded or mosquitto.executable() is None:
+        if not args.embedded:
+            print("hiertrain: mosquitto is not installed; running the embedded amqtt broker "
+                  "(for demos; install mosquitto for deployments)", file=sys.stderr)
+        return embedded.main(["--dir", str(bdir.root)] + (["--port", str(args.port)] if args.port else []))
+    mosquitto.write_config(bdir, args.port)
+    argv = mosquitto.command(bdir)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+    return 1  # not reached
+
+
+def _broker_install_service(args: argparse.Namespace) -> int:
+    from broker.layout import BrokerDir
+    from hiertrain import systemd
+
+    bdir = BrokerDir(args.dir)
+    bdir.settings()  # fails clearly if not initialised
+    unit = systemd.install("broker", description="hiertrain MQTT broker (Mosquitto)",
+                           subcommand=["broker", "start", "--dir", str(bdir.root)], owned=bdir.root,
+                           unit_dir=Path(args.unit_dir))
+    print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+def _schedule_watch(args: argparse.Namespace) -> int:
+    from hiertrain import config
+    from hiertrain.watch import watch
+
+    return watch(config.load(args.config), count=args.count, timeout=args.timeout)
+
+
+# ------------------------------------------------------------------------------------- bench
+
+def _bench(args: argparse.Namespace) -> int:
+    from hiertrain.bench import run
+
+    result = run(args.which, args)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hiertrain", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    broker = sub.add_parser("broker", help="the MQTT broker on the edge server").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    init = broker.add_parser("init", help="write config, password file, ACL and credentials")
+    init.add_argument("--dir", required=True)
+    init.add_argument("--host", default="127.0.0.1", help="address the tiers use to reach the broker")
+    init.add_argument("--port", type=_port)
+    init.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
+    init.add_argument("--max-packet-mb", type=_positive_int, default=16)
+    init.add_argument("--tls-cert")
+    init.add_argument("--tls-key")
+    init.add_argument("--tls-ca")
+    init.add_argument("--force", action="store_true", help="replace existing accounts")
+    init.set_defaults(handler=_broker_init)
+    start = broker.add_parser("start", help="run the broker in the foreground")
+    start.add_argument("--dir", required=True)
+    start.add_argument("--port", type=_port)
+    start.add_argument("--embedded", action="store_true", help="run the pure-Python amqtt broker")
+    start.set_defaults(handler=_broker_start)
+    svc = broker.add_parser("install-service", help="write a systemd unit for the broker")
+    svc.add_argument("--dir", required=True)
+    svc.add_argument("--unit-dir", default="/etc/systemd/system")
+    svc.set_defaults(handler=_broker_install_service)
+
+    schedule = sub.add_parser("schedule", help="the planner's schedule topic").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    watch = schedule.add_parser("watch", help="print each schedule as it arrives")
+    watch.add_argument("--config", required=True)
+    watch.add_argument("--count", type=_positive_int, help="exit after this many schedules")
+    watch.add_argument("--timeout", type=_nonneg_float, help="exit 1 if nothing arrives for this long")
+    watch.set_defaults(handler=_schedule_watch)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
+    bench.add_argument("which", choices=["wire", "transport"])
+    bench.add_argument("--out")
+    bench.add_argument("--size-mb", type=_positive_int, default=4)
+    bench.add_argument("--count", type=_positive_int, default=40)
+    bench.add_argument("--repeat", type=_positive_int, default=5)
+    bench.set_defaults(handler=_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except HiertrainError as exc:
+        print(f"hiertrain: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

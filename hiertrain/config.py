@@ -1,0 +1,78 @@
+"""Service configuration files (TOML): which job, which broker, as whom.
+
+Every long-running service (tiers, planner, ``schedule watch``) reads one file::
+
+    job = "demo"
+
+    [broker]
+    credentials = "broker/credentials/device.json"   # relative to this file
+    # or inline: host = "10.0.0.2", port = 1883, username = "device", password = "...", tls_ca = "..."
+
+Sections for the service itself (``[device]``, ``[planner]`` ...) are kept in :attr:`ServiceConfig.raw`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hiertrain import topics
+from hiertrain.errors import ConfigError, TopicError
+from hiertrain.transport import Endpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    path: Path
+    job: str
+    endpoint: Endpoint
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self.raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.path}: [{name}] must be a table")
+        return value
+
+    def resolve(self, value: str) -> Path:
+        """A path from the file, relative to the file's directory."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def load(path: str | os.PathLike) -> ServiceConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    try:
+        job = topics.validate_job(raw.get("job"))
+    except TopicError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    broker = raw.get("broker")
+    if not isinstance(broker, dict):
+        raise ConfigError(f"{path}: a [broker] table is required")
+    cfg = ServiceConfig(path.resolve(), job, _endpoint(path, broker), raw)
+    return cfg
+
+
+def _endpoint(path: Path, broker: dict[str, Any]) -> Endpoint:
+    if "credentials" in broker:
+        creds = Path(os.path.expanduser(str(broker["credentials"])))
+        return Endpoint.load(creds if creds.is_absolute() else path.parent / creds)
+    try:
+        return Endpoint(str(broker["host"]), int(broker.get("port", 1883)), str(broker["username"]),
+                        str(broker["password"]), tls_ca=broker.get("tls_ca"))
+    except KeyError as exc:
+        raise ConfigError(f"{path}: [broker] needs `credentials` or host/username/password ({exc} missing)") from None

@@ -1,0 +1,172 @@
+"""A schedule: the planner's decision, as data.
+
+A HierTrain schedule maps the roles o (whole model, loss and optimizer), s (units 1..m_s) and
+l (units 1..m_l) onto the tiers, and splits the batch B = b_o + b_s + b_l. Baselines that are not
+O/S/L schedules are described too: a *chain* (JointDNN+: consecutive unit ranges on successive
+tiers, all samples) and a *compressed cut* (JALAD: activations at m_l quantised to 8 bits).
+
+On the wire it is the JSON of ``hiertrain plan --json`` plus ``version`` and
+``effective_iteration`` (shared/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional
+
+from hiertrain import TIERS
+from hiertrain.errors import PlanError
+
+ROLES: tuple[str, ...] = ("o", "s", "l")
+log = logging.getLogger("hiertrain.schedule")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Units ``first..last`` (1-based, inclusive) of a chain, on ``tier``."""
+
+    tier: str
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    mapping: Mapping[str, str]
+    m_s: int
+    m_l: int
+    b_o: int
+    b_s: int
+    b_l: int
+    policy: str = "hiertrain"
+    cost_model: str = "paper"
+    iteration_s: float = math.nan
+    solve_s: float = 0.0
+    chain: Optional[tuple[Stage, ...]] = None
+    compress_bits: int = 0
+    version: int = 0
+    effective_iteration: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.mapping) != set(ROLES) or sorted(self.mapping.values()) != sorted(TIERS):
+            raise PlanError(f"mapping {dict(self.mapping)} must give each role o, s, l a different tier "
+                            f"of {', '.join(TIERS)}")
+        for name in ("m_s", "m_l", "b_o", "b_s", "b_l", "version", "effective_iteration", "compress_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise PlanError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.m_s > self.m_l:
+            raise PlanError(f"cuts must satisfy m_s <= m_l (m_s: {self.m_s}, m_l: {self.m_l})")
+        if self.b_s and not self.m_s or self.b_l and not self.m_l:
+            raise PlanError(f"a worker with samples needs a cut > 0 (m_s: {self.m_s}, b_s: {self.b_s}, "
+                            f"m_l: {self.m_l}, b_l: {self.b_l})")
+        if self.batch < 1 and self.chain is None:
+            raise PlanError("the batch b_o + b_s + b_l must be at least 1")
+        if self.compress_bits not in (0, 8):
+            raise PlanError(f"compress_bits must be 0 or 8, got {self.compress_bits}")
+        if self.chain is not None:
+            units = [u for st in self.chain for u in range(st.first, st.last + 1)]
+            if not self.chain or units != list(range(1, len(units) + 1)) or any(
+                    st.tier not in TIERS or st.first > st.last for st in self.chain):
+                raise PlanError(f"chain {self.chain} must cover units 1..N in consecutive non-empty ranges")
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def batch(self) -> int:
+        return self.b_o + self.b_s + self.b_l
+
+    def tier_of(self, role: str) -> str:
+        return self.mapping[role]
+
+    def role_of(self, tier: str) -> str:
+        return next(r for r, t in self.mapping.items() if t == tier)
+
+    def samples(self, role: str) -> int:
+        return {"o": self.b_o, "s": self.b_s, "l": self.b_l}[role]
+
+    def cut(self, role: str) -> int:
+        """The last unit ``role`` trains on its own samples (N for o is given by the model)."""
+        return {"s": self.m_s, "l": self.m_l}[role]
+
+    def check(self, *, n_units: int, batch: Optional[int] = None) -> "Schedule":
+        """Raise :class:`PlanError` if the schedule does not fit a model of ``n_units`` and ``batch``."""
+        if self.m_l > n_units:
+            raise PlanError(f"cut m_l = {self.m_l} is beyond the model's {n_units} units")
+        if self.chain is not None and self.chain[-1].last != n_units:
+            raise PlanError(f"chain ends at unit {self.chain[-1].last}, the model has {n_units}")
+        if batch is not None and self.batch != batch:
+            raise PlanError(f"split b_o + b_s + b_l = {self.b_o} + {self.b_s} + {self.b_l} = {self.batch}, "
+                            f"not the batch size {batch}")
+        return self
+
+    def versioned(self, version: int, effective_iteration: int) -> "Schedule":
+        return replace(self, version=version, effective_iteration=effective_iteration)
+
+    # ------------------------------------------------------------------- JSON
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "policy": self.policy, "cost_model": self.cost_model, "mapping": dict(self.mapping),
+            "m_s": self.m_s, "m_l": self.m_l, "b_o": self.b_o, "b_s": self.b_s, "b_l": self.b_l,
+            "iteration_s": self.iteration_s, "solve_s": self.solve_s,
+        }
+        if self.chain is not None:
+            out["plan"] = {"kind": "chain", "stages": [[s.tier, s.first, s.last] for s in self.chain]}
+        elif self.compress_bits:
+            out["plan"] = {"kind": "compressed-cut", "bits": self.compress_bits, "cut": self.m_l}
+        if self.version or self.effective_iteration:
+            out["version"] = self.version
+            out["effective_iteration"] = self.effective_iteration
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Schedule":
+        if not isinstance(data, dict):
+            raise PlanError(f"a schedule is a JSON object, not {type(data).__name__}")
+        try:
+            plan = data.get("plan") or {}
+            chain = None
+            if plan.get("kind") == "chain":
+                chain = tuple(Stage(str(t), int(a), int(b)) for t, a, b in plan["stages"])
+            known = {"policy", "cost_model", "mapping", "m_s", "m_l", "b_o", "b_s", "b_l", "iteration_s",
+                     "solve_s", "plan", "version", "effective_iteration"}
+            return cls(
+                mapping=dict(data["mapping"]), m_s=data["m_s"], m_l=data["m_l"], b_o=data["b_o"],
+                b_s=data["b_s"], b_l=data["b_l"], policy=str(data.get("policy", "hiertrain")),
+                cost_model=str(data.get("cost_model", "paper")),
+                iteration_s=float(data.get("iteration_s", math.nan)), solve_s=float(data.get("solve_s", 0.0)),
+                chain=chain, compress_bits=int(plan.get("bits", 0)) if plan.get("kind") == "compressed-cut" else 0,
+                version=data.get("version", 0), effective_iteration=data.get("effective_iteration", 0),
+                extra={k: v for k, v in data.items() if k not in known},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"not a schedule: {type(exc).__name__}: {exc}") from None
+
+
+class ScheduleFeed:
+    """Follows the schedule topic: keeps the newest version, ignores older or repeated ones."""
+
+    def __init__(self) -> None:
+        self.current: Optional[Schedule] = None
+        self.ignored = 0
+
+    def offer(self, payload: Any) -> Optional[Schedule]:
+        """Return the schedule if it is valid and newer than the current one, else ``None`` (logged)."""
+        try:
+            schedule = Schedule.from_json(payload)
+        except PlanError as exc:
+            self.ignored += 1
+            log.warning("ignored a malformed schedule: %s", exc)
+            return None
+        if self.current is not None and schedule.version <= self.current.version:
+            self.ignored += 1
+            log.warning("ignored schedule version %d: version %d is already in effect",
+                        schedule.version, self.current.version)
+            return None
+        self.current = schedule
+        return schedule

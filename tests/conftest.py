@@ -1,0 +1,50 @@
+"""Shared fixtures: broker directories and real brokers on free ports, transports for each account."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from broker.layout import BrokerDir, Settings
+from broker.process import BrokerProcess, free_port
+from hiertrain.transport import Endpoint, Transport
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def broker_dir(tmp_path: Path) -> BrokerDir:
+    bdir = BrokerDir(tmp_path / "broker")
+    bdir.init(Settings(port=free_port(), bind="127.0.0.1", max_packet_bytes=16 << 20))
+    return bdir
+
+
+@pytest.fixture
+def mosquitto(broker_dir: BrokerDir) -> Iterator[BrokerProcess]:
+    with BrokerProcess(broker_dir, kind="mosquitto") as proc:
+        yield proc
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def any_broker(request: pytest.FixtureRequest, broker_dir: BrokerDir) -> Iterator[BrokerProcess]:
+    with BrokerProcess(broker_dir, kind=request.param) as proc:
+        yield proc
+
+
+@pytest.fixture
+def connect(broker_dir: BrokerDir) -> Iterator[Callable[..., Transport]]:
+    """connect(account, job="t", **options) -> a started Transport, stopped after the test."""
+    started: list[Transport] = []
+
+    def make(account: str, job: str = "t", **options: object) -> Transport:
+        t = Transport(Endpoint.load(broker_dir.credentials_file(account)), account=account, job=job, **options)
+        started.append(t.start())
+        return t
+
+    yield make
+    for t in started:
+        t.stop()

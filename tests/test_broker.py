@@ -1,0 +1,183 @@
+"""The broker's accounts and ACL, Last Will, retained schedule and the transport, on real brokers."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from broker.layout import BrokerDir, Settings, password_hash, password_matches, read_password_file
+from broker.process import BrokerProcess
+from hiertrain import topics
+from hiertrain.errors import BrokerError, MissingMessage, TransportError
+from hiertrain.transport import Endpoint, Transport
+from hiertrain.wire import Message, encode_message
+
+from conftest import PYTHON, ROOT
+
+
+def raw_client(bdir, account=None, password=None):
+    """A bare paho client (no hiertrain checks), connected or refused."""
+    port = bdir.settings().port
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{os.urandom(3).hex()}")
+    result = queue.Queue()
+    client.on_connect = lambda c, u, f, rc, p: result.put(rc)
+    if account:
+        client.username_pw_set(account, password or Endpoint.load(bdir.credentials_file(account)).password)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    rc = result.get(timeout=10)
+    return client, rc
+
+
+def next_event(transport, kind, timeout=5.0, account=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ev = transport.events.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if isinstance(ev.topic, kind) and account in (None, getattr(ev.topic, "account", None)):
+            return ev
+    return None
+
+
+@pytest.mark.unit
+def test_password_hash_is_mosquitto_format_and_verifies():
+    h = password_hash("secret", salt=b"0123456789ab")
+    assert h.startswith("$7$101$") and password_matches("secret", h) and not password_matches("other", h)
+
+
+@pytest.mark.unit
+def test_init_writes_accounts_acl_and_private_credentials(broker_dir):
+    assert set(read_password_file(broker_dir.passwd)) == {"device", "edge", "cloud", "planner"}
+    acl = broker_dir.acl.read_text()
+    assert "user planner" in acl and "topic write hiertrain/+/schedule" in acl
+    assert acl.count("topic write hiertrain/+/schedule") == 1
+    creds = Endpoint.load(broker_dir.credentials_file("edge"))
+    assert creds.username == "edge" and len(creds.password) >= 20
+    assert oct(broker_dir.credentials_file("edge").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(BrokerError, match="--force"):
+        broker_dir.init(Settings())
+
+
+@pytest.mark.protocol
+def test_anonymous_and_wrong_password_are_refused(any_broker, broker_dir):
+    client, rc = raw_client(broker_dir)
+    assert rc.is_failure
+    client.loop_stop()
+    with pytest.raises(TransportError, match="refused account 'device'"):
+        Transport(Endpoint("127.0.0.1", any_broker.port, "device", "wrong"), account="device", job="t",
+                  client_id="wrong-pw").start(timeout=5)
+
+
+@pytest.mark.protocol
+def test_tiers_cannot_publish_as_others_or_on_the_schedule(any_broker, broker_dir, connect):
+    cloud = connect("cloud")
+    cloud.subscribe(topics.schedule("t"))
+    device, rc = raw_client(broker_dir, "device")
+    assert not rc.is_failure
+    frame = encode_message(Message("act", "t", "edge", "cloud", 0, 1, {"x": np.ones(2, np.float32)}), msg_id="f:1")[0]
+    device.publish(topics.tensor("t", "edge", "act", "cloud", 1), frame, qos=1).wait_for_publish(5)
+    device.publish(topics.schedule("t"), json.dumps({"forged": True}), qos=1).wait_for_publish(5)
+    planner = connect("planner")
+    planner.publish_json(topics.schedule("t"), {"version": 1}, retain=True)
+    ev = next_event(cloud, topics.ScheduleTopic)
+    assert ev is not None and ev.payload == {"version": 1}  # the planner's, not the forged one
+    with pytest.raises(MissingMessage):
+        cloud.take("act", "edge", 0, 1, timeout=0.5)
+    device.loop_stop()
+
+
+@pytest.mark.protocol
+def test_retained_schedule_reaches_late_subscribers(any_broker, connect):
+    connect("planner").publish_json(topics.schedule("t"), {"version": 3}, retain=True)
+    late = connect("device")
+    late.subscribe(topics.schedule("t"))
+    ev = next_event(late, topics.ScheduleTopic)
+    assert ev is not None and ev.retained and ev.payload == {"version": 3}
+
+
+@pytest.mark.integration
+def test_last_will_marks_a_killed_tier_offline(mosquitto, broker_dir, connect):
+    watcher = connect("planner")
+    watcher.subscribe(topics.all_of_kind("t", "status"))
+    code = ("import sys,time; from hiertrain.transport import *; "
+            f"Transport(Endpoint.load({str(broker_dir.credentials_file('edge'))!r}), account='edge', job='t', "
+            "keepalive=2).start(); print('up', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        ev = next_event(watcher, topics.AccountTopic, account="edge")
+        assert ev.payload["state"] == "online"
+        proc.send_signal(signal.SIGKILL)
+        ev = next_event(watcher, topics.AccountTopic, timeout=10, account="edge")
+        assert ev is not None and ev.payload == {"state": "offline"}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.protocol
+def test_duplicate_qos1_delivery_is_handled_once(mosquitto, broker_dir, connect):
+    cloud = connect("cloud")
+    msg = Message("grad", "t", "device", "cloud", 5, 2, {"g": np.arange(3000, dtype=np.float32)})
+    frames = encode_message(msg, msg_id="dup:1", chunk_bytes=4096)
+    device, _ = raw_client(broker_dir, "device")
+    for frame in frames + frames[:2]:  # a redelivery of the first frames after completion
+        device.publish(msg.topic, frame, qos=1).wait_for_publish(5)
+    again = encode_message(msg, msg_id="dup:2", chunk_bytes=4096)  # same key, new message id
+    for frame in again:
+        device.publish(msg.topic, frame, qos=1).wait_for_publish(5)
+    got = cloud.take("grad", "device", 5, 2, timeout=5)
+    np.testing.assert_array_equal(got.tensors["g"], msg.tensors["g"])
+    deadline = time.monotonic() + 5
+    while sum(cloud.dropped.values()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cloud.dropped["duplicate"] == 3
+    assert cloud.mailbox.pending() == []
+    device.loop_stop()
+
+
+@pytest.mark.protocol
+def test_malformed_and_misaddressed_messages_are_dropped_and_reception_goes_on(mosquitto, broker_dir, connect):
+    cloud = connect("cloud")
+    device, _ = raw_client(broker_dir, "device")
+    topic = topics.tensor("t", "device", "act", "cloud", 1)
+    device.publish(topic, b"\x00garbage", qos=1).wait_for_publish(5)
+    lie = encode_message(Message("act", "t", "device", "cloud", 0, 4, {"x": np.ones(1, np.float32)}), msg_id="l:1")
+    device.publish(topic, lie[0], qos=1).wait_for_publish(5)  # frame says layer 4, topic says layer 1
+    good = connect("device")
+    good.send(Message("act", "t", "device", "cloud", 0, 1, {"x": np.ones(4, np.float32)}))
+    assert cloud.take("act", "device", 0, 1, timeout=5).tensors["x"].shape == (4,)
+    assert cloud.dropped["malformed frame"] == 1 and cloud.dropped["unauthorized"] == 1
+    device.loop_stop()
+
+
+@pytest.mark.protocol
+def test_a_64_mb_tensor_round_trips_in_chunks(mosquitto, connect):
+    device = connect("device", chunk_bytes=1 << 20)
+    cloud = connect("cloud")
+    a = np.random.default_rng(0).random(16 << 20, dtype=np.float32)
+    sent = device.send(Message("act", "t", "device", "cloud", 1, 3, {"a": a}))
+    assert sent > 64 << 20
+    got = cloud.take("act", "device", 1, 3, timeout=60)
+    np.testing.assert_array_equal(got.tensors["a"], a)
+
+
+@pytest.mark.integration
+def test_persistent_session_survives_a_broker_restart(broker_dir, connect):
+    port = broker_dir.settings().port
+    with BrokerProcess(broker_dir, kind="mosquitto", port=port):
+        cloud = connect("cloud")
+    # the broker is down; cloud's client keeps retrying
+    with BrokerProcess(broker_dir, kind="mosquitto", port=port):
+        device = connect("device")
+        device.send(Message("act", "t", "device", "cloud", 9, 1, {"x": np.ones(8, np.float32)}))
+        got = cloud.take("act", "device", 9, 1, timeout=20)
+        assert got.tensors["x"].sum() == 8

@@ -1,0 +1,81 @@
+"""The hiertrain command line: bad input gives one line and a non-zero exit; commands do their job."""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT
+from hiertrain import topics
+
+HIERTRAIN = [PYTHON, "-m", "hiertrain"]
+
+
+def run(*args, timeout=120):
+    return subprocess.run(HIERTRAIN + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["broker", "init"], "--dir"),
+    (["broker", "init", "--dir", "x", "--port", "70000"], "port 70000"),
+    (["broker", "start", "--dir", "/nonexistent/broker"], "not a broker directory"),
+    (["nonsense"], "invalid choice"),
+    (["schedule", "watch", "--config", "/nonexistent.toml"], "does not exist"),
+    (["bench", "wire", "--count", "0"], "must be at least 1"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(args, needle):
+    r = run(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_broker_init_and_install_service(tmp_path):
+    d = tmp_path / "b"
+    r = run("broker", "init", "--dir", str(d), "--port", "18999")
+    assert r.returncode == 0, r.stderr
+    conf = (d / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "listener 18999" in conf and "max_packet_size" in conf
+    assert sorted(p.name for p in (d / "credentials").iterdir()) == [
+        "cloud.json", "device.json", "edge.json", "planner.json"]
+    units = tmp_path / "units"
+    units.mkdir()
+    r = run("broker", "install-service", "--dir", str(d), "--unit-dir", str(units))
+    assert r.returncode == 0, r.stderr
+    unit = (units / "hiertrain-broker.service").read_text()
+    assert "ExecStart=" in unit and f"broker start --dir {d}" in unit and "Restart=on-failure" in unit
+    assert run("broker", "init", "--dir", str(d)).returncode == 1  # would replace accounts
+
+
+@pytest.mark.integration
+def test_schedule_watch_prints_newest_versions_only(mosquitto, broker_dir, connect, tmp_path):
+    cfg = tmp_path / "watch.toml"
+    cfg.write_text(f'job = "t"\n[broker]\ncredentials = "{broker_dir.credentials_file("cloud")}"\n')
+    planner = connect("planner")
+    sched = {"policy": "hiertrain", "cost_model": "paper", "mapping": {"o": "cloud", "s": "device", "l": "edge"},
+             "m_s": 1, "m_l": 2, "b_o": 4, "b_s": 2, "b_l": 2, "iteration_s": 0.5, "solve_s": 0.001,
+             "version": 2, "effective_iteration": 10}
+    planner.publish_json(topics.schedule("t"), sched, retain=True)
+    planner.flush()
+    proc = subprocess.Popen(HIERTRAIN + ["schedule", "watch", "--config", str(cfg), "--count", "2", "--timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["version"] == 2 and first["mapping"]["o"] == "cloud"
+        planner.publish_json(topics.schedule("t"), {**sched, "version": 1}, retain=True)  # older: ignored
+        planner.publish_json(topics.schedule("t"), {**sched, "version": 3, "m_l": 3}, retain=True)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["version"] for line in out.splitlines()] == [3]
+    assert "ignored schedule version 1" in err
+
+
+def test_bench_wire_reports_its_goal(tmp_path):
+    out = tmp_path / "wire.json"
+    r = run("bench", "wire", "--size-mb", "1", "--count", "3", "--repeat", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["bench"] == "wire" and data["tensor_roundtrip_gbps"] > 0 and "meets_goal" in data

@@ -1,0 +1,47 @@
+import threading
+
+import numpy as np
+import pytest
+
+from hiertrain.errors import MissingMessage
+from hiertrain.mailbox import Mailbox
+from hiertrain.wire import Message
+
+pytestmark = pytest.mark.unit
+
+
+def msg(iteration, layer=2, sender="device", kind="act"):
+    return Message(kind, "j", sender, "cloud", iteration, layer, {"x": np.zeros(1, np.float32)})
+
+
+def test_take_waits_for_the_matching_key():
+    box = Mailbox()
+    threading.Timer(0.05, lambda: box.put(msg(3))).start()
+    box.put(msg(3, layer=1))
+    got = box.take("act", "device", 3, 2, timeout=5)
+    assert got.key == ("act", 3, 2, "device")
+    assert box.pending() == [("act", 3, 1, "device")]
+
+
+def test_timeout_names_kind_tier_iteration_and_layer():
+    with pytest.raises(MissingMessage) as err:
+        Mailbox().take("grad", "cloud", 12, 4, timeout=0.01)
+    text = str(err.value)
+    assert "'grad'" in text and "'cloud'" in text and "iteration 12" in text and "layer 4" in text
+    assert isinstance(err.value, TimeoutError)
+
+
+def test_duplicates_are_refused_before_and_after_delivery():
+    box = Mailbox()
+    assert box.put(msg(1)) is None
+    assert box.put(msg(1)) == "duplicate"
+    box.take("act", "device", 1, 2, timeout=1)
+    assert box.put(msg(1)) == "duplicate"
+
+
+def test_stale_iterations_are_refused_and_dropped():
+    box = Mailbox()
+    box.put(msg(4))
+    assert box.advance(5) == 1
+    assert box.put(msg(4, layer=9)).startswith("stale")
+    assert box.put(msg(5)) is None
