@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hiertrain.errors import HiertrainError
+from hiertrain.schedule import Schedule
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -48,6 +49,13 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
     return value
 
 
@@ -110,6 +118,33 @@ def _schedule_watch(args: argparse.Namespace) -> int:
     return watch(config.load(args.config), count=args.count, timeout=args.timeout)
 
 
+# -------------------------------------------------------------------------------------- plan
+
+def _plan(args: argparse.Namespace) -> int:
+    from hiertrain.profile import Profile
+    from planner.baselines import plan
+    from planner.costmodel import Bandwidth
+
+    schedule = plan(Profile.load(args.profile), Bandwidth(args.bw_device_edge, args.bw_edge_cloud), args.batch,
+                    policy=args.policy, cost_model=args.cost_model, solver_name=args.solver)
+    if args.json:
+        print(json.dumps(schedule.to_json()))
+    else:
+        print(_describe(schedule))
+    return 0
+
+
+def _describe(s: Schedule) -> str:
+    if s.chain is not None:
+        where = " -> ".join(f"{st.tier}[{st.first}..{st.last}]" for st in s.chain)
+        extra = f", cut activations in {s.compress_bits} bits" if s.compress_bits else ""
+        return f"{s.policy}: chain {where}{extra}; {s.iteration_s:.4f} s/iteration (solved in {s.solve_s * 1e3:.1f} ms)"
+    m = s.mapping
+    return (f"{s.policy}: o={m['o']} (b_o={s.b_o}), s={m['s']} (units 1..{s.m_s}, b_s={s.b_s}), "
+            f"l={m['l']} (units 1..{s.m_l}, b_l={s.b_l}); {s.iteration_s:.4f} s/iteration "
+            f"(solved in {s.solve_s * 1e3:.1f} ms)")
+
+
 # ------------------------------------------------------------------------------------- bench
 
 def _bench(args: argparse.Namespace) -> int:
@@ -161,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=_positive_int, help="exit after this many schedules")
     watch.add_argument("--timeout", type=_nonneg_float, help="exit 1 if nothing arrives for this long")
     watch.set_defaults(handler=_schedule_watch)
+
+    plan = sub.add_parser("plan", help="one planning decision from a profile and bandwidths")
+    plan.add_argument("--profile", required=True, help="hiertrain-profile/1 JSON with device, edge and cloud")
+    plan.add_argument("--bw-device-edge", type=_positive_float, required=True, metavar="MBPS")
+    plan.add_argument("--bw-edge-cloud", type=_positive_float, required=True, metavar="MBPS")
+    plan.add_argument("--batch", type=_positive_int, required=True)
+    plan.add_argument("--policy", default="hiertrain",
+                      choices=["hiertrain", "all-device", "all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad"])
+    plan.add_argument("--cost-model", default="paper", choices=["paper"])
+    plan.add_argument("--solver", default="exact", choices=["exact", "milp"],
+                      help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(handler=_plan)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport"])

@@ -3,7 +3,7 @@
 A HierTrain schedule maps the roles o (whole model, loss and optimizer), s (units 1..m_s) and
 l (units 1..m_l) onto the tiers, and splits the batch B = b_o + b_s + b_l. Baselines that are not
 O/S/L schedules are described too: a *chain* (JointDNN+: consecutive unit ranges on successive
-tiers, all samples) and a *compressed cut* (JALAD: activations at m_l quantised to 8 bits).
+tiers, all samples), optionally with its cut activations quantised to 8 bits (JALAD).
 
 On the wire it is the JSON of ``hiertrain plan --json`` plus ``version`` and
 ``effective_iteration`` (shared/CONTRACTS.md).
@@ -65,8 +65,8 @@ class Schedule:
                             f"m_l: {self.m_l}, b_l: {self.b_l})")
         if self.batch < 1 and self.chain is None:
             raise PlanError("the batch b_o + b_s + b_l must be at least 1")
-        if self.compress_bits not in (0, 8):
-            raise PlanError(f"compress_bits must be 0 or 8, got {self.compress_bits}")
+        if self.compress_bits not in (0, 8) or self.compress_bits and self.chain is None:
+            raise PlanError(f"compress_bits must be 0 or 8 (and only in a chain), got {self.compress_bits}")
         if self.chain is not None:
             units = [u for st in self.chain for u in range(st.first, st.last + 1)]
             if not self.chain or units != list(range(1, len(units) + 1)) or any(
@@ -115,9 +115,8 @@ class Schedule:
             "iteration_s": self.iteration_s, "solve_s": self.solve_s,
         }
         if self.chain is not None:
-            out["plan"] = {"kind": "chain", "stages": [[s.tier, s.first, s.last] for s in self.chain]}
-        elif self.compress_bits:
-            out["plan"] = {"kind": "compressed-cut", "bits": self.compress_bits, "cut": self.m_l}
+            out["plan"] = {"kind": "chain", "stages": [[s.tier, s.first, s.last] for s in self.chain],
+                           "compress_bits": self.compress_bits}
         if self.version or self.effective_iteration:
             out["version"] = self.version
             out["effective_iteration"] = self.effective_iteration
@@ -140,7 +139,7 @@ class Schedule:
                 b_s=data["b_s"], b_l=data["b_l"], policy=str(data.get("policy", "hiertrain")),
                 cost_model=str(data.get("cost_model", "paper")),
                 iteration_s=float(data.get("iteration_s", math.nan)), solve_s=float(data.get("solve_s", 0.0)),
-                chain=chain, compress_bits=int(plan.get("bits", 0)) if plan.get("kind") == "compressed-cut" else 0,
+                chain=chain, compress_bits=int(plan.get("compress_bits", 0)),
                 version=data.get("version", 0), effective_iteration=data.get("effective_iteration", 0),
                 extra={k: v for k, v in data.items() if k not in known},
             )

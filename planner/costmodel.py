@@ -1,0 +1,163 @@
+"""The paper's cost model (HierTrain eq. 1-12 as pinned down in shared/COSTMODEL.md), and the
+chain model the layer-split baselines need.
+
+Everything here is a pure function of precomputed :class:`Tables` (prefix sums of a profile and
+the inverse bandwidths). :func:`evaluate` is written once with numpy broadcasting: the solver calls
+it on arrays of candidate schedules, :func:`iteration_time` on one schedule, and both get the
+same arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from hiertrain import TIERS
+from hiertrain.errors import PlanError
+from hiertrain.profile import Profile
+from hiertrain.schedule import Schedule, Stage
+
+BYTES_PER_MBIT = 125_000.0
+DEVICE, EDGE, CLOUD = (TIERS.index(t) for t in ("device", "edge", "cloud"))
+MODELS = ("paper",)
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Link rates in Mbit/s; device and cloud talk through the edge at the slower link's rate."""
+
+    device_edge: float
+    edge_cloud: float
+
+    def __post_init__(self) -> None:
+        for name in ("device_edge", "edge_cloud"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise PlanError(f"bandwidth {name.replace('_', '-')} must be a positive number of Mbit/s, got {v!r}")
+
+    def seconds_per_byte(self) -> np.ndarray:
+        """3x3 matrix over (device, edge, cloud): 1 / bytes per second, 0 within a tier."""
+        de = 1.0 / (self.device_edge * BYTES_PER_MBIT)
+        ec = 1.0 / (self.edge_cloud * BYTES_PER_MBIT)
+        dc = max(de, ec)
+        inv = np.zeros((3, 3))
+        inv[DEVICE, EDGE] = inv[EDGE, DEVICE] = de
+        inv[EDGE, CLOUD] = inv[CLOUD, EDGE] = ec
+        inv[DEVICE, CLOUD] = inv[CLOUD, DEVICE] = dc
+        return inv
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Prefix sums over units (index k = units 1..k; index 0 = none), tiers in TIERS order."""
+
+    n: int
+    q: float              # sample bytes
+    pf: np.ndarray        # (3, N+1) forward seconds per sample
+    pb: np.ndarray        # (3, N+1) backward seconds per sample
+    pu: np.ndarray        # (3, N+1) update seconds per iteration
+    mo: np.ndarray        # (N+1,) output bytes of unit k per sample (mo[0] = sample bytes)
+    pp: np.ndarray        # (N+1,) parameter bytes of units 1..k
+    inv: np.ndarray       # (3, 3) seconds per byte between tiers
+    can_train: np.ndarray  # (3,) bool
+
+
+def tables(profile: Profile, bw: Bandwidth) -> Tables:
+    profile.require_tiers()
+
+    def prefix(values: Sequence[float]) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+
+    per_tier = [profile.tiers[t] for t in TIERS]
+    return Tables(
+        n=profile.n_units,
+        q=profile.sample_bytes,
+        pf=np.stack([prefix(t.forward_s) for t in per_tier]),
+        pb=np.stack([prefix(t.backward_s) for t in per_tier]),
+        pu=np.stack([prefix(t.update_s) for t in per_tier]),
+        mo=np.concatenate([[profile.sample_bytes], [l.output_bytes for l in profile.layers]]),
+        pp=prefix([l.param_bytes for l in profile.layers]),
+        inv=bw.seconds_per_byte(),
+        can_train=np.array([t.can_train for t in per_tier]),
+    )
+
+
+def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, b_s: Any, b_l: Any,
+             *, parts: bool = False) -> Any:
+    """T_total of eq. (12) for broadcastable arrays of tier indices, cuts and splits.
+
+    Infeasible combinations (a role on a tier that cannot train given samples, samples behind a
+    zero cut, m_s > m_l) cost ``inf``. With ``parts=True`` returns a dict of the terms.
+    """
+    o, s, l, m_s, m_l = (np.asarray(x) for x in (o, s, l, m_s, m_l))
+    b_o, b_s, b_l = (np.asarray(x, dtype=np.float64) for x in (b_o, b_s, b_l))
+    pf, pb, pu, inv, n = tab.pf, tab.pb, tab.pu, tab.inv, tab.n
+    batch = b_o + b_s + b_l
+    act_s, act_l = b_s > 0, b_l > 0
+
+    t_in_o = b_o * tab.q * inv[DEVICE, o]
+    t_in_s = b_s * tab.q * inv[DEVICE, s]
+    t_in_l = b_l * tab.q * inv[DEVICE, l]
+    t_out_s = b_s * tab.mo[m_s] * inv[s, o]          # = T_s,grad
+    t_out_l = b_l * tab.mo[m_l] * inv[l, o]          # = T_l,grad
+
+    t1f = np.maximum(np.maximum(t_in_o + b_o * pf[o, m_s], t_in_s + b_s * pf[s, m_s] + t_out_s),
+                     t_in_l + b_l * pf[l, m_s])
+    t1b = np.maximum(np.maximum(b_o * pb[o, m_s], b_s * pb[s, m_s] + t_out_s), b_l * pb[l, m_s])
+    t2f = np.maximum((b_o + b_s) * (pf[o, m_l] - pf[o, m_s]), b_l * (pf[l, m_l] - pf[l, m_s]) + t_out_l)
+    t2b = np.maximum((b_o + b_s) * (pb[o, m_l] - pb[o, m_s]), b_l * (pb[l, m_l] - pb[l, m_s]) + t_out_l)
+    t3f = batch * (pf[o, n] - pf[o, m_l])
+    t3b = batch * (pb[o, n] - pb[o, m_l])
+    t_up = np.maximum(np.maximum(pu[o, n], np.where(act_s, pu[s, m_s], 0.0)), np.where(act_l, pu[l, m_l], 0.0))
+    t_sync = np.maximum(np.where(act_s, 2 * tab.pp[m_s] * inv[s, o], 0.0),
+                        np.where(act_l, 2 * tab.pp[m_l] * inv[l, o], 0.0))
+    total = t1f + t1b + t2f + t2b + t3f + t3b + t_up + t_sync
+    bad = (~tab.can_train[o] | (act_s & ~tab.can_train[s]) | (act_l & ~tab.can_train[l])
+           | (act_s & (m_s == 0)) | (act_l & (m_l == 0)) | (m_s > m_l))
+    total = np.where(bad, np.inf, total)
+    if parts:
+        return {"T1f": t1f, "T1b": t1b, "T2f": t2f, "T2b": t2b, "T3f": t3f, "T3b": t3b,
+                "T_update": t_up + t_sync, "T_total": total}
+    return total
+
+
+def chain_time(tab: Tables, stages: Sequence[Stage], batch: int, *, compress_bits: int = 0) -> float:
+    """One iteration of a layer chain (JointDNN, JointDNN+, JALAD): all samples through every stage.
+
+    Input from the device to the first stage; each stage computes its units on all B samples;
+    activations cross each cut forward (``compress_bits``/32 of their size if compressed) and
+    gradients backward at full size; every stage updates its own units, in parallel.
+    """
+    ratio = compress_bits / 32.0 if compress_bits else 1.0
+    tiers = [TIERS.index(st.tier) for st in stages]
+    if not all(tab.can_train[t] for t in tiers):
+        return math.inf
+    compute = sum(batch * (tab.pf[t, st.last] - tab.pf[t, st.first - 1] + tab.pb[t, st.last] - tab.pb[t, st.first - 1])
+                  for t, st in zip(tiers, stages))
+    cuts = sum(batch * tab.mo[a.last] * (ratio + 1.0) * tab.inv[ta, tb]
+               for (ta, a), tb in zip(zip(tiers, stages), tiers[1:]))
+    update = max(tab.pu[t, st.last] - tab.pu[t, st.first - 1] for t, st in zip(tiers, stages))
+    return float(batch * tab.q * tab.inv[DEVICE, tiers[0]] + compute + cuts + update)
+
+
+def iteration_time(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_model: str = "paper") -> float:
+    """Predicted seconds per iteration of ``schedule`` (``inf`` if it cannot run)."""
+    if cost_model not in MODELS:
+        raise PlanError(f"unknown cost model {cost_model!r}; available: {', '.join(MODELS)}")
+    schedule.check(n_units=profile.n_units)
+    tab = tables(profile, bw)
+    if schedule.chain is not None:
+        return chain_time(tab, schedule.chain, schedule.batch, compress_bits=schedule.compress_bits)
+    o, s, l = (TIERS.index(schedule.mapping[r]) for r in ("o", "s", "l"))
+    return float(evaluate(tab, o, s, l, schedule.m_s, schedule.m_l, schedule.b_o, schedule.b_s, schedule.b_l))
+
+
+def breakdown(profile: Profile, bw: Bandwidth, schedule: Schedule) -> dict[str, float]:
+    """The terms of eq. (12) for an O/S/L schedule."""
+    tab = tables(profile, bw)
+    o, s, l = (TIERS.index(schedule.mapping[r]) for r in ("o", "s", "l"))
+    parts = evaluate(tab, o, s, l, schedule.m_s, schedule.m_l, schedule.b_o, schedule.b_s, schedule.b_l, parts=True)
+    return {k: float(v) for k, v in parts.items()}
