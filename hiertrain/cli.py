@@ -145,6 +145,15 @@ def _describe(s: Schedule) -> str:
             f"(solved in {s.solve_s * 1e3:.1f} ms)")
 
 
+# ----------------------------------------------------------------------------------- planner
+
+def _planner_run(args: argparse.Namespace) -> int:
+    from hiertrain import config
+    from planner.service import run as run_planner
+
+    return run_planner(config.load(args.config))
+
+
 # ------------------------------------------------------------------------------------- bench
 
 def _bench(args: argparse.Namespace) -> int:
@@ -209,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=_plan)
+
+    planner = sub.add_parser("planner", help="the planner service").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    prun = planner.add_parser("run", help="re-plan on telemetry and publish schedules")
+    prun.add_argument("--config", required=True)
+    prun.set_defaults(handler=_planner_run)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport"])

@@ -1,0 +1,140 @@
+"""When to re-plan: the planner's state machine, free of MQTT.
+
+It merges the tiers' profiles, follows the measured link rates and which tiers are alive, and
+decides when a new schedule is due:
+
+- the first time every tier's profile and both link rates are known;
+- when a link's smoothed rate moves more than ``hysteresis`` (relative) away from the rate the
+  current schedule was planned with; noise inside the band never re-plans (no flapping);
+- when a tier goes offline (it is planned around: no samples, no compute) or comes back.
+
+Each new schedule gets the next version and an effective iteration ``lead`` iterations past
+the newest iteration any tier reported, so all tiers switch at the same iteration boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+from hiertrain import TIERS
+from hiertrain.errors import PlanError
+from hiertrain.profile import Profile
+from hiertrain.schedule import Schedule
+from planner.baselines import plan
+from planner.costmodel import Bandwidth
+
+log = logging.getLogger("hiertrain.planner")
+LINKS = ("device_edge", "edge_cloud")
+
+
+@dataclass
+class PlannerState:
+    batch: int
+    policy: str = "hiertrain"
+    hysteresis: float = 0.2
+    smoothing: float = 0.5
+    lead: int = 2
+    profile: Optional[Profile] = None
+    rates: dict[str, float] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)
+    iteration: int = 0
+    current: Optional[Schedule] = None
+    planned_rates: dict[str, float] = field(default_factory=dict)
+    planned_offline: frozenset[str] = frozenset()
+    version: int = 0
+    planner: Callable[..., Schedule] = plan
+
+    # ---------------------------------------------------------------- inputs
+
+    def on_profile(self, tier: str, profile: Profile) -> None:
+        """A tier's own profile (its entry under ``tiers``); merged into the planning profile."""
+        if tier not in profile.tiers:
+            raise PlanError(f"the profile {tier} published has no timings for {tier}")
+        self.profile = profile if self.profile is None else self.profile.merged(tier, profile)
+
+    def on_rate(self, link: str, mbps: float) -> None:
+        if link not in LINKS:
+            raise PlanError(f"unknown link {link!r}; expected one of {', '.join(LINKS)}")
+        if not mbps > 0:
+            raise PlanError(f"link rate must be positive, got {mbps!r}")
+        old = self.rates.get(link)
+        self.rates[link] = mbps if old is None else (1 - self.smoothing) * old + self.smoothing * mbps
+
+    def on_telemetry(self, payload: Any) -> None:
+        """``{"iteration": i, "links": {"device_edge": Mbit/s, ...}}`` from a tier's telemetry."""
+        if not isinstance(payload, dict):
+            raise PlanError("telemetry must be a JSON object")
+        it = payload.get("iteration")
+        if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
+            self.iteration = max(self.iteration, it)
+        links = payload.get("links", {})
+        if not isinstance(links, dict):
+            raise PlanError("telemetry 'links' must be an object")
+        for link, mbps in links.items():
+            if isinstance(mbps, (int, float)) and not isinstance(mbps, bool):
+                self.on_rate(link, float(mbps))
+
+    def on_status(self, account: str, state: Any) -> None:
+        if account in TIERS:
+            if state == "online":
+                self.offline.discard(account)
+            elif state in ("offline", "stopped"):
+                self.offline.add(account)
+
+    # -------------------------------------------------------------- decision
+
+    def due(self) -> Optional[str]:
+        """Why a new schedule is due now, or ``None``."""
+        if self.profile is None or any(t not in self.profile.tiers for t in TIERS):
+            return None
+        if any(link not in self.rates for link in LINKS):
+            return None
+        if self.current is None:
+            return "first schedule"
+        if frozenset(self.offline) != self.planned_offline:
+            return f"tiers offline changed to {sorted(self.offline) or 'none'}"
+        for link in LINKS:
+            old, new = self.planned_rates[link], self.rates[link]
+            if abs(new / old - 1) > self.hysteresis:
+                return f"{link} moved from {old:.3g} to {new:.3g} Mbit/s"
+        return None
+
+    def on_schedule(self, payload: Any) -> Optional[Schedule]:
+        """A schedule seen on the topic. If it is not ours and not older than ours (another or an
+        earlier planner instance), take over its version and return ours re-versioned above it."""
+        version = payload.get("version") if isinstance(payload, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            return None
+        mine = self.current is not None and payload == self.current.to_json()
+        self.version = max(self.version, version)
+        if mine or self.current is None or version < self.current.version:
+            return None
+        self.version += 1
+        self.current = self.current.versioned(self.version, self.iteration + self.lead)
+        return self.current
+
+    def decide(self) -> Optional[Schedule]:
+        """A new versioned schedule if one is due, else ``None``."""
+        why = self.due()
+        if why is None:
+            return None
+        assert self.profile is not None
+        profile = self.profile
+        if self.offline:
+            tiers = {t: (replace(v, can_train=False) if t in self.offline else v) for t, v in profile.tiers.items()}
+            profile = Profile(profile.model, profile.sample_bytes, profile.layers, tiers, profile.extra)
+        if "device" in self.offline:
+            log.warning("the device (the data source) is offline; keeping schedule version %d", self.version)
+            self.planned_offline = frozenset(self.offline)
+            return None
+        bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
+        schedule = self.planner(profile, bw, self.batch, policy=self.policy)
+        self.version += 1
+        schedule = schedule.versioned(self.version, self.iteration + self.lead)
+        self.current = schedule
+        self.planned_rates = dict(self.rates)
+        self.planned_offline = frozenset(self.offline)
+        log.info("schedule version %d (%s): %s", self.version, why, schedule.to_json())
+        return schedule

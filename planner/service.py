@@ -1,0 +1,96 @@
+"""``hiertrain planner run --config F``: the planner as a long-running MQTT service.
+
+Config (TOML)::
+
+    job = "demo"
+    [broker]
+    credentials = "broker/credentials/planner.json"
+    [planner]
+    batch = 64
+    policy = "hiertrain"          # or a baseline
+    hysteresis = 0.2              # relative change of a link rate that triggers a re-plan
+    lead = 2                      # iterations between publication and effect
+    profile = "profile.json"      # optional: timings for all tiers until the tiers publish theirs
+    bw_device_edge = 5.0          # optional initial link rates (Mbit/s) until telemetry arrives
+    bw_edge_cloud = 1.5
+
+It listens to the tiers' profiles, telemetry and status, and publishes each new schedule,
+retained and versioned, on ``hiertrain/<job>/schedule``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from typing import Any, Optional
+
+from hiertrain import topics
+from hiertrain.config import ServiceConfig
+from hiertrain.errors import ConfigError, HiertrainError
+from hiertrain.profile import Profile
+from hiertrain.schedule import Schedule
+from hiertrain.transport import Transport
+from planner.replan import LINKS, PlannerState
+
+log = logging.getLogger("hiertrain.planner")
+
+
+def state_from_config(cfg: ServiceConfig) -> PlannerState:
+    sec = cfg.section("planner")
+    try:
+        state = PlannerState(batch=int(sec["batch"]), policy=str(sec.get("policy", "hiertrain")),
+                             hysteresis=float(sec.get("hysteresis", 0.2)), lead=int(sec.get("lead", 2)))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{cfg.path}: [planner] needs batch (and numeric options): {exc}") from None
+    if state.batch < 1 or not 0 < state.hysteresis < 10 or state.lead < 0:
+        raise ConfigError(f"{cfg.path}: [planner] batch >= 1, 0 < hysteresis < 10, lead >= 0 required")
+    if "profile" in sec:
+        state.profile = Profile.load(cfg.resolve(str(sec["profile"])))
+    for link in LINKS:
+        if f"bw_{link}" in sec:
+            state.on_rate(link, float(sec[f"bw_{link}"]))
+    return state
+
+
+def handle(state: PlannerState, event: Any) -> Optional[Schedule]:
+    """Feed one event to the state; return a schedule to publish, if any."""
+    topic, payload = event.topic, event.payload
+    if isinstance(topic, topics.ScheduleTopic):
+        return state.on_schedule(payload)
+    if topic.kind == "profile":
+        state.on_profile(topic.account, Profile.from_json(payload, where=f"profile from {topic.account}"))
+    elif topic.kind == "telemetry":
+        state.on_telemetry(payload)
+    elif topic.kind == "status":
+        state.on_status(topic.account, payload.get("state") if isinstance(payload, dict) else None)
+    return state.decide()
+
+
+def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
+    state = state_from_config(cfg)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    transport = Transport(cfg.endpoint, account="planner", job=cfg.job)
+    for f in (topics.schedule(cfg.job), *(topics.all_of_kind(cfg.job, k) for k in ("profile", "telemetry", "status"))):
+        transport.subscribe(f)
+    with transport:
+        log.info("planner for job %s: batch %d, policy %s", cfg.job, state.batch, state.policy)
+        while not stop.is_set():
+            try:
+                event = transport.events.get(timeout=0.2)
+            except queue.Empty:
+                schedule = state.decide()
+            else:
+                try:
+                    schedule = handle(state, event)
+                except HiertrainError as exc:
+                    log.warning("ignored a message on %s: %s", event.topic, exc)
+                    continue
+            if schedule is not None:
+                transport.publish_json(topics.schedule(cfg.job), schedule.to_json(), retain=True)
+                print(f"schedule version {schedule.version} from iteration {schedule.effective_iteration}: "
+                      f"{schedule.to_json()}", flush=True)
+    return 0

@@ -1,0 +1,136 @@
+"""Re-planning on telemetry: the pure state machine, then the service on a real Mosquitto."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from hiertrain import topics
+from hiertrain.schedule import ScheduleFeed
+from planner.replan import PlannerState
+
+from conftest import PYTHON, ROOT
+from synthetic import random_profile
+
+
+def state(**kw):
+    s = PlannerState(batch=32, hysteresis=0.2, lead=2, **kw)
+    s.profile = random_profile(np.random.default_rng(4), 5)
+    return s
+
+
+@pytest.mark.unit
+def test_first_schedule_needs_profiles_and_both_rates():
+    s = PlannerState(batch=32)
+    assert s.decide() is None
+    s.profile = random_profile(np.random.default_rng(4), 5)
+    s.on_rate("device_edge", 5)
+    assert s.decide() is None
+    s.on_telemetry({"iteration": 7, "links": {"edge_cloud": 1.5}})
+    first = s.decide()
+    assert first.version == 1 and first.effective_iteration == 9
+    assert s.decide() is None
+
+
+@pytest.mark.unit
+def test_noise_inside_the_band_never_replans_and_a_real_change_does():
+    s = state()
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    assert s.decide().version == 1
+    rng = np.random.default_rng(0)
+    for i in range(200):  # +-10 % noise around 5 Mbit/s
+        s.on_telemetry({"iteration": i, "links": {"edge_cloud": 5 * rng.uniform(0.9, 1.1)}})
+        assert s.decide() is None
+    for _ in range(4):
+        s.on_telemetry({"iteration": 300, "links": {"edge_cloud": 1.5}})
+        new = s.decide()
+        if new:
+            break
+    assert new.version == 2 and new.effective_iteration == 302
+    assert s.planned_rates["edge_cloud"] < 4
+
+
+@pytest.mark.unit
+def test_an_offline_tier_is_planned_around():
+    s = state()
+    s.on_rate("device_edge", 50), s.on_rate("edge_cloud", 0.5)  # tempting to use the edge
+    s.decide()
+    s.on_status("edge", "offline")
+    sched = s.decide()
+    assert sched is not None and sched.version == 2
+    edge_role = sched.role_of("edge")
+    assert edge_role != "o" and sched.samples(edge_role) == 0
+    s.on_status("edge", "online")
+    assert s.decide().version == 3
+
+
+@pytest.mark.unit
+def test_another_planners_newer_schedule_bumps_our_version():
+    s = state()
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    ours = s.decide()
+    assert s.on_schedule(ours.to_json()) is None  # our own echo
+    theirs = dict(ours.to_json(), version=5, m_l=0)
+    again = s.on_schedule(theirs)
+    assert again.version == 6
+
+
+@pytest.mark.unit
+def test_subscribers_ignore_older_or_repeated_versions():
+    s = state()
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    sched = s.decide().to_json()
+    feed = ScheduleFeed()
+    assert feed.offer(dict(sched, version=3)) is not None
+    assert feed.offer(dict(sched, version=2)) is None
+    assert feed.offer(dict(sched, version=3)) is None
+    assert feed.offer({"version": 9}) is None  # malformed
+    assert feed.offer(dict(sched, version=4)).version == 4
+    assert feed.ignored == 3
+
+
+def next_schedule(transport, timeout=20):
+    import queue
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ev = transport.events.get(timeout=deadline - time.monotonic())
+        except queue.Empty:
+            break
+        if isinstance(ev.topic, topics.ScheduleTopic):
+            return ev.payload
+    raise AssertionError("no schedule arrived")
+
+
+@pytest.mark.integration
+def test_planner_service_replans_on_telemetry_past_the_threshold(mosquitto, broker_dir, connect, tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(random_profile(np.random.default_rng(4), 5).to_json()))
+    cfg = tmp_path / "planner.toml"
+    cfg.write_text(f'job = "t"\n[broker]\ncredentials = "{broker_dir.credentials_file("planner")}"\n'
+                   f'[planner]\nbatch = 32\nhysteresis = 0.25\nprofile = "{profile}"\n'
+                   'bw_device_edge = 5.0\nbw_edge_cloud = 5.0\n')
+    watcher = connect("cloud", observer=True)
+    watcher.subscribe(topics.schedule("t"))
+    device = connect("device")
+    proc = subprocess.Popen([PYTHON, "-m", "hiertrain", "planner", "run", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        first = next_schedule(watcher)
+        assert first["version"] == 1 and first["b_o"] + first["b_s"] + first["b_l"] == 32
+        device.publish_json(topics.telemetry("t", "device"), {"iteration": 10, "links": {"edge_cloud": 5.5}})
+        device.publish_json(topics.telemetry("t", "device"), {"iteration": 11, "links": {"edge_cloud": 4.6}})
+        device.publish_json(topics.telemetry("t", "device"), {"iteration": 12, "links": {"edge_cloud": 0.5}})
+        second = next_schedule(watcher)
+        assert second["version"] == 2 and second["effective_iteration"] == 14
+        device.publish_json(topics.telemetry("t", "device"), "not an object")  # dropped with a log line
+        device.publish_json(topics.telemetry("t", "device"), {"iteration": 20, "links": {"edge_cloud": 0.05}})
+        assert next_schedule(watcher)["version"] == 3
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "telemetry must be a JSON object" in err
