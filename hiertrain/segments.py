@@ -1,0 +1,311 @@
+"""Training segments on onnxruntime-training: forward and backward of units a..b as ORT graphs.
+
+A *body* segment (units a..b of a model, not the loss) is trained against an upstream gradient
+``gy`` with the surrogate loss ``ReduceSum(y * gy)``, whose parameter gradients are the true
+ones. ORT's gradient graph builder (``GradientGraphBuilder``, the machinery under
+``onnxruntime.training``) differentiates it; we then cut the gradient graph in two:
+
+- ``forward``: (x, params) -> y and a *stash* of the intermediates the backward needs;
+- ``backward``: (stash, gy, params) -> parameter gradients and, if a > 1, the input gradient.
+
+So a worker that must send its activations before the upstream gradient arrives runs its forward
+once, not twice (ORT's fused ``TrainStep`` would recompute it). A *head* segment (units a..N and
+the cross-entropy loss over all the samples it sees) needs no cut: one fused graph gives the loss,
+the logits, the parameter gradients and the input gradient.
+
+Built graphs are cached on disk by (model graph, unit range, kind) and ORT sessions in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from onnxruntime.capi._pybind_state import GradientGraphBuilder, get_optimized_model
+
+from hiertrain.errors import PlanError
+from hiertrain.models import IR_VERSION, OPSET, ModelSpec, segment_graph
+
+FORMAT = 1
+LOSS = "__loss"
+ort.set_default_logger_severity(3)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HIERTRAIN_CACHE", Path.home() / ".cache" / "hiertrain")) / "segments"
+
+
+def _session_options(threads: int = 0) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # Each segment has its own sessions; spinning idle pools would steal the cores from the one running.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                          producer_name="hiertrain")
+    m.ir_version = IR_VERSION
+    return m
+
+
+def _gradient_model(model: onnx.ModelProto, requires: set[str]) -> onnx.ModelProto:
+    so = _session_options()
+    optimized = get_optimized_model(model.SerializeToString(), requires, so)
+    builder = GradientGraphBuilder(optimized, {LOSS}, requires, LOSS, so)
+    builder.build()
+    return onnx.load_from_string(builder.get_model())
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's algorithm over tensor names (``available``: graph inputs and initializers)."""
+    producers = {o: i for i, n in enumerate(nodes) for o in n.output}
+    deps = [{producers[t] for t in n.input if t and t in producers} for n in nodes]
+    users = defaultdict(list)
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    ready = [i for i, d in enumerate(deps) if not d]
+    order, missing = [], [len(d) for d in deps]
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for u in users[i]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        raise PlanError("gradient graph has a cycle")
+    return [nodes[i] for i in order]
+
+
+def _ancestors(nodes: list[onnx.NodeProto], targets: set[str]) -> list[bool]:
+    need, wanted = [False] * len(nodes), set(targets)
+    for i in range(len(nodes) - 1, -1, -1):
+        if any(o in wanted for o in nodes[i].output):
+            need[i] = True
+            wanted.update(t for t in nodes[i].input if t)
+    return need
+
+
+_ELEM = {"tensor(float)": TensorProto.FLOAT, "tensor(int64)": TensorProto.INT64, "tensor(int32)": TensorProto.INT32,
+         "tensor(bool)": TensorProto.BOOL, "tensor(float16)": TensorProto.FLOAT16}
+
+
+def _split(grad: onnx.ModelProto, bwd_outputs: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
+    """Cut a body segment's gradient graph into a forward graph (every node not downstream of
+    ``gy`` or of the loss-gradient seed) and a backward graph; the tensors crossing the cut are
+    the stash, extra outputs of the forward and inputs of the backward."""
+    g = grad.graph
+    inits = {i.name: i for i in g.initializer}
+    inputs = {i.name: i for i in g.input}
+    typed = {o.name: o for o in g.output if o.type.HasField("tensor_type")}  # (ORT's shape inference needs them)
+    nodes = _topological(list(g.node), set(inits) | set(inputs))
+    tainted = {"gy"} | {n for n in inits if n.endswith("_grad")}  # the loss-gradient seed
+    is_bwd = []
+    for n in nodes:
+        t = any(i in tainted for i in n.input)
+        if t:
+            tainted.update(n.output)
+        is_bwd.append(t)
+    need_b = _ancestors(nodes, set(bwd_outputs))
+    bwd_nodes = [n for n, b, k in zip(nodes, is_bwd, need_b) if b and k]
+    bwd_used = {t for n in bwd_nodes for t in n.input if t}
+    bwd_inputs = bwd_used - {o for n in bwd_nodes for o in n.output}
+    need_f = _ancestors(nodes, {"y"} | bwd_inputs)
+    fwd_nodes = [n for n, b, k in zip(nodes, is_bwd, need_f) if not b and k]
+    fwd_used = {t for n in fwd_nodes for t in n.input if t}
+    stash = sorted((bwd_inputs & {o for n in fwd_nodes for o in n.output}) - {"y"})
+    stash += [t for t in ("x", "y") if t in bwd_inputs]  # kept by the caller, not recomputed
+    fwd = _model(helper.make_graph(
+        fwd_nodes, "forward", [inputs[n] for n in inputs if n in fwd_used],
+        [helper.make_empty_tensor_value_info(t) for t in ["y", *(s for s in stash if s not in ("x", "y"))]],
+        [inits[n] for n in inits if n in fwd_used]))
+    # the backward's stash inputs need element types: ask ORT, which infers the forward's outputs
+    sess = ort.InferenceSession(fwd.SerializeToString(), _session_options(1), providers=["CPUExecutionProvider"])
+    types = {o.name: (_ELEM[o.type], [d if isinstance(d, int) else f"{o.name}_{i}" for i, d in enumerate(o.shape)])
+             for o in sess.get_outputs()}
+    bwd = _model(helper.make_graph(
+        bwd_nodes, "backward",
+        [helper.make_tensor_value_info(t, *types[t]) for t in stash if t in types]
+        + [inputs[n] for n in inputs if n in bwd_used and n not in types],
+        [typed.get(o) or helper.make_empty_tensor_value_info(o) for o in bwd_outputs],
+        [inits[n] for n in inits if n in bwd_used],
+        value_info=[v for v in g.value_info if v.name in bwd_used]))
+    return fwd, bwd, stash
+
+
+@dataclass(frozen=True)
+class Built:
+    """Paths and names of one built segment."""
+
+    path: Path
+    kind: str                  # "body" or "head"
+    params: tuple[str, ...]
+    stash: tuple[str, ...]
+    input_grad: bool
+    build_s: float
+
+
+def _key(spec: ModelSpec, first: int, last: int, kind: str, input_grad: bool) -> str:
+    fwd = segment_graph(spec, first, last)[0] if first <= last else None
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT, ort.__version__, spec.name, first, last, kind, input_grad]).encode())
+    if fwd is not None:
+        h.update(fwd.SerializeToString(deterministic=True))
+    return f"{spec.name}/{first}-{last}-{kind}{'-dx' if input_grad else ''}-{h.hexdigest()[:12]}"
+
+
+def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool,
+          root: Optional[Path] = None) -> Built:
+    """Build (or find in the disk cache) the graphs of units first..last."""
+    if kind == "head":
+        if not 1 <= first <= spec.n_units + 1:
+            raise PlanError(f"head segment must start in 1..{spec.n_units + 1}, got {first}")
+        last = spec.n_units
+    else:
+        spec.check_range(first, last)
+        if first > last:
+            raise PlanError(f"body segment {first}..{last} of {spec.name} is empty")
+    path = (root or cache_dir()) / _key(spec, first, last, kind, input_grad)
+    meta_file = path / "meta.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return Built(path, kind, tuple(meta["params"]), tuple(meta["stash"]), input_grad, meta["build_s"])
+    t0 = time.perf_counter()
+    if first <= last:
+        fwd, params = segment_graph(spec, first, last)
+    else:  # loss only: the logits come in as x
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", spec.classes])
+        fwd = _model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "logits", [x],
+                                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", spec.classes])]))
+        params = {}
+    g = fwd.graph
+    requires = set(params) | ({"x"} if input_grad else set())
+    grads = [f"{p}_grad" for p in params] + (["x_grad"] if input_grad else [])
+    if kind == "head":
+        g.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))
+        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", ["y", "labels"], [LOSS, "__log_prob"],
+                                       reduction="mean"))
+    else:
+        g.input.append(helper.make_tensor_value_info("gy", TensorProto.FLOAT, ["N", *spec.shape_at(last)]))
+        g.node.append(helper.make_node("Mul", ["y", "gy"], ["__ygy"]))
+        g.node.append(helper.make_node("ReduceSum", ["__ygy"], [LOSS], keepdims=0))
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
+                     helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    grad = _gradient_model(fwd, requires) if requires else fwd
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "head":
+        keep = [LOSS, "y", *grads]
+        outs = {o.name: o for o in grad.graph.output}
+        del grad.graph.output[:]
+        grad.graph.output.extend([outs.get(n) or helper.make_empty_tensor_value_info(n) for n in keep])
+        onnx.save(grad, path / "step.onnx")
+        stash: list[str] = []
+    else:
+        fwd_m, bwd_m, stash = _split(grad, grads)
+        onnx.save(fwd_m, path / "forward.onnx")
+        onnx.save(bwd_m, path / "backward.onnx")
+        onnx.save(grad, path / "fused.onnx")  # forward + backward in one run: the recompute baseline
+    build_s = time.perf_counter() - t0
+    tmp = meta_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"params": list(params), "stash": stash, "build_s": build_s}))
+    tmp.replace(meta_file)
+    return Built(path, kind, tuple(params), tuple(stash), input_grad, build_s)
+
+
+class Segment:
+    """ORT sessions of one built segment; parameters are passed in on every call (by name)."""
+
+    def __init__(self, built: Built, *, threads: int = 0) -> None:
+        self.built = built
+        so = _session_options(threads)
+        names = ("step",) if built.kind == "head" else ("forward", "backward", "fused")
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._paths = {n: str(built.path / f"{n}.onnx") for n in names}
+        self._so = so
+        self.grad_names = [f"{p}_grad" for p in built.params]
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        sess = self._sessions.get(name)
+        if sess is None:
+            sess = ort.InferenceSession(self._paths[name], self._so, providers=["CPUExecutionProvider"])
+            sess._hiertrain_inputs = [i.name for i in sess.get_inputs()]  # type: ignore[attr-defined]
+            self._sessions[name] = sess
+        return sess
+
+    def _run(self, name: str, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        sess = self._session(name)
+        return sess.run(outputs, {k: feed[k] for k in sess._hiertrain_inputs})  # type: ignore[attr-defined]
+
+    def forward(self, params: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Activations at the segment's end, and the stash its backward will need."""
+        outs = self._run("forward", ["y", *(s for s in self.built.stash if s not in ("x", "y"))], {**params, "x": x})
+        y, rest = outs[0], iter(outs[1:])
+        return y, [x if s == "x" else y if s == "y" else next(rest) for s in self.built.stash]
+
+    def backward(self, params: dict[str, np.ndarray], stash: list[np.ndarray], gy: np.ndarray
+                 ) -> tuple[Optional[np.ndarray], dict[str, np.ndarray]]:
+        """(input gradient or None, parameter gradients) from the stash and the upstream gradient."""
+        feed = {**params, **dict(zip(self.built.stash, stash)), "gy": gy}
+        return self._gradients(self._run("backward", self._outputs(), feed))
+
+    def fused(self, params: dict[str, np.ndarray], x: np.ndarray, gy: np.ndarray
+              ) -> tuple[Optional[np.ndarray], dict[str, np.ndarray]]:
+        """Forward and backward in one run (what ORT's TrainStep does); for measuring recompute."""
+        return self._gradients(self._run("fused", self._outputs(), {**params, "x": x, "gy": gy}))
+
+    def step(self, params: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray
+             ) -> tuple[float, np.ndarray, Optional[np.ndarray], dict[str, np.ndarray]]:
+        """Head: (mean loss, logits, input gradient or None, parameter gradients)."""
+        outs = self._run("step", [LOSS, "y", *self._outputs()], {**params, "x": x, "labels": labels})
+        gx, grads = self._gradients(outs[2:])
+        return float(outs[0]), outs[1], gx, grads
+
+    def _outputs(self) -> list[str]:
+        return self.grad_names + (["x_grad"] if self.built.input_grad else [])
+
+    def _gradients(self, outs: list[np.ndarray]) -> tuple[Optional[np.ndarray], dict[str, np.ndarray]]:
+        grads = dict(zip(self.built.params, outs[:len(self.built.params)]))
+        return (outs[-1] if self.built.input_grad else None), grads
+
+
+class Runtime:
+    """Builds segments on demand and keeps their sessions; one per process (or per emulated tier)."""
+
+    def __init__(self, *, threads: int = 0, root: Optional[Path] = None) -> None:
+        self.threads = threads
+        self.root = root
+        self._segments: dict[tuple, Segment] = {}
+        self._lock = threading.Lock()
+
+    def segment(self, spec: ModelSpec, first: int, last: int, *, kind: str = "body",
+                input_grad: Optional[bool] = None) -> Segment:
+        input_grad = first > 1 if input_grad is None else input_grad
+        key = (spec.name, first, last if kind == "body" else spec.n_units, kind, input_grad)
+        with self._lock:
+            seg = self._segments.get(key)
+            if seg is None:
+                seg = Segment(build(spec, first, last, kind=kind, input_grad=input_grad, root=self.root),
+                              threads=self.threads)
+                self._segments[key] = seg
+            return seg
+
+    def head(self, spec: ModelSpec, first: int) -> Segment:
+        return self.segment(spec, first, spec.n_units, kind="head")
