@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from hiertrain import data, models
+from hiertrain.errors import ConfigError
+from hiertrain.hybrid import SingleProcess
+from hiertrain.optim import OptimizerConfig
+from hiertrain.segments import Runtime
+
+pytestmark = pytest.mark.unit
+
+
+def test_cifar10_binary_files_are_read(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 7).astype(np.uint8)
+    pixels = rng.integers(0, 256, (7, 3072)).astype(np.uint8)
+    records = np.concatenate([labels[:, None], pixels], axis=1)
+    records[:4].tofile(tmp_path / "data_batch_1.bin")
+    records[4:].tofile(tmp_path / "data_batch_2.bin")
+    ds = data.cifar10(tmp_path)
+    assert len(ds) == 7 and ds.shape == (3, 32, 32) and ds.classes == 10
+    x, y = ds.take(np.arange(7))
+    np.testing.assert_array_equal(y, labels)
+    np.testing.assert_allclose(x[5, 1, 0, :4], pixels[5, 1024:1028] / 255.0, rtol=1e-6)  # green plane, row 0
+    (tmp_path / "data_batch_3.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        data.cifar10(tmp_path)
+
+
+def test_tiny_imagenet_folder_layout_is_read(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    wnids = ["n01", "n02", "n03"]
+    (tmp_path / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for i, w in enumerate(wnids):
+        d = tmp_path / "train" / w / "images"
+        d.mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((64, 64, 3), 40 * i + k, np.uint8)).save(d / f"{w}_{k}.JPEG")
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "val" / "images" / "val_0.JPEG")
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+    train = data.tiny_imagenet(tmp_path)
+    assert len(train) == 6 and train.shape == (3, 64, 64) and train.classes == 3
+    assert list(train.labels) == [0, 0, 1, 1, 2, 2]
+    x, _ = train.take(np.array([2]))
+    assert abs(float(x.mean()) - 40 / 255) < 0.02  # JPEG is lossy, a flat image stays flat
+    val = data.tiny_imagenet(tmp_path, split="val")
+    assert list(val.labels) == [1]
+    with pytest.raises(ConfigError, match="wnids.txt"):
+        data.tiny_imagenet(tmp_path / "train")
+
+
+def test_batches_are_deterministic_and_cover_an_epoch():
+    ds = data.synthetic(n=64)
+    a = [ds.batch(i, 16, seed=3)[1] for i in range(4)]
+    b = [ds.batch(i, 16, seed=3)[1] for i in range(4)]
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    idx = np.concatenate([np.random.default_rng([3, 0]).permutation(64)])
+    np.testing.assert_array_equal(np.concatenate(a), ds.labels[idx])
+
+
+def test_the_synthetic_set_is_learnable(tmp_path):
+    spec = models.get("lenet5")
+    train, held = data.synthetic(spec.input_shape, 10, n=2048, seed=0).split(256)
+    model = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=0.05), runtime=Runtime(root=tmp_path))
+    x, y = held.take(np.arange(len(held)))
+
+    def accuracy():
+        return float((model.predict(x).argmax(1) == y).mean())
+
+    before = accuracy()
+    for i in range(150):
+        model.step(*train.batch(i, 32))
+    after = accuracy()
+    assert before < 0.25 and after > 0.6, (before, after)
