@@ -118,6 +118,43 @@ def _schedule_watch(args: argparse.Namespace) -> int:
     return watch(config.load(args.config), count=args.count, timeout=args.timeout)
 
 
+# ----------------------------------------------------------------------------------- profile
+
+def _profile(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from hiertrain.profile import Profile
+
+    if args.cpu_quota and not os.environ.get("HIERTRAIN_IN_CGROUP"):
+        from hiertrain.cgroup import CpuQuota
+
+        with CpuQuota(args.cpu_quota) as quota:  # run this same command again, in the group
+            child = subprocess.Popen([sys.executable, "-m", "hiertrain", *args.argv], stdin=subprocess.PIPE,
+                                     env={**os.environ, "HIERTRAIN_IN_CGROUP": "1"})
+            quota.add(child.pid)
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            child.stdin.close()
+            return child.wait()
+    if os.environ.get("HIERTRAIN_IN_CGROUP"):
+        sys.stdin.readline()  # wait until the parent has moved us into the group
+    from hiertrain import profiler
+
+    prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
+                            warmup=args.warmup, optimizer=args.optimizer,
+                            note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None)
+    out = Path(args.out)
+    if args.merge and out.exists():
+        prof = Profile.load(out).merged(args.tier, prof)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
+    t = prof.tiers[args.tier]
+    print(f"{args.model} on {args.tier}: {prof.n_units} units, forward {sum(t.forward_s) * 1e3:.3f} ms/sample, "
+          f"backward {sum(t.backward_s) * 1e3:.3f} ms/sample, update {sum(t.update_s) * 1e3:.2f} ms -> {out}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------- plan
 
 def _plan(args: argparse.Namespace) -> int:
@@ -206,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--timeout", type=_nonneg_float, help="exit 1 if nothing arrives for this long")
     watch.set_defaults(handler=_schedule_watch)
 
+    prof = sub.add_parser("profile", help="measure a hiertrain-profile/1 for one tier on this machine")
+    prof.add_argument("--model", required=True, choices=sorted(_models()))
+    prof.add_argument("--batch", type=_positive_int, required=True)
+    prof.add_argument("--out", required=True)
+    prof.add_argument("--tier", default="edge", choices=["device", "edge", "cloud"], help="the entry to write")
+    prof.add_argument("--merge", action="store_true", help="keep the other tiers already in --out")
+    prof.add_argument("--threads", type=_positive_int, default=0, help="ORT intra-op threads (default: all cores)")
+    prof.add_argument("--cpu-quota", type=_positive_float, metavar="CORES",
+                      help="emulate a slower machine: a cgroup CPU quota in cores, e.g. 0.2 (root)")
+    prof.add_argument("--repeat", type=_positive_int, default=7)
+    prof.add_argument("--warmup", type=_positive_int, default=2)
+    prof.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    prof.set_defaults(handler=_profile)
+
     plan = sub.add_parser("plan", help="one planning decision from a profile and bandwidths")
     plan.add_argument("--profile", required=True, help="hiertrain-profile/1 JSON with device, edge and cloud")
     plan.add_argument("--bw-device-edge", type=_positive_float, required=True, metavar="MBPS")
@@ -235,9 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _models() -> list[str]:
+    from hiertrain.models import MODELS  # onnx only, no ORT
+
+    return list(MODELS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
