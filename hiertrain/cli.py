@@ -182,13 +182,29 @@ def _describe(s: Schedule) -> str:
             f"(solved in {s.solve_s * 1e3:.1f} ms)")
 
 
-# ----------------------------------------------------------------------------------- planner
+# ------------------------------------------------------------------------- tiers and planner
 
-def _planner_run(args: argparse.Namespace) -> int:
-    from hiertrain import config
-    from planner.service import run as run_planner
+def _service_run(args: argparse.Namespace) -> int:
+    import importlib
 
-    return run_planner(config.load(args.config))
+    if args.command == "planner":
+        from hiertrain import config
+        from planner.service import run as run_planner
+
+        return run_planner(config.load(args.config))
+    return importlib.import_module(args.command).run(args.config, resume=args.resume)
+
+
+def _service_install(args: argparse.Namespace) -> int:
+    from hiertrain import config, systemd
+
+    cfg = Path(args.config).resolve()
+    config.load(cfg)  # fails clearly on a bad file
+    unit = systemd.install(args.command, description=f"hiertrain {args.command} service",
+                           subcommand=[args.command, "run", "--config", str(cfg)], owned=cfg,
+                           unit_dir=Path(args.unit_dir))
+    print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------- bench
@@ -270,18 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=_plan)
 
-    planner = sub.add_parser("planner", help="the planner service").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
-    prun = planner.add_parser("run", help="re-plan on telemetry and publish schedules")
-    prun.add_argument("--config", required=True)
-    prun.set_defaults(handler=_planner_run)
+    for name, what in (("device", "the edge device: data source and trainer"), ("edge", "the edge server's trainer"),
+                       ("cloud", "the cloud trainer"), ("planner", "the planner: re-plans on telemetry")):
+        svc = sub.add_parser(name, help=what).add_subparsers(dest="action", required=True, parser_class=_Parser)
+        run = svc.add_parser("run", help=f"run the {name} service")
+        run.add_argument("--config", required=True)
+        if name != "planner":
+            run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        run.set_defaults(handler=_service_run)
+        inst = svc.add_parser("install-service", help=f"write a systemd unit for the {name} service")
+        inst.add_argument("--config", required=True)
+        inst.add_argument("--unit-dir", default="/etc/systemd/system")
+        inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport"])
-    bench.add_argument("--out")
-    bench.add_argument("--size-mb", type=_positive_int, default=4)
-    bench.add_argument("--count", type=_positive_int, default=40)
+    bench.add_argument("which", choices=["wire", "transport", "segments", "planner"])
+    bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
+    bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
+    bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run")
     bench.add_argument("--repeat", type=_positive_int, default=5)
+    bench.add_argument("--profiles", default="bench/profiles", help="planner: directory of <model>.json profiles")
+    bench.add_argument("--batch", type=_positive_int, default=64, help="planner: batch size")
+    bench.add_argument("--milp", action="store_true", help="planner: also time the python-mip MILP and compare")
     bench.set_defaults(handler=_bench)
     return p
 

@@ -55,6 +55,31 @@ class Mailbox:
                 self._taken.popitem(last=False)
             return msg
 
+    def peek(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
+        """Like :meth:`take`, but leave the message for a later take."""
+        key = (kind, iteration, layer, sender)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MissingMessage(kind=kind, sender=sender, iteration=iteration, layer=layer, timeout=timeout)
+                self._cond.wait(left)
+            return self._waiting[key]
+
+    def first(self, kind: str, sender: str, timeout: float) -> int:
+        """The lowest iteration for which a ``kind`` message from ``sender`` waits (waiting for one)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                its = [k[1] for k in self._waiting if k[0] == kind and k[3] == sender]
+                if its:
+                    return min(its)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MissingMessage(kind=kind, sender=sender, iteration=-1, layer=0, timeout=timeout)
+                self._cond.wait(left)
+
     def advance(self, iteration: int) -> int:
         """Refuse from now on anything before ``iteration``; drop what is waiting there. Returns the count dropped."""
         with self._cond:

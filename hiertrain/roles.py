@@ -13,7 +13,7 @@ and the MQTT tier services pass their inputs and outputs around.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -23,6 +23,12 @@ from hiertrain.optim import Optimizer, OptimizerConfig
 from hiertrain.segments import Runtime, Segment
 
 Params = dict[str, np.ndarray]
+Source = Union[None, np.ndarray, Callable[[], np.ndarray]]   # an array, or how to wait for it
+Sink = Optional[Callable[[np.ndarray], None]]                # where a gradient goes as soon as it exists
+
+
+def _get(source: Source) -> Optional[np.ndarray]:
+    return source() if callable(source) else source
 
 
 def _rows(spec: ModelSpec, cut: int, *parts: Optional[np.ndarray]) -> np.ndarray:
@@ -99,9 +105,15 @@ class OwnerRole:
         self.head = runtime.head(spec, m_l + 1)
         self.grads: Params = {}
 
-    def forward_backward(self, x_o: np.ndarray, labels: np.ndarray, act_s: Optional[np.ndarray] = None,
-                         act_l: Optional[np.ndarray] = None) -> OwnerResult:
-        """Forward over all B samples (rows ordered o, s, l as ``labels``), loss, backward."""
+    def forward_backward(self, x_o: np.ndarray, labels: Source, act_s: Source = None, act_l: Source = None, *,
+                         send_s: Sink = None, send_l: Sink = None) -> OwnerResult:
+        """Forward over all B samples (rows ordered o, s, l as ``labels``), loss, backward.
+
+        ``labels``, ``act_s`` and ``act_l`` may be callables that wait for them: each is called
+        only when needed, so o's own segment 1 runs while s's activations are on the way.
+        ``send_l`` / ``send_s`` get l's and s's gradients as soon as they are computed, so l's
+        backward overlaps o's remaining backward.
+        """
         P, spec = self.params, self.spec
         stash1 = stash2 = None
         h = x_o
@@ -111,6 +123,7 @@ class OwnerRole:
             else:
                 h = _rows(spec, self.m_s)
         rows_o = len(h)
+        act_s = _get(act_s)
         h = _rows(spec, self.m_s, h, act_s)
         if self.seg2 is not None:
             if len(h):
@@ -118,18 +131,24 @@ class OwnerRole:
             else:
                 h = _rows(spec, self.m_l)
         rows_os = len(h)
+        act_l = _get(act_l)
         h = _rows(spec, self.m_l, h, act_l)
+        labels = _get(labels)
         if len(h) != len(labels):
             raise PlanError(f"worker_o got {len(h)} samples but {len(labels)} labels")
         loss, logits, g, grads = self.head.step(P, h, labels)
         self.grads = dict(grads)
         grad_l = g[rows_os:] if g is not None and act_l is not None else None
+        if grad_l is not None and send_l is not None:
+            send_l(grad_l)
         if stash2 is not None:
             g, grads2 = self.seg2.backward(P, stash2, g[:rows_os])
             _add(self.grads, grads2)
         elif g is not None:
             g = g[:rows_os]
         grad_s = g[rows_o:] if g is not None and act_s is not None else None
+        if grad_s is not None and send_s is not None:
+            send_s(grad_s)
         if stash1 is not None:
             _, grads1 = self.seg1.backward(P, stash1, g[:rows_o])
             _add(self.grads, grads1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -32,7 +33,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from onnxruntime.capi._pybind_state import GradientGraphBuilder, get_optimized_model
 
 from hiertrain.errors import PlanError
 from hiertrain.models import IR_VERSION, OPSET, ModelSpec, segment_graph
@@ -65,6 +65,9 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
 
 
 def _gradient_model(model: onnx.ModelProto, requires: set[str]) -> onnx.ModelProto:
+    # onnxruntime-training only; imported here so a data-only device runs with plain onnxruntime
+    from onnxruntime.capi._pybind_state import GradientGraphBuilder, get_optimized_model
+
     so = _session_options()
     optimized = get_optimized_model(model.SerializeToString(), requires, so)
     builder = GradientGraphBuilder(optimized, {LOSS}, requires, LOSS, so)
@@ -210,7 +213,8 @@ def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool
     g.output.extend([helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
                      helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     grad = _gradient_model(fwd, requires) if requires else fwd
-    path.mkdir(parents=True, exist_ok=True)
+    final, path = path, path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    path.mkdir(parents=True, exist_ok=True)  # build aside, then rename: other processes may share the cache
     if kind == "head":
         keep = [LOSS, "y", *grads]
         outs = {o.name: o for o in grad.graph.output}
@@ -224,10 +228,12 @@ def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool
         onnx.save(bwd_m, path / "backward.onnx")
         onnx.save(grad, path / "fused.onnx")  # forward + backward in one run: the recompute baseline
     build_s = time.perf_counter() - t0
-    tmp = meta_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"params": list(params), "stash": stash, "build_s": build_s}))
-    tmp.replace(meta_file)
-    return Built(path, kind, tuple(params), tuple(stash), input_grad, build_s)
+    (path / "meta.json").write_text(json.dumps({"params": list(params), "stash": stash, "build_s": build_s}))
+    try:
+        os.rename(path, final)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(path, ignore_errors=True)
+    return Built(final, kind, tuple(params), tuple(stash), input_grad, build_s)
 
 
 class Segment:

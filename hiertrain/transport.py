@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 
@@ -82,16 +82,20 @@ class Transport:
 
     def __init__(self, endpoint: Endpoint, *, account: str, job: str, client_id: Optional[str] = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, persistent: bool = True,
-                 observer: bool = False, keepalive: int = 30) -> None:
+                 observer: bool = False, keepalive: int = 30,
+                 validator: Optional[Callable[[Message], Optional[str]]] = None) -> None:
         self.account = topics.validate_account(account)
         self.job = topics.validate_job(job)
         self.endpoint = endpoint
         self.chunk_bytes = chunk_bytes
+        self.validator = validator
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
         self.dropped: Counter[str] = Counter()
         self.sent_bytes = 0
-        self._inbound: "queue.Queue[Optional[mqtt.MQTTMessage]]" = queue.Queue()
+        self.received_bytes = 0
+        self._rates: dict[str, tuple[int, float]] = {}
+        self._inbound: "queue.Queue[Optional[tuple[mqtt.MQTTMessage, float]]]" = queue.Queue()
         self._reassembler = Reassembler()
         self._ids = itertools.count()
         self._nonce = os.urandom(4).hex()
@@ -221,6 +225,12 @@ class Transport:
         """The message ``kind`` from ``sender`` for (iteration, layer); see :meth:`Mailbox.take`."""
         return self.mailbox.take(kind, sender, iteration, layer, timeout)
 
+    def take_rates(self) -> dict[str, float]:
+        """Mbit/s at which multi-frame messages from each sender streamed in since the last call."""
+        with self._lock:
+            rates, self._rates = self._rates, {}
+        return {sender: 8 * b / t / 1e6 for sender, (b, t) in rates.items() if t > 0 and b > 0}
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self._refused = str(reason)
@@ -238,19 +248,20 @@ class Transport:
             log.warning("%s: disconnected from the broker (%s); reconnecting", self.account, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbound.put(message)  # the network thread does nothing else
+        self._inbound.put((message, time.monotonic()))  # the network thread does nothing else
 
     def _dispatch(self) -> None:
-        while (message := self._inbound.get()) is not None:
+        while (item := self._inbound.get()) is not None:
+            message, at = item
             try:
-                reason = self._handle(message.topic, message.payload, bool(message.retain))
+                reason = self._handle(message.topic, message.payload, bool(message.retain), at)
             except Exception as exc:  # never let one message stop the dispatcher
                 reason = f"unexpected {type(exc).__name__}: {exc}"
             if reason:
                 self.dropped[reason.split(":")[0]] += 1
                 log.warning("%s: dropped a message on %r: %s", self.account, message.topic, reason)
 
-    def _handle(self, topic: str, payload: bytes, retained: bool) -> Optional[str]:
+    def _handle(self, topic: str, payload: bytes, retained: bool, at: float) -> Optional[str]:
         try:
             parsed = topics.parse(topic)
         except TopicError as exc:
@@ -267,13 +278,24 @@ class Transport:
             return f"misrouted: addressed to {parsed.dest!r}"
         duplicates = self._reassembler.duplicates
         try:
-            msg = self._reassembler.feed(payload)
+            msg = self._reassembler.feed(payload, at=at)
         except WireError as exc:
             return f"malformed frame: {exc}"
         if msg is None:
             return "duplicate: frame already received" if self._reassembler.duplicates > duplicates else None
+        if self._reassembler.last_span is not None:
+            nbytes, seconds = self._reassembler.last_span
+            self._reassembler.last_span = None
+            with self._lock:
+                b, t = self._rates.get(msg.sender, (0, 0.0))
+                self._rates[msg.sender] = (b + nbytes, t + seconds)
         if (msg.sender, msg.kind, msg.dest, msg.layer) != (parsed.sender, parsed.kind, parsed.dest, parsed.layer):
             return f"unauthorized: frame says {msg.describe()} but came on {topic!r}"
+        if self.validator is not None:
+            reason = self.validator(msg)
+            if reason:
+                return f"{reason} ({msg.describe()})"
+        self.received_bytes += sum(a.nbytes for a in msg.tensors.values())
         return self.mailbox.put(msg)
 
 

@@ -26,7 +26,7 @@ import math
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import msgpack
 import numpy as np
@@ -333,8 +333,11 @@ class Reassembler:
         self._remember = remember
         self.duplicates = 0
         self.evicted = 0
+        self._first_seen: dict[tuple[str, str], float] = {}
+        self.last_span: Optional[tuple[int, float]] = None  # (bytes after the first frame, seconds) of the last multi-frame message
 
-    def feed(self, data: bytes) -> Message | None:
+    def feed(self, data: bytes, *, at: Optional[float] = None) -> Message | None:
+        """Add one frame (``at``: its arrival time, to measure how fast multi-frame messages stream)."""
         frame = decode_frame(data)
         key = (frame.sender, frame.msg_id)
         if key in self._done:
@@ -342,6 +345,8 @@ class Reassembler:
             return None
         if frame.parts == 1:
             return self._complete(key, frame, frame.data)
+        if at is not None:
+            self._first_seen.setdefault(key, at)
         first, parts = self._pending.get(key, (frame, {}))
         if first.routing != frame.routing:
             raise WireError(f"frame {frame.part} of message {frame.msg_id} disagrees with its first frame")
@@ -352,11 +357,16 @@ class Reassembler:
         self._pending[key] = (first, parts)
         self._pending_bytes += len(frame.data)
         while self._pending_bytes > self.max_pending_bytes and len(self._pending) > 1:
-            self._drop(next(iter(self._pending)))
+            oldest = next(iter(self._pending))
+            self._drop(oldest)
+            self._first_seen.pop(oldest, None)
             self.evicted += 1
         if len(parts) < frame.parts:
             return None
+        t0 = self._first_seen.pop(key, None)
         self._drop(key)
+        if at is not None and t0 is not None and at > t0:
+            self.last_span = (frame.total - len(parts[0]), at - t0)
         return self._complete(key, first, b"".join(parts[i] for i in range(frame.parts)))
 
     def _drop(self, key: tuple[str, str]) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 BENCHES = {
     "wire": "hiertrain.bench.wire",
     "transport": "hiertrain.bench.transport",
+    "segments": "hiertrain.bench.segments",
+    "planner": "planner.bench",
 }
 
 

@@ -1,0 +1,375 @@
+"""A tier service: runs HierTrain iterations over MQTT in whatever role each schedule gives it.
+
+The device drives. For every iteration i it picks the newest schedule whose effective iteration
+is <= i, and sends each other tier a ``samples`` message for i (its share of the batch, possibly
+none) stamped with that schedule's version: the stamp is how all tiers agree which schedule an
+iteration runs, so a switch never happens mid-iteration and no iteration is lost or repeated. The
+device sends iteration i+1's samples while i runs (the only input of an iteration that does not
+depend on the previous one). Labels go to worker_o.
+
+Per iteration and role (paper IV-B; :mod:`hiertrain.roles` does the compute):
+- s / l: take the weights of units 1..cut from the previous iteration's o, forward, send the
+  activations at the cut to o, take their gradient, backward, send the parameter gradients;
+- o: forward its samples (while s's and l's activations travel), continue theirs, loss, backward,
+  send s's and l's gradients as soon as they exist, take their parameter gradients, step the
+  optimizer, send the weights for the next iteration's s and l (and, if o moves, its whole state
+  to the next o); checkpoint every K iterations.
+
+Every wait has a timeout that names the tier, iteration and message; the service then stops
+with status ``failed`` and its last checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from hiertrain import checkpoint, data, models, topics
+from hiertrain.errors import HiertrainError, MissingMessage, PlanError
+from hiertrain.optim import Optimizer
+from hiertrain.roles import OwnerRole, SliceRole, weights_of
+from hiertrain.schedule import Schedule, ScheduleFeed
+from hiertrain.segments import Runtime
+from hiertrain.tierconfig import TierConfig
+from hiertrain.transport import Transport
+from hiertrain.validate import validator
+from hiertrain.wire import Message
+
+log = logging.getLogger("hiertrain.tier")
+LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud"}
+
+
+@dataclass
+class Stats:
+    """One iteration's telemetry: phase times and traffic."""
+
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self.phases[phase] = self.phases.get(phase, 0.0) + dt
+
+
+class TierService:
+    def __init__(self, cfg: TierConfig, *, resume: bool = False) -> None:
+        self.cfg, self.tier, self.resume = cfg, cfg.tier, resume
+        self.spec = models.get(cfg.model)
+        self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None)
+        self.transport = Transport(cfg.endpoint, account=cfg.tier, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
+                                   validator=validator(self.spec))
+        self.transport.subscribe(topics.schedule(cfg.job))
+        self.feed = ScheduleFeed()
+        self.schedules: dict[int, Schedule] = {}   # version -> schedule
+        self.history: dict[int, Schedule] = {}     # iteration -> schedule it ran
+        self.owner: Optional[OwnerRole] = None
+        self.slice: Optional[SliceRole] = None
+        self.dataset = data.load(cfg.dataset, path=cfg.data_path, shape=self.spec.input_shape,
+                                 classes=self.spec.classes, seed=cfg.seed) if cfg.tier == "device" else None
+        self.sent_go: set[int] = set()
+        self._local: dict[int, tuple[Schedule, dict[str, np.ndarray], np.ndarray]] = {}
+        self._first = 0
+        self._restored: Optional[checkpoint.Checkpoint] = None
+        self.results: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, kind: str, dest: str, iteration: int, layer: int, tensors: dict[str, np.ndarray],
+              version: int, **meta: Any) -> None:
+        self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version, meta))
+
+    def _take(self, kind: str, sender: str, iteration: int, layer: int, stats: Optional[Stats] = None) -> Message:
+        t0 = time.perf_counter()
+        msg = self.transport.take(kind, sender, iteration, layer, timeout=self.cfg.timeout_s)
+        if stats is not None:
+            stats.wait_s += time.perf_counter() - t0
+        return msg
+
+    def _pump_schedules(self, wait: float = 0.0) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                event = self.transport.events.get(timeout=max(0.0, deadline - time.monotonic()) or 0.001)
+            except queue.Empty:
+                return
+            if isinstance(event.topic, topics.ScheduleTopic):
+                sched = self.feed.offer(event.payload)
+                if sched is not None:
+                    self.schedules[sched.version] = sched.check(n_units=self.spec.n_units, batch=self.cfg.batch)
+                    log.info("%s: schedule version %d from iteration %d", self.tier, sched.version,
+                             sched.effective_iteration)
+            if time.monotonic() >= deadline:
+                return
+
+    def _schedule_version(self, version: int, iteration: int) -> Schedule:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while version not in self.schedules:
+            if time.monotonic() > deadline:
+                raise MissingMessage(kind="schedule", sender="planner", iteration=iteration, layer=version,
+                                     timeout=self.cfg.timeout_s)
+            self._pump_schedules(0.1)
+        return self.schedules[version]
+
+    def _schedule_for(self, iteration: int) -> Schedule:
+        """The device's choice: the newest schedule in effect at ``iteration`` (waiting for the first)."""
+        self._pump_schedules()
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while True:
+            ready = [s for s in self.schedules.values() if s.effective_iteration <= iteration]
+            if ready:
+                sched = max(ready, key=lambda s: s.version)
+                if sched.chain is not None:
+                    raise PlanError(f"schedule version {sched.version} ({sched.policy}) is a layer chain; "
+                                    "the MQTT runtime executes O/S/L schedules (all-X, hiertrain)")
+                return sched
+            if time.monotonic() > deadline:
+                raise MissingMessage(kind="schedule", sender="planner", iteration=iteration, layer=0,
+                                     timeout=self.cfg.timeout_s)
+            self._pump_schedules(0.1)
+
+    # --------------------------------------------------------------- the device
+
+    def _send_go(self, iteration: int, *, stop: bool = False) -> None:
+        """The device: samples (and labels) of ``iteration`` to every other tier, stamped with the version."""
+        if iteration in self.sent_go:
+            return
+        self.sent_go.add(iteration)
+        assert self.dataset is not None
+        if stop:
+            for tier in ("edge", "cloud"):
+                self._send("samples", tier, iteration, 0, {}, 0, stop=True)
+            return
+        sched = self._schedule_for(iteration)
+        x, y = self.dataset.batch(iteration, self.cfg.batch, seed=self.cfg.seed)
+        parts = dict(zip("osl", np.split(x, [sched.b_o, sched.b_o + sched.b_s])))
+        for tier in ("edge", "cloud"):
+            role = sched.role_of(tier)
+            self._send("samples", tier, iteration, 0, {"x": parts[role]} if len(parts[role]) else {}, sched.version)
+        if sched.tier_of("o") != "device":
+            self._send("labels", sched.tier_of("o"), iteration, 0, {"y": y}, sched.version)
+        self._local[iteration] = (sched, parts, y)
+
+    # ------------------------------------------------------------------- a step
+
+    def iteration(self, i: int, first: int) -> Optional[dict[str, Any]]:
+        """Run iteration ``i``; ``None`` when the device said stop."""
+        stats = Stats()
+        t_start = time.perf_counter()
+        self.transport.mailbox.advance(i)
+        if self.tier == "device":
+            if i >= first + self.cfg.iterations:
+                self._send_go(i, stop=True)
+                self.transport.flush(self.cfg.timeout_s)
+                return None
+            self._send_go(i)
+            self._send_go(i + 1, stop=i + 1 >= first + self.cfg.iterations)  # prefetch: travels while i computes
+            sched, parts, labels = self._local.pop(i)
+            mine: Optional[np.ndarray] = parts[sched.role_of("device")]
+            get_labels: Any = labels
+        else:
+            go = self._take("samples", "device", i, 0, stats)
+            if go.meta.get("stop"):
+                return None
+            sched = self._schedule_version(go.schedule_version, i)
+            mine = go.tensors.get("x")
+            get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
+        self.history[i] = sched
+        prev = self.history.get(i - 1, sched) if i > first else sched
+        role = sched.role_of(self.tier)
+        out: dict[str, Any] = {"iteration": i, "schedule_version": sched.version, "role": role}
+        if role == "o":
+            self.slice = None
+            out.update(self._as_owner(i, first, sched, prev, mine, get_labels, stats))
+        else:
+            self.owner = None
+            if sched.samples(role):
+                self._as_slice(i, sched, prev, role, mine, stats)
+            else:
+                self.slice = None  # idle this iteration
+        out["iteration_s"] = time.perf_counter() - t_start
+        out["wait_s"] = stats.wait_s
+        out["phases"] = stats.phases
+        self._telemetry(out)
+        return out
+
+    def _as_slice(self, i: int, sched: Schedule, prev: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
+        cut, o = sched.cut(role), sched.tier_of("o")
+        weights = self._take("weights", prev.tier_of("o"), i, cut, stats).tensors
+        t0 = time.perf_counter()
+        if self.slice is None or self.slice.cut != cut:
+            self.slice = SliceRole(self.spec, self.runtime, cut, weights)
+        else:
+            self.slice.load(weights)
+        if x is None or len(x) != sched.samples(role):
+            raise PlanError(f"{self.tier}: got {0 if x is None else len(x)} samples, schedule says {sched.samples(role)}")
+        act = self.slice.forward(x)
+        stats.timed("forward", t0)
+        self._send("act", o, i, cut, {"x": act}, sched.version)
+        g = self._take("grad", o, i, cut, stats).tensors["x"]
+        t0 = time.perf_counter()
+        grads = self.slice.backward(g)
+        stats.timed("backward", t0)
+        self._send("wgrad", o, i, cut, grads, sched.version)
+
+    def _as_owner(self, i: int, first: int, sched: Schedule, prev: Schedule, x_o: Optional[np.ndarray],
+                  labels: Any, stats: Stats) -> dict[str, Any]:
+        spec, v = self.spec, sched.version
+        if self.owner is None:
+            self.owner = self._new_owner(i, first, sched, prev, stats)
+            if i == first:  # nobody sent s and l their weights yet
+                self._send_weights(i, sched)
+        elif (self.owner.m_s, self.owner.m_l) != (sched.m_s, sched.m_l):
+            self.owner = OwnerRole(spec, self.runtime, sched.m_s, sched.m_l, self.owner.params, self.owner.optimizer)
+        s, l = sched.tier_of("s"), sched.tier_of("l")
+        t0 = time.perf_counter()
+        x_o = x_o if x_o is not None else np.zeros((0, *spec.input_shape), np.float32)
+        res = self.owner.forward_backward(
+            x_o, labels,
+            (lambda: self._take("act", s, i, sched.m_s, stats).tensors["x"]) if sched.b_s else None,
+            (lambda: self._take("act", l, i, sched.m_l, stats).tensors["x"]) if sched.b_l else None,
+            send_s=lambda g: self._send("grad", s, i, sched.m_s, {"x": g}, v),
+            send_l=lambda g: self._send("grad", l, i, sched.m_l, {"x": g}, v))
+        stats.timed("forward_backward", t0)
+        remote = []
+        if sched.b_s:
+            remote.append(self._take("wgrad", s, i, sched.m_s, stats).tensors)
+        if sched.b_l:
+            remote.append(self._take("wgrad", l, i, sched.m_l, stats).tensors)
+        t0 = time.perf_counter()
+        self.owner.step(*remote)
+        stats.timed("update", t0)
+        self._checkpoint(i, sched)
+        result = {"loss": res.loss}
+        nxt = self._next_schedule(i + 1)
+        if nxt is not None:
+            self._send_weights(i + 1, nxt)
+            if nxt.tier_of("o") != self.tier:
+                self._send_state(i + 1, nxt)
+                self.owner = None
+        return result
+
+    def _next_schedule(self, i: int) -> Optional[Schedule]:
+        """The schedule of iteration ``i`` as the device stamped it (None if the device stops)."""
+        if self.tier == "device":
+            return self._local[i][0] if i in self._local else None
+        go = self.transport.mailbox.peek("samples", "device", i, 0, timeout=self.cfg.timeout_s)
+        return None if go.meta.get("stop") else self._schedule_version(go.schedule_version, i)
+
+    def _send_weights(self, i: int, sched: Schedule) -> None:
+        assert self.owner is not None
+        for role in ("s", "l"):
+            tier = sched.tier_of(role)
+            if sched.samples(role) and tier != self.tier:
+                cut = sched.cut(role)
+                self._send("weights", tier, i, cut, weights_of(self.spec, self.owner.params, cut), sched.version)
+
+    def _send_state(self, i: int, sched: Schedule) -> None:
+        assert self.owner is not None
+        opt = self.owner.optimizer
+        self._send("weights", sched.tier_of("o"), i, 0, {**self.owner.params, **opt.moments}, sched.version,
+                   optimizer_step=opt.step_count)
+
+    def _new_owner(self, i: int, first: int, sched: Schedule, prev: Schedule, stats: Stats) -> OwnerRole:
+        shapes = self.spec.param_shapes()
+        if i > first and prev.tier_of("o") != self.tier:  # o moved here: its state follows
+            msg = self._take("weights", prev.tier_of("o"), i, 0, stats)
+            moments = {k: v for k, v in msg.tensors.items() if k[:2] in ("m:", "v:")}
+            params = {k: v for k, v in msg.tensors.items() if k in shapes}
+            opt = Optimizer(self.cfg.optimizer, shapes, step_count=int(msg.meta.get("optimizer_step", 0)),
+                            moments=moments)
+            return OwnerRole(self.spec, self.runtime, sched.m_s, sched.m_l, params, opt)
+        params = models.init_params(self.spec, self.cfg.seed)
+        opt = Optimizer(self.cfg.optimizer, shapes)
+        ck, self._restored = self._restored, None
+        if ck is not None and i == first:
+            params, opt = ck.params, Optimizer(self.cfg.optimizer, shapes, step_count=ck.optimizer_step,
+                                               moments=ck.moments)
+        return OwnerRole(self.spec, self.runtime, sched.m_s, sched.m_l, params, opt)
+
+    def _checkpoint(self, i: int, sched: Schedule) -> None:
+        if not (self.cfg.checkpoint_dir and self.cfg.checkpoint_every) or (i + 1) % self.cfg.checkpoint_every:
+            return
+        assert self.owner is not None
+        opt = self.owner.optimizer
+        checkpoint.save(self.cfg.checkpoint_dir, checkpoint.Checkpoint(i, self.owner.params, dict(opt.moments),
+                                                                       opt.step_count, sched.to_json()))
+        self.transport.publish_json(topics.status(self.cfg.job, self.tier),
+                                    {"state": "online", "checkpoint_iteration": i}, retain=True)
+
+    def _telemetry(self, out: dict[str, Any]) -> None:
+        links = {}
+        for sender, mbps in self.transport.take_rates().items():
+            link = LINK_OF.get(frozenset((sender, self.tier)))
+            if link:
+                links[link] = round(mbps, 3)
+        payload = {**out, "links": links, "bytes_sent": self.transport.sent_bytes,
+                   "bytes_received": self.transport.received_bytes,
+                   "dropped": dict(self.transport.dropped)}
+        self.results.append(payload)
+        self.transport.publish_json(topics.telemetry(self.cfg.job, self.tier), payload)
+
+    # ---------------------------------------------------------------------- run
+
+    def _start_iteration(self) -> int:
+        """0, or after the newest checkpoint when resuming (o's status carries its iteration)."""
+        self._restored = None
+        if self.resume and self.cfg.checkpoint_dir:
+            self._restored = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
+        if self.tier != "device":  # follow the device: start at the first iteration it sends
+            return self.transport.mailbox.first("samples", "device", 10 * self.cfg.timeout_s)
+        if not self.resume:
+            return 0
+        self.transport.subscribe(topics.all_of_kind(self.cfg.job, "status"))
+        deadline = time.monotonic() + min(self.cfg.timeout_s, 5.0)
+        best = -1
+        while time.monotonic() < deadline:  # retained statuses arrive right after subscribing
+            try:
+                ev = self.transport.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(ev.topic, topics.ScheduleTopic):
+                sched = self.feed.offer(ev.payload)
+                if sched is not None:
+                    self.schedules[sched.version] = sched
+            elif ev.topic.kind == "status" and isinstance(ev.payload, dict):
+                best = max(best, int(ev.payload.get("checkpoint_iteration", -1)))
+        if self._restored is not None:
+            best = max(best, self._restored.iteration)
+        return best + 1
+
+    def publish_profile(self, profile: dict[str, Any]) -> None:
+        self.transport.publish_json(topics.profile(self.cfg.job, self.tier), profile, retain=True)
+
+    def run(self) -> int:
+        with self.transport:
+            if self.cfg.profile is not None:
+                self.publish_profile(self.cfg.profile)
+            try:
+                first = self._first = self._start_iteration()
+                log.info("%s: starting at iteration %d", self.tier, first)
+                i = first
+                while self.iteration(i, first) is not None:
+                    i += 1
+                self.transport.flush(self.cfg.timeout_s)
+                return 0
+            except HiertrainError as exc:
+                log.error("%s: %s", self.tier, exc)
+                self.transport.publish_json(topics.status(self.cfg.job, self.tier), {"state": "failed", "error": str(exc)},
+                                            retain=True)
+                raise
+
+
+def run_tier(tier: str, config: str, *, resume: bool = False, profile: Optional[dict[str, Any]] = None) -> int:
+    """``hiertrain <tier> run --config F``."""
+    from dataclasses import replace
+
+    from hiertrain import tierconfig
+
+    cfg = tierconfig.load(tier, config)
+    return TierService(replace(cfg, profile=profile or cfg.profile), resume=resume).run()

@@ -1,0 +1,111 @@
+"""A tier service's configuration (TOML), shared by device, edge and cloud.
+
+::
+
+    job = "demo"
+    [broker]
+    credentials = "broker/credentials/device.json"
+    [train]                       # the same on every tier
+    model = "lenet5"
+    batch = 32
+    optimizer = "sgd"             # or "adamw"
+    lr = 0.05
+    seed = 0                      # initial weights and batch order
+    iterations = 100              # the device runs this many iterations, then stops every tier
+    timeout_s = 60                # longest wait for any one message
+    [runtime]
+    threads = 0                   # ORT intra-op threads (0: all cores)
+    cache = "~/.cache/hiertrain"  # built segments
+    chunk_kb = 256                # MQTT frame size
+    [checkpoint]                  # written by whichever tier plays worker_o
+    dir = "checkpoints"
+    every = 10
+    [data]                        # the device's data
+    dataset = "synthetic"         # or "cifar10", "tiny-imagenet" (with path = ...)
+    [eval]                        # worker_o: accuracy on a held-out synthetic set at start and end
+    holdout = 256
+    [profile]                     # published (retained) for the planner
+    file = "profile-device.json"
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hiertrain import TIERS, config
+from hiertrain.errors import ConfigError
+from hiertrain.optim import OptimizerConfig
+from hiertrain.transport import Endpoint
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    tier: str
+    job: str
+    endpoint: Endpoint
+    model: str
+    batch: int
+    optimizer: OptimizerConfig
+    seed: int = 0
+    iterations: int = 100
+    timeout_s: float = 60.0
+    threads: int = 0
+    cache: Optional[Path] = None
+    chunk_bytes: int = 256 << 10
+    checkpoint_dir: Optional[Path] = None
+    checkpoint_every: int = 0
+    dataset: str = "synthetic"
+    data_path: Optional[str] = None
+    holdout: int = 0
+    profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
+    path: Optional[Path] = None
+
+
+def _profile(path: Path) -> dict[str, Any]:
+    from hiertrain.profile import Profile
+
+    return Profile.load(path).to_json()
+
+
+def load(tier: str, path: str | os.PathLike) -> TierConfig:
+    if tier not in TIERS:
+        raise ConfigError(f"unknown tier {tier!r}")
+    cfg = config.load(path)
+    train, rt, ck, data, ev, prof = (cfg.section(s) for s in ("train", "runtime", "checkpoint", "data", "eval", "profile"))
+
+    def get(section: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+        value = section.get(key, default)
+        try:
+            return kind(value) if value is not None else None
+        except (TypeError, ValueError):
+            raise ConfigError(f"{cfg.path}: {key} = {value!r} is not a {kind.__name__}") from None
+
+    try:
+        optimizer = OptimizerConfig(get(train, "optimizer", str, "sgd"), lr=get(train, "lr", float, 0.05),
+                                    weight_decay=get(train, "weight_decay", float, 0.0))
+    except Exception as exc:
+        raise ConfigError(f"{cfg.path}: {exc}") from None
+    out = TierConfig(
+        tier=tier, job=cfg.job, endpoint=cfg.endpoint,
+        model=get(train, "model", str, "lenet5"), batch=get(train, "batch", int, 32), optimizer=optimizer,
+        seed=get(train, "seed", int, 0), iterations=get(train, "iterations", int, 100),
+        timeout_s=get(train, "timeout_s", float, 60.0),
+        threads=get(rt, "threads", int, 0),
+        cache=cfg.resolve(str(rt["cache"])) if "cache" in rt else None,
+        chunk_bytes=get(rt, "chunk_kb", int, 256) << 10,
+        checkpoint_dir=cfg.resolve(str(ck["dir"])) if "dir" in ck else None,
+        checkpoint_every=get(ck, "every", int, 0),
+        dataset=get(data, "dataset", str, "synthetic"),
+        data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
+        holdout=get(ev, "holdout", int, 0), path=cfg.path,
+        profile=_profile(cfg.resolve(str(prof["file"]))) if "file" in prof else None,
+    )
+    if out.batch < 1 or out.iterations < 0 or out.timeout_s <= 0 or out.checkpoint_every < 0:
+        raise ConfigError(f"{cfg.path}: batch >= 1, iterations >= 0, timeout_s > 0, checkpoint every >= 0 required")
+    from hiertrain import models
+
+    models.get(out.model)  # unknown model: a clear error now, not at the first iteration
+    return out

@@ -1,0 +1,65 @@
+"""What a tier accepts: every tensor message is checked against the model before it is filed.
+
+A message that fails is dropped with the reason (logged and counted by the transport), so a
+later valid message with the same key can still be delivered: wrong shapes, wrong dtypes,
+non-finite values, unknown parameters and out-of-range labels never reach the roles.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from hiertrain.models import ModelSpec
+from hiertrain.wire import Message
+
+Validator = Callable[[Message], Optional[str]]
+
+
+def _finite(name: str, a: np.ndarray) -> Optional[str]:
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        return f"non-finite: {name} holds NaN or inf"
+    return None
+
+
+def _batch_of(name: str, a: np.ndarray, shape: tuple[int, ...], dtype: str) -> Optional[str]:
+    if a.dtype != np.dtype(dtype) or a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != tuple(shape):
+        return f"wrong shape: {name} is {a.dtype}{list(a.shape)}, expected {dtype}[n, {', '.join(map(str, shape))}]"
+    return _finite(name, a)
+
+
+def validator(spec: ModelSpec) -> Validator:
+    params = spec.param_shapes()
+
+    def check(msg: Message) -> Optional[str]:
+        t = msg.tensors
+        if msg.kind in ("samples", "act", "grad"):
+            if set(t) - {"x"}:
+                return f"unexpected tensors {sorted(set(t) - {'x'})}"
+            if "x" not in t:
+                return None if msg.kind == "samples" else "missing tensor 'x'"
+            return _batch_of("x", t["x"], spec.shape_at(0 if msg.kind == "samples" else msg.layer), "float32")
+        if msg.kind == "labels":
+            y = t.get("y")
+            if y is None or set(t) != {"y"} or y.dtype != np.int64 or y.ndim != 1:
+                return "wrong shape: labels must be one int64 vector 'y'"
+            if len(y) and (y.min() < 0 or y.max() >= spec.classes):
+                return f"labels out of range 0..{spec.classes - 1}"
+            return None
+        # wgrad / weights: named parameters (and, for a full state, optimizer moments)
+        if msg.layer > spec.n_units:
+            return f"layer {msg.layer} beyond the model's {spec.n_units} units"
+        allowed = params if msg.layer == 0 else spec.param_shapes(1, msg.layer)
+        for name, a in t.items():
+            base = name.split(":", 1)[1] if msg.kind == "weights" and name[:2] in ("m:", "v:") else name
+            if base not in allowed:
+                return f"unknown parameter {name!r} for units 1..{msg.layer or spec.n_units}"
+            if a.dtype != np.float32 or tuple(a.shape) != tuple(allowed[base]):
+                return f"wrong shape: {name} is {a.dtype}{list(a.shape)}, expected float32{list(allowed[base])}"
+            bad = _finite(name, a)
+            if bad:
+                return bad
+        return None
+
+    return check
