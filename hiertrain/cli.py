@@ -59,6 +59,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# -------------------------------------------------------------------------------------- demo
+
+def _demo(args: argparse.Namespace) -> int:
+    from hiertrain import demo
+
+    return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
+                    bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
+                    device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep)
+
+
 # ------------------------------------------------------------------------------------ broker
 
 def _broker_init(args: argparse.Namespace) -> int:
@@ -227,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hiertrain", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="broker, planner, device, edge and cloud on this machine: a short run")
+    demo.add_argument("--model", default="lenet5", choices=sorted(_models()))
+    demo.add_argument("--iterations", type=_positive_int, default=40)
+    demo.add_argument("--batch", type=_positive_int, default=32)
+    demo.add_argument("--lr", type=_positive_float, default=0.05)
+    demo.add_argument("--bw-device-edge", type=_positive_float, default=5.0, metavar="MBPS",
+                      help="link rate the planner starts from (telemetry then measures the real one)")
+    demo.add_argument("--bw-edge-cloud", type=_positive_float, default=1.5, metavar="MBPS")
+    demo.add_argument("--device-quota", type=_positive_float, default=0.15, metavar="CORES",
+                      help="emulate a slow device with a CPU quota (root only)")
+    demo.add_argument("--no-quota", action="store_true")
+    demo.add_argument("--workdir", help="keep the run's files here (default: a temporary directory)")
+    demo.add_argument("--keep", action="store_true", help="do not delete the work directory")
+    demo.set_defaults(handler=_demo)
 
     broker = sub.add_parser("broker", help="the MQTT broker on the edge server").add_subparsers(
         dest="action", required=True, parser_class=_Parser)

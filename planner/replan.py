@@ -9,7 +9,8 @@ decides when a new schedule is due:
 - when a tier goes offline (it is planned around: no samples, no compute) or comes back.
 
 Each new schedule gets the next version and an effective iteration ``lead`` iterations past
-the newest iteration any tier reported, so all tiers switch at the same iteration boundary.
+the newest iteration any tier reported (the first schedule applies at once); the device stamps
+every iteration with the version it runs, so all tiers switch at the same iteration boundary.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class PlannerState:
         if account in TIERS:
             if state == "online":
                 self.offline.discard(account)
-            elif state in ("offline", "stopped"):
+            elif state in ("offline", "stopped", "failed"):
                 self.offline.add(account)
 
     # -------------------------------------------------------------- decision
@@ -132,7 +133,8 @@ class PlannerState:
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy)
         self.version += 1
-        schedule = schedule.versioned(self.version, self.iteration + self.lead)
+        # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
+        schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))
         self.current = schedule
         self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)

@@ -29,7 +29,7 @@ def test_first_schedule_needs_profiles_and_both_rates():
     assert s.decide() is None
     s.on_telemetry({"iteration": 7, "links": {"edge_cloud": 1.5}})
     first = s.decide()
-    assert first.version == 1 and first.effective_iteration == 9
+    assert first.version == 1 and first.effective_iteration == 7  # the first applies at once
     assert s.decide() is None
 
 
