@@ -73,8 +73,13 @@ class TierService:
         self.dataset = data.load(cfg.dataset, path=cfg.data_path, shape=self.spec.input_shape,
                                  classes=self.spec.classes, seed=cfg.seed) if cfg.tier == "device" else None
         self.sent_go: set[int] = set()
+        self.online: set[str] = set()
+        self.checkpoints: dict[str, int] = {}
+        if cfg.tier == "device":
+            self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
         self._local: dict[int, tuple[Schedule, dict[str, np.ndarray], np.ndarray]] = {}
         self._first = 0
+        self._last_params: dict[str, np.ndarray] = {}
         self._restored: Optional[checkpoint.Checkpoint] = None
         self.results: list[dict[str, Any]] = []
 
@@ -104,6 +109,11 @@ class TierService:
                     self.schedules[sched.version] = sched.check(n_units=self.spec.n_units, batch=self.cfg.batch)
                     log.info("%s: schedule version %d from iteration %d", self.tier, sched.version,
                              sched.effective_iteration)
+            elif event.topic.kind == "status" and isinstance(event.payload, dict):
+                (self.online.add if event.payload.get("state") == "online" else self.online.discard)(event.topic.account)
+                it = event.payload.get("checkpoint_iteration")
+                if isinstance(it, int):
+                    self.checkpoints[event.topic.account] = it
             if time.monotonic() >= deadline:
                 return
 
@@ -134,6 +144,16 @@ class TierService:
             self._pump_schedules(0.1)
 
     # --------------------------------------------------------------- the device
+
+    def _wait_online(self) -> None:
+        """The device starts only once edge and cloud listen (an early message would be lost)."""
+        deadline = time.monotonic() + 10 * self.cfg.timeout_s
+        while not {"edge", "cloud"} <= self.online:
+            if time.monotonic() > deadline:
+                missing = sorted({"edge", "cloud"} - self.online)
+                raise MissingMessage(kind="status online", sender=missing[0], iteration=self._first, layer=0,
+                                     timeout=10 * self.cfg.timeout_s)
+            self._pump_schedules(0.1)
 
     def _send_go(self, iteration: int, *, stop: bool = False) -> None:
         """The device: samples (and labels) of ``iteration`` to every other tier, stamped with the version."""
@@ -199,8 +219,11 @@ class TierService:
         return out
 
     def _as_slice(self, i: int, sched: Schedule, prev: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
-        cut, o = sched.cut(role), sched.tier_of("o")
-        weights = self._take("weights", prev.tier_of("o"), i, cut, stats).tensors
+        cut, o, src = sched.cut(role), sched.tier_of("o"), prev.tier_of("o")
+        if src == self.tier and i > self._first:  # we were o: the weights are here
+            weights = weights_of(self.spec, self._last_params, cut)
+        else:
+            weights = self._take("weights", src, i, cut, stats).tensors
         t0 = time.perf_counter()
         if self.slice is None or self.slice.cut != cut:
             self.slice = SliceRole(self.spec, self.runtime, cut, weights)
@@ -251,6 +274,7 @@ class TierService:
             self._send_weights(i + 1, nxt)
             if nxt.tier_of("o") != self.tier:
                 self._send_state(i + 1, nxt)
+                self._last_params = self.owner.params
                 self.owner = None
         return result
 
@@ -317,31 +341,16 @@ class TierService:
     # ---------------------------------------------------------------------- run
 
     def _start_iteration(self) -> int:
-        """0, or after the newest checkpoint when resuming (o's status carries its iteration)."""
-        self._restored = None
+        """0, or after the newest checkpoint when resuming (o announces it in its retained status)."""
         if self.resume and self.cfg.checkpoint_dir:
             self._restored = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
         if self.tier != "device":  # follow the device: start at the first iteration it sends
             return self.transport.mailbox.first("samples", "device", 10 * self.cfg.timeout_s)
+        self._wait_online()  # retained statuses (and checkpoints) arrive with it
         if not self.resume:
             return 0
-        self.transport.subscribe(topics.all_of_kind(self.cfg.job, "status"))
-        deadline = time.monotonic() + min(self.cfg.timeout_s, 5.0)
-        best = -1
-        while time.monotonic() < deadline:  # retained statuses arrive right after subscribing
-            try:
-                ev = self.transport.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if isinstance(ev.topic, topics.ScheduleTopic):
-                sched = self.feed.offer(ev.payload)
-                if sched is not None:
-                    self.schedules[sched.version] = sched
-            elif ev.topic.kind == "status" and isinstance(ev.payload, dict):
-                best = max(best, int(ev.payload.get("checkpoint_iteration", -1)))
-        if self._restored is not None:
-            best = max(best, self._restored.iteration)
-        return best + 1
+        mine = self._restored.iteration if self._restored is not None else -1
+        return max([mine, *self.checkpoints.values()]) + 1
 
     def publish_profile(self, profile: dict[str, Any]) -> None:
         self.transport.publish_json(topics.profile(self.cfg.job, self.tier), profile, retain=True)

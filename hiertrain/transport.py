@@ -109,6 +109,7 @@ class Transport:
             persistent = False
             client_id = client_id or f"hiertrain-{job}-{account}-observer-{os.getpid()}-{self._nonce}"
 
+        self._persistent = persistent
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"hiertrain-{job}-{account}",
@@ -134,8 +135,32 @@ class Transport:
 
     # -------------------------------------------------------------- lifecycle
 
+    def _wipe_session(self, timeout: float) -> None:
+        """Start from an empty session: what a previous process left queued is not ours."""
+        done = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self._client._client_id.decode(),
+                        clean_session=True, protocol=mqtt.MQTTv311)
+        c.username_pw_set(self.endpoint.username, self.endpoint.password)
+        if self.endpoint.tls_ca:
+            c.tls_set(ca_certs=self.endpoint.tls_ca)
+        c.on_connect = lambda *a: done.set()
+        try:
+            c.connect(self.endpoint.host, self.endpoint.port)
+            c.loop_start()
+            done.wait(timeout)
+            c.disconnect()
+            c.loop_stop()
+        except OSError:
+            pass  # start() reports an unreachable broker
+
     def start(self, timeout: float = 10.0) -> "Transport":
-        """Connect, subscribe, announce ``online``; raise :class:`TransportError` if refused."""
+        """Connect, subscribe, announce ``online``; raise :class:`TransportError` if refused.
+
+        A persistent session starts empty (a fresh process owes nothing to the last one) and then
+        survives disconnections: QoS-1 messages sent while we reconnect are kept by the broker.
+        """
+        if self._persistent:
+            self._wipe_session(timeout)
         self._dispatcher.start()
         try:
             self._client.connect(self.endpoint.host, self.endpoint.port, keepalive=self._keepalive)
