@@ -119,10 +119,18 @@ def tiny_imagenet(root: str | os.PathLike, *, split: str = "train", limit: Optio
     return Dataset("tiny-imagenet", images, np.array([c for _, c in items], np.int64), len(wnids))
 
 
+SYNTHETIC_HOLDOUT = 512
+
+
+def synthetic_split(shape: tuple[int, ...], classes: int, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The synthetic set tiers train on, and its held-out part (same classes, unseen samples)."""
+    return synthetic(shape, classes, n=2048 + SYNTHETIC_HOLDOUT, seed=seed).split(SYNTHETIC_HOLDOUT)
+
+
 def load(name: str, *, path: Optional[str] = None, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10,
          seed: int = 0) -> Dataset:
     if name == "synthetic":
-        return synthetic(shape, classes, seed=seed)
+        return synthetic_split(shape, classes, seed=seed)[0]
     if path is None:
         raise ConfigError(f"dataset {name!r} needs a path")
     if name == "cifar10":

@@ -110,7 +110,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
 
         # 4. follow the run
         spec = models.get(model)
-        holdout = data.synthetic(spec.input_shape, spec.classes, n=2048, seed=7).split(512)[1]
+        holdout = data.synthetic_split(spec.input_shape, spec.classes, seed=0)[1]
         before = _accuracy(SingleProcess(spec, params=models.init_params(spec, 0)), holdout)
         times, seen = _follow(watcher, procs, iterations, timeout_s)
         codes = {n: _wait(p, timeout_s) for n, p in procs.items() if n != "planner"}

@@ -323,8 +323,8 @@ class TierService:
         opt = self.owner.optimizer
         checkpoint.save(self.cfg.checkpoint_dir, checkpoint.Checkpoint(i, self.owner.params, dict(opt.moments),
                                                                        opt.step_count, sched.to_json()))
-        self.transport.publish_json(topics.status(self.cfg.job, self.tier),
-                                    {"state": "online", "checkpoint_iteration": i}, retain=True)
+        self.transport.status_extra["checkpoint_iteration"] = i
+        self.transport.publish_status("online")
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         links = {}
@@ -342,8 +342,6 @@ class TierService:
 
     def _start_iteration(self) -> int:
         """0, or after the newest checkpoint when resuming (o announces it in its retained status)."""
-        if self.resume and self.cfg.checkpoint_dir:
-            self._restored = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
         if self.tier != "device":  # follow the device: start at the first iteration it sends
             return self.transport.mailbox.first("samples", "device", 10 * self.cfg.timeout_s)
         self._wait_online()  # retained statuses (and checkpoints) arrive with it
@@ -356,6 +354,10 @@ class TierService:
         self.transport.publish_json(topics.profile(self.cfg.job, self.tier), profile, retain=True)
 
     def run(self) -> int:
+        if self.resume and self.cfg.checkpoint_dir:
+            self._restored = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
+            if self._restored is not None:
+                self.transport.status_extra["checkpoint_iteration"] = self._restored.iteration
         with self.transport:
             if self.cfg.profile is not None:
                 self.publish_profile(self.cfg.profile)
@@ -369,8 +371,7 @@ class TierService:
                 return 0
             except HiertrainError as exc:
                 log.error("%s: %s", self.tier, exc)
-                self.transport.publish_json(topics.status(self.cfg.job, self.tier), {"state": "failed", "error": str(exc)},
-                                            retain=True)
+                self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
                 raise
 
 

@@ -89,6 +89,7 @@ class Transport:
         self.endpoint = endpoint
         self.chunk_bytes = chunk_bytes
         self.validator = validator
+        self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
         self.dropped: Counter[str] = Counter()
@@ -178,15 +179,18 @@ class Transport:
                     f"broker at {self.endpoint.host}:{self.endpoint.port} refused account "
                     f"{self.account!r} (user {self.endpoint.username!r}): {why}")
         if self._status:
-            self.publish_json(self._status, {"state": "online", "pid": os.getpid()}, retain=True)
+            self.publish_status("online", pid=os.getpid())
         return self
+
+    def publish_status(self, state: str, **fields: Any) -> None:
+        if self._status:
+            self.publish_json(self._status, {"state": state, **self.status_extra, **fields}, retain=True)
 
     def stop(self, *, state: str = "stopped", timeout: float = 5.0) -> None:
         """Flush what is queued, announce ``state`` and disconnect."""
         try:
             if self._connected.is_set():
-                if self._status:
-                    self.publish_json(self._status, {"state": state}, retain=True)
+                self.publish_status(state)
                 self.flush(timeout)
         finally:
             self._client.disconnect()
@@ -197,8 +201,8 @@ class Transport:
     def __enter__(self) -> "Transport":
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.stop(state="failed" if exc_type else "stopped")
 
     def subscribe(self, topic_filter: str) -> None:
         with self._lock:

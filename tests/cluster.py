@@ -109,7 +109,7 @@ class Cluster:
 
     def reference(self, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:
         spec = models.get(self.model)
-        ds = data.synthetic(spec.input_shape, spec.classes, seed=0)
+        ds = data.load("synthetic", shape=spec.input_shape, classes=spec.classes, seed=0)
         ref = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=self.lr))
         losses = [ref.step(*ds.batch(i, self.batch, seed=0)) for i in range(iterations)]
         return losses, ref.params

@@ -64,3 +64,87 @@ def test_a_schedule_switch_mid_run_moves_both_cuts_and_worker_o(cluster):
     ck = c.final_params()
     assert ck.iteration == 39 and rel(ck.params, ref_params) < 1e-4
     assert "ck-edge" in str(c.work / "ck-edge") and (c.work / "ck-edge" / "checkpoint.ort").exists()
+
+
+def test_bad_messages_are_dropped_and_training_is_unchanged(cluster, broker_dir):
+    """Malformed, wrong-shape, non-finite, stale, misaddressed and unauthorized messages during a run."""
+    import numpy as np
+    import paho.mqtt.client as mqtt
+
+    from hiertrain import topics
+    from hiertrain.transport import Endpoint
+    from hiertrain.wire import Message, encode_message
+
+    c = cluster(iterations=30, every=30)
+    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+
+    def raw(account):
+        ep = Endpoint.load(broker_dir.credentials_file(account))
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"intruder-{account}")
+        client.username_pw_set(ep.username, ep.password)
+        client.connect(ep.host, ep.port)
+        client.loop_start()
+        return client
+
+    device, edge = raw("device"), raw("edge")
+    bad = []
+    for i in range(5, 25):
+        act = lambda x, it=i: encode_message(Message("act", "t", "device", "cloud", it, 2, {"x": x}), msg_id=f"bad{it}{x.shape}")[0]
+        bad.append((device, topics.tensor("t", "device", "act", "cloud", 2), b"\x00garbage" * i))        # malformed
+        bad.append((device, topics.tensor("t", "device", "act", "cloud", 2), act(np.zeros((4, 3, 3), np.float32))))  # wrong shape
+        nan = np.full((4, 6, 14, 14), np.nan, np.float32)
+        bad.append((device, topics.tensor("t", "device", "act", "cloud", 2), act(nan)))             # non-finite
+        bad.append((edge, topics.tensor("t", "device", "act", "cloud", 2), b"x"))                   # unauthorized (ACL)
+        bad.append((device, topics.tensor("t", "device", "grad", "edge", 5), b"x"))                 # misaddressed kind
+    c.start()
+    c.wait_iteration(0)
+    for client, topic, payload in bad:
+        client.publish(topic, payload, qos=1)
+    stale = encode_message(Message("act", "t", "device", "cloud", 0, 2, {"x": np.ones((4, 6, 14, 14), np.float32)}),
+                           msg_id="stale")[0]
+    device.publish(topics.tensor("t", "device", "act", "cloud", 2), stale, qos=1).wait_for_publish(5)
+    codes = c.wait()
+    for client in (device, edge):
+        client.loop_stop()
+    assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    ref_losses, ref_params = c.reference(30)
+    assert max(abs(c.losses()[i] - ref_losses[i]) / ref_losses[i] for i in range(30)) < 1e-4
+    assert rel(c.final_params().params, ref_params) < 1e-4
+    dropped = {}
+    for account, p in c.telemetry:
+        if account == "cloud":
+            dropped = p["dropped"]
+    assert dropped.get("malformed frame", 0) >= 1 and dropped.get("wrong shape", 0) >= 1
+    assert dropped.get("non-finite", 0) >= 1 and dropped.get("stale", 0) + dropped.get("duplicate", 0) >= 1
+    assert "dropped a message" in c.log("cloud")  # with the reason, by the transport
+
+
+def test_a_tier_that_stops_answering_fails_the_run_cleanly_and_the_checkpoint_survives(cluster):
+    import signal
+
+    c = cluster(iterations=200, every=5, timeout_s=4)
+    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+    c.start()
+    c.wait_iteration(12)
+    c.procs["edge"].send_signal(signal.SIGKILL)
+    codes = c.wait(timeout=60)
+    assert codes["device"] not in (0, None) and codes["cloud"] not in (0, None)
+    errors = c.log("cloud") + c.log("device")
+    assert "from tier 'edge' for iteration" in errors  # names the tier, the iteration and the message
+    ck = c.final_params()
+    assert ck is not None and ck.iteration % 5 == 4 and ck.iteration >= 9
+
+
+def test_resume_continues_from_the_checkpoint(cluster):
+    c = cluster(iterations=10, every=5)
+    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+    c.start()
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    assert c.final_params().iteration == 9
+    c.start(resume=True)
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    ck = c.final_params()
+    assert ck.iteration == 19
+    ref_losses, ref_params = c.reference(20)
+    assert sorted(i for i in c.losses() if i >= 10) == list(range(10, 20))
+    assert rel(ck.params, ref_params) < 1e-4
