@@ -157,11 +157,11 @@ def _follow(watcher: Any, procs: dict[str, subprocess.Popen], iterations: int, t
             _say(f"schedule v{s.get('version')} from iteration {s.get('effective_iteration')}: o={s['mapping']['o']} "
                  f"s={s['mapping']['s']} l={s['mapping']['l']} m_s={s['m_s']} m_l={s['m_l']} "
                  f"b=({s['b_o']},{s['b_s']},{s['b_l']}) predicted {s['iteration_s']:.4f} s/iteration")
-        elif ev.payload.get("role") == "o" and "loss" in ev.payload:
+        elif "loss" in ev.payload:  # from worker_o (or a chain's last stage)
             p = ev.payload
             times.append(p["iteration_s"])
             _say(f"iteration {p['iteration']:4d}  loss {p['loss']:.4f}  {1e3 * p['iteration_s']:7.1f} ms  "
-                 f"(o on {ev.topic.account}, schedule v{p['schedule_version']})")
+                 f"({p['role']} on {ev.topic.account}, schedule v{p['schedule_version']})")
     return times, seen
 
 

@@ -44,6 +44,42 @@ def _add(into: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
         into[k] = into[k] + g if k in into else g
 
 
+class StageRole:
+    """One stage of a layer chain (JointDNN, JointDNN+, JALAD): units first..last on all B samples.
+
+    Unlike O/S/L roles, a stage owns its units: it steps its own optimizer on their gradients and
+    nobody else holds their weights.
+    """
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime, first: int, last: int, params: Mapping[str, np.ndarray],
+                 optimizer: Optimizer) -> None:
+        self.spec, self.first, self.last = spec, first, last
+        self.is_last = last == spec.n_units
+        self.segment = runtime.head(spec, first) if self.is_last else runtime.segment(spec, first, last)
+        self.params: Params = dict(params)
+        self.optimizer = optimizer
+        self._stash: Optional[list[np.ndarray]] = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y, self._stash = self.segment.forward(self.params, x)
+        return y
+
+    def backward(self, grad: np.ndarray) -> Optional[np.ndarray]:
+        """Gradient at the stage's input (None for the first stage); updates the stage's units."""
+        if self._stash is None:
+            raise PlanError("backward before forward")
+        gx, grads = self.segment.backward(self.params, self._stash, grad)
+        self._stash = None
+        self.params = self.optimizer.step(self.params, grads)
+        return gx
+
+    def head(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, Optional[np.ndarray]]:
+        """The last stage: (loss, gradient at its input); updates its units."""
+        loss, _, gx, grads = self.segment.step(self.params, x, labels)
+        self.params = self.optimizer.step(self.params, grads)
+        return loss, gx
+
+
 def weights_of(spec: ModelSpec, params: Mapping[str, np.ndarray], last: int) -> Params:
     """The parameters of units 1..last."""
     names = spec.param_shapes(1, last)

@@ -29,10 +29,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import checkpoint, data, models, topics
+from hiertrain import TIERS, checkpoint, data, models, topics
+from hiertrain.compress import dequantize, quantize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError
 from hiertrain.optim import Optimizer
-from hiertrain.roles import OwnerRole, SliceRole, weights_of
+from hiertrain.roles import OwnerRole, SliceRole, StageRole, weights_of
 from hiertrain.schedule import Schedule, ScheduleFeed
 from hiertrain.segments import Runtime
 from hiertrain.tierconfig import TierConfig
@@ -48,7 +49,6 @@ LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "clo
 class Stats:
     """One iteration's telemetry: phase times and traffic."""
 
-    compute_s: float = 0.0
     wait_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -70,6 +70,11 @@ class TierService:
         self.history: dict[int, Schedule] = {}     # iteration -> schedule it ran
         self.owner: Optional[OwnerRole] = None
         self.slice: Optional[SliceRole] = None
+        self.stage: Optional[StageRole] = None
+        self.units: frozenset[int] = frozenset()      # units whose weights and optimizer state we own
+        self.params: dict[str, np.ndarray] = {}
+        self.optimizer: Optional[Optimizer] = None
+        self._weights_sent = -1
         self.dataset = data.load(cfg.dataset, path=cfg.data_path, shape=self.spec.input_shape,
                                  classes=self.spec.classes, seed=cfg.seed) if cfg.tier == "device" else None
         self.sent_go: set[int] = set()
@@ -77,9 +82,8 @@ class TierService:
         self.checkpoints: dict[str, int] = {}
         if cfg.tier == "device":
             self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
-        self._local: dict[int, tuple[Schedule, dict[str, np.ndarray], np.ndarray]] = {}
+        self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._first = 0
-        self._last_params: dict[str, np.ndarray] = {}
         self._restored: Optional[checkpoint.Checkpoint] = None
         self.results: list[dict[str, Any]] = []
 
@@ -134,9 +138,6 @@ class TierService:
             ready = [s for s in self.schedules.values() if s.effective_iteration <= iteration]
             if ready:
                 sched = max(ready, key=lambda s: s.version)
-                if sched.chain is not None:
-                    raise PlanError(f"schedule version {sched.version} ({sched.policy}) is a layer chain; "
-                                    "the MQTT runtime executes O/S/L schedules (all-X, hiertrain)")
                 return sched
             if time.monotonic() > deadline:
                 raise MissingMessage(kind="schedule", sender="planner", iteration=iteration, layer=0,
@@ -167,13 +168,91 @@ class TierService:
             return
         sched = self._schedule_for(iteration)
         x, y = self.dataset.batch(iteration, self.cfg.batch, seed=self.cfg.seed)
-        parts = dict(zip("osl", np.split(x, [sched.b_o, sched.b_o + sched.b_s])))
+        if sched.chain is None:
+            parts = dict(zip("osl", np.split(x, [sched.b_o, sched.b_o + sched.b_s])))
+            share = {t: parts[sched.role_of(t)] for t in TIERS}
+            labels_to = sched.tier_of("o")
+        else:  # a chain: every sample goes to the first stage, the labels to the last
+            share = {t: (x if t == sched.chain[0].tier else x[:0]) for t in TIERS}
+            labels_to = sched.chain[-1].tier
         for tier in ("edge", "cloud"):
-            role = sched.role_of(tier)
-            self._send("samples", tier, iteration, 0, {"x": parts[role]} if len(parts[role]) else {}, sched.version)
-        if sched.tier_of("o") != "device":
-            self._send("labels", sched.tier_of("o"), iteration, 0, {"y": y}, sched.version)
-        self._local[iteration] = (sched, parts, y)
+            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version)
+        if labels_to != "device":
+            self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
+        self._local[iteration] = (sched, share["device"], y)
+
+    # --------------------------------------------------------------- ownership
+
+    def _owned(self, sched: Schedule, tier: str) -> frozenset[int]:
+        """The units whose weights and optimizer state ``tier`` holds under ``sched``."""
+        if sched.chain is not None:
+            return frozenset(u for st in sched.chain if st.tier == tier for u in range(st.first, st.last + 1))
+        return frozenset(range(1, self.spec.n_units + 1)) if sched.tier_of("o") == tier else frozenset()
+
+    def _names(self, units: frozenset[int]) -> dict[str, tuple[int, ...]]:
+        return {k: v for u in sorted(units) for k, v in self.spec.param_shapes(u, u).items()}
+
+    def _acquire(self, i: int, first: int, sched: Schedule, prev: Schedule, stats: Stats) -> bool:
+        """Hold exactly the units ``sched`` gives us, taking the missing ones from their previous
+        owners (or from the initial weights / checkpoint at the first iteration). True if any moved."""
+        need = self._owned(sched, self.tier)
+        if need == self.units:
+            return False
+        params = {k: v for k, v in self.params.items() if k in self._names(need)}
+        moments = {k: v for k, v in (self.optimizer.moments.items() if self.optimizer else ()) if k[2:] in params}
+        step = self.optimizer.step_count if self.optimizer else 0
+        missing = need - self.units
+        if i == first:
+            ck, self._restored = self._restored, None
+            source = ck.params if ck is not None else models.init_params(self.spec, self.cfg.seed)
+            params.update({k: source[k] for k in self._names(missing)})
+            if ck is not None:
+                moments.update({k: v for k, v in ck.moments.items() if k[2:] in params})
+                step = ck.optimizer_step
+        else:
+            for tier in TIERS:
+                if tier != self.tier and self._owned(prev, tier) & missing:
+                    msg = self._take("weights", tier, i, 0, stats)
+                    params.update({k: v for k, v in msg.tensors.items() if k[:2] not in ("m:", "v:")})
+                    moments.update({k: v for k, v in msg.tensors.items() if k[:2] in ("m:", "v:")})
+                    step = int(msg.meta.get("optimizer_step", step))
+        shapes = self._names(need)
+        if set(params) != set(shapes):
+            raise PlanError(f"{self.tier}: after handover the weights of units {sorted(need)} are incomplete")
+        self.params, self.units = params, need
+        self.optimizer = Optimizer(self.cfg.optimizer, shapes, step_count=step, moments=moments) if shapes else None
+        self.owner = self.stage = None
+        return True
+
+    def _hand_over(self, i: int, sched: Schedule, nxt: Schedule) -> None:
+        """End of iteration ``i - 1``: send the units we lose under ``nxt`` to their next owners."""
+        mine = self._owned(sched, self.tier)
+        for tier in TIERS:
+            give = mine & self._owned(nxt, tier) if tier != self.tier else frozenset()
+            if give:
+                names = self._names(give)
+                opt = self.optimizer
+                tensors = {k: self.params[k] for k in names}
+                if opt is not None:
+                    tensors.update({k: v for k, v in opt.moments.items() if k[2:] in names})
+                self._send("weights", tier, i, 0, tensors, nxt.version, optimizer_step=opt.step_count if opt else 0)
+
+    def _next_schedule(self, i: int) -> Optional[Schedule]:
+        """The schedule of iteration ``i`` as the device stamped it (None if the device stops)."""
+        if self.tier == "device":
+            return self._local[i][0] if i in self._local else None
+        go = self.transport.mailbox.peek("samples", "device", i, 0, timeout=self.cfg.timeout_s)
+        return None if go.meta.get("stop") else self._schedule_version(go.schedule_version, i)
+
+    def _end(self, i: int, sched: Schedule) -> None:
+        """After our update in iteration ``i``: pass on what the next iteration needs from us."""
+        nxt = self._next_schedule(i + 1)
+        if nxt is None:
+            return
+        self._hand_over(i + 1, sched, nxt)
+        if nxt.chain is None and nxt.tier_of("o") == self.tier and self._owned(sched, self.tier) == self._owned(nxt, self.tier):
+            self._send_weights(i + 1, nxt)  # pipelined: s and l get them while the device prepares i + 1
+            self._weights_sent = i + 1
 
     # ------------------------------------------------------------------- a step
 
@@ -189,8 +268,7 @@ class TierService:
                 return None
             self._send_go(i)
             self._send_go(i + 1, stop=i + 1 >= first + self.cfg.iterations)  # prefetch: travels while i computes
-            sched, parts, labels = self._local.pop(i)
-            mine: Optional[np.ndarray] = parts[sched.role_of("device")]
+            sched, mine, labels = self._local.pop(i)
             get_labels: Any = labels
         else:
             go = self._take("samples", "device", i, 0, stats)
@@ -201,29 +279,31 @@ class TierService:
             get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
         self.history[i] = sched
         prev = self.history.get(i - 1, sched) if i > first else sched
-        role = sched.role_of(self.tier)
-        out: dict[str, Any] = {"iteration": i, "schedule_version": sched.version, "role": role}
-        if role == "o":
+        self._acquire(i, first, sched, prev, stats)
+        out: dict[str, Any] = {"iteration": i, "schedule_version": sched.version}
+        if sched.chain is not None:
             self.slice = None
-            out.update(self._as_owner(i, first, sched, prev, mine, get_labels, stats))
+            out.update(self._as_stage(i, sched, mine, get_labels, stats))
         else:
-            self.owner = None
-            if sched.samples(role):
-                self._as_slice(i, sched, prev, role, mine, stats)
+            out["role"] = role = sched.role_of(self.tier)
+            if role == "o":
+                self.slice = None
+                out.update(self._as_owner(i, first, sched, mine, get_labels, stats))
+            elif sched.samples(role):
+                self._as_slice(i, sched, role, mine, stats)
             else:
                 self.slice = None  # idle this iteration
+        if self.units:
+            self._end(i, sched)
         out["iteration_s"] = time.perf_counter() - t_start
         out["wait_s"] = stats.wait_s
         out["phases"] = stats.phases
         self._telemetry(out)
         return out
 
-    def _as_slice(self, i: int, sched: Schedule, prev: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
-        cut, o, src = sched.cut(role), sched.tier_of("o"), prev.tier_of("o")
-        if src == self.tier and i > self._first:  # we were o: the weights are here
-            weights = weights_of(self.spec, self._last_params, cut)
-        else:
-            weights = self._take("weights", src, i, cut, stats).tensors
+    def _as_slice(self, i: int, sched: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
+        cut, o = sched.cut(role), sched.tier_of("o")
+        weights = self._take("weights", o, i, cut, stats).tensors
         t0 = time.perf_counter()
         if self.slice is None or self.slice.cut != cut:
             self.slice = SliceRole(self.spec, self.runtime, cut, weights)
@@ -240,15 +320,14 @@ class TierService:
         stats.timed("backward", t0)
         self._send("wgrad", o, i, cut, grads, sched.version)
 
-    def _as_owner(self, i: int, first: int, sched: Schedule, prev: Schedule, x_o: Optional[np.ndarray],
-                  labels: Any, stats: Stats) -> dict[str, Any]:
+    def _as_owner(self, i: int, first: int, sched: Schedule, x_o: Optional[np.ndarray], labels: Any,
+                  stats: Stats) -> dict[str, Any]:
         spec, v = self.spec, sched.version
-        if self.owner is None:
-            self.owner = self._new_owner(i, first, sched, prev, stats)
-            if i == first:  # nobody sent s and l their weights yet
-                self._send_weights(i, sched)
-        elif (self.owner.m_s, self.owner.m_l) != (sched.m_s, sched.m_l):
-            self.owner = OwnerRole(spec, self.runtime, sched.m_s, sched.m_l, self.owner.params, self.owner.optimizer)
+        assert self.optimizer is not None
+        if self.owner is None or (self.owner.m_s, self.owner.m_l) != (sched.m_s, sched.m_l):
+            self.owner = OwnerRole(spec, self.runtime, sched.m_s, sched.m_l, self.params, self.optimizer)
+        if self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
+            self._send_weights(i, sched)
         s, l = sched.tier_of("s"), sched.tier_of("l")
         t0 = time.perf_counter()
         x_o = x_o if x_o is not None else np.zeros((0, *spec.input_shape), np.float32)
@@ -266,62 +345,62 @@ class TierService:
             remote.append(self._take("wgrad", l, i, sched.m_l, stats).tensors)
         t0 = time.perf_counter()
         self.owner.step(*remote)
+        self.params = self.owner.params
         stats.timed("update", t0)
         self._checkpoint(i, sched)
-        result = {"loss": res.loss}
-        nxt = self._next_schedule(i + 1)
-        if nxt is not None:
-            self._send_weights(i + 1, nxt)
-            if nxt.tier_of("o") != self.tier:
-                self._send_state(i + 1, nxt)
-                self._last_params = self.owner.params
-                self.owner = None
-        return result
+        return {"loss": res.loss}
 
-    def _next_schedule(self, i: int) -> Optional[Schedule]:
-        """The schedule of iteration ``i`` as the device stamped it (None if the device stops)."""
-        if self.tier == "device":
-            return self._local[i][0] if i in self._local else None
-        go = self.transport.mailbox.peek("samples", "device", i, 0, timeout=self.cfg.timeout_s)
-        return None if go.meta.get("stop") else self._schedule_version(go.schedule_version, i)
+    def _as_stage(self, i: int, sched: Schedule, x: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
+        """One stage of a chain: forward, pass on, take the gradient, backward, own update."""
+        chain = sched.chain
+        assert chain is not None
+        k = next((n for n, st in enumerate(chain) if st.tier == self.tier), None)
+        if k is None:
+            return {"role": "idle"}
+        st = chain[k]
+        assert self.optimizer is not None
+        if self.stage is None or (self.stage.first, self.stage.last) != (st.first, st.last):
+            self.stage = StageRole(self.spec, self.runtime, st.first, st.last, self.params, self.optimizer)
+        v, prev_tier = sched.version, chain[k - 1].tier if k else None
+        if k:
+            msg = self._take("act", prev_tier, i, st.first - 1, stats)
+            x = dequantize(msg.tensors["q"], msg.meta["lo"], msg.meta["scale"]) if "q" in msg.tensors else msg.tensors["x"]
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"role": f"stage {k + 1} of {len(chain)}"}
+        if self.stage.is_last:
+            loss, gx = self.stage.head(x, labels() if callable(labels) else labels)
+            out["loss"] = loss
+        else:
+            y = self.stage.forward(x)
+            stats.timed("forward", t0)
+            if sched.compress_bits:
+                q, lo, scale = quantize(y)
+                self._send("act", chain[k + 1].tier, i, st.last, {"q": q}, v, lo=lo, scale=scale)
+            else:
+                self._send("act", chain[k + 1].tier, i, st.last, {"x": y}, v)
+            g = self._take("grad", chain[k + 1].tier, i, st.last, stats).tensors["x"]
+            t0 = time.perf_counter()
+            gx = self.stage.backward(g)
+        stats.timed("backward_update", t0)
+        self.params = self.stage.params
+        if k:
+            self._send("grad", prev_tier, i, st.first - 1, {"x": gx}, v)
+        return out
 
     def _send_weights(self, i: int, sched: Schedule) -> None:
-        assert self.owner is not None
         for role in ("s", "l"):
             tier = sched.tier_of(role)
             if sched.samples(role) and tier != self.tier:
                 cut = sched.cut(role)
-                self._send("weights", tier, i, cut, weights_of(self.spec, self.owner.params, cut), sched.version)
-
-    def _send_state(self, i: int, sched: Schedule) -> None:
-        assert self.owner is not None
-        opt = self.owner.optimizer
-        self._send("weights", sched.tier_of("o"), i, 0, {**self.owner.params, **opt.moments}, sched.version,
-                   optimizer_step=opt.step_count)
-
-    def _new_owner(self, i: int, first: int, sched: Schedule, prev: Schedule, stats: Stats) -> OwnerRole:
-        shapes = self.spec.param_shapes()
-        if i > first and prev.tier_of("o") != self.tier:  # o moved here: its state follows
-            msg = self._take("weights", prev.tier_of("o"), i, 0, stats)
-            moments = {k: v for k, v in msg.tensors.items() if k[:2] in ("m:", "v:")}
-            params = {k: v for k, v in msg.tensors.items() if k in shapes}
-            opt = Optimizer(self.cfg.optimizer, shapes, step_count=int(msg.meta.get("optimizer_step", 0)),
-                            moments=moments)
-            return OwnerRole(self.spec, self.runtime, sched.m_s, sched.m_l, params, opt)
-        params = models.init_params(self.spec, self.cfg.seed)
-        opt = Optimizer(self.cfg.optimizer, shapes)
-        ck, self._restored = self._restored, None
-        if ck is not None and i == first:
-            params, opt = ck.params, Optimizer(self.cfg.optimizer, shapes, step_count=ck.optimizer_step,
-                                               moments=ck.moments)
-        return OwnerRole(self.spec, self.runtime, sched.m_s, sched.m_l, params, opt)
+                self._send("weights", tier, i, cut, weights_of(self.spec, self.params, cut), sched.version)
+        self._weights_sent = i
 
     def _checkpoint(self, i: int, sched: Schedule) -> None:
         if not (self.cfg.checkpoint_dir and self.cfg.checkpoint_every) or (i + 1) % self.cfg.checkpoint_every:
             return
-        assert self.owner is not None
-        opt = self.owner.optimizer
-        checkpoint.save(self.cfg.checkpoint_dir, checkpoint.Checkpoint(i, self.owner.params, dict(opt.moments),
+        opt = self.optimizer
+        assert opt is not None
+        checkpoint.save(self.cfg.checkpoint_dir, checkpoint.Checkpoint(i, self.params, dict(opt.moments),
                                                                        opt.step_count, sched.to_json()))
         self.transport.status_extra["checkpoint_iteration"] = i
         self.transport.publish_status("online")

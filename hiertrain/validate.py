@@ -34,6 +34,11 @@ def validator(spec: ModelSpec) -> Validator:
 
     def check(msg: Message) -> Optional[str]:
         t = msg.tensors
+        if msg.kind == "act" and "q" in t:  # 8-bit compressed activations (JALAD)
+            lo, scale = msg.meta.get("lo"), msg.meta.get("scale")
+            if set(t) != {"q"} or not all(isinstance(v, float) and np.isfinite(v) for v in (lo, scale)):
+                return "malformed compressed activations (need q and finite lo, scale)"
+            return _batch_of("q", t["q"], spec.shape_at(msg.layer), "uint8")
         if msg.kind in ("samples", "act", "grad"):
             if set(t) - {"x"}:
                 return f"unexpected tensors {sorted(set(t) - {'x'})}"

@@ -148,3 +148,54 @@ def test_resume_continues_from_the_checkpoint(cluster):
     ref_losses, ref_params = c.reference(20)
     assert sorted(i for i in c.losses() if i >= 10) == list(range(10, 20))
     assert rel(ck.params, ref_params) < 1e-4
+
+
+def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+"):
+    from planner.baselines import chain_schedule
+
+    return chain_schedule(tiers, cuts, 7, 12, policy=policy, compress_bits=bits).versioned(version, effective).to_json()
+
+
+@pytest.mark.parametrize("plan", [
+    chain(("device", "cloud"), (3,), version=1, policy="jointdnn"),
+    chain(("device", "edge", "cloud"), (2, 5), version=1),
+], ids=["jointdnn", "jointdnn+"])
+def test_layer_chains_equal_single_process_training(cluster, plan):
+    c = cluster(iterations=25)
+    c.publish(plan)
+    c.start()
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    ref_losses, _ = c.reference(25)
+    losses = c.losses()
+    assert sorted(losses) == list(range(25))
+    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(25)) < 1e-4
+
+
+def test_jalad_sends_8_bit_activations_and_still_learns(cluster):
+    c = cluster(iterations=40)
+    c.publish(chain(("edge", "cloud"), (4,), version=1, bits=8, policy="jalad"))
+    c.start()
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    ref_losses, _ = c.reference(40)
+    losses = [c.losses()[i] for i in range(40)]
+    assert losses[0] == pytest.approx(ref_losses[0], rel=1e-2)  # quantisation changes the numbers a little
+    assert sum(losses[-10:]) < sum(losses[:10])                 # and training still works
+    sent = [p["bytes_sent"] for a, p in c.telemetry if a == "edge"][-1]
+    assert sent < 40 * 12 * 16 * 5 * 5 * 4                      # 1 byte, not 4, per activation value
+
+
+def test_switching_between_a_hybrid_schedule_and_a_chain_moves_weights_and_optimizer_state(cluster):
+    c = cluster(iterations=36, every=36)
+    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+    c.start()
+    c.wait_iteration(2)
+    c.publish(chain(("device", "edge", "cloud"), (3, 6), version=2, effective=10))
+    c.wait_iteration(12)
+    c.publish(schedule("edge", "cloud", "device", 1, 4, 4, 4, 4, version=3, effective=22))
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    assert set(c.versions().values()) == {1, 2, 3}
+    ref_losses, ref_params = c.reference(36)
+    losses = c.losses()
+    assert sorted(losses) == list(range(36))
+    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(36)) < 1e-4
+    assert rel(c.final_params().params, ref_params) < 1e-4
