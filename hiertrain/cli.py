@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hiertrain.errors import HiertrainError
-from hiertrain.schedule import Schedule
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -177,19 +176,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(schedule.to_json()))
     else:
-        print(_describe(schedule))
+        print(f"{schedule.describe()} (solved in {schedule.solve_s * 1e3:.1f} ms)")
     return 0
-
-
-def _describe(s: Schedule) -> str:
-    if s.chain is not None:
-        where = " -> ".join(f"{st.tier}[{st.first}..{st.last}]" for st in s.chain)
-        extra = f", cut activations in {s.compress_bits} bits" if s.compress_bits else ""
-        return f"{s.policy}: chain {where}{extra}; {s.iteration_s:.4f} s/iteration (solved in {s.solve_s * 1e3:.1f} ms)"
-    m = s.mapping
-    return (f"{s.policy}: o={m['o']} (b_o={s.b_o}), s={m['s']} (units 1..{s.m_s}, b_s={s.b_s}), "
-            f"l={m['l']} (units 1..{s.m_l}, b_l={s.b_l}); {s.iteration_s:.4f} s/iteration "
-            f"(solved in {s.solve_s * 1e3:.1f} ms)")
 
 
 # ------------------------------------------------------------------------- tiers and planner

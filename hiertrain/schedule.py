@@ -103,6 +103,16 @@ class Schedule:
                             f"not the batch size {batch}")
         return self
 
+    def describe(self) -> str:
+        """One line for people: who does what, and the predicted time."""
+        if self.chain is not None:
+            where = " -> ".join(f"{st.tier}[{st.first}..{st.last}]" for st in self.chain)
+            extra = f", cut activations in {self.compress_bits} bits" if self.compress_bits else ""
+            return f"{self.policy}: chain {where}{extra}; {self.iteration_s:.4f} s/iteration"
+        m = self.mapping
+        return (f"{self.policy}: o={m['o']} (b_o={self.b_o}), s={m['s']} (units 1..{self.m_s}, b_s={self.b_s}), "
+                f"l={m['l']} (units 1..{self.m_l}, b_l={self.b_l}); {self.iteration_s:.4f} s/iteration")
+
     def versioned(self, version: int, effective_iteration: int) -> "Schedule":
         return replace(self, version=version, effective_iteration=effective_iteration)
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from cluster import Cluster, dump, rel, schedule
+from cluster import dump, reference, rel, schedule
+from hiertrain.local import LocalCluster
 
 pytestmark = pytest.mark.integration
 
@@ -12,7 +13,7 @@ def cluster(mosquitto, broker_dir, tmp_path):
     made = []
 
     def make(**kw):
-        c = Cluster(broker_dir, tmp_path, **kw)
+        c = LocalCluster(tmp_path, broker_dir=broker_dir, job="t", chunk_kb=16, **kw)
         made.append(c)
         return c
 
@@ -36,12 +37,12 @@ def test_three_tier_processes_equal_single_process_training(cluster, name):
     c.start()
     codes = c.wait()
     assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    ref_losses, ref_params = c.reference(30)
+    ref_losses, ref_params = reference(c, 30)
     losses = c.losses()
     assert sorted(losses) == list(range(30))
     for i, expected in enumerate(ref_losses):
         assert losses[i] == pytest.approx(expected, rel=1e-4)
-    ck = c.final_params()
+    ck = c.final_checkpoint()
     assert ck.iteration == 29 and rel(ck.params, ref_params) < 1e-4
 
 
@@ -57,11 +58,11 @@ def test_a_schedule_switch_mid_run_moves_both_cuts_and_worker_o(cluster):
     assert sorted(versions) == list(range(40))
     switch = min(i for i, v in versions.items() if v == 2)
     assert switch >= 12 and all(versions[i] == (1 if i < switch else 2) for i in versions)
-    ref_losses, ref_params = c.reference(40)
+    ref_losses, ref_params = reference(c, 40)
     losses = c.losses()
     assert sorted(losses) == list(range(40))  # none lost, none done twice
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(40)) < 1e-4
-    ck = c.final_params()
+    ck = c.final_checkpoint()
     assert ck.iteration == 39 and rel(ck.params, ref_params) < 1e-4
     assert "ck-edge" in str(c.work / "ck-edge") and (c.work / "ck-edge" / "checkpoint.ort").exists()
 
@@ -107,9 +108,9 @@ def test_bad_messages_are_dropped_and_training_is_unchanged(cluster, broker_dir)
     for client in (device, edge):
         client.loop_stop()
     assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    ref_losses, ref_params = c.reference(30)
+    ref_losses, ref_params = reference(c, 30)
     assert max(abs(c.losses()[i] - ref_losses[i]) / ref_losses[i] for i in range(30)) < 1e-4
-    assert rel(c.final_params().params, ref_params) < 1e-4
+    assert rel(c.final_checkpoint().params, ref_params) < 1e-4
     dropped = {}
     for account, p in c.telemetry:
         if account == "cloud":
@@ -131,7 +132,7 @@ def test_a_tier_that_stops_answering_fails_the_run_cleanly_and_the_checkpoint_su
     assert codes["device"] not in (0, None) and codes["cloud"] not in (0, None)
     errors = c.log("cloud") + c.log("device")
     assert "from tier 'edge' for iteration" in errors  # names the tier, the iteration and the message
-    ck = c.final_params()
+    ck = c.final_checkpoint()
     assert ck is not None and ck.iteration % 5 == 4 and ck.iteration >= 9
 
 
@@ -140,12 +141,12 @@ def test_resume_continues_from_the_checkpoint(cluster):
     c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
     c.start()
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    assert c.final_params().iteration == 9
+    assert c.final_checkpoint().iteration == 9
     c.start(resume=True)
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    ck = c.final_params()
+    ck = c.final_checkpoint()
     assert ck.iteration == 19
-    ref_losses, ref_params = c.reference(20)
+    ref_losses, ref_params = reference(c, 20)
     assert sorted(i for i in c.losses() if i >= 10) == list(range(10, 20))
     assert rel(ck.params, ref_params) < 1e-4
 
@@ -165,7 +166,7 @@ def test_layer_chains_equal_single_process_training(cluster, plan):
     c.publish(plan)
     c.start()
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    ref_losses, _ = c.reference(25)
+    ref_losses, _ = reference(c, 25)
     losses = c.losses()
     assert sorted(losses) == list(range(25))
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(25)) < 1e-4
@@ -176,7 +177,7 @@ def test_jalad_sends_8_bit_activations_and_still_learns(cluster):
     c.publish(chain(("edge", "cloud"), (4,), version=1, bits=8, policy="jalad"))
     c.start()
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    ref_losses, _ = c.reference(40)
+    ref_losses, _ = reference(c, 40)
     losses = [c.losses()[i] for i in range(40)]
     assert losses[0] == pytest.approx(ref_losses[0], rel=1e-2)  # quantisation changes the numbers a little
     assert sum(losses[-10:]) < sum(losses[:10])                 # and training still works
@@ -194,8 +195,8 @@ def test_switching_between_a_hybrid_schedule_and_a_chain_moves_weights_and_optim
     c.publish(schedule("edge", "cloud", "device", 1, 4, 4, 4, 4, version=3, effective=22))
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
     assert set(c.versions().values()) == {1, 2, 3}
-    ref_losses, ref_params = c.reference(36)
+    ref_losses, ref_params = reference(c, 36)
     losses = c.losses()
     assert sorted(losses) == list(range(36))
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(36)) < 1e-4
-    assert rel(c.final_params().params, ref_params) < 1e-4
+    assert rel(c.final_checkpoint().params, ref_params) < 1e-4

@@ -1,0 +1,173 @@
+"""A whole hiertrain job on one machine: broker, tier processes, optional planner, and a watcher.
+
+Used by ``hiertrain demo``, the runtime benchmark and the integration tests. Tiers are emulated
+by ORT thread counts and, as root, a CPU quota (cgroup v1) on the device's process. Everything
+started here is stopped by :meth:`LocalCluster.close` (processes by pid, the broker, the cgroup).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Optional
+
+from hiertrain import TIERS, checkpoint, data, models, topics
+from hiertrain.transport import Endpoint, Transport
+
+JOB = "demo"
+THREADS = {"cloud": 0, "edge": 1, "device": 1}
+
+
+def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = [f'job = "{job}"', "[broker]", f'credentials = "{creds}"']
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class LocalCluster:
+    def __init__(self, work: Path, *, model: str = "lenet5", batch: int = 12, iterations: int = 30, lr: float = 0.05,
+                 timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
+                 broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
+                 device_quota: Optional[float] = None) -> None:
+        from broker.layout import BrokerDir, Settings
+        from broker.process import BrokerProcess, available_kind, free_port
+
+        self.work, self.model, self.batch, self.lr, self.job = work, model, batch, lr, job
+        self.iterations, self.timeout_s = iterations, timeout_s
+        self.stack = ExitStack()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.broker = None
+        if broker_dir is None:
+            broker_dir = BrokerDir(work / "broker")
+            broker_dir.init(Settings(port=free_port(), bind="127.0.0.1"))
+            self.broker = self.stack.enter_context(BrokerProcess(broker_dir, kind=available_kind()))
+        self.bdir = broker_dir
+        self.quota = None
+        if device_quota:
+            from hiertrain.cgroup import CpuQuota
+
+            self.quota = self.stack.enter_context(CpuQuota(device_quota))
+        threads = {**THREADS, **(threads or {})}
+        self.configs = {t: toml(work / f"{t}.toml", job, broker_dir.credentials_file(t), {
+            "train": {"model": model, "batch": batch, "lr": lr, "iterations": iterations, "timeout_s": timeout_s},
+            "runtime": {"threads": threads[t], "cache": str(work / "cache"), "chunk_kb": chunk_kb},
+            **({"checkpoint": {"dir": str(work / f"ck-{t}"), "every": every}} if every else {})}) for t in TIERS}
+        planner_creds = Endpoint.load(broker_dir.credentials_file("planner"))
+        self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job,
+                                                          client_id=f"hiertrain-{job}-publisher"))
+        self.watch = Transport(planner_creds, account="planner", job=job, observer=True)
+        for kind in ("telemetry", "status"):
+            self.watch.subscribe(topics.all_of_kind(job, kind))
+        self.watch.subscribe(topics.schedule(job))
+        self.stack.enter_context(self.watch)
+        self.telemetry: list[tuple[str, dict[str, Any]]] = []
+        self.status: list[tuple[str, dict[str, Any]]] = []
+        self.schedules: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ processes
+
+    def publish(self, schedule: dict[str, Any]) -> None:
+        """Publish a schedule as the planner would (retained)."""
+        self.planner.publish_json(topics.schedule(self.job), schedule, retain=True)
+        self.planner.flush()
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        with open(self.work / f"{name}.log", "a") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "hiertrain", *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.procs[name] = proc
+        if name == "device" and self.quota is not None:
+            self.quota.add(proc.pid)
+        return proc
+
+    def start(self, *tiers: str, resume: bool = False) -> None:
+        for tier in tiers or ("cloud", "edge", "device"):
+            self._spawn(tier, [tier, "run", "--config", str(self.configs[tier]), *(["--resume"] if resume else [])])
+
+    def start_planner(self, profile: Path, *, bw_device_edge: float, bw_edge_cloud: float) -> None:
+        cfg = toml(self.work / "planner.toml", self.job, self.bdir.credentials_file("planner"), {
+            "planner": {"batch": self.batch, "profile": str(profile), "bw_device_edge": bw_device_edge,
+                        "bw_edge_cloud": bw_edge_cloud}})
+        self._spawn("planner", ["planner", "run", "--config", str(cfg)])
+
+    # -------------------------------------------------------------------- watching
+
+    def pump(self, timeout: float = 0.2) -> list[Any]:
+        """Collect what the watcher received; return the events."""
+        deadline, got = time.monotonic() + timeout, []
+        while True:
+            try:
+                ev = self.watch.events.get(timeout=max(0.0, deadline - time.monotonic()) or 0.001)
+            except queue.Empty:
+                return got
+            got.append(ev)
+            if isinstance(ev.topic, topics.ScheduleTopic):
+                self.schedules.append(ev.payload)
+            else:
+                (self.telemetry if ev.topic.kind == "telemetry" else self.status).append((ev.topic.account, ev.payload))
+
+    def wait_iteration(self, iteration: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(p.get("iteration", -1) >= iteration for _, p in self.telemetry):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no telemetry for iteration {iteration} within {timeout} s")
+            self.pump()
+
+    def wait(self, tiers: tuple[str, ...] = TIERS, timeout: float = 120) -> dict[str, Optional[int]]:
+        codes = {}
+        deadline = time.monotonic() + timeout
+        for tier in tiers:
+            try:
+                codes[tier] = self.procs[tier].wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[tier] = None
+        self.pump(0.5)
+        return codes
+
+    def log(self, name: str) -> str:
+        path = self.work / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def losses(self) -> dict[int, float]:
+        return {p["iteration"]: p["loss"] for _, p in self.telemetry if "loss" in p}
+
+    def iteration_times(self) -> dict[int, float]:
+        """Seconds per iteration as worker_o (or a chain's last stage) measured them."""
+        return {p["iteration"]: p["iteration_s"] for _, p in self.telemetry if "loss" in p}
+
+    def versions(self) -> dict[int, int]:
+        return {p["iteration"]: p["schedule_version"] for a, p in self.telemetry if a == "device"}
+
+    def final_checkpoint(self) -> Optional[checkpoint.Checkpoint]:
+        names = list(models.get(self.model).param_shapes())
+        found = [c for c in (checkpoint.load(self.work / f"ck-{t}", names) for t in TIERS) if c is not None]
+        return max(found, key=lambda c: c.iteration) if found else None
+
+    def dataset(self) -> data.Dataset:
+        spec = models.get(self.model)
+        return data.load("synthetic", shape=spec.input_shape, classes=spec.classes, seed=0)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.stack.close()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
