@@ -313,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
         inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport", "segments", "planner"])
+    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
-    bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run")
+    bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule")
     bench.add_argument("--repeat", type=_positive_int, default=5)
     bench.add_argument("--profiles", default="bench/profiles", help="planner: directory of <model>.json profiles")
     bench.add_argument("--batch", type=_positive_int, default=64, help="planner: batch size")

@@ -101,6 +101,7 @@ class TierService:
         return msg
 
     def _pump_schedules(self, wait: float = 0.0) -> None:
+        """Handle every schedule and status event that arrived, waiting up to ``wait`` for one."""
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -118,7 +119,7 @@ class TierService:
                 it = event.payload.get("checkpoint_iteration")
                 if isinstance(it, int):
                     self.checkpoints[event.topic.account] = it
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and self.transport.events.empty():
                 return
 
     def _schedule_version(self, version: int, iteration: int) -> Schedule:
@@ -411,7 +412,7 @@ class TierService:
             link = LINK_OF.get(frozenset((sender, self.tier)))
             if link:
                 links[link] = round(mbps, 3)
-        payload = {**out, "links": links, "bytes_sent": self.transport.sent_bytes,
+        payload = {**out, "t": time.time(), "links": links, "bytes_sent": self.transport.sent_bytes,
                    "bytes_received": self.transport.received_bytes,
                    "dropped": dict(self.transport.dropped)}
         self.results.append(payload)

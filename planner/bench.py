@@ -99,24 +99,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
+    from hiertrain.bench.plot import bars
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     names = [m for m in summary if summary[m]["paper_s"]]
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(x - 0.2, [summary[m]["paper_s"] * 1e3 for m in names], 0.4, label="paper (CPLEX, LP + rounding)")
-    ax.bar(x + 0.2, [summary[m]["solve_ms_median"] for m in names], 0.4, label="hiertrain (exact)")
-    ax.set_yscale("log")
-    ax.set_xticks(x, [f"{m}\n({summary[m]['units']} units)" for m in names], fontsize=8)
-    ax.set_ylabel("solve time (ms, log)")
-    ax.set_title("Table II re-run: scheduling time, B = 64")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bars(path, [f"{m}\n({summary[m]['units']} units)" for m in names],
+         {"paper (CPLEX, LP + rounding)": [summary[m]["paper_s"] * 1e3 for m in names],
+          "hiertrain (exact)": [summary[m]["solve_ms_median"] for m in names]},
+         ylabel="solve time (ms, log)", title="Table II re-run: scheduling time, B = 64", log=True)

@@ -10,6 +10,7 @@ BENCHES = {
     "wire": "hiertrain.bench.wire",
     "transport": "hiertrain.bench.transport",
     "segments": "hiertrain.bench.segments",
+    "runtime": "hiertrain.bench.runtime",
     "planner": "planner.bench",
 }
 
