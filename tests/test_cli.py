@@ -79,3 +79,12 @@ def test_bench_wire_reports_its_goal(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert data["bench"] == "wire" and data["tensor_roundtrip_gbps"] > 0 and "meets_goal" in data
+
+
+def test_bench_planner_reruns_table_ii_from_the_committed_profiles(tmp_path):
+    out = tmp_path / "planner.json"
+    r = run("bench", "planner", "--repeat", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["summary"]) >= {"lenet5", "alexnet", "vgg16", "vgg19", "googlenet", "resnet34"}
+    assert all(row["solve_ms_median"] > 0 for row in data["rows"]) and out.with_suffix(".png").is_file()

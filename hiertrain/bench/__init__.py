@@ -11,6 +11,7 @@ BENCHES = {
     "transport": "hiertrain.bench.transport",
     "segments": "hiertrain.bench.segments",
     "runtime": "hiertrain.bench.runtime",
+    "profile": "hiertrain.bench.profile",
     "planner": "planner.bench",
 }
 
