@@ -38,17 +38,21 @@ class Mailbox:
             self._cond.notify_all()
         return None
 
+    def _wait_for(self, key: Key, timeout: float) -> None:
+        """Wait (holding the condition) until ``key`` is filed; MissingMessage names it on timeout."""
+        deadline = time.monotonic() + timeout
+        while key not in self._waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                kind, iteration, layer, sender = key
+                raise MissingMessage(kind=kind, sender=sender, iteration=iteration, layer=layer, timeout=timeout)
+            self._cond.wait(left)
+
     def take(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
         """Remove and return the message for this key; raise :class:`MissingMessage` on timeout."""
         key = (kind, iteration, layer, sender)
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while key not in self._waiting:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MissingMessage(kind=kind, sender=sender, iteration=iteration, layer=layer,
-                                         timeout=timeout)
-                self._cond.wait(left)
+            self._wait_for(key, timeout)
             msg = self._waiting.pop(key)
             self._taken[key] = None
             if len(self._taken) > self._remember:
@@ -58,13 +62,8 @@ class Mailbox:
     def peek(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
         """Like :meth:`take`, but leave the message for a later take."""
         key = (kind, iteration, layer, sender)
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while key not in self._waiting:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MissingMessage(kind=kind, sender=sender, iteration=iteration, layer=layer, timeout=timeout)
-                self._cond.wait(left)
+            self._wait_for(key, timeout)
             return self._waiting[key]
 
     def first(self, kind: str, sender: str, timeout: float) -> int:

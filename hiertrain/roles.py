@@ -151,21 +151,10 @@ class OwnerRole:
         backward overlaps o's remaining backward.
         """
         P, spec = self.params, self.spec
-        stash1 = stash2 = None
-        h = x_o
-        if self.seg1 is not None:
-            if len(h):
-                h, stash1 = self.seg1.forward(P, h)
-            else:
-                h = _rows(spec, self.m_s)
+        h, stash1 = self._through(self.seg1, x_o, self.m_s)
         rows_o = len(h)
         act_s = _get(act_s)
-        h = _rows(spec, self.m_s, h, act_s)
-        if self.seg2 is not None:
-            if len(h):
-                h, stash2 = self.seg2.forward(P, h)
-            else:
-                h = _rows(spec, self.m_l)
+        h, stash2 = self._through(self.seg2, _rows(spec, self.m_s, h, act_s), self.m_l)
         rows_os = len(h)
         act_l = _get(act_l)
         h = _rows(spec, self.m_l, h, act_l)
@@ -189,6 +178,14 @@ class OwnerRole:
             _, grads1 = self.seg1.backward(P, stash1, g[:rows_o])
             _add(self.grads, grads1)
         return OwnerResult(loss, logits, grad_s, grad_l)
+
+    def _through(self, seg: Optional[Segment], h: np.ndarray, cut: int) -> tuple[np.ndarray, Optional[list[np.ndarray]]]:
+        """Run ``h`` forward through ``seg`` (ending at ``cut``), if there is a segment and there are samples."""
+        if seg is None:
+            return h, None
+        if not len(h):
+            return _rows(self.spec, cut), None
+        return seg.forward(self.params, h)
 
     def step(self, *remote: Mapping[str, np.ndarray]) -> None:
         """Add s's and l's parameter gradients to ours and step the optimizer (in ORT)."""
