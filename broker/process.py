@@ -6,7 +6,7 @@ import collections
 import socket
 import subprocess
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 from broker import embedded, mosquitto
 from broker.layout import BrokerDir
@@ -16,12 +16,14 @@ from hiertrain.errors import BrokerError
 class BrokerProcess:
     """Starts ``kind`` ("mosquitto" or "embedded") for ``bdir`` and returns once it listens.
 
+    ``prefix`` runs it under another command (``ip netns exec NS`` in the testbed).
+
     Readiness is the broker's own log line saying it runs (after its listeners opened), not a
     sleep. If the process exits first, :class:`BrokerError` carries its last log lines.
     """
 
     def __init__(self, bdir: BrokerDir, *, kind: str = "mosquitto", port: Optional[int] = None,
-                 timeout: float = 15.0) -> None:
+                 timeout: float = 15.0, prefix: Sequence[str] = ()) -> None:
         if kind == "mosquitto":
             self.settings = mosquitto.write_config(bdir, port)
             argv, ready = mosquitto.command(bdir), mosquitto.READY
@@ -35,7 +37,7 @@ class BrokerProcess:
         self.log: collections.deque[str] = collections.deque(maxlen=500)
         self._ready_marker = ready
         self._ready = threading.Event()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*prefix, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True, errors="replace")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile"])
+    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile", "testbed"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule")
@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profiles", default="bench/profiles", help="planner: directory of <model>.json profiles")
     bench.add_argument("--batch", type=_positive_int, default=64, help="planner: batch size")
     bench.add_argument("--milp", action="store_true", help="planner: also time the python-mip MILP and compare")
+    bench.add_argument("--model", default="lenet5", choices=sorted(_models()), help="testbed: the model")
+    bench.add_argument("--points", default="1.5,2,3,4,5", help="testbed: edge-cloud rates, Mbit/s")
+    bench.add_argument("--policies", default="hiertrain,all-edge,all-cloud", help="testbed: policies to run")
+    bench.add_argument("--device-quota", type=_positive_float, default=0.06, help="testbed: device CPU (cores)")
+    bench.add_argument("--edge-quota", type=_positive_float, default=0.25, help="testbed: edge CPU (cores)")
     bench.set_defaults(handler=_bench)
     return p
 

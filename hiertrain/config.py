@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,8 @@ def load(path: str | os.PathLike) -> ServiceConfig:
 def _endpoint(path: Path, broker: dict[str, Any]) -> Endpoint:
     if "credentials" in broker:
         creds = Path(os.path.expanduser(str(broker["credentials"])))
-        return Endpoint.load(creds if creds.is_absolute() else path.parent / creds)
+        endpoint = Endpoint.load(creds if creds.is_absolute() else path.parent / creds)
+        return replace(endpoint, host=str(broker["host"])) if "host" in broker else endpoint  # e.g. another interface
     try:
         return Endpoint(str(broker["host"]), int(broker.get("port", 1883)), str(broker["username"]),
                         str(broker["password"]), tls_ca=broker.get("tls_ca"))

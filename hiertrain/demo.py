@@ -32,10 +32,10 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def profile_tiers(model: str, batch: int, out: Path, *, device_quota: Optional[float]) -> Path:
-    """Profile the three emulated tiers into one hiertrain-profile/1."""
+def profile_tiers(model: str, batch: int, out: Path, *, quotas: dict[str, float]) -> Path:
+    """Profile the three emulated tiers (thread counts, CPU quotas in cores) into one hiertrain-profile/1."""
     for tier in ("cloud", "edge", "device"):
-        extra = TIER_OPTIONS[tier] + (["--cpu-quota", str(device_quota)] if tier == "device" and device_quota else [])
+        extra = TIER_OPTIONS[tier] + (["--cpu-quota", str(quotas[tier])] if quotas.get(tier) else [])
         subprocess.run([sys.executable, "-m", "hiertrain", "profile", "--model", model, "--batch", str(batch),
                         "--repeat", "3", "--warmup", "1", "--tier", tier, "--merge", "--out", str(out), *extra],
                        check=True, stdout=subprocess.PIPE, text=True, timeout=900)
@@ -61,7 +61,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         _say(f"broker: {cluster.broker.kind} on 127.0.0.1:{cluster.broker.port} (pid {cluster.broker.pid})"
              + ("" if cluster.broker.kind == "mosquitto" else
                 " - mosquitto is not installed; the embedded amqtt broker stands in"))
-        profile = profile_tiers(model, batch, work / "profile.json", device_quota=quota)
+        profile = profile_tiers(model, batch, work / "profile.json", quotas={"device": quota} if quota else {})
         if not quota:
             _say(f"device emulation: one core, no CPU quota ({why_not or 'disabled'})")
         _say(_describe_profile(profile))

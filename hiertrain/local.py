@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import queue
+import statistics
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,8 +25,8 @@ JOB = "demo"
 THREADS = {"cloud": 0, "edge": 1, "device": 1}
 
 
-def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = [f'job = "{job}"', "[broker]", f'credentials = "{creds}"']
+def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]], *, host: Optional[str] = None) -> Path:
+    lines = [f'job = "{job}"', "[broker]", f'credentials = "{creds}"'] + ([f'host = "{host}"'] if host else [])
     for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
@@ -36,7 +38,8 @@ class LocalCluster:
     def __init__(self, work: Path, *, model: str = "lenet5", batch: int = 12, iterations: int = 30, lr: float = 0.05,
                  timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
-                 device_quota: Optional[float] = None) -> None:
+                 device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
+                 network: Any = None) -> None:
         from broker.layout import BrokerDir, Settings
         from broker.process import BrokerProcess, available_kind, free_port
 
@@ -45,22 +48,31 @@ class LocalCluster:
         self.stack = ExitStack()
         self.procs: dict[str, subprocess.Popen] = {}
         self.broker = None
+        self.network = network  # a hiertrain.testbed.Testbed: tiers and broker in its namespaces
+        host = {t: "127.0.0.1" for t in (*TIERS, "root")}
+        if network is not None:
+            from hiertrain.testbed import BROKER_FOR
+
+            host = dict(BROKER_FOR)
         if broker_dir is None:
             broker_dir = BrokerDir(work / "broker")
-            broker_dir.init(Settings(port=free_port(), bind="127.0.0.1"))
-            self.broker = self.stack.enter_context(BrokerProcess(broker_dir, kind=available_kind()))
+            broker_dir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1"))
+            self.broker = self.stack.enter_context(BrokerProcess(broker_dir, kind=available_kind(),
+                                                                 prefix=self._prefix("edge")))
         self.bdir = broker_dir
-        self.quota = None
-        if device_quota:
+        self.quotas = {}
+        for tier, cores in {**({"device": device_quota} if device_quota else {}), **(quotas or {})}.items():
             from hiertrain.cgroup import CpuQuota
 
-            self.quota = self.stack.enter_context(CpuQuota(device_quota))
+            self.quotas[tier] = self.stack.enter_context(CpuQuota(cores))
         threads = {**THREADS, **(threads or {})}
+        self.host = host
         self.configs = {t: toml(work / f"{t}.toml", job, broker_dir.credentials_file(t), {
             "train": {"model": model, "batch": batch, "lr": lr, "iterations": iterations, "timeout_s": timeout_s},
             "runtime": {"threads": threads[t], "cache": str(work / "cache"), "chunk_kb": chunk_kb},
-            **({"checkpoint": {"dir": str(work / f"ck-{t}"), "every": every}} if every else {})}) for t in TIERS}
-        planner_creds = Endpoint.load(broker_dir.credentials_file("planner"))
+            **({"checkpoint": {"dir": str(work / f"ck-{t}"), "every": every}} if every else {})},
+            host=host[t]) for t in TIERS}
+        planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"])
         self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job,
                                                           client_id=f"hiertrain-{job}-publisher"))
         self.watch = Transport(planner_creds, account="planner", job=job, observer=True)
@@ -79,13 +91,17 @@ class LocalCluster:
         self.planner.publish_json(topics.schedule(self.job), schedule, retain=True)
         self.planner.flush()
 
+    def _prefix(self, where: str) -> list[str]:
+        return self.network.prefix(where) if self.network is not None else []
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        where = name if name in TIERS else "edge"
         with open(self.work / f"{name}.log", "a") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "hiertrain", *args], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen([*self._prefix(where), sys.executable, "-m", "hiertrain", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs[name] = proc
-        if name == "device" and self.quota is not None:
-            self.quota.add(proc.pid)
+        if name in self.quotas:
+            self.quotas[name].add(proc.pid)
         return proc
 
     def start(self, *tiers: str, resume: bool = False) -> None:
@@ -95,7 +111,7 @@ class LocalCluster:
     def start_planner(self, profile: Path, *, bw_device_edge: float, bw_edge_cloud: float) -> None:
         cfg = toml(self.work / "planner.toml", self.job, self.bdir.credentials_file("planner"), {
             "planner": {"batch": self.batch, "profile": str(profile), "bw_device_edge": bw_device_edge,
-                        "bw_edge_cloud": bw_edge_cloud}})
+                        "bw_edge_cloud": bw_edge_cloud}}, host=self.host["edge"])
         self._spawn("planner", ["planner", "run", "--config", str(cfg)])
 
     # -------------------------------------------------------------------- watching
@@ -139,9 +155,12 @@ class LocalCluster:
     def losses(self) -> dict[int, float]:
         return {p["iteration"]: p["loss"] for _, p in self.telemetry if "loss" in p}
 
-    def iteration_times(self) -> dict[int, float]:
-        """Seconds per iteration as worker_o (or a chain's last stage) measured them."""
-        return {p["iteration"]: p["iteration_s"] for _, p in self.telemetry if "loss" in p}
+    def seconds_per_iteration(self, version: int, *, skip: int = 2) -> Optional[float]:
+        """Median interval between worker_o (or a chain's last stage) finishing consecutive
+        iterations that ran schedule ``version``, after ``skip`` iterations of settling."""
+        ends = {p["iteration"]: p["t"] for _, p in self.telemetry if "loss" in p}
+        its = sorted(i for i, v in self.versions().items() if v == version and i - 1 in ends and i in ends)[skip:]
+        return statistics.median(ends[i] - ends[i - 1] for i in its) if its else None
 
     def versions(self) -> dict[int, int]:
         return {p["iteration"]: p["schedule_version"] for a, p in self.telemetry if a == "device"}

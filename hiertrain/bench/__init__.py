@@ -12,6 +12,7 @@ BENCHES = {
     "segments": "hiertrain.bench.segments",
     "runtime": "hiertrain.bench.runtime",
     "profile": "hiertrain.bench.profile",
+    "testbed": "hiertrain.bench.testbed",
     "planner": "planner.bench",
 }
 

@@ -45,7 +45,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     quota = 0.15 if cgroup.available() is None else None
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-") as d:
         work = Path(d)
-        profile = Profile.load(profile_tiers("lenet5", batch, work / "profile.json", device_quota=quota))
+        profile = Profile.load(profile_tiers("lenet5", batch, work / "profile.json",
+                                             quotas={"device": quota} if quota else {}))
         loopback = Bandwidth(1000.0, 1000.0)
         plans = _schedules(profile, batch, loopback)
         with LocalCluster(work, batch=batch, iterations=per * len(plans), timeout_s=60, device_quota=quota) as c:
@@ -57,25 +58,21 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             codes = c.wait(timeout=300)
             if any(code != 0 for code in codes.values()):
                 raise RuntimeError(f"tiers failed: {codes}: {c.log('device')[-500:]}")
-            ends = {p["iteration"]: p["t"] for _, p in c.telemetry if "loss" in p}
+            measured = {k: c.seconds_per_iteration(k, skip=3) for k in range(1, len(plans) + 1)}
             links: dict[str, list[float]] = {}
             for _, p in c.telemetry:
                 for link, mbps in p.get("links", {}).items():
                     links.setdefault(link, []).append(mbps)
-            versions = c.versions()
     rates = {k: statistics.median(v) for k, v in links.items()}
     bw = Bandwidth(rates.get("device_edge", 1000.0), rates.get("edge_cloud", 1000.0))
     rows = []
     for k, sched in enumerate(plans, 1):
-        its = sorted(i for i, v in versions.items() if v == k and i - 1 in ends and i in ends)[3:]
-        if not its:
-            raise RuntimeError(f"schedule {k} ran no steady iterations: versions {sorted(versions.items())}, "
-                               f"{len(ends)} iterations reported by o")
-        measured = statistics.median(ends[i] - ends[i - 1] for i in its)
+        if measured[k] is None:
+            raise RuntimeError(f"schedule {k} ran no steady iterations; raise --count")
         predicted = iteration_time(profile, bw, sched)
-        rows.append({"schedule": sched.describe().split(";")[0], "iterations": len(its),
-                     "measured_s": round(measured, 5), "predicted_s": round(predicted, 5),
-                     "overhead_s": round(measured - predicted, 5), "ratio": round(measured / predicted, 2)})
+        rows.append({"schedule": sched.describe().split(";")[0], "measured_s": round(measured[k], 5),
+                     "predicted_s": round(predicted, 5), "overhead_s": round(measured[k] - predicted, 5),
+                     "ratio": round(measured[k] / predicted, 2)})
     if args.out:
         from hiertrain.bench.plot import bars
 

@@ -1,0 +1,52 @@
+"""The emulated testbed: namespaces, shaped links, quotas; a short run that cleans up after itself."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT
+from hiertrain import cgroup, testbed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(testbed.available() is not None or cgroup.available() is not None,
+                                 reason="the testbed needs root, iproute2 and cgroup v1")]
+
+
+def _state():
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return netns, sorted(os.listdir(cgroup.ROOT))
+
+
+def test_a_shaped_link_carries_what_its_rate_allows(tmp_path):
+    before = _state()
+    with testbed.Testbed(bw_device_edge=8, bw_edge_cloud=2, tag="httest") as net:
+        receiver = ("import socket,time\ns=socket.socket();s.bind(('0.0.0.0',5009));s.listen();print('up',flush=True)\n"
+                    "c,_=s.accept();n=0;t=time.time()\nwhile True:\n d=c.recv(65536)\n if not d: break\n n+=len(d)\n"
+                    "print(n*8/(time.time()-t)/1e6)")
+        srv = subprocess.Popen(net.prefix("cloud") + [PYTHON, "-c", receiver], stdout=subprocess.PIPE, text=True)
+        assert srv.stdout.readline().strip() == "up"
+        subprocess.run(net.prefix("edge") + [PYTHON, "-c", "import socket;s=socket.create_connection(('10.223.2.2',5009));"
+                                             "s.sendall(b'x'*500000);s.close()"], check=True, timeout=60)
+        mbps = float(srv.communicate(timeout=60)[0].split()[-1])
+        assert 1.0 < mbps <= 2.1  # 2 Mbit/s minus TCP's start
+    assert _state() == before  # namespaces and links removed
+
+
+def test_a_short_testbed_run_and_its_cleanup(tmp_path):
+    before = _state()
+    out = tmp_path / "tb.json"
+    r = subprocess.run([PYTHON, "-m", "hiertrain", "bench", "testbed", "--batch", "16", "--count", "5",
+                        "--points", "3", "--policies", "hiertrain,all-edge", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["policy"] for row in rows] == ["hiertrain", "all-edge"]
+    assert all(row["predicted_s"] > 0 for row in rows)
+    assert _state() == before
+
+
+def test_without_root_one_clear_line(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert testbed.available() == "the testbed needs root (network namespaces, tc and cgroups)"
