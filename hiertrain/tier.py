@@ -8,12 +8,17 @@ device sends iteration i+1's samples while i runs (the only input of an iteratio
 depend on the previous one). Labels go to worker_o.
 
 Per iteration and role (paper IV-B; :mod:`hiertrain.roles` does the compute):
-- s / l: take the weights of units 1..cut from the previous iteration's o, forward, send the
-  activations at the cut to o, take their gradient, backward, send the parameter gradients;
+- s / l: take the weights of units 1..cut from o, forward, send the activations at the cut to o,
+  take their gradient, backward, send the parameter gradients;
 - o: forward its samples (while s's and l's activations travel), continue theirs, loss, backward,
   send s's and l's gradients as soon as they exist, take their parameter gradients, step the
-  optimizer, send the weights for the next iteration's s and l (and, if o moves, its whole state
-  to the next o); checkpoint every K iterations.
+  optimizer, send the next iteration's s and l their weights; checkpoint every K iterations;
+- a stage of a layer chain (JointDNN, JointDNN+, JALAD): forward its units on all samples, pass
+  the activations on (8-bit for JALAD), take the gradient, backward, update its own units.
+
+Each unit's weights and optimizer state have one owner (o, or the chain stage holding the unit).
+When a new schedule gives units to another tier, their owner hands them over at the iteration
+boundary, so nothing is lost when cuts, worker_o or the policy change.
 
 Every wait has a timeout that names the tier, iteration and message; the service then stops
 with status ``failed`` and its last checkpoint intact.
@@ -85,7 +90,6 @@ class TierService:
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._first = 0
         self._restored: Optional[checkpoint.Checkpoint] = None
-        self.results: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ plumbing
 
@@ -111,7 +115,11 @@ class TierService:
             if isinstance(event.topic, topics.ScheduleTopic):
                 sched = self.feed.offer(event.payload)
                 if sched is not None:
-                    self.schedules[sched.version] = sched.check(n_units=self.spec.n_units, batch=self.cfg.batch)
+                    try:
+                        self.schedules[sched.version] = sched.check(n_units=self.spec.n_units, batch=self.cfg.batch)
+                    except PlanError as exc:
+                        log.warning("%s: ignored schedule version %d: %s", self.tier, sched.version, exc)
+                        continue
                     log.info("%s: schedule version %d from iteration %d", self.tier, sched.version,
                              sched.effective_iteration)
             elif event.topic.kind == "status" and isinstance(event.payload, dict):
@@ -415,7 +423,6 @@ class TierService:
         payload = {**out, "t": time.time(), "links": links, "bytes_sent": self.transport.sent_bytes,
                    "bytes_received": self.transport.received_bytes,
                    "dropped": dict(self.transport.dropped)}
-        self.results.append(payload)
         self.transport.publish_json(topics.telemetry(self.cfg.job, self.tier), payload)
 
     # ---------------------------------------------------------------------- run
