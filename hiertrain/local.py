@@ -117,13 +117,15 @@ class LocalCluster:
     # -------------------------------------------------------------------- watching
 
     def pump(self, timeout: float = 0.2) -> list[Any]:
-        """Collect what the watcher received; return the events."""
-        deadline, got = time.monotonic() + timeout, []
+        """Collect what the watcher received (waiting up to ``timeout`` for the first event)."""
+        got: list[Any] = []
+        wait: Optional[float] = timeout
         while True:
             try:
-                ev = self.watch.events.get(timeout=max(0.0, deadline - time.monotonic()) or 0.001)
+                ev = self.watch.events.get(timeout=wait) if wait else self.watch.events.get_nowait()
             except queue.Empty:
                 return got
+            wait = None
             got.append(ev)
             if isinstance(ev.topic, topics.ScheduleTopic):
                 self.schedules.append(ev.payload)
@@ -131,8 +133,9 @@ class LocalCluster:
                 (self.telemetry if ev.topic.kind == "telemetry" else self.status).append((ev.topic.account, ev.payload))
 
     def wait_iteration(self, iteration: int, timeout: float = 60) -> None:
+        """Wait until worker_o (or a chain's last stage) has finished ``iteration``."""
         deadline = time.monotonic() + timeout
-        while not any(p.get("iteration", -1) >= iteration for _, p in self.telemetry):
+        while not any(p.get("iteration", -1) >= iteration for _, p in self.telemetry if "loss" in p):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no telemetry for iteration {iteration} within {timeout} s")
             self.pump()

@@ -85,8 +85,10 @@ class TierService:
         self.sent_go: set[int] = set()
         self.online: set[str] = set()
         self.checkpoints: dict[str, int] = {}
+        self.done = -1  # newest iteration whose loss worker_o (or a chain's last stage) reported
         if cfg.tier == "device":
             self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
+            self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._first = 0
         self._restored: Optional[checkpoint.Checkpoint] = None
@@ -105,13 +107,15 @@ class TierService:
         return msg
 
     def _pump_schedules(self, wait: float = 0.0) -> None:
-        """Handle every schedule and status event that arrived, waiting up to ``wait`` for one."""
-        deadline = time.monotonic() + wait
+        """Handle every schedule, status and telemetry event that arrived (waiting up to ``wait``
+        for the first one)."""
+        timeout: Optional[float] = wait
         while True:
             try:
-                event = self.transport.events.get(timeout=max(0.0, deadline - time.monotonic()) or 0.001)
+                event = self.transport.events.get(timeout=timeout) if timeout else self.transport.events.get_nowait()
             except queue.Empty:
                 return
+            timeout = None  # drain what is there, then return
             if isinstance(event.topic, topics.ScheduleTopic):
                 sched = self.feed.offer(event.payload)
                 if sched is not None:
@@ -122,13 +126,15 @@ class TierService:
                         continue
                     log.info("%s: schedule version %d from iteration %d", self.tier, sched.version,
                              sched.effective_iteration)
+            elif event.topic.kind == "telemetry" and isinstance(event.payload, dict):
+                it = event.payload.get("iteration")
+                if "loss" in event.payload and isinstance(it, int):
+                    self.done = max(self.done, it)
             elif event.topic.kind == "status" and isinstance(event.payload, dict):
                 (self.online.add if event.payload.get("state") == "online" else self.online.discard)(event.topic.account)
                 it = event.payload.get("checkpoint_iteration")
                 if isinstance(it, int):
                     self.checkpoints[event.topic.account] = it
-            if time.monotonic() >= deadline and self.transport.events.empty():
-                return
 
     def _schedule_version(self, version: int, iteration: int) -> Schedule:
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -164,6 +170,16 @@ class TierService:
                 raise MissingMessage(kind="status online", sender=missing[0], iteration=self._first, layer=0,
                                      timeout=10 * self.cfg.timeout_s)
             self._pump_schedules(0.1)
+
+    def _wait_done(self, iteration: int, first: int) -> None:
+        """The device: wait until ``iteration`` is finished (o's telemetry says so), so that an idle
+        device does not race ahead stamping iterations with a schedule that is about to change."""
+        deadline = time.monotonic() + 10 * self.cfg.timeout_s
+        while self.done < iteration and iteration >= first:
+            if time.monotonic() > deadline:
+                raise MissingMessage(kind="telemetry (loss)", sender="o", iteration=iteration, layer=0,
+                                     timeout=10 * self.cfg.timeout_s)
+            self._pump_schedules(0.05)
 
     def _send_go(self, iteration: int, *, stop: bool = False) -> None:
         """The device: samples (and labels) of ``iteration`` to every other tier, stamped with the version."""
@@ -276,6 +292,7 @@ class TierService:
                 self.transport.flush(self.cfg.timeout_s)
                 return None
             self._send_go(i)
+            self._wait_done(i - 1, first)  # flow control: at most one iteration in flight ahead of o
             self._send_go(i + 1, stop=i + 1 >= first + self.cfg.iterations)  # prefetch: travels while i computes
             sched, mine, labels = self._local.pop(i)
             get_labels: Any = labels
@@ -304,6 +321,8 @@ class TierService:
                 self.slice = None  # idle this iteration
         if self.units:
             self._end(i, sched)
+        if "loss" in out:
+            self.done = max(self.done, i)
         out["iteration_s"] = time.perf_counter() - t_start
         out["wait_s"] = stats.wait_s
         out["phases"] = stats.phases

@@ -191,8 +191,8 @@ def test_switching_between_a_hybrid_schedule_and_a_chain_moves_weights_and_optim
     c.start()
     c.wait_iteration(2)
     c.publish(chain(("device", "edge", "cloud"), (3, 6), version=2, effective=10))
-    c.wait_iteration(12)
-    c.publish(schedule("edge", "cloud", "device", 1, 4, 4, 4, 4, version=3, effective=22))
+    c.wait_iteration(11)
+    c.publish(schedule("edge", "cloud", "device", 1, 4, 4, 4, 4, version=3, effective=20))
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
     assert set(c.versions().values()) == {1, 2, 3}
     ref_losses, ref_params = reference(c, 36)
