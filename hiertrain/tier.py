@@ -171,11 +171,11 @@ class TierService:
                                      timeout=10 * self.cfg.timeout_s)
             self._pump_schedules(0.1)
 
-    def _wait_done(self, iteration: int, first: int) -> None:
+    def _wait_done(self, iteration: int) -> None:
         """The device: wait until ``iteration`` is finished (o's telemetry says so), so that an idle
         device does not race ahead stamping iterations with a schedule that is about to change."""
         deadline = time.monotonic() + 10 * self.cfg.timeout_s
-        while self.done < iteration and iteration >= first:
+        while self.done < iteration and iteration >= self._first:
             if time.monotonic() > deadline:
                 raise MissingMessage(kind="telemetry (loss)", sender="o", iteration=iteration, layer=0,
                                      timeout=10 * self.cfg.timeout_s)
@@ -217,7 +217,7 @@ class TierService:
     def _names(self, units: frozenset[int]) -> dict[str, tuple[int, ...]]:
         return {k: v for u in sorted(units) for k, v in self.spec.param_shapes(u, u).items()}
 
-    def _acquire(self, i: int, first: int, sched: Schedule, prev: Schedule, stats: Stats) -> bool:
+    def _acquire(self, i: int, sched: Schedule, prev: Schedule, stats: Stats) -> bool:
         """Hold exactly the units ``sched`` gives us, taking the missing ones from their previous
         owners (or from the initial weights / checkpoint at the first iteration). True if any moved."""
         need = self._owned(sched, self.tier)
@@ -227,7 +227,7 @@ class TierService:
         moments = {k: v for k, v in (self.optimizer.moments.items() if self.optimizer else ()) if k[2:] in params}
         step = self.optimizer.step_count if self.optimizer else 0
         missing = need - self.units
-        if i == first:
+        if i == self._first:
             ck, self._restored = self._restored, None
             source = ck.params if ck is not None else models.init_params(self.spec, self.cfg.seed)
             params.update({k: source[k] for k in self._names(missing)})
@@ -281,8 +281,9 @@ class TierService:
 
     # ------------------------------------------------------------------- a step
 
-    def iteration(self, i: int, first: int) -> Optional[dict[str, Any]]:
+    def iteration(self, i: int) -> Optional[dict[str, Any]]:
         """Run iteration ``i``; ``None`` when the device said stop."""
+        first = self._first
         stats = Stats()
         t_start = time.perf_counter()
         self.transport.mailbox.advance(i)
@@ -292,7 +293,7 @@ class TierService:
                 self.transport.flush(self.cfg.timeout_s)
                 return None
             self._send_go(i)
-            self._wait_done(i - 1, first)  # flow control: at most one iteration in flight ahead of o
+            self._wait_done(i - 1)  # flow control: at most one iteration in flight ahead of o
             self._send_go(i + 1, stop=i + 1 >= first + self.cfg.iterations)  # prefetch: travels while i computes
             sched, mine, labels = self._local.pop(i)
             get_labels: Any = labels
@@ -305,7 +306,7 @@ class TierService:
             get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
         self.history[i] = sched
         prev = self.history.get(i - 1, sched) if i > first else sched
-        self._acquire(i, first, sched, prev, stats)
+        self._acquire(i, sched, prev, stats)
         out: dict[str, Any] = {"iteration": i, "schedule_version": sched.version}
         if sched.chain is not None:
             self.slice = None
@@ -314,7 +315,7 @@ class TierService:
             out["role"] = role = sched.role_of(self.tier)
             if role == "o":
                 self.slice = None
-                out.update(self._as_owner(i, first, sched, mine, get_labels, stats))
+                out.update(self._as_owner(i, sched, mine, get_labels, stats))
             elif sched.samples(role):
                 self._as_slice(i, sched, role, mine, stats)
             else:
@@ -348,8 +349,7 @@ class TierService:
         stats.timed("backward", t0)
         self._send("wgrad", o, i, cut, grads, sched.version)
 
-    def _as_owner(self, i: int, first: int, sched: Schedule, x_o: Optional[np.ndarray], labels: Any,
-                  stats: Stats) -> dict[str, Any]:
+    def _as_owner(self, i: int, sched: Schedule, x_o: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
         spec, v = self.spec, sched.version
         assert self.optimizer is not None
         if self.owner is None or (self.owner.m_s, self.owner.m_l) != (sched.m_s, sched.m_l):
@@ -468,10 +468,9 @@ class TierService:
             if self.cfg.profile is not None:
                 self.publish_profile(self.cfg.profile)
             try:
-                first = self._first = self._start_iteration()
-                log.info("%s: starting at iteration %d", self.tier, first)
-                i = first
-                while self.iteration(i, first) is not None:
+                i = self._first = self._start_iteration()
+                log.info("%s: starting at iteration %d", self.tier, i)
+                while self.iteration(i) is not None:
                     i += 1
                 self.transport.flush(self.cfg.timeout_s)
                 return 0

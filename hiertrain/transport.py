@@ -111,15 +111,8 @@ class Transport:
             client_id = client_id or f"hiertrain-{job}-{account}-observer-{os.getpid()}-{self._nonce}"
 
         self._persistent = persistent
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"hiertrain-{job}-{account}",
-            clean_session=not persistent,
-            protocol=mqtt.MQTTv311,
-        )
-        self._client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls_ca:
-            self._client.tls_set(ca_certs=endpoint.tls_ca)
+        self._client_id = client_id or f"hiertrain-{job}-{account}"
+        self._client = self._new_client(clean_session=not persistent)
         if self._status:
             self._client.will_set(self._status, json.dumps({"state": "offline"}), qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)
@@ -136,14 +129,18 @@ class Transport:
 
     # -------------------------------------------------------------- lifecycle
 
+    def _new_client(self, *, clean_session: bool) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                             clean_session=clean_session, protocol=mqtt.MQTTv311)
+        client.username_pw_set(self.endpoint.username, self.endpoint.password)
+        if self.endpoint.tls_ca:
+            client.tls_set(ca_certs=self.endpoint.tls_ca)
+        return client
+
     def _wipe_session(self, timeout: float) -> None:
         """Start from an empty session: what a previous process left queued is not ours."""
         done = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self._client._client_id.decode(),
-                        clean_session=True, protocol=mqtt.MQTTv311)
-        c.username_pw_set(self.endpoint.username, self.endpoint.password)
-        if self.endpoint.tls_ca:
-            c.tls_set(ca_certs=self.endpoint.tls_ca)
+        c = self._new_client(clean_session=True)
         c.on_connect = lambda *a: done.set()
         try:
             c.connect(self.endpoint.host, self.endpoint.port)
