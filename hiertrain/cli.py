@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hiertrain.errors import HiertrainError
 
@@ -135,23 +135,20 @@ def _profile(args: argparse.Namespace) -> int:
 
     from hiertrain.profile import Profile
 
-    if args.cpu_quota and not os.environ.get("HIERTRAIN_IN_CGROUP"):
+    join: Any = None
+    if args.cpu_quota and not os.environ.get("HIERTRAIN_CGROUP"):
         from hiertrain.cgroup import CpuQuota
 
-        with CpuQuota(args.cpu_quota) as quota:  # run this same command again, in the group
-            child = subprocess.Popen([sys.executable, "-m", "hiertrain", *args.argv], stdin=subprocess.PIPE,
-                                     env={**os.environ, "HIERTRAIN_IN_CGROUP": "1"})
-            quota.add(child.pid)
-            assert child.stdin is not None
-            child.stdin.write(b"go\n")
-            child.stdin.close()
-            return child.wait()
-    if os.environ.get("HIERTRAIN_IN_CGROUP"):
-        sys.stdin.readline()  # wait until the parent has moved us into the group
+        with CpuQuota(args.cpu_quota) as quota:  # run this same command again; it joins the group when ready
+            return subprocess.call([sys.executable, "-m", "hiertrain", *args.argv],
+                                   env={**os.environ, "HIERTRAIN_CGROUP": str(quota.path)})
+    if os.environ.get("HIERTRAIN_CGROUP"):
+        # start-up and graph building run at full speed; only the measurement runs under the quota
+        join = lambda: (Path(os.environ["HIERTRAIN_CGROUP"]) / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
     from hiertrain import profiler
 
     prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
-                            warmup=args.warmup, optimizer=args.optimizer,
+                            warmup=args.warmup, optimizer=args.optimizer, on_ready=join,
                             note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None)
     out = Path(args.out)
     if args.merge and out.exists():

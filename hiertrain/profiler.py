@@ -49,7 +49,9 @@ def _median(fn: Callable[[], Any], *, repeat: int, warmup: int) -> tuple[float, 
 
 def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, repeat: int = 7, warmup: int = 2,
             optimizer: str = "sgd", runtime: Optional[Runtime] = None, seed: int = 0,
-            note: Optional[dict[str, Any]] = None) -> Profile:
+            note: Optional[dict[str, Any]] = None, on_ready: Optional[Callable[[], Any]] = None) -> Profile:
+    """Time every unit of ``model`` (see the module docstring). ``on_ready`` is called once every
+    graph is built, right before the timed runs (the CLI joins its CPU-quota group there)."""
     spec = models.get(model)
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError(f"batch and repeat must be >= 1, warmup >= 0 (got {batch}, {repeat}, {warmup})")
@@ -58,6 +60,10 @@ def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, rep
     rng = np.random.default_rng(seed)
     h = rng.random((batch, *spec.input_shape), dtype=np.float32)
     fwd, bwd, upd, spread_f, spread_b = [], [], [], [], []
+    for i in range(1, spec.n_units + 1):
+        rt.segment(spec, i, i)
+    if on_ready is not None:
+        on_ready()
     for i in range(1, spec.n_units + 1):
         seg = rt.segment(spec, i, i)
         y, stash = seg.forward(params, h)
