@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=_positive_int, required=True)
     plan.add_argument("--policy", default="hiertrain",
                       choices=["hiertrain", "all-device", "all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad"])
-    plan.add_argument("--cost-model", default="paper", choices=["paper"])
+    plan.add_argument("--cost-model", default="paper", choices=["paper", "calibrated"])
     plan.add_argument("--solver", default="exact", choices=["exact", "milp"],
                       help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
     plan.add_argument("--json", action="store_true", help="print one JSON object")

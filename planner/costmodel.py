@@ -1,5 +1,14 @@
-"""The paper's cost model (HierTrain eq. 1-12 as pinned down in shared/COSTMODEL.md), and the
-chain model the layer-split baselines need.
+"""The paper's cost model (HierTrain eq. 1-12 as pinned down in shared/COSTMODEL.md), the chain
+model the layer-split baselines need, and a calibrated variant of both for our runtime.
+
+``calibrated`` differs from ``paper`` in three measured respects (see :class:`Calibration`):
+
+- *prefetch*: the device sends iteration i+1's samples while i runs, so input transfers leave
+  the critical path; instead the iteration cannot be shorter than the busiest link direction
+  needs for everything crossing it (inputs, activations, gradients, weights);
+- *link efficiency*: a shaped link carries TCP payload at MSS / frame = 1448 / 1514 of its rate;
+- *framework overhead*: each tier taking part in an iteration (the device always does) adds a
+  per-iteration constant (MQTT hops, Python, telemetry), fitted from single-tier runs.
 
 Everything here is a pure function of precomputed :class:`Tables` (prefix sums of a profile and
 the inverse bandwidths). :func:`evaluate` is written once with numpy broadcasting: the solver calls
@@ -10,7 +19,7 @@ same arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,7 +31,28 @@ from hiertrain.schedule import Schedule, Stage
 
 BYTES_PER_MBIT = 125_000.0
 DEVICE, EDGE, CLOUD = (TIERS.index(t) for t in ("device", "edge", "cloud"))
-MODELS = ("paper",)
+MODELS = ("paper", "calibrated")
+TCP_EFFICIENCY = 1448.0 / 1514.0  # TCP payload per Ethernet frame at MTU 1500 (timestamps on)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-tier framework seconds per iteration (TIERS order), fitted by ``hiertrain bench testbed``
+    and stored in the profile as ``"calibration": {"overhead_s": {"device": ..., ...}}``."""
+
+    overhead_s: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, profile: Profile) -> "Calibration":
+        block = profile.extra.get("calibration")
+        try:
+            values = tuple(float(block["overhead_s"][t]) for t in TIERS)  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            raise PlanError("the calibrated cost model needs a profile with a \"calibration\" block "
+                            "({\"overhead_s\": {device, edge, cloud}}); hiertrain bench testbed fits one") from None
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise PlanError(f"calibration overheads must be finite and >= 0, got {values}")
+        return cls(values)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -63,10 +93,17 @@ class Tables:
     pp: np.ndarray        # (N+1,) parameter bytes of units 1..k
     inv: np.ndarray       # (3, 3) seconds per byte between tiers
     can_train: np.ndarray  # (3,) bool
+    q_path: float = 0.0   # sample bytes on the critical path (q, or 0 when inputs are prefetched)
+    prefetch: bool = False  # inputs travel during the previous iteration: bound by link loads instead
+    overhead: np.ndarray = field(default_factory=lambda: np.zeros(3))  # per-iteration seconds of each tier taking part
 
 
-def tables(profile: Profile, bw: Bandwidth) -> Tables:
+def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables:
+    if cost_model not in MODELS:
+        raise PlanError(f"unknown cost model {cost_model!r}; available: {', '.join(MODELS)}")
     profile.require_tiers()
+    calibrated = cost_model == "calibrated"
+    overhead = np.array(Calibration.of(profile).overhead_s) if calibrated else np.zeros(3)
 
     def prefix(values: Sequence[float]) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
@@ -80,9 +117,35 @@ def tables(profile: Profile, bw: Bandwidth) -> Tables:
         pu=np.stack([prefix(t.update_s) for t in per_tier]),
         mo=np.concatenate([[profile.sample_bytes], [l.output_bytes for l in profile.layers]]),
         pp=prefix([l.param_bytes for l in profile.layers]),
-        inv=bw.seconds_per_byte(),
+        inv=bw.seconds_per_byte() / (TCP_EFFICIENCY if calibrated else 1.0),
         can_train=np.array([t.can_train for t in per_tier]),
+        q_path=0.0 if calibrated else profile.sample_bytes,
+        prefetch=calibrated,
+        overhead=overhead,
     )
+
+
+def _path(src: Any, dst: Any) -> dict[str, Any]:
+    """Which directed link halves a transfer src -> dst crosses (device-cloud goes through the edge)."""
+    return {"de_up": (src == DEVICE) & (dst != DEVICE), "de_down": (dst == DEVICE) & (src != DEVICE),
+            "ec_up": (dst == CLOUD) & (src != CLOUD), "ec_down": (src == CLOUD) & (dst != CLOUD)}
+
+
+def link_time(tab: Tables, transfers: Sequence[tuple[Any, Any, Any]]) -> Any:
+    """Seconds the busiest link direction needs for ``transfers`` = [(src, dst, bytes), ...]."""
+    load = {k: 0.0 for k in ("de_up", "de_down", "ec_up", "ec_down")}
+    for src, dst, nbytes in transfers:
+        for k, on in _path(np.asarray(src), np.asarray(dst)).items():
+            load[k] = load[k] + np.where(on, nbytes, 0.0)
+    de, ec = tab.inv[DEVICE, EDGE], tab.inv[EDGE, CLOUD]
+    return np.maximum(np.maximum(load["de_up"], load["de_down"]) * de, np.maximum(load["ec_up"], load["ec_down"]) * ec)
+
+
+def overhead(tab: Tables, o: Any, busy_s: Any, s: Any, busy_l: Any, l: Any) -> Any:
+    """Framework seconds of the tiers taking part: o, s and l when busy, and always the device."""
+    ov = tab.overhead
+    device_busy = (o == DEVICE) | (busy_s & (s == DEVICE)) | (busy_l & (l == DEVICE))
+    return ov[o] + np.where(busy_s, ov[s], 0.0) + np.where(busy_l, ov[l], 0.0) + np.where(device_busy, 0.0, ov[DEVICE])
 
 
 def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, b_s: Any, b_l: Any,
@@ -98,9 +161,9 @@ def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, 
     batch = b_o + b_s + b_l
     act_s, act_l = b_s > 0, b_l > 0
 
-    t_in_o = b_o * tab.q * inv[DEVICE, o]
-    t_in_s = b_s * tab.q * inv[DEVICE, s]
-    t_in_l = b_l * tab.q * inv[DEVICE, l]
+    t_in_o = b_o * tab.q_path * inv[DEVICE, o]
+    t_in_s = b_s * tab.q_path * inv[DEVICE, s]
+    t_in_l = b_l * tab.q_path * inv[DEVICE, l]
     t_out_s = b_s * tab.mo[m_s] * inv[s, o]          # = T_s,grad
     t_out_l = b_l * tab.mo[m_l] * inv[l, o]          # = T_l,grad
 
@@ -115,6 +178,13 @@ def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, 
     t_sync = np.maximum(np.where(act_s, 2 * tab.pp[m_s] * inv[s, o], 0.0),
                         np.where(act_l, 2 * tab.pp[m_l] * inv[l, o], 0.0))
     total = t1f + t1b + t2f + t2b + t3f + t3b + t_up + t_sync
+    if tab.prefetch:
+        x_s, x_l = b_s * tab.mo[m_s], b_l * tab.mo[m_l]
+        w_s, w_l = np.where(act_s, tab.pp[m_s], 0.0), np.where(act_l, tab.pp[m_l], 0.0)
+        total = np.maximum(total, link_time(tab, [
+            (DEVICE, o, b_o * tab.q), (DEVICE, s, b_s * tab.q), (DEVICE, l, b_l * tab.q),
+            (s, o, x_s + w_s), (o, s, x_s + w_s), (l, o, x_l + w_l), (o, l, x_l + w_l)]))
+    total = total + overhead(tab, o, act_s, s, act_l, l)
     bad = (~tab.can_train[o] | (act_s & ~tab.can_train[s]) | (act_l & ~tab.can_train[l])
            | (act_s & (m_s == 0)) | (act_l & (m_l == 0)) | (m_s > m_l))
     total = np.where(bad, np.inf, total)
@@ -140,24 +210,28 @@ def chain_time(tab: Tables, stages: Sequence[Stage], batch: int, *, compress_bit
     cuts = sum(batch * tab.mo[a.last] * (ratio + 1.0) * tab.inv[ta, tb]
                for (ta, a), tb in zip(zip(tiers, stages), tiers[1:]))
     update = max(tab.pu[t, st.last] - tab.pu[t, st.first - 1] for t, st in zip(tiers, stages))
-    return float(batch * tab.q * tab.inv[DEVICE, tiers[0]] + compute + cuts + update)
+    total = batch * tab.q_path * tab.inv[DEVICE, tiers[0]] + compute + cuts + update
+    if tab.prefetch:
+        total = max(total, float(link_time(tab, [(DEVICE, tiers[0], batch * tab.q)]
+                                           + [(ta, tb, batch * tab.mo[a.last] * ratio) for (ta, a), tb in zip(zip(tiers, stages), tiers[1:])]
+                                           + [(tb, ta, batch * tab.mo[a.last]) for (ta, a), tb in zip(zip(tiers, stages), tiers[1:])])))
+    taking_part = set(tiers) | {DEVICE}
+    return float(total + sum(tab.overhead[t] for t in taking_part))
 
 
 def iteration_time(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_model: str = "paper") -> float:
     """Predicted seconds per iteration of ``schedule`` (``inf`` if it cannot run)."""
-    if cost_model not in MODELS:
-        raise PlanError(f"unknown cost model {cost_model!r}; available: {', '.join(MODELS)}")
     schedule.check(n_units=profile.n_units)
-    tab = tables(profile, bw)
+    tab = tables(profile, bw, cost_model)
     if schedule.chain is not None:
         return chain_time(tab, schedule.chain, schedule.batch, compress_bits=schedule.compress_bits)
     o, s, l = (TIERS.index(schedule.mapping[r]) for r in ("o", "s", "l"))
     return float(evaluate(tab, o, s, l, schedule.m_s, schedule.m_l, schedule.b_o, schedule.b_s, schedule.b_l))
 
 
-def breakdown(profile: Profile, bw: Bandwidth, schedule: Schedule) -> dict[str, float]:
+def breakdown(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_model: str = "paper") -> dict[str, float]:
     """The terms of eq. (12) for an O/S/L schedule."""
-    tab = tables(profile, bw)
+    tab = tables(profile, bw, cost_model)
     o, s, l = (TIERS.index(schedule.mapping[r]) for r in ("o", "s", "l"))
     parts = evaluate(tab, o, s, l, schedule.m_s, schedule.m_l, schedule.b_o, schedule.b_s, schedule.b_l, parts=True)
     return {k: float(v) for k, v in parts.items()}

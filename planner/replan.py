@@ -34,6 +34,7 @@ LINKS = ("device_edge", "edge_cloud")
 class PlannerState:
     batch: int
     policy: str = "hiertrain"
+    cost_model: str = "paper"
     hysteresis: float = 0.2
     smoothing: float = 0.5
     lead: int = 2
@@ -131,7 +132,7 @@ class PlannerState:
             self.planned_offline = frozenset(self.offline)
             return None
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
-        schedule = self.planner(profile, bw, self.batch, policy=self.policy)
+        schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
         self.version += 1
         # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
         schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))

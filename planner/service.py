@@ -8,6 +8,7 @@ Config (TOML)::
     [planner]
     batch = 64
     policy = "hiertrain"          # or a baseline
+    cost_model = "paper"          # or "calibrated" (needs a calibration block in the profile)
     hysteresis = 0.2              # relative change of a link rate that triggers a re-plan
     lead = 2                      # iterations between publication and effect
     profile = "profile.json"      # optional: timings for all tiers until the tiers publish theirs
@@ -41,6 +42,7 @@ def state_from_config(cfg: ServiceConfig) -> PlannerState:
     sec = cfg.section("planner")
     try:
         state = PlannerState(batch=int(sec["batch"]), policy=str(sec.get("policy", "hiertrain")),
+                             cost_model=str(sec.get("cost_model", "paper")),
                              hysteresis=float(sec.get("hysteresis", 0.2)), lead=int(sec.get("lead", 2)))
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{cfg.path}: [planner] needs batch (and numeric options): {exc}") from None

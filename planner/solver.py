@@ -29,7 +29,7 @@ from hiertrain import TIERS
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from planner.costmodel import DEVICE, Bandwidth, Tables, evaluate, tables
+from planner.costmodel import DEVICE, Bandwidth, Tables, evaluate, overhead, tables
 
 MAPPINGS: tuple[tuple[int, int, int], ...] = tuple(permutations(range(3)))  # (o, s, l) tier indices
 PATTERNS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
@@ -98,7 +98,7 @@ def lower_bound(tab: Tables, c: Candidates, batch: int, pattern: tuple[bool, boo
     """A valid lower bound of each candidate's integer optimum under ``pattern`` (inf if infeasible)."""
     o, s, l, m_s, m_l = c.o, c.s, c.l, c.m_s, c.m_l
     busy_s, busy_l = pattern
-    pf, pb, pu, inv, n, q = tab.pf, tab.pb, tab.pu, tab.inv, tab.n, tab.q
+    pf, pb, pu, inv, n, q = tab.pf, tab.pb, tab.pu, tab.inv, tab.n, tab.q_path
     x_s = tab.mo[m_s] * inv[s, o]
     x_l = tab.mo[m_l] * inv[l, o]
     seg1f = _balanced(batch, (q * inv[DEVICE, o] + pf[o, m_s], True),
@@ -110,7 +110,7 @@ def lower_bound(tab: Tables, c: Candidates, batch: int, pattern: tuple[bool, boo
     seg3 = batch * (pf[o, n] - pf[o, m_l] + pb[o, n] - pb[o, m_l])
     update = np.maximum(np.maximum(pu[o, n], pu[s, m_s] * busy_s), pu[l, m_l] * busy_l)
     sync = np.maximum(2 * tab.pp[m_s] * inv[s, o] * busy_s, 2 * tab.pp[m_l] * inv[l, o] * busy_l)
-    bound = seg1f + seg1b + seg2f + seg2b + seg3 + update + sync
+    bound = seg1f + seg1b + seg2f + seg2b + seg3 + update + sync + overhead(tab, o, busy_s, s, busy_l, l)
     feasible = tab.can_train[o] & (tab.can_train[s] | (not busy_s)) & (tab.can_train[l] | (not busy_l))
     return np.where(feasible, bound, np.inf)
 
@@ -162,14 +162,14 @@ def search(tab: Tables, batch: int) -> Solution:
     return Solution(*(int(x) for x in arg), best, done)
 
 
-def solve(profile: Profile, bw: Bandwidth, batch: int) -> Schedule:
-    """The optimal HierTrain schedule under the paper's cost model, timed (``solve_s``)."""
+def solve(profile: Profile, bw: Bandwidth, batch: int, *, cost_model: str = "paper") -> Schedule:
+    """The optimal O/S/L schedule under ``cost_model``, timed (``solve_s``)."""
     t0 = time.perf_counter()
-    tab = tables(profile, bw)
+    tab = tables(profile, bw, cost_model)
     sol = search(tab, batch)
     solve_s = time.perf_counter() - t0
     return Schedule(
         mapping={"o": TIERS[sol.o], "s": TIERS[sol.s], "l": TIERS[sol.l]},
         m_s=sol.m_s, m_l=sol.m_l, b_o=sol.b_o, b_s=sol.b_s, b_l=sol.b_l,
-        policy="hiertrain", cost_model="paper", iteration_s=sol.iteration_s, solve_s=solve_s,
+        policy="hiertrain", cost_model=cost_model, iteration_s=sol.iteration_s, solve_s=solve_s,
     )

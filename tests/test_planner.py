@@ -20,9 +20,9 @@ from synthetic import random_profile
 pytestmark = pytest.mark.unit
 
 
-def brute_force(profile, bw, batch):
+def brute_force(profile, bw, batch, cost_model="paper"):
     """Every mapping, every cut pair, every integer split (splits vectorised, nothing pruned)."""
-    tab = tables(profile, bw)
+    tab = tables(profile, bw, cost_model)
     b_o, b_s = (a.ravel() for a in np.meshgrid(np.arange(batch + 1), np.arange(batch + 1)))
     keep = b_o + b_s <= batch
     b_o, b_s = b_o[keep], b_s[keep]
@@ -51,6 +51,59 @@ def test_solver_is_exact_on_many_random_instances():
         assert iteration_time(profile, bw, got) == pytest.approx(expected, rel=1e-12)
         tiers_used.add(sum(x > 0 for x in (got.b_o, got.b_s, got.b_l)))
     assert tiers_used == {1, 2, 3}  # the instances exercise one-, two- and three-tier optima
+
+
+def calibrated(profile, overhead=(0.02, 0.005, 0.001)):
+    return Profile.from_json({**profile.to_json(), "calibration": {"overhead_s": dict(zip(("device", "edge", "cloud"), overhead))}})
+
+
+def test_solver_is_exact_under_the_calibrated_model_too():
+    rng = np.random.default_rng(11)
+    for _ in range(80):
+        n, batch = int(rng.integers(1, 6)), int(rng.integers(1, 25))
+        profile = calibrated(random_profile(rng, n), tuple(rng.uniform(0, 0.05, 3)))
+        bw = Bandwidth(float(rng.uniform(0.5, 50)), float(rng.uniform(0.1, 20)))
+        got = solver.solve(profile, bw, batch, cost_model="calibrated")
+        assert got.iteration_s == pytest.approx(brute_force(profile, bw, batch, "calibrated"), rel=1e-12)
+        assert iteration_time(profile, bw, got, cost_model="calibrated") == pytest.approx(got.iteration_s, rel=1e-12)
+
+
+def test_calibrated_model_hand_computed():
+    p, bw, batch = calibrated(hand_profile()), Bandwidth(8, 2), 10
+    eff = 1448 / 1514
+    # all-cloud: inputs are prefetched, so the iteration is the slower of compute and the edge-cloud link
+    # (10 samples of 1000 B at 250,000 * eff B/s), plus the device's and the cloud's overheads
+    link, compute = 10 * 1000 / (250_000 * eff), 10 * 0.0018 + 0.0002
+    assert plan(p, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(
+        max(link, compute) + 0.02 + 0.001)
+    # all-device: no link is used; only the device's overhead
+    assert plan(p, bw, batch, policy="all-device", cost_model="calibrated").iteration_s == pytest.approx(
+        10 * 0.09 + 0.008 + 0.02)
+    # a chain device -> cloud cut after unit 1: activations forward and gradients back cross both links
+    tab = tables(p, bw, "calibrated")
+    got = chain_time(tab, (Stage("device", 1, 1), Stage("cloud", 2, 2)), batch)
+    crit = 10 * (0.01 + 0.02) + 2 * 10 * 500 / (250_000 * eff) + 10 * (0.0004 + 0.0008) + 0.004
+    assert got == pytest.approx(crit + 0.02 + 0.001)
+
+
+def test_calibrated_model_needs_a_calibration():
+    with pytest.raises(PlanError, match="calibration"):
+        plan(hand_profile(), Bandwidth(8, 2), 10, cost_model="calibrated")
+
+
+@pytest.mark.parametrize("cost_model", ["paper", "calibrated"])
+def test_hiertrain_is_never_slower_than_an_exact_baseline(cost_model):
+    rng = np.random.default_rng(5)
+    chains_won = 0
+    for _ in range(60):
+        profile = calibrated(random_profile(rng, int(rng.integers(2, 7))), tuple(rng.uniform(0, 0.02, 3)))
+        bw, batch = Bandwidth(float(rng.uniform(1, 10)), float(rng.uniform(0.5, 10))), int(rng.integers(4, 33))
+        best = plan(profile, bw, batch, cost_model=cost_model)
+        for policy in ("all-device", "all-edge", "all-cloud", "jointdnn", "jointdnn+"):
+            assert best.iteration_s <= plan(profile, bw, batch, policy=policy, cost_model=cost_model).iteration_s + 1e-12
+        assert best.policy == "hiertrain" and best.cost_model == cost_model
+        chains_won += best.chain is not None
+    assert 0 < chains_won < 60  # both kinds of plan win somewhere
 
 
 def test_milp_formulation_agrees_with_the_exact_search():
