@@ -34,18 +34,26 @@ class CpuQuota:
         why = available()
         if why:
             raise ConfigError(why)
-        if not 0.01 <= cores <= os.cpu_count():  # type: ignore[operator]
-            raise ConfigError(f"CPU quota {cores} must be between 0.01 and {os.cpu_count()} cores")
-        self.cores = cores
         self.path = ROOT / (name or f"hiertrain-{os.getpid()}-{time.monotonic_ns()}")
-        period = max(PERIOD_US, int(MIN_QUOTA_US / cores) + 1)
         self.path.mkdir()
         try:
+            self.set(cores)
+        except ConfigError:
+            self.path.rmdir()
+            raise
+
+    def set(self, cores: float) -> None:
+        """Change the quota; effective at once for the processes inside."""
+        if not 0.01 <= cores <= os.cpu_count():  # type: ignore[operator]
+            raise ConfigError(f"CPU quota {cores} must be between 0.01 and {os.cpu_count()} cores")
+        period = max(PERIOD_US, int(MIN_QUOTA_US / cores) + 1)
+        try:
+            (self.path / "cpu.cfs_quota_us").write_text("-1")  # lift first: the period may shrink below the quota
             (self.path / "cpu.cfs_period_us").write_text(str(period))
             (self.path / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
         except OSError as exc:
-            self.path.rmdir()
             raise ConfigError(f"cannot set a CPU quota of {cores} cores: {exc}") from None
+        self.cores = cores
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))

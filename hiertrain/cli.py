@@ -205,8 +205,14 @@ def _service_install(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- bench
 
 def _bench(args: argparse.Namespace) -> int:
+    import signal
+
     from hiertrain.bench import run
 
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C (namespaces, cgroups, processes)
+
+    signal.signal(signal.SIGTERM, interrupt)
     result = run(args.which, args)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -310,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile", "testbed"])
+    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile", "testbed",
+                                         "replan", "edgecores", "report"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule")
@@ -320,9 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--milp", action="store_true", help="planner: also time the python-mip MILP and compare")
     bench.add_argument("--model", default="lenet5", choices=sorted(_models()), help="testbed: the model")
     bench.add_argument("--points", default="1.5,2,3,4,5", help="testbed: edge-cloud rates, Mbit/s")
-    bench.add_argument("--policies", default="hiertrain,all-edge,all-cloud", help="testbed: policies to run")
-    bench.add_argument("--device-quota", type=_positive_float, default=0.06, help="testbed: device CPU (cores)")
-    bench.add_argument("--edge-quota", type=_positive_float, default=0.25, help="testbed: edge CPU (cores)")
+    bench.add_argument("--policies", default="hiertrain,all-edge,all-cloud,jointdnn,jointdnn+,jalad",
+                       help="testbed: policies to run (also two-way, three-way: fixed hybrid schedules)")
+    bench.add_argument("--speeds", default="1:4:40", help="testbed: device:edge:cloud speed ratio to calibrate to")
+    bench.add_argument("--device-quota", type=_positive_float, help="testbed: device CPU (cores) instead of calibrating")
+    bench.add_argument("--edge-quota", type=_positive_float, help="testbed: edge CPU (cores) instead of calibrating")
+    bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s")
+    bench.add_argument("--no-fit", action="store_true", help="testbed: skip the overhead fit (paper model only)")
+    bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
+                                                      "calibrated profile and quotas from")
+    bench.add_argument("--cores", default="1,2,3,4", help="edgecores: emulated edge cores")
+    bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.set_defaults(handler=_bench)
     return p
 

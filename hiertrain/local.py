@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hiertrain import TIERS, checkpoint, data, models, topics
+from hiertrain.errors import HiertrainError
 from hiertrain.transport import Endpoint, Transport
 
 JOB = "demo"
@@ -108,10 +109,11 @@ class LocalCluster:
         for tier in tiers or ("cloud", "edge", "device"):
             self._spawn(tier, [tier, "run", "--config", str(self.configs[tier]), *(["--resume"] if resume else [])])
 
-    def start_planner(self, profile: Path, *, bw_device_edge: float, bw_edge_cloud: float) -> None:
+    def start_planner(self, profile: Path, *, bw_device_edge: float, bw_edge_cloud: float,
+                      cost_model: str = "paper") -> None:
         cfg = toml(self.work / "planner.toml", self.job, self.bdir.credentials_file("planner"), {
             "planner": {"batch": self.batch, "profile": str(profile), "bw_device_edge": bw_device_edge,
-                        "bw_edge_cloud": bw_edge_cloud}}, host=self.host["edge"])
+                        "bw_edge_cloud": bw_edge_cloud, "cost_model": cost_model}}, host=self.host["edge"])
         self._spawn("planner", ["planner", "run", "--config", str(cfg)])
 
     # -------------------------------------------------------------------- watching
@@ -140,6 +142,22 @@ class LocalCluster:
                 raise TimeoutError(f"no telemetry for iteration {iteration} within {timeout} s")
             self.pump()
 
+    def wait_version(self, version: int, count: int, timeout: float = 600) -> int:
+        """Wait until worker_o (or a chain's last stage) has finished ``count`` iterations stamped with
+        schedule ``version``; returns the newest iteration finished."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ends = {p["iteration"] for _, p in self.telemetry if "loss" in p}
+            if sum(1 for i, v in self.versions().items() if v == version and i in ends) >= count:
+                return max(ends)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"schedule version {version}: fewer than {count} iterations within {timeout} s")
+            failed = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            if failed:
+                raise HiertrainError(f"processes ended during the run (exit codes {failed}); "
+                                     f"device log: {self.log('device')[-300:]}")
+            self.pump()
+
     def wait(self, tiers: tuple[str, ...] = TIERS, timeout: float = 120) -> dict[str, Optional[int]]:
         codes = {}
         deadline = time.monotonic() + timeout
@@ -164,6 +182,17 @@ class LocalCluster:
         ends = {p["iteration"]: p["t"] for _, p in self.telemetry if "loss" in p}
         its = sorted(i for i, v in self.versions().items() if v == version and i - 1 in ends and i in ends)[skip:]
         return statistics.median(ends[i] - ends[i - 1] for i in its) if its else None
+
+    def link_rates(self, version: int, *, skip: int = 0) -> dict[str, float]:
+        """Median measured rate of each link (Mbit/s, payload) over the iterations of ``version``
+        (after its first ``skip``)."""
+        its = sorted(i for i, v in self.versions().items() if v == version)[skip:]
+        seen: dict[str, list[float]] = {}
+        for _, p in self.telemetry:
+            if p.get("schedule_version") == version and p.get("iteration") in its:
+                for link, mbps in p.get("links", {}).items():
+                    seen.setdefault(link, []).append(mbps)
+        return {link: statistics.median(v) for link, v in seen.items()}
 
     def versions(self) -> dict[int, int]:
         return {p["iteration"]: p["schedule_version"] for a, p in self.telemetry if a == "device"}

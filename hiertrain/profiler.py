@@ -60,8 +60,11 @@ def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, rep
     rng = np.random.default_rng(seed)
     h = rng.random((batch, *spec.input_shape), dtype=np.float32)
     fwd, bwd, upd, spread_f, spread_b = [], [], [], [], []
+    opts = {}
     for i in range(1, spec.n_units + 1):
         rt.segment(spec, i, i)
+        if spec.param_shapes(i, i):
+            opts[i] = Optimizer(OptimizerConfig(optimizer), spec.param_shapes(i, i))
     if on_ready is not None:
         on_ready()
     for i in range(1, spec.n_units + 1):
@@ -72,7 +75,7 @@ def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, rep
         b, sb = _median(lambda: seg.backward(params, stash, gy), repeat=repeat, warmup=warmup)
         shapes = spec.param_shapes(i, i)
         if shapes:
-            opt = Optimizer(OptimizerConfig(optimizer), shapes)
+            opt = opts[i]
             unit_params = {k: params[k] for k in shapes}
             grads = {k: np.ones(s, np.float32) for k, s in shapes.items()}
             u, _ = _median(lambda: opt.step(unit_params, grads), repeat=repeat, warmup=warmup)

@@ -47,7 +47,8 @@ from hiertrain.validate import validator
 from hiertrain.wire import Message
 
 log = logging.getLogger("hiertrain.tier")
-LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud"}
+LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
+           frozenset(("device", "cloud")): "device_cloud"}  # through the edge: the slower link's rate
 
 
 @dataclass

@@ -5,10 +5,14 @@ model the layer-split baselines need, and a calibrated variant of both for our r
 
 - *prefetch*: the device sends iteration i+1's samples while i runs, so input transfers leave
   the critical path; instead the iteration cannot be shorter than the busiest link direction
-  needs for everything crossing it (inputs, activations, gradients, weights);
+  needs for everything crossing it (inputs, activations, gradients, weights), plus one frame's
+  store-and-forward at the broker when a transfer crosses both links (device <-> cloud);
 - *link efficiency*: a shaped link carries TCP payload at MSS / frame = 1448 / 1514 of its rate;
-- *framework overhead*: each tier taking part in an iteration (the device always does) adds a
-  per-iteration constant (MQTT hops, Python, telemetry), fitted from single-tier runs.
+- *framework overhead*: each tier computing in an iteration adds a per-iteration constant to the
+  critical path (MQTT hops, Python, telemetry, at that tier's CPU speed); the device's own loop
+  (it stamps and sends every iteration) is a floor. Fitted from single-tier runs.
+
+So T = max(critical path + overheads of the busy tiers, busiest link, device loop).
 
 Everything here is a pure function of precomputed :class:`Tables` (prefix sums of a profile and
 the inverse bandwidths). :func:`evaluate` is written once with numpy broadcasting: the solver calls
@@ -41,18 +45,20 @@ class Calibration:
     and stored in the profile as ``"calibration": {"overhead_s": {"device": ..., ...}}``."""
 
     overhead_s: tuple[float, float, float]
+    chunk_bytes: float = 256 * 1024  # the runtime's frame size (store-and-forward unit at the broker)
 
     @classmethod
     def of(cls, profile: Profile) -> "Calibration":
         block = profile.extra.get("calibration")
         try:
             values = tuple(float(block["overhead_s"][t]) for t in TIERS)  # type: ignore[index]
-        except (TypeError, KeyError, ValueError):
+            chunk = float(block.get("chunk_bytes", cls.chunk_bytes))  # type: ignore[union-attr]
+        except (TypeError, KeyError, ValueError, AttributeError):
             raise PlanError("the calibrated cost model needs a profile with a \"calibration\" block "
                             "({\"overhead_s\": {device, edge, cloud}}); hiertrain bench testbed fits one") from None
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise PlanError(f"calibration overheads must be finite and >= 0, got {values}")
-        return cls(values)  # type: ignore[arg-type]
+        if not all(math.isfinite(v) and v >= 0 for v in (*values, chunk)):
+            raise PlanError(f"calibration overheads and chunk_bytes must be finite and >= 0, got {values}, {chunk}")
+        return cls(values, chunk)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ class Tables:
     can_train: np.ndarray  # (3,) bool
     q_path: float = 0.0   # sample bytes on the critical path (q, or 0 when inputs are prefetched)
     prefetch: bool = False  # inputs travel during the previous iteration: bound by link loads instead
-    overhead: np.ndarray = field(default_factory=lambda: np.zeros(3))  # per-iteration seconds of each tier taking part
+    overhead: np.ndarray = field(default_factory=lambda: np.zeros(3))  # per-iteration seconds of each busy tier
+    chunk: float = 0.0    # frame bytes stored and forwarded at the broker (calibrated model)
 
 
 def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables:
@@ -103,7 +110,7 @@ def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables
         raise PlanError(f"unknown cost model {cost_model!r}; available: {', '.join(MODELS)}")
     profile.require_tiers()
     calibrated = cost_model == "calibrated"
-    overhead = np.array(Calibration.of(profile).overhead_s) if calibrated else np.zeros(3)
+    cal = Calibration.of(profile) if calibrated else Calibration((0.0, 0.0, 0.0), 0.0)
 
     def prefix(values: Sequence[float]) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
@@ -121,7 +128,8 @@ def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables
         can_train=np.array([t.can_train for t in per_tier]),
         q_path=0.0 if calibrated else profile.sample_bytes,
         prefetch=calibrated,
-        overhead=overhead,
+        overhead=np.array(cal.overhead_s),
+        chunk=cal.chunk_bytes,
     )
 
 
@@ -132,20 +140,25 @@ def _path(src: Any, dst: Any) -> dict[str, Any]:
 
 
 def link_time(tab: Tables, transfers: Sequence[tuple[Any, Any, Any]]) -> Any:
-    """Seconds the busiest link direction needs for ``transfers`` = [(src, dst, bytes), ...]."""
+    """Seconds the busiest link direction needs for ``transfers`` = [(src, dst, bytes), ...], plus one
+    frame stored and forwarded at the broker if any transfer crosses both links."""
     load = {k: 0.0 for k in ("de_up", "de_down", "ec_up", "ec_down")}
+    frame: Any = 0.0  # the largest first frame of a device <-> cloud transfer
     for src, dst, nbytes in transfers:
-        for k, on in _path(np.asarray(src), np.asarray(dst)).items():
+        src, dst = np.asarray(src), np.asarray(dst)
+        for k, on in _path(src, dst).items():
             load[k] = load[k] + np.where(on, nbytes, 0.0)
+        both = (np.minimum(src, dst) == DEVICE) & (np.maximum(src, dst) == CLOUD)
+        frame = np.maximum(frame, np.where(both, np.minimum(nbytes, tab.chunk), 0.0))
     de, ec = tab.inv[DEVICE, EDGE], tab.inv[EDGE, CLOUD]
-    return np.maximum(np.maximum(load["de_up"], load["de_down"]) * de, np.maximum(load["ec_up"], load["ec_down"]) * ec)
+    busiest = np.maximum(np.maximum(load["de_up"], load["de_down"]) * de, np.maximum(load["ec_up"], load["ec_down"]) * ec)
+    return busiest + frame * min(de, ec)
 
 
 def overhead(tab: Tables, o: Any, busy_s: Any, s: Any, busy_l: Any, l: Any) -> Any:
-    """Framework seconds of the tiers taking part: o, s and l when busy, and always the device."""
+    """Framework seconds the busy tiers (o; s and l when they have samples) add to the critical path."""
     ov = tab.overhead
-    device_busy = (o == DEVICE) | (busy_s & (s == DEVICE)) | (busy_l & (l == DEVICE))
-    return ov[o] + np.where(busy_s, ov[s], 0.0) + np.where(busy_l, ov[l], 0.0) + np.where(device_busy, 0.0, ov[DEVICE])
+    return ov[o] + np.where(busy_s, ov[s], 0.0) + np.where(busy_l, ov[l], 0.0)
 
 
 def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, b_s: Any, b_l: Any,
@@ -181,10 +194,10 @@ def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, 
     if tab.prefetch:
         x_s, x_l = b_s * tab.mo[m_s], b_l * tab.mo[m_l]
         w_s, w_l = np.where(act_s, tab.pp[m_s], 0.0), np.where(act_l, tab.pp[m_l], 0.0)
-        total = np.maximum(total, link_time(tab, [
+        links = link_time(tab, [
             (DEVICE, o, b_o * tab.q), (DEVICE, s, b_s * tab.q), (DEVICE, l, b_l * tab.q),
-            (s, o, x_s + w_s), (o, s, x_s + w_s), (l, o, x_l + w_l), (o, l, x_l + w_l)]))
-    total = total + overhead(tab, o, act_s, s, act_l, l)
+            (s, o, x_s + w_s), (o, s, x_s + w_s), (l, o, x_l + w_l), (o, l, x_l + w_l)])
+        total = np.maximum(np.maximum(total + overhead(tab, o, act_s, s, act_l, l), links), tab.overhead[DEVICE])
     bad = (~tab.can_train[o] | (act_s & ~tab.can_train[s]) | (act_l & ~tab.can_train[l])
            | (act_s & (m_s == 0)) | (act_l & (m_l == 0)) | (m_s > m_l))
     total = np.where(bad, np.inf, total)
@@ -212,11 +225,12 @@ def chain_time(tab: Tables, stages: Sequence[Stage], batch: int, *, compress_bit
     update = max(tab.pu[t, st.last] - tab.pu[t, st.first - 1] for t, st in zip(tiers, stages))
     total = batch * tab.q_path * tab.inv[DEVICE, tiers[0]] + compute + cuts + update
     if tab.prefetch:
-        total = max(total, float(link_time(tab, [(DEVICE, tiers[0], batch * tab.q)]
-                                           + [(ta, tb, batch * tab.mo[a.last] * ratio) for (ta, a), tb in zip(zip(tiers, stages), tiers[1:])]
-                                           + [(tb, ta, batch * tab.mo[a.last]) for (ta, a), tb in zip(zip(tiers, stages), tiers[1:])])))
-    taking_part = set(tiers) | {DEVICE}
-    return float(total + sum(tab.overhead[t] for t in taking_part))
+        hops = list(zip(zip(tiers, stages), tiers[1:]))
+        links = link_time(tab, [(DEVICE, tiers[0], batch * tab.q)]
+                          + [(ta, tb, batch * tab.mo[a.last] * ratio) for (ta, a), tb in hops]
+                          + [(tb, ta, batch * tab.mo[a.last]) for (ta, a), tb in hops])
+        total = max(total + sum(tab.overhead[t] for t in tiers), float(links), tab.overhead[DEVICE])
+    return float(total)
 
 
 def iteration_time(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_model: str = "paper") -> float:
@@ -227,6 +241,40 @@ def iteration_time(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_
         return chain_time(tab, schedule.chain, schedule.batch, compress_bits=schedule.compress_bits)
     o, s, l = (TIERS.index(schedule.mapping[r]) for r in ("o", "s", "l"))
     return float(evaluate(tab, o, s, l, schedule.m_s, schedule.m_l, schedule.b_o, schedule.b_s, schedule.b_l))
+
+
+def fit_overhead(profile: Profile, bw: Bandwidth, batch: int, measured: dict[str, float], *,
+                 chunk_bytes: float = Calibration.chunk_bytes, margin: float = 0.05) -> dict[str, float]:
+    """Per-tier framework overhead from measured seconds per iteration of the ``all-<tier>`` runs.
+
+    all-device uses no link: overhead_device = measured - critical path. For the edge and the
+    cloud, overhead_t = measured - critical path when the run was not held up by a link or the
+    device's loop (measured more than ``margin`` above both); otherwise it cannot be observed
+    there and is 0 (it is hidden behind the link in that run, and would be in similar plans).
+    """
+    zero = tables(with_calibration(profile, {t: 0.0 for t in TIERS}, chunk_bytes=chunk_bytes), bw, "calibrated")
+
+    def parts(tier: str) -> tuple[float, float]:  # (critical path, link-and-loop floor) with zero overheads
+        t = TIERS.index(tier)
+        path = float(batch * (zero.pf[t, zero.n] + zero.pb[t, zero.n]) + zero.pu[t, zero.n])
+        return path, float(evaluate(zero, t, (t + 1) % 3, (t + 2) % 3, 0, 0, batch, 0, 0))
+
+    if any(not measured.get(t) for t in TIERS):
+        raise PlanError(f"fitting overheads needs a measured time for every all-<tier> run, got {measured}")
+    path, _ = parts("device")
+    out = {"device": max(0.0, measured["device"] - path)}
+    for tier in ("edge", "cloud"):
+        path, floor = parts(tier)
+        floor = max(floor, out["device"])
+        out[tier] = max(0.0, measured[tier] - path) if measured[tier] > (1 + margin) * floor else 0.0
+    return {t: round(v, 5) for t, v in out.items()}
+
+
+def with_calibration(profile: Profile, overhead_s: dict[str, float], **record: Any) -> Profile:
+    """``profile`` with a calibration block (what :class:`Calibration` reads; ``record`` may hold
+    ``chunk_bytes`` and notes on how it was fitted)."""
+    return Profile(profile.model, profile.sample_bytes, profile.layers, profile.tiers,
+                   {**profile.extra, "calibration": {"overhead_s": dict(overhead_s), **record}})
 
 
 def breakdown(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_model: str = "paper") -> dict[str, float]:

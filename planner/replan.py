@@ -57,6 +57,13 @@ class PlannerState:
         self.profile = profile if self.profile is None else self.profile.merged(tier, profile)
 
     def on_rate(self, link: str, mbps: float) -> None:
+        """A measured rate. ``device_cloud`` (a transfer through the edge) measures the slower link:
+        it is applied to whichever link is currently believed slower (edge-cloud on a tie, the WAN
+        side being the one that usually varies)."""
+        if link == "device_cloud":
+            if not all(k in self.rates for k in LINKS):
+                return  # cannot be attributed yet
+            link = "device_edge" if self.rates["device_edge"] < self.rates["edge_cloud"] else "edge_cloud"
         if link not in LINKS:
             raise PlanError(f"unknown link {link!r}; expected one of {', '.join(LINKS)}")
         if not mbps > 0:

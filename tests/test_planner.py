@@ -70,20 +70,37 @@ def test_solver_is_exact_under_the_calibrated_model_too():
 
 def test_calibrated_model_hand_computed():
     p, bw, batch = calibrated(hand_profile()), Bandwidth(8, 2), 10
-    eff = 1448 / 1514
-    # all-cloud: inputs are prefetched, so the iteration is the slower of compute and the edge-cloud link
-    # (10 samples of 1000 B at 250,000 * eff B/s), plus the device's and the cloud's overheads
-    link, compute = 10 * 1000 / (250_000 * eff), 10 * 0.0018 + 0.0002
-    assert plan(p, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(
-        max(link, compute) + 0.02 + 0.001)
-    # all-device: no link is used; only the device's overhead
+    de, ec = 1 / (1_000_000 * 1448 / 1514), 1 / (250_000 * 1448 / 1514)  # payload rates
+    # all-cloud: inputs are prefetched: the slower of compute (+ the cloud's overhead) and the
+    # edge-cloud link (10 samples of 1000 B, plus their 10,000-B frame stored and forwarded at the edge)
+    link, compute = 10 * 1000 * ec + 10 * 1000 * de, 10 * 0.0018 + 0.0002
+    assert link > compute + 0.001
+    assert plan(p, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(link)
+    # all-device: no link is used; the device's overhead is on the critical path
     assert plan(p, bw, batch, policy="all-device", cost_model="calibrated").iteration_s == pytest.approx(
         10 * 0.09 + 0.008 + 0.02)
     # a chain device -> cloud cut after unit 1: activations forward and gradients back cross both links
-    tab = tables(p, bw, "calibrated")
-    got = chain_time(tab, (Stage("device", 1, 1), Stage("cloud", 2, 2)), batch)
-    crit = 10 * (0.01 + 0.02) + 2 * 10 * 500 / (250_000 * eff) + 10 * (0.0004 + 0.0008) + 0.004
+    got = chain_time(tables(p, bw, "calibrated"), (Stage("device", 1, 1), Stage("cloud", 2, 2)), batch)
+    crit = 10 * (0.01 + 0.02) + 2 * 10 * 500 * ec + 10 * (0.0004 + 0.0008) + 0.004
     assert got == pytest.approx(crit + 0.02 + 0.001)
+    # the device's loop is a floor even when it does not compute
+    idle = calibrated(hand_profile(), (0.5, 0.0, 0.0))
+    assert plan(idle, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(0.5)
+
+
+def test_overheads_are_fitted_back_from_single_tier_times():
+    p, bw, batch = hand_profile(), Bandwidth(8, 200), 10
+    truth = calibrated(p, (0.03, 0.2, 0.05))
+    measured = {t: plan(truth, bw, batch, policy=f"all-{t}", cost_model="calibrated").iteration_s for t in ("device", "edge", "cloud")}
+    from planner.costmodel import fit_overhead
+
+    fitted = fit_overhead(p, bw, batch, measured, chunk_bytes=256 * 1024)
+    assert fitted["device"] == pytest.approx(0.03, abs=1e-5) and fitted["edge"] == pytest.approx(0.2, abs=1e-5)
+    assert fitted["cloud"] == pytest.approx(0.05, abs=1e-5)
+    # behind a slow link the cloud's overhead cannot be observed: 0, not a guess
+    slow = Bandwidth(8, 0.1)
+    measured["cloud"] = plan(truth, slow, batch, policy="all-cloud", cost_model="calibrated").iteration_s
+    assert fit_overhead(p, slow, batch, measured)["cloud"] == 0.0
 
 
 def test_calibrated_model_needs_a_calibration():

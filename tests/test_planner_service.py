@@ -52,6 +52,19 @@ def test_noise_inside_the_band_never_replans_and_a_real_change_does():
 
 
 @pytest.mark.unit
+def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
+    s = state()
+    s.on_telemetry({"iteration": 1, "links": {"device_cloud": 1.0}})  # nothing known yet: ignored
+    assert s.rates == {}
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    s.on_telemetry({"iteration": 2, "links": {"device_cloud": 1.5}})  # a tie: the WAN side
+    assert s.rates["edge_cloud"] == pytest.approx(3.25) and s.rates["device_edge"] == 5
+    s.on_rate("edge_cloud", 20), s.on_rate("edge_cloud", 20), s.on_rate("edge_cloud", 20)
+    s.on_telemetry({"iteration": 3, "links": {"device_cloud": 2}})  # the device link is now the slower
+    assert s.rates["device_edge"] == pytest.approx(3.5)
+
+
+@pytest.mark.unit
 def test_an_offline_tier_is_planned_around():
     s = state()
     s.on_rate("device_edge", 50), s.on_rate("edge_cloud", 0.5)  # tempting to use the edge

@@ -35,15 +35,23 @@ def test_a_shaped_link_carries_what_its_rate_allows(tmp_path):
 
 
 def test_a_short_testbed_run_and_its_cleanup(tmp_path):
+    """Fit phase, one sweep point and a validity schedule; then nothing of the testbed is left."""
     before = _state()
     out = tmp_path / "tb.json"
-    r = subprocess.run([PYTHON, "-m", "hiertrain", "bench", "testbed", "--batch", "16", "--count", "5",
-                        "--points", "3", "--policies", "hiertrain,all-edge", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    r = subprocess.run([PYTHON, "-m", "hiertrain", "bench", "testbed", "--batch", "16", "--count", "3",
+                        "--points", "3", "--policies", "hiertrain,all-edge,three-way", "--device-quota", "0.05",
+                        "--edge-quota", "0.2", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["policy"] for row in rows] == ["hiertrain", "all-edge"]
-    assert all(row["predicted_s"] > 0 for row in rows)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(row["phase"], row["policy"]) for row in rows] == [
+        ("fit", "all-edge"), ("fit", "all-cloud"), ("fit", "all-device"),
+        ("sweep", "hiertrain"), ("sweep", "all-edge"), ("validity", "three-way")]
+    assert all(row["measured_s"] > 0 and row["predicted_s"] > 0 and row["predicted_paper_s"] > 0 for row in rows)
+    assert set(result["calibration"]["overhead_s"]) == {"device", "edge", "cloud"}
+    # the device->edge link was shaped to 5 Mbit/s: the all-edge run measured a payload rate below it
+    assert 2.5 < rows[0]["link_rates"]["device_edge"] < 5.0
+    assert out.with_suffix(".png").exists()
     assert _state() == before
 
 

@@ -13,6 +13,9 @@ BENCHES = {
     "runtime": "hiertrain.bench.runtime",
     "profile": "hiertrain.bench.profile",
     "testbed": "hiertrain.bench.testbed",
+    "replan": "hiertrain.bench.replan",
+    "edgecores": "hiertrain.bench.edgecores",
+    "report": "hiertrain.bench.report",
     "planner": "planner.bench",
 }
 

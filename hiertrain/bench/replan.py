@@ -1,0 +1,115 @@
+"""``hiertrain bench replan``: live re-planning when the edge-cloud link drops mid-run.
+
+On the emulated testbed, with the calibrated profile and quotas of an earlier ``bench testbed``
+run (``--from``), the planner service runs in the edge namespace and plans from telemetry alone
+(it starts from the nominal rates). After ``--count`` iterations the edge-cloud rate is changed
+live with tc (``--points 5,1.5``: before, after); the run continues for ``2 * --count``
+iterations. Reported: when the drop happened, when a tier's telemetry first showed it, when the
+planner published a new schedule and from which iteration it was in effect, and the settled
+time per iteration against the new optimum (predicted, and as measured by ``bench testbed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hiertrain.errors import ConfigError
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from hiertrain import testbed
+    from hiertrain.bench.testbed import CHUNK_KB, _floats
+    from hiertrain.local import LocalCluster
+    from hiertrain.profile import Profile
+    from hiertrain.schedule import Schedule
+    from planner.baselines import plan
+    from planner.costmodel import Bandwidth
+
+    why = testbed.available()
+    if why:
+        raise ConfigError(why)
+    if not args.source:
+        raise ConfigError("bench replan needs --from, a bench testbed JSON with a calibrated profile")
+    before, after = (_floats(args.points) + [0, 0])[:2]
+    if not after:
+        raise ConfigError("--points must give two edge-cloud rates: before,after")
+    source = json.loads(Path(args.source).read_text())
+    profile = Profile.from_json(source["profile"], where=args.source)
+    quotas, batch, de, per = source["emulation"]["quotas"], source["batch"], source["bw_device_edge"], args.count
+    optimum = {bw: plan(profile, Bandwidth(de, bw), batch, cost_model="calibrated") for bw in (before, after)}
+    swept = {r["bw_edge_cloud"]: r["measured_s"] for r in source["rows"] if r["policy"] == "hiertrain"}
+    with tempfile.TemporaryDirectory(prefix="hiertrain-replan-") as d:
+        work = Path(d)
+        (work / "profile.json").write_text(json.dumps(profile.to_json()))
+        with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=before) as net, \
+                LocalCluster(work, model=profile.model, batch=batch, iterations=100_000, timeout_s=600,
+                             chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
+            c.start_planner(work / "profile.json", bw_device_edge=de, bw_edge_cloud=before, cost_model="calibrated")
+            c.start()
+            c.wait_iteration(per - 1, timeout=3600)
+            net.shape("edge_cloud", after)
+            t_drop = time.time()
+            drop_iteration = max(p["iteration"] for _, p in c.telemetry if "loss" in p) + 1
+            c.wait_iteration(drop_iteration + 2 * per, timeout=3600)
+            c.pump(0.5)
+    ends = sorted((p["iteration"], p["t"]) for _, p in c.telemetry if "loss" in p)
+    versions = c.versions()
+    timeline = [{"iteration": i, "t": round(t - ends[0][1], 3), "seconds": round(t - t0, 4), "version": versions.get(i)}
+                for (i, t), (_, t0) in zip(ends[1:], ends)]
+    noticed = min((p["t"] for _, p in c.telemetry
+                   if p["t"] > t_drop and p.get("links", {}).get("edge_cloud", p.get("links", {}).get("device_cloud", 1e9))
+                   < 0.8 * before), default=None)
+    schedules = [Schedule.from_json(s) for s in c.schedules]
+    new = [s for s in schedules if s.version > 1]
+    first_new = min((i for i, v in versions.items() if new and v >= new[0].version), default=None)
+    settled = [r["seconds"] for r in timeline if first_new is not None and r["iteration"] >= first_new + 2]
+    result = {
+        "bench": "replan", "model": profile.model, "batch": batch, "bw_device_edge": de, "before": before, "after": after,
+        "drop_iteration": drop_iteration, "first_telemetry_after_drop_s": round(noticed - t_drop, 3) if noticed else None,
+        "schedules": [{"version": s.version, "effective_iteration": s.effective_iteration, "plan": s.describe()}
+                      for s in schedules],
+        "new_schedule_in_effect_at": first_new,
+        "iterations_from_drop_to_new_schedule": (first_new - drop_iteration) if first_new is not None else None,
+        "settled_s": round(statistics.median(settled), 4) if settled else None,
+        "optimum_after_predicted_s": round(optimum[after].iteration_s, 4),
+        "optimum_after_measured_s": swept.get(after),
+        "optimum_after_plan": optimum[after].describe(),
+        "timeline": timeline,
+    }
+    ref = result["optimum_after_measured_s"] or result["optimum_after_predicted_s"]
+    result["settled_over_optimum"] = round(result["settled_s"] / ref, 3) if result["settled_s"] and ref else None
+    if args.out:
+        plot(result, Path(args.out).with_suffix(".png"))
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tl = result["timeline"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot([r["iteration"] for r in tl], [r["seconds"] for r in tl], "o-", ms=3, label="measured")
+    ax.axvline(result["drop_iteration"], color="red", ls="--", label=f"edge-cloud {result['before']} -> {result['after']} Mbit/s")
+    if result["new_schedule_in_effect_at"] is not None:
+        ax.axvline(result["new_schedule_in_effect_at"], color="green", ls=":", label="new schedule in effect")
+    ref = result["optimum_after_measured_s"] or result["optimum_after_predicted_s"]
+    ax.axhline(ref, color="gray", ls="-.", label="new optimum (sweep)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("s per iteration")
+    ax.set_title(f"live re-planning, {result['model']}, B = {result['batch']}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,157 @@
+"""``hiertrain bench report``: the markdown report that puts the paper's figures beside ours.
+
+Reads what ``bench testbed`` (per model), ``bench edgecores`` and ``bench replan`` wrote into
+``--results`` and writes ``REPORT.md`` there, plus the Fig. 6 scatter plot. Only measured
+numbers from those files appear; nothing is typed in except the paper's own claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+# The paper's headline claims (section VI-D), to set beside ours.
+PAPER = {
+    "lenet5": {"all-cloud": 6.9, "all-edge": 1.7, "figs": "Fig. 8 and 10"},
+    "alexnet": {"all-cloud": 4.5, "all-edge": 2.3, "figs": "Fig. 7 and 9"},
+}
+BASELINES = ("all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad")
+
+
+def _load(path: Path) -> Optional[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def testbed_section(r: dict[str, Any], png: str) -> list[str]:
+    model, rows = r["model"], r["rows"]
+    em, cal = r["emulation"], r.get("calibration", {})
+    paper = PAPER.get(model, {})
+    out = [f"## {model} (B = {r['batch']}, device-edge {r['bw_device_edge']} Mbit/s) - paper {paper.get('figs', '')}", ""]
+    out += [f"Emulation: quotas {em.get('quotas')}, measured speeds device : edge : cloud = "
+            f"{' : '.join(str(em['measured_speeds'][t]) for t in ('device', 'edge', 'cloud'))} "
+            f"(target {em.get('target_speeds', 'fixed quotas')}); ms per sample {em.get('ms_per_sample')}.",
+            f"Fitted framework overheads (s per iteration): {cal.get('overhead_s')}, from {cal.get('fitted_on', {}).get('measured_s')}.",
+            "", f"![{model}]({png})", ""]
+    sweep = [x for x in rows if x["phase"] == "sweep"]
+    policies = list(dict.fromkeys(x["policy"] for x in sweep))
+    points = sorted({x["bw_edge_cloud"] for x in sweep})
+    out += ["Measured s per iteration (calibrated-model prediction in brackets):", "",
+            "| edge-cloud Mbit/s | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
+    for bw in points:
+        cells = []
+        for p in policies:
+            row = next((x for x in sweep if x["policy"] == p and x["bw_edge_cloud"] == bw), None)
+            cells.append(f"{_fmt(row['measured_s'])} ({_fmt(row.get('predicted_s'))})" if row else "-")
+        out.append(f"| {bw} | " + " | ".join(cells) + " |")
+    out += ["", "hiertrain's plans:", ""]
+    out += [f"- {x['bw_edge_cloud']} Mbit/s: {x['schedule']}" for x in sweep if x["policy"] == "hiertrain"]
+    sp = r["summary"]["speedup_of_hiertrain"]
+    out += ["", "Speedup of hiertrain (baseline time / hiertrain time, measured):", "",
+            "| edge-cloud Mbit/s | " + " | ".join(p for p in policies if p != "hiertrain") + " |",
+            "|---" * len(policies) + "|"]
+    for bw, d in sp.items():
+        out.append(f"| {bw} | " + " | ".join(_fmt(d.get(p), 2) for p in policies if p != "hiertrain") + " |")
+    slower = [(bw, p, v) for bw, d in sp.items() for p, v in d.items() if v < 1.0]
+    best = {p: max((d.get(p, 0) for d in sp.values()), default=0) for p in ("all-cloud", "all-edge")}
+    out += ["", f"Paper: up to {paper.get('all-cloud')}x over All-Cloud and {paper.get('all-edge')}x over All-Edge. "
+            f"Ours: up to {best['all-cloud']:.2f}x and {best['all-edge']:.2f}x.",
+            "Points where a baseline was faster than hiertrain: "
+            + (", ".join(f"{p} at {bw} Mbit/s ({v:.2f})" for bw, p, v in slower) or "none") + ".", ""]
+    return out
+
+
+def validity_section(results: list[dict[str, Any]], png: str) -> list[str]:
+    out = ["## Model validity (paper Fig. 6)", "",
+           "Every run not used for fitting, measured against the paper's model (nominal rates) and the "
+           "calibrated model (nominal rates; and rates the tiers measured).", "", f"![validity]({png})", "",
+           "| model | set | rows | paper model median / max error | calibrated median / max | calibrated, measured rates | framework overhead (measured / network+compute) median, max |",
+           "|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r["summary"]
+        e0, e1, e2, fo = (s.get(k, {}) for k in ("error_paper", "error", "error_measured_rates", "framework_overhead_ratio"))
+        out.append(f"| {r['model']} | all | {e0.get('rows')} | {_fmt(e0.get('median'))} / {_fmt(e0.get('max'))} | "
+                   f"{_fmt(e1.get('median'))} / {_fmt(e1.get('max'))} | {_fmt(e2.get('median'))} / {_fmt(e2.get('max'))} | "
+                   f"{_fmt(fo.get('median'))}, {_fmt(fo.get('max'))} |")
+    out += ["", "Per run (measured vs calibrated model, relative error):", "",
+            "| model | policy | Mbit/s | schedule | measured s | paper model s | calibrated s | error |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for x in r["rows"]:
+            if x["phase"] == "fit" or not x.get("measured_s"):
+                continue
+            err = abs(x["measured_s"] - x["predicted_s"]) / x["measured_s"] if x.get("predicted_s") else None
+            out.append(f"| {r['model']} | {x['policy']} | {x['bw_edge_cloud']} | {x['schedule'][:70]} | {_fmt(x['measured_s'])} | "
+                       f"{_fmt(x['predicted_paper_s'])} | {_fmt(x.get('predicted_s'))} | {_fmt(err, 2)} |")
+    return out + [""]
+
+
+def validity_plot(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    lo, hi = 1e9, 0.0
+    for r, marker in zip(results, "os^"):
+        rows = [x for x in r["rows"] if x["phase"] != "fit" and x.get("measured_s") and x.get("predicted_s")]
+        m = [x["measured_s"] for x in rows]
+        ax.scatter(m, [x["predicted_paper_s"] for x in rows], marker=marker, facecolors="none", edgecolors="gray",
+                   label=f"{r['model']}: paper model")
+        ax.scatter(m, [x["predicted_s"] for x in rows], marker=marker, label=f"{r['model']}: calibrated")
+        vals = m + [x["predicted_s"] for x in rows] + [x["predicted_paper_s"] for x in rows]
+        lo, hi = min(lo, *vals), max(hi, *vals)
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="k", alpha=0.08, label="+-10 %")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured s per iteration")
+    ax.set_ylabel("predicted s per iteration")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    d = Path(args.results)
+    testbeds = [r for r in (_load(p) for p in sorted(d.glob("testbed-*.json"))) if r and "summary" in r]
+    lines = ["# hiertrain against the HierTrain paper, on the emulated testbed", "",
+             "Generated by `hiertrain bench report` from the JSON beside it (see `scripts/paper.sh` for the "
+             "commands that produce them). Three network namespaces joined through the edge by `tc tbf`-shaped "
+             "veth links; Mosquitto and the planner in the edge namespace; each tier under a cgroup CPU quota "
+             "calibrated to the paper's speed ratios (`hiertrain/emulation.py`). Times are medians of the "
+             "interval between consecutive iterations finishing, after two settling iterations.", ""]
+    if testbeds:
+        validity_plot(testbeds, d / "validity.png")
+        lines += validity_section(testbeds, "validity.png")
+    for r in testbeds:
+        lines += testbed_section(r, f"testbed-{r['model']}.png")
+    cores = _load(d / "edgecores-alexnet.json")
+    if cores:
+        lines += ["## Edge server CPU (paper Fig. 11)", "", "![edge cores](edgecores-alexnet.png)", "",
+                  "| edge cores | edge-cloud Mbit/s | edge ms/sample | plan | measured s | predicted s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['edge_cores']} | {x['bw_edge_cloud']} | {x['edge_ms_per_sample']} | {x['schedule'][:80]} | "
+                  f"{_fmt(x['measured_s'])} | {_fmt(x['predicted_s'])} |" for x in cores["rows"]]
+        lines.append("")
+    rp = _load(d / "replan-alexnet.json")
+    if rp:
+        lines += ["## Live re-planning", "", "![replan](replan-alexnet.png)", "",
+                  f"Edge-cloud rate changed {rp['before']} -> {rp['after']} Mbit/s before iteration {rp['drop_iteration']}; "
+                  f"first telemetry showing it {rp['first_telemetry_after_drop_s']} s later; new schedule in effect from "
+                  f"iteration {rp['new_schedule_in_effect_at']} ({rp['iterations_from_drop_to_new_schedule']} iterations after "
+                  f"the drop). Settled at {rp['settled_s']} s per iteration, {rp['settled_over_optimum']} x the new optimum "
+                  f"({rp['optimum_after_measured_s']} s measured in the sweep, {rp['optimum_after_predicted_s']} s predicted).",
+                  "", "Schedules published:", ""]
+        lines += [f"- v{s['version']} from iteration {s['effective_iteration']}: {s['plan']}" for s in rp["schedules"]]
+        lines.append("")
+    (d / "REPORT.md").write_text("\n".join(lines) + "\n")
+    return {"bench": "report", "path": str(d / "REPORT.md"), "models": [r["model"] for r in testbeds],
+            "edgecores": bool(cores), "replan": bool(rp)}
