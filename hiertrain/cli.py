@@ -136,6 +136,7 @@ def _profile(args: argparse.Namespace) -> int:
     from hiertrain.profile import Profile
 
     join: Any = None
+    _terminate_like_ctrl_c()
     if args.cpu_quota and not os.environ.get("HIERTRAIN_CGROUP"):
         from hiertrain.cgroup import CpuQuota
 
@@ -204,15 +205,20 @@ def _service_install(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- bench
 
-def _bench(args: argparse.Namespace) -> int:
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM cleans up like Ctrl-C does (namespaces, cgroups, processes we started)."""
     import signal
 
-    from hiertrain.bench import run
-
     def interrupt(*_: Any) -> None:
-        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C (namespaces, cgroups, processes)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from hiertrain.bench import run
+
+    _terminate_like_ctrl_c()
     result = run(args.which, args)
     text = json.dumps(result, indent=2)
     if args.out:

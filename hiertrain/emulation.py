@@ -46,9 +46,17 @@ def profile_tier(model: str, batch: int, out: Path, tier: str, *, quota: Optiona
     """Profile one emulated tier into ``out`` (merged with the tiers already there)."""
     extra = ["--threads", str(THREADS[tier])] if THREADS[tier] else []
     extra += ["--cpu-quota", str(quota)] if quota else []
-    subprocess.run([sys.executable, "-m", "hiertrain", "profile", "--model", model, "--batch", str(batch),
-                    "--repeat", str(repeat), "--warmup", "1", "--tier", tier, "--merge", "--out", str(out), *extra],
-                   check=True, stdout=subprocess.PIPE, text=True, timeout=1800)
+    proc = subprocess.Popen([sys.executable, "-m", "hiertrain", "profile", "--model", model, "--batch", str(batch),
+                             "--repeat", str(repeat), "--warmup", "1", "--tier", tier, "--merge", "--out", str(out),
+                             *extra], stdout=subprocess.DEVNULL)
+    try:
+        code = proc.wait(timeout=1800)
+    except BaseException:
+        proc.terminate()  # it removes its CPU-quota group on the way out
+        proc.wait()
+        raise
+    if code:
+        raise ConfigError(f"profiling the {tier} failed (exit code {code})")
     return out
 
 

@@ -4,9 +4,10 @@ model the layer-split baselines need, and a calibrated variant of both for our r
 ``calibrated`` differs from ``paper`` in three measured respects (see :class:`Calibration`):
 
 - *prefetch*: the device sends iteration i+1's samples while i runs, so input transfers leave
-  the critical path; instead the iteration cannot be shorter than the busiest link direction
-  needs for everything crossing it (inputs, activations, gradients, weights), plus one frame's
-  store-and-forward at the broker when a transfer crosses both links (device <-> cloud);
+  the critical path; instead the iteration cannot be shorter than the busiest link needs for
+  everything crossing it, both directions added (inputs, activations, gradients, weights: the
+  downstream transfers wait for the upstream ones, which queue behind the prefetched inputs),
+  plus one frame's store-and-forward at the broker when a transfer crosses both links;
 - *link efficiency*: a shaped link carries TCP payload at MSS / frame = 1448 / 1514 of its rate;
 - *framework overhead*: each tier computing in an iteration adds a per-iteration constant to the
   critical path (MQTT hops, Python, telemetry, at that tier's CPU speed); the device's own loop
@@ -140,8 +141,8 @@ def _path(src: Any, dst: Any) -> dict[str, Any]:
 
 
 def link_time(tab: Tables, transfers: Sequence[tuple[Any, Any, Any]]) -> Any:
-    """Seconds the busiest link direction needs for ``transfers`` = [(src, dst, bytes), ...], plus one
-    frame stored and forwarded at the broker if any transfer crosses both links."""
+    """Seconds the busiest link needs for ``transfers`` = [(src, dst, bytes), ...], plus one frame
+    stored and forwarded at the broker if any transfer crosses both links."""
     load = {k: 0.0 for k in ("de_up", "de_down", "ec_up", "ec_down")}
     frame: Any = 0.0  # the largest first frame of a device <-> cloud transfer
     for src, dst, nbytes in transfers:
@@ -151,7 +152,10 @@ def link_time(tab: Tables, transfers: Sequence[tuple[Any, Any, Any]]) -> Any:
         both = (np.minimum(src, dst) == DEVICE) & (np.maximum(src, dst) == CLOUD)
         frame = np.maximum(frame, np.where(both, np.minimum(nbytes, tab.chunk), 0.0))
     de, ec = tab.inv[DEVICE, EDGE], tab.inv[EDGE, CLOUD]
-    busiest = np.maximum(np.maximum(load["de_up"], load["de_down"]) * de, np.maximum(load["ec_up"], load["ec_down"]) * ec)
+    # a link's two directions are used one after the other, not at once: every downstream transfer
+    # (gradients, weights) waits for an upstream one (activations, queued behind the prefetched
+    # inputs on the same connection)
+    busiest = np.maximum((load["de_up"] + load["de_down"]) * de, (load["ec_up"] + load["ec_down"]) * ec)
     return busiest + frame * min(de, ec)
 
 
