@@ -24,7 +24,7 @@ from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
 from planner.baselines import plan
-from planner.costmodel import Bandwidth
+from planner.costmodel import TCP_EFFICIENCY, Bandwidth
 
 log = logging.getLogger("hiertrain.planner")
 LINKS = ("device_edge", "edge_cloud")
@@ -72,7 +72,10 @@ class PlannerState:
         self.rates[link] = mbps if old is None else (1 - self.smoothing) * old + self.smoothing * mbps
 
     def on_telemetry(self, payload: Any) -> None:
-        """``{"iteration": i, "links": {"device_edge": Mbit/s, ...}}`` from a tier's telemetry."""
+        """``{"iteration": i, "links": {"device_edge": Mbit/s, ...}}`` from a tier's telemetry.
+
+        Tiers measure TCP payload; plans use line rates (what ``tc`` or a contract states), so the
+        measured rates are divided by the payload efficiency of a full-size frame."""
         if not isinstance(payload, dict):
             raise PlanError("telemetry must be a JSON object")
         it = payload.get("iteration")
@@ -83,7 +86,7 @@ class PlannerState:
             raise PlanError("telemetry 'links' must be an object")
         for link, mbps in links.items():
             if isinstance(mbps, (int, float)) and not isinstance(mbps, bool):
-                self.on_rate(link, float(mbps))
+                self.on_rate(link, float(mbps) / TCP_EFFICIENCY)
 
     def on_status(self, account: str, state: Any) -> None:
         if account in TIERS:

@@ -8,6 +8,7 @@ import pytest
 
 from hiertrain import topics
 from hiertrain.schedule import ScheduleFeed
+from planner.costmodel import TCP_EFFICIENCY
 from planner.replan import PlannerState
 
 from conftest import PYTHON, ROOT
@@ -58,10 +59,11 @@ def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
     assert s.rates == {}
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
     s.on_telemetry({"iteration": 2, "links": {"device_cloud": 1.5}})  # a tie: the WAN side
-    assert s.rates["edge_cloud"] == pytest.approx(3.25) and s.rates["device_edge"] == 5
+    line = 1.5 / TCP_EFFICIENCY  # tiers measure payload; plans use line rates
+    assert s.rates["edge_cloud"] == pytest.approx((5 + line) / 2) and s.rates["device_edge"] == 5
     s.on_rate("edge_cloud", 20), s.on_rate("edge_cloud", 20), s.on_rate("edge_cloud", 20)
     s.on_telemetry({"iteration": 3, "links": {"device_cloud": 2}})  # the device link is now the slower
-    assert s.rates["device_edge"] == pytest.approx(3.5)
+    assert s.rates["device_edge"] == pytest.approx((5 + 2 / TCP_EFFICIENCY) / 2)
 
 
 @pytest.mark.unit

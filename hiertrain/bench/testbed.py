@@ -159,7 +159,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             def run(phase: str, policy: str, bw: float, sched: Any) -> dict[str, Any]:
                 version, t, rates = runner.run(sched, {"device_edge": de, "edge_cloud": bw})
                 row = {"phase": phase, "bw_edge_cloud": bw, "policy": policy, "version": version,
-                       "schedule": sched.describe().rsplit(";", 1)[0], "measured_s": t, "link_rates": rates}
+                       "schedule": sched.describe().rsplit(";", 1)[0], "plan": sched.to_json(), "measured_s": t,
+                       "link_rates": rates}
                 rows.append(row)
                 return row
 
