@@ -122,7 +122,8 @@ class Schedule:
         out: dict[str, Any] = {
             "policy": self.policy, "cost_model": self.cost_model, "mapping": dict(self.mapping),
             "m_s": self.m_s, "m_l": self.m_l, "b_o": self.b_o, "b_s": self.b_s, "b_l": self.b_l,
-            "iteration_s": self.iteration_s, "solve_s": self.solve_s,
+            "iteration_s": self.iteration_s if math.isfinite(self.iteration_s) else None,  # strict JSON: no NaN
+            "solve_s": self.solve_s,
         }
         if self.chain is not None:
             out["plan"] = {"kind": "chain", "stages": [[s.tier, s.first, s.last] for s in self.chain],
@@ -148,7 +149,7 @@ class Schedule:
                 mapping=dict(data["mapping"]), m_s=data["m_s"], m_l=data["m_l"], b_o=data["b_o"],
                 b_s=data["b_s"], b_l=data["b_l"], policy=str(data.get("policy", "hiertrain")),
                 cost_model=str(data.get("cost_model", "paper")),
-                iteration_s=float(data.get("iteration_s", math.nan)), solve_s=float(data.get("solve_s", 0.0)),
+                iteration_s=float(math.nan if data.get("iteration_s") is None else data["iteration_s"]), solve_s=float(data.get("solve_s", 0.0)),
                 chain=chain, compress_bits=int(plan.get("compress_bits", 0)),
                 version=data.get("version", 0), effective_iteration=data.get("effective_iteration", 0),
                 extra={k: v for k, v in data.items() if k not in known},

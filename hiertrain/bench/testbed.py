@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,16 +98,20 @@ def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
     """The schedule a row runs: a policy's plan under the calibrated model, or a validity schedule."""
     from hiertrain.schedule import Schedule
     from planner.baselines import plan
+    from planner.costmodel import iteration_time
 
     if policy not in VALIDITY:
         model = "calibrated" if "calibration" in profile.extra else "paper"
         return plan(profile, bw, batch, policy=policy, cost_model=model)
     n = profile.n_units
     if policy == "two-way":  # the edge trains; the device runs the first unit of a quarter of the samples
-        return Schedule(mapping={"o": "edge", "s": "device", "l": "cloud"}, m_s=1, m_l=1, b_o=batch - batch // 4,
-                        b_s=batch // 4, b_l=0, policy=policy)
-    return Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=1, m_l=max(1, n // 2),
-                    b_o=batch // 2, b_s=batch // 4, b_l=batch - batch // 2 - batch // 4, policy=policy)
+        sched = Schedule(mapping={"o": "edge", "s": "device", "l": "cloud"}, m_s=1, m_l=1, b_o=batch - batch // 4,
+                         b_s=batch // 4, b_l=0, policy=policy)
+    else:
+        sched = Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=1, m_l=max(1, n // 2),
+                         b_o=batch // 2, b_s=batch // 4, b_l=batch - batch // 2 - batch // 4, policy=policy)
+    model = "calibrated" if "calibration" in profile.extra else "paper"
+    return replace(sched, iteration_s=iteration_time(profile, bw, sched, cost_model=model), cost_model=model)
 
 
 def predictions(profile: Any, bw: Any, measured_bw: Any, sched: Any) -> dict[str, float]:

@@ -1,0 +1,54 @@
+"""The emulation's calibration arithmetic and the report built from bench results (pure, no root)."""
+
+import argparse
+import json
+
+import pytest
+
+from hiertrain import emulation
+from hiertrain.bench import report
+from hiertrain.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_quotas_turn_probe_timings_into_the_target_ratios():
+    # cloud 0.1 ms/sample; at the probe quotas the edge took 0.2 ms and the device 0.5 ms
+    times = {"cloud": 1e-4, "edge": 2e-4, "device": 5e-4}
+    q = emulation.quotas_for(times, {"edge": 0.5, "device": 0.2}, {"device": 1, "edge": 4, "cloud": 40})
+    # edge must take 10x the cloud (1 ms): 0.5 * 0.2 / 1.0; device 40x (4 ms): 0.2 * 0.5 / 4
+    assert q == {"edge": pytest.approx(0.1), "device": pytest.approx(0.025)}
+    # never below the kernel's useful floor, never above one core
+    assert emulation.quotas_for(times, {"edge": 0.5, "device": 0.2}, {"device": 1, "edge": 1, "cloud": 1e6})["device"] == 0.01
+    assert emulation.quotas_for(times, {"edge": 0.5, "device": 0.2}, {"device": 400, "edge": 4, "cloud": 40})["device"] == 1.0
+
+
+@pytest.mark.parametrize("text", ["1:4", "1:x:40", "0:4:40", "", "1:4:-40"])
+def test_bad_speed_ratios_are_refused(text):
+    with pytest.raises(ConfigError, match="device:edge:cloud"):
+        emulation.parse_speeds(text)
+
+
+def _row(policy, bw, measured, predicted, plan=None, phase="sweep", schedule=""):
+    return {"phase": phase, "policy": policy, "bw_edge_cloud": bw, "measured_s": measured, "predicted_s": predicted,
+            "predicted_paper_s": predicted * 2, "predicted_measured_rates_s": predicted, "network_compute_s": predicted,
+            "schedule": schedule or f"{policy}: something", "plan": plan, "link_rates": {}}
+
+
+def test_report_sets_our_ratios_beside_the_papers_and_spots_identical_placements(tmp_path):
+    device_all = {"mapping": {"o": "device", "s": "edge", "l": "cloud"}, "b_o": 8, "b_s": 0, "b_l": 0, "m_s": 0, "m_l": 0}
+    chain = {**device_all, "plan": {"kind": "chain", "stages": [["device", 1, 7]], "compress_bits": 0}}
+    rows = [_row("hiertrain", 1.5, 0.25, 0.24, device_all), _row("all-cloud", 1.5, 2.0, 2.1),
+            _row("all-edge", 1.5, 0.5, 0.5), _row("jointdnn", 1.5, 0.24, 0.24, chain)]
+    from hiertrain.bench.testbed import summary
+
+    result = {"model": "lenet5", "batch": 8, "bw_device_edge": 5.0, "rows": rows, "summary": summary(rows),
+              "emulation": {"quotas": {}, "measured_speeds": {"device": 1, "edge": 4, "cloud": 40}},
+              "calibration": {"overhead_s": {"device": 0.1, "edge": 0, "cloud": 0}}}
+    (tmp_path / "testbed-lenet5.json").write_text(json.dumps(result))
+    out = report.bench(argparse.Namespace(results=str(tmp_path)))
+    text = (tmp_path / "REPORT.md").read_text()
+    assert out["models"] == ["lenet5"]
+    assert "Paper: up to 6.9x over All-Cloud and 1.7x over All-Edge. Ours: up to 8.00x and 2.00x." in text
+    assert "different placement was faster than hiertrain: none" in text
+    assert "1 baseline runs chose hiertrain's placement" in text  # jointdnn's one-stage chain = all on the device
