@@ -12,8 +12,6 @@ core under a CPU quota when running as root (cgroup v1), so the planner sees thr
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -25,27 +23,16 @@ import numpy as np
 from hiertrain import topics
 from hiertrain.schedule import Schedule
 
-TIER_OPTIONS = {"cloud": [], "edge": ["--threads", "1"], "device": ["--threads", "1"]}
-
 
 def _say(text: str) -> None:
     print(text, flush=True)
-
-
-def profile_tiers(model: str, batch: int, out: Path, *, quotas: dict[str, float]) -> Path:
-    """Profile the three emulated tiers (thread counts, CPU quotas in cores) into one hiertrain-profile/1."""
-    for tier in ("cloud", "edge", "device"):
-        extra = TIER_OPTIONS[tier] + (["--cpu-quota", str(quotas[tier])] if quotas.get(tier) else [])
-        subprocess.run([sys.executable, "-m", "hiertrain", "profile", "--model", model, "--batch", str(batch),
-                        "--repeat", "3", "--warmup", "1", "--tier", tier, "--merge", "--out", str(out), *extra],
-                       check=True, stdout=subprocess.PIPE, text=True, timeout=900)
-    return out
 
 
 def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: float = 0.05,
         bw_device_edge: float = 5.0, bw_edge_cloud: float = 1.5, device_quota: Optional[float] = 0.15,
         workdir: Optional[str] = None, keep: bool = False, timeout_s: float = 120.0) -> int:
     from hiertrain import cgroup, data, models
+    from hiertrain.emulation import profile_tiers
     from hiertrain.hybrid import SingleProcess
     from hiertrain.local import LocalCluster
 

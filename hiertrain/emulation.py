@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 from hiertrain.errors import ConfigError
 
 SPEEDS = {"device": 1.0, "edge": 4.0, "cloud": 40.0}
-THREADS = {"cloud": 0, "edge": 1, "device": 1}
+THREADS = {"cloud": 0, "edge": 1, "device": 1}  # ORT intra-op threads per tier (0 = every core)
 PROBE = {"edge": 0.5, "device": 0.2}
 MIN_QUOTA, MAX_QUOTA = 0.01, 1.0
 
@@ -57,6 +57,13 @@ def profile_tier(model: str, batch: int, out: Path, tier: str, *, quota: Optiona
         raise
     if code:
         raise ConfigError(f"profiling the {tier} failed (exit code {code})")
+    return out
+
+
+def profile_tiers(model: str, batch: int, out: Path, *, quotas: Mapping[str, float]) -> Path:
+    """Profile all three emulated tiers into one hiertrain-profile/1 (quotas in cores, where given)."""
+    for tier in ("cloud", "edge", "device"):
+        profile_tier(model, batch, out, tier, quota=quotas.get(tier))
     return out
 
 

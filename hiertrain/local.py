@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hiertrain import TIERS, checkpoint, data, models, topics
+from hiertrain.emulation import THREADS
 from hiertrain.errors import HiertrainError
 from hiertrain.transport import Endpoint, Transport
 
 JOB = "demo"
-THREADS = {"cloud": 0, "edge": 1, "device": 1}
 
 
 def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]], *, host: Optional[str] = None) -> Path:

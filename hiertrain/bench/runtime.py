@@ -37,7 +37,7 @@ def _schedules(profile: Profile, batch: int, bw: Any) -> list[Schedule]:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from hiertrain.demo import profile_tiers
+    from hiertrain.emulation import profile_tiers
     from hiertrain.local import LocalCluster
     from planner.costmodel import Bandwidth, iteration_time
 

@@ -85,9 +85,7 @@ def emulated_profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, fl
 
     if args.device_quota and args.edge_quota:
         quotas = {"device": args.device_quota, "edge": args.edge_quota}
-        path = work / f"profile-{args.model}.json"
-        for tier in ("cloud", "edge", "device"):
-            emulation.profile_tier(args.model, args.batch, path, tier, quota=quotas.get(tier))
+        path = emulation.profile_tiers(args.model, args.batch, work / f"profile-{args.model}.json", quotas=quotas)
         prof = Profile.load(path)
         return quotas, path, {"quotas": quotas, "measured_speeds": emulation.ratios(prof),
                               "ms_per_sample": {t: round(1e3 * emulation.seconds_per_sample(prof, t), 3) for t in prof.tiers}}
