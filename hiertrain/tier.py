@@ -27,6 +27,7 @@ with status ``failed`` and its last checkpoint intact.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 from dataclasses import dataclass, field
@@ -324,6 +325,9 @@ class TierService:
         if self.units:
             self._end(i, sched)
         if "loss" in out:
+            if not math.isfinite(out["loss"]):  # fail now, naming the cause, not later on a dropped message
+                raise PlanError(f"{self.tier}: training diverged at iteration {i} (loss {out['loss']}); "
+                                f"lower the learning rate (now {self.cfg.optimizer.lr})")
             self.done = max(self.done, i)
         out["iteration_s"] = time.perf_counter() - t_start
         out["wait_s"] = stats.wait_s

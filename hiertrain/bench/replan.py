@@ -24,7 +24,7 @@ from hiertrain.errors import ConfigError
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain import testbed
-    from hiertrain.bench.testbed import CHUNK_KB, _floats
+    from hiertrain.bench.testbed import CHUNK_KB, _floats, learning_rate
     from hiertrain.local import LocalCluster
     from hiertrain.profile import Profile
     from hiertrain.schedule import Schedule
@@ -49,6 +49,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         (work / "profile.json").write_text(json.dumps(profile.to_json()))
         with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=before) as net, \
                 LocalCluster(work, model=profile.model, batch=batch, iterations=100_000, timeout_s=600,
+                             lr=learning_rate(profile.model),
                              chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
             c.start_planner(work / "profile.json", bw_device_edge=de, bw_edge_cloud=before, cost_model="calibrated")
             c.start()
