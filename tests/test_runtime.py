@@ -136,6 +136,15 @@ def test_a_tier_that_stops_answering_fails_the_run_cleanly_and_the_checkpoint_su
     assert ck is not None and ck.iteration % 5 == 4 and ck.iteration >= 9
 
 
+def test_diverging_training_stops_every_tier_saying_why(cluster):
+    c = cluster(iterations=200, lr=1e4, timeout_s=10)  # an absurd rate: the loss overflows within a few steps
+    c.publish(schedule("edge", "device", "cloud", 2, 5, 4, 4, 4, version=1))
+    c.start()
+    codes = c.wait(timeout=90)
+    assert all(code not in (0, None) for code in codes.values()), codes
+    assert "training diverged at iteration" in c.log("edge")  # worker_o names the cause at once
+
+
 def test_resume_continues_from_the_checkpoint(cluster):
     c = cluster(iterations=10, every=5)
     c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
