@@ -21,6 +21,7 @@ retained and versioned, on ``hiertrain/<job>/schedule``.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
@@ -94,5 +95,5 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
             if schedule is not None:
                 transport.publish_json(topics.schedule(cfg.job), schedule.to_json(), retain=True)
                 print(f"schedule version {schedule.version} from iteration {schedule.effective_iteration}: "
-                      f"{schedule.to_json()}", flush=True)
+                      f"{json.dumps(schedule.to_json())}", flush=True)
     return 0

@@ -43,7 +43,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     profile = Profile.from_json(source["profile"], where=args.source)
     quotas, batch, de, per = source["emulation"]["quotas"], source["batch"], source["bw_device_edge"], args.count
     optimum = {bw: plan(profile, Bandwidth(de, bw), batch, cost_model="calibrated") for bw in (before, after)}
-    swept = {r["bw_edge_cloud"]: r["measured_s"] for r in source["rows"] if r["policy"] == "hiertrain"}
     with tempfile.TemporaryDirectory(prefix="hiertrain-replan-") as d:
         work = Path(d)
         (work / "profile.json").write_text(json.dumps(profile.to_json()))
@@ -61,33 +60,51 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             c.pump(0.5)
     ends = sorted((p["iteration"], p["t"]) for _, p in c.telemetry if "loss" in p)
     versions = c.versions()
-    timeline = [{"iteration": i, "t": round(t - ends[0][1], 3), "seconds": round(t - t0, 4), "version": versions.get(i)}
-                for (i, t), (_, t0) in zip(ends[1:], ends)]
     noticed = min((p["t"] for _, p in c.telemetry
                    if p["t"] > t_drop and p.get("links", {}).get("edge_cloud", p.get("links", {}).get("device_cloud", 1e9))
                    < 0.8 * before), default=None)
-    schedules = [Schedule.from_json(s) for s in c.schedules]
-    new = [s for s in schedules if s.version > 1]
-    first_new = min((i for i, v in versions.items() if new and v >= new[0].version), default=None)
-    settled = [r["seconds"] for r in timeline if first_new is not None and r["iteration"] >= first_new + 2]
     result = {
         "bench": "replan", "model": profile.model, "batch": batch, "bw_device_edge": de, "before": before, "after": after,
         "drop_iteration": drop_iteration, "first_telemetry_after_drop_s": round(noticed - t_drop, 3) if noticed else None,
-        "schedules": [{"version": s.version, "effective_iteration": s.effective_iteration, "plan": s.describe()}
-                      for s in schedules],
-        "new_schedule_in_effect_at": first_new,
-        "iterations_from_drop_to_new_schedule": (first_new - drop_iteration) if first_new is not None else None,
-        "settled_s": round(statistics.median(settled), 4) if settled else None,
+        "schedules": [Schedule.from_json(s).to_json() for s in c.schedules],
         "optimum_after_predicted_s": round(optimum[after].iteration_s, 4),
-        "optimum_after_measured_s": swept.get(after),
+        "optimum_after_measured_s": min(r["measured_s"] for r in source["rows"]
+                                        if r["phase"] == "sweep" and r["bw_edge_cloud"] == after and r["measured_s"]),
         "optimum_after_plan": optimum[after].describe(),
-        "timeline": timeline,
+        "timeline": [{"iteration": i, "t": round(t - ends[0][1], 3), "seconds": round(t - t0, 4),
+                      "version": versions.get(i)} for (i, t), (_, t0) in zip(ends[1:], ends)],
     }
-    ref = result["optimum_after_measured_s"] or result["optimum_after_predicted_s"]
-    result["settled_over_optimum"] = round(result["settled_s"] / ref, 3) if result["settled_s"] and ref else None
+    result.update(analyse(result))
     if args.out:
         plot(result, Path(args.out).with_suffix(".png"))
     return result
+
+
+def _placement(plan: dict[str, Any]) -> str:
+    from hiertrain.schedule import Schedule
+
+    return Schedule.from_json(plan).describe().split(": ", 1)[1].rsplit(";", 1)[0]
+
+
+def analyse(result: dict[str, Any]) -> dict[str, Any]:
+    """Derived figures from a run's raw record (pure): when a schedule with a new placement took
+    effect, how long its first iteration took (weights moving to their new owner), and where the
+    iteration time settled against the best time measured at the new rate in the sweep."""
+    first = result["schedules"][0]
+    moved = next((s for s in result["schedules"] if _placement(s) != _placement(first)), None)
+    versions = {r["iteration"]: r["version"] for r in result["timeline"]}
+    start = min((i for i, v in versions.items() if moved and v is not None and v >= moved["version"]), default=None)
+    handover = next((r["seconds"] for r in result["timeline"] if r["iteration"] == start), None)
+    settled = [r["seconds"] for r in result["timeline"] if start is not None and r["iteration"] >= start + 2]
+    settled_s = round(statistics.median(settled), 4) if settled else None
+    ref = result["optimum_after_measured_s"]
+    return {"replans": len(result["schedules"]) - 1,
+            "new_placement_version": moved["version"] if moved else None,
+            "new_placement_published_for_iteration": moved["effective_iteration"] if moved else None,
+            "new_placement_in_effect_at": start,
+            "iterations_from_drop_to_new_placement": (start - result["drop_iteration"]) if start is not None else None,
+            "handover_iteration_s": handover, "settled_s": settled_s,
+            "settled_over_optimum": round(settled_s / ref, 3) if settled_s and ref else None}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -102,10 +119,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     ax.plot([r["iteration"] for r in tl], [r["seconds"] for r in tl], "o-", ms=3, label="measured")
     ax.axvline(result["drop_iteration"], color="red", ls="--", label=f"edge-cloud {result['before']} -> {result['after']} Mbit/s")
-    if result["new_schedule_in_effect_at"] is not None:
-        ax.axvline(result["new_schedule_in_effect_at"], color="green", ls=":", label="new schedule in effect")
-    ref = result["optimum_after_measured_s"] or result["optimum_after_predicted_s"]
-    ax.axhline(ref, color="gray", ls="-.", label="new optimum (sweep)")
+    if result["new_placement_in_effect_at"] is not None:
+        ax.axvline(result["new_placement_in_effect_at"], color="green", ls=":", label="new placement in effect")
+    ax.axhline(result["optimum_after_measured_s"], color="gray", ls="-.", label="best measured at the new rate (sweep)")
+    ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("s per iteration")
     ax.set_title(f"live re-planning, {result['model']}, B = {result['batch']}", fontsize=10)

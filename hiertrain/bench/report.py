@@ -169,13 +169,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     rp = _load(d / "replan-alexnet.json")
     if rp:
         lines += ["## Live re-planning", "", "![replan](replan-alexnet.png)", "",
-                  f"Edge-cloud rate changed {rp['before']} -> {rp['after']} Mbit/s before iteration {rp['drop_iteration']}; "
-                  f"first telemetry showing it {rp['first_telemetry_after_drop_s']} s later; new schedule in effect from "
-                  f"iteration {rp['new_schedule_in_effect_at']} ({rp['iterations_from_drop_to_new_schedule']} iterations after "
-                  f"the drop). Settled at {rp['settled_s']} s per iteration, {rp['settled_over_optimum']} x the new optimum "
-                  f"({rp['optimum_after_measured_s']} s measured in the sweep, {rp['optimum_after_predicted_s']} s predicted).",
-                  "", "Schedules published:", ""]
-        lines += [f"- v{s['version']} from iteration {s['effective_iteration']}: {s['plan']}" for s in rp["schedules"]]
+                  f"Edge-cloud rate changed {rp['before']} -> {rp['after']} Mbit/s during iteration {rp['drop_iteration']}; "
+                  f"the first telemetry showing it arrived {rp['first_telemetry_after_drop_s']} s later. The planner "
+                  f"re-planned {rp['replans']} time(s); the schedule with a new placement (v{rp['new_placement_version']}, "
+                  f"published for iteration {rp['new_placement_published_for_iteration']}) was in effect from iteration "
+                  f"{rp['new_placement_in_effect_at']}, {rp['iterations_from_drop_to_new_placement']} iterations after the drop. "
+                  f"Its first iteration took {rp['handover_iteration_s']} s: the model's weights moved to the new worker_o "
+                  f"over the slowed link. Then it settled at {rp['settled_s']} s per iteration, {rp['settled_over_optimum']} x "
+                  f"the best time measured at {rp['after']} Mbit/s in the sweep ({rp['optimum_after_measured_s']} s; "
+                  f"predicted optimum {rp['optimum_after_predicted_s']} s).", "", "Schedules published:", ""]
+        lines += [f"- v{s['version']} from iteration {s['effective_iteration']}: "
+                  f"{s['policy']} {s['mapping']} b=({s['b_o']}, {s['b_s']}, {s['b_l']}) cuts ({s['m_s']}, {s['m_l']}), "
+                  f"predicted {_fmt(s['iteration_s'])} s" for s in rp["schedules"]]
         lines.append("")
     (d / "REPORT.md").write_text("\n".join(lines) + "\n")
     return {"bench": "report", "path": str(d / "REPORT.md"), "models": [r["model"] for r in testbeds],
