@@ -5,7 +5,8 @@ decides when a new schedule is due:
 
 - the first time every tier's profile and both link rates are known;
 - when a link's smoothed rate moves more than ``hysteresis`` (relative) away from the rate the
-  current schedule was planned with; noise inside the band never re-plans (no flapping);
+  current schedule was planned with; noise inside the band never re-plans (no flapping); a
+  measurement more than twice the band away is a step change and replaces the estimate at once;
 - when a tier goes offline (it is planned around: no samples, no compute) or comes back.
 
 Each new schedule gets the next version and an effective iteration ``lead`` iterations past
@@ -69,7 +70,10 @@ class PlannerState:
         if not mbps > 0:
             raise PlanError(f"link rate must be positive, got {mbps!r}")
         old = self.rates.get(link)
-        self.rates[link] = mbps if old is None else (1 - self.smoothing) * old + self.smoothing * mbps
+        if old is None or abs(mbps / old - 1) > 2 * self.hysteresis:
+            self.rates[link] = mbps  # a step change (a link dropped or recovered): follow it at once
+        else:
+            self.rates[link] = (1 - self.smoothing) * old + self.smoothing * mbps
 
     def on_telemetry(self, payload: Any) -> None:
         """``{"iteration": i, "links": {"device_edge": Mbit/s, ...}}`` from a tier's telemetry.
