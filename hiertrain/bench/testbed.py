@@ -13,7 +13,7 @@ CPU quotas calibrated to the paper's speed ratios (:mod:`hiertrain.emulation`; o
    would not pick, to test the model where it is not the optimum.
 
 Each row keeps the measured time (median interval between worker_o - or a chain's last stage -
-finishing consecutive iterations, after two settling iterations), the predictions of the paper's
+finishing consecutive iterations, after SETTLE iterations of the new schedule), the predictions of the paper's
 model and of the calibrated one (with the nominal rates and with the rates the tiers measured),
 and the measured link rates. Fit rows are not used to judge the calibrated model.
 """
@@ -103,8 +103,8 @@ def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
     from planner.baselines import plan
     from planner.costmodel import iteration_time
 
+    model = "calibrated" if "calibration" in profile.extra else "paper"
     if policy not in VALIDITY:
-        model = "calibrated" if "calibration" in profile.extra else "paper"
         return plan(profile, bw, batch, policy=policy, cost_model=model)
     n = profile.n_units
     if policy == "two-way":  # the edge trains; the device runs the first unit of a quarter of the samples
@@ -113,7 +113,6 @@ def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
     else:
         sched = Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=1, m_l=max(1, n // 2),
                          b_o=batch // 2, b_s=batch // 4, b_l=batch - batch // 2 - batch // 4, policy=policy)
-    model = "calibrated" if "calibration" in profile.extra else "paper"
     return replace(sched, iteration_s=iteration_time(profile, bw, sched, cost_model=model), cost_model=model)
 
 
@@ -160,8 +159,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         quotas, path, emulation_record = emulated_profile(args, work)
         profile = Profile.load(path)
         with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=points[0]) as net, \
-                LocalCluster(work, model=args.model, batch=batch, iterations=100_000, timeout_s=600, lr=learning_rate(args.model),
-                             chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
+                LocalCluster(work, model=args.model, batch=batch, iterations=100_000, timeout_s=600,
+                             lr=learning_rate(args.model), chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
             runner = Runner(c, net, per)
 
             def run(phase: str, policy: str, bw: float, sched: Any) -> dict[str, Any]:
@@ -179,8 +178,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     row = run("fit", policy, points[0], schedule_for(policy, profile, bw, batch))
                     fit[policy[4:]] = row["measured_s"]
                 overhead = fit_overhead(profile, bw, batch, fit, chunk_bytes=CHUNK_KB * 1024)
-                profile = with_calibration(profile, overhead, chunk_bytes=CHUNK_KB * 1024, fitted_on={"bw": [de, points[0]], "batch": batch,
-                                                                         "measured_s": fit})
+                profile = with_calibration(profile, overhead, chunk_bytes=CHUNK_KB * 1024,
+                                           fitted_on={"bw": [de, points[0]], "batch": batch, "measured_s": fit})
             for bw_ec in points:
                 for policy in sweep:
                     run("sweep", policy, bw_ec, schedule_for(policy, profile, Bandwidth(de, bw_ec), batch))
