@@ -48,8 +48,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             profiles[k] = base.merged("edge", Profile.load(path))
         with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=points[0]) as net, \
                 LocalCluster(work, model=base.model, batch=batch, iterations=100_000, timeout_s=600,
-                             lr=learning_rate(base.model),
-                             chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
+                             lr=learning_rate(base.model), chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
             runner = Runner(c, net, per)
             for k in cores:
                 c.quotas["edge"].set(round(quotas["edge"] * k, 4))
