@@ -52,3 +52,22 @@ def test_report_sets_our_ratios_beside_the_papers_and_spots_identical_placements
     assert "Paper: up to 6.9x over All-Cloud and 1.7x over All-Edge. Ours: up to 8.00x and 2.00x." in text
     assert "different placement was faster than hiertrain: none" in text
     assert "1 baseline runs chose hiertrain's placement" in text  # jointdnn's one-stage chain = all on the device
+
+
+def test_replan_analysis_finds_the_new_placement_and_where_time_settled():
+    from hiertrain.bench.replan import analyse
+    from hiertrain.schedule import Schedule
+
+    def sched(o, version, effective):
+        others = [t for t in ("device", "edge", "cloud") if t != o]
+        return Schedule(mapping={"o": o, "s": others[0], "l": others[1]}, m_s=0, m_l=0, b_o=16, b_s=0, b_l=0,
+                        iteration_s=1.0).versioned(version, effective).to_json()
+
+    timeline = [{"iteration": i, "seconds": s, "version": v} for i, s, v in
+                [(1, 1.4, 1), (2, 1.4, 1), (3, 4.5, 2), (4, 4.5, 2), (5, 300.0, 3), (6, 2.4, 3), (7, 2.2, 3), (8, 2.0, 3)]]
+    record = {"drop_iteration": 3, "optimum_after_measured_s": 2.0, "timeline": timeline,
+              "schedules": [sched("cloud", 1, 0), sched("cloud", 2, 3), sched("edge", 3, 5)]}  # v2: same placement
+    out = analyse(record)
+    assert out["replans"] == 2 and out["new_placement_version"] == 3 and out["new_placement_in_effect_at"] == 5
+    assert out["iterations_from_drop_to_new_placement"] == 2 and out["handover_iteration_s"] == 300.0
+    assert out["settled_s"] == pytest.approx(2.1) and out["settled_over_optimum"] == pytest.approx(1.05)
