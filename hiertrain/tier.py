@@ -44,7 +44,7 @@ from hiertrain.schedule import Schedule, ScheduleFeed
 from hiertrain.segments import Runtime
 from hiertrain.tierconfig import TierConfig
 from hiertrain.transport import Transport
-from hiertrain.validate import validator
+from hiertrain.validate import non_finite, validator
 from hiertrain.wire import Message
 
 log = logging.getLogger("hiertrain.tier")
@@ -100,9 +100,10 @@ class TierService:
     def _send(self, kind: str, dest: str, iteration: int, layer: int, tensors: dict[str, np.ndarray],
               version: int, **meta: Any) -> None:
         for name, t in tensors.items():  # the receiver would drop it and wait: fail here, naming the cause
-            if t.dtype.kind == "f" and not np.isfinite(t).all():
-                raise PlanError(f"{self.tier}: training diverged at iteration {iteration} ({kind} {name} to {dest} "
-                                f"is not finite); lower the learning rate (now {self.cfg.optimizer.lr})")
+            why = non_finite(f"{kind} {name} to {dest}", t)
+            if why:
+                raise PlanError(f"{self.tier}: training diverged at iteration {iteration} ({why}); "
+                                f"lower the learning rate (now {self.cfg.optimizer.lr})")
         self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version, meta))
 
     def _take(self, kind: str, sender: str, iteration: int, layer: int, stats: Optional[Stats] = None) -> Message:

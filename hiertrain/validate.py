@@ -17,7 +17,8 @@ from hiertrain.wire import Message
 Validator = Callable[[Message], Optional[str]]
 
 
-def _finite(name: str, a: np.ndarray) -> Optional[str]:
+def non_finite(name: str, a: np.ndarray) -> Optional[str]:
+    """Why ``a`` may not travel (NaN or inf in a float tensor), or ``None``."""
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         return f"non-finite: {name} holds NaN or inf"
     return None
@@ -26,7 +27,7 @@ def _finite(name: str, a: np.ndarray) -> Optional[str]:
 def _batch_of(name: str, a: np.ndarray, shape: tuple[int, ...], dtype: str) -> Optional[str]:
     if a.dtype != np.dtype(dtype) or a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != tuple(shape):
         return f"wrong shape: {name} is {a.dtype}{list(a.shape)}, expected {dtype}[n, {', '.join(map(str, shape))}]"
-    return _finite(name, a)
+    return non_finite(name, a)
 
 
 def validator(spec: ModelSpec) -> Validator:
@@ -62,7 +63,7 @@ def validator(spec: ModelSpec) -> Validator:
                 return f"unknown parameter {name!r} for units 1..{msg.layer or spec.n_units}"
             if a.dtype != np.float32 or tuple(a.shape) != tuple(allowed[base]):
                 return f"wrong shape: {name} is {a.dtype}{list(a.shape)}, expected float32{list(allowed[base])}"
-            bad = _finite(name, a)
+            bad = non_finite(name, a)
             if bad:
                 return bad
         return None

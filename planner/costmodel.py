@@ -100,10 +100,14 @@ class Tables:
     pp: np.ndarray        # (N+1,) parameter bytes of units 1..k
     inv: np.ndarray       # (3, 3) seconds per byte between tiers
     can_train: np.ndarray  # (3,) bool
-    q_path: float = 0.0   # sample bytes on the critical path (q, or 0 when inputs are prefetched)
     prefetch: bool = False  # inputs travel during the previous iteration: bound by link loads instead
     overhead: np.ndarray = field(default_factory=lambda: np.zeros(3))  # per-iteration seconds of each busy tier
     chunk: float = 0.0    # frame bytes stored and forwarded at the broker (calibrated model)
+
+    @property
+    def q_path(self) -> float:
+        """Sample bytes on the critical path: none when inputs are prefetched."""
+        return 0.0 if self.prefetch else self.q
 
 
 def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables:
@@ -127,7 +131,6 @@ def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables
         pp=prefix([l.param_bytes for l in profile.layers]),
         inv=bw.seconds_per_byte() / (TCP_EFFICIENCY if calibrated else 1.0),
         can_train=np.array([t.can_train for t in per_tier]),
-        q_path=0.0 if calibrated else profile.sample_bytes,
         prefetch=calibrated,
         overhead=np.array(cal.overhead_s),
         chunk=cal.chunk_bytes,

@@ -12,29 +12,21 @@ changed live.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from hiertrain.errors import ConfigError
+from hiertrain.bench.plot import axes
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from hiertrain import emulation, testbed
-    from hiertrain.bench.testbed import CHUNK_KB, Runner, _floats, learning_rate
-    from hiertrain.local import LocalCluster
+    from hiertrain import emulation
+    from hiertrain.bench.testbed import Runner, _floats, calibrated_source, emulated_job
     from hiertrain.profile import Profile
     from planner.baselines import plan
     from planner.costmodel import Bandwidth
 
-    why = testbed.available()
-    if why:
-        raise ConfigError(why)
-    if not args.source:
-        raise ConfigError("bench edgecores needs --from, a bench testbed JSON with a calibrated profile")
-    source = json.loads(Path(args.source).read_text())
-    base = Profile.from_json(source["profile"], where=args.source)
+    source, base = calibrated_source(args)
     quotas, batch, de, per = source["emulation"]["quotas"], source["batch"], source["bw_device_edge"], args.count
     cores = [int(c) for c in _floats(args.cores)]
     points = _floats(args.points)
@@ -46,9 +38,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             path = work / f"edge-{k}.json"
             emulation.profile_tier(base.model, batch, path, "edge", quota=round(quotas["edge"] * k, 4))
             profiles[k] = base.merged("edge", Profile.load(path))
-        with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=points[0]) as net, \
-                LocalCluster(work, model=base.model, batch=batch, iterations=100_000, timeout_s=600,
-                             lr=learning_rate(base.model), chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
+        with emulated_job(work, model=base.model, batch=batch, quotas=quotas, bw_device_edge=de,
+                          bw_edge_cloud=points[0]) as (net, c):
             runner = Runner(c, net, per)
             for k in cores:
                 c.quotas["edge"].set(round(quotas["edge"] * k, 4))
@@ -67,23 +58,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for bw in dict.fromkeys(r["bw_edge_cloud"] for r in result["rows"]):
-        mine = [r for r in result["rows"] if r["bw_edge_cloud"] == bw and r["measured_s"]]
-        line, = ax.plot([r["edge_cores"] for r in mine], [r["measured_s"] for r in mine], "o-", label=f"edge-cloud {bw} Mbit/s")
-        ax.plot([r["edge_cores"] for r in mine], [r["predicted_s"] for r in mine], ":", color=line.get_color())
-    ax.set_xlabel("edge server cores (emulated)")
-    ax.set_ylabel("s per iteration (dotted: predicted)")
-    ax.set_title(f"hiertrain, {result['model']}, B = {result['batch']}", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with axes(path, (6, 3.5)) as ax:
+        if ax is None:
+            return
+        for bw in dict.fromkeys(r["bw_edge_cloud"] for r in result["rows"]):
+            mine = [r for r in result["rows"] if r["bw_edge_cloud"] == bw and r["measured_s"]]
+            line, = ax.plot([r["edge_cores"] for r in mine], [r["measured_s"] for r in mine], "o-", label=f"edge-cloud {bw} Mbit/s")
+            ax.plot([r["edge_cores"] for r in mine], [r["predicted_s"] for r in mine], ":", color=line.get_color())
+        ax.set_xlabel("edge server cores (emulated)")
+        ax.set_ylabel("s per iteration (dotted: predicted)")
+        ax.set_title(f"hiertrain, {result['model']}, B = {result['batch']}", fontsize=10)
+        ax.legend(fontsize=7)

@@ -19,36 +19,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hiertrain.bench.plot import axes
 from hiertrain.errors import ConfigError
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from hiertrain import testbed
-    from hiertrain.bench.testbed import CHUNK_KB, _floats, learning_rate
-    from hiertrain.local import LocalCluster
-    from hiertrain.profile import Profile
+    from hiertrain.bench.testbed import _floats, calibrated_source, emulated_job
     from hiertrain.schedule import Schedule
     from planner.baselines import plan
     from planner.costmodel import Bandwidth
 
-    why = testbed.available()
-    if why:
-        raise ConfigError(why)
-    if not args.source:
-        raise ConfigError("bench replan needs --from, a bench testbed JSON with a calibrated profile")
+    source, profile = calibrated_source(args)
     before, after = (_floats(args.points) + [0, 0])[:2]
     if not after:
         raise ConfigError("--points must give two edge-cloud rates: before,after")
-    source = json.loads(Path(args.source).read_text())
-    profile = Profile.from_json(source["profile"], where=args.source)
     quotas, batch, de, per = source["emulation"]["quotas"], source["batch"], source["bw_device_edge"], args.count
     optimum = plan(profile, Bandwidth(de, after), batch, cost_model="calibrated")
     with tempfile.TemporaryDirectory(prefix="hiertrain-replan-") as d:
         work = Path(d)
         (work / "profile.json").write_text(json.dumps(profile.to_json()))
-        with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=before) as net, \
-                LocalCluster(work, model=profile.model, batch=batch, iterations=100_000, timeout_s=600,
-                             lr=learning_rate(profile.model), chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
+        with emulated_job(work, model=profile.model, batch=batch, quotas=quotas, bw_device_edge=de,
+                          bw_edge_cloud=before) as (net, c):
             c.start_planner(work / "profile.json", bw_device_edge=de, bw_edge_cloud=before, cost_model="calibrated")
             c.start()
             c.wait_iteration(per - 1, timeout=3600)
@@ -107,27 +98,18 @@ def analyse(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     tl = result["timeline"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    ax.plot([r["iteration"] for r in tl], [r["seconds"] for r in tl], "o-", ms=3, label="measured")
-    ax.axvline(result["drop_iteration"], color="red", ls="--", label=f"edge-cloud {result['before']} -> {result['after']} Mbit/s")
-    if result["new_placement_in_effect_at"] is not None:
-        ax.axvline(result["new_placement_in_effect_at"], color="green", ls=":", label="new placement in effect")
-    if result["optimum_after_measured_s"]:
-        ax.axhline(result["optimum_after_measured_s"], color="gray", ls="-.", label="best measured at the new rate (sweep)")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("s per iteration")
-    ax.set_title(f"live re-planning, {result['model']}, B = {result['batch']}", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with axes(path, (6.5, 3.5)) as ax:
+        if ax is None:
+            return
+        ax.plot([r["iteration"] for r in tl], [r["seconds"] for r in tl], "o-", ms=3, label="measured")
+        ax.axvline(result["drop_iteration"], color="red", ls="--", label=f"edge-cloud {result['before']} -> {result['after']} Mbit/s")
+        if result["new_placement_in_effect_at"] is not None:
+            ax.axvline(result["new_placement_in_effect_at"], color="green", ls=":", label="new placement in effect")
+        if result["optimum_after_measured_s"]:
+            ax.axhline(result["optimum_after_measured_s"], color="gray", ls="-.", label="best measured at the new rate (sweep)")
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("s per iteration")
+        ax.set_title(f"live re-planning, {result['model']}, B = {result['batch']}", fontsize=10)
+        ax.legend(fontsize=7)

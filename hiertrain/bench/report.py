@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from hiertrain.bench.plot import axes
+
 # The paper's headline claims (section VI-D), to set beside ours.
 PAPER = {
     "lenet5": {"all-cloud": 6.9, "all-edge": 1.7, "figs": "Fig. 8 and 10"},
@@ -115,33 +117,25 @@ def validity_section(results: list[dict[str, Any]], png: str) -> list[str]:
 
 
 def validity_plot(results: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    lo, hi = 1e9, 0.0
-    for r, marker in zip(results, "os^"):
-        rows = [x for x in r["rows"] if x["phase"] != "fit" and x.get("measured_s") and x.get("predicted_s")]
-        m = [x["measured_s"] for x in rows]
-        ax.scatter(m, [x["predicted_paper_s"] for x in rows], marker=marker, facecolors="none", edgecolors="gray",
-                   label=f"{r['model']}: paper model")
-        ax.scatter(m, [x["predicted_s"] for x in rows], marker=marker, label=f"{r['model']}: calibrated")
-        vals = m + [x["predicted_s"] for x in rows] + [x["predicted_paper_s"] for x in rows]
-        lo, hi = min(lo, *vals), max(hi, *vals)
-    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-    ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="k", alpha=0.08, label="+-10 %")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured s per iteration")
-    ax.set_ylabel("predicted s per iteration")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with axes(path, (4.8, 4.5)) as ax:
+        if ax is None:
+            return
+        lo, hi = 1e9, 0.0
+        for r, marker in zip(results, "os^"):
+            rows = [x for x in r["rows"] if x["phase"] != "fit" and x.get("measured_s") and x.get("predicted_s")]
+            m = [x["measured_s"] for x in rows]
+            ax.scatter(m, [x["predicted_paper_s"] for x in rows], marker=marker, facecolors="none", edgecolors="gray",
+                       label=f"{r['model']}: paper model")
+            ax.scatter(m, [x["predicted_s"] for x in rows], marker=marker, label=f"{r['model']}: calibrated")
+            vals = m + [x["predicted_s"] for x in rows] + [x["predicted_paper_s"] for x in rows]
+            lo, hi = min(lo, *vals), max(hi, *vals)
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="k", alpha=0.08, label="+-10 %")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured s per iteration")
+        ax.set_ylabel("predicted s per iteration")
+        ax.legend(fontsize=7)
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,11 +21,14 @@ and the measured link rates. Fit rows are not used to judge the calibrated model
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+from hiertrain.bench.plot import axes
 from hiertrain.errors import ConfigError
 
 POLICIES = ("hiertrain", "all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad", "all-device")
@@ -81,6 +84,37 @@ def _floats(text: str) -> list[float]:
 def learning_rate(model: str) -> float:
     """SGD rates that keep hundreds of iterations on the synthetic set finite (AlexNet diverges at 0.05)."""
     return 0.05 if model == "lenet5" else 0.001
+
+
+def calibrated_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """For benches that build on a ``bench testbed`` run (``--from``): its JSON and calibrated profile."""
+    from hiertrain import testbed
+    from hiertrain.profile import Profile
+
+    why = testbed.available()
+    if why:
+        raise ConfigError(why)
+    if not args.source:
+        raise ConfigError(f"bench {args.which} needs --from, a bench testbed JSON with a calibrated profile")
+    try:
+        source = json.loads(Path(args.source).read_text())
+        return source, Profile.from_json(source["profile"], where=args.source)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--from {args.source}: not a bench testbed result ({type(exc).__name__}: {exc})") from None
+
+
+@contextmanager
+def emulated_job(work: Path, *, model: str, batch: int, quotas: dict[str, float], bw_device_edge: float,
+                 bw_edge_cloud: float) -> Iterator[tuple[Any, Any]]:
+    """The testbed's namespaces and shaped links, and one training job in them under the tiers'
+    quotas: (testbed, cluster); everything is removed when the block ends."""
+    from hiertrain import testbed
+    from hiertrain.local import LocalCluster
+
+    with testbed.Testbed(bw_device_edge=bw_device_edge, bw_edge_cloud=bw_edge_cloud) as net, \
+            LocalCluster(work, model=model, batch=batch, iterations=100_000, timeout_s=600, lr=learning_rate(model),
+                         chunk_kb=CHUNK_KB, network=net, quotas=quotas) as cluster:
+        yield net, cluster
 
 
 def emulated_profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, float], Path, dict[str, Any]]:
@@ -139,7 +173,6 @@ def measured_bandwidth(nominal: Any, rates: dict[str, float]) -> Any:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain import testbed
-    from hiertrain.local import LocalCluster
     from hiertrain.profile import Profile
     from planner.costmodel import Bandwidth, fit_overhead, with_calibration
 
@@ -158,9 +191,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(d)
         quotas, path, emulation_record = emulated_profile(args, work)
         profile = Profile.load(path)
-        with testbed.Testbed(bw_device_edge=de, bw_edge_cloud=points[0]) as net, \
-                LocalCluster(work, model=args.model, batch=batch, iterations=100_000, timeout_s=600,
-                             lr=learning_rate(args.model), chunk_kb=CHUNK_KB, network=net, quotas=quotas) as c:
+        with emulated_job(work, model=args.model, batch=batch, quotas=quotas, bw_device_edge=de,
+                          bw_edge_cloud=points[0]) as (net, c):
             runner = Runner(c, net, per)
 
             def run(phase: str, policy: str, bw: float, sched: Any) -> dict[str, Any]:
@@ -227,26 +259,17 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Measured (solid) and calibrated-model (dotted) time per iteration against the edge-cloud rate."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     sweep = [r for r in result["rows"] if r["phase"] == "sweep"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for policy in dict.fromkeys(r["policy"] for r in sweep):
-        mine = [r for r in sweep if r["policy"] == policy and r["measured_s"]]
-        line, = ax.plot([r["bw_edge_cloud"] for r in mine], [r["measured_s"] for r in mine], "o-", label=policy)
-        ax.plot([r["bw_edge_cloud"] for r in mine], [r.get("predicted_s", r["predicted_paper_s"]) for r in mine], ":",
-                color=line.get_color())
-    ax.set_yscale("log")
-    ax.set_xlabel(f"edge-cloud bandwidth (Mbit/s); device-edge {result['bw_device_edge']} Mbit/s")
-    ax.set_ylabel("s per iteration (dotted: calibrated model)")
-    ax.set_title(f"{result['model']}, B = {result['batch']}, emulated testbed", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with axes(path, (6.5, 3.8)) as ax:
+        if ax is None:
+            return
+        for policy in dict.fromkeys(r["policy"] for r in sweep):
+            mine = [r for r in sweep if r["policy"] == policy and r["measured_s"]]
+            line, = ax.plot([r["bw_edge_cloud"] for r in mine], [r["measured_s"] for r in mine], "o-", label=policy)
+            ax.plot([r["bw_edge_cloud"] for r in mine], [r.get("predicted_s", r["predicted_paper_s"]) for r in mine], ":",
+                    color=line.get_color())
+        ax.set_yscale("log")
+        ax.set_xlabel(f"edge-cloud bandwidth (Mbit/s); device-edge {result['bw_device_edge']} Mbit/s")
+        ax.set_ylabel("s per iteration (dotted: calibrated model)")
+        ax.set_title(f"{result['model']}, B = {result['batch']}, emulated testbed", fontsize=10)
+        ax.legend(fontsize=7)
