@@ -1,24 +1,26 @@
-"""worker_o's checkpoints: an ONNX Runtime training checkpoint of the weights and optimizer state,
-with the iteration and the schedule in effect as checkpoint properties.
+"""worker_o's checkpoints: the weights and optimizer state as a NumPy ``.npz`` archive, with the
+iteration, the optimizer's step count and the schedule in effect as a JSON entry.
 
-Written atomically (temporary file, then rename) every K iterations; ``--resume`` reads the newest.
+Portable on purpose: any tier writes and reads it with NumPy alone (a Raspberry Pi running plain
+onnxruntime plays worker_o too), and no pickle is ever loaded. Written atomically (temporary
+file, then rename) every K iterations; ``--resume`` reads the newest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from onnx import numpy_helper
-from onnxruntime.capi import _pybind_state as C
 
 from hiertrain.errors import ConfigError
 
-NAME = "checkpoint.ort"
+NAME = "checkpoint.npz"
+FORMAT = "hiertrain-checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -33,17 +35,20 @@ class Checkpoint:
 def save(directory: str | os.PathLike, ck: Checkpoint) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final, tmp, raw = directory / NAME, directory / f"{NAME}.tmp", directory / f"{NAME}.raw"
-    C.save_checkpoint([numpy_helper.from_array(v, k).SerializeToString() for k, v in ck.params.items()],
-                      [numpy_helper.from_array(v, k).SerializeToString() for k, v in ck.moments.items()],
-                      os.fspath(raw), False)
-    state = C.load_checkpoint(os.fspath(raw))
-    state.add_property("iteration", int(ck.iteration))
-    state.add_property("optimizer_step", int(ck.optimizer_step))
-    state.add_property("schedule", json.dumps(ck.schedule or {}))
-    C.save_checkpoint(state, os.fspath(tmp), False)
-    os.replace(tmp, final)
-    raw.unlink()
+    final, tmp = directory / NAME, directory / f"{NAME}.tmp"
+    meta = {"format": FORMAT, "iteration": int(ck.iteration), "optimizer_step": int(ck.optimizer_step),
+            "schedule": ck.schedule or {}, "params": list(ck.params), "moments": list(ck.moments)}
+    arrays = {f"p{i}": v for i, v in enumerate(ck.params.values())}
+    arrays.update({f"m{i}": v for i, v in enumerate(ck.moments.values())})
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return final
 
 
@@ -53,15 +58,16 @@ def load(directory: str | os.PathLike, param_names: list[str]) -> Optional[Check
     if not path.is_file():
         return None
     try:
-        state = C.load_checkpoint(os.fspath(path))
-        names = set(state.parameter_names())
-        missing = [n for n in param_names if n not in names]
-        if missing:
-            raise ConfigError(f"checkpoint {path} lacks parameters {missing[:3]}: was it written for another model?")
-        params = {n: state.get_parameter(n).data.numpy().copy() for n in param_names}
-        moments = {n: state.get_parameter(n).data.numpy().copy() for n in names - set(param_names)}
-        schedule = json.loads(state.get_property("schedule")) or None
-        return Checkpoint(int(state.get_property("iteration")), params, moments,
-                          int(state.get_property("optimizer_step")), schedule)
-    except RuntimeError as exc:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            if meta.get("format") != FORMAT:
+                raise ConfigError(f"checkpoint {path} is not a {FORMAT}")
+            stored = {n: z[f"p{i}"] for i, n in enumerate(meta["params"])}
+            moments = {n: z[f"m{i}"] for i, n in enumerate(meta["moments"])}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"checkpoint {path} cannot be read: {exc}") from None
+    missing = [n for n in param_names if n not in stored]
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks parameters {missing[:3]}: was it written for another model?")
+    return Checkpoint(int(meta["iteration"]), {n: stored[n] for n in param_names}, moments,
+                      int(meta["optimizer_step"]), meta["schedule"] or None)

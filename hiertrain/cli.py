@@ -295,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     prof.set_defaults(handler=_profile)
 
+    segs = sub.add_parser("segments", help="built training segments (graphs) for runners without a builder"
+                          ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sb = segs.add_parser("build", help="build every segment of a model into a directory with a manifest")
+    sb.add_argument("--model", required=True, choices=sorted(_models()))
+    sb.add_argument("--out", required=True, help="directory to write (copy it to the device; [runtime] segments)")
+    sb.set_defaults(handler=_segments_build)
+
     plan = sub.add_parser("plan", help="one planning decision from a profile and bandwidths")
     plan.add_argument("--profile", required=True, help="hiertrain-profile/1 JSON with device, edge and cloud")
     plan.add_argument("--bw-device-edge", type=_positive_float, required=True, metavar="MBPS")
@@ -346,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.set_defaults(handler=_bench)
     return p
+
+
+def _segments_build(args: argparse.Namespace) -> int:
+    import time
+
+    from hiertrain import artifacts, models
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    manifest = artifacts.build_dir(models.get(args.model), out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{len(manifest['segments'])} segments of {args.model} in {out} ({size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - t0:.1f} s); copy the directory and set [runtime] segments = \"{out}\"")
+    return 0
 
 
 def _models() -> list[str]:

@@ -27,13 +27,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from hiertrain import lowering
 from hiertrain.errors import PlanError
 from hiertrain.models import IR_VERSION, OPSET, ModelSpec, segment_graph
 
@@ -122,7 +123,7 @@ def _split(grad: onnx.ModelProto, bwd_outputs: list[str]) -> tuple[onnx.ModelPro
     tainted = {"gy"} | {n for n in inits if n.endswith("_grad")}  # the loss-gradient seed
     is_bwd = []
     for n in nodes:
-        t = any(i in tainted for i in n.input)
+        t = any(i in tainted for i in n.input) or n.name.startswith(lowering.PREFIX)
         if t:
             tainted.update(n.output)
         is_bwd.append(t)
@@ -165,31 +166,66 @@ class Built:
     build_s: float
 
 
-def _key(spec: ModelSpec, first: int, last: int, kind: str, input_grad: bool) -> str:
-    fwd = segment_graph(spec, first, last)[0] if first <= last else None
-    h = hashlib.sha256()
-    h.update(json.dumps([FORMAT, ort.__version__, spec.name, first, last, kind, input_grad]).encode())
-    if fwd is not None:
-        h.update(fwd.SerializeToString(deterministic=True))
-    return f"{spec.name}/{first}-{last}-{kind}{'-dx' if input_grad else ''}-{h.hexdigest()[:12]}"
-
-
-def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool,
-          root: Optional[Path] = None) -> Built:
-    """Build (or find in the disk cache) the graphs of units first..last."""
+def _range(spec: ModelSpec, first: int, last: int, kind: str) -> int:
+    """Check a segment's unit range; return its last unit (a head always ends at the model's end)."""
     if kind == "head":
         if not 1 <= first <= spec.n_units + 1:
             raise PlanError(f"head segment must start in 1..{spec.n_units + 1}, got {first}")
-        last = spec.n_units
-    else:
-        spec.check_range(first, last)
-        if first > last:
-            raise PlanError(f"body segment {first}..{last} of {spec.name} is empty")
-    path = (root or cache_dir()) / _key(spec, first, last, kind, input_grad)
+        return spec.n_units
+    if kind != "body":
+        raise PlanError(f"segment kind must be body or head, not {kind!r}")
+    spec.check_range(first, last)
+    if first > last:
+        raise PlanError(f"body segment {first}..{last} of {spec.name} is empty")
+    return last
+
+
+def key(spec: ModelSpec, first: int, last: int, kind: str, input_grad: bool, lowered: bool = True) -> str:
+    """Names a segment by what it computes: the model's forward graph of the range, the kind and the
+    lowering version (lowered graphs no longer depend on the runtime that runs them; the training
+    kernels' graphs do, so they carry its version). Builders and runners compute the same key."""
+    last = _range(spec, first, last, kind)
+    fwd = segment_graph(spec, first, last)[0] if first <= last else None
+    h = hashlib.sha256()
+    runtime = f"lowering-{lowering.VERSION}" if lowered else f"ort-{ort.__version__}"
+    h.update(json.dumps([FORMAT, runtime, spec.name, first, last, kind, input_grad]).encode())
+    if fwd is not None:
+        h.update(fwd.graph.SerializeToString(deterministic=True))
+    tag = "" if lowered else "-kernels"
+    return f"{spec.name}/{first}-{last}-{kind}{'-dx' if input_grad else ''}{tag}-{h.hexdigest()[:12]}"
+
+
+def can_build() -> bool:
+    """Whether this onnxruntime has the gradient graph builder (onnxruntime-training, x86-64 only)."""
+    try:
+        from onnxruntime.capi._pybind_state import GradientGraphBuilder  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(path: Path, kind: str, input_grad: bool) -> Optional[Built]:
+    """The built segment stored at ``path``, or None."""
     meta_file = path / "meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        return Built(path, kind, tuple(meta["params"]), tuple(meta["stash"]), input_grad, meta["build_s"])
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    return Built(path, kind, tuple(meta["params"]), tuple(meta["stash"]), input_grad, meta["build_s"])
+
+
+def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool,
+          root: Optional[Path] = None, lowered: bool = True) -> Built:
+    """Build (or find in the disk cache) the graphs of units first..last: lowered to standard ONNX
+    ops (plain onnxruntime runs them) unless ``lowered`` is false (then the training build's
+    kernels: for measuring the lowering against them)."""
+    last = _range(spec, first, last, kind)
+    path = (root or cache_dir()) / key(spec, first, last, kind, input_grad, lowered)
+    found = load(path, kind, input_grad)
+    if found is not None:
+        return found
+    if not can_build():
+        raise PlanError(f"cannot build {spec.name} units {first}..{last} here: this onnxruntime has no gradient "
+                        f"builder (install hiertrain[train] on x86-64, or fetch built segments)")
     t0 = time.perf_counter()
     if first <= last:
         fwd, params = segment_graph(spec, first, last)
@@ -213,6 +249,8 @@ def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool
     g.output.extend([helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
                      helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     grad = _gradient_model(fwd, requires) if requires else fwd
+    if lowered:
+        grad = lowering.lower(grad, f"{spec.name} units {first}..{last}")
     final, path = path, path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     path.mkdir(parents=True, exist_ok=True)  # build aside, then rename: other processes may share the cache
     if kind == "head":
@@ -293,24 +331,43 @@ class Segment:
 
 
 class Runtime:
-    """Builds segments on demand and keeps their sessions; one per process (or per emulated tier)."""
+    """Builds segments on demand and keeps their sessions; one per process (or per emulated tier).
 
-    def __init__(self, *, threads: int = 0, root: Optional[Path] = None) -> None:
+    Where this onnxruntime cannot build (plain onnxruntime, e.g. on a Raspberry Pi), a segment not
+    yet in the cache comes from ``provider(segment identity, cache root)``: a directory of
+    artifacts or a builder tier over MQTT (:mod:`hiertrain.artifacts`).
+    """
+
+    def __init__(self, *, threads: int = 0, root: Optional[Path] = None,
+                 provider: Optional[Callable[[ModelSpec, int, int, str, bool, Path], Path]] = None) -> None:
         self.threads = threads
         self.root = root
+        self.provider = provider
+        self.builds = can_build()
         self._segments: dict[tuple, Segment] = {}
         self._lock = threading.Lock()
+
+    def _built(self, spec: ModelSpec, first: int, last: int, kind: str, input_grad: bool) -> Built:
+        if self.builds or self.provider is None:
+            return build(spec, first, last, kind=kind, input_grad=input_grad, root=self.root)
+        root = self.root or cache_dir()
+        path = root / key(spec, first, last, kind, input_grad)
+        found = load(path, kind, input_grad)
+        if found is None:
+            found = load(self.provider(spec, first, last, kind, input_grad, root), kind, input_grad)
+        if found is None:
+            raise PlanError(f"segment {path.name} arrived without its meta.json")
+        return found
 
     def segment(self, spec: ModelSpec, first: int, last: int, *, kind: str = "body",
                 input_grad: Optional[bool] = None) -> Segment:
         input_grad = first > 1 if input_grad is None else input_grad
-        key = (spec.name, first, last if kind == "body" else spec.n_units, kind, input_grad)
+        key_ = (spec.name, first, last if kind == "body" else spec.n_units, kind, input_grad)
         with self._lock:
-            seg = self._segments.get(key)
+            seg = self._segments.get(key_)
             if seg is None:
-                seg = Segment(build(spec, first, last, kind=kind, input_grad=input_grad, root=self.root),
-                              threads=self.threads)
-                self._segments[key] = seg
+                seg = Segment(self._built(spec, first, last, kind, input_grad), threads=self.threads)
+                self._segments[key_] = seg
             return seg
 
     def head(self, spec: ModelSpec, first: int) -> Segment:

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import TIERS, checkpoint, data, models, topics
+from hiertrain import TIERS, artifacts, checkpoint, data, models, segments, topics
 from hiertrain.compress import dequantize, quantize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError
 from hiertrain.optim import Optimizer
@@ -68,10 +68,20 @@ class TierService:
     def __init__(self, cfg: TierConfig, *, resume: bool = False) -> None:
         self.cfg, self.tier, self.resume = cfg, cfg.tier, resume
         self.spec = models.get(cfg.model)
-        self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None)
         self.transport = Transport(cfg.endpoint, account=cfg.tier, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
                                    validator=validator(self.spec))
         self.transport.subscribe(topics.schedule(cfg.job))
+        self.builder_tiers: set[str] = set()  # tiers whose status says they build segments for others
+        self.fetcher: Optional[artifacts.Fetcher] = None
+        if segments.can_build():
+            self.transport.status_extra["builder"] = True
+            provider = None
+        else:  # plain onnxruntime: segments come prebuilt, from a directory or a builder tier
+            self.fetcher = artifacts.Fetcher(self.transport, self._builders, timeout=cfg.timeout_s)
+            provider = artifacts.provider(cfg.segments_dir, self.fetcher)
+            self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
+        self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
+                               provider=provider)
         self.feed = ScheduleFeed()
         self.schedules: dict[int, Schedule] = {}   # version -> schedule
         self.history: dict[int, Schedule] = {}     # iteration -> schedule it ran
@@ -138,10 +148,18 @@ class TierService:
                 if "loss" in event.payload and isinstance(it, int):
                     self.done = max(self.done, it)
             elif event.topic.kind == "status" and isinstance(event.payload, dict):
-                (self.online.add if event.payload.get("state") == "online" else self.online.discard)(event.topic.account)
+                online = event.payload.get("state") == "online"
+                (self.online.add if online else self.online.discard)(event.topic.account)
+                builds = online and event.payload.get("builder") is True
+                (self.builder_tiers.add if builds else self.builder_tiers.discard)(event.topic.account)
                 it = event.payload.get("checkpoint_iteration")
                 if isinstance(it, int):
                     self.checkpoints[event.topic.account] = it
+
+    def _builders(self) -> list[str]:
+        """Online tiers that build segments for us, the edge (next to the broker) first."""
+        self._pump_schedules()
+        return [t for t in ("edge", "cloud", "device") if t != self.tier and t in self.builder_tiers and t in self.online]
 
     def _schedule_version(self, version: int, iteration: int) -> Schedule:
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -477,6 +495,15 @@ class TierService:
         with self.transport:
             if self.cfg.profile is not None:
                 self.publish_profile(self.cfg.profile)
+            server = None
+            if self.fetcher is None:
+                server = artifacts.Server(self.transport, self.spec, root=self.runtime.root).start()
+                log.info("%s: onnxruntime-training %s: builds segments, for other tiers too", self.tier, ort_version())
+            else:
+                source = f"{self.cfg.segments_dir}, then " if self.cfg.segments_dir else ""
+                log.info("%s: onnxruntime %s without a gradient builder: segments from %sa builder tier over MQTT, "
+                         "verified and cached in %s", self.tier, ort_version(), source,
+                         self.runtime.root or segments.cache_dir())
             try:
                 i = self._first = self._start_iteration()
                 log.info("%s: starting at iteration %d", self.tier, i)
@@ -488,6 +515,15 @@ class TierService:
                 log.error("%s: %s", self.tier, exc)
                 self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
                 raise
+            finally:
+                if server is not None:
+                    self.transport.service[artifacts.REQUEST].put(None)
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def run_tier(tier: str, config: str, *, resume: bool = False, profile: Optional[dict[str, Any]] = None) -> int:

@@ -16,6 +16,7 @@
     [runtime]
     threads = 0                   # ORT intra-op threads (0: all cores)
     cache = "~/.cache/hiertrain"  # built segments
+    segments = "segments-lenet5"  # optional: `hiertrain segments build` output copied here (no builder needed)
     chunk_kb = 256                # MQTT frame size
     [checkpoint]                  # written by whichever tier plays worker_o
     dir = "checkpoints"
@@ -54,6 +55,7 @@ class TierConfig:
     timeout_s: float = 60.0
     threads: int = 0
     cache: Optional[Path] = None
+    segments_dir: Optional[Path] = None
     chunk_bytes: int = 256 << 10
     checkpoint_dir: Optional[Path] = None
     checkpoint_every: int = 0
@@ -95,6 +97,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         timeout_s=get(train, "timeout_s", float, 60.0),
         threads=get(rt, "threads", int, 0),
         cache=cfg.resolve(str(rt["cache"])) if "cache" in rt else None,
+        segments_dir=cfg.resolve(str(rt["segments"])) if "segments" in rt else None,
         chunk_bytes=get(rt, "chunk_kb", int, 256) << 10,
         checkpoint_dir=cfg.resolve(str(ck["dir"])) if "dir" in ck else None,
         checkpoint_every=get(ck, "every", int, 0),
@@ -108,4 +111,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
     from hiertrain import models
 
     models.get(out.model)  # unknown model: a clear error now, not at the first iteration
+    if out.segments_dir is not None and not (out.segments_dir / "manifest.json").is_file():
+        raise ConfigError(f"{cfg.path}: [runtime] segments = {str(out.segments_dir)!r} holds no manifest.json "
+                          f"(write one with `hiertrain segments build --model {out.model} --out DIR`)")
     return out

@@ -8,7 +8,8 @@
     hiertrain/<job>/<tier>/profile                        retained JSON hiertrain-profile/1
     hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.wire)
 
-``<kind>`` is one of :data:`TENSOR_KINDS`; ``<layer>`` the unit index the tensor belongs to
+``<kind>`` is one of :data:`TENSOR_KINDS` or :data:`SERVICE_KINDS` (``segreq``/``segment``: a
+built segment asked of and sent by a builder tier, :mod:`hiertrain.artifacts`); ``<layer>`` the unit index the tensor belongs to
 (the cut for activations and their gradients, the unit for weights and weight gradients,
 0 for samples and labels). Every account publishes only below ``hiertrain/+/<account>/``,
 which is what the broker's ACL enforces; the schedule topic is the planner's alone.
@@ -25,6 +26,8 @@ from hiertrain.errors import TopicError
 
 ROOT = "hiertrain"
 TENSOR_KINDS: tuple[str, ...] = ("samples", "labels", "act", "grad", "wgrad", "weights")
+SERVICE_KINDS: tuple[str, ...] = ("segreq", "segment")  # built segments for tiers that cannot build (artifacts)
+MESSAGE_KINDS: tuple[str, ...] = TENSOR_KINDS + SERVICE_KINDS
 ACCOUNT_KINDS: tuple[str, ...] = ("status", "telemetry", "profile")
 MAX_LAYER = 100_000
 _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -72,8 +75,8 @@ class TensorTopic:
     def __post_init__(self) -> None:
         validate_job(self.job)
         validate_tier(self.sender, what="sender")
-        if self.kind not in TENSOR_KINDS:
-            raise TopicError(f"bad tensor kind {self.kind!r}: expected one of {', '.join(TENSOR_KINDS)}")
+        if self.kind not in MESSAGE_KINDS:
+            raise TopicError(f"bad tensor kind {self.kind!r}: expected one of {', '.join(MESSAGE_KINDS)}")
         validate_tier(self.dest, what="destination")
         validate_layer(self.layer)
 

@@ -92,6 +92,8 @@ class Transport:
         self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
+        # segment requests and replies bypass the mailbox: they belong to no iteration
+        self.service: dict[str, "queue.Queue[Optional[Message]]"] = {k: queue.Queue() for k in topics.SERVICE_KINDS}
         self.dropped: Counter[str] = Counter()
         self.sent_bytes = 0
         self.received_bytes = 0
@@ -322,6 +324,9 @@ class Transport:
             if reason:
                 return f"{reason} ({msg.describe()})"
         self.received_bytes += sum(a.nbytes for a in msg.tensors.values())
+        if msg.kind in self.service:
+            self.service[msg.kind].put(msg)
+            return None
         return self.mailbox.put(msg)
 
 

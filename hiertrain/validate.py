@@ -15,6 +15,7 @@ from hiertrain.models import ModelSpec
 from hiertrain.wire import Message
 
 Validator = Callable[[Message], Optional[str]]
+ARTIFACT_FILES = ("forward.onnx", "backward.onnx", "fused.onnx", "step.onnx", "meta.json")
 
 
 def non_finite(name: str, a: np.ndarray) -> Optional[str]:
@@ -35,6 +36,13 @@ def validator(spec: ModelSpec) -> Validator:
 
     def check(msg: Message) -> Optional[str]:
         t = msg.tensors
+        if msg.kind == "segreq":
+            return "a segment request carries no tensors" if t else None
+        if msg.kind == "segment":
+            for name, a in t.items():
+                if name not in ARTIFACT_FILES or a.dtype != np.uint8 or a.ndim != 1:
+                    return f"unexpected artifact file {name!r} ({a.dtype}{list(a.shape)})"
+            return None
         if msg.kind == "act" and "q" in t:  # 8-bit compressed activations (JALAD)
             lo, scale = msg.meta.get("lo"), msg.meta.get("scale")
             if set(t) != {"q"} or not all(isinstance(v, float) and np.isfinite(v) for v in (lo, scale)):

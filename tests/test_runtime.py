@@ -64,7 +64,7 @@ def test_a_schedule_switch_mid_run_moves_both_cuts_and_worker_o(cluster):
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(40)) < 1e-4
     ck = c.final_checkpoint()
     assert ck.iteration == 39 and rel(ck.params, ref_params) < 1e-4
-    assert "ck-edge" in str(c.work / "ck-edge") and (c.work / "ck-edge" / "checkpoint.ort").exists()
+    assert "ck-edge" in str(c.work / "ck-edge") and (c.work / "ck-edge" / "checkpoint.npz").exists()
 
 
 def test_bad_messages_are_dropped_and_training_is_unchanged(cluster, broker_dir):

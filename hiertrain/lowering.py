@@ -1,0 +1,340 @@
+"""Lowering: rewrite the training-only ops of a gradient graph into standard ONNX ops.
+
+ORT's gradient builder (onnxruntime-training, x86-64 only, frozen at 1.19.2) emits kernels that
+only its training build has: com.microsoft ConvGrad, ReluGrad, SoftmaxCrossEntropyLossGrad, Scale,
+SplitTraining, ConcatTraining (in GoogLeNet's *forward* graph too) and the default-domain
+MaxPoolGrad. Rewritten here into standard ops, the graphs run on plain ``onnxruntime`` on any
+platform it has wheels for (a Raspberry Pi's aarch64 among them):
+
+- ReluGrad(dY, Y)                 -> Where(Y > 0, dY, 0)
+- MaxPoolGrad(dY, Indices)        -> MaxUnpool for non-overlapping windows, otherwise
+                                     ScatterElements(reduction='add') over MaxPool's flat indices
+- ConvGrad(dY, X, W)              -> dX: ConvTranspose with output_padding; dW: a Conv of the
+                                     transposed input with the transposed output gradient (stride
+                                     and dilation swapped, per group), or a Gemm for 1x1 kernels;
+                                     dB: ReduceSum
+- SoftmaxCrossEntropyLossGrad     -> (exp(log_prob) - one_hot(label)) scaled as the reduction says
+- Scale / SplitTraining / ConcatTraining -> Mul or Div / Split / Concat (lengths as constants)
+
+Anything else outside the standard domains, or an attribute the rules do not cover (auto_pad,
+class weights, ...), is a :class:`~hiertrain.errors.PlanError` naming the op, the node and the
+model: never a silently wrong gradient. Nodes the rules create for a gradient are named
+``lowered/...`` so the forward/backward split keeps them in the backward graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, defs, helper, numpy_helper, shape_inference
+
+from hiertrain.errors import PlanError
+
+VERSION = 1            # part of every segment's cache key: bump when a rule changes its output
+PREFIX = "lowered/"
+OPSET = 17
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and defs.has(node.op_type, "")
+
+
+class _Lowerer:
+    def __init__(self, model: onnx.ModelProto, what: str) -> None:
+        self.model, self.what = model, what
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+        self.shapes: dict[str, list] = {}
+        self.producer = {o: n for n in model.graph.node for o in n.output if o}
+
+    # helpers -------------------------------------------------------------------------------
+    def fail(self, node: onnx.NodeProto, why: str) -> PlanError:
+        return PlanError(f"cannot lower {node.domain + '.' if node.domain else ''}{node.op_type} "
+                         f"(node {node.name or node.output[0]!r}) of {self.what}: {why}")
+
+    def name(self, base: str, what: str) -> str:
+        self._n += 1
+        return f"{PREFIX}{base}/{what}{self._n}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        t = numpy_helper.from_array(np.asarray(value), self.name(base, "const"))
+        self.inits.append(t)
+        return t.name
+
+    def static(self, node: onnx.NodeProto, tensor: str) -> list[int]:
+        """Per-sample (non-batch) dims of a tensor, which must be known (the batch may be symbolic)."""
+        dims = self.shapes.get(tensor)
+        if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+            raise self.fail(node, f"the shape of {tensor!r} is not known statically ({dims})")
+        return dims
+
+    def infer(self, nodes: list[onnx.NodeProto]) -> None:
+        g = self.model.graph
+        std = [n for n in nodes if _standard(n)]
+        m = helper.make_model(helper.make_graph(std, "infer", list(g.input), list(g.output),
+                                                list(g.initializer) + self.inits),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+        m.ir_version = self.model.ir_version
+        inf = shape_inference.infer_shapes(m)
+        for v in [*inf.graph.value_info, *inf.graph.input, *inf.graph.output]:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                                       for d in v.type.tensor_type.shape.dim]
+
+    # rules without shapes -------------------------------------------------------------------
+    def relu_grad(self, node):
+        dy, y = node.input[:2]
+        base = node.output[0]
+        pos = self.name(base, "pos")
+        return [helper.make_node("Greater", [y, self.const(base, np.float32(0))], [pos], name=pos),
+                helper.make_node("Where", [pos, dy, self.const(base, np.float32(0))], [node.output[0]],
+                                 name=self.name(base, "where"))]
+
+    def scale(self, node):
+        x, s = node.input[:2]
+        base = node.output[0]
+        sf = self.name(base, "scale")
+        out = [helper.make_node("Cast", [s], [sf], to=TensorProto.FLOAT, name=sf)]
+        if _attrs(node).get("scale_down", 0):  # the training kernel multiplies by 1/scale
+            r = self.name(base, "reciprocal")
+            out.append(helper.make_node("Reciprocal", [sf], [r], name=r))
+            sf = r
+        out.append(helper.make_node("Mul", [x, sf], [node.output[0]], name=self.name(base, "mul")))
+        return out
+
+    def split_training(self, node):
+        a = _attrs(node)
+        return [helper.make_node("Split", list(node.input[:2]), list(node.output), axis=a.get("axis", 0),
+                                 name=self.name(node.output[0], "split"))]
+
+    def concat_training(self, node):
+        # forward op: keeps its name; the lengths output becomes a constant once shapes are known
+        a = _attrs(node)
+        out = [helper.make_node("Concat", list(node.input), [node.output[0]], axis=a.get("axis", 0),
+                                name=node.name or node.output[0])]
+        if len(node.output) > 1 and node.output[1]:
+            self.pending_lengths.append((node, a.get("axis", 0)))
+        return out
+
+    # rules that need shapes -----------------------------------------------------------------
+    def lengths(self, node, axis: int) -> None:
+        dims = []
+        for x in node.input:
+            shape = self.static(node, x)
+            dims.append(shape[axis if axis >= 0 else len(shape) + axis])
+        t = numpy_helper.from_array(np.array(dims, np.int64), node.output[1])
+        self.inits.append(t)
+
+    def maxpool_grad(self, node):
+        a = _attrs(node)
+        dy, idx = node.input[:2]
+        pool = self.producer.get(idx)
+        if pool is None or pool.op_type != "MaxPool" or len(pool.output) < 2 or pool.output[1] != idx:
+            raise self.fail(node, f"its indices {idx!r} do not come from a MaxPool")
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or a.get("storage_order", 0):
+            raise self.fail(node, "only auto_pad=NOTSET and storage_order=0 are supported")
+        x = self.static(node, pool.input[0])
+        k, s = list(a["kernel_shape"]), list(a.get("strides", [1] * len(a["kernel_shape"])))
+        pads, dil = list(a.get("pads", [0] * 2 * len(k))), list(a.get("dilations", [1] * len(k)))
+        base = node.output[0]
+        n = self.name(base, "n")
+        shape = self.name(base, "shape")
+        out = [helper.make_node("Shape", [dy], [self.name(base, "dyshape")], name=self.name(base, "shape")),
+               ]
+        out.append(helper.make_node("Slice", [out[-1].output[0], self.const(base, np.array([0], np.int64)),
+                                              self.const(base, np.array([1], np.int64))], [n], name=n))
+        out.append(helper.make_node("Concat", [n, self.const(base, np.array(x[1:], np.int64))], [shape], axis=0,
+                                    name=shape))
+        overlapping = any(ki > si for ki, si in zip(k, s)) or any(d != 1 for d in dil) or a.get("ceil_mode", 0)
+        if not overlapping:  # every input position in at most one window: indices are unique
+            out.append(helper.make_node("MaxUnpool", [dy, idx, shape], [node.output[0]], kernel_shape=k, strides=s,
+                                        pads=pads, name=self.name(base, "unpool")))
+            return out
+        zeros, flat, fi, fd, sc = (self.name(base, w) for w in ("zeros", "flat", "flatidx", "flatdy", "scatter"))
+        minus1 = self.const(base, np.array([-1], np.int64))
+        out += [helper.make_node("ConstantOfShape", [shape], [zeros], name=zeros,
+                                 value=numpy_helper.from_array(np.zeros(1, np.float32))),
+                helper.make_node("Reshape", [zeros, minus1], [flat], name=flat),
+                helper.make_node("Reshape", [idx, minus1], [fi], name=fi),
+                helper.make_node("Reshape", [dy, minus1], [fd], name=fd),
+                helper.make_node("ScatterElements", [flat, fi, fd], [sc], axis=0, reduction="add", name=sc),
+                helper.make_node("Reshape", [sc, shape], [node.output[0]], name=self.name(base, "reshape"))]
+        return out
+
+    def conv_grad(self, node):
+        a = _attrs(node)
+        dy, x, w = node.input[:3]
+        outs = list(node.output) + [""] * (3 - len(node.output))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise self.fail(node, f"auto_pad={a['auto_pad']!r} is not supported; give explicit pads")
+        xs = self.static(node, x)
+        k = list(a["kernel_shape"])
+        r = len(k)
+        s = list(a.get("strides", [1] * r))
+        d = list(a.get("dilations", [1] * r))
+        p = list(a.get("pads", [0] * 2 * r))
+        g = int(a.get("group", 1))
+        ys = [(xs[2 + i] + p[i] + p[r + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(r)]
+        base = (outs[1] or outs[0] or outs[2])
+        nodes: list[onnx.NodeProto] = []
+        if outs[0]:  # dX
+            op = [xs[2 + i] - ((ys[i] - 1) * s[i] - p[i] - p[r + i] + d[i] * (k[i] - 1) + 1) for i in range(r)]
+            if any(not 0 <= o < max(s[i], d[i]) for i, o in enumerate(op)):
+                raise self.fail(node, f"no ConvTranspose reproduces input shape {xs}")
+            nodes.append(helper.make_node("ConvTranspose", [dy, w], [outs[0]], kernel_shape=k, strides=s, pads=p,
+                                          dilations=d, group=g, output_padding=op, name=self.name(base, "dx")))
+        if outs[1]:  # dW
+            o = self.shapes.get(w, [None])[0]
+            if not isinstance(o, int) or o <= 0:
+                raise self.fail(node, f"the shape of the weight {w!r} is not known statically")
+            nodes += self._conv_dw(base, dy, x, outs[1], xs, ys, k, s, d, p, g, o)
+        if outs[2]:  # dB
+            axes = self.const(base, np.array([0, *range(2, 2 + r)], np.int64))
+            nodes.append(helper.make_node("ReduceSum", [dy, axes], [outs[2]], keepdims=0, name=self.name(base, "db")))
+        return nodes
+
+    def _conv_dw(self, base, dy, x, dw, xs, ys, k, s, d, p, g, o):
+        r = len(k)
+        c = xs[1]
+        perm = [1, 0, *range(2, 2 + r)]
+        nodes = []
+        if g == 1 and all(ki == 1 for ki in k) and all(v == 1 for v in s) and not any(p):
+            # 1x1, stride 1: dW[o, c] = sum over (n, pixels) of dY[n, o, p] X[n, c, p]: one GEMM
+            yt, y2, xt, x2, mm = (self.name(base, w) for w in ("yt", "y2", "xt", "x2", "mm"))
+            nodes += [helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt),
+                      helper.make_node("Reshape", [yt, self.const(base, np.array([0, -1], np.int64))], [y2], name=y2),
+                      helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
+                      helper.make_node("Reshape", [xt, self.const(base, np.array([0, -1], np.int64))], [x2], name=x2),
+                      helper.make_node("Gemm", [y2, x2], [mm], transB=1, name=mm),
+                      helper.make_node("Reshape", [mm, self.const(base, np.array([0, c] + [1] * r, np.int64))], [dw],
+                                       name=self.name(base, "dw"))]
+            return nodes
+        xt, yt = self.name(base, "xt"), self.name(base, "yt")
+        nodes += [helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
+                  helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt)]
+        xg, yg = [xt], [yt]
+        if g > 1:
+            xg = [self.name(base, f"xg{i}_") for i in range(g)]
+            yg = [self.name(base, f"yg{i}_") for i in range(g)]
+            nodes += [helper.make_node("Split", [xt, self.const(base, np.array([c // g] * g, np.int64))], xg, axis=0,
+                                       name=self.name(base, "splitx")),
+                      helper.make_node("Split", [yt, self.const(base, np.array([o // g] * g, np.int64))], yg, axis=0,
+                                       name=self.name(base, "splity"))]
+        kz = [(xs[2 + i] + p[i] + p[r + i] - (ys[i] - 1) * s[i] - 1) // d[i] + 1 for i in range(r)]
+        parts = []
+        for i, (xi, yi) in enumerate(zip(xg, yg)):
+            z = self.name(base, f"z{i}_")
+            nodes.append(helper.make_node("Conv", [xi, yi], [z], strides=d, dilations=s, pads=p, name=z))
+            if kz != k:  # the correlation also covers rows past the kernel: keep the first k
+                zs = self.name(base, f"zs{i}_")
+                nodes.append(helper.make_node("Slice", [z, self.const(base, np.zeros(r, np.int64)),
+                                                        self.const(base, np.array(k, np.int64)),
+                                                        self.const(base, np.arange(2, 2 + r, dtype=np.int64))],
+                                              [zs], name=zs))
+                z = zs
+            zt = self.name(base, f"zt{i}_")
+            nodes.append(helper.make_node("Transpose", [z], [zt if g > 1 else dw], perm=perm,
+                                          name=zt))
+            parts.append(zt)
+        if g > 1:
+            nodes.append(helper.make_node("Concat", parts, [dw], axis=0, name=self.name(base, "dw")))
+        return nodes
+
+    def sce_grad(self, node):
+        a = _attrs(node)
+        ins = [i for i in node.input]
+        if len(ins) > 3 and any(ins[3:]):
+            raise self.fail(node, "class weights are not supported")
+        dy, logp, label = ins[:3]
+        shape = self.static(node, logp)
+        if len(shape) != 2:
+            raise self.fail(node, f"only [N, C] logits are supported, got {shape}")
+        red = a.get("reduction", b"mean")
+        red = red.decode() if isinstance(red, bytes) else red
+        base = node.output[0]
+        nm = lambda w: self.name(base, w)  # noqa: E731
+        prob, oh, diff = nm("prob"), nm("onehot"), nm("diff")
+        nodes = [helper.make_node("Exp", [logp], [prob], name=prob)]
+        lab, mask = label, None
+        if "ignore_index" in a:
+            eq, mask, lab = nm("eq"), nm("mask"), nm("label")
+            nodes += [helper.make_node("Equal", [label, self.const(base, np.int64(a["ignore_index"]))], [eq], name=eq),
+                      helper.make_node("Not", [eq], [mask], name=mask),
+                      helper.make_node("Where", [mask, label, self.const(base, np.int64(0))], [lab], name=lab)]
+        nodes += [helper.make_node("OneHot", [lab, self.const(base, np.array(shape[1], np.int64)),
+                                              self.const(base, np.array([0, 1], np.float32))], [oh], axis=-1, name=oh),
+                  helper.make_node("Sub", [prob, oh], [diff], name=diff)]
+        if mask is not None:
+            mf, mu, md = nm("maskf"), nm("masku"), nm("masked")
+            nodes += [helper.make_node("Cast", [mask], [mf], to=TensorProto.FLOAT, name=mf),
+                      helper.make_node("Unsqueeze", [mf, self.const(base, np.array([1], np.int64))], [mu], name=mu),
+                      helper.make_node("Mul", [diff, mu], [md], name=md)]
+            diff = md
+        if red == "none":
+            du = nm("dyu")
+            nodes += [helper.make_node("Unsqueeze", [dy, self.const(base, np.array([1], np.int64))], [du], name=du),
+                      helper.make_node("Mul", [diff, du], [node.output[0]], name=nm("grad"))]
+            return nodes
+        if red == "sum":
+            return nodes + [helper.make_node("Mul", [diff, dy], [node.output[0]], name=nm("grad"))]
+        if red != "mean":
+            raise self.fail(node, f"unknown reduction {red!r}")
+        count, scale = nm("count"), nm("scale")
+        if mask is not None:
+            nodes.append(helper.make_node("ReduceSum", [mf], [count], keepdims=0, name=count))
+        else:
+            sh, n1 = nm("lshape"), nm("n")
+            nodes += [helper.make_node("Shape", [label], [sh], name=sh),
+                      helper.make_node("Cast", [sh], [n1], to=TensorProto.FLOAT, name=n1),
+                      helper.make_node("ReduceSum", [n1], [count], keepdims=0, name=count)]
+        return nodes + [helper.make_node("Div", [dy, count], [scale], name=scale),
+                        helper.make_node("Mul", [diff, scale], [node.output[0]], name=nm("grad"))]
+
+    # driver ---------------------------------------------------------------------------------
+    FIRST = {"ReluGrad": "relu_grad", "Scale": "scale", "SplitTraining": "split_training",
+             "ConcatTraining": "concat_training"}
+    SECOND = {"MaxPoolGrad": "maxpool_grad", "ConvGrad": "conv_grad", "SoftmaxCrossEntropyLossGrad": "sce_grad"}
+
+    def run(self) -> onnx.ModelProto:
+        self.pending_lengths: list = []
+        nodes = self._pass(list(self.model.graph.node), self.FIRST)
+        self.infer(nodes)
+        for node, axis in self.pending_lengths:
+            self.lengths(node, axis)
+        nodes = self._pass(nodes, self.SECOND)
+        for n in nodes:
+            if not _standard(n):
+                raise self.fail(n, "no rule rewrites it into standard ONNX ops")
+        g = self.model.graph
+        graph = helper.make_graph(nodes, g.name, list(g.input), list(g.output), list(g.initializer) + self.inits,
+                                  value_info=list(g.value_info))
+        out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                producer_name="hiertrain-lowered")
+        out.ir_version = self.model.ir_version
+        return out
+
+    def _pass(self, nodes: list[onnx.NodeProto], rules: dict[str, str]) -> list[onnx.NodeProto]:
+        out: list[onnx.NodeProto] = []
+        for n in nodes:
+            rule: Optional[str] = rules.get(n.op_type) if not _standard(n) else None
+            if rule is None:
+                out.append(n)
+                continue
+            out += getattr(self, rule)(n)
+        return out
+
+
+def lower(model: onnx.ModelProto, what: str = "a model") -> onnx.ModelProto:
+    """``model`` with every training-only op rewritten into standard ONNX (opset 17) ops."""
+    return _Lowerer(model, what).run()
+
+
+def nonstandard_ops(model: onnx.ModelProto) -> list[str]:
+    """The ops of ``model`` that plain onnxruntime does not have (empty for a lowered graph)."""
+    return sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in model.graph.node if not _standard(n)})
