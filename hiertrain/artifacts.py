@@ -202,9 +202,9 @@ class Server:
             except Exception as exc:  # never let one request stop the server
                 log.warning("%s: segment request from %s failed: %s", self.transport.account, msg.sender, exc)
                 tensors, meta = {}, {"error": f"{type(exc).__name__}: {exc}"}
+            self.served += 1
             self.transport.send(Message(REPLY, self.transport.job, self.transport.account, msg.sender, msg.iteration,
                                         0, tensors, 0, meta))
-            self.served += 1
             log.info("%s: sent segment %s to %s", self.transport.account, meta.get("key", "(refused)"), msg.sender)
 
 

@@ -40,7 +40,9 @@ class LocalCluster:
                  timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
-                 network: Any = None) -> None:
+                 network: Any = None, launch: Optional[dict[str, list[str]]] = None) -> None:
+        """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
+        another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own."""
         from broker.layout import BrokerDir, Settings
         from broker.process import BrokerProcess, available_kind, free_port
 
@@ -50,6 +52,7 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.broker = None
         self.network = network  # a hiertrain.testbed.Testbed: tiers and broker in its namespaces
+        self.launch = launch or {}
         host = {t: "127.0.0.1" for t in (*TIERS, "root")}
         if network is not None:
             from hiertrain.testbed import BROKER_FOR
@@ -70,7 +73,8 @@ class LocalCluster:
         self.host = host
         self.configs = {t: toml(work / f"{t}.toml", job, broker_dir.credentials_file(t), {
             "train": {"model": model, "batch": batch, "lr": lr, "iterations": iterations, "timeout_s": timeout_s},
-            "runtime": {"threads": threads[t], "cache": str(work / "cache"), "chunk_kb": chunk_kb},
+            "runtime": {"threads": threads[t], "cache": str(work / (f"cache-{t}" if t in self.launch else "cache")),
+                        "chunk_kb": chunk_kb},
             **({"checkpoint": {"dir": str(work / f"ck-{t}"), "every": every}} if every else {})},
             host=host[t]) for t in TIERS}
         planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"])
@@ -98,7 +102,8 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         where = name if name in TIERS else "edge"
         with open(self.work / f"{name}.log", "a") as log:
-            proc = subprocess.Popen([*self._prefix(where), sys.executable, "-m", "hiertrain", *args], stdout=log,
+            python = self.launch.get(name, [sys.executable])
+            proc = subprocess.Popen([*self._prefix(where), *python, "-m", "hiertrain", *args], stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs[name] = proc
         if name in self.quotas:

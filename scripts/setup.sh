@@ -4,13 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+# Mosquitto (the broker); debootstrap and qemu-user-static for the test suite's emulated arm64 device.
+need=""
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto mosquitto-clients"
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
+command -v qemu-aarch64-static >/dev/null 2>&1 || need="$need qemu-user-static"
+if [ -n "$need" ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   if command -v apt-get >/dev/null 2>&1; then
     $SUDO apt-get update -qq || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
   else
-    echo "setup: no apt-get; install mosquitto yourself (the demo falls back to the embedded broker)" >&2
+    echo "setup: no apt-get; install$need yourself (the demo falls back to the embedded broker)" >&2
   fi
 fi
 

@@ -1,0 +1,171 @@
+"""Portable segments: a device with plain onnxruntime (no gradient builder) trains.
+
+- artifacts: a directory of built segments is verified before use; a tampered file is refused;
+- a builder tier serves segments over MQTT to a runner, which verifies and caches them;
+- a device in its own virtualenv with ``hiertrain[device]`` (plain onnxruntime, x86-64) trains in
+  three-tier hybrid schedules over Mosquitto, equal to single-process training;
+- the same on an emulated arm64 machine (Debian arm64, qemu user mode): the ``arm`` test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster import dump, reference, rel, schedule
+from hiertrain import arm64, artifacts, models, segments
+from hiertrain.errors import PlanError
+from hiertrain.local import LocalCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------- artifacts
+
+@pytest.mark.unit
+def test_a_segment_directory_is_verified_and_a_tampered_file_refused(tmp_path):
+    spec = models.get("lenet5")
+    manifest = artifacts.build_dir(spec, tmp_path / "segs")
+    assert manifest["model"] == "lenet5" and len(manifest["segments"]) == 8 + 7 * 8 // 2
+    get = artifacts.provider(tmp_path / "segs", None)
+    path = get(spec, 1, 3, "body", False, tmp_path / "cache")
+    assert path == tmp_path / "cache" / segments.key(spec, 1, 3, "body", False)
+    assert segments.load(path, "body", False).params == tuple(spec.param_shapes(1, 3))
+    k = segments.key(spec, 2, 7, "head", True)
+    (tmp_path / "segs" / k / "step.onnx").write_bytes(b"not the graph that was built")
+    with pytest.raises(PlanError, match="step.onnx does not match its SHA-256"):
+        get(spec, 2, 7, "head", True, tmp_path / "cache")
+    assert not (tmp_path / "cache" / k).exists()
+
+
+@pytest.mark.unit
+def test_keys_name_what_a_segment_computes():
+    a, b = models.get("alexnet"), models.get("alexnet-small")
+    assert segments.key(a, 1, 3, "body", False) != segments.key(b, 1, 3, "body", False)  # same names, other graph
+    assert segments.key(a, 1, 3, "body", False) != segments.key(a, 1, 3, "body", True)
+    assert segments.key(a, 1, 3, "body", False) != segments.key(a, 1, 3, "body", False, lowered=False)
+    assert segments.key(a, 4, 99, "head", True) == segments.key(a, 4, a.n_units, "head", True)
+
+
+@pytest.mark.protocol
+def test_a_builder_serves_segments_to_a_runner_over_mqtt(mosquitto, connect, tmp_path):
+    spec = models.get("lenet5")
+    edge, device = connect("edge"), connect("device")
+    server = artifacts.Server(edge, spec, root=tmp_path / "edge-cache").start()
+    fetch = artifacts.Fetcher(device, lambda: ["edge"], timeout=20)
+    req = artifacts.Request.of(spec, 1, 4, "body", False)
+    path = fetch(req, tmp_path / "device-cache")
+    assert segments.load(path, "body", False).stash
+    assert artifacts.digests(path) == artifacts.digests(tmp_path / "edge-cache" / req.key)
+    bad = artifacts.Request("lenet5", 1, 4, "body", False, "lenet5/1-4-body-000000000000")
+    with pytest.raises(PlanError, match="edge refused segment .*differs from the builder's"):
+        fetch(bad, tmp_path / "device-cache")
+    other = artifacts.Request.of(models.get("alexnet-small"), 1, 2, "body", False)
+    with pytest.raises(PlanError, match="this job trains lenet5, not alexnet-small"):
+        fetch(other, tmp_path / "device-cache")
+    edge.service[artifacts.REQUEST].put(None)
+    assert server.served == 3
+
+
+# ------------------------------------------------------------------- real runner devices
+
+SCHEDULES = {  # the device computes in each
+    "device is s (cut 2), o=cloud": schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1),
+    "device is o, s=edge l=cloud": schedule("device", "edge", "cloud", 3, 6, 4, 4, 4, version=1),
+}
+
+
+def _wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True)
+    return next(out.glob("hiertrain-*.whl"))
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    return _wheel(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def device_venv(wheel, tmp_path_factory) -> Path:
+    """A virtualenv with ``hiertrain[device]``: plain onnxruntime, as on a Raspberry Pi."""
+    venv = tmp_path_factory.mktemp("device-venv")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[device]"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return py
+
+
+def _runner_run(tmp_path, broker_dir, launch, name, iterations):
+    c = LocalCluster(tmp_path, broker_dir=broker_dir, job="portable", chunk_kb=64, iterations=iterations,
+                     every=iterations, timeout_s=120, launch={"device": launch})
+    try:
+        c.publish(SCHEDULES[name])
+        c.start()
+        codes = c.wait(timeout=900)
+        assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+        ref_losses, ref_params = reference(c, iterations)
+        losses = c.losses()
+        assert sorted(losses) == list(range(iterations)), dump(c)
+        for i, expected in enumerate(ref_losses):
+            assert losses[i] == pytest.approx(expected, rel=1e-4)
+        ck = c.final_checkpoint()
+        assert ck.iteration == iterations - 1 and rel(ck.params, ref_params) < 1e-4
+        log = c.log("device")
+        assert "no gradient builder" in log, log
+        cache = tmp_path / "cache-device" / "segments" / "lenet5"
+        assert any(cache.iterdir()), "the device fetched no segments"
+        return c
+    finally:
+        c.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, broker_dir, tmp_path, name):
+    probe = subprocess.run([str(device_venv), "-c", "import onnxruntime, importlib.util as u; "
+                            "from hiertrain import segments; print(onnxruntime.__version__, segments.can_build(), "
+                            "u.find_spec('onnxruntime.training') is not None)"],
+                           capture_output=True, text=True, check=True)
+    version, builds, training = probe.stdout.split()
+    assert (builds, training) == ("False", "False"), probe.stdout
+    _runner_run(tmp_path, broker_dir, [str(device_venv)], name, iterations=12)
+
+
+# --------------------------------------------------------------------------- arm64
+
+@pytest.mark.arm
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_an_emulated_arm64_device_trains_in_a_hybrid(wheel, mosquitto, broker_dir, tmp_path, name):
+    """The device service on Debian arm64 under qemu, with the aarch64 wheels of onnxruntime,
+    numpy, msgpack and paho-mqtt, against Mosquitto on the host: results equal single-process."""
+    missing = arm64.missing_tools()
+    if missing:
+        pytest.skip(f"the arm64 machine needs {', '.join(missing)}")
+    t0 = time.monotonic()
+    root = arm64.Arm64Root().ensure()
+    root.install([f"{wheel}[device]"])
+    ready = time.monotonic() - t0
+    python = root.python(binds=[tmp_path])  # configs, credentials (the broker dir is inside), caches
+    probe = subprocess.run([*python, "-c", "import platform, onnxruntime; from hiertrain import segments; "
+                            "print(platform.machine(), onnxruntime.__version__, segments.can_build())"],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    machine, version, builds = probe.stdout.split()
+    assert (machine, builds) == ("aarch64", "False")
+    t1 = time.monotonic()
+    _runner_run(tmp_path, broker_dir, python, name, iterations=8)
+    print(json.dumps({"arm64_rootfs_and_wheels_s": round(ready, 1), "arm64_run_s": round(time.monotonic() - t1, 1),
+                      "onnxruntime": version}))
