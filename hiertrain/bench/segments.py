@@ -5,7 +5,10 @@
   runs the fused forward+backward graph after a separate forward (what ORT's TrainStep forces:
   the forward twice) or our split forward then backward with a stash. Ratios are to one fused
   run (one forward, one backward): the goal is split <= 1.05.
-- *step*: one LeNet-5 training step at batch 64 (forward, backward, SGD) in ORT and in PyTorch.
+- *lowering*: the backward of the same segments lowered to standard ONNX ops (what plain
+  onnxruntime runs) against onnxruntime-training's kernels: the goal is <= 1.05.
+- *step*: one LeNet-5 and one AlexNet-small training step at batch 64 (forward, backward, SGD),
+  hiertrain's single-tier path against PyTorch on the same CPU: the goal is <= 1.0.
 """
 
 from __future__ import annotations
@@ -77,30 +80,57 @@ def recompute(repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
-def step_vs_pytorch(repeat: int, batch: int = 64) -> dict[str, Any]:
-    spec = models.get("lenet5")
-    rt = segments.Runtime()
-    head = rt.head(spec, 1)
-    params = models.init_params(spec)
-    opt = Optimizer(OptimizerConfig("sgd", lr=0.01), spec.param_shapes())
+def lowering_cost(repeat: int) -> list[dict[str, Any]]:
+    """The lowered backward (standard ONNX ops, any onnxruntime) against the training kernels'."""
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, a, b, batch in CASES:
+            spec = models.get(name)
+            params = models.init_params(spec)
+            rng = np.random.default_rng(0)
+            x = rng.random((batch, *spec.shape_at(a - 1)), dtype=np.float32)
+            gy = rng.standard_normal((batch, *spec.shape_at(b))).astype(np.float32)
+            segs = {k: segments.Segment(segments.build(spec, a, b, kind="body", input_grad=a > 1, root=Path(d),
+                                                       lowered=k == "lowered")) for k in ("kernels", "lowered")}
+            stash = {k: seg.forward(params, x)[1] for k, seg in segs.items()}
+            t = _interleaved({k: (lambda k=k: segs[k].backward(params, stash[k], gy)) for k in segs}, repeat)
+            rows.append({"model": name, "units": f"{a}..{b}", "batch": batch,
+                         **{f"backward_{k}_ms": round(v * 1e3, 3) for k, v in t.items()},
+                         "ratio": round(t["lowered"] / t["kernels"], 3)})
+    return rows
+
+
+def _torch_model(name: str):
+    import torch.nn as nn
+
+    if name == "lenet5":
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    c = [16, 48, 96, 64, 64, 256]  # alexnet-small: AlexNet at width 0.25
+    return nn.Sequential(
+        nn.Conv2d(3, c[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(c[0], c[1], 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(), nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(c[4] * 64, c[5]), nn.ReLU(), nn.Linear(c[5], c[5]), nn.ReLU(), nn.Linear(c[5], 200))
+
+
+def step_vs_pytorch(repeat: int, name: str = "lenet5", batch: int = 64) -> dict[str, Any]:
+    """One training step (forward, backward, SGD) of the whole model: hiertrain's worker_o path
+    (:class:`~hiertrain.hybrid.SingleProcess`) against PyTorch on the same CPU."""
+    from hiertrain.hybrid import SingleProcess
+
+    spec = models.get(name)
+    model = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=0.01), runtime=segments.Runtime())
     rng = np.random.default_rng(0)
-    x = rng.random((batch, 3, 32, 32), dtype=np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int64)
-    state = {"p": params}
-
-    def ort_step() -> None:
-        _, _, _, g = head.step(state["p"], x, y)
-        state["p"] = opt.step(state["p"], g)
-
-    fns: dict[str, Callable[[], Any]] = {"ort": ort_step}
+    x = rng.random((batch, *spec.input_shape), dtype=np.float32)
+    y = rng.integers(0, spec.classes, batch).astype(np.int64)
+    fns: dict[str, Callable[[], Any]] = {"ort": lambda: model.step(x, y)}
     try:
         import torch
 
         torch.manual_seed(0)
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(400, 120), torch.nn.ReLU(),
-            torch.nn.Linear(120, 84), torch.nn.ReLU(), torch.nn.Linear(84, 10))
+        net = _torch_model(name)
         topt = torch.optim.SGD(net.parameters(), lr=0.01)
         tx, ty = torch.tensor(x), torch.tensor(y)
 
@@ -114,7 +144,8 @@ def step_vs_pytorch(repeat: int, batch: int = 64) -> dict[str, Any]:
     except ImportError:
         versions = {"torch": None}
     t = _interleaved(fns, repeat)
-    return {"model": "lenet5", "batch": batch, **{f"{k}_ms": round(v * 1e3, 3) for k, v in t.items()}, **versions}
+    ratio = {"ratio": round(t["ort"] / t["pytorch"], 3)} if "pytorch" in t else {}
+    return {"model": name, "batch": batch, **{f"{k}_ms": round(v * 1e3, 3) for k, v in t.items()}, **ratio, **versions}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,5 +156,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "recompute": rec,
         "split_ratio_max": max(r["split_ratio"] for r in rec),
         "goal_split_ratio": 1.05,
-        "step": step_vs_pytorch(max(args.repeat, 20)),
+        "lowering": (low := lowering_cost(max(args.repeat, 9))),
+        "lowering_ratio_max": max(r["ratio"] for r in low),
+        "goal_lowering_ratio": 1.05,
+        "step": (steps := [step_vs_pytorch(max(args.repeat, 20), m, 64) for m in ("lenet5", "alexnet-small")]),
+        "step_ratio_max": max(r.get("ratio", 0) for r in steps),
+        "goal_step_ratio": 1.0,
     }
