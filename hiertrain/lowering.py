@@ -9,10 +9,9 @@ platform it has wheels for (a Raspberry Pi's aarch64 among them):
 - ReluGrad(dY, Y)                 -> Where(Y > 0, dY, 0)
 - MaxPoolGrad(dY, Indices)        -> MaxUnpool for non-overlapping windows, otherwise
                                      ScatterElements(reduction='add') over MaxPool's flat indices
-- ConvGrad(dY, X, W)              -> dX: ConvTranspose with output_padding; dW: a Conv of the
-                                     transposed input with the transposed output gradient (stride
-                                     and dilation swapped, per group), or a Gemm for 1x1 kernels;
-                                     dB: ReduceSum
+- ConvGrad(dY, X, W)              -> dX: ConvTranspose with output_padding; dW: im2col built from
+                                     one strided Slice per kernel offset, then one Gemm per group
+                                     (a plain Gemm for 1x1 kernels); dB: ReduceSum
 - SoftmaxCrossEntropyLossGrad     -> (exp(log_prob) - one_hot(label)) scaled as the reduction says
 - Scale / SplitTraining / ConcatTraining -> Mul or Div / Split / Concat (lengths as constants)
 
@@ -24,6 +23,7 @@ model: never a silently wrong gradient. Nodes the rules create for a gradient ar
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import numpy as np
@@ -32,7 +32,7 @@ from onnx import TensorProto, defs, helper, numpy_helper, shape_inference
 
 from hiertrain.errors import PlanError
 
-VERSION = 1            # part of every segment's cache key: bump when a rule changes its output
+VERSION = 2            # part of every segment's cache key: bump when a rule changes its output
 PREFIX = "lowered/"
 OPSET = 17
 
@@ -215,6 +215,59 @@ class _Lowerer:
                       helper.make_node("Reshape", [mm, self.const(base, np.array([0, c] + [1] * r, np.int64))], [dw],
                                        name=self.name(base, "dw"))]
             return nodes
+        if int(np.prod(k)) >= 25:  # measured: for 5x5 and larger kernels the Conv is faster
+            return nodes + self._dw_by_conv(base, dy, x, dw, xs, ys, k, s, d, p, g, o)
+        # im2col from slices: one strided Slice of the padded, transposed input per kernel offset,
+        # stacked into cols [C * k.., N * pixels]; then one GEMM per group with the output gradient.
+        xt, yt, y2, cols = (self.name(base, w) for w in ("xt", "yt", "y2", "cols"))
+        nodes += [helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
+                  helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt),
+                  helper.make_node("Reshape", [yt, self.const(base, np.array([0, -1], np.int64))], [y2], name=y2)]
+        if any(p):
+            xp = self.name(base, "xpad")
+            pads = [0, 0, *p[:r], 0, 0, *p[r:]]
+            nodes.append(helper.make_node("Pad", [xt, self.const(base, np.array(pads, np.int64))], [xp], name=xp))
+            xt = xp
+        axes = self.const(base, np.arange(2, 2 + r, dtype=np.int64))
+        steps = self.const(base, np.array(s, np.int64))
+        one = self.const(base, np.array([1], np.int64))
+        parts = []
+        for off in itertools.product(*(range(ki) for ki in k)):
+            start = [off[i] * d[i] for i in range(r)]
+            end = [start[i] + s[i] * (ys[i] - 1) + 1 for i in range(r)]
+            sl, un = self.name(base, "slice"), self.name(base, "col")
+            nodes += [helper.make_node("Slice", [xt, self.const(base, np.array(start, np.int64)),
+                                                 self.const(base, np.array(end, np.int64)), axes, steps], [sl], name=sl),
+                      helper.make_node("Unsqueeze", [sl, one], [un], name=un)]
+            parts.append(un)
+        stacked = self.name(base, "stacked")
+        kk = int(np.prod(k))
+        nodes += [helper.make_node("Concat", parts, [stacked], axis=1, name=stacked),
+                  helper.make_node("Reshape", [stacked, self.const(base, np.array([c * kk, -1], np.int64))], [cols],
+                                   name=cols)]
+        shape = self.const(base, np.array([o, c // g, *k], np.int64))
+        if g == 1:
+            mm = self.name(base, "mm")
+            return nodes + [helper.make_node("Gemm", [y2, cols], [mm], transB=1, name=mm),
+                            helper.make_node("Reshape", [mm, shape], [dw], name=self.name(base, "dw"))]
+        yg = [self.name(base, f"yg{i}_") for i in range(g)]
+        cg = [self.name(base, f"cg{i}_") for i in range(g)]
+        mg = [self.name(base, f"mg{i}_") for i in range(g)]
+        cat = self.name(base, "cat")
+        nodes += [helper.make_node("Split", [y2, self.const(base, np.array([o // g] * g, np.int64))], yg, axis=0,
+                                   name=self.name(base, "splity")),
+                  helper.make_node("Split", [cols, self.const(base, np.array([c // g * kk] * g, np.int64))], cg, axis=0,
+                                   name=self.name(base, "splitcols"))]
+        nodes += [helper.make_node("Gemm", [yi, ci], [mi], transB=1, name=mi) for yi, ci, mi in zip(yg, cg, mg)]
+        return nodes + [helper.make_node("Concat", mg, [cat], axis=0, name=cat),
+                        helper.make_node("Reshape", [cat, shape], [dw], name=self.name(base, "dw"))]
+
+    def _dw_by_conv(self, base, dy, x, dw, xs, ys, k, s, d, p, g, o):
+        """dW as a Conv of the transposed input [C, N, ..] with the transposed output gradient
+        [O, N, ..] as its kernel (stride and dilation swapped), per group: few, large copies."""
+        r, c = len(k), xs[1]
+        perm = [1, 0, *range(2, 2 + r)]
+        nodes: list[onnx.NodeProto] = []
         xt, yt = self.name(base, "xt"), self.name(base, "yt")
         nodes += [helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
                   helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt)]

@@ -57,6 +57,8 @@ rng = np.random.default_rng(7)
     (1, 1, [0, 0, 0, 0], 1, 1, 6, 5, (5, 7)),          # 1x1: one GEMM
     (1, 2, [0, 0, 0, 0], 1, 1, 6, 5, (7, 7)),          # 1x1 strided: the general path
     ((2, 3), (2, 1), [0, 1, 1, 0], (1, 2), 1, 2, 3, (9, 8)),  # rectangular everything
+    (5, 1, [2, 2, 2, 2], 1, 2, 4, 6, (9, 9)),          # 5x5 and larger: dW by the Conv of transposes, groups
+    (5, 2, [1, 2, 0, 1], 2, 1, 3, 4, (15, 14)),        # ... with stride, dilation, asymmetric pads
 ])
 def test_conv_grad(k, s, pads, d, g, c, o, hw):
     k, s, d = ((v, v) if isinstance(v, int) else v for v in (k, s, d))
