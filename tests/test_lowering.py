@@ -59,6 +59,7 @@ rng = np.random.default_rng(7)
     ((2, 3), (2, 1), [0, 1, 1, 0], (1, 2), 1, 2, 3, (9, 8)),  # rectangular everything
     (5, 1, [2, 2, 2, 2], 1, 2, 4, 6, (9, 9)),          # 5x5 and larger: dW by the Conv of transposes, groups
     (5, 2, [1, 2, 0, 1], 2, 1, 3, 4, (15, 14)),        # ... with stride, dilation, asymmetric pads
+    (3, 1, [1, 0, 2, 1], 2, 1, 16, 24, (10, 9)),       # stride 1, 16..128 channels: dX by a Conv (flipped kernel)
 ])
 def test_conv_grad(k, s, pads, d, g, c, o, hw):
     k, s, d = ((v, v) if isinstance(v, int) else v for v in (k, s, d))
