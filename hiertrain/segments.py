@@ -1,9 +1,10 @@
-"""Training segments on onnxruntime-training: forward and backward of units a..b as ORT graphs.
+"""Training segments: forward and backward of units a..b as ONNX graphs that any onnxruntime runs.
 
 A *body* segment (units a..b of a model, not the loss) is trained against an upstream gradient
 ``gy`` with the surrogate loss ``ReduceSum(y * gy)``, whose parameter gradients are the true
-ones. ORT's gradient graph builder (``GradientGraphBuilder``, the machinery under
-``onnxruntime.training``) differentiates it; we then cut the gradient graph in two:
+ones. ORT's gradient graph builder (``GradientGraphBuilder``, onnxruntime-training's, x86-64 only)
+differentiates it; :mod:`hiertrain.lowering` rewrites the training-only ops it emits into standard
+ONNX ops; we then cut the gradient graph in two:
 
 - ``forward``: (x, params) -> y and a *stash* of the intermediates the backward needs;
 - ``backward``: (stash, gy, params) -> parameter gradients and, if a > 1, the input gradient.
@@ -13,7 +14,9 @@ once, not twice (ORT's fused ``TrainStep`` would recompute it). A *head* segment
 the cross-entropy loss over all the samples it sees) needs no cut: one fused graph gives the loss,
 the logits, the parameter gradients and the input gradient.
 
-Built graphs are cached on disk by (model graph, unit range, kind) and ORT sessions in memory.
+Built graphs are cached on disk under a key naming what they compute (:func:`key`), and ORT
+sessions in memory. Where this onnxruntime cannot build, a :class:`Runtime` gets them from a
+provider (:mod:`hiertrain.artifacts`).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
 
 
 def _gradient_model(model: onnx.ModelProto, requires: set[str]) -> onnx.ModelProto:
-    # onnxruntime-training only; imported here so a data-only device runs with plain onnxruntime
+    # onnxruntime-training only; imported here so that plain onnxruntime runs everything else
     from onnxruntime.capi._pybind_state import GradientGraphBuilder, get_optimized_model
 
     so = _session_options()
