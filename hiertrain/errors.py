@@ -42,6 +42,15 @@ class MissingMessage(TransportError, TimeoutError):
         )
 
 
+class TierLost(TransportError):
+    """A tier this one depends on went away (its Last Will said ``offline``, or it ``failed``)
+    while we waited: the wait ends at once, naming that tier, not after a timeout."""
+
+    def __init__(self, *, tier: str, state: str, waiting_for: str):
+        self.tier, self.state = tier, state
+        super().__init__(f"tier {tier!r} is {state} (its status said so while we waited for {waiting_for})")
+
+
 class BrokerError(HiertrainError):
     """The broker could not be configured or started."""
 

@@ -2,7 +2,9 @@
 
 Messages are filed by (kind, iteration, layer, sender). A key is delivered at most once: a
 second message with a key already filed or taken is a duplicate and is refused, so QoS-1
-redeliveries are handled once. Iterations before the watermark are stale and refused.
+redeliveries are handled once. Iterations before the watermark are stale and refused, and once
+the owner has advanced, so are iterations more than ``window`` past it (nothing legitimate runs
+that far ahead; a sender that does would only fill memory).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from hiertrain.errors import MissingMessage
+from hiertrain.errors import MissingMessage, TierLost
 from hiertrain.wire import Message
 
 Key = tuple[str, int, int, str]
 
 
 class Mailbox:
-    def __init__(self, *, remember: int = 65536) -> None:
+    def __init__(self, *, remember: int = 65536, window: int = 8) -> None:
+        self.window = window
+        self._advanced = False
+        self._lost: dict[str, str] = {}  # tier -> the state its status reported (offline, failed)
         self._cond = threading.Condition()
         self._waiting: dict[Key, Message] = {}
         self._taken: OrderedDict[Key, None] = OrderedDict()
@@ -32,16 +37,36 @@ class Mailbox:
         with self._cond:
             if msg.iteration < self._watermark:
                 return f"stale: iteration {msg.iteration} is before {self._watermark}"
+            if self._advanced and msg.iteration > self._watermark + self.window:
+                return f"too far ahead: iteration {msg.iteration} is more than {self.window} past {self._watermark}"
             if key in self._waiting or key in self._taken:
                 return "duplicate"
             self._waiting[key] = msg
             self._cond.notify_all()
         return None
 
+    def lose(self, tier: str, state: str) -> None:
+        """``tier`` went away: every wait that has not been satisfied fails now, naming it."""
+        with self._cond:
+            self._lost[tier] = state
+            self._cond.notify_all()
+
+    def found(self, tier: str) -> None:
+        with self._cond:
+            self._lost.pop(tier, None)
+
+    def check_lost(self, what: str) -> None:
+        if self._lost:
+            tier, state = next(iter(self._lost.items()))
+            raise TierLost(tier=tier, state=state, waiting_for=what)
+
     def _wait_for(self, key: Key, timeout: float) -> None:
-        """Wait (holding the condition) until ``key`` is filed; MissingMessage names it on timeout."""
+        """Wait (holding the condition) until ``key`` is filed; MissingMessage names it on timeout,
+        TierLost names a tier that went away meanwhile."""
         deadline = time.monotonic() + timeout
         while key not in self._waiting:
+            kind, iteration, layer, sender = key
+            self.check_lost(f"{kind!r} from {sender!r} for iteration {iteration}")
             left = deadline - time.monotonic()
             if left <= 0:
                 kind, iteration, layer, sender = key
@@ -74,6 +99,7 @@ class Mailbox:
                 its = [k[1] for k in self._waiting if k[0] == kind and k[3] == sender]
                 if its:
                     return min(its)
+                self.check_lost(f"the first {kind!r} from {sender!r}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise MissingMessage(kind=kind, sender=sender, iteration=-1, layer=0, timeout=timeout)
@@ -82,6 +108,7 @@ class Mailbox:
     def advance(self, iteration: int) -> int:
         """Refuse from now on anything before ``iteration``; drop what is waiting there. Returns the count dropped."""
         with self._cond:
+            self._advanced = True
             self._watermark = max(self._watermark, iteration)
             old = [k for k in self._waiting if k[1] < self._watermark]
             for k in old:

@@ -44,7 +44,7 @@ from hiertrain.schedule import Schedule, ScheduleFeed
 from hiertrain.segments import Runtime
 from hiertrain.tierconfig import TierConfig
 from hiertrain.transport import Transport
-from hiertrain.validate import non_finite, validator
+from hiertrain.validate import max_message_bytes, non_finite, validator
 from hiertrain.wire import Message
 
 log = logging.getLogger("hiertrain.tier")
@@ -69,8 +69,11 @@ class TierService:
         self.cfg, self.tier, self.resume = cfg, cfg.tier, resume
         self.spec = models.get(cfg.model)
         self.transport = Transport(cfg.endpoint, account=cfg.tier, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
-                                   validator=validator(self.spec))
+                                   validator=validator(self.spec),
+                                   max_message_bytes=max_message_bytes(self.spec, cfg.batch),
+                                   expire_s=max(60.0, 2 * cfg.timeout_s))
         self.transport.subscribe(topics.schedule(cfg.job))
+        self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))  # who is online, who is lost
         self.builder_tiers: set[str] = set()  # tiers whose status says they build segments for others
         self.fetcher: Optional[artifacts.Fetcher] = None
         if segments.can_build():
@@ -79,7 +82,6 @@ class TierService:
         else:  # plain onnxruntime: segments come prebuilt, from a directory or a builder tier
             self.fetcher = artifacts.Fetcher(self.transport, self._builders, timeout=cfg.timeout_s)
             provider = artifacts.provider(cfg.segments_dir, self.fetcher)
-            self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
         self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
                                provider=provider)
         self.feed = ScheduleFeed()
@@ -99,7 +101,6 @@ class TierService:
         self.checkpoints: dict[str, int] = {}
         self.done = -1  # newest iteration whose loss worker_o (or a chain's last stage) reported
         if cfg.tier == "device":
-            self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
             self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._first = 0
@@ -164,6 +165,7 @@ class TierService:
     def _schedule_version(self, version: int, iteration: int) -> Schedule:
         deadline = time.monotonic() + self.cfg.timeout_s
         while version not in self.schedules:
+            self.transport.mailbox.check_lost(f"schedule version {version}")
             if time.monotonic() > deadline:
                 raise MissingMessage(kind="schedule", sender="planner", iteration=iteration, layer=version,
                                      timeout=self.cfg.timeout_s)
@@ -201,8 +203,11 @@ class TierService:
         device does not race ahead stamping iterations with a schedule that is about to change."""
         deadline = time.monotonic() + 10 * self.cfg.timeout_s
         while self.done < iteration and iteration >= self._first:
+            self.transport.mailbox.check_lost(f"the loss of iteration {iteration}")
             if time.monotonic() > deadline:
-                raise MissingMessage(kind="telemetry (loss)", sender="o", iteration=iteration, layer=0,
+                sched = self.history.get(iteration)
+                finisher = "o" if sched is None else sched.chain[-1].tier if sched.chain else sched.tier_of("o")
+                raise MissingMessage(kind="telemetry (loss)", sender=finisher, iteration=iteration, layer=0,
                                      timeout=10 * self.cfg.timeout_s)
             self._pump_schedules(0.05)
 

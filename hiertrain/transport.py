@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 from hiertrain import TIERS, topics
 from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
 from hiertrain.mailbox import Mailbox
-from hiertrain.wire import DEFAULT_CHUNK_BYTES, Message, Reassembler, encode_message
+from hiertrain.wire import DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, Message, Reassembler, Refused, encode_message
 
 log = logging.getLogger("hiertrain.transport")
 
@@ -83,7 +83,8 @@ class Transport:
     def __init__(self, endpoint: Endpoint, *, account: str, job: str, client_id: Optional[str] = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, persistent: bool = True,
                  observer: bool = False, keepalive: int = 30,
-                 validator: Optional[Callable[[Message], Optional[str]]] = None) -> None:
+                 validator: Optional[Callable[[Message], Optional[str]]] = None,
+                 max_message_bytes: int = MAX_TENSOR_BYTES, expire_s: float = 600.0) -> None:
         self.account = topics.validate_account(account)
         self.job = topics.validate_job(job)
         self.endpoint = endpoint
@@ -93,13 +94,13 @@ class Transport:
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
         # segment requests and replies bypass the mailbox: they belong to no iteration
-        self.service: dict[str, "queue.Queue[Optional[Message]]"] = {k: queue.Queue() for k in topics.SERVICE_KINDS}
+        self.service: dict[str, "queue.Queue[Optional[Message]]"] = {k: queue.Queue(64) for k in topics.SERVICE_KINDS}
         self.dropped: Counter[str] = Counter()
         self.sent_bytes = 0
         self.received_bytes = 0
         self._rates: dict[str, tuple[int, float]] = {}
         self._inbound: "queue.Queue[Optional[tuple[mqtt.MQTTMessage, float]]]" = queue.Queue()
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(max_message_bytes=max_message_bytes, expire_s=expire_s)
         self._ids = itertools.count()
         self._nonce = os.urandom(4).hex()
         self._filters: set[str] = set()
@@ -286,8 +287,16 @@ class Transport:
             except Exception as exc:  # never let one message stop the dispatcher
                 reason = f"unexpected {type(exc).__name__}: {exc}"
             if reason:
-                self.dropped[reason.split(":")[0]] += 1
-                log.warning("%s: dropped a message on %r: %s", self.account, message.topic, reason)
+                self._drop(reason, message.topic)
+
+    def _drop(self, reason: str, topic: str) -> None:
+        """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
+        junk must not become a flood of log lines)."""
+        kind = reason.split(":")[0]
+        self.dropped[kind] += 1
+        n = self.dropped[kind]
+        if n in (1, 10, 100) or n % 1000 == 0:
+            log.warning("%s: dropped a message on %r: %s (%d so far for %s)", self.account, topic, reason, n, kind)
 
     def _handle(self, topic: str, payload: bytes, retained: bool, at: float) -> Optional[str]:
         try:
@@ -298,17 +307,32 @@ class Transport:
             return f"wrong job: {parsed.job!r}"
         if not isinstance(parsed, topics.TensorTopic):
             try:
-                self.events.put(Event(parsed, json.loads(payload), retained))
+                event = Event(parsed, json.loads(payload), retained)
             except (ValueError, UnicodeDecodeError) as exc:
                 return f"malformed JSON: {exc}"
+            if isinstance(parsed, topics.AccountTopic) and parsed.kind == "status" and parsed.account in TIERS \
+                    and parsed.account != self.account and isinstance(event.payload, dict):
+                state = event.payload.get("state")
+                if state == "online":
+                    self.mailbox.found(parsed.account)
+                elif state in ("offline", "failed") and not retained:  # lost now, not before we came
+                    self.mailbox.lose(parsed.account, state)
+            self.events.put(event)
             return None
         if parsed.dest != self.account:
             return f"misrouted: addressed to {parsed.dest!r}"
-        duplicates = self._reassembler.duplicates
+        if retained:  # a leftover (or planted) frame replayed by the broker on subscribe: never ours
+            return "retained: tensor frames are never taken from the broker's store"
+        duplicates, expired = self._reassembler.duplicates, self._reassembler.expired
         try:
             msg = self._reassembler.feed(payload, at=at)
+        except Refused as exc:
+            return str(exc)
         except WireError as exc:
             return f"malformed frame: {exc}"
+        finally:
+            for _ in range(self._reassembler.expired - expired):
+                self._drop("expired: an incomplete message outlived its expiry", topic)
         if msg is None:
             return "duplicate: frame already received" if self._reassembler.duplicates > duplicates else None
         if self._reassembler.last_span is not None:
@@ -325,7 +349,10 @@ class Transport:
                 return f"{reason} ({msg.describe()})"
         self.received_bytes += sum(a.nbytes for a in msg.tensors.values())
         if msg.kind in self.service:
-            self.service[msg.kind].put(msg)
+            try:
+                self.service[msg.kind].put_nowait(msg)
+            except queue.Full:
+                return f"too many requests: {msg.kind} queue full"
             return None
         return self.mailbox.put(msg)
 

@@ -31,6 +31,15 @@ def _batch_of(name: str, a: np.ndarray, shape: tuple[int, ...], dtype: str) -> O
     return non_finite(name, a)
 
 
+def max_message_bytes(spec: ModelSpec, batch: int) -> int:
+    """The largest message a tier of this job can legitimately receive: a full state handover
+    (weights and two AdamW moments) or a batch of samples or activations, plus room for headers
+    and segment artifacts. Frames declaring more are refused before anything is buffered."""
+    state = 3 * sum(spec.param_bytes())
+    batch_bytes = batch * max([spec.sample_bytes(), *spec.output_bytes()])
+    return int(max(state, batch_bytes)) + (16 << 20)
+
+
 def validator(spec: ModelSpec) -> Validator:
     params = spec.param_shapes()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -243,6 +244,9 @@ class Frame:
     total: int
     data: memoryview
 
+    def describe(self) -> str:
+        return f"{self.kind} {self.sender}->{self.dest} iteration {self.iteration} layer {self.layer}"
+
     @property
     def routing(self) -> tuple:
         return (self.job, self.sender, self.dest, self.kind, self.iteration, self.layer,
@@ -317,16 +321,33 @@ def decode_payload(frame: Frame, payload: Any) -> Message:
                    tensors, frame.schedule_version, head["m"])
 
 
+class Refused(WireError):
+    """A well-formed frame that is refused to bound memory; ``str()`` starts with the reason."""
+
+
 class Reassembler:
     """Collects frames into messages; tolerates any order and duplicate frames.
 
     :meth:`feed` returns the message a frame completes, or ``None`` (more parts to come, or a
     duplicate, counted in :attr:`duplicates`). Malformed frames raise :class:`WireError`.
-    Partial messages beyond ``max_pending_bytes`` are evicted oldest first.
+
+    Memory is bounded whatever a sender does: a message may declare at most ``max_message_bytes``,
+    a sender may have at most ``max_pending_per_sender`` incomplete messages holding at most
+    ``max_pending_per_sender_bytes`` (beyond either, :class:`Refused`); incomplete messages older
+    than ``expire_s`` are dropped (:attr:`expired`), and beyond ``max_pending_bytes`` in all the
+    oldest are evicted (:attr:`evicted`).
     """
 
-    def __init__(self, *, max_pending_bytes: int = 4 << 30, remember: int = 65536) -> None:
+    def __init__(self, *, max_pending_bytes: int = 4 << 30, max_message_bytes: int = MAX_TENSOR_BYTES,
+                 max_pending_per_sender: int = 64, max_pending_per_sender_bytes: Optional[int] = None,
+                 expire_s: float = 600.0, remember: int = 65536) -> None:
         self.max_pending_bytes = max_pending_bytes
+        self.max_message_bytes = max_message_bytes
+        self.max_pending_per_sender = max_pending_per_sender
+        self.max_pending_per_sender_bytes = max_pending_per_sender_bytes or 2 * max_message_bytes
+        self.expire_s = expire_s
+        self.expired = 0
+        self._per_sender: dict[str, list[int]] = {}  # sender -> [incomplete messages, bytes]
         self._pending: OrderedDict[tuple[str, str], tuple[Frame, dict[int, memoryview]]] = OrderedDict()
         self._pending_bytes = 0
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -343,10 +364,26 @@ class Reassembler:
         if key in self._done:
             self.duplicates += 1
             return None
+        if frame.total > self.max_message_bytes:
+            raise Refused(f"too large: {frame.describe()} declares {frame.total} bytes, over this tier's "
+                          f"{self.max_message_bytes}")
         if frame.parts == 1:
             return self._complete(key, frame, frame.data)
-        if at is not None:
-            self._first_seen.setdefault(key, at)
+        now = time.monotonic() if at is None else at
+        self._expire(now)
+        count = self._per_sender.setdefault(frame.sender, [0, 0])
+        if key not in self._pending:
+            if count[0] >= self.max_pending_per_sender:
+                raise Refused(f"too many incomplete: {frame.sender} already has {count[0]} incomplete messages")
+            count[0] += 1
+        if count[1] + len(frame.data) > self.max_pending_per_sender_bytes:
+            if key in self._pending:
+                self._drop(key)
+            else:
+                count[0] -= 1
+            raise Refused(f"too many incomplete: {frame.sender}'s incomplete messages would exceed "
+                          f"{self.max_pending_per_sender_bytes} bytes")
+        self._first_seen.setdefault(key, now)
         first, parts = self._pending.get(key, (frame, {}))
         if first.routing != frame.routing:
             raise WireError(f"frame {frame.part} of message {frame.msg_id} disagrees with its first frame")
@@ -356,6 +393,7 @@ class Reassembler:
         parts[frame.part] = frame.data
         self._pending[key] = (first, parts)
         self._pending_bytes += len(frame.data)
+        count[1] += len(frame.data)
         while self._pending_bytes > self.max_pending_bytes and len(self._pending) > 1:
             oldest = next(iter(self._pending))
             self._drop(oldest)
@@ -371,7 +409,25 @@ class Reassembler:
 
     def _drop(self, key: tuple[str, str]) -> None:
         _, parts = self._pending.pop(key)
-        self._pending_bytes -= sum(len(p) for p in parts.values())
+        nbytes = sum(len(p) for p in parts.values())
+        self._pending_bytes -= nbytes
+        count = self._per_sender[key[0]]
+        count[0] -= 1
+        count[1] -= nbytes
+        self._first_seen.pop(key, None)
+
+    def _expire(self, now: float) -> None:
+        """Drop incomplete messages whose first frame came more than ``expire_s`` ago."""
+        while self._pending:
+            oldest = next(iter(self._pending))
+            if now - self._first_seen.get(oldest, now) <= self.expire_s:
+                return
+            self._drop(oldest)
+            self.expired += 1
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
 
     def _complete(self, key: tuple[str, str], frame: Frame, payload: Any) -> Message:
         self._done[key] = None

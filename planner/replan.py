@@ -29,6 +29,11 @@ from planner.costmodel import TCP_EFFICIENCY, Bandwidth
 
 log = logging.getLogger("hiertrain.planner")
 LINKS = ("device_edge", "edge_cloud")
+# what each tier may report: the links it is on (device_cloud: device <-> cloud through the edge)
+LINKS_OF = {"device": ("device_edge", "device_cloud"), "edge": ("device_edge", "edge_cloud"),
+            "cloud": ("edge_cloud", "device_cloud")}
+RATE_BAND = (1e-3, 1e6)   # Mbit/s a link can plausibly carry: 1 kbit/s .. 1 Tbit/s
+ITERATION_WINDOW = 1000   # how far past the newest known iteration a report may be
 
 
 @dataclass
@@ -48,6 +53,7 @@ class PlannerState:
     planned_offline: frozenset[str] = frozenset()
     version: int = 0
     planner: Callable[..., Schedule] = plan
+    far: dict[str, int] = field(default_factory=dict)  # iterations reported beyond the window, by tier
 
     # ---------------------------------------------------------------- inputs
 
@@ -75,22 +81,51 @@ class PlannerState:
         else:
             self.rates[link] = (1 - self.smoothing) * old + self.smoothing * mbps
 
-    def on_telemetry(self, payload: Any) -> None:
+    def on_telemetry(self, account: str, payload: Any) -> None:
         """``{"iteration": i, "links": {"device_edge": Mbit/s, ...}}`` from a tier's telemetry.
 
-        Tiers measure TCP payload; plans use line rates (what ``tc`` or a contract states), so the
-        measured rates are divided by the payload efficiency of a full-size frame."""
+        Validated before anything is used, the whole report refused (:class:`PlanError`, naming
+        why) if any part fails: a tier reports only the links it is on, rates finite and within
+        :data:`RATE_BAND`, the iteration a non-negative integer. An iteration more than
+        :data:`ITERATION_WINDOW` past the newest one known (which sets when new schedules take
+        effect) counts only once a second tier reports one as far (a resumed job): one account
+        alone cannot push every schedule into the far future. Tiers measure TCP payload; plans use line rates (what ``tc`` or
+        a contract states), so the measured rates are divided by the payload efficiency of a
+        full-size frame."""
+        if account not in LINKS_OF:
+            raise PlanError(f"unauthorized: telemetry from {account!r}, which is not a tier")
         if not isinstance(payload, dict):
-            raise PlanError("telemetry must be a JSON object")
+            raise PlanError("malformed: telemetry must be a JSON object")
         it = payload.get("iteration")
-        if isinstance(it, int) and not isinstance(it, bool) and it >= 0:
-            self.iteration = max(self.iteration, it)
+        if it is not None and (type(it) is not int or it < 0):
+            raise PlanError(f"malformed: iteration {it!r} from {account} is not a non-negative integer")
         links = payload.get("links", {})
         if not isinstance(links, dict):
-            raise PlanError("telemetry 'links' must be an object")
+            raise PlanError("malformed: telemetry 'links' must be an object")
+        rates = {}
         for link, mbps in links.items():
-            if isinstance(mbps, (int, float)) and not isinstance(mbps, bool):
-                self.on_rate(link, float(mbps) / TCP_EFFICIENCY)
+            if link not in LINKS_OF[account]:
+                raise PlanError(f"unauthorized: {account} reported link {link!r}, which it is not on")
+            if type(mbps) not in (int, float) or not RATE_BAND[0] <= mbps <= RATE_BAND[1]:
+                raise PlanError(f"implausible rate: {link} = {mbps!r} Mbit/s from {account} "
+                                f"(accepted {RATE_BAND[0]:g}..{RATE_BAND[1]:g})")
+            rates[link] = float(mbps) / TCP_EFFICIENCY
+        for link, mbps in rates.items():
+            self.on_rate(link, mbps)
+        if it is not None:
+            self._on_iteration(account, it)
+
+    def _on_iteration(self, account: str, it: int) -> None:
+        if it <= self.iteration + ITERATION_WINDOW:
+            self.iteration = max(self.iteration, it)
+            return
+        self.far[account] = it
+        others = [v for a, v in self.far.items() if a != account and abs(v - it) <= ITERATION_WINDOW]
+        if not others:
+            raise PlanError(f"unconfirmed iteration: {account} reports {it}, more than {ITERATION_WINDOW} past "
+                            f"{self.iteration}, and no other tier does (its link rates were used)")
+        self.iteration = min(it, *others)
+        self.far.clear()
 
     def on_status(self, account: str, state: Any) -> None:
         if account in TIERS:

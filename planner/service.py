@@ -26,6 +26,7 @@ import logging
 import queue
 import signal
 import threading
+from collections import Counter
 from typing import Any, Optional
 
 from hiertrain import topics
@@ -65,7 +66,7 @@ def handle(state: PlannerState, event: Any) -> Optional[Schedule]:
     if topic.kind == "profile":
         state.on_profile(topic.account, Profile.from_json(payload, where=f"profile from {topic.account}"))
     elif topic.kind == "telemetry":
-        state.on_telemetry(payload)
+        state.on_telemetry(topic.account, payload)
     elif topic.kind == "status":
         state.on_status(topic.account, payload.get("state") if isinstance(payload, dict) else None)
     return state.decide()
@@ -79,19 +80,32 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
     transport = Transport(cfg.endpoint, account="planner", job=cfg.job)
     for f in (topics.schedule(cfg.job), *(topics.all_of_kind(cfg.job, k) for k in ("profile", "telemetry", "status"))):
         transport.subscribe(f)
+    dropped: Counter[str] = Counter()
+
+    def refuse(topic: Any, why: str) -> None:
+        """Count a refused message by reason; log the 1st, 10th, 100th, ... of each reason; the
+        counts ride on the planner's retained status."""
+        kind = why.split(":")[0]
+        dropped[kind] += 1
+        if dropped[kind] in (1, 10, 100) or dropped[kind] % 1000 == 0:
+            log.warning("ignored a message on %s: %s (%d so far for %s)", topic, why, dropped[kind], kind)
+        transport.status_extra["dropped"] = dict(dropped)
+
     with transport:
         log.info("planner for job %s: batch %d, policy %s", cfg.job, state.batch, state.policy)
         while not stop.is_set():
             try:
                 event = transport.events.get(timeout=0.2)
             except queue.Empty:
-                schedule = state.decide()
-            else:
-                try:
-                    schedule = handle(state, event)
-                except HiertrainError as exc:
-                    log.warning("ignored a message on %s: %s", event.topic, exc)
-                    continue
+                event = None
+            try:  # no message, however made, stops the planner
+                schedule = state.decide() if event is None else handle(state, event)
+            except HiertrainError as exc:
+                refuse(event.topic if event else "(decision)", str(exc))
+                continue
+            except Exception as exc:
+                refuse(event.topic if event else "(decision)", f"unexpected {type(exc).__name__}: {exc}")
+                continue
             if schedule is not None:
                 transport.publish_json(topics.schedule(cfg.job), schedule.to_json(), retain=True)
                 print(f"schedule version {schedule.version} from iteration {schedule.effective_iteration}: "

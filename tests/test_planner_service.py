@@ -28,7 +28,7 @@ def test_first_schedule_needs_profiles_and_both_rates():
     s.profile = random_profile(np.random.default_rng(4), 5)
     s.on_rate("device_edge", 5)
     assert s.decide() is None
-    s.on_telemetry({"iteration": 7, "links": {"edge_cloud": 1.5}})
+    s.on_telemetry("edge", {"iteration": 7, "links": {"edge_cloud": 1.5}})
     first = s.decide()
     assert first.version == 1 and first.effective_iteration == 7  # the first applies at once
     assert s.decide() is None
@@ -41,9 +41,9 @@ def test_noise_inside_the_band_never_replans_and_a_real_change_does():
     assert s.decide().version == 1
     rng = np.random.default_rng(0)
     for i in range(200):  # +-10 % noise around 5 Mbit/s
-        s.on_telemetry({"iteration": i, "links": {"edge_cloud": 5 * rng.uniform(0.9, 1.1)}})
+        s.on_telemetry("edge", {"iteration": i, "links": {"edge_cloud": 5 * rng.uniform(0.9, 1.1)}})
         assert s.decide() is None
-    s.on_telemetry({"iteration": 300, "links": {"edge_cloud": 1.5}})  # a step change: one measurement suffices
+    s.on_telemetry("edge", {"iteration": 300, "links": {"edge_cloud": 1.5}})  # a step change: one measurement suffices
     new = s.decide()
     assert new.version == 2 and new.effective_iteration == 302
     assert s.planned_rates["edge_cloud"] == pytest.approx(1.5 / TCP_EFFICIENCY)
@@ -52,14 +52,14 @@ def test_noise_inside_the_band_never_replans_and_a_real_change_does():
 @pytest.mark.unit
 def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
     s = state()
-    s.on_telemetry({"iteration": 1, "links": {"device_cloud": 1.0}})  # nothing known yet: ignored
+    s.on_telemetry("cloud", {"iteration": 1, "links": {"device_cloud": 1.0}})  # nothing known yet: ignored
     assert s.rates == {}
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
-    s.on_telemetry({"iteration": 2, "links": {"device_cloud": 4}})  # a tie: the WAN side
+    s.on_telemetry("cloud", {"iteration": 2, "links": {"device_cloud": 4}})  # a tie: the WAN side
     line = 4 / TCP_EFFICIENCY  # tiers measure payload; plans use line rates
     assert s.rates["edge_cloud"] == pytest.approx((5 + line) / 2) and s.rates["device_edge"] == 5
     s.on_rate("edge_cloud", 20)  # a step: taken at once
-    s.on_telemetry({"iteration": 3, "links": {"device_cloud": 1}})  # the device link is now the slower: a step too
+    s.on_telemetry("cloud", {"iteration": 3, "links": {"device_cloud": 1}})  # the device link is now the slower: a step too
     assert s.rates["device_edge"] == pytest.approx(1 / TCP_EFFICIENCY) and s.rates["edge_cloud"] == 20
 
 
@@ -127,19 +127,19 @@ def test_planner_service_replans_on_telemetry_past_the_threshold(mosquitto, brok
                    'bw_device_edge = 5.0\nbw_edge_cloud = 5.0\n')
     watcher = connect("cloud", observer=True)
     watcher.subscribe(topics.schedule("t"))
-    device = connect("device")
+    device = connect("cloud")  # the edge-cloud link is the cloud's (and the edge's) to report
     proc = subprocess.Popen([PYTHON, "-m", "hiertrain", "planner", "run", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         first = next_schedule(watcher)
         assert first["version"] == 1 and first["b_o"] + first["b_s"] + first["b_l"] == 32
-        device.publish_json(topics.telemetry("t", "device"), {"iteration": 10, "links": {"edge_cloud": 5.5}})
-        device.publish_json(topics.telemetry("t", "device"), {"iteration": 11, "links": {"edge_cloud": 4.6}})
-        device.publish_json(topics.telemetry("t", "device"), {"iteration": 12, "links": {"edge_cloud": 0.5}})
+        device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 10, "links": {"edge_cloud": 5.5}})
+        device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 11, "links": {"edge_cloud": 4.6}})
+        device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 12, "links": {"edge_cloud": 0.5}})
         second = next_schedule(watcher)
         assert second["version"] == 2 and second["effective_iteration"] == 14
-        device.publish_json(topics.telemetry("t", "device"), "not an object")  # dropped with a log line
-        device.publish_json(topics.telemetry("t", "device"), {"iteration": 20, "links": {"edge_cloud": 0.05}})
+        device.publish_json(topics.telemetry("t", "cloud"), "not an object")  # dropped with a log line
+        device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 20, "links": {"edge_cloud": 0.05}})
         assert next_schedule(watcher)["version"] == 3
     finally:
         proc.terminate()
