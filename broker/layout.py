@@ -4,8 +4,8 @@
 
     D/broker.json              settings (advertised host, port, bind address, TLS, packet limit)
     D/passwd                   Mosquitto password file, PBKDF2-SHA512 ($7$), one line per account
-    D/acl                      each account publishes only below hiertrain/+/<account>/,
-                               only the planner on hiertrain/+/schedule; all read hiertrain/#
+    D/acl                      each account publishes only below hiertrain/<job>/<account>/ (the
+                               planner also the schedule) and reads only what its role needs
     D/credentials/<acct>.json  what a tier needs to connect (hiertrain.transport.Endpoint)
     D/mosquitto.conf           written by broker.mosquitto from the settings
     D/data/                    Mosquitto persistence (sessions, retained schedule)
@@ -43,8 +43,14 @@ class Settings:
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_ca: Optional[str] = None
+    job: Optional[str] = None  # the one job the accounts serve (None: any job, for trusted jobs only)
 
     def __post_init__(self) -> None:
+        if self.job is not None:
+            try:
+                topics.validate_job(self.job)
+            except topics.TopicError as exc:
+                raise BrokerError(str(exc)) from None
         if not 0 < self.port < 65536:
             raise BrokerError(f"port {self.port} is not in 1..65535")
         if self.max_packet_bytes < 1 << 20 or self.max_packet_bytes > 268_435_455:
@@ -81,11 +87,14 @@ def read_password_file(path: str | os.PathLike) -> dict[str, str]:
     return dict(line.split(":", 1) for line in lines if ":" in line)
 
 
-def acl_text() -> str:
-    lines = ["# hiertrain ACL: every account reads the job tree and writes only its own topics."]
+def acl_text(job: Optional[str] = None) -> str:
+    """Per account: write only its own topics, read only what its role needs; ``job`` binds every
+    account to that job's tree."""
+    lines = [f"# hiertrain ACL for {'job ' + job if job else 'any job'}: least privilege per account."]
     for account in ACCOUNTS:
-        lines += ["", f"user {account}", "topic read hiertrain/#"]
-        lines += [f"topic write {f}" for f in topics.writable_by(account)]
+        lines += ["", f"user {account}"]
+        lines += [f"topic read {f}" for f in topics.readable_by(account, job or "+")]
+        lines += [f"topic write {f}" for f in topics.writable_by(account, job or "+")]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +130,7 @@ class BrokerDir:
         self.data.mkdir(exist_ok=True)
         passwords = {a: secrets.token_urlsafe(18) for a in ACCOUNTS}
         _write_private(self.passwd, "".join(f"{a}:{password_hash(p)}\n" for a, p in passwords.items()))
-        self.acl.write_text(acl_text())
+        self.acl.write_text(acl_text(settings.job))
         for account, password in passwords.items():
             self._write_credentials(account, password, settings)
         self.save(settings)
@@ -143,7 +152,8 @@ class BrokerDir:
         return settings
 
     def _write_credentials(self, account: str, password: str, settings: Settings) -> None:
-        endpoint = Endpoint(settings.host, settings.port, account, password, tls_ca=settings.tls_ca)
+        endpoint = Endpoint(settings.host, settings.port, account, password, tls_ca=settings.tls_ca,
+                            max_packet_bytes=settings.max_packet_bytes, job=settings.job)
         _write_private(self.credentials_file(account), endpoint.to_json())
 
 

@@ -28,6 +28,7 @@ def config_text(bdir: BrokerDir, settings: Settings) -> str:
         f"acl_file {bdir.acl}",
         "persistence true",
         f"persistence_location {bdir.data}/",
+        "autosave_interval 5",  # retained schedule and statuses survive a crash, at most 5 s old
         f"max_packet_size {settings.max_packet_bytes}",
         "max_queued_messages 100000",
         "max_inflight_messages 0",

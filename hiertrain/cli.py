@@ -34,6 +34,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch(text: str) -> int:
+    from hiertrain.tierconfig import MAX_BATCH
+
+    value = _positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"batch {value} is over the limit of {MAX_BATCH}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -75,7 +84,7 @@ def _broker_init(args: argparse.Namespace) -> int:
 
     settings = Settings(host=args.host, port=args.port or DEFAULT_PORT, bind=args.bind,
                         max_packet_bytes=args.max_packet_mb << 20, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key, tls_ca=args.tls_ca)
+                        tls_key=args.tls_key, tls_ca=args.tls_ca, job=args.job)
     bdir = BrokerDir(args.dir)
     bdir.init(settings, force=args.force)
     from broker.mosquitto import write_config
@@ -238,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="broker, planner, device, edge and cloud on this machine: a short run")
     demo.add_argument("--model", default="lenet5", choices=sorted(_models()))
     demo.add_argument("--iterations", type=_positive_int, default=40)
-    demo.add_argument("--batch", type=_positive_int, default=32)
+    demo.add_argument("--batch", type=_batch, default=32)
     demo.add_argument("--lr", type=_positive_float, default=0.05)
     demo.add_argument("--bw-device-edge", type=_positive_float, default=5.0, metavar="MBPS",
                       help="link rate the planner starts from (telemetry then measures the real one)")
@@ -258,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--port", type=_port)
     init.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
     init.add_argument("--max-packet-mb", type=_positive_int, default=16)
+    init.add_argument("--job", help="bind every account to this job (recommended; default: any job)")
     init.add_argument("--tls-cert")
     init.add_argument("--tls-key")
     init.add_argument("--tls-ca")
@@ -283,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure a hiertrain-profile/1 for one tier on this machine")
     prof.add_argument("--model", required=True, choices=sorted(_models()))
-    prof.add_argument("--batch", type=_positive_int, required=True)
+    prof.add_argument("--batch", type=_batch, required=True)
     prof.add_argument("--out", required=True)
     prof.add_argument("--tier", default="edge", choices=["device", "edge", "cloud"], help="the entry to write")
     prof.add_argument("--merge", action="store_true", help="keep the other tiers already in --out")
@@ -306,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", required=True, help="hiertrain-profile/1 JSON with device, edge and cloud")
     plan.add_argument("--bw-device-edge", type=_positive_float, required=True, metavar="MBPS")
     plan.add_argument("--bw-edge-cloud", type=_positive_float, required=True, metavar="MBPS")
-    plan.add_argument("--batch", type=_positive_int, required=True)
+    plan.add_argument("--batch", type=_batch, required=True)
     plan.add_argument("--policy", default="hiertrain",
                       choices=["hiertrain", "all-device", "all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad"])
     plan.add_argument("--cost-model", default="paper", choices=["paper", "calibrated"])
@@ -336,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule")
     bench.add_argument("--repeat", type=_positive_int, default=5)
     bench.add_argument("--profiles", default="bench/profiles", help="planner: directory of <model>.json profiles")
-    bench.add_argument("--batch", type=_positive_int, default=64, help="planner: batch size")
+    bench.add_argument("--batch", type=_batch, default=64, help="planner: batch size")
     bench.add_argument("--milp", action="store_true", help="planner: also time the python-mip MILP and compare")
     bench.add_argument("--model", default="lenet5", choices=sorted(_models()), help="testbed: the model")
     bench.add_argument("--points", default="1.5,2,3,4,5", help="testbed: edge-cloud rates, Mbit/s")

@@ -60,7 +60,7 @@ class LocalCluster:
             host = dict(BROKER_FOR)
         if broker_dir is None:
             broker_dir = BrokerDir(work / "broker")
-            broker_dir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1"))
+            broker_dir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=job))
             self.broker = self.stack.enter_context(BrokerProcess(broker_dir, kind=available_kind(),
                                                                  prefix=self._prefix("edge")))
         self.bdir = broker_dir

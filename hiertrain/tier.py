@@ -316,7 +316,7 @@ class TierService:
         first = self._first
         stats = Stats()
         t_start = time.perf_counter()
-        self.transport.mailbox.advance(i)
+        self.transport.advance(i)
         if self.tier == "device":
             if i >= first + self.cfg.iterations:
                 self._send_go(i, stop=True)

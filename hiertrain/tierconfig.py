@@ -72,6 +72,36 @@ def _profile(path: Path) -> dict[str, Any]:
     return Profile.load(path).to_json()
 
 
+MAX_BATCH = 1 << 16
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+FRAME_HEADER_BYTES = 4096  # room for a frame's routing header and MQTT's own beside the chunk
+
+
+def _check_limits(c: TierConfig, path: Any) -> None:
+    """Values that cannot work are refused here, in one line naming the value and the limit."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{path}: {what}")
+
+    if not 1 <= c.batch <= MAX_BATCH:
+        raise bad(f"batch = {c.batch} is not in 1..{MAX_BATCH}")
+    if c.iterations < 0:
+        raise bad(f"iterations = {c.iterations} must be >= 0")
+    if not 0 < c.timeout_s <= MAX_TIMEOUT_S:  # also refuses inf and nan
+        raise bad(f"timeout_s = {c.timeout_s} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    if c.threads < 0:
+        raise bad(f"[runtime] threads = {c.threads} must be >= 0 (0: all cores)")
+    if c.chunk_bytes < 1 << 10:
+        raise bad(f"[runtime] chunk_kb = {c.chunk_bytes >> 10} must be >= 1")
+    limit = c.endpoint.max_packet_bytes
+    if limit and c.chunk_bytes + FRAME_HEADER_BYTES > limit:
+        raise bad(f"[runtime] chunk_kb = {c.chunk_bytes >> 10} does not fit the broker's max_packet_size of "
+                  f"{limit >> 10} KiB (at most {(limit - FRAME_HEADER_BYTES) >> 10})")
+    if c.checkpoint_every < 0:
+        raise bad(f"[checkpoint] every = {c.checkpoint_every} must be >= 0")
+    if c.endpoint.job is not None and c.endpoint.job != c.job:
+        raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
+
+
 def load(tier: str, path: str | os.PathLike) -> TierConfig:
     if tier not in TIERS:
         raise ConfigError(f"unknown tier {tier!r}")
@@ -106,8 +136,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         holdout=get(ev, "holdout", int, 0), path=cfg.path,
         profile=_profile(cfg.resolve(str(prof["file"]))) if "file" in prof else None,
     )
-    if out.batch < 1 or out.iterations < 0 or out.timeout_s <= 0 or out.checkpoint_every < 0:
-        raise ConfigError(f"{cfg.path}: batch >= 1, iterations >= 0, timeout_s > 0, checkpoint every >= 0 required")
+    _check_limits(out, cfg.path)
     from hiertrain import models
 
     models.get(out.model)  # unknown model: a clear error now, not at the first iteration

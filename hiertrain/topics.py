@@ -151,11 +151,24 @@ def all_of_kind(job: str, kind: str) -> str:
     return f"{ROOT}/{validate_job(job)}/+/{kind}"
 
 
-def writable_by(account: str) -> list[str]:
-    """The topic filters ``account`` may publish to (the broker's ACL is built from this)."""
+def writable_by(account: str, job: str = "+") -> list[str]:
+    """The topic filters ``account`` may publish to (the broker's ACL is built from this); ``job``
+    binds the account to one job (``+``: any)."""
     validate_account(account)
-    own = [f"{ROOT}/+/{account}/#"]
-    return own + [f"{ROOT}/+/schedule"] if account == "planner" else own
+    job = job if job == "+" else validate_job(job)
+    own = [f"{ROOT}/{job}/{account}/#"]
+    return own + [f"{ROOT}/{job}/schedule"] if account == "planner" else own
+
+
+def readable_by(account: str, job: str = "+") -> list[str]:
+    """The topic filters ``account`` may read: what its role needs, nothing else (a tier never
+    sees another tier's samples, activations or weights)."""
+    validate_account(account)
+    job = job if job == "+" else validate_job(job)
+    common = [f"{ROOT}/{job}/schedule", f"{ROOT}/{job}/+/status", f"{ROOT}/{job}/+/telemetry"]
+    if account == "planner":
+        return common + [f"{ROOT}/{job}/+/profile"]
+    return common + [f"{ROOT}/{job}/+/+/{account}/+"]  # its inbox
 
 
 def parse(topic: str) -> Topic:

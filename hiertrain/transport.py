@@ -11,6 +11,7 @@ Anything malformed, unauthorized or duplicate is dropped with a logged reason an
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -43,6 +44,8 @@ class Endpoint:
     username: str
     password: str
     tls_ca: Optional[str] = None
+    max_packet_bytes: Optional[int] = None  # the broker's limit, when its credentials file says
+    job: Optional[str] = None               # the one job the account may serve, when bound
 
     def __post_init__(self) -> None:
         if not self.host or not isinstance(self.port, int) or not 0 < self.port < 65536:
@@ -53,7 +56,7 @@ class Endpoint:
         try:
             data = json.loads(Path(path).read_text())
             return cls(**{k: data[k] for k in ("host", "port", "username", "password")},
-                       tls_ca=data.get("tls_ca"))
+                       tls_ca=data.get("tls_ca"), max_packet_bytes=data.get("max_packet_bytes"), job=data.get("job"))
         except FileNotFoundError:
             raise ConfigError(f"credentials file {str(path)!r} does not exist") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -108,6 +111,13 @@ class Transport:
         self._refused: Optional[str] = None
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
+        # what to publish again if the broker comes back without our session (it crashed): the
+        # frames of recent iterations, and the last retained payload of each topic we retain
+        self._recent: "collections.deque[tuple[int, str, list[bytes]]]" = collections.deque()
+        self._retained: dict[str, str] = {}
+        self._connects = 0
+        self._sessions: dict[str, Any] = {}  # account -> the connection its last status came from
+        self.session_losses = 0
         self._status = None if observer else topics.status(job, account)
         if observer:
             persistent = False
@@ -184,7 +194,8 @@ class Transport:
 
     def publish_status(self, state: str, **fields: Any) -> None:
         if self._status:
-            self.publish_json(self._status, {"state": state, **self.status_extra, **fields}, retain=True)
+            self.publish_json(self._status, {"state": state, **self.status_extra, **fields,
+                                             "session": f"{self._nonce}:{self._connects}"}, retain=True)
 
     def stop(self, *, state: str = "stopped", timeout: float = 5.0) -> None:
         """Flush what is queued, announce ``state`` and disconnect."""
@@ -221,14 +232,36 @@ class Transport:
         topic = msg.topic
         n = 0
         for frame in frames:
-            self._track(self._client.publish(topic, frame, qos=1))
+            self._publish(topic, frame)
             n += len(frame)
+        if msg.kind not in self.service:
+            with self._lock:
+                self._recent.append((msg.iteration, topic, frames))
         self.sent_bytes += n
         return n
 
     def publish_json(self, topic: str, payload: Any, *, retain: bool = False) -> None:
-        self._track(self._client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1,
-                                         retain=retain))
+        text = json.dumps(payload, separators=(",", ":"))
+        if retain:
+            with self._lock:
+                self._retained[topic] = text
+        self._publish(topic, text, retain=retain)
+
+    def _publish(self, topic: str, payload: Any, *, retain: bool = False) -> None:
+        """QoS 1; while disconnected paho queues it and sends it on reconnection."""
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+        except (RuntimeError, ValueError, OSError) as exc:  # paho's own failures, in one line
+            raise TransportError(f"{self.account}: cannot publish on {topic!r}: {exc}") from None
+        self._track(info)
+
+    def advance(self, iteration: int) -> None:
+        """The owner moved on to ``iteration``: older messages are stale, and frames of iterations
+        before ``iteration - 1`` need no resending after a broker crash."""
+        self.mailbox.advance(iteration)
+        with self._lock:
+            while self._recent and self._recent[0][0] < iteration - 1:
+                self._recent.popleft()
 
     def _track(self, info: mqtt.MQTTMessageInfo) -> None:
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
@@ -269,7 +302,35 @@ class Transport:
             filters = sorted(self._filters)
         for f in filters:
             client.subscribe(f, qos=1)
+        self._connects += 1
+        if self._connects > 1 and not getattr(flags, "session_present", True):
+            self._republish(client)
         self._connected.set()
+
+    def _resend_to(self, peer: str) -> None:
+        with self._lock:
+            recent = [(topic, frames) for _, topic, frames in self._recent if topic.split("/")[4] == peer]
+        for topic, frames in recent:
+            for frame in frames:
+                self._client.publish(topic, frame, qos=1)
+        if recent:
+            log.info("%s: %s announced itself; sent it again %d recent messages", self.account, peer, len(recent))
+
+    def _republish(self, client: mqtt.Client) -> None:
+        """The broker came back without our session (it crashed and lost what it held): publish
+        again what it may have lost. Receivers drop what they already have as duplicates."""
+        self.session_losses += 1
+        with self._lock:
+            retained, recent = dict(self._retained), list(self._recent)
+        for topic, text in retained.items():
+            if topic != self._status:
+                client.publish(topic, text, qos=1, retain=True)
+        self.publish_status("online")  # a new session: peers send us again what we may have lost
+        for _, topic, frames in recent:
+            for frame in frames:
+                client.publish(topic, frame, qos=1)
+        log.warning("%s: the broker lost our session (restarted?); published again %d retained and %d recent "
+                    "messages", self.account, len(retained), len(recent))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
@@ -315,6 +376,11 @@ class Transport:
                 state = event.payload.get("state")
                 if state == "online":
                     self.mailbox.found(parsed.account)
+                    session = event.payload.get("session")
+                    seen = self._sessions.get(parsed.account)
+                    self._sessions[parsed.account] = session
+                    if not retained and seen is not None and seen != session:  # it reconnected to a broker
+                        self._resend_to(parsed.account)  # that may have lost what we sent it
                 elif state in ("offline", "failed") and not retained:  # lost now, not before we came
                     self.mailbox.lose(parsed.account, state)
             self.events.put(event)

@@ -48,8 +48,8 @@ def state_from_config(cfg: ServiceConfig) -> PlannerState:
                              hysteresis=float(sec.get("hysteresis", 0.2)), lead=int(sec.get("lead", 2)))
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{cfg.path}: [planner] needs batch (and numeric options): {exc}") from None
-    if state.batch < 1 or not 0 < state.hysteresis < 10 or state.lead < 0:
-        raise ConfigError(f"{cfg.path}: [planner] batch >= 1, 0 < hysteresis < 10, lead >= 0 required")
+    if not 1 <= state.batch <= 1 << 16 or not 0 < state.hysteresis < 10 or state.lead < 0:
+        raise ConfigError(f"{cfg.path}: [planner] 1 <= batch <= 65536, 0 < hysteresis < 10, lead >= 0 required")
     if "profile" in sec:
         state.profile = Profile.load(cfg.resolve(str(sec["profile"])))
     for link in LINKS:
