@@ -47,6 +47,9 @@ def save(directory: str | os.PathLike, ck: Checkpoint) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except OSError as exc:  # a full or failing disk: one line; the previous checkpoint stays intact
+        raise ConfigError(f"cannot write checkpoint {final} for iteration {ck.iteration}: "
+                          f"{exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return final

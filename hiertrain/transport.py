@@ -264,10 +264,12 @@ class Transport:
                 self._recent.popleft()
 
     def _track(self, info: mqtt.MQTTMessageInfo) -> None:
-        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            return  # queued by paho for the reconnection (and kept in _recent should the broker lose it)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
         with self._lock:
-            self._pending = [p for p in self._pending if not p.is_published()]
+            self._pending = [p for p in self._pending if not _published(p)]
             self._pending.append(info)
 
     def flush(self, timeout: float = 30.0) -> None:
@@ -277,7 +279,7 @@ class Transport:
             pending, self._pending = self._pending, []
         for info in pending:
             left = deadline - time.monotonic()
-            if not info.is_published() and (left <= 0 or not _wait_published(info, left)):
+            if not _published(info) and (left <= 0 or not _wait_published(info, left)):
                 raise TransportError(f"the broker did not acknowledge {len(pending)} publication(s) "
                                      f"of {self.account!r} within {timeout:g} s")
 
@@ -389,7 +391,8 @@ class Transport:
             return f"misrouted: addressed to {parsed.dest!r}"
         if retained:  # a leftover (or planted) frame replayed by the broker on subscribe: never ours
             return "retained: tensor frames are never taken from the broker's store"
-        duplicates, expired = self._reassembler.duplicates, self._reassembler.expired
+        duplicates, expired, evicted = (self._reassembler.duplicates, self._reassembler.expired,
+                                        self._reassembler.evicted)
         try:
             msg = self._reassembler.feed(payload, at=at)
         except Refused as exc:
@@ -399,6 +402,8 @@ class Transport:
         finally:
             for _ in range(self._reassembler.expired - expired):
                 self._drop("expired: an incomplete message outlived its expiry", topic)
+            for _ in range(self._reassembler.evicted - evicted):
+                self._drop("evicted: an incomplete message made room for newer ones", topic)
         if msg is None:
             return "duplicate: frame already received" if self._reassembler.duplicates > duplicates else None
         if self._reassembler.last_span is not None:
@@ -429,9 +434,16 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # paho raises for a message whose connection went away
+        return True  # nothing to wait for: resent on reconnection, or by us if the broker lost it
+
+
 def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
     try:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError):
         return False
-    return info.is_published()
+    return _published(info)

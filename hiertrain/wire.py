@@ -331,11 +331,12 @@ class Reassembler:
     :meth:`feed` returns the message a frame completes, or ``None`` (more parts to come, or a
     duplicate, counted in :attr:`duplicates`). Malformed frames raise :class:`WireError`.
 
-    Memory is bounded whatever a sender does: a message may declare at most ``max_message_bytes``,
-    a sender may have at most ``max_pending_per_sender`` incomplete messages holding at most
-    ``max_pending_per_sender_bytes`` (beyond either, :class:`Refused`); incomplete messages older
-    than ``expire_s`` are dropped (:attr:`expired`), and beyond ``max_pending_bytes`` in all the
-    oldest are evicted (:attr:`evicted`).
+    Memory is bounded whatever a sender does: a message may declare at most ``max_message_bytes``
+    (beyond, :class:`Refused`); a sender keeps at most ``max_pending_per_sender`` incomplete
+    messages holding at most ``max_pending_per_sender_bytes``, its oldest evicted to make room
+    (a flood of never-completed messages evicts itself while real ones, which complete within
+    milliseconds, get through); incomplete messages older than ``expire_s`` are dropped
+    (:attr:`expired`), and beyond ``max_pending_bytes`` in all the oldest are evicted (:attr:`evicted`).
     """
 
     def __init__(self, *, max_pending_bytes: int = 4 << 30, max_message_bytes: int = MAX_TENSOR_BYTES,
@@ -373,16 +374,17 @@ class Reassembler:
         self._expire(now)
         count = self._per_sender.setdefault(frame.sender, [0, 0])
         if key not in self._pending:
-            if count[0] >= self.max_pending_per_sender:
-                raise Refused(f"too many incomplete: {frame.sender} already has {count[0]} incomplete messages")
+            while count[0] >= self.max_pending_per_sender:
+                self._evict_oldest_of(frame.sender)
             count[0] += 1
-        if count[1] + len(frame.data) > self.max_pending_per_sender_bytes:
-            if key in self._pending:
-                self._drop(key)
-            else:
-                count[0] -= 1
-            raise Refused(f"too many incomplete: {frame.sender}'s incomplete messages would exceed "
-                          f"{self.max_pending_per_sender_bytes} bytes")
+        while count[1] + len(frame.data) > self.max_pending_per_sender_bytes:
+            if not self._evict_oldest_of(frame.sender, sparing=key):
+                if key in self._pending:
+                    self._drop(key)
+                else:
+                    count[0] -= 1
+                raise Refused(f"too large: {frame.sender}'s message alone would exceed "
+                              f"{self.max_pending_per_sender_bytes} incomplete bytes")
         self._first_seen.setdefault(key, now)
         first, parts = self._pending.get(key, (frame, {}))
         if first.routing != frame.routing:
@@ -415,6 +417,14 @@ class Reassembler:
         count[0] -= 1
         count[1] -= nbytes
         self._first_seen.pop(key, None)
+
+    def _evict_oldest_of(self, sender: str, sparing: Optional[tuple[str, str]] = None) -> bool:
+        for key in self._pending:
+            if key[0] == sender and key != sparing:
+                self._drop(key)
+                self.evicted += 1
+                return True
+        return False
 
     def _expire(self, now: float) -> None:
         """Drop incomplete messages whose first frame came more than ``expire_s`` ago."""

@@ -26,6 +26,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from collections import Counter
 from typing import Any, Optional
 
@@ -81,6 +82,7 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
     for f in (topics.schedule(cfg.job), *(topics.all_of_kind(cfg.job, k) for k in ("profile", "telemetry", "status"))):
         transport.subscribe(f)
     dropped: Counter[str] = Counter()
+    announced = [0.0]
 
     def refuse(topic: Any, why: str) -> None:
         """Count a refused message by reason; log the 1st, 10th, 100th, ... of each reason; the
@@ -90,6 +92,9 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
         if dropped[kind] in (1, 10, 100) or dropped[kind] % 1000 == 0:
             log.warning("ignored a message on %s: %s (%d so far for %s)", topic, why, dropped[kind], kind)
         transport.status_extra["dropped"] = dict(dropped)
+        if time.monotonic() - announced[0] >= 1.0:
+            announced[0] = time.monotonic()
+            transport.publish_status("online")
 
     with transport:
         log.info("planner for job %s: batch %d, policy %s", cfg.job, state.batch, state.policy)

@@ -1,9 +1,10 @@
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from hiertrain.errors import MissingMessage
+from hiertrain.errors import MissingMessage, TierLost
 from hiertrain.mailbox import Mailbox
 from hiertrain.wire import Message
 
@@ -45,3 +46,23 @@ def test_stale_iterations_are_refused_and_dropped():
     assert box.advance(5) == 1
     assert box.put(msg(4, layer=9)).startswith("stale")
     assert box.put(msg(5)) is None
+
+
+def test_iterations_far_ahead_are_refused_once_the_owner_advanced():
+    box = Mailbox(window=8)
+    assert box.put(msg(500)) is None  # before the first advance (a resumed run starts anywhere)
+    box.advance(10)
+    assert box.put(msg(18)) is None
+    assert box.put(msg(19)).startswith("too far ahead")
+
+
+def test_a_lost_tier_ends_every_wait_at_once_naming_it():
+    box = Mailbox()
+    threading.Timer(0.2, box.lose, args=("cloud", "offline")).start()
+    t0 = time.monotonic()
+    with pytest.raises(TierLost, match="tier 'cloud' is offline .*'act' from 'edge' for iteration 3"):
+        box.take("act", "edge", 3, 2, timeout=60)
+    assert time.monotonic() - t0 < 30
+    box.found("cloud")
+    with pytest.raises(MissingMessage):
+        box.take("act", "edge", 3, 2, timeout=0.1)

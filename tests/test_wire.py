@@ -142,3 +142,35 @@ def test_a_tampered_payload_is_refused():
     bad = frames[0][:-4] + b"\x01\x02\x03"  # shorter than its header announces
     with pytest.raises(WireError):
         wire.Reassembler().feed(bad)
+
+
+def _first_frames(n, sender="device", size=4096):
+    msg = wire.Message("samples", "t", sender, "edge", 1, 0, {"x": np.zeros((4, size // 4), np.float32)}, 1)
+    return [wire.encode_message(msg, msg_id=f"m{i}", chunk_bytes=1024)[0] for i in range(n)]
+
+
+def test_a_flood_of_incomplete_messages_evicts_itself_and_memory_stays_bounded():
+    r = wire.Reassembler(max_pending_per_sender=8)
+    for f in _first_frames(1000):
+        assert r.feed(f) is None
+    assert r.evicted == 992 and r.pending_bytes <= 8 * 1024 + 8 * 200
+    msg = wire.Message("samples", "t", "device", "edge", 2, 0, {"x": np.ones((4, 1024), np.float32)}, 1)
+    frames = wire.encode_message(msg, msg_id="real", chunk_bytes=1024)
+    got = [r.feed(f) for f in frames]  # a real message still gets through
+    assert got[-1] is not None and np.array_equal(got[-1].tensors["x"], msg.tensors["x"])
+
+
+def test_a_message_declaring_more_than_a_tier_accepts_is_refused_before_buffering():
+    r = wire.Reassembler(max_message_bytes=10_000)
+    with pytest.raises(wire.Refused, match="too large"):
+        r.feed(_first_frames(1, size=40_000)[0])
+    assert r.pending_bytes == 0
+
+
+def test_incomplete_messages_expire():
+    r = wire.Reassembler(expire_s=5)
+    frames = _first_frames(3)
+    r.feed(frames[0], at=100.0)
+    r.feed(frames[1], at=103.0)
+    r.feed(frames[2], at=106.0)  # the first is now 6 s old
+    assert r.expired == 1
