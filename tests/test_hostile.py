@@ -11,10 +11,8 @@ import queue
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from cluster import dump, reference, rel, schedule
@@ -23,6 +21,7 @@ from synthetic import random_profile
 from broker.layout import BrokerDir, Settings
 from broker.process import BrokerProcess, free_port
 from hiertrain import topics, wire
+from hiertrain.bench.hostile import flood, raw_client, rss_mb
 from hiertrain.local import LocalCluster
 from hiertrain.transport import Endpoint, Transport
 
@@ -44,14 +43,7 @@ def _transport(bdir, account, **kw):
 
 
 def _raw(bdir, account, *, v5=False):
-    """A bare paho client with ``account``'s credentials (what a hostile tenant would write)."""
-    ep = Endpoint.load(bdir.credentials_file(account))
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{account}-{os.getpid()}",
-                    protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-    c.username_pw_set(ep.username, ep.password)
-    c.connect(ep.host, ep.port)
-    c.loop_start()
-    return c
+    return raw_client(Endpoint.load(bdir.credentials_file(account)), v5=v5)
 
 
 def _schedules(watch, timeout):
@@ -237,52 +229,21 @@ def test_plan_refuses_an_absurd_batch_in_one_line():
 
 # 3 ----------------------------------------------------------------------- bounded memory
 
-def _rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field} for {pid}")
-
-
-def flood(bdir, dest: str, *, big: int = 800, tiny: int = 50_000, ahead: int = 200, start: int = 0) -> None:
-    """What the issue's hostile tenant sent with the device's credentials: first frames of
-    never-completed 1-MiB messages, tiny ones by the ten thousand, and complete messages for
-    iterations far in the future."""
-    raw = _raw(bdir, "device")
-    topic = topics.tensor(JOB, "device", "samples", dest, 0)
-    rng = np.random.default_rng(1)
-    big_msg = wire.Message("samples", JOB, "device", dest, start + 1, 0,
-                           {"x": rng.standard_normal((2 * 1024 * 1024 // 12288 + 1, 3, 32, 32)).astype(np.float32)}, 1)
-    for i in range(big):  # the first of several 1-MiB frames, never the rest
-        frame = wire.encode_message(big_msg, msg_id=f"big{i}", chunk_bytes=1 << 20)[0]
-        raw.publish(topic, frame, qos=0)
-    tiny_msg = wire.Message("samples", JOB, "device", dest, start + 1, 0,
-                            {"x": np.zeros((1, 3, 32, 32), np.float32)}, 1)
-    frames = [wire.encode_message(tiny_msg, msg_id=f"tiny{i}", chunk_bytes=1024)[0] for i in range(200)]
-    for i in range(tiny):
-        raw.publish(topic, frames[i % 200].replace(b"tiny", b"t%03x" % (i // 200), 1), qos=0)  # same length
-    for i in range(ahead):  # complete, well-formed, 1000+ iterations ahead
-        msg = wire.Message("samples", JOB, "device", dest, start + 1000 + i, 0,
-                           {"x": rng.standard_normal((400, 3, 32, 32)).astype(np.float32)}, 1)
-        for frame in wire.encode_message(msg, msg_id=f"ahead{i}", chunk_bytes=1 << 20):
-            raw.publish(topic, frame, qos=0)
-    time.sleep(2)
-    raw.loop_stop()
-
-
 def test_floods_leave_memory_bounded_refusals_counted_and_training_unchanged(bound, tmp_path):
     bdir, _ = bound
-    n = 300  # long enough to outlast the flood; a small rate keeps 300 steps from amplifying rounding
+    n = 800  # long enough to outlast the floods; a small rate keeps the steps from amplifying rounding
     c = _cluster(tmp_path, bdir, iterations=n, every=n, timeout_s=60, lr=0.005)
     try:
         c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
         c.start()
         c.wait_iteration(4)
         pid = c.procs["edge"].pid
-        before = _rss_mb(pid)
-        flood(bdir, "edge", start=4)
+        before = rss_mb(pid)
+        device = Endpoint.load(bdir.credentials_file("device"))
+        for kind, count in (("big", 800), ("tiny", 50_000), ("ahead", 200)):
+            flood(device, JOB, "edge", kind, start=4, count=count)
         assert c.procs["edge"].poll() is None, "the run ended before the flood did: make it longer"
-        peak = _rss_mb(pid, "VmHWM")
+        peak = rss_mb(pid, "VmHWM")
         codes = c.wait(timeout=300)
         assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
         ref_losses, ref_params = reference(c, n)

@@ -16,6 +16,7 @@ BENCHES = {
     "replan": "hiertrain.bench.replan",
     "edgecores": "hiertrain.bench.edgecores",
     "report": "hiertrain.bench.report",
+    "hostile": "hiertrain.bench.hostile",
     "planner": "planner.bench",
 }
 

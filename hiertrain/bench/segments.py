@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hiertrain import models, segments
-from hiertrain.optim import Optimizer, OptimizerConfig
+from hiertrain.optim import OptimizerConfig
 
 CASES = [("lenet5", 1, 5, 64), ("alexnet-small", 1, 5, 16), ("alexnet", 1, 5, 8), ("alexnet", 3, 7, 8),
          ("resnet34", 2, 9, 8), ("googlenet", 2, 6, 8), ("vgg16", 1, 8, 4)]
