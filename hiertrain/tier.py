@@ -30,6 +30,7 @@ import logging
 import math
 import queue
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -103,7 +104,9 @@ class TierService:
         if cfg.tier == "device":
             self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
+        self._before_run: set[int] = set()  # schedule versions retained from before this run started
         self._first = 0
+        self.run_id = uuid.uuid4().hex[:8]
         self._restored: Optional[checkpoint.Checkpoint] = None
 
     # ------------------------------------------------------------------ plumbing
@@ -136,6 +139,8 @@ class TierService:
             timeout = None  # drain what is there, then return
             if isinstance(event.topic, topics.ScheduleTopic):
                 sched = self.feed.offer(event.payload)
+                if sched is not None and event.retained:
+                    self._before_run.add(sched.version)
                 if sched is not None:
                     try:
                         self.schedules[sched.version] = sched.check(n_units=self.spec.n_units, batch=self.cfg.batch)
@@ -172,12 +177,18 @@ class TierService:
             self._pump_schedules(0.1)
         return self.schedules[version]
 
+    def _effective(self, sched: Schedule) -> int:
+        """When a schedule takes effect in this run: one retained from before the run (a previous
+        run's, effective at its iteration 301, say) is in effect from the start of this one."""
+        return min(sched.effective_iteration, self._first) if sched.version in self._before_run else \
+            sched.effective_iteration
+
     def _schedule_for(self, iteration: int) -> Schedule:
         """The device's choice: the newest schedule in effect at ``iteration`` (waiting for the first)."""
         self._pump_schedules()
         deadline = time.monotonic() + self.cfg.timeout_s
         while True:
-            ready = [s for s in self.schedules.values() if s.effective_iteration <= iteration]
+            ready = [s for s in self.schedules.values() if self._effective(s) <= iteration]
             if ready:
                 sched = max(ready, key=lambda s: s.version)
                 return sched
@@ -484,10 +495,14 @@ class TierService:
         if self.tier != "device":  # follow the device: start at the first iteration it sends
             return self.transport.mailbox.first("samples", "device", 10 * self.cfg.timeout_s)
         self._wait_online()  # retained statuses (and checkpoints) arrive with it
-        if not self.resume:
-            return 0
-        mine = self._restored.iteration if self._restored is not None else -1
-        return max([mine, *self.checkpoints.values()]) + 1
+        start = 0
+        if self.resume:
+            mine = self._restored.iteration if self._restored is not None else -1
+            start = max([mine, *self.checkpoints.values()]) + 1
+        # a new run: the planner restarts its iteration count there; tiers and logs name it
+        self.transport.status_extra.update(run=self.run_id, start_iteration=start)
+        self.transport.publish_status("online")
+        return start
 
     def publish_profile(self, profile: dict[str, Any]) -> None:
         self.transport.publish_json(topics.profile(self.cfg.job, self.tier), profile, retain=True)

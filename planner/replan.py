@@ -25,7 +25,7 @@ from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
 from planner.baselines import plan
-from planner.costmodel import TCP_EFFICIENCY, Bandwidth
+from planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time
 
 log = logging.getLogger("hiertrain.planner")
 LINKS = ("device_edge", "edge_cloud")
@@ -36,13 +36,27 @@ RATE_BAND = (1e-3, 1e6)   # Mbit/s a link can plausibly carry: 1 kbit/s .. 1 Tbi
 ITERATION_WINDOW = 1000   # how far past the newest known iteration a report may be
 
 
+def placement(s: Schedule) -> dict[str, Any]:
+    """What a schedule decides, without its version, timing and prediction."""
+    return {k: v for k, v in s.to_json().items() if k not in ("version", "effective_iteration", "iteration_s",
+                                                                "solve_s")}
+
+
+def owners(s: Schedule, n_units: int) -> dict[int, str]:
+    """Unit -> the tier that holds its weights (worker_o, or the chain stage that trains it)."""
+    if s.chain is not None:
+        return {u: st.tier for st in s.chain for u in range(st.first, st.last + 1)}
+    return {u: s.tier_of("o") for u in range(1, n_units + 1)}
+
+
 @dataclass
 class PlannerState:
     batch: int
     policy: str = "hiertrain"
     cost_model: str = "paper"
     hysteresis: float = 0.2
-    smoothing: float = 0.5
+    window: int = 5            # measurements per link the estimate is the median of
+    horizon: int = 100         # iterations over which moving the model to another tier must pay
     lead: int = 2
     profile: Optional[Profile] = None
     rates: dict[str, float] = field(default_factory=dict)
@@ -54,6 +68,8 @@ class PlannerState:
     version: int = 0
     planner: Callable[..., Schedule] = plan
     far: dict[str, int] = field(default_factory=dict)  # iterations reported beyond the window, by tier
+    run: Optional[str] = None  # the device's current run
+    samples: dict[str, list[float]] = field(default_factory=dict)  # recent measurements per link
 
     # ---------------------------------------------------------------- inputs
 
@@ -76,10 +92,19 @@ class PlannerState:
         if not mbps > 0:
             raise PlanError(f"link rate must be positive, got {mbps!r}")
         old = self.rates.get(link)
-        if old is None or abs(mbps / old - 1) > 2 * self.hysteresis:
-            self.rates[link] = mbps  # a step change (a link dropped or recovered): follow it at once
-        else:
-            self.rates[link] = (1 - self.smoothing) * old + self.smoothing * mbps
+        window = self.samples.setdefault(link, [])
+        if old is None:
+            self.rates[link], window[:] = mbps, [mbps]
+            return
+        far = abs(mbps / old - 1) > 2 * self.hysteresis
+        if far and window and abs(window[-1] / old - 1) > 2 * self.hysteresis and (window[-1] > old) == (mbps > old):
+            # a step change (a link dropped or recovered), confirmed by two measurements in a row: follow it
+            self.rates[link], window[:] = (window[-1] + mbps) / 2, [window[-1], mbps]
+            return
+        window.append(mbps)
+        del window[:-self.window]
+        if not far:  # the median of the recent measurements: one outlier never moves it
+            self.rates[link] = float(sorted(window)[len(window) // 2])
 
     def on_telemetry(self, account: str, payload: Any) -> None:
         """``{"iteration": i, "links": {"device_edge": Mbit/s, ...}}`` from a tier's telemetry.
@@ -134,7 +159,32 @@ class PlannerState:
             elif state in ("offline", "stopped", "failed"):
                 self.offline.add(account)
 
+    def on_run(self, run: Any, start: Any) -> None:
+        """The device announced its run. A new run restarts the iteration count at its first
+        iteration, so that later schedules take effect ``lead`` iterations into *this* run (not
+        into the previous run's iteration 301). The device itself treats schedules retained from
+        before its run as in effect from its start."""
+        if not isinstance(run, str) or type(start) is not int or start < 0 or run == self.run:
+            return
+        self.run = run
+        self.iteration, self.far = start, {}
+        log.info("run %s of the device starts at iteration %d", run, start)
+
     # -------------------------------------------------------------- decision
+
+    def waiting_for(self) -> Optional[str]:
+        """What keeps the first schedule from being planned, in words for the operator, or None."""
+        missing = [t for t in TIERS if self.profile is None or t not in self.profile.tiers]
+        if missing:
+            return (f"the profiles of the {', '.join(missing)} (set [planner] profile, or give those tiers a "
+                    f"[profile] file to publish)")
+        rates = [link for link in LINKS if link not in self.rates]
+        if rates:
+            return (f"the {' and '.join(rates)} rate (set {', '.join('bw_' + r for r in rates)} in [planner], or "
+                    f"wait for a tier to measure a transfer of 64 KiB or more)")
+        if "device" in self.offline:
+            return "the device to come online"
+        return None
 
     def due(self) -> Optional[str]:
         """Why a new schedule is due now, or ``None``."""
@@ -150,6 +200,30 @@ class PlannerState:
             old, new = self.planned_rates[link], self.rates[link]
             if abs(new / old - 1) > self.hysteresis:
                 return f"{link} moved from {old:.3g} to {new:.3g} Mbit/s"
+        return None
+
+    def _keep_current(self, profile: Profile, bw: Bandwidth, new: Schedule) -> Optional[str]:
+        """Why the current schedule should stay although a new plan was made, or None: the same
+        placement (republishing it would change nothing), or a new owner of the model whose
+        one-off move (the weights over the link between the two owners) would not pay back over
+        ``horizon`` iterations."""
+        assert self.current is not None
+        if placement(new) == placement(self.current):
+            return "the new plan places everything where it is"
+        n = len(profile.layers)
+        before, after = owners(self.current, n), owners(new, n)
+        moved = [u for u, t in after.items() if before.get(u) != t]
+        if not moved:
+            return None
+        a, b = before[moved[0]], after[moved[0]]
+        rate = {frozenset(("device", "edge")): bw.device_edge, frozenset(("edge", "cloud")): bw.edge_cloud,
+                frozenset(("device", "cloud")): min(bw.device_edge, bw.edge_cloud)}[frozenset((a, b))]
+        move_s = 8e-6 * sum(profile.layers[u - 1].param_bytes for u in moved) / rate
+        old_s = iteration_time(profile, bw, self.current, cost_model=self.cost_model)
+        new_s = iteration_time(profile, bw, new, cost_model=self.cost_model)
+        if (old_s - new_s) * self.horizon < move_s:
+            return (f"moving units {moved[0]}..{moved[-1]} from the {a} to the {b} would take {move_s:.3g} s, more "
+                    f"than {self.horizon} iterations gain ({old_s:.3g} -> {new_s:.3g} s each)")
         return None
 
     def on_schedule(self, payload: Any) -> Optional[Schedule]:
@@ -182,6 +256,12 @@ class PlannerState:
             return None
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
+        keep = self._keep_current(profile, bw, schedule) if self.current is not None and not self.offline else None
+        if keep:
+            log.info("not re-planning (%s): %s", why, keep)
+            self.planned_rates = dict(self.rates)
+            self.planned_offline = frozenset(self.offline)
+            return None
         self.version += 1
         # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
         schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))

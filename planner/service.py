@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -69,8 +70,34 @@ def handle(state: PlannerState, event: Any) -> Optional[Schedule]:
     elif topic.kind == "telemetry":
         state.on_telemetry(topic.account, payload)
     elif topic.kind == "status":
-        state.on_status(topic.account, payload.get("state") if isinstance(payload, dict) else None)
+        payload = payload if isinstance(payload, dict) else {}
+        state.on_status(topic.account, payload.get("state"))
+        if topic.account == "device" and payload.get("state") == "online":
+            state.on_run(payload.get("run"), payload.get("start_iteration"))
     return state.decide()
+
+
+def _wait_for_lease(cfg: ServiceConfig, stop: threading.Event) -> None:
+    """One planner per job: while the planner account's retained status says another planner is
+    online, say so and wait (its Last Will, or its clean stop, ends the wait)."""
+    watch = Transport(cfg.endpoint, account="planner", job=cfg.job, observer=True)
+    watch.subscribe(topics.status(cfg.job, "planner"))
+    holder: Optional[dict[str, Any]] = None
+    with watch:
+        deadline, said = time.monotonic() + 1.0, False  # the retained status, if any, comes at once
+        while not stop.is_set():
+            try:
+                event = watch.events.get(timeout=0.2)
+                if isinstance(event.payload, dict):
+                    holder = event.payload if event.payload.get("state") == "online" else None
+            except queue.Empty:
+                pass
+            if holder is None and (said or time.monotonic() > deadline):
+                return
+            if holder is not None and not said and time.monotonic() > deadline:
+                print(f"planner for job {cfg.job}: another planner (pid {holder.get('pid', '?')}) holds the job; "
+                      f"waiting until it goes offline", flush=True)
+                said = True
 
 
 def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
@@ -78,7 +105,10 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    transport = Transport(cfg.endpoint, account="planner", job=cfg.job)
+    _wait_for_lease(cfg, stop)
+    # a client id of its own: a second planner must not take over this one's connection
+    transport = Transport(cfg.endpoint, account="planner", job=cfg.job, persistent=False,
+                          client_id=f"hiertrain-{cfg.job}-planner-{os.getpid()}")
     for f in (topics.schedule(cfg.job), *(topics.all_of_kind(cfg.job, k) for k in ("profile", "telemetry", "status"))):
         transport.subscribe(f)
     dropped: Counter[str] = Counter()
@@ -96,6 +126,7 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
             announced[0] = time.monotonic()
             transport.publish_status("online")
 
+    said, said_at = None, 0.0
     with transport:
         log.info("planner for job %s: batch %d, policy %s", cfg.job, state.batch, state.policy)
         while not stop.is_set():
@@ -103,6 +134,10 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
                 event = transport.events.get(timeout=0.2)
             except queue.Empty:
                 event = None
+                waiting = state.waiting_for() if state.current is None else None
+                if waiting and (waiting != said or time.monotonic() - said_at > 30):
+                    print(f"planner for job {cfg.job}: no schedule yet, waiting for {waiting}", flush=True)
+                    said, said_at = waiting, time.monotonic()
             try:  # no message, however made, stops the planner
                 schedule = state.decide() if event is None else handle(state, event)
             except HiertrainError as exc:

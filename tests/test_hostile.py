@@ -94,9 +94,10 @@ def test_the_planner_refuses_telemetry_it_cannot_trust_and_never_dies(bound, tmp
                          qos=1, retain=True).wait_for_publish(5)
         assert _schedules(watch, 2) == []  # none of it re-planned
         assert proc.poll() is None
-        cloud.publish_json(topics.telemetry(JOB, "cloud"), {"iteration": 7, "links": {"edge_cloud": 0.05}})
+        for i in (7, 8):  # a real drop, measured twice
+            cloud.publish_json(topics.telemetry(JOB, "cloud"), {"iteration": i, "links": {"edge_cloud": 0.05}})
         second = _schedules(watch, 3)
-        assert [s["version"] for s in second] == [2] and second[0]["effective_iteration"] == 9  # 7 + lead
+        assert [s["version"] for s in second] == [2] and second[0]["effective_iteration"] == 10  # 8 + lead
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0 and "Traceback" not in err

@@ -9,6 +9,7 @@ import pytest
 from hiertrain import topics
 from hiertrain.schedule import ScheduleFeed
 from planner.costmodel import TCP_EFFICIENCY
+from hiertrain.profile import Profile
 from planner.replan import PlannerState
 
 from conftest import PYTHON, ROOT
@@ -43,7 +44,9 @@ def test_noise_inside_the_band_never_replans_and_a_real_change_does():
     for i in range(200):  # +-10 % noise around 5 Mbit/s
         s.on_telemetry("edge", {"iteration": i, "links": {"edge_cloud": 5 * rng.uniform(0.9, 1.1)}})
         assert s.decide() is None
-    s.on_telemetry("edge", {"iteration": 300, "links": {"edge_cloud": 1.5}})  # a step change: one measurement suffices
+    s.on_telemetry("edge", {"iteration": 299, "links": {"edge_cloud": 1.5}})  # a step change, once: maybe noise
+    assert s.decide() is None
+    s.on_telemetry("edge", {"iteration": 300, "links": {"edge_cloud": 1.5}})  # confirmed: follow it
     new = s.decide()
     assert new.version == 2 and new.effective_iteration == 302
     assert s.planned_rates["edge_cloud"] == pytest.approx(1.5 / TCP_EFFICIENCY)
@@ -57,10 +60,27 @@ def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
     s.on_telemetry("cloud", {"iteration": 2, "links": {"device_cloud": 4}})  # a tie: the WAN side
     line = 4 / TCP_EFFICIENCY  # tiers measure payload; plans use line rates
-    assert s.rates["edge_cloud"] == pytest.approx((5 + line) / 2) and s.rates["device_edge"] == 5
-    s.on_rate("edge_cloud", 20)  # a step: taken at once
-    s.on_telemetry("cloud", {"iteration": 3, "links": {"device_cloud": 1}})  # the device link is now the slower: a step too
+    assert s.samples["edge_cloud"][-1] == pytest.approx(line) and s.samples["device_edge"] == [5]
+    s.on_rate("edge_cloud", 20), s.on_rate("edge_cloud", 20)  # a step, confirmed: taken at once
+    for i in (3, 4):  # the device link is now the slower: a step too
+        s.on_telemetry("cloud", {"iteration": i, "links": {"device_cloud": 1}})
     assert s.rates["device_edge"] == pytest.approx(1 / TCP_EFFICIENCY) and s.rates["edge_cloud"] == 20
+
+
+@pytest.mark.unit
+def test_rate_outliers_never_move_the_estimate_and_identical_plans_are_not_republished():
+    s = state()
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    first = s.decide()
+    rng = np.random.default_rng(3)
+    published = []
+    for i in range(300):  # what unshaped links measured from small transfers: 30 .. 11,500 Mbit/s
+        mbps = 5 if i % 7 else float(rng.choice([30, 11_500]))
+        s.on_telemetry("edge", {"iteration": i, "links": {"edge_cloud": mbps, "device_edge": 5}})
+        new = s.decide()
+        if new is not None:
+            published.append(new)
+    assert first is not None and published == []
 
 
 @pytest.mark.unit
@@ -136,13 +156,70 @@ def test_planner_service_replans_on_telemetry_past_the_threshold(mosquitto, brok
         device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 10, "links": {"edge_cloud": 5.5}})
         device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 11, "links": {"edge_cloud": 4.6}})
         device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 12, "links": {"edge_cloud": 0.5}})
-        second = next_schedule(watcher)
-        assert second["version"] == 2 and second["effective_iteration"] == 14
+        device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 13, "links": {"edge_cloud": 0.5}})
+        second = next_schedule(watcher)  # a step change, confirmed by a second measurement
+        assert second["version"] == 2 and second["effective_iteration"] == 15
         device.publish_json(topics.telemetry("t", "cloud"), "not an object")  # dropped with a log line
-        device.publish_json(topics.telemetry("t", "cloud"), {"iteration": 20, "links": {"edge_cloud": 0.05}})
-        assert next_schedule(watcher)["version"] == 3
+        for i in (20, 21):
+            device.publish_json(topics.telemetry("t", "cloud"), {"iteration": i, "links": {"edge_cloud": 0.05}})
+        # what the same state machine decides: a new placement is published, the same one is not
+        twin = PlannerState(batch=32, hysteresis=0.25, profile=Profile.load(profile))
+        for link, mbps in (("device_edge", 5.0), ("edge_cloud", 5.0)):
+            twin.on_rate(link, mbps)
+        twin.decide()
+        for i, mbps in ((10, 5.5), (11, 4.6), (12, 0.5), (13, 0.5), (20, 0.05), (21, 0.05)):
+            twin.on_telemetry("cloud", {"iteration": i, "links": {"edge_cloud": mbps}})
+            twin.decide()
+        if twin.version == 3:
+            assert next_schedule(watcher)["version"] == 3
+        else:
+            with pytest.raises(AssertionError, match="no schedule arrived"):
+                next_schedule(watcher, timeout=4)
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "telemetry must be a JSON object" in err
+
+
+@pytest.mark.integration
+def test_a_planner_says_what_it_waits_for_and_a_second_one_waits_for_the_first(mosquitto, broker_dir, tmp_path):
+    import threading
+    import time
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(random_profile(np.random.default_rng(4), 5).to_json()))
+    cfg = tmp_path / "planner.toml"  # no bw_*: it must say so, not stay silent
+    cfg.write_text(f'job = "t"\n[broker]\ncredentials = "{broker_dir.credentials_file("planner")}"\n'
+                   f'[planner]\nbatch = 32\nprofile = "{profile}"\n')
+    outs: dict[str, list[str]] = {"a": [], "b": []}
+
+    def start(name):
+        proc = subprocess.Popen([PYTHON, "-m", "hiertrain", "planner", "run", "--config", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        threading.Thread(target=lambda: [outs[name].append(line) for line in proc.stdout], daemon=True).start()
+        return proc
+
+    def said(name, text, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in outs[name]):
+                return True
+            time.sleep(0.1)
+        return False
+
+    a = start("a")
+    b = None
+    try:
+        assert said("a", "no schedule yet, waiting for the device_edge and edge_cloud rate (set bw_device_edge"), outs
+        b = start("b")
+        assert said("b", f"another planner (pid {a.pid}) holds the job; waiting until it goes offline"), outs
+        assert not said("b", "no schedule yet", timeout=2)
+        a.terminate()
+        a.wait(20)
+        assert said("b", "no schedule yet, waiting for"), outs  # b took over
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(20)
