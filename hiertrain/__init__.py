@@ -13,3 +13,9 @@ TIERS: tuple[str, ...] = ("device", "edge", "cloud")
 
 ACCOUNTS: tuple[str, ...] = TIERS + ("planner",)
 """Broker accounts: one per tier, one for the planner."""
+
+MODEL_NAMES: tuple[str, ...] = ("lenet5", "alexnet", "alexnet-small", "vgg16", "vgg19", "resnet34", "googlenet")
+"""The model zoo's names (:data:`hiertrain.models.MODELS`), known without importing onnx."""
+
+MAX_BATCH = 1 << 16
+"""The largest batch a job may plan or train (beyond it, plans need absurd memory)."""

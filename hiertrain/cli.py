@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 from hiertrain.errors import HiertrainError
 
 Handler = Callable[[argparse.Namespace], int]
+EXTRA_OF = {"onnx": "device", "onnxruntime": "device", "mip": "planner", "amqtt": "broker", "matplotlib": "bench",
+            "PIL": "data"}  # the extra that brings a module the core install lacks
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +37,7 @@ def _positive_int(text: str) -> int:
 
 
 def _batch(text: str) -> int:
-    from hiertrain.tierconfig import MAX_BATCH
+    from hiertrain import MAX_BATCH
 
     value = _positive_int(text)
     if value > MAX_BATCH:
@@ -178,7 +180,12 @@ def _plan(args: argparse.Namespace) -> int:
     from planner.baselines import plan
     from planner.costmodel import Bandwidth
 
-    schedule = plan(Profile.load(args.profile), Bandwidth(args.bw_device_edge, args.bw_edge_cloud), args.batch,
+    profile = Profile.load(args.profile[0])
+    for path in args.profile[1:]:
+        other = Profile.load(path)
+        for tier in other.tiers:
+            profile = profile.merged(tier, other)
+    schedule = plan(profile, Bandwidth(args.bw_device_edge, args.bw_edge_cloud), args.batch,
                     policy=args.policy, cost_model=args.cost_model, solver_name=args.solver)
     if args.json:
         print(json.dumps(schedule.to_json()))
@@ -295,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--model", required=True, choices=sorted(_models()))
     prof.add_argument("--batch", type=_batch, required=True)
     prof.add_argument("--out", required=True)
-    prof.add_argument("--tier", default="edge", choices=["device", "edge", "cloud"], help="the entry to write")
+    prof.add_argument("--tier", required=True, choices=["device", "edge", "cloud"],
+                      help="the tier this machine is (the entry to write)")
     prof.add_argument("--merge", action="store_true", help="keep the other tiers already in --out")
     prof.add_argument("--threads", type=_positive_int, default=0, help="ORT intra-op threads (default: all cores)")
     prof.add_argument("--cpu-quota", type=_positive_float, metavar="CORES",
@@ -313,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(handler=_segments_build)
 
     plan = sub.add_parser("plan", help="one planning decision from a profile and bandwidths")
-    plan.add_argument("--profile", required=True, help="hiertrain-profile/1 JSON with device, edge and cloud")
+    plan.add_argument("--profile", required=True, action="append",
+                      help="hiertrain-profile/1 JSON; repeat it to merge the files of separate machines "
+                           "(later files add or replace tiers)")
     plan.add_argument("--bw-device-edge", type=_positive_float, required=True, metavar="MBPS")
     plan.add_argument("--bw-edge-cloud", type=_positive_float, required=True, metavar="MBPS")
     plan.add_argument("--batch", type=_batch, required=True)
@@ -380,9 +390,9 @@ def _segments_build(args: argparse.Namespace) -> int:
 
 
 def _models() -> list[str]:
-    from hiertrain.models import MODELS  # onnx only, no ORT
+    from hiertrain import MODEL_NAMES  # the core install has no onnx: names only
 
-    return list(MODELS)
+    return list(MODEL_NAMES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -396,6 +406,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.handler(args)
     except HiertrainError as exc:
         print(f"hiertrain: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # a command of an extra this install lacks
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"hiertrain: error: `hiertrain {args.command}` needs {exc.name}: pip install 'hiertrain[{extra}]'",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

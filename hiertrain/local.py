@@ -78,8 +78,8 @@ class LocalCluster:
             **({"checkpoint": {"dir": str(work / f"ck-{t}"), "every": every}} if every else {})},
             host=host[t]) for t in TIERS}
         planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"])
-        self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job,
-                                                          client_id=f"hiertrain-{job}-publisher"))
+        # publishes schedules as the planner would, without a status: it is no planner (and holds no lease)
+        self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job, observer=True))
         self.watch = Transport(planner_creds, account="planner", job=job, observer=True)
         for kind in ("telemetry", "status"):
             self.watch.subscribe(topics.all_of_kind(job, kind))

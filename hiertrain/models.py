@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from hiertrain import MODEL_NAMES
 from hiertrain.errors import PlanError
 
 OPSET = 17
@@ -286,6 +287,9 @@ MODELS: dict[str, Callable[[], ModelSpec]] = {
     "resnet34": resnet34,
     "googlenet": googlenet,
 }
+
+
+assert tuple(MODELS) == MODEL_NAMES, "hiertrain.MODEL_NAMES must list the zoo"
 
 
 @functools.lru_cache(maxsize=None)

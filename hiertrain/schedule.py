@@ -110,8 +110,10 @@ class Schedule:
             extra = f", cut activations in {self.compress_bits} bits" if self.compress_bits else ""
             return f"{self.policy}: chain {where}{extra}; {self.iteration_s:.4f} s/iteration"
         m = self.mapping
-        return (f"{self.policy}: o={m['o']} (b_o={self.b_o}), s={m['s']} (units 1..{self.m_s}, b_s={self.b_s}), "
-                f"l={m['l']} (units 1..{self.m_l}, b_l={self.b_l}); {self.iteration_s:.4f} s/iteration")
+        parts = [f"o={m['o']} (b_o={self.b_o})"]
+        for role, cut, b in (("s", self.m_s, self.b_s), ("l", self.m_l, self.b_l)):
+            parts.append(f"{role}={m[role]} (units 1..{cut}, b_{role}={b})" if b else f"{m[role]} idle")
+        return f"{self.policy}: {', '.join(parts)}; {self.iteration_s:.4f} s/iteration"
 
     def versioned(self, version: int, effective_iteration: int) -> "Schedule":
         return replace(self, version=version, effective_iteration=effective_iteration)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hiertrain import TIERS, config
+from hiertrain import MAX_BATCH, TIERS, config
 from hiertrain.errors import ConfigError
 from hiertrain.optim import OptimizerConfig
 from hiertrain.transport import Endpoint
@@ -66,13 +66,18 @@ class TierConfig:
     path: Optional[Path] = None
 
 
-def _profile(path: Path) -> dict[str, Any]:
+def _profile(path: Path, tier: str) -> dict[str, Any]:
+    """The profile this tier publishes: it must hold this tier's timings (a wrong file is refused
+    here, not discovered by the planner while the device waits)."""
     from hiertrain.profile import Profile
 
-    return Profile.load(path).to_json()
+    profile = Profile.load(path)
+    if tier not in profile.tiers:
+        raise ConfigError(f"[profile] file {str(path)!r} has timings for {', '.join(sorted(profile.tiers)) or 'no tier'}, "
+                          f"not the {tier}: make it with `hiertrain profile --tier {tier} ...` on this machine")
+    return profile.to_json()
 
 
-MAX_BATCH = 1 << 16
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 FRAME_HEADER_BYTES = 4096  # room for a frame's routing header and MQTT's own beside the chunk
 
@@ -134,7 +139,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         dataset=get(data, "dataset", str, "synthetic"),
         data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
         holdout=get(ev, "holdout", int, 0), path=cfg.path,
-        profile=_profile(cfg.resolve(str(prof["file"]))) if "file" in prof else None,
+        profile=_profile(cfg.resolve(str(prof["file"])), tier) if "file" in prof else None,
     )
     _check_limits(out, cfg.path)
     from hiertrain import models

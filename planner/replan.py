@@ -70,14 +70,19 @@ class PlannerState:
     far: dict[str, int] = field(default_factory=dict)  # iterations reported beyond the window, by tier
     run: Optional[str] = None  # the device's current run
     samples: dict[str, list[float]] = field(default_factory=dict)  # recent measurements per link
+    reprofiled: set[str] = field(default_factory=set)  # tiers whose new profile is not planned with yet
 
     # ---------------------------------------------------------------- inputs
 
     def on_profile(self, tier: str, profile: Profile) -> None:
         """A tier's own profile (its entry under ``tiers``); merged into the planning profile."""
         if tier not in profile.tiers:
-            raise PlanError(f"the profile {tier} published has no timings for {tier}")
+            raise PlanError(f"wrong profile: the {tier} published timings for {', '.join(sorted(profile.tiers))}, "
+                            f"not for itself")
+        before = self.profile.tiers.get(tier) if self.profile is not None else None
         self.profile = profile if self.profile is None else self.profile.merged(tier, profile)
+        if before is not None and before != self.profile.tiers[tier] and self.current is not None:
+            self.reprofiled.add(tier)  # re-plan with the new timings
 
     def on_rate(self, link: str, mbps: float) -> None:
         """A measured rate. ``device_cloud`` (a transfer through the edge) measures the slower link:
@@ -196,6 +201,8 @@ class PlannerState:
             return "first schedule"
         if frozenset(self.offline) != self.planned_offline:
             return f"tiers offline changed to {sorted(self.offline) or 'none'}"
+        if self.reprofiled:
+            return f"new profile of the {', '.join(sorted(self.reprofiled))}"
         for link in LINKS:
             old, new = self.planned_rates[link], self.rates[link]
             if abs(new / old - 1) > self.hysteresis:
@@ -259,6 +266,7 @@ class PlannerState:
         keep = self._keep_current(profile, bw, schedule) if self.current is not None and not self.offline else None
         if keep:
             log.info("not re-planning (%s): %s", why, keep)
+            self.reprofiled.clear()
             self.planned_rates = dict(self.rates)
             self.planned_offline = frozenset(self.offline)
             return None
@@ -266,6 +274,7 @@ class PlannerState:
         # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
         schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))
         self.current = schedule
+        self.reprofiled.clear()
         self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)
         log.info("schedule version %d (%s): %s", self.version, why, schedule.to_json())

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from typing import Any, Optional
 
-from hiertrain import topics
+from hiertrain import MAX_BATCH, topics
 from hiertrain.config import ServiceConfig
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.profile import Profile
@@ -50,7 +50,7 @@ def state_from_config(cfg: ServiceConfig) -> PlannerState:
                              hysteresis=float(sec.get("hysteresis", 0.2)), lead=int(sec.get("lead", 2)))
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{cfg.path}: [planner] needs batch (and numeric options): {exc}") from None
-    if not 1 <= state.batch <= 1 << 16 or not 0 < state.hysteresis < 10 or state.lead < 0:
+    if not 1 <= state.batch <= MAX_BATCH or not 0 < state.hysteresis < 10 or state.lead < 0:
         raise ConfigError(f"{cfg.path}: [planner] 1 <= batch <= 65536, 0 < hysteresis < 10, lead >= 0 required")
     if "profile" in sec:
         state.profile = Profile.load(cfg.resolve(str(sec["profile"])))

@@ -209,3 +209,25 @@ def test_switching_between_a_hybrid_schedule_and_a_chain_moves_weights_and_optim
     assert sorted(losses) == list(range(36))
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(36)) < 1e-4
     assert rel(c.final_checkpoint().params, ref_params) < 1e-4
+
+
+def test_a_job_runs_again_with_the_planner_up_and_after_a_planner_restart(cluster):
+    """Each start of the device is a new run: what an earlier run left retained (a schedule that
+    took effect at its iteration 8, statuses) never blocks the next."""
+    from pathlib import Path
+
+    profile = Path(__file__).resolve().parents[1] / "bench" / "profiles" / "lenet5.json"
+    c = cluster(iterations=12, timeout_s=20)
+    c.start_planner(profile, bw_device_edge=5.0, bw_edge_cloud=1.5)
+    runs = []
+    for attempt in range(3):
+        if attempt == 2:  # the planner restarts, with every status and schedule of run 2 retained
+            c.procs["planner"].terminate()
+            c.procs["planner"].wait(20)
+            c.start_planner(profile, bw_device_edge=5.0, bw_edge_cloud=1.5)
+        c.start()
+        codes = c.wait(timeout=120)
+        assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+        c.pump(0.5)
+        runs.append({p.get("run") for a, p in c.status if a == "device" and p.get("run")})
+    assert len(set.union(*runs)) == 3  # three runs, three ids
