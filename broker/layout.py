@@ -7,6 +7,8 @@
     D/acl                      each account publishes only below hiertrain/<job>/<account>/ (the
                                planner also the schedule) and reads only what its role needs
     D/credentials/<acct>.json  what a tier needs to connect (hiertrain.transport.Endpoint)
+    D/credentials/observer-mosquitto/mosquitto_sub
+                               the read-only observer's options for mosquitto_sub (XDG_CONFIG_HOME)
     D/mosquitto.conf           written by broker.mosquitto from the settings
     D/data/                    Mosquitto persistence (sessions, retained schedule)
 
@@ -109,6 +111,7 @@ class BrokerDir:
         self.credentials = self.root / "credentials"
         self.conf = self.root / "mosquitto.conf"
         self.data = self.root / "data"
+        self.observer_options = self.credentials / "observer-mosquitto"  # XDG_CONFIG_HOME for mosquitto_sub
 
     def credentials_file(self, account: str) -> Path:
         return self.credentials / f"{topics.validate_account(account)}.json"
@@ -155,6 +158,12 @@ class BrokerDir:
         endpoint = Endpoint(settings.host, settings.port, account, password, tls_ca=settings.tls_ca,
                             max_packet_bytes=settings.max_packet_bytes, job=settings.job)
         _write_private(self.credentials_file(account), endpoint.to_json())
+        if account == "observer":  # mosquitto_sub reads its options from $XDG_CONFIG_HOME/mosquitto_sub
+            self.observer_options.mkdir(exist_ok=True)
+            tls = [f"--cafile {settings.tls_ca}"] if settings.tls_ca else []
+            _write_private(self.observer_options / "mosquitto_sub",
+                           "\n".join([f"-h {settings.host}", f"-p {settings.port}", "-u observer", f"-P {password}",
+                                      *tls]) + "\n")
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 TIERS: tuple[str, ...] = ("device", "edge", "cloud")
 """The three machines of a mobile-edge-cloud deployment, nearest to the data first."""
 
-ACCOUNTS: tuple[str, ...] = TIERS + ("planner",)
-"""Broker accounts: one per tier, one for the planner."""
+ACCOUNTS: tuple[str, ...] = TIERS + ("planner", "observer")
+"""Broker accounts: one per tier, one for the planner, and a read-only one for people and dashboards."""
 
 MODEL_NAMES: tuple[str, ...] = ("lenet5", "alexnet", "alexnet-small", "vgg16", "vgg19", "resnet34", "googlenet")
 """The model zoo's names (:data:`hiertrain.models.MODELS`), known without importing onnx."""

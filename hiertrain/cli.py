@@ -135,7 +135,7 @@ def _schedule_watch(args: argparse.Namespace) -> int:
     from hiertrain import config
     from hiertrain.watch import watch
 
-    return watch(config.load(args.config), count=args.count, timeout=args.timeout)
+    return watch(config.load(args.config), count=args.count, timeout=args.timeout, as_json=args.json)
 
 
 # ----------------------------------------------------------------------------------- profile
@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--config", required=True)
     watch.add_argument("--count", type=_positive_int, help="exit after this many schedules")
     watch.add_argument("--timeout", type=_nonneg_float, help="exit 1 if nothing arrives for this long")
+    watch.add_argument("--json", action="store_true", help="one JSON object per schedule instead of a table")
     watch.set_defaults(handler=_schedule_watch)
 
     prof = sub.add_parser("profile", help="measure a hiertrain-profile/1 for one tier on this machine")

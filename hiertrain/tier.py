@@ -105,6 +105,7 @@ class TierService:
             self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._before_run: set[int] = set()  # schedule versions retained from before this run started
+        self._shown_version, self._shown_at = -1, 0.0  # progress lines
         self._first = 0
         self.run_id = uuid.uuid4().hex[:8]
         self._restored: Optional[checkpoint.Checkpoint] = None
@@ -242,7 +243,8 @@ class TierService:
             share = {t: (x if t == sched.chain[0].tier else x[:0]) for t in TIERS}
             labels_to = sched.chain[-1].tier
         for tier in ("edge", "cloud"):
-            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version)
+            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version,
+                       run=self.run_id)
         if labels_to != "device":
             self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
         self._local[iteration] = (sched, share["device"], y)
@@ -343,6 +345,7 @@ class TierService:
             if go.meta.get("stop"):
                 return None
             sched = self._schedule_version(go.schedule_version, i)
+            self.run_id = str(go.meta.get("run", self.run_id))  # the device's run: named in progress lines
             mine = go.tensors.get("x")
             get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
         self.history[i] = sched
@@ -372,7 +375,21 @@ class TierService:
         out["wait_s"] = stats.wait_s
         out["phases"] = stats.phases
         self._telemetry(out)
+        self._progress(i, sched, out)
         return out
+
+    def _progress(self, i: int, sched: Schedule, out: dict[str, Any]) -> None:
+        """What a person watching the service wants: a line whenever this tier starts a schedule,
+        and from whoever computes the loss a line per iteration (at most one a second)."""
+        if sched.version != self._shown_version:
+            self._shown_version = sched.version
+            print(f"{self.tier}: schedule v{sched.version} from iteration {i}: {out.get('role', 'idle')} "
+                  f"({sched.describe()})", flush=True)
+        now = time.monotonic()
+        if "loss" in out and (now - self._shown_at >= 1.0 or out["iteration_s"] >= 1.0):
+            self._shown_at = now
+            print(f"{self.tier}: iteration {i} loss {out['loss']:.4f} {out['iteration_s'] * 1e3:.0f} ms "
+                  f"(schedule v{sched.version}, run {self.run_id})", flush=True)
 
     def _as_slice(self, i: int, sched: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
         cut, o = sched.cut(role), sched.tier_of("o")

@@ -156,6 +156,8 @@ def writable_by(account: str, job: str = "+") -> list[str]:
     binds the account to one job (``+``: any)."""
     validate_account(account)
     job = job if job == "+" else validate_job(job)
+    if account == "observer":
+        return []
     own = [f"{ROOT}/{job}/{account}/#"]
     return own + [f"{ROOT}/{job}/schedule"] if account == "planner" else own
 
@@ -166,7 +168,7 @@ def readable_by(account: str, job: str = "+") -> list[str]:
     validate_account(account)
     job = job if job == "+" else validate_job(job)
     common = [f"{ROOT}/{job}/schedule", f"{ROOT}/{job}/+/status", f"{ROOT}/{job}/+/telemetry"]
-    if account == "planner":
+    if account in ("planner", "observer"):  # the observer: everything but tensors
         return common + [f"{ROOT}/{job}/+/profile"]
     return common + [f"{ROOT}/{job}/+/+/{account}/+"]  # its inbox
 

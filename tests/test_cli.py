@@ -57,7 +57,8 @@ def test_schedule_watch_prints_newest_versions_only(mosquitto, broker_dir, conne
              "version": 2, "effective_iteration": 10}
     planner.publish_json(topics.schedule("t"), sched, retain=True)
     planner.flush()
-    proc = subprocess.Popen(HIERTRAIN + ["schedule", "watch", "--config", str(cfg), "--count", "2", "--timeout", "20"],
+    proc = subprocess.Popen(HIERTRAIN + ["schedule", "watch", "--config", str(cfg), "--count", "2", "--timeout", "20",
+                                         "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         first = json.loads(proc.stdout.readline())

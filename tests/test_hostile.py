@@ -346,3 +346,31 @@ def test_a_full_checkpoint_disk_is_one_line_and_leaves_no_partial_files(bound, t
         assert (ck / "checkpoint.npz").read_bytes() == good  # the previous checkpoint intact
     finally:
         c.close()
+
+
+def test_the_observer_reads_schedule_statuses_and_telemetry_with_mosquitto_sub_and_writes_nothing(bound):
+    import shutil
+
+    bdir, _ = bound
+    if shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto-clients is not installed")
+    env = {**os.environ, "XDG_CONFIG_HOME": str(bdir.observer_options)}  # the password stays in that file
+    edge = _transport(bdir, "edge")
+    try:
+        sub = subprocess.Popen(["mosquitto_sub", "-t", f"hiertrain/{JOB}/#", "-v", "-C", "3", "-W", "10"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        edge.send(wire.Message("samples", JOB, "edge", "cloud", 0, 0, {}, 1))  # binary: never shown
+        for i in range(2):
+            edge.publish_json(topics.telemetry(JOB, "edge"), {"iteration": i})
+        out, err = sub.communicate(timeout=20)
+        lines = out.splitlines()
+        assert len(lines) == 3 and lines[0].startswith(f"hiertrain/{JOB}/edge/status ")
+        assert all(ln.split()[0] in (topics.status(JOB, "edge"), topics.telemetry(JOB, "edge")) for ln in lines), out
+        ep = Endpoint.load(bdir.credentials_file("observer"))
+        pub = subprocess.run(["mosquitto_pub", "-h", ep.host, "-p", str(ep.port), "-u", "observer", "-P", ep.password,
+                              "-V", "mqttv5", "-q", "1", "-t", topics.schedule(JOB), "-m", "{}"],
+                             capture_output=True, text=True, timeout=20)
+        assert "not authorized" in (pub.stdout + pub.stderr).lower(), (pub.stdout, pub.stderr)
+    finally:
+        edge.stop()
