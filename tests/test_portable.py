@@ -168,3 +168,20 @@ def test_an_emulated_arm64_device_trains_in_a_hybrid(wheel, mosquitto, broker_di
     _runner_run(tmp_path, broker_dir, python, name, iterations=8)
     print(json.dumps({"arm64_rootfs_and_wheels_s": round(ready, 1), "arm64_run_s": round(time.monotonic() - t1, 1),
                       "onnxruntime": version}))
+
+
+@pytest.mark.integration
+def test_the_core_install_runs_its_commands_and_names_the_extra_others_need(wheel, tmp_path_factory):
+    venv = tmp_path_factory.mktemp("core-venv")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cli = str(venv / "bin" / "hiertrain")
+    assert subprocess.run([cli, "--help"], capture_output=True, text=True).returncode == 0
+    plan = subprocess.run([cli, "plan", "--profile", str(ROOT / "bench/profiles/lenet5.json"), "--bw-device-edge", "5",
+                           "--bw-edge-cloud", "1.5", "--batch", "32"], capture_output=True, text=True)
+    assert plan.returncode == 0 and "s/iteration" in plan.stdout, plan.stderr
+    dev = subprocess.run([cli, "device", "run", "--config", "/nonexistent.toml"], capture_output=True, text=True)
+    assert dev.returncode == 1 and dev.stderr.strip() == ("hiertrain: error: `hiertrain device` needs onnx: "
+                                                          "pip install 'hiertrain[device]'"), dev.stderr
