@@ -92,7 +92,7 @@ def _broker_init(args: argparse.Namespace) -> int:
     from broker.mosquitto import write_config
 
     write_config(bdir)
-    print(f"broker directory {bdir.root}: accounts {', '.join(sorted(p.stem for p in bdir.credentials.iterdir()))}; "
+    print(f"broker directory {bdir.root}: accounts {', '.join(sorted(p.stem for p in bdir.credentials.glob('*.json')))}; "
           f"give each tier its file from {bdir.credentials}")
     return 0
 

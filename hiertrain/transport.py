@@ -121,6 +121,7 @@ class Transport:
         # frames of recent iterations, and the last retained payload of each topic we retain
         self._recent: "collections.deque[tuple[int, str, list[bytes]]]" = collections.deque()
         self._retained: dict[str, str] = {}
+        self._last_json: dict[str, str] = {}
         self._connects = 0
         self._sessions: dict[str, Any] = {}  # account -> the connection its last status came from
         self.session_losses = 0
@@ -248,9 +249,8 @@ class Transport:
 
     def publish_json(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         text = json.dumps(payload, separators=(",", ":"))
-        if retain:
-            with self._lock:
-                self._retained[topic] = text
+        with self._lock:  # the last of each topic, retained or not (telemetry: a loss someone waits for)
+            (self._retained if retain else self._last_json)[topic] = text
         self._publish(topic, text, retain=retain)
 
     def _publish(self, topic: str, payload: Any, *, retain: bool = False) -> None:
@@ -318,6 +318,9 @@ class Transport:
     def _resend_to(self, peer: str) -> None:
         with self._lock:
             recent = [(topic, frames) for _, topic, frames in self._recent if topic.split("/")[4] == peer]
+            last = dict(self._last_json)
+        for topic, text in last.items():
+            self._client.publish(topic, text, qos=1)
         for topic, frames in recent:
             for frame in frames:
                 self._client.publish(topic, frame, qos=1)
@@ -329,7 +332,9 @@ class Transport:
         again what it may have lost. Receivers drop what they already have as duplicates."""
         self.session_losses += 1
         with self._lock:
-            retained, recent = dict(self._retained), list(self._recent)
+            retained, recent, last = dict(self._retained), list(self._recent), dict(self._last_json)
+        for topic, text in last.items():
+            client.publish(topic, text, qos=1)
         for topic, text in retained.items():
             if topic != self._status:
                 client.publish(topic, text, qos=1, retain=True)

@@ -321,6 +321,11 @@ def decode_payload(frame: Frame, payload: Any) -> Message:
                    tensors, frame.schedule_version, head["m"])
 
 
+def _stream(msg_id: str) -> str:
+    """The sending process of a message id (``nonce:counter``, as :class:`~hiertrain.transport.Transport` makes them)."""
+    return msg_id.split(":", 1)[0]
+
+
 class Refused(WireError):
     """A well-formed frame that is refused to bound memory; ``str()`` starts with the reason."""
 
@@ -333,9 +338,9 @@ class Reassembler:
 
     Memory is bounded whatever a sender does: a message may declare at most ``max_message_bytes``
     (beyond, :class:`Refused`); a sender keeps at most ``max_pending_per_sender`` incomplete
-    messages holding at most ``max_pending_per_sender_bytes``, its oldest evicted to make room
-    (a flood of never-completed messages evicts itself while real ones, which complete within
-    milliseconds, get through); incomplete messages older than ``expire_s`` are dropped
+    messages holding at most ``max_pending_per_sender_bytes``; to make room its oldest is evicted,
+    from a stream that never completed a message if there is one, so a flood of never-completed
+    messages evicts itself while the real sender's in-flight ones get through; incomplete messages older than ``expire_s`` are dropped
     (:attr:`expired`), and beyond ``max_pending_bytes`` in all the oldest are evicted (:attr:`evicted`).
     """
 
@@ -349,6 +354,7 @@ class Reassembler:
         self.expire_s = expire_s
         self.expired = 0
         self._per_sender: dict[str, list[int]] = {}  # sender -> [incomplete messages, bytes]
+        self._proven: OrderedDict[tuple[str, str], None] = OrderedDict()  # streams that completed a message
         self._pending: OrderedDict[tuple[str, str], tuple[Frame, dict[int, memoryview]]] = OrderedDict()
         self._pending_bytes = 0
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -419,12 +425,16 @@ class Reassembler:
         self._first_seen.pop(key, None)
 
     def _evict_oldest_of(self, sender: str, sparing: Optional[tuple[str, str]] = None) -> bool:
-        for key in self._pending:
-            if key[0] == sender and key != sparing:
-                self._drop(key)
-                self.evicted += 1
-                return True
-        return False
+        """Evict ``sender``'s oldest incomplete message, preferring streams (message-id prefix:
+        one sending process) that never completed a message: a flood of never-completed messages
+        pays for the room it takes, not the real sender's in-flight ones."""
+        keys = [k for k in self._pending if k[0] == sender and k != sparing]
+        if not keys:
+            return False
+        unproven = [k for k in keys if (k[0], _stream(k[1])) not in self._proven]
+        self._drop((unproven or keys)[0])
+        self.evicted += 1
+        return True
 
     def _expire(self, now: float) -> None:
         """Drop incomplete messages whose first frame came more than ``expire_s`` ago."""
@@ -440,6 +450,9 @@ class Reassembler:
         return self._pending_bytes
 
     def _complete(self, key: tuple[str, str], frame: Frame, payload: Any) -> Message:
+        self._proven[(key[0], _stream(key[1]))] = None
+        if len(self._proven) > 1024:
+            self._proven.popitem(last=False)
         self._done[key] = None
         if len(self._done) > self._remember:
             self._done.popitem(last=False)

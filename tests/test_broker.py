@@ -55,7 +55,7 @@ def test_password_hash_is_mosquitto_format_and_verifies():
 
 @pytest.mark.unit
 def test_init_writes_accounts_acl_and_private_credentials(broker_dir):
-    assert set(read_password_file(broker_dir.passwd)) == {"device", "edge", "cloud", "planner"}
+    assert set(read_password_file(broker_dir.passwd)) == {"device", "edge", "cloud", "planner", "observer"}
     acl = broker_dir.acl.read_text()
     assert "user planner" in acl and "topic write hiertrain/+/schedule" in acl
     assert acl.count("topic write hiertrain/+/schedule") == 1

@@ -37,7 +37,7 @@ def test_broker_init_and_install_service(tmp_path):
     conf = (d / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf and "listener 18999" in conf and "max_packet_size" in conf
     assert sorted(p.name for p in (d / "credentials").iterdir()) == [
-        "cloud.json", "device.json", "edge.json", "planner.json"]
+        "cloud.json", "device.json", "edge.json", "observer-mosquitto", "observer.json", "planner.json"]
     units = tmp_path / "units"
     units.mkdir()
     r = run("broker", "install-service", "--dir", str(d), "--unit-dir", str(units))

@@ -59,7 +59,8 @@ def test_inbox_matches_only_tensors_for_that_tier():
 def test_each_account_writes_only_its_own_topics():
     from broker.embedded import topic_matches
 
-    for account in ACCOUNTS:
+    assert topics.writable_by("observer") == []  # read-only
+    for account in set(ACCOUNTS) - {"observer"}:
         allowed = topics.writable_by(account)
         assert topic_matches(allowed[0], topics.status("j", account))
         assert any(topic_matches(f, topics.schedule("j")) for f in allowed) == (account == "planner")

@@ -174,3 +174,16 @@ def test_incomplete_messages_expire():
     r.feed(frames[1], at=103.0)
     r.feed(frames[2], at=106.0)  # the first is now 6 s old
     assert r.expired == 1
+
+
+def test_a_flood_evicts_its_own_messages_not_the_real_senders_in_flight_one():
+    r = wire.Reassembler(max_pending_per_sender=8)
+    msg = wire.Message("samples", "t", "device", "edge", 2, 0, {"x": np.ones((4, 1024), np.float32)}, 1)
+    for f in wire.encode_message(msg, msg_id="real:0", chunk_bytes=1024):  # the real stream completes messages
+        r.feed(f)
+    frames = wire.encode_message(msg, msg_id="real:1", chunk_bytes=1024)
+    r.feed(frames[0])
+    for f in _first_frames(1000):  # the flood arrives between the real message's frames
+        r.feed(f)
+    got = [r.feed(f) for f in frames[1:]]
+    assert got[-1] is not None and np.array_equal(got[-1].tensors["x"], msg.tensors["x"])
