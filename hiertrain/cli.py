@@ -124,7 +124,7 @@ def _broker_install_service(args: argparse.Namespace) -> int:
     bdir.settings()  # fails clearly if not initialised
     unit = systemd.install("broker", description="hiertrain MQTT broker (Mosquitto)",
                            subcommand=["broker", "start", "--dir", str(bdir.root)], owned=bdir.root,
-                           unit_dir=Path(args.unit_dir))
+                           unit_dir=Path(args.unit_dir), user=args.user)
     print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
     return 0
 
@@ -212,9 +212,10 @@ def _service_install(args: argparse.Namespace) -> int:
 
     cfg = Path(args.config).resolve()
     config.load(cfg)  # fails clearly on a bad file
+    resume = ["--resume"] if args.command != "planner" else []  # a restarted tier continues its run
     unit = systemd.install(args.command, description=f"hiertrain {args.command} service",
-                           subcommand=[args.command, "run", "--config", str(cfg)], owned=cfg,
-                           unit_dir=Path(args.unit_dir))
+                           subcommand=[args.command, "run", "--config", str(cfg), *resume], owned=cfg,
+                           unit_dir=Path(args.unit_dir), user=args.user)
     print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
     return 0
 
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     svc = broker.add_parser("install-service", help="write a systemd unit for the broker")
     svc.add_argument("--dir", required=True)
     svc.add_argument("--unit-dir", default="/etc/systemd/system")
+    svc.add_argument("--user", help="the unprivileged user to run as (default: the directory's owner; never root)")
     svc.set_defaults(handler=_broker_install_service)
 
     schedule = sub.add_parser("schedule", help="the planner's schedule topic").add_subparsers(
@@ -321,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--out", required=True, help="directory to write (copy it to the device; [runtime] segments)")
     sb.set_defaults(handler=_segments_build)
 
+    ev = sub.add_parser("evaluate", help="held-out accuracy and loss of worker_o's newest checkpoint")
+    ev.add_argument("--config", required=True, help="a tier config: its [train] model, [data] and [checkpoint] dir")
+    ev.add_argument("--checkpoint", help="the checkpoint directory (default: the config's [checkpoint] dir)")
+    ev.set_defaults(handler=_evaluate)
+
     plan = sub.add_parser("plan", help="one planning decision from a profile and bandwidths")
     plan.add_argument("--profile", required=True, action="append",
                       help="hiertrain-profile/1 JSON; repeat it to merge the files of separate machines "
@@ -347,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         inst = svc.add_parser("install-service", help=f"write a systemd unit for the {name} service")
         inst.add_argument("--config", required=True)
         inst.add_argument("--unit-dir", default="/etc/systemd/system")
+        inst.add_argument("--user", help="the unprivileged user to run as (default: the config's owner; never root)")
         inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
@@ -374,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.set_defaults(handler=_bench)
     return p
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from hiertrain import tierconfig
+    from hiertrain.evaluate import evaluate
+
+    r = evaluate(tierconfig.load("device", args.config), Path(args.checkpoint).resolve() if args.checkpoint else None)
+    print(f"accuracy {r.accuracy:.4f}, loss {r.loss:.4f} on {r.samples} held-out samples "
+          f"(checkpoint of iteration {r.iteration})")
+    return 0
 
 
 def _segments_build(args: argparse.Namespace) -> int:

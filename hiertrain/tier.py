@@ -97,6 +97,8 @@ class TierService:
         self._weights_sent = -1
         self.dataset = data.load(cfg.dataset, path=cfg.data_path, shape=self.spec.input_shape,
                                  classes=self.spec.classes, seed=cfg.seed) if cfg.tier == "device" else None
+        if self.dataset is not None and cfg.holdout and cfg.dataset != "synthetic":  # evaluate's: never trained on
+            self.dataset = self.dataset.split(cfg.holdout)[0]
         self.sent_go: set[int] = set()
         self.online: set[str] = set()
         self.checkpoints: dict[str, int] = {}

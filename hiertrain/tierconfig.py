@@ -23,8 +23,8 @@
     every = 10
     [data]                        # the device's data
     dataset = "synthetic"         # or "cifar10", "tiny-imagenet" (with path = ...)
-    [eval]                        # worker_o: accuracy on a held-out synthetic set at start and end
-    holdout = 256
+    [eval]                        # `hiertrain evaluate`: where the data set has no test split,
+    holdout = 256                 # its first N samples, which the device then never trains on
     [profile]                     # published (retained) for the planner
     file = "profile-device.json"
 """

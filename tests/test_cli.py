@@ -1,6 +1,8 @@
 """The hiertrain command line: bad input gives one line and a non-zero exit; commands do their job."""
 
 import json
+import shutil
+import os
 import subprocess
 
 import pytest
@@ -41,6 +43,9 @@ def test_broker_init_and_install_service(tmp_path):
     units = tmp_path / "units"
     units.mkdir()
     r = run("broker", "install-service", "--dir", str(d), "--unit-dir", str(units))
+    if os.geteuid() == 0:  # the directory is root's: no unit runs as root
+        assert r.returncode == 1 and "refusing a unit that runs as root" in r.stderr, r.stderr
+        r = run("broker", "install-service", "--dir", str(d), "--unit-dir", str(units), "--user", "nobody")
     assert r.returncode == 0, r.stderr
     unit = (units / "hiertrain-broker.service").read_text()
     assert "ExecStart=" in unit and f"broker start --dir {d}" in unit and "Restart=on-failure" in unit
@@ -88,3 +93,26 @@ def test_bench_planner_reruns_table_ii_from_the_committed_profiles(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["summary"]) >= {"lenet5", "alexnet", "vgg16", "vgg19", "googlenet", "resnet34"}
     assert all(row["solve_ms_median"] > 0 for row in data["rows"]) and out.with_suffix(".png").is_file()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_every_service_unit_is_rated_ok_by_systemd_analyze_security(tmp_path):
+    d = tmp_path / "b"
+    assert run("broker", "init", "--dir", str(d), "--job", "j").returncode == 0
+    cfg = tmp_path / "tier.toml"
+    cfg.write_text(f'job = "j"\n[broker]\ncredentials = "{d}/credentials/device.json"\n[planner]\nbatch = 8\n')
+    units = tmp_path / "units"
+    units.mkdir()
+    assert run("broker", "install-service", "--dir", str(d), "--unit-dir", str(units), "--user", "nobody").returncode == 0
+    for tier in ("device", "edge", "cloud", "planner"):
+        r = run(tier, "install-service", "--config", str(cfg), "--unit-dir", str(units), "--user", "nobody")
+        assert r.returncode == 0, r.stderr
+    for unit in sorted(units.iterdir()):
+        text = unit.read_text()
+        assert "User=nobody" in text and ("--resume" in text) == any(t in unit.name for t in ("device", "edge", "cloud"))
+        if "broker" not in unit.name:
+            assert "After=network-online.target hiertrain-broker.service" in text
+        out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True,
+                             text=True).stdout
+        score = float(out.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
+        assert score < 5.0, (unit.name, out[-2000:])

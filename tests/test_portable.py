@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+
+import numpy as np
 import sys
 import time
 from pathlib import Path
@@ -121,6 +123,7 @@ def _runner_run(tmp_path, broker_dir, launch, name, iterations):
         assert ck.iteration == iterations - 1 and rel(ck.params, ref_params) < 1e-4
         log = c.log("device")
         assert "no gradient builder" in log, log
+        c.reference_params = ref_params
         cache = tmp_path / "cache-device" / "segments" / "lenet5"
         assert any(cache.iterdir()), "the device fetched no segments"
         return c
@@ -138,7 +141,20 @@ def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, b
                            capture_output=True, text=True, check=True)
     version, builds, training = probe.stdout.split()
     assert (builds, training) == ("False", "False"), probe.stdout
-    _runner_run(tmp_path, broker_dir, [str(device_venv)], name, iterations=12)
+    c = _runner_run(tmp_path, broker_dir, [str(device_venv)], name, iterations=12)
+    # evaluated where only plain onnxruntime is, equal to the single-process model's figures
+    o = SCHEDULES[name]["mapping"]["o"]
+    ev = subprocess.run([str(device_venv), "-m", "hiertrain", "evaluate", "--config", str(c.configs["device"]),
+                         "--checkpoint", str(tmp_path / f"ck-{o}")], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    from hiertrain import data, models
+    from hiertrain.hybrid import SingleProcess
+
+    spec = models.get("lenet5")
+    ds = data.synthetic_split(spec.input_shape, spec.classes)[1]
+    x, y = ds.take(np.arange(len(ds)))
+    accuracy = float((SingleProcess(spec, params=c.reference_params).predict(x).argmax(1) == y).mean())
+    assert ev.stdout.startswith(f"accuracy {accuracy:.4f}, loss ") and f"on {len(ds)} held-out" in ev.stdout
 
 
 # --------------------------------------------------------------------------- arm64
