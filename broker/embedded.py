@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from broker.layout import BrokerDir, password_matches, read_password_file
+from hiertrain.broker.layout import BrokerDir, password_matches, read_password_file
 from hiertrain import topics
 from hiertrain.errors import BrokerError
 
@@ -97,8 +97,8 @@ def config(bdir: BrokerDir, port: int) -> dict[str, Any]:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{settings.bind}:{port}", "max_connections": 64}},
         "plugins": {
-            "broker.embedded.AccountAuthPlugin": {"passwd_file": str(bdir.passwd)},
-            "broker.embedded.AccountAclPlugin": {},
+            "hiertrain.broker.embedded.AccountAuthPlugin": {"passwd_file": str(bdir.passwd)},
+            "hiertrain.broker.embedded.AccountAclPlugin": {},
         },
     }
 
@@ -122,7 +122,7 @@ async def serve(bdir: BrokerDir, port: int) -> None:
 def command(bdir: BrokerDir, port: Optional[int] = None) -> list[str]:
     """The command line that runs the embedded broker for ``bdir`` as a child process."""
     settings = bdir.with_port(port)
-    return [sys.executable, "-m", "broker.embedded", "--dir", str(bdir.root), "--port", str(settings.port)]
+    return [sys.executable, "-m", "hiertrain.broker.embedded", "--dir", str(bdir.root), "--port", str(settings.port)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -7,7 +7,7 @@ import pwd
 import shutil
 from typing import Optional
 
-from broker.layout import BrokerDir, Settings
+from hiertrain.broker.layout import BrokerDir, Settings
 from hiertrain.errors import BrokerError
 
 READY = " running"  # "mosquitto version 2.0.11 running", logged once every listener is open

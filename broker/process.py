@@ -8,8 +8,8 @@ import subprocess
 import threading
 from typing import Optional, Sequence
 
-from broker import embedded, mosquitto
-from broker.layout import BrokerDir
+from hiertrain.broker import embedded, mosquitto
+from hiertrain.broker.layout import BrokerDir
 from hiertrain.errors import BrokerError
 
 

@@ -82,14 +82,14 @@ def _demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ broker
 
 def _broker_init(args: argparse.Namespace) -> int:
-    from broker.layout import DEFAULT_PORT, BrokerDir, Settings
+    from hiertrain.broker.layout import DEFAULT_PORT, BrokerDir, Settings
 
     settings = Settings(host=args.host, port=args.port or DEFAULT_PORT, bind=args.bind,
                         max_packet_bytes=args.max_packet_mb << 20, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, tls_ca=args.tls_ca, job=args.job)
     bdir = BrokerDir(args.dir)
     bdir.init(settings, force=args.force)
-    from broker.mosquitto import write_config
+    from hiertrain.broker.mosquitto import write_config
 
     write_config(bdir)
     print(f"broker directory {bdir.root}: accounts {', '.join(sorted(p.stem for p in bdir.credentials.glob('*.json')))}; "
@@ -100,8 +100,8 @@ def _broker_init(args: argparse.Namespace) -> int:
 def _broker_start(args: argparse.Namespace) -> int:
     import os
 
-    from broker import embedded, mosquitto
-    from broker.layout import BrokerDir
+    from hiertrain.broker import embedded, mosquitto
+    from hiertrain.broker.layout import BrokerDir
 
     bdir = BrokerDir(args.dir)
     if args.embedded or mosquitto.executable() is None:
@@ -117,7 +117,7 @@ def _broker_start(args: argparse.Namespace) -> int:
 
 
 def _broker_install_service(args: argparse.Namespace) -> int:
-    from broker.layout import BrokerDir
+    from hiertrain.broker.layout import BrokerDir
     from hiertrain import systemd
 
     bdir = BrokerDir(args.dir)
@@ -177,8 +177,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from hiertrain.profile import Profile
-    from planner.baselines import plan
-    from planner.costmodel import Bandwidth
+    from hiertrain.planner.baselines import plan
+    from hiertrain.planner.costmodel import Bandwidth
 
     profile = Profile.load(args.profile[0])
     for path in args.profile[1:]:
@@ -201,10 +201,10 @@ def _service_run(args: argparse.Namespace) -> int:
 
     if args.command == "planner":
         from hiertrain import config
-        from planner.service import run as run_planner
+        from hiertrain.planner.service import run as run_planner
 
         return run_planner(config.load(args.config))
-    return importlib.import_module(args.command).run(args.config, resume=args.resume)
+    return importlib.import_module(f"hiertrain.{args.command}").run(args.config, resume=args.resume)
 
 
 def _service_install(args: argparse.Namespace) -> int:

@@ -43,8 +43,8 @@ class LocalCluster:
                  network: Any = None, launch: Optional[dict[str, list[str]]] = None) -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
         another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own."""
-        from broker.layout import BrokerDir, Settings
-        from broker.process import BrokerProcess, available_kind, free_port
+        from hiertrain.broker.layout import BrokerDir, Settings
+        from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
         self.work, self.model, self.batch, self.lr, self.job = work, model, batch, lr, job
         self.iterations, self.timeout_s = iterations, timeout_s

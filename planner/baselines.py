@@ -24,8 +24,8 @@ from hiertrain import TIERS
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule, Stage
-from planner import solver
-from planner.costmodel import Bandwidth, chain_time, iteration_time, tables
+from hiertrain.planner import solver
+from hiertrain.planner.costmodel import Bandwidth, chain_time, iteration_time, tables
 
 POLICIES: tuple[str, ...] = ("hiertrain", "all-device", "all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad")
 SOLVERS: tuple[str, ...] = ("exact", "milp")
@@ -89,7 +89,7 @@ def plan(profile: Profile, bw: Bandwidth, batch: int, *, policy: str = "hiertrai
         if solver_name == "milp":
             if cost_model != "paper":
                 raise PlanError("the MILP solver implements the paper's cost model only")
-            from planner import milp
+            from hiertrain.planner import milp
 
             hybrid = milp.solve(profile, bw, batch)
         elif solver_name == "exact":

@@ -20,8 +20,8 @@ import numpy as np
 
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
-from planner import solver
-from planner.costmodel import Bandwidth
+from hiertrain.planner import solver
+from hiertrain.planner.costmodel import Bandwidth
 
 PAPER_S = {"lenet5": 0.52, "alexnet": 1.48, "vgg16": 3.0, "vgg19": 4.0, "googlenet": 5.3, "resnet34": 12.0}
 BANDWIDTHS = [(5.0, 1.5), (5.0, 3.0), (5.0, 5.0)]
@@ -77,7 +77,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if row["paper_s"]:
                 row["speedup_vs_paper"] = round(row["paper_s"] / med, 1)
             if args.milp:
-                from planner import milp
+                from hiertrain.planner import milp
 
                 t = time.perf_counter()
                 ref = milp.solve(prof, bw, args.batch)

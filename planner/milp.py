@@ -17,8 +17,8 @@ from hiertrain import TIERS
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from planner.costmodel import DEVICE, Bandwidth, Tables, tables
-from planner.solver import MAPPINGS
+from hiertrain.planner.costmodel import DEVICE, Bandwidth, Tables, tables
+from hiertrain.planner.solver import MAPPINGS
 
 
 def _solve_mapping(tab: Tables, o: int, s: int, l: int, B: int) -> Optional[tuple[float, tuple[int, ...]]]:

@@ -24,8 +24,8 @@ from hiertrain import TIERS
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from planner.baselines import plan
-from planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time
+from hiertrain.planner.baselines import plan
+from hiertrain.planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time
 
 log = logging.getLogger("hiertrain.planner")
 LINKS = ("device_edge", "edge_cloud")

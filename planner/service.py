@@ -37,7 +37,7 @@ from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
 from hiertrain.transport import Transport
-from planner.replan import LINKS, PlannerState
+from hiertrain.planner.replan import LINKS, PlannerState
 
 log = logging.getLogger("hiertrain.planner")
 

@@ -29,7 +29,7 @@ from hiertrain import TIERS
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from planner.costmodel import DEVICE, Bandwidth, Tables, evaluate, overhead, tables
+from hiertrain.planner.costmodel import DEVICE, Bandwidth, Tables, evaluate, overhead, tables
 
 MAPPINGS: tuple[tuple[int, int, int], ...] = tuple(permutations(range(3)))  # (o, s, l) tier indices
 PATTERNS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))

@@ -8,8 +8,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from broker.layout import BrokerDir, Settings
-from broker.process import BrokerProcess, free_port
+from hiertrain.broker.layout import BrokerDir, Settings
+from hiertrain.broker.process import BrokerProcess, free_port
 from hiertrain.transport import Endpoint, Transport
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,3 +20,17 @@ def random_profile(rng: np.random.Generator, n: int, *, can_train=(True, True, T
                "param_bytes": float(rng.uniform(0, 5e5))} for i in range(n)]
     return Profile.from_json({"format": "hiertrain-profile/1", "model": f"random{n}",
                               "sample_bytes": float(rng.uniform(1e3, 2e4)), "layers": layers, "tiers": tiers})
+
+
+def planner_config(directory, credentials, *, job: str = "t", rates: bool = True):
+    """A planner.toml (batch 32, hysteresis 0.25) over a random five-unit profile, with initial link
+    rates of 5 Mbit/s unless ``rates`` is false; returns (config, profile) paths."""
+    import json
+
+    profile = directory / "profile.json"
+    profile.write_text(json.dumps(random_profile(np.random.default_rng(4), 5).to_json()))
+    cfg = directory / "planner.toml"
+    cfg.write_text(f'job = "{job}"\n[broker]\ncredentials = "{credentials}"\n'
+                   f'[planner]\nbatch = 32\nhysteresis = 0.25\nprofile = "{profile}"\n'
+                   + ("bw_device_edge = 5.0\nbw_edge_cloud = 5.0\n" if rates else ""))
+    return cfg, profile

@@ -11,8 +11,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker.layout import Settings, password_hash, password_matches, read_password_file
-from broker.process import BrokerProcess
+from hiertrain.broker.layout import Settings, password_hash, password_matches, read_password_file
+from hiertrain.broker.process import BrokerProcess
 from hiertrain import topics
 from hiertrain.errors import BrokerError, MissingMessage, TransportError
 from hiertrain.transport import Endpoint, Transport

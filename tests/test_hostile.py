@@ -17,9 +17,9 @@ import pytest
 
 from cluster import dump, reference, rel, schedule
 from conftest import PYTHON, ROOT
-from synthetic import random_profile
-from broker.layout import BrokerDir, Settings
-from broker.process import BrokerProcess, free_port
+from synthetic import planner_config
+from hiertrain.broker.layout import BrokerDir, Settings
+from hiertrain.broker.process import BrokerProcess, free_port
 from hiertrain import topics, wire
 from hiertrain.bench.hostile import flood, raw_client, rss_mb
 from hiertrain.local import LocalCluster
@@ -66,12 +66,7 @@ def _cluster(tmp_path, bdir, **kw):
 
 def test_the_planner_refuses_telemetry_it_cannot_trust_and_never_dies(bound, tmp_path):
     bdir, _ = bound
-    profile = tmp_path / "profile.json"
-    profile.write_text(json.dumps(random_profile(np.random.default_rng(4), 5).to_json()))
-    cfg = tmp_path / "planner.toml"
-    cfg.write_text(f'job = "{JOB}"\n[broker]\ncredentials = "{bdir.credentials_file("planner")}"\n'
-                   f'[planner]\nbatch = 32\nhysteresis = 0.25\nprofile = "{profile}"\n'
-                   'bw_device_edge = 5.0\nbw_edge_cloud = 5.0\n')
+    cfg, _ = planner_config(tmp_path, bdir.credentials_file("planner"), job=JOB)
     watch = Transport(Endpoint.load(bdir.credentials_file("planner")), account="planner", job=JOB, observer=True)
     watch.subscribe(topics.schedule(JOB))
     watch.subscribe(topics.status(JOB, "planner"))

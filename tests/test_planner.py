@@ -10,9 +10,9 @@ import pytest
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule, Stage
-from planner import milp, solver
-from planner.baselines import POLICIES, plan
-from planner.costmodel import Bandwidth, chain_time, evaluate, iteration_time, tables
+from hiertrain.planner import milp, solver
+from hiertrain.planner.baselines import POLICIES, plan
+from hiertrain.planner.costmodel import Bandwidth, chain_time, evaluate, iteration_time, tables
 
 from conftest import PYTHON, ROOT
 from synthetic import random_profile
@@ -92,7 +92,7 @@ def test_overheads_are_fitted_back_from_single_tier_times():
     p, bw, batch = hand_profile(), Bandwidth(8, 200), 10
     truth = calibrated(p, (0.03, 0.2, 0.05))
     measured = {t: plan(truth, bw, batch, policy=f"all-{t}", cost_model="calibrated").iteration_s for t in ("device", "edge", "cloud")}
-    from planner.costmodel import fit_overhead
+    from hiertrain.planner.costmodel import fit_overhead
 
     fitted = fit_overhead(p, bw, batch, measured, chunk_bytes=256 * 1024)
     assert fitted["device"] == pytest.approx(0.03, abs=1e-5) and fitted["edge"] == pytest.approx(0.2, abs=1e-5)
@@ -166,7 +166,7 @@ def test_all_cloud_and_all_edge_match_a_hand_computed_case():
 def test_hand_computed_hybrid_terms():
     p, bw = hand_profile(), Bandwidth(8, 2)
     s = Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=1, m_l=2, b_o=4, b_s=2, b_l=4)
-    from planner.costmodel import breakdown
+    from hiertrain.planner.costmodel import breakdown
 
     t = breakdown(p, bw, s)
     de, ec = 1 / 1_000_000, 1 / 250_000

@@ -1,6 +1,5 @@
 """Re-planning on telemetry: the pure state machine, then the service on a real Mosquitto."""
 
-import json
 import subprocess
 
 import numpy as np
@@ -8,12 +7,12 @@ import pytest
 
 from hiertrain import topics
 from hiertrain.schedule import ScheduleFeed
-from planner.costmodel import TCP_EFFICIENCY
+from hiertrain.planner.costmodel import TCP_EFFICIENCY
 from hiertrain.profile import Profile
-from planner.replan import PlannerState
+from hiertrain.planner.replan import PlannerState
 
 from conftest import PYTHON, ROOT
-from synthetic import random_profile
+from synthetic import planner_config, random_profile
 
 
 def state(**kw):
@@ -139,12 +138,7 @@ def next_schedule(transport, timeout=20):
 
 @pytest.mark.integration
 def test_planner_service_replans_on_telemetry_past_the_threshold(mosquitto, broker_dir, connect, tmp_path):
-    profile = tmp_path / "profile.json"
-    profile.write_text(json.dumps(random_profile(np.random.default_rng(4), 5).to_json()))
-    cfg = tmp_path / "planner.toml"
-    cfg.write_text(f'job = "t"\n[broker]\ncredentials = "{broker_dir.credentials_file("planner")}"\n'
-                   f'[planner]\nbatch = 32\nhysteresis = 0.25\nprofile = "{profile}"\n'
-                   'bw_device_edge = 5.0\nbw_edge_cloud = 5.0\n')
+    cfg, profile = planner_config(tmp_path, broker_dir.credentials_file("planner"))
     watcher = connect("cloud", observer=True)
     watcher.subscribe(topics.schedule("t"))
     device = connect("cloud")  # the edge-cloud link is the cloud's (and the edge's) to report
@@ -187,11 +181,7 @@ def test_a_planner_says_what_it_waits_for_and_a_second_one_waits_for_the_first(m
     import threading
     import time
 
-    profile = tmp_path / "profile.json"
-    profile.write_text(json.dumps(random_profile(np.random.default_rng(4), 5).to_json()))
-    cfg = tmp_path / "planner.toml"  # no bw_*: it must say so, not stay silent
-    cfg.write_text(f'job = "t"\n[broker]\ncredentials = "{broker_dir.credentials_file("planner")}"\n'
-                   f'[planner]\nbatch = 32\nprofile = "{profile}"\n')
+    cfg, _ = planner_config(tmp_path, broker_dir.credentials_file("planner"), rates=False)  # it must say so
     outs: dict[str, list[str]] = {"a": [], "b": []}
 
     def start(name):

@@ -198,6 +198,16 @@ def test_the_core_install_runs_its_commands_and_names_the_extra_others_need(whee
     plan = subprocess.run([cli, "plan", "--profile", str(ROOT / "bench/profiles/lenet5.json"), "--bw-device-edge", "5",
                            "--bw-edge-cloud", "1.5", "--batch", "32"], capture_output=True, text=True)
     assert plan.returncode == 0 and "s/iteration" in plan.stdout, plan.stderr
-    dev = subprocess.run([cli, "device", "run", "--config", "/nonexistent.toml"], capture_output=True, text=True)
+    # run from a folder laid out like this repository: its device/ must not shadow the installed one
+    here = tmp_path_factory.mktemp("layout")
+    for folder in ("device", "edge", "cloud", "planner", "broker"):
+        (here / folder).mkdir()
+        (here / folder / "__init__.py").write_text("")
+    dev = subprocess.run([cli, "device", "run", "--config", "/nonexistent.toml"], capture_output=True, text=True,
+                         cwd=here)
     assert dev.returncode == 1 and dev.stderr.strip() == ("hiertrain: error: `hiertrain device` needs onnx: "
                                                           "pip install 'hiertrain[device]'"), dev.stderr
+    layout = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+                             "print([u.find_spec(m) is None for m in ('device', 'planner', 'broker')], "
+                             "u.find_spec('hiertrain.planner') is not None)"], capture_output=True, text=True)
+    assert layout.stdout.strip() == "[True, True, True] True", layout  # nothing top-level but hiertrain

@@ -161,7 +161,7 @@ def test_resume_continues_from_the_checkpoint(cluster):
 
 
 def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+"):
-    from planner.baselines import chain_schedule
+    from hiertrain.planner.baselines import chain_schedule
 
     return chain_schedule(tiers, cuts, 7, 12, policy=policy, compress_bits=bits).versioned(version, effective).to_json()
 

@@ -48,7 +48,7 @@ def test_bad_job_ids(job):
 
 
 def test_inbox_matches_only_tensors_for_that_tier():
-    from broker.embedded import topic_matches
+    from hiertrain.broker.embedded import topic_matches
 
     inbox = topics.inbox("j", "edge")
     assert topic_matches(inbox, topics.tensor("j", "device", "samples", "edge", 0))
@@ -57,7 +57,7 @@ def test_inbox_matches_only_tensors_for_that_tier():
 
 
 def test_each_account_writes_only_its_own_topics():
-    from broker.embedded import topic_matches
+    from hiertrain.broker.embedded import topic_matches
 
     assert topics.writable_by("observer") == []  # read-only
     for account in set(ACCOUNTS) - {"observer"}:

@@ -17,7 +17,7 @@ BENCHES = {
     "edgecores": "hiertrain.bench.edgecores",
     "report": "hiertrain.bench.report",
     "hostile": "hiertrain.bench.hostile",
-    "planner": "planner.bench",
+    "planner": "hiertrain.planner.bench",
 }
 
 

@@ -23,8 +23,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain import emulation
     from hiertrain.bench.testbed import Runner, _floats, calibrated_source, emulated_job
     from hiertrain.profile import Profile
-    from planner.baselines import plan
-    from planner.costmodel import Bandwidth
+    from hiertrain.planner.baselines import plan
+    from hiertrain.planner.costmodel import Bandwidth
 
     source, base = calibrated_source(args)
     quotas, batch, de, per = source["emulation"]["quotas"], source["batch"], source["bw_device_edge"], args.count

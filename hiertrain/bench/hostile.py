@@ -101,8 +101,8 @@ def _cluster(work: Path, bdir, **kw):
 
 
 def _with_broker(fn: Callable[[Path, Any, Any], dict[str, Any]]) -> dict[str, Any]:
-    from broker.layout import BrokerDir, Settings
-    from broker.process import BrokerProcess, free_port
+    from hiertrain.broker.layout import BrokerDir, Settings
+    from hiertrain.broker.process import BrokerProcess, free_port
 
     with tempfile.TemporaryDirectory(prefix="hiertrain-hostile-") as d:
         bdir = BrokerDir(Path(d) / "broker")
@@ -164,7 +164,7 @@ def lost_worker_o() -> dict[str, Any]:
 
 
 def broker_crash() -> dict[str, Any]:
-    from broker.process import BrokerProcess
+    from hiertrain.broker.process import BrokerProcess
 
     def run(work: Path, bdir, broker) -> dict[str, Any]:
         c = _cluster(work, bdir, iterations=60, every=5, timeout_s=60)
@@ -191,7 +191,7 @@ def broker_crash() -> dict[str, Any]:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from broker.mosquitto import executable
+    from hiertrain.broker.mosquitto import executable
 
     if executable() is None:
         return {"bench": "hostile", "skipped": "needs Mosquitto"}

@@ -26,8 +26,8 @@ from hiertrain.errors import ConfigError
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.bench.testbed import _floats, calibrated_source, emulated_job
     from hiertrain.schedule import Schedule
-    from planner.baselines import plan
-    from planner.costmodel import Bandwidth
+    from hiertrain.planner.baselines import plan
+    from hiertrain.planner.costmodel import Bandwidth
 
     source, profile = calibrated_source(args)
     before, after = (_floats(args.points) + [0, 0])[:2]

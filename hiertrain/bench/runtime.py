@@ -23,7 +23,7 @@ from hiertrain.schedule import Schedule
 
 
 def _schedules(profile: Profile, batch: int, bw: Any) -> list[Schedule]:
-    from planner.baselines import chain_schedule, plan, single_tier
+    from hiertrain.planner.baselines import chain_schedule, plan, single_tier
 
     n, third = profile.n_units, batch // 3
     return [
@@ -39,7 +39,7 @@ def _schedules(profile: Profile, batch: int, bw: Any) -> list[Schedule]:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.emulation import profile_tiers
     from hiertrain.local import LocalCluster
-    from planner.costmodel import Bandwidth, iteration_time
+    from hiertrain.planner.costmodel import Bandwidth, iteration_time
 
     batch, per = 32, args.count
     quota = 0.15 if cgroup.available() is None else None

@@ -134,8 +134,8 @@ def emulated_profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, fl
 def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
     """The schedule a row runs: a policy's plan under the calibrated model, or a validity schedule."""
     from hiertrain.schedule import Schedule
-    from planner.baselines import plan
-    from planner.costmodel import iteration_time
+    from hiertrain.planner.baselines import plan
+    from hiertrain.planner.costmodel import iteration_time
 
     model = "calibrated" if "calibration" in profile.extra else "paper"
     if policy not in VALIDITY:
@@ -152,7 +152,7 @@ def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
 
 def predictions(profile: Any, bw: Any, measured_bw: Any, sched: Any) -> dict[str, float]:
     from hiertrain import TIERS
-    from planner.costmodel import Calibration, iteration_time, with_calibration
+    from hiertrain.planner.costmodel import Calibration, iteration_time, with_calibration
 
     out = {"predicted_paper_s": iteration_time(profile, bw, sched, cost_model="paper")}
     if "calibration" in profile.extra:
@@ -165,7 +165,7 @@ def predictions(profile: Any, bw: Any, measured_bw: Any, sched: Any) -> dict[str
 
 def measured_bandwidth(nominal: Any, rates: dict[str, float]) -> Any:
     """Line rates implied by the payload rates the tiers measured (nominal where none was measured)."""
-    from planner.costmodel import TCP_EFFICIENCY, Bandwidth
+    from hiertrain.planner.costmodel import TCP_EFFICIENCY, Bandwidth
 
     return Bandwidth(rates.get("device_edge", nominal.device_edge * TCP_EFFICIENCY) / TCP_EFFICIENCY,
                      rates.get("edge_cloud", nominal.edge_cloud * TCP_EFFICIENCY) / TCP_EFFICIENCY)
@@ -174,7 +174,7 @@ def measured_bandwidth(nominal: Any, rates: dict[str, float]) -> Any:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain import testbed
     from hiertrain.profile import Profile
-    from planner.costmodel import Bandwidth, fit_overhead, with_calibration
+    from hiertrain.planner.costmodel import Bandwidth, fit_overhead, with_calibration
 
     why = testbed.available()
     if why:

@@ -107,8 +107,8 @@ def _run_pair(mode: str, creds: dict[str, str], count: int, size: int) -> float:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from broker.layout import BrokerDir, Settings
-    from broker.process import BrokerProcess, free_port
+    from hiertrain.broker.layout import BrokerDir, Settings
+    from hiertrain.broker.process import BrokerProcess, free_port
 
     size, count = args.size_mb << 20, args.count
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-") as d:
