@@ -382,13 +382,14 @@ class TierService:
 
     def _progress(self, i: int, sched: Schedule, out: dict[str, Any]) -> None:
         """What a person watching the service wants: a line whenever this tier starts a schedule,
-        and from whoever computes the loss a line per iteration (at most one a second)."""
+        and from whoever computes the loss a line per iteration (at most one a second, and the last)."""
         if sched.version != self._shown_version:
             self._shown_version = sched.version
             print(f"{self.tier}: schedule v{sched.version} from iteration {i}: {out.get('role', 'idle')} "
                   f"({sched.describe()})", flush=True)
         now = time.monotonic()
-        if "loss" in out and (now - self._shown_at >= 1.0 or out["iteration_s"] >= 1.0):
+        last = i == self._first + self.cfg.iterations - 1  # the run's final loss is always shown
+        if "loss" in out and (now - self._shown_at >= 1.0 or out["iteration_s"] >= 1.0 or last):
             self._shown_at = now
             print(f"{self.tier}: iteration {i} loss {out['loss']:.4f} {out['iteration_s'] * 1e3:.0f} ms "
                   f"(schedule v{sched.version}, run {self.run_id})", flush=True)
