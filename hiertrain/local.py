@@ -103,8 +103,10 @@ class LocalCluster:
         where = name if name in TIERS else "edge"
         with open(self.work / f"{name}.log", "a") as log:
             python = self.launch.get(name, [sys.executable])
+            # in the job's own directory: a source checkout in the caller's directory must not
+            # shadow the hiertrain a tier's Python has installed
             proc = subprocess.Popen([*self._prefix(where), *python, "-m", "hiertrain", *args], stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
         self.procs[name] = proc
         if name in self.quotas:
             self.quotas[name].add(proc.pid)

@@ -209,5 +209,6 @@ def test_the_core_install_runs_its_commands_and_names_the_extra_others_need(whee
                                                           "pip install 'hiertrain[device]'"), dev.stderr
     layout = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
                              "print([u.find_spec(m) is None for m in ('device', 'planner', 'broker')], "
-                             "u.find_spec('hiertrain.planner') is not None)"], capture_output=True, text=True)
+                             "u.find_spec('hiertrain.planner') is not None)"], capture_output=True, text=True,
+                            cwd=venv)  # not this checkout, whose folders are on the path of a plain `python -c`
     assert layout.stdout.strip() == "[True, True, True] True", layout  # nothing top-level but hiertrain
