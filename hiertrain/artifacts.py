@@ -215,7 +215,6 @@ class Fetcher:
 
     def __init__(self, transport, builders: Callable[[], list[str]], *, timeout: float) -> None:
         self.transport, self.builders, self.timeout = transport, builders, timeout
-        self.fetched = 0
 
     def __call__(self, req: Request, root: Path) -> Path:
         deadline = time.monotonic() + self.timeout
@@ -247,7 +246,6 @@ class Fetcher:
             raise PlanError(f"{builder} answered with segment {msg.meta.get('key')!r}, not {req.key}")
         hashes = dict(h.split(":", 1) for h in msg.meta.get("sha256", []) if isinstance(h, str) and ":" in h)
         path = install(root, req.key, {n: a.tobytes() for n, a in msg.tensors.items()}, hashes)
-        self.fetched += 1
         log.info("%s: fetched segment %s from %s (%.0f KB, %.2f s), SHA-256 verified", self.transport.account,
                  req.key, builder, sum(a.nbytes for a in msg.tensors.values()) / 1e3, time.perf_counter() - t0)
         return path

@@ -32,10 +32,10 @@ import onnx
 from onnx import TensorProto, defs, helper, numpy_helper, shape_inference
 
 from hiertrain.errors import PlanError
+from hiertrain.models import OPSET
 
-VERSION = 3            # part of every segment's cache key: bump when a rule changes its output
+VERSION = 4            # part of every segment's cache key: bump when a rule changes its output
 PREFIX = "lowered/"
-OPSET = 17
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -145,14 +145,12 @@ class _Lowerer:
         k, s = list(a["kernel_shape"]), list(a.get("strides", [1] * len(a["kernel_shape"])))
         pads, dil = list(a.get("pads", [0] * 2 * len(k))), list(a.get("dilations", [1] * len(k)))
         base = node.output[0]
-        n = self.name(base, "n")
-        shape = self.name(base, "shape")
-        out = [helper.make_node("Shape", [dy], [self.name(base, "dyshape")], name=self.name(base, "shape")),
-               ]
-        out.append(helper.make_node("Slice", [out[-1].output[0], self.const(base, np.array([0], np.int64)),
-                                              self.const(base, np.array([1], np.int64))], [n], name=n))
-        out.append(helper.make_node("Concat", [n, self.const(base, np.array(x[1:], np.int64))], [shape], axis=0,
-                                    name=shape))
+        dys, n, shape = (self.name(base, w) for w in ("dyshape", "n", "shape"))  # X's: [N of dY, static dims]
+        out = [helper.make_node("Shape", [dy], [dys], name=dys),
+               helper.make_node("Slice", [dys, self.const(base, np.array([0], np.int64)),
+                                          self.const(base, np.array([1], np.int64))], [n], name=n),
+               helper.make_node("Concat", [n, self.const(base, np.array(x[1:], np.int64))], [shape], axis=0,
+                                name=shape)]
         overlapping = any(ki > si for ki, si in zip(k, s)) or any(d != 1 for d in dil) or a.get("ceil_mode", 0)
         if not overlapping:  # every input position in at most one window: indices are unique
             out.append(helper.make_node("MaxUnpool", [dy, idx, shape], [node.output[0]], kernel_shape=k, strides=s,
@@ -202,7 +200,7 @@ class _Lowerer:
                                        name=self.name(base, "dx"))]
         elif outs[0]:  # dX
             op = [xs[2 + i] - ((ys[i] - 1) * s[i] - p[i] - p[r + i] + d[i] * (k[i] - 1) + 1) for i in range(r)]
-            if any(not 0 <= o < max(s[i], d[i]) for i, o in enumerate(op)):
+            if any(not 0 <= v < max(s[i], d[i]) for i, v in enumerate(op)):
                 raise self.fail(node, f"no ConvTranspose reproduces input shape {xs}")
             nodes.append(helper.make_node("ConvTranspose", [dy, w], [outs[0]], kernel_shape=k, strides=s, pads=p,
                                           dilations=d, group=g, output_padding=op, name=self.name(base, "dx")))
@@ -217,26 +215,20 @@ class _Lowerer:
         r = len(k)
         c = xs[1]
         perm = [1, 0, *range(2, 2 + r)]
-        nodes = []
-        if g == 1 and all(ki == 1 for ki in k) and all(v == 1 for v in s) and not any(p):
-            # 1x1, stride 1: dW[o, c] = sum over (n, pixels) of dY[n, o, p] X[n, c, p]: one GEMM
-            yt, y2, xt, x2, mm = (self.name(base, w) for w in ("yt", "y2", "xt", "x2", "mm"))
-            nodes += [helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt),
-                      helper.make_node("Reshape", [yt, self.const(base, np.array([0, -1], np.int64))], [y2], name=y2),
-                      helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
-                      helper.make_node("Reshape", [xt, self.const(base, np.array([0, -1], np.int64))], [x2], name=x2),
-                      helper.make_node("Gemm", [y2, x2], [mm], transB=1, name=mm),
-                      helper.make_node("Reshape", [mm, self.const(base, np.array([0, c] + [1] * r, np.int64))], [dw],
-                                       name=self.name(base, "dw"))]
-            return nodes
-        if int(np.prod(k)) >= 25:  # measured: for 5x5 and larger kernels the Conv is faster
-            return nodes + self._dw_by_conv(base, dy, x, dw, xs, ys, k, s, d, p, g, o)
+        kk = int(np.prod(k))
+        if kk >= 25:  # measured: for 5x5 and larger kernels the Conv is faster
+            return self._dw_by_conv(base, dy, x, dw, xs, ys, k, s, d, p, g, o)
         # im2col from slices: one strided Slice of the padded, transposed input per kernel offset,
         # stacked into cols [C * k.., N * pixels]; then one GEMM per group with the output gradient.
+        # A 1x1 kernel at stride 1 needs no slice: the transposed input is already cols.
         xt, yt, y2, cols = (self.name(base, w) for w in ("xt", "yt", "y2", "cols"))
-        nodes += [helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
-                  helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt),
-                  helper.make_node("Reshape", [yt, self.const(base, np.array([0, -1], np.int64))], [y2], name=y2)]
+        nodes = [helper.make_node("Transpose", [x], [xt], perm=perm, name=xt),
+                 helper.make_node("Transpose", [dy], [yt], perm=perm, name=yt),
+                 helper.make_node("Reshape", [yt, self.const(base, np.array([0, -1], np.int64))], [y2], name=y2)]
+        if kk == 1 and all(v == 1 for v in s) and not any(p):
+            nodes.append(helper.make_node("Reshape", [xt, self.const(base, np.array([c, -1], np.int64))], [cols],
+                                          name=cols))
+            return nodes + self._dw_gemm(base, y2, cols, dw, c, o, k, g)
         if any(p):
             xp = self.name(base, "xpad")
             pads = [0, 0, *p[:r], 0, 0, *p[r:]]
@@ -255,23 +247,27 @@ class _Lowerer:
                       helper.make_node("Unsqueeze", [sl, one], [un], name=un)]
             parts.append(un)
         stacked = self.name(base, "stacked")
-        kk = int(np.prod(k))
         nodes += [helper.make_node("Concat", parts, [stacked], axis=1, name=stacked),
                   helper.make_node("Reshape", [stacked, self.const(base, np.array([c * kk, -1], np.int64))], [cols],
                                    name=cols)]
+        return nodes + self._dw_gemm(base, y2, cols, dw, c, o, k, g)
+
+    def _dw_gemm(self, base, y2, cols, dw, c, o, k, g):
+        """dW from the output gradient [O, N * pixels] and cols [C * k.., N * pixels]: a GEMM per group."""
+        kk = int(np.prod(k))
         shape = self.const(base, np.array([o, c // g, *k], np.int64))
         if g == 1:
             mm = self.name(base, "mm")
-            return nodes + [helper.make_node("Gemm", [y2, cols], [mm], transB=1, name=mm),
-                            helper.make_node("Reshape", [mm, shape], [dw], name=self.name(base, "dw"))]
+            return [helper.make_node("Gemm", [y2, cols], [mm], transB=1, name=mm),
+                    helper.make_node("Reshape", [mm, shape], [dw], name=self.name(base, "dw"))]
         yg = [self.name(base, f"yg{i}_") for i in range(g)]
         cg = [self.name(base, f"cg{i}_") for i in range(g)]
         mg = [self.name(base, f"mg{i}_") for i in range(g)]
         cat = self.name(base, "cat")
-        nodes += [helper.make_node("Split", [y2, self.const(base, np.array([o // g] * g, np.int64))], yg, axis=0,
-                                   name=self.name(base, "splity")),
-                  helper.make_node("Split", [cols, self.const(base, np.array([c // g * kk] * g, np.int64))], cg, axis=0,
-                                   name=self.name(base, "splitcols"))]
+        nodes = [helper.make_node("Split", [y2, self.const(base, np.array([o // g] * g, np.int64))], yg, axis=0,
+                                  name=self.name(base, "splity")),
+                 helper.make_node("Split", [cols, self.const(base, np.array([c // g * kk] * g, np.int64))], cg, axis=0,
+                                  name=self.name(base, "splitcols"))]
         nodes += [helper.make_node("Gemm", [yi, ci], [mi], transB=1, name=mi) for yi, ci, mi in zip(yg, cg, mg)]
         return nodes + [helper.make_node("Concat", mg, [cat], axis=0, name=cat),
                         helper.make_node("Reshape", [cat, shape], [dw], name=self.name(base, "dw"))]

@@ -124,7 +124,6 @@ class Transport:
         self._last_json: dict[str, str] = {}
         self._connects = 0
         self._sessions: dict[str, Any] = {}  # account -> the connection its last status came from
-        self.session_losses = 0
         self._status = None if observer else topics.status(job, account)
         if observer:
             persistent = False
@@ -315,35 +314,35 @@ class Transport:
             self._republish(client)
         self._connected.set()
 
-    def _resend_to(self, peer: str) -> None:
+    def _send_again(self, client: mqtt.Client, to: Optional[str] = None) -> int:
+        """Publish again our last telemetry and the frames of recent iterations (those addressed to
+        ``to``, or all); return how many messages."""
         with self._lock:
-            recent = [(topic, frames) for _, topic, frames in self._recent if topic.split("/")[4] == peer]
+            recent = [(topic, frames) for _, topic, frames in self._recent if to is None or topic.split("/")[4] == to]
             last = dict(self._last_json)
         for topic, text in last.items():
-            self._client.publish(topic, text, qos=1)
+            client.publish(topic, text, qos=1)
         for topic, frames in recent:
             for frame in frames:
-                self._client.publish(topic, frame, qos=1)
-        if recent:
-            log.info("%s: %s announced itself; sent it again %d recent messages", self.account, peer, len(recent))
+                client.publish(topic, frame, qos=1)
+        return len(recent)
+
+    def _resend_to(self, peer: str) -> None:
+        if self._send_again(self._client, to=peer):
+            log.info("%s: %s announced a new session; sent it again what it may have lost", self.account, peer)
 
     def _republish(self, client: mqtt.Client) -> None:
         """The broker came back without our session (it crashed and lost what it held): publish
         again what it may have lost. Receivers drop what they already have as duplicates."""
-        self.session_losses += 1
         with self._lock:
-            retained, recent, last = dict(self._retained), list(self._recent), dict(self._last_json)
-        for topic, text in last.items():
-            client.publish(topic, text, qos=1)
+            retained = dict(self._retained)
         for topic, text in retained.items():
             if topic != self._status:
                 client.publish(topic, text, qos=1, retain=True)
         self.publish_status("online")  # a new session: peers send us again what we may have lost
-        for _, topic, frames in recent:
-            for frame in frames:
-                client.publish(topic, frame, qos=1)
+        recent = self._send_again(client)
         log.warning("%s: the broker lost our session (restarted?); published again %d retained and %d recent "
-                    "messages", self.account, len(retained), len(recent))
+                    "messages", self.account, len(retained), recent)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
@@ -366,10 +365,8 @@ class Transport:
     def _drop(self, reason: str, topic: str) -> None:
         """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
         junk must not become a flood of log lines)."""
-        kind = reason.split(":")[0]
-        self.dropped[kind] += 1
-        n = self.dropped[kind]
-        if n in (1, 10, 100) or n % 1000 == 0:
+        kind, n, say = tally(self.dropped, reason)
+        if say:
             log.warning("%s: dropped a message on %r: %s (%d so far for %s)", self.account, topic, reason, n, kind)
 
     def _handle(self, topic: str, payload: bytes, retained: bool, at: float) -> Optional[str]:
@@ -446,6 +443,15 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # paho leaves Nagle on: small frames (acks, gradients) would wait ~40 ms for delayed ACKs.
     if hasattr(sock, "setsockopt"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def tally(counter: Counter[str], reason: str) -> tuple[str, int, bool]:
+    """Count a refusal under its reason (the text before the first colon); the flag says whether
+    to log it: the 1st, 10th, 100th and every 1000th, so a flood of junk is not a flood of lines."""
+    kind = reason.split(":")[0]
+    counter[kind] += 1
+    n = counter[kind]
+    return kind, n, n in (1, 10, 100) or n % 1000 == 0
 
 
 def _published(info: mqtt.MQTTMessageInfo) -> bool:

@@ -264,18 +264,15 @@ class PlannerState:
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
         keep = self._keep_current(profile, bw, schedule) if self.current is not None and not self.offline else None
+        self.reprofiled.clear()  # what is planned with from now on, whether the plan is published or not
+        self.planned_rates = dict(self.rates)
+        self.planned_offline = frozenset(self.offline)
         if keep:
             log.info("not re-planning (%s): %s", why, keep)
-            self.reprofiled.clear()
-            self.planned_rates = dict(self.rates)
-            self.planned_offline = frozenset(self.offline)
             return None
         self.version += 1
         # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
         schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))
         self.current = schedule
-        self.reprofiled.clear()
-        self.planned_rates = dict(self.rates)
-        self.planned_offline = frozenset(self.offline)
         log.info("schedule version %d (%s): %s", self.version, why, schedule.to_json())
         return schedule

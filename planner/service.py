@@ -36,7 +36,7 @@ from hiertrain.config import ServiceConfig
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from hiertrain.transport import Transport
+from hiertrain.transport import Transport, tally
 from hiertrain.planner.replan import LINKS, PlannerState
 
 log = logging.getLogger("hiertrain.planner")
@@ -117,10 +117,9 @@ def run(cfg: ServiceConfig, *, stop: Optional[threading.Event] = None) -> int:
     def refuse(topic: Any, why: str) -> None:
         """Count a refused message by reason; log the 1st, 10th, 100th, ... of each reason; the
         counts ride on the planner's retained status."""
-        kind = why.split(":")[0]
-        dropped[kind] += 1
-        if dropped[kind] in (1, 10, 100) or dropped[kind] % 1000 == 0:
-            log.warning("ignored a message on %s: %s (%d so far for %s)", topic, why, dropped[kind], kind)
+        kind, n, say = tally(dropped, why)
+        if say:
+            log.warning("ignored a message on %s: %s (%d so far for %s)", topic, why, n, kind)
         transport.status_extra["dropped"] = dict(dropped)
         if time.monotonic() - announced[0] >= 1.0:
             announced[0] = time.monotonic()

@@ -55,6 +55,7 @@ rng = np.random.default_rng(7)
     (3, 1, [1, 1, 1, 1], 1, 2, 4, 6, (7, 7)),          # groups
     (3, 2, [1, 1, 1, 1], 1, 4, 4, 4, (8, 8)),          # depthwise
     (1, 1, [0, 0, 0, 0], 1, 1, 6, 5, (5, 7)),          # 1x1: one GEMM
+    (1, 1, [0, 0, 0, 0], 1, 2, 6, 4, (5, 7)),          # 1x1 with groups: a GEMM per group
     (1, 2, [0, 0, 0, 0], 1, 1, 6, 5, (7, 7)),          # 1x1 strided: the general path
     ((2, 3), (2, 1), [0, 1, 1, 0], (1, 2), 1, 2, 3, (9, 8)),  # rectangular everything
     (5, 1, [2, 2, 2, 2], 1, 2, 4, 6, (9, 9)),          # 5x5 and larger: dW by the Conv of transposes, groups
