@@ -3,24 +3,28 @@ iteration, the optimizer's step count and the schedule in effect as a JSON entry
 
 Portable on purpose: any tier writes and reads it with NumPy alone (a Raspberry Pi running plain
 onnxruntime plays worker_o too), and no pickle is ever loaded. Written atomically (temporary
-file, then rename) every K iterations; ``--resume`` reads the newest.
+file, then rename) every K iterations as ``checkpoint-<iteration>.npz``, the newest ``keep``
+kept; ``--resume`` and ``hiertrain evaluate`` read the newest. A tier with ``[checkpoint] collect
+= true`` receives every checkpoint over MQTT wherever worker_o runs (:mod:`hiertrain.collect`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from hiertrain.errors import ConfigError
 
-NAME = "checkpoint.npz"
 FORMAT = "hiertrain-checkpoint/1"
+TMP = "checkpoint.npz.tmp"  # the one file being written; renamed when complete
+_NAME = re.compile(r"checkpoint-(\d{8,})\.npz\Z")
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,46 @@ class Checkpoint:
     optimizer_step: int
     schedule: Optional[dict[str, Any]]
 
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The state as one message's tensors: parameters, and moments as ``m:``/``v:`` names."""
+        return {**self.params, **self.moments}
 
-def save(directory: str | os.PathLike, ck: Checkpoint) -> Path:
+    def meta(self) -> dict[str, Any]:
+        """The scalars beside the tensors in a message (the schedule as JSON text)."""
+        return {"iteration": int(self.iteration), "optimizer_step": int(self.optimizer_step),
+                "schedule": json.dumps(self.schedule or {})}
+
+    @classmethod
+    def from_message(cls, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> "Checkpoint":
+        it, step = meta.get("iteration"), meta.get("optimizer_step")
+        if type(it) is not int or type(step) is not int or it < 0 or step < 0:
+            raise ConfigError(f"malformed checkpoint message: iteration {it!r}, optimizer step {step!r}")
+        try:
+            schedule = json.loads(meta.get("schedule") or "{}")
+        except (TypeError, ValueError):
+            raise ConfigError("malformed checkpoint message: its schedule is not JSON") from None
+        return cls(it, {k: v for k, v in tensors.items() if k[:2] not in ("m:", "v:")},
+                   {k: v for k, v in tensors.items() if k[:2] in ("m:", "v:")}, step,
+                   schedule if isinstance(schedule, dict) and schedule else None)
+
+
+def path_of(directory: str | os.PathLike, iteration: int) -> Path:
+    return Path(directory) / f"checkpoint-{iteration:08d}.npz"
+
+
+def iterations(directory: str | os.PathLike) -> list[int]:
+    """The iterations of the checkpoints in ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _NAME.match(p.name)))
+
+
+def save(directory: str | os.PathLike, ck: Checkpoint, *, keep: int = 3) -> Path:
+    """Write ``ck`` atomically, then remove all but the newest ``keep`` checkpoints."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final, tmp = directory / NAME, directory / f"{NAME}.tmp"
+    final, tmp = path_of(directory, ck.iteration), directory / TMP
     meta = {"format": FORMAT, "iteration": int(ck.iteration), "optimizer_step": int(ck.optimizer_step),
             "schedule": ck.schedule or {}, "params": list(ck.params), "moments": list(ck.moments)}
     arrays = {f"p{i}": v for i, v in enumerate(ck.params.values())}
@@ -47,19 +86,24 @@ def save(directory: str | os.PathLike, ck: Checkpoint) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except OSError as exc:  # a full or failing disk: one line; the previous checkpoint stays intact
+    except OSError as exc:  # a full or failing disk: one line; the previous checkpoints stay intact
         raise ConfigError(f"cannot write checkpoint {final} for iteration {ck.iteration}: "
                           f"{exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    for old in iterations(directory)[:-max(1, keep)]:
+        path_of(directory, old).unlink(missing_ok=True)
     return final
 
 
-def load(directory: str | os.PathLike, param_names: list[str]) -> Optional[Checkpoint]:
-    """The checkpoint in ``directory``, or ``None`` if there is none."""
-    path = Path(directory) / NAME
-    if not path.is_file():
+def load(directory: str | os.PathLike, param_names: list[str], iteration: Optional[int] = None) -> Optional[Checkpoint]:
+    """The newest checkpoint in ``directory`` (or the one of ``iteration``), or ``None`` if there is none."""
+    its = iterations(directory)
+    if iteration is not None:
+        its = [i for i in its if i == iteration]
+    if not its:
         return None
+    path = path_of(directory, its[-1])
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())

@@ -40,9 +40,12 @@ class LocalCluster:
                  timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
-                 network: Any = None, launch: Optional[dict[str, list[str]]] = None) -> None:
+                 network: Any = None, launch: Optional[dict[str, list[str]]] = None,
+                 collector: Optional[str] = None) -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
-        another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own."""
+        another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own.
+        ``every``: worker_o checkpoints every so many iterations into ``ck-<tier>`` of whichever
+        tier it is, or, with a ``collector`` tier, into that tier's ``ck-<collector>`` alone."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -75,7 +78,8 @@ class LocalCluster:
             "train": {"model": model, "batch": batch, "lr": lr, "iterations": iterations, "timeout_s": timeout_s},
             "runtime": {"threads": threads[t], "cache": str(work / (f"cache-{t}" if t in self.launch else "cache")),
                         "chunk_kb": chunk_kb},
-            **({"checkpoint": {"dir": str(work / f"ck-{t}"), "every": every}} if every else {})},
+            **({"checkpoint": {"every": every, **({"dir": str(work / f"ck-{t}")} if collector in (None, t) else {}),
+                               **({"collect": True} if collector == t else {})}} if every else {})},
             host=host[t]) for t in TIERS}
         planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"])
         # publishes schedules as the planner would, without a status: it is no planner (and holds no lease)

@@ -79,6 +79,13 @@ class Schedule:
     def batch(self) -> int:
         return self.b_o + self.b_s + self.b_l
 
+    @property
+    def working(self) -> frozenset[str]:
+        """The tiers that compute under this schedule (the others are idle)."""
+        if self.chain is not None:
+            return frozenset(st.tier for st in self.chain)
+        return frozenset(t for r, t in self.mapping.items() if r == "o" or self.samples(r))
+
     def tier_of(self, role: str) -> str:
         return self.mapping[role]
 

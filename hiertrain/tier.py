@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import TIERS, artifacts, checkpoint, data, models, segments, topics
+from hiertrain import TIERS, artifacts, checkpoint, collect, data, models, segments, topics
 from hiertrain.compress import dequantize, quantize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError
 from hiertrain.optim import Optimizer
@@ -101,7 +101,12 @@ class TierService:
             self.dataset = self.dataset.split(cfg.holdout)[0]
         self.sent_go: set[int] = set()
         self.online: set[str] = set()
-        self.checkpoints: dict[str, int] = {}
+        self.checkpoints: dict[str, int] = {}  # tier -> the newest checkpoint its status announces
+        self.collectors: set[str] = set()      # online tiers that collect every checkpoint
+        if cfg.checkpoint_collect:
+            self.transport.status_extra["collector"] = True
+        self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
+                                     collect=cfg.checkpoint_collect, on_stored=self._announce_checkpoint)
         self.done = -1  # newest iteration whose loss worker_o (or a chain's last stage) reported
         if cfg.tier == "device":
             self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
@@ -161,6 +166,8 @@ class TierService:
                 (self.online.add if online else self.online.discard)(event.topic.account)
                 builds = online and event.payload.get("builder") is True
                 (self.builder_tiers.add if builds else self.builder_tiers.discard)(event.topic.account)
+                collects = online and event.payload.get("collector") is True
+                (self.collectors.add if collects else self.collectors.discard)(event.topic.account)
                 it = event.payload.get("checkpoint_iteration")
                 if isinstance(it, int):
                     self.checkpoints[event.topic.account] = it
@@ -273,7 +280,7 @@ class TierService:
         step = self.optimizer.step_count if self.optimizer else 0
         missing = need - self.units
         if i == self._first:
-            ck, self._restored = self._restored, None
+            ck = self._resume_state(i)
             source = ck.params if ck is not None else models.init_params(self.spec, self.cfg.seed)
             params.update({k: source[k] for k in self._names(missing)})
             if ck is not None:
@@ -293,6 +300,27 @@ class TierService:
         self.optimizer = Optimizer(self.cfg.optimizer, shapes, step_count=step, moments=moments) if shapes else None
         self.owner = self.stage = None
         return True
+
+    def _resume_state(self, first: int) -> Optional[checkpoint.Checkpoint]:
+        """What the owner of the model at the first iteration starts from: nothing (the initial
+        weights) in a fresh run; on ``--resume`` the checkpoint of the iteration before ``first``,
+        its own or fetched from the tier whose status announces it (the collector, say)."""
+        ck, self._restored = self._restored, None
+        if not self.resume or first == 0:
+            return None
+        want = first - 1
+        if (ck is None or ck.iteration != want) and self.cfg.checkpoint_dir:
+            ck = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()), iteration=want)
+        where = f"in {self.cfg.checkpoint_dir}"
+        if ck is None:
+            self._pump_schedules()
+            holders = sorted(t for t, it in self.checkpoints.items() if it == want and t != self.tier)
+            if not holders:
+                raise PlanError(f"{self.tier}: resuming at iteration {first} needs the checkpoint of iteration "
+                                f"{want}, and no tier announces it")
+            ck, where = self.keeper.fetch(want, holders[0], self.cfg.timeout_s), f"fetched from the {holders[0]}"
+        print(f"{self.tier}: resuming from the checkpoint of iteration {want} ({where})", flush=True)
+        return ck
 
     def _hand_over(self, i: int, sched: Schedule, nxt: Schedule) -> None:
         """End of iteration ``i - 1``: send the units we lose under ``nxt`` to their next owners."""
@@ -488,13 +516,32 @@ class TierService:
         self._weights_sent = i
 
     def _checkpoint(self, i: int, sched: Schedule) -> None:
-        if not (self.cfg.checkpoint_dir and self.cfg.checkpoint_every) or (i + 1) % self.cfg.checkpoint_every:
+        """Every ``[checkpoint] every`` iterations: the state into our own directory (if we have
+        one) and to every tier that collects."""
+        if not self.cfg.checkpoint_every or (i + 1) % self.cfg.checkpoint_every:
+            return
+        self._pump_schedules()  # who collects now
+        to = sorted(self.collectors - {self.tier})
+        if not (self.cfg.checkpoint_dir or to):
             return
         opt = self.optimizer
         assert opt is not None
-        checkpoint.save(self.cfg.checkpoint_dir, checkpoint.Checkpoint(i, self.params, dict(opt.moments),
-                                                                       opt.step_count, sched.to_json()))
-        self.transport.status_extra["checkpoint_iteration"] = i
+        ck = checkpoint.Checkpoint(i, self.params, dict(opt.moments), opt.step_count, sched.to_json())
+        if self.cfg.checkpoint_dir:
+            checkpoint.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep)
+            self._announce_checkpoint(i)
+        for dest in to:
+            self.keeper.push(ck, dest, sched.version)
+
+    def _linger_for_checkpoints(self) -> None:
+        """A collector at the end of a run: worker_o may still be sending the last checkpoint.
+        Wait until every other tier has gone (what it sent comes before its last status)."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while (self.online & set(TIERS)) - {self.tier} and time.monotonic() < deadline:
+            self._pump_schedules(0.1)
+
+    def _announce_checkpoint(self, iteration: int) -> None:
+        self.transport.status_extra["checkpoint_iteration"] = iteration
         self.transport.publish_status("online")
 
     def _telemetry(self, out: dict[str, Any]) -> None:
@@ -536,6 +583,7 @@ class TierService:
             if self.cfg.profile is not None:
                 self.publish_profile(self.cfg.profile)
             server = None
+            self.keeper.start()
             if self.fetcher is None:
                 server = artifacts.Server(self.transport, self.spec, root=self.runtime.root).start()
                 log.info("%s: onnxruntime-training %s: builds segments, for other tiers too", self.tier, ort_version())
@@ -549,6 +597,8 @@ class TierService:
                 log.info("%s: starting at iteration %d", self.tier, i)
                 while self.iteration(i) is not None:
                     i += 1
+                if self.cfg.checkpoint_collect:
+                    self._linger_for_checkpoints()
                 self.transport.flush(self.cfg.timeout_s)
                 return 0
             except HiertrainError as exc:
@@ -556,6 +606,7 @@ class TierService:
                 self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
                 raise
             finally:
+                self.keeper.stop()
                 if server is not None:
                     self.transport.service[artifacts.REQUEST].put(None)
 

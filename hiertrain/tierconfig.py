@@ -18,9 +18,11 @@
     cache = "~/.cache/hiertrain"  # built segments
     segments = "segments-lenet5"  # optional: `hiertrain segments build` output copied here (no builder needed)
     chunk_kb = 256                # MQTT frame size
-    [checkpoint]                  # written by whichever tier plays worker_o
+    [checkpoint]                  # written by whichever tier plays worker_o, every N iterations
     dir = "checkpoints"
     every = 10
+    keep = 3                      # the newest 3 kept
+    collect = true                # on one tier: every checkpoint comes here, wherever worker_o runs
     [data]                        # the device's data
     dataset = "synthetic"         # or "cifar10", "tiny-imagenet" (with path = ...)
     [eval]                        # `hiertrain evaluate`: where the data set has no test split,
@@ -59,6 +61,8 @@ class TierConfig:
     chunk_bytes: int = 256 << 10
     checkpoint_dir: Optional[Path] = None
     checkpoint_every: int = 0
+    checkpoint_keep: int = 3         # the newest N checkpoints kept in checkpoint_dir
+    checkpoint_collect: bool = False  # every checkpoint comes here, wherever worker_o runs
     dataset: str = "synthetic"
     data_path: Optional[str] = None
     holdout: int = 0
@@ -103,6 +107,10 @@ def _check_limits(c: TierConfig, path: Any) -> None:
                   f"{limit >> 10} KiB (at most {(limit - FRAME_HEADER_BYTES) >> 10})")
     if c.checkpoint_every < 0:
         raise bad(f"[checkpoint] every = {c.checkpoint_every} must be >= 0")
+    if c.checkpoint_keep < 1:
+        raise bad(f"[checkpoint] keep = {c.checkpoint_keep} must be >= 1")
+    if c.checkpoint_collect is not False and (c.checkpoint_collect is not True or c.checkpoint_dir is None):
+        raise bad("[checkpoint] collect = true needs a dir to collect into (and collect is true or false)")
     if c.endpoint.job is not None and c.endpoint.job != c.job:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
 
@@ -135,7 +143,8 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         segments_dir=cfg.resolve(str(rt["segments"])) if "segments" in rt else None,
         chunk_bytes=get(rt, "chunk_kb", int, 256) << 10,
         checkpoint_dir=cfg.resolve(str(ck["dir"])) if "dir" in ck else None,
-        checkpoint_every=get(ck, "every", int, 0),
+        checkpoint_every=get(ck, "every", int, 0), checkpoint_keep=get(ck, "keep", int, 3),
+        checkpoint_collect=ck.get("collect", False),
         dataset=get(data, "dataset", str, "synthetic"),
         data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
         holdout=get(ev, "holdout", int, 0), path=cfg.path,

@@ -9,8 +9,9 @@
     hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.wire)
 
 ``<kind>`` is one of :data:`TENSOR_KINDS` or :data:`SERVICE_KINDS` (``segreq``/``segment``: a
-built segment asked of and sent by a builder tier, :mod:`hiertrain.artifacts`); ``<layer>`` the unit index the tensor belongs to
-(the cut for activations and their gradients, the unit for weights and weight gradients,
+built segment asked of and sent by a builder tier, :mod:`hiertrain.artifacts`; ``checkpoint``:
+a checkpoint pushed to the collecting tier, or asked back for a resume, :mod:`hiertrain.collect`);
+``<layer>`` the unit index the tensor belongs to (the cut for activations and their gradients, the unit for weights and weight gradients,
 0 for samples and labels). Every account publishes only below ``hiertrain/+/<account>/``,
 which is what the broker's ACL enforces; the schedule topic is the planner's alone.
 """
@@ -26,7 +27,8 @@ from hiertrain.errors import TopicError
 
 ROOT = "hiertrain"
 TENSOR_KINDS: tuple[str, ...] = ("samples", "labels", "act", "grad", "wgrad", "weights")
-SERVICE_KINDS: tuple[str, ...] = ("segreq", "segment")  # built segments for tiers that cannot build (artifacts)
+SERVICE_KINDS: tuple[str, ...] = ("segreq", "segment",  # built segments for tiers that cannot build (artifacts)
+                                  "checkpoint")  # checkpoints collected in one place, fetched back to resume (collect)
 MESSAGE_KINDS: tuple[str, ...] = TENSOR_KINDS + SERVICE_KINDS
 ACCOUNT_KINDS: tuple[str, ...] = ("status", "telemetry", "profile")
 MAX_LAYER = 100_000

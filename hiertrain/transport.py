@@ -102,8 +102,10 @@ class Transport:
         self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
-        # segment requests and replies bypass the mailbox: they belong to no iteration
-        self.service: dict[str, "queue.Queue[Optional[Message]]"] = {k: queue.Queue(64) for k in topics.SERVICE_KINDS}
+        # segments and checkpoints bypass the mailbox: they belong to no iteration. A checkpoint is a
+        # whole model's state: a few wait at most (more are refused, counted, and the sender goes on)
+        self.service: dict[str, "queue.Queue[Optional[Message]]"] = {
+            k: queue.Queue(4 if k == "checkpoint" else 64) for k in topics.SERVICE_KINDS}
         self.dropped: Counter[str] = Counter()
         self.sent_bytes = 0
         self.received_bytes = 0

@@ -70,12 +70,15 @@ def validator(spec: ModelSpec) -> Validator:
             if len(y) and (y.min() < 0 or y.max() >= spec.classes):
                 return f"labels out of range 0..{spec.classes - 1}"
             return None
-        # wgrad / weights: named parameters (and, for a full state, optimizer moments)
+        if msg.kind == "checkpoint" and msg.layer != 0:
+            return "a checkpoint is the whole model's state (layer 0)"
+        # wgrad / weights / checkpoint: named parameters (and, for a full state, optimizer moments)
         if msg.layer > spec.n_units:
             return f"layer {msg.layer} beyond the model's {spec.n_units} units"
         allowed = params if msg.layer == 0 else spec.param_shapes(1, msg.layer)
         for name, a in t.items():
-            base = name.split(":", 1)[1] if msg.kind == "weights" and name[:2] in ("m:", "v:") else name
+            base = name.split(":", 1)[1] if msg.kind in ("weights", "checkpoint") and name[:2] in ("m:", "v:") \
+                else name
             if base not in allowed:
                 return f"unknown parameter {name!r} for units 1..{msg.layer or spec.n_units}"
             if a.dtype != np.float32 or tuple(a.shape) != tuple(allowed[base]):

@@ -211,12 +211,14 @@ class PlannerState:
 
     def _keep_current(self, profile: Profile, bw: Bandwidth, new: Schedule) -> Optional[str]:
         """Why the current schedule should stay although a new plan was made, or None: the same
-        placement (republishing it would change nothing), or a new owner of the model whose
-        one-off move (the weights over the link between the two owners) would not pay back over
-        ``horizon`` iterations."""
+        placement (republishing it would change nothing, also when an idle tier comes or goes), or
+        a new owner of the model whose one-off move (the weights over the link between the two
+        owners) would not pay back over ``horizon`` iterations (unless the work is on a lost tier)."""
         assert self.current is not None
         if placement(new) == placement(self.current):
             return "the new plan places everything where it is"
+        if self.current.working & self.offline:  # the work must leave a lost tier, whatever moving costs
+            return None
         n = len(profile.layers)
         before, after = owners(self.current, n), owners(new, n)
         moved = [u for u, t in after.items() if before.get(u) != t]
@@ -263,7 +265,7 @@ class PlannerState:
             return None
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
-        keep = self._keep_current(profile, bw, schedule) if self.current is not None and not self.offline else None
+        keep = self._keep_current(profile, bw, schedule) if self.current is not None else None
         self.reprofiled.clear()  # what is planned with from now on, whether the plan is published or not
         self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)

@@ -20,7 +20,7 @@ from conftest import PYTHON, ROOT
 from synthetic import planner_config
 from hiertrain.broker.layout import BrokerDir, Settings
 from hiertrain.broker.process import BrokerProcess, free_port
-from hiertrain import topics, wire
+from hiertrain import checkpoint, topics, wire
 from hiertrain.bench.hostile import flood, raw_client, rss_mb
 from hiertrain.local import LocalCluster
 from hiertrain.transport import Endpoint, Transport
@@ -330,15 +330,16 @@ def test_a_full_checkpoint_disk_is_one_line_and_leaves_no_partial_files(bound, t
         c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
         c.start()
         c.wait_iteration(6)  # the first checkpoint (iteration 4) is written
-        good = (ck / "checkpoint.npz").read_bytes()
-        (ck / "checkpoint.npz.tmp").symlink_to("/dev/full")  # the next write finds the disk full
+        kept = sorted(p.name for p in ck.iterdir())
+        good = [(ck / name).read_bytes() for name in kept]
+        (ck / checkpoint.TMP).symlink_to("/dev/full")  # the next write finds the disk full
         codes = c.wait(timeout=120)
         assert codes["cloud"] not in (0, None), dump(c)
         errors = [ln for ln in c.log("cloud").splitlines() if "error" in ln.lower()]
         assert any("cannot write checkpoint" in ln and "No space left on device" in ln for ln in errors), errors
         assert "Traceback" not in c.log("cloud")
-        assert sorted(p.name for p in ck.iterdir()) == ["checkpoint.npz"]
-        assert (ck / "checkpoint.npz").read_bytes() == good  # the previous checkpoint intact
+        assert sorted(p.name for p in ck.iterdir()) == kept and kept
+        assert [(ck / name).read_bytes() for name in kept] == good  # the previous checkpoints intact
     finally:
         c.close()
 

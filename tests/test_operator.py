@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import PYTHON, ROOT
+from hiertrain import checkpoint
 from hiertrain.broker.process import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,7 +57,8 @@ def test_the_readme_path_runs_a_job_twice_with_an_observer_and_evaluates_it(tmp_
                 f'job = "cifar"\n[broker]\ncredentials = "broker/credentials/{tier}.json"\n'
                 '[train]\nmodel = "lenet5"\nbatch = 16\nlr = 0.05\niterations = 12\ntimeout_s = 60\n'
                 f'[runtime]\nthreads = 1\ncache = "cache-{tier}"\n'
-                f'[checkpoint]\ndir = "checkpoints-{tier}"\nevery = 6\n[data]\ndataset = "synthetic"\n')
+                '[checkpoint]\nevery = 6\n'  # collected in one place: the device, whichever tier is worker_o
+                + ('dir = "checkpoints"\ncollect = true\n' if tier == "device" else "") + '[data]\ndataset = "synthetic"\n')
         (srv / "planner.toml").write_text(
             'job = "cifar"\n[broker]\ncredentials = "broker/credentials/planner.json"\n'
             f'[planner]\nbatch = 16\nprofile = "{ROOT / "bench/profiles/lenet5.json"}"\n'
@@ -73,7 +75,8 @@ def test_the_readme_path_runs_a_job_twice_with_an_observer_and_evaluates_it(tmp_
             tiers = {t: spawn(t, t, "run", "--config", f"{t}.toml") for t in ("cloud", "edge", "device")}
             codes = {t: p.wait(180) for t, p in tiers.items()}
             logs = {t: (srv / f"{t}.log").read_text() for t in (*tiers, "planner")}
-            assert codes == {"cloud": 0, "edge": 0, "device": 0}, logs
+            assert codes == {"cloud": 0, "edge": 0, "device": 0}, \
+                f"run {run}: " + "\n".join(f"--- {t} ---\n{text[-3000:]}" for t, text in logs.items())
         assert logs["device"].count("device: schedule v") == 2  # a line per schedule, in each run
         assert any("iteration 11 loss" in logs[t] for t in ("device", "edge", "cloud"))
         if shutil.which("mosquitto_sub"):
@@ -81,10 +84,9 @@ def test_the_readme_path_runs_a_job_twice_with_an_observer_and_evaluates_it(tmp_
             topics = {line.split()[0] for line in seen}
             assert "hiertrain/cifar/schedule" in topics and "hiertrain/cifar/device/telemetry" in topics
             assert all(len(t.split("/")) == 4 or t.endswith("/schedule") for t in topics), topics  # no tensors
-        ck = [d for d in srv.glob("checkpoints-*") if (d / "checkpoint.npz").exists()]
-        assert len(ck) >= 1
-        ev = subprocess.run([*HIERTRAIN, "evaluate", "--config", "device.toml", "--checkpoint", str(ck[0])],
-                            capture_output=True, text=True, cwd=srv)
+        assert checkpoint.iterations(srv / "checkpoints") == [5, 11]
+        ev = subprocess.run([*HIERTRAIN, "evaluate", "--config", "device.toml"], capture_output=True, text=True,
+                            cwd=srv)
         assert ev.returncode == 0 and ev.stdout.startswith("accuracy ") and "(checkpoint of iteration 11)" in ev.stdout, \
             ev.stderr
     finally:

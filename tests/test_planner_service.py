@@ -5,7 +5,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from hiertrain import topics
+from hiertrain import TIERS, topics
 from hiertrain.schedule import ScheduleFeed
 from hiertrain.planner.costmodel import TCP_EFFICIENCY
 from hiertrain.profile import Profile
@@ -94,6 +94,18 @@ def test_an_offline_tier_is_planned_around():
     assert edge_role != "o" and sched.samples(edge_role) == 0
     s.on_status("edge", "online")
     assert s.decide().version == 3
+
+
+@pytest.mark.unit
+def test_an_idle_tier_coming_and_going_republishes_nothing():
+    s = state()
+    s.on_rate("device_edge", 0.01), s.on_rate("edge_cloud", 0.01)
+    first = s.decide()
+    idle = sorted(set(TIERS) - first.working)
+    assert idle and "device" not in idle, first.describe()
+    for state_ in ("offline", "online", "offline", "online"):  # e.g. the end of a run, the start of the next
+        s.on_status(idle[0], state_)
+        assert s.decide() is None
 
 
 @pytest.mark.unit

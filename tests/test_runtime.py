@@ -3,6 +3,7 @@
 import pytest
 
 from cluster import dump, reference, rel, schedule
+from hiertrain import checkpoint
 from hiertrain.local import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -64,7 +65,7 @@ def test_a_schedule_switch_mid_run_moves_both_cuts_and_worker_o(cluster):
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(40)) < 1e-4
     ck = c.final_checkpoint()
     assert ck.iteration == 39 and rel(ck.params, ref_params) < 1e-4
-    assert "ck-edge" in str(c.work / "ck-edge") and (c.work / "ck-edge" / "checkpoint.npz").exists()
+    assert checkpoint.iterations(c.work / "ck-edge")[-1] == 39
 
 
 def test_bad_messages_are_dropped_and_training_is_unchanged(cluster, broker_dir):
@@ -158,6 +159,24 @@ def test_resume_continues_from_the_checkpoint(cluster):
     ref_losses, ref_params = reference(c, 20)
     assert sorted(i for i in c.losses() if i >= 10) == list(range(10, 20))
     assert rel(ck.params, ref_params) < 1e-4
+
+
+def test_checkpoints_are_collected_in_one_place_and_a_resume_fetches_them_back(cluster):
+    """worker_o (the cloud) has no checkpoint directory; the edge collects, keeping the newest
+    3. On --resume the cloud owns the model again and fetches iteration 9 from the edge."""
+    c = cluster(iterations=10, every=2, collector="edge")
+    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+    c.start()
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    assert checkpoint.iterations(c.work / "ck-edge") == [5, 7, 9]  # every 2nd iteration, the newest 3 kept
+    assert not (c.work / "ck-cloud").exists() and not (c.work / "ck-device").exists()
+    c.start(resume=True)
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    assert "cloud: resuming from the checkpoint of iteration 9 (fetched from the edge)" in c.log("cloud"), dump(c)
+    assert checkpoint.iterations(c.work / "ck-edge") == [15, 17, 19]
+    ref_losses, ref_params = reference(c, 20)
+    assert sorted(i for i in c.losses() if i >= 10) == list(range(10, 20))
+    assert rel(c.final_checkpoint().params, ref_params) < 1e-4
 
 
 def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+"):
