@@ -108,6 +108,7 @@ class TierService:
         self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
                                      collect=cfg.checkpoint_collect, on_stored=self._announce_checkpoint)
         self.done = -1  # newest iteration whose loss worker_o (or a chain's last stage) reported
+        self.reached: dict[str, int] = {}  # tier -> the newest iteration it finished (its telemetry)
         if cfg.tier == "device":
             self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
@@ -159,8 +160,10 @@ class TierService:
                              sched.effective_iteration)
             elif event.topic.kind == "telemetry" and isinstance(event.payload, dict):
                 it = event.payload.get("iteration")
-                if "loss" in event.payload and isinstance(it, int):
-                    self.done = max(self.done, it)
+                if isinstance(it, int):
+                    self.reached[event.topic.account] = max(self.reached.get(event.topic.account, it), it)
+                    if "loss" in event.payload:
+                        self.done = max(self.done, it)
             elif event.topic.kind == "status" and isinstance(event.payload, dict):
                 online = event.payload.get("state") == "online"
                 (self.online.add if online else self.online.discard)(event.topic.account)
@@ -221,13 +224,23 @@ class TierService:
 
     def _wait_done(self, iteration: int) -> None:
         """The device: wait until ``iteration`` is finished (o's telemetry says so), so that an idle
-        device does not race ahead stamping iterations with a schedule that is about to change."""
+        device does not race ahead stamping iterations with a schedule that is about to change;
+        and until no tier lags more than half its mailbox window behind: nothing else paces an
+        idle tier, and it refuses frames more than the window ahead of it."""
+        lag = self.transport.mailbox.window // 2
         deadline = time.monotonic() + 10 * self.cfg.timeout_s
-        while self.done < iteration and iteration >= self._first:
-            self.transport.mailbox.check_lost(f"the loss of iteration {iteration}")
+        while iteration >= self._first:
+            behind = [t for t in TIERS if t != self.tier and self.reached.get(t, self._first - 1) < iteration - lag]
+            if self.done >= iteration and not behind:
+                return
+            self.transport.mailbox.check_lost(f"the loss of iteration {iteration}" if self.done < iteration else
+                                              f"the {behind[0]} to finish iteration {iteration - lag}")
             if time.monotonic() > deadline:
                 sched = self.history.get(iteration)
                 finisher = "o" if sched is None else sched.chain[-1].tier if sched.chain else sched.tier_of("o")
+                if self.done >= iteration:
+                    raise MissingMessage(kind="telemetry", sender=behind[0], iteration=iteration - lag, layer=0,
+                                         timeout=10 * self.cfg.timeout_s)
                 raise MissingMessage(kind="telemetry (loss)", sender=finisher, iteration=iteration, layer=0,
                                      timeout=10 * self.cfg.timeout_s)
             self._pump_schedules(0.05)

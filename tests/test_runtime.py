@@ -137,6 +137,32 @@ def test_a_tier_that_stops_answering_fails_the_run_cleanly_and_the_checkpoint_su
     assert ck is not None and ck.iteration % 5 == 4 and ck.iteration >= 9
 
 
+def test_the_device_never_runs_further_ahead_of_an_idle_tier_than_its_mailbox_accepts(cluster):
+    """An idle tier is paced by nothing but the device: frozen (SIGSTOP) for 3 s, the device waits
+    for it within half the mailbox window instead of sending frames it would refuse as too far ahead."""
+    import signal
+    import time
+
+    c = cluster(iterations=30, timeout_s=20)
+    c.publish(schedule("device", "edge", "cloud", 2, 5, 12, 0, 0, version=1))  # edge and cloud idle
+    c.start()
+    c.wait_iteration(1)
+    c.procs["cloud"].send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3)
+        c.pump()
+        cloud_at = max((p["iteration"] for t, p in c.telemetry if t == "cloud"), default=-1)
+        device_at = max(p["iteration"] for t, p in c.telemetry if t == "device")
+    finally:
+        c.procs["cloud"].send_signal(signal.SIGCONT)
+    assert device_at <= cloud_at + 8, (device_at, cloud_at)
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    assert "too far ahead" not in c.log("cloud") + c.log("edge")
+    ref_losses, _ = reference(c, 30)
+    losses = c.losses()
+    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(30)) < 1e-4
+
+
 def test_diverging_training_stops_every_tier_saying_why(cluster):
     c = cluster(iterations=200, lr=1e4, timeout_s=10)  # an absurd rate: the loss overflows within a few steps
     c.publish(schedule("edge", "device", "cloud", 2, 5, 4, 4, 4, version=1))
