@@ -11,6 +11,9 @@ On ``--resume`` the tier that owns the model at the first iteration needs the st
 iteration before it. When its own directory does not hold that one, it asks the tier whose
 status announced it (``op: request``), and that tier answers from its directory (``op: reply``).
 
+A ``replica`` is the same state sent to the device for failover (:mod:`hiertrain.failover`): kept in
+memory, never written, and handed to whoever asks for its iteration.
+
 Every tier runs a :class:`Keeper` thread. A push to a tier that does not collect, a request for
 a checkpoint nobody has, a full disk: each is a logged warning on the tier that saw it, and
 training goes on.
@@ -33,7 +36,7 @@ from hiertrain.wire import Message
 
 log = logging.getLogger("hiertrain.collect")
 KIND = "checkpoint"
-OPS = ("push", "request", "reply")
+OPS = ("push", "replica", "request", "reply")
 
 
 class Keeper:
@@ -46,6 +49,7 @@ class Keeper:
         self.on_stored = on_stored
         self.names = list(spec.param_shapes())
         self.replies: "queue.Queue[Message]" = queue.Queue()
+        self.held: Optional[Checkpoint] = None  # the newest state held in memory for others (a replica)
         self.stored = 0
         self._thread = threading.Thread(target=self._serve, name="hiertrain-checkpoints", daemon=True)
 
@@ -68,6 +72,8 @@ class Keeper:
                     self.replies.put(msg)
                 elif op == "push":
                     self._store(msg)
+                elif op == "replica":
+                    self.hold(self._state(msg))
                 elif op == "request":
                     self._answer(msg)
                 else:
@@ -92,13 +98,19 @@ class Keeper:
                  msg.sender, path)
         self.on_stored(ck.iteration)
 
+    def hold(self, ck: Checkpoint) -> None:
+        """Keep ``ck`` in memory for others (if it is newer than what we hold)."""
+        if self.held is None or ck.iteration >= self.held.iteration:
+            self.held = ck
+
     def _answer(self, msg: Message) -> None:
         it = msg.meta.get("iteration")
         meta: dict = {"op": "reply", "iteration": it}
         tensors = {}
         try:
-            ck = checkpoint.load(self.dir, self.names, iteration=it) if self.dir is not None and type(it) is int \
-                else None
+            held = self.held
+            ck = held if held is not None and held.iteration == it else \
+                checkpoint.load(self.dir, self.names, iteration=it) if self.dir is not None and type(it) is int else None
             if ck is None:
                 raise ConfigError(f"{self.transport.account} has no checkpoint of iteration {it!r}")
             tensors, meta = ck.tensors(), {**meta, **ck.meta()}
@@ -109,10 +121,10 @@ class Keeper:
         log.info("%s: sent the checkpoint of iteration %r to %s%s", self.transport.account, it, msg.sender,
                  f" (refused: {meta['error']})" if "error" in meta else "")
 
-    def push(self, ck: Checkpoint, dest: str, version: int) -> None:
-        """worker_o: send ``ck`` to the collector ``dest``."""
+    def push(self, ck: Checkpoint, dest: str, version: int, *, op: str = "push") -> None:
+        """worker_o: send ``ck`` to the collector ``dest`` (or, ``op="replica"``, to the device)."""
         self.transport.send(Message(KIND, self.transport.job, self.transport.account, dest, ck.iteration, 0,
-                                    ck.tensors(), version, {"op": "push", **ck.meta()}))
+                                    ck.tensors(), version, {"op": op, **ck.meta()}))
 
     def fetch(self, iteration: int, holder: str, timeout: float) -> Checkpoint:
         """The checkpoint of ``iteration`` from the tier ``holder``; :class:`PlanError` naming what failed."""

@@ -5,6 +5,10 @@ second message with a key already filed or taken is a duplicate and is refused, 
 redeliveries are handled once. Iterations before the watermark are stale and refused, and once
 the owner has advanced, so are iterations more than ``window`` past it (nothing legitimate runs
 that far ahead; a sender that does would only fill memory).
+
+Every message names the device's *run* it belongs to. Once the mailbox follows a run, messages of
+any other run are refused; a mailbox made after a failover also refuses the runs it retired
+before it learns the new one (frames of the abandoned attempt still in flight).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ Key = tuple[str, int, int, str]
 
 
 class Mailbox:
-    def __init__(self, *, remember: int = 65536, window: int = 8) -> None:
+    def __init__(self, *, remember: int = 65536, window: int = 8, retired: frozenset[str] = frozenset()) -> None:
         self.window = window
+        self.run: Optional[str] = None
+        self.retired = retired
         self._advanced = False
         self._lost: dict[str, str] = {}  # tier -> the state its status reported (offline, failed)
         self._cond = threading.Condition()
@@ -34,16 +40,26 @@ class Mailbox:
     def put(self, msg: Message) -> Optional[str]:
         """File ``msg``; return ``None`` if accepted, else the reason it was refused."""
         key = msg.key
+        run = msg.meta.get("run")
         with self._cond:
             if msg.iteration < self._watermark:
                 return f"stale: iteration {msg.iteration} is before {self._watermark}"
             if self._advanced and msg.iteration > self._watermark + self.window:
                 return f"too far ahead: iteration {msg.iteration} is more than {self.window} past {self._watermark}"
+            if run in self.retired or self.run is not None and run != self.run:
+                return f"another run: {run!r} is not {self.run or 'a retired one'}"
             if key in self._waiting or key in self._taken:
                 return "duplicate"
             self._waiting[key] = msg
             self._cond.notify_all()
         return None
+
+    def follow(self, run: str) -> None:
+        """From now on accept only messages of ``run`` (and drop what waits of others)."""
+        with self._cond:
+            self.run = run
+            for k in [k for k, m in self._waiting.items() if m.meta.get("run") != run]:
+                del self._waiting[k]
 
     def lose(self, tier: str, state: str) -> None:
         """``tier`` went away: every wait that has not been satisfied fails now, naming it."""

@@ -48,13 +48,15 @@ class Schedule:
     compress_bits: int = 0
     version: int = 0
     effective_iteration: int = 0
+    replica_every: int = 0  # K: worker_o sends the device a replica of its state every K iterations (failover)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.mapping) != set(ROLES) or sorted(self.mapping.values()) != sorted(TIERS):
             raise PlanError(f"mapping {dict(self.mapping)} must give each role o, s, l a different tier "
                             f"of {', '.join(TIERS)}")
-        for name in ("m_s", "m_l", "b_o", "b_s", "b_l", "version", "effective_iteration", "compress_bits"):
+        for name in ("m_s", "m_l", "b_o", "b_s", "b_l", "version", "effective_iteration", "compress_bits",
+                     "replica_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise PlanError(f"{name} must be a non-negative integer, got {v!r}")
@@ -137,6 +139,8 @@ class Schedule:
         if self.chain is not None:
             out["plan"] = {"kind": "chain", "stages": [[s.tier, s.first, s.last] for s in self.chain],
                            "compress_bits": self.compress_bits}
+        if self.replica_every:
+            out["replica_every"] = self.replica_every
         if self.version or self.effective_iteration:
             out["version"] = self.version
             out["effective_iteration"] = self.effective_iteration
@@ -153,7 +157,7 @@ class Schedule:
             if plan.get("kind") == "chain":
                 chain = tuple(Stage(str(t), int(a), int(b)) for t, a, b in plan["stages"])
             known = {"policy", "cost_model", "mapping", "m_s", "m_l", "b_o", "b_s", "b_l", "iteration_s",
-                     "solve_s", "plan", "version", "effective_iteration"}
+                     "solve_s", "plan", "version", "effective_iteration", "replica_every"}
             return cls(
                 mapping=dict(data["mapping"]), m_s=data["m_s"], m_l=data["m_l"], b_o=data["b_o"],
                 b_s=data["b_s"], b_l=data["b_l"], policy=str(data.get("policy", "hiertrain")),
@@ -161,6 +165,7 @@ class Schedule:
                 iteration_s=float(math.nan if data.get("iteration_s") is None else data["iteration_s"]), solve_s=float(data.get("solve_s", 0.0)),
                 chain=chain, compress_bits=int(plan.get("compress_bits", 0)),
                 version=data.get("version", 0), effective_iteration=data.get("effective_iteration", 0),
+                replica_every=data.get("replica_every", 0),
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -38,7 +38,8 @@ import numpy as np
 
 from hiertrain import TIERS, artifacts, checkpoint, collect, data, models, segments, topics
 from hiertrain.compress import dequantize, quantize
-from hiertrain.errors import HiertrainError, MissingMessage, PlanError
+from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
+from hiertrain.failover import Failover
 from hiertrain.optim import Optimizer
 from hiertrain.roles import OwnerRole, SliceRole, StageRole, weights_of
 from hiertrain.schedule import Schedule, ScheduleFeed
@@ -65,7 +66,7 @@ class Stats:
         self.phases[phase] = self.phases.get(phase, 0.0) + dt
 
 
-class TierService:
+class TierService(Failover):
     def __init__(self, cfg: TierConfig, *, resume: bool = False) -> None:
         self.cfg, self.tier, self.resume = cfg, cfg.tier, resume
         self.spec = models.get(cfg.model)
@@ -108,14 +109,19 @@ class TierService:
         self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
                                      collect=cfg.checkpoint_collect, on_stored=self._announce_checkpoint)
         self.done = -1  # newest iteration whose loss worker_o (or a chain's last stage) reported
-        self.reached: dict[str, int] = {}  # tier -> the newest iteration it finished (its telemetry)
+        self.reached: dict[str, int] = {}  # tier -> the newest iteration it finished in this run (telemetry)
         if cfg.tier == "device":
             self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._before_run: set[int] = set()  # schedule versions retained from before this run started
         self._shown_version, self._shown_at = -1, 0.0  # progress lines
         self._first = 0
+        self._end_at = 0  # the device stops the run here (set once: a failover does not move it)
         self.run_id = uuid.uuid4().hex[:8]
+        self.run_starts: dict[str, int] = {}  # the device's run -> its first iteration (its status)
+        self._completed = -1  # the newest iteration whose update we applied as the model's owner
+        self.failovers = 0    # how often this process carried on without a lost tier
+        self.abandoned: dict[str, Any] = {}  # tier -> the run its status says it abandoned (a failover)
         self._restored: Optional[checkpoint.Checkpoint] = None
 
     # ------------------------------------------------------------------ plumbing
@@ -127,7 +133,8 @@ class TierService:
             if why:
                 raise PlanError(f"{self.tier}: training diverged at iteration {iteration} ({why}); "
                                 f"lower the learning rate (now {self.cfg.optimizer.lr})")
-        self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version, meta))
+        self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version,
+                                    {"run": self.run_id, **meta}))
 
     def _take(self, kind: str, sender: str, iteration: int, layer: int, stats: Optional[Stats] = None) -> Message:
         t0 = time.perf_counter()
@@ -160,7 +167,7 @@ class TierService:
                              sched.effective_iteration)
             elif event.topic.kind == "telemetry" and isinstance(event.payload, dict):
                 it = event.payload.get("iteration")
-                if isinstance(it, int):
+                if isinstance(it, int) and event.payload.get("run") == self.run_id:  # not an abandoned run's
                     self.reached[event.topic.account] = max(self.reached.get(event.topic.account, it), it)
                     if "loss" in event.payload:
                         self.done = max(self.done, it)
@@ -174,6 +181,12 @@ class TierService:
                 it = event.payload.get("checkpoint_iteration")
                 if isinstance(it, int):
                     self.checkpoints[event.topic.account] = it
+                else:
+                    self.checkpoints.pop(event.topic.account, None)
+                self.abandoned[event.topic.account] = event.payload.get("abandoned")
+                run, start = event.payload.get("run"), event.payload.get("start_iteration")
+                if event.topic.account == "device" and isinstance(run, str) and type(start) is int:
+                    self.run_starts[run] = start
 
     def _builders(self) -> list[str]:
         """Online tiers that build segments for us, the edge (next to the broker) first."""
@@ -230,7 +243,7 @@ class TierService:
         lag = self.transport.mailbox.window // 2
         deadline = time.monotonic() + 10 * self.cfg.timeout_s
         while iteration >= self._first:
-            behind = [t for t in TIERS if t != self.tier and self.reached.get(t, self._first - 1) < iteration - lag]
+            behind = [t for t, it in self.reached.items() if t in self.online and it < iteration - lag]
             if self.done >= iteration and not behind:
                 return
             self.transport.mailbox.check_lost(f"the loss of iteration {iteration}" if self.done < iteration else
@@ -265,8 +278,7 @@ class TierService:
             share = {t: (x if t == sched.chain[0].tier else x[:0]) for t in TIERS}
             labels_to = sched.chain[-1].tier
         for tier in ("edge", "cloud"):
-            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version,
-                       run=self.run_id)
+            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version)
         if labels_to != "device":
             self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
         self._local[iteration] = (sched, share["device"], y)
@@ -292,13 +304,16 @@ class TierService:
         moments = {k: v for k, v in (self.optimizer.moments.items() if self.optimizer else ()) if k[2:] in params}
         step = self.optimizer.step_count if self.optimizer else 0
         missing = need - self.units
-        if i == self._first:
+        if i == self._run_start():
             ck = self._resume_state(i)
             source = ck.params if ck is not None else models.init_params(self.spec, self.cfg.seed)
             params.update({k: source[k] for k in self._names(missing)})
             if ck is not None:
                 moments.update({k: v for k, v in ck.moments.items() if k[2:] in params})
                 step = ck.optimizer_step
+        elif i == self._first:  # we joined a run under way (a lost tier back): weights come by handover only
+            raise PlanError(f"{self.tier}: joined run {self.run_id} at iteration {i} as the owner of units "
+                            f"{sorted(missing)}, but who held them before is not known here; restart this tier")
         else:
             for tier in TIERS:
                 if tier != self.tier and self._owned(prev, tier) & missing:
@@ -314,6 +329,13 @@ class TierService:
         self.owner = self.stage = None
         return True
 
+    def _run_start(self) -> int:
+        """The first iteration of the device's current run (a tier that joined later starts after it)."""
+        if self.tier == "device":
+            return self._first
+        self._pump_schedules()
+        return self.run_starts.get(self.run_id, self._first)
+
     def _resume_state(self, first: int) -> Optional[checkpoint.Checkpoint]:
         """What the owner of the model at the first iteration starts from: nothing (the initial
         weights) in a fresh run; on ``--resume`` the checkpoint of the iteration before ``first``,
@@ -324,10 +346,10 @@ class TierService:
         want = first - 1
         if (ck is None or ck.iteration != want) and self.cfg.checkpoint_dir:
             ck = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()), iteration=want)
-        where = f"in {self.cfg.checkpoint_dir}"
+        where = f"in {self.cfg.checkpoint_dir}" if self.failovers == 0 else "held when failing over"
         if ck is None:
             self._pump_schedules()
-            holders = sorted(t for t, it in self.checkpoints.items() if it == want and t != self.tier)
+            holders = sorted(t for t, it in self.checkpoints.items() if it == want and t != self.tier and t in self.online)
             if not holders:
                 raise PlanError(f"{self.tier}: resuming at iteration {first} needs the checkpoint of iteration "
                                 f"{want}, and no tier announces it")
@@ -374,13 +396,13 @@ class TierService:
         t_start = time.perf_counter()
         self.transport.advance(i)
         if self.tier == "device":
-            if i >= first + self.cfg.iterations:
+            if i >= self._end_at:
                 self._send_go(i, stop=True)
                 self.transport.flush(self.cfg.timeout_s)
                 return None
             self._send_go(i)
             self._wait_done(i - 1)  # flow control: at most one iteration in flight ahead of o
-            self._send_go(i + 1, stop=i + 1 >= first + self.cfg.iterations)  # prefetch: travels while i computes
+            self._send_go(i + 1, stop=i + 1 >= self._end_at)  # prefetch: travels while i computes
             sched, mine, labels = self._local.pop(i)
             get_labels: Any = labels
         else:
@@ -429,7 +451,7 @@ class TierService:
             print(f"{self.tier}: schedule v{sched.version} from iteration {i}: {out.get('role', 'idle')} "
                   f"({sched.describe()})", flush=True)
         now = time.monotonic()
-        last = i == self._first + self.cfg.iterations - 1  # the run's final loss is always shown
+        last = i == self._end_at - 1  # the run's final loss is always shown
         if "loss" in out and (now - self._shown_at >= 1.0 or out["iteration_s"] >= 1.0 or last):
             self._shown_at = now
             print(f"{self.tier}: iteration {i} loss {out['loss']:.4f} {out['iteration_s'] * 1e3:.0f} ms "
@@ -479,8 +501,10 @@ class TierService:
         t0 = time.perf_counter()
         self.owner.step(*remote)
         self.params = self.owner.params
+        self._completed = i
         stats.timed("update", t0)
         self._checkpoint(i, sched)
+        self._replicate(i, sched)
         return {"loss": res.loss}
 
     def _as_stage(self, i: int, sched: Schedule, x: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
@@ -563,7 +587,7 @@ class TierService:
             link = LINK_OF.get(frozenset((sender, self.tier)))
             if link:
                 links[link] = round(mbps, 3)
-        payload = {**out, "t": time.time(), "links": links, "bytes_sent": self.transport.sent_bytes,
+        payload = {**out, "run": self.run_id, "t": time.time(), "links": links, "bytes_sent": self.transport.sent_bytes,
                    "bytes_received": self.transport.received_bytes,
                    "dropped": dict(self.transport.dropped)}
         self.transport.publish_json(topics.telemetry(self.cfg.job, self.tier), payload)
@@ -571,14 +595,25 @@ class TierService:
     # ---------------------------------------------------------------------- run
 
     def _start_iteration(self) -> int:
-        """0, or after the newest checkpoint when resuming (o announces it in its retained status)."""
-        if self.tier != "device":  # follow the device: start at the first iteration it sends
-            return self.transport.mailbox.first("samples", "device", 10 * self.cfg.timeout_s)
-        self._wait_online()  # retained statuses (and checkpoints) arrive with it
+        """0, or after the newest checkpoint when resuming (o announces it in its retained status),
+        or after a failover the newest state a survivor holds."""
+        mailbox = self.transport.mailbox
+        if self.tier != "device":  # follow the device: start at the first iteration it sends, in its run
+            first = mailbox.first("samples", "device", 10 * self.cfg.timeout_s)
+            run = mailbox.peek("samples", "device", first, 0, self.cfg.timeout_s).meta.get("run")
+            if isinstance(run, str):
+                self.run_id = run
+                mailbox.follow(run)
+            return first
+        if not self.failovers:
+            self._wait_online()  # retained statuses (and checkpoints) arrive with it
+        mailbox.follow(self.run_id)
         start = 0
         if self.resume:
             mine = self._restored.iteration if self._restored is not None else -1
-            start = max([mine, *self.checkpoints.values()]) + 1
+            start = max([mine, *(it for t, it in self.checkpoints.items() if t in self.online)]) + 1
+        # pace the run by the tiers here now (one that joins later, from its first report on)
+        self.reached = {t: start - 1 for t in self.online & set(TIERS) - {self.tier}}
         # a new run: the planner restarts its iteration count there; tiers and logs name it
         self.transport.status_extra.update(run=self.run_id, start_iteration=start)
         self.transport.publish_status("online")
@@ -607,9 +642,17 @@ class TierService:
                          self.runtime.root or segments.cache_dir())
             try:
                 i = self._first = self._start_iteration()
+                self._end_at = self._first + self.cfg.iterations
                 log.info("%s: starting at iteration %d", self.tier, i)
-                while self.iteration(i) is not None:
-                    i += 1
+                while True:
+                    try:
+                        while self.iteration(i) is not None:
+                            i += 1
+                        break
+                    except TierLost as exc:
+                        if not self._can_fail_over(exc):
+                            raise
+                        i = self._first = self._fail_over(exc, i)
                 if self.cfg.checkpoint_collect:
                     self._linger_for_checkpoints()
                 self.transport.flush(self.cfg.timeout_s)

@@ -292,6 +292,13 @@ class Transport:
 
     # -------------------------------------------------------------- receiving
 
+    def renew_mailbox(self, *, retire: str) -> None:
+        """A failover: an empty mailbox that refuses the ``retire``d run (and those retired before)."""
+        old = self.mailbox
+        self.mailbox = Mailbox(window=old.window, retired=old.retired | {retire})
+        with self._lock:
+            self._recent.clear()  # never sent again: the abandoned attempt's frames
+
     def take(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
         """The message ``kind`` from ``sender`` for (iteration, layer); see :meth:`Mailbox.take`."""
         return self.mailbox.take(kind, sender, iteration, layer, timeout)
@@ -391,8 +398,8 @@ class Transport:
                     session = event.payload.get("session")
                     seen = self._sessions.get(parsed.account)
                     self._sessions[parsed.account] = session
-                    if not retained and seen is not None and seen != session:  # it reconnected to a broker
-                        self._resend_to(parsed.account)  # that may have lost what we sent it
+                    if not retained and _reconnected(seen, session):  # to a broker that may have lost
+                        self._resend_to(parsed.account)  # what we sent it (not a new process: it starts afresh)
                 elif state in ("offline", "failed") and not retained:  # lost now, not before we came
                     self.mailbox.lose(parsed.account, state)
             self.events.put(event)
@@ -469,3 +476,10 @@ def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
     except (RuntimeError, ValueError):
         return False
     return _published(info)
+
+
+def _reconnected(seen: Any, session: Any) -> bool:
+    """Whether status ``session`` ("nonce:connects") is the same process as ``seen``, connected anew."""
+    if not (isinstance(seen, str) and isinstance(session, str)):
+        return False
+    return seen != session and seen.split(":")[0] == session.split(":")[0]

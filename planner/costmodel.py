@@ -290,3 +290,20 @@ def breakdown(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_model
     o, s, l = (TIERS.index(schedule.mapping[r]) for r in ("o", "s", "l"))
     parts = evaluate(tab, o, s, l, schedule.m_s, schedule.m_l, schedule.b_o, schedule.b_s, schedule.b_l, parts=True)
     return {k: float(v) for k, v in parts.items()}
+
+
+REPLICA_SHARE = 0.1  # the device link time a state replica may take, as a share of the iterations it covers
+
+
+def replica_every(profile: Profile, bw: Bandwidth, schedule: Schedule) -> int:
+    """K for failover: worker_o sends the device a replica of its state (weights and up to two
+    optimizer moments) every K iterations, K the smallest that keeps the replica's transfer
+    within :data:`REPLICA_SHARE` of the K iterations' predicted time; 0 when the device itself
+    holds the state (worker_o is the device, or a chain, whose stages are not replicated)."""
+    if schedule.chain is not None or schedule.tier_of("o") == "device":
+        return 0
+    rate = bw.device_edge if schedule.tier_of("o") == "edge" else min(bw.device_edge, bw.edge_cloud)
+    transfer_s = 8e-6 * 3 * sum(layer.param_bytes for layer in profile.layers) / rate
+    per_iteration = schedule.iteration_s if math.isfinite(schedule.iteration_s) and schedule.iteration_s > 0 else \
+        iteration_time(profile, bw, schedule)
+    return max(1, math.ceil(transfer_s / (REPLICA_SHARE * per_iteration)))

@@ -25,7 +25,7 @@ from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
 from hiertrain.planner.baselines import plan
-from hiertrain.planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time
+from hiertrain.planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time, replica_every
 
 log = logging.getLogger("hiertrain.planner")
 LINKS = ("device_edge", "edge_cloud")
@@ -39,7 +39,7 @@ ITERATION_WINDOW = 1000   # how far past the newest known iteration a report may
 def placement(s: Schedule) -> dict[str, Any]:
     """What a schedule decides, without its version, timing and prediction."""
     return {k: v for k, v in s.to_json().items() if k not in ("version", "effective_iteration", "iteration_s",
-                                                                "solve_s")}
+                                                                "solve_s", "replica_every")}
 
 
 def owners(s: Schedule, n_units: int) -> dict[int, str]:
@@ -265,6 +265,7 @@ class PlannerState:
             return None
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
+        schedule = replace(schedule, replica_every=replica_every(profile, bw, schedule))
         keep = self._keep_current(profile, bw, schedule) if self.current is not None else None
         self.reprofiled.clear()  # what is planned with from now on, whether the plan is published or not
         self.planned_rates = dict(self.rates)

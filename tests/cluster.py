@@ -15,9 +15,9 @@ from hiertrain.schedule import Schedule
 
 
 def schedule(o: str, s: str, l: str, m_s: int, m_l: int, b_o: int, b_s: int, b_l: int, *, version: int,
-             effective: int = 0) -> dict[str, Any]:
+             effective: int = 0, replica_every: int = 0) -> dict[str, Any]:
     return Schedule(mapping={"o": o, "s": s, "l": l}, m_s=m_s, m_l=m_l, b_o=b_o, b_s=b_s, b_l=b_l,
-                    iteration_s=0.0).versioned(version, effective).to_json()
+                    iteration_s=0.0, replica_every=replica_every).versioned(version, effective).to_json()
 
 
 def reference(cluster: LocalCluster, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:

@@ -1,0 +1,130 @@
+"""Failover over real Mosquitto: a tier killed mid-run, the survivors carry on without it, and
+the result equals an uninterrupted run (every iteration exactly one SGD step on the same samples).
+
+The test publishes the schedules, as the planner would on the lost tier's Last Will (the
+planner's part is tested in test_planner_service: an offline tier is planned around).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from cluster import dump, reference, rel, schedule
+
+pytestmark = pytest.mark.integration
+K = 4  # replica_every
+
+
+@pytest.fixture
+def cluster(mosquitto, broker_dir, tmp_path):
+    from hiertrain.local import LocalCluster
+
+    made = []
+
+    def make(**kw):
+        c = LocalCluster(tmp_path, broker_dir=broker_dir, job="t", chunk_kb=16, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def newest(c, tier="device"):
+    c.pump(0.05)
+    return max((p["iteration"] for t, p in c.telemetry if t == tier), default=-1)
+
+
+def redone(c):
+    """Iterations whose loss was reported more than once (by an abandoned attempt and again)."""
+    seen = Counter(p["iteration"] for _, p in c.telemetry if "loss" in p)
+    return sorted(i for i, n in seen.items() if n > 1)
+
+
+def kill_and_replan(c, tier, replacement, *, at):
+    c.wait_iteration(at)
+    c.procs[tier].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    c.publish(replacement)  # what the planner does on the Last Will
+    return t0
+
+
+def check_exact(c, iterations):
+    ref_losses, ref_params = reference(c, iterations)
+    losses = c.losses()
+    assert sorted(losses) == list(range(iterations)), sorted(losses)
+    off = [i for i in range(iterations) if abs(losses[i] - ref_losses[i]) / ref_losses[i] >= 1e-4]
+    assert not off, [(i, losses[i], ref_losses[i], c.versions()[i]) for i in off[:6]]
+    assert rel(c.final_checkpoint().params, ref_params) < 1e-4
+
+
+@pytest.mark.parametrize("lost,first,then", [
+    ("cloud", schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1, replica_every=K),
+     schedule("edge", "device", "cloud", 2, 2, 8, 4, 0, version=2, effective=10**6)),
+    ("edge", schedule("edge", "device", "cloud", 2, 5, 4, 4, 4, version=1, replica_every=K),
+     schedule("cloud", "device", "edge", 2, 2, 8, 4, 0, version=2, effective=10**6)),
+], ids=["worker_o-cloud-lost", "worker_o-edge-lost"])
+def test_worker_o_lost_training_continues_from_the_replica_and_equals_an_uninterrupted_run(cluster, lost, first,
+                                                                                           then):
+    c = cluster(iterations=30, every=30, timeout_s=30)
+    c.publish(first)
+    c.start()
+    kill_and_replan(c, lost, then, at=13)
+    codes = c.wait([t for t in ("device", "edge", "cloud") if t != lost], timeout=120)
+    assert set(codes.values()) == {0}, dump(c)
+    survivor = then["mapping"]["o"]
+    for tier in ("device", survivor):
+        assert f"{tier}: the {lost} is offline" in c.log(tier), dump(c)
+    assert f"resuming from the checkpoint of iteration" in c.log(survivor)
+    again = redone(c)
+    assert len(again) <= K, again  # at most K iterations redone, with the same samples
+    check_exact(c, 30)
+
+
+def test_a_slice_worker_lost_redoes_nothing_and_a_tier_back_rejoins_at_the_next_schedule(cluster):
+    n = 60
+    c = cluster(iterations=n, every=n, timeout_s=30)
+    c.publish(schedule("device", "edge", "cloud", 2, 5, 4, 4, 4, version=1, replica_every=K))
+    c.start()
+    kill_and_replan(c, "cloud", schedule("device", "edge", "cloud", 2, 2, 8, 4, 0, version=2, effective=10**6),
+                    at=8)
+    deadline = time.monotonic() + 60
+    while newest(c) < 15 and time.monotonic() < deadline:  # carried on without the cloud
+        pass
+    c.procs["device"].send_signal(signal.SIGSTOP)  # hold the run while the cloud comes back
+    assert 15 <= newest(c) < n - 20, dump(c)
+    assert redone(c) == [], redone(c)  # worker_o (the device) survived with its live state
+    try:
+        c.start("cloud")  # back: it follows the run from the next samples, idle until a schedule gives it work
+        deadline = time.monotonic() + 60
+        pid = c.procs["cloud"].pid
+        while time.monotonic() < deadline and not any(t == "cloud" and p.get("pid") == pid for t, p in c.status):
+            c.pump()  # its status says online once it listens
+        at = newest(c) + 6
+        c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=3, effective=at, replica_every=K))
+    finally:
+        c.procs["device"].send_signal(signal.SIGCONT)
+    assert c.wait(timeout=120) == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    versions = c.versions()
+    assert versions[n - 1] == 3, versions
+    check_exact(c, n)
+
+
+def test_without_a_schedule_that_avoids_the_lost_tier_the_run_ends_saying_why(cluster):
+    c = cluster(iterations=200, every=5, timeout_s=8)
+    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+    c.start()
+    c.wait_iteration(12)
+    c.procs["edge"].send_signal(signal.SIGKILL)  # and no planner to plan around it
+    codes = c.wait(timeout=90)
+    assert codes["device"] not in (0, None) and codes["cloud"] not in (0, None), dump(c)
+    assert "device: the edge is offline" in c.log("device"), dump(c)
+    assert "no 'a schedule without the lost tier' from tier 'planner'" in c.log("device"), dump(c)
+    assert "tier 'device' is failed" in c.log("cloud"), dump(c)
+    ck = c.final_checkpoint()
+    assert ck is not None and ck.iteration % 5 == 4 and ck.iteration >= 9
