@@ -359,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile", "testbed",
-                                         "replan", "edgecores", "report", "hostile"])
+                                         "replan", "edgecores", "report", "hostile", "failover"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
-    bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule")
+    bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule; failover: iterations per run")
     bench.add_argument("--repeat", type=_positive_int, default=5)
     bench.add_argument("--profiles", default="bench/profiles", help="planner: directory of <model>.json profiles")
     bench.add_argument("--batch", type=_batch, default=64, help="planner: batch size")
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speeds", default="1:4:40", help="testbed: device:edge:cloud speed ratio to calibrate to")
     bench.add_argument("--device-quota", type=_positive_float, help="testbed: device CPU (cores) instead of calibrating")
     bench.add_argument("--edge-quota", type=_positive_float, help="testbed: edge CPU (cores) instead of calibrating")
-    bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s")
+    bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s; failover: the planner's initial rates")
     bench.add_argument("--no-fit", action="store_true", help="testbed: skip the overhead fit (paper model only)")
     bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
                                                       "calibrated profile and quotas from")

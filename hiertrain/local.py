@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from hiertrain import TIERS, checkpoint, data, models, topics
 from hiertrain.emulation import THREADS
 from hiertrain.errors import HiertrainError
@@ -233,3 +235,19 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reference(cluster: LocalCluster, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:
+    """Single-process training (SGD, the cluster's rate) on the batches the device draws."""
+    from hiertrain.hybrid import SingleProcess
+    from hiertrain.optim import OptimizerConfig
+
+    ref = SingleProcess(models.get(cluster.model), optimizer=OptimizerConfig("sgd", lr=cluster.lr))
+    ds = cluster.dataset()
+    losses = [ref.step(*ds.batch(i, cluster.batch, seed=0)) for i in range(iterations)]
+    return losses, ref.params
+
+
+def rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Relative L2 distance of parameter sets ``a`` from ``b``."""
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in b) / sum(np.sum(b[k] ** 2) for k in b)))

@@ -68,7 +68,9 @@ def check_exact(c, iterations):
      schedule("edge", "device", "cloud", 2, 2, 8, 4, 0, version=2, effective=10**6)),
     ("edge", schedule("edge", "device", "cloud", 2, 5, 4, 4, 4, version=1, replica_every=K),
      schedule("cloud", "device", "edge", 2, 2, 8, 4, 0, version=2, effective=10**6)),
-], ids=["worker_o-cloud-lost", "worker_o-edge-lost"])
+    ("edge", schedule("cloud", "edge", "device", 4, 4, 6, 5, 1, version=1, replica_every=50),
+     schedule("cloud", "device", "edge", 0, 0, 12, 0, 0, version=2, effective=10**6)),
+], ids=["worker_o-cloud-lost", "worker_o-edge-lost", "slice-edge-lost"])
 def test_worker_o_lost_training_continues_from_the_replica_and_equals_an_uninterrupted_run(cluster, lost, first,
                                                                                            then):
     c = cluster(iterations=30, every=30, timeout_s=30)

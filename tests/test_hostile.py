@@ -301,7 +301,9 @@ def test_the_retained_schedule_survives_a_broker_crash(bound, tmp_path):
 
 # 5 ------------------------------------------------------------- fast, correct failure reports
 
-def test_a_lost_worker_o_fails_the_device_at_once_naming_it(bound, tmp_path):
+def test_a_lost_worker_o_is_noticed_at_once_naming_it(bound, tmp_path):
+    """By its Last Will, not after the 600-s message timeout: every survivor names the lost tier
+    and fails over (test_failover: and carries on once a schedule avoids it)."""
     bdir, _ = bound
     c = _cluster(tmp_path, bdir, iterations=300, timeout_s=600)
     try:
@@ -310,13 +312,12 @@ def test_a_lost_worker_o_fails_the_device_at_once_naming_it(bound, tmp_path):
         c.wait_iteration(5)
         t0 = time.monotonic()
         c.procs["cloud"].send_signal(signal.SIGKILL)
-        codes = c.wait(("device", "edge"), timeout=60)
+        said = lambda: all(f"{t}: the cloud is offline" in c.log(t) for t in ("device", "edge"))  # noqa: E731
+        while not said() and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
         detect = time.monotonic() - t0
-        assert codes["device"] not in (0, None) and codes["edge"] not in (0, None)
-        for tier in ("device", "edge"):
-            lines = [ln for ln in c.log(tier).splitlines() if "error" in ln.lower()]
-            assert lines and all("tier 'cloud' is offline" in ln for ln in lines), c.log(tier)
-            assert "Traceback" not in c.log(tier)
+        assert said(), dump(c)
+        assert all(c.procs[t].poll() is None and "Traceback" not in c.log(t) for t in ("device", "edge")), dump(c)
         print(json.dumps({"worker_o_lost_detected_s": round(detect, 2), "timeout_s": 600}))
     finally:
         c.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hiertrain import TIERS, topics
-from hiertrain.schedule import ScheduleFeed
+from hiertrain.schedule import Schedule, ScheduleFeed
 from hiertrain.planner.costmodel import TCP_EFFICIENCY
 from hiertrain.profile import Profile
 from hiertrain.planner.replan import PlannerState
@@ -225,3 +225,28 @@ def test_a_planner_says_what_it_waits_for_and_a_second_one_waits_for_the_first(m
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(20)
+
+
+@pytest.mark.unit
+def test_the_replica_interval_keeps_replicas_within_their_share_of_the_device_link():
+    from dataclasses import replace
+
+    from hiertrain.planner.costmodel import REPLICA_SHARE, Bandwidth, replica_every
+
+    profile = random_profile(np.random.default_rng(4), 5)
+    state_bytes = 3 * sum(layer.param_bytes for layer in profile.layers)
+    base = Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=1, m_l=3, b_o=8, b_s=4, b_l=4,
+                    iteration_s=0.5)
+    for rate in (0.5, 5.0, 50.0):
+        bw = Bandwidth(rate, 100.0)  # the device link is the slower: the replica's path
+        k = replica_every(profile, bw, base)
+        assert k >= 1 and 8e-6 * state_bytes / rate <= REPLICA_SHARE * k * 0.5 + 1e-9
+        assert k == 1 or 8e-6 * state_bytes / rate > REPLICA_SHARE * (k - 1) * 0.5  # the smallest such K
+    assert replica_every(profile, Bandwidth(0.5, 100), base) >= replica_every(profile, Bandwidth(50, 100), base)
+    on_device = replace(base, mapping={"o": "device", "s": "edge", "l": "cloud"})
+    assert replica_every(profile, Bandwidth(5, 5), on_device) == 0  # the device holds the state itself
+    s = state()
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    sched = s.decide()
+    assert sched.replica_every == (0 if sched.tier_of("o") == "device" or sched.chain else
+                                   replica_every(s.profile, Bandwidth(5, 5), sched))

@@ -17,6 +17,7 @@ BENCHES = {
     "edgecores": "hiertrain.bench.edgecores",
     "report": "hiertrain.bench.report",
     "hostile": "hiertrain.bench.hostile",
+    "failover": "hiertrain.bench.failover",
     "planner": "hiertrain.planner.bench",
 }
 
