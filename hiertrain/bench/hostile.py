@@ -6,7 +6,7 @@ tiers, Mosquitto with job-bound accounts, on this machine).
   messages for iterations 1000+ ahead. Recorded: the edge's RSS before, its peak (sampled every
   20 ms) and after, and what its telemetry counted as refused.
 - *lost worker_o*: the cloud (worker_o) is killed; seconds until the device and the edge have
-  failed, naming it (their message timeout is 600 s).
+  noticed, naming it, and fail over (their message timeout is 600 s; ``bench failover`` goes on).
 - *broker crash*: Mosquitto is killed and restarted 2 s later; seconds from the kill to the next
   completed iteration, and whether the run finished.
 """
@@ -152,11 +152,12 @@ def lost_worker_o() -> dict[str, Any]:
             c.wait_iteration(5)
             t0 = time.monotonic()
             c.procs["cloud"].send_signal(signal.SIGKILL)
-            codes = c.wait(("device", "edge"), timeout=700)
+            named = lambda: all(f"{t}: the cloud is offline" in c.log(t) for t in ("device", "edge"))  # noqa: E731
+            while not named() and time.monotonic() - t0 < 700:
+                time.sleep(0.01)
             seconds = time.monotonic() - t0
-            named = all("tier 'cloud' is offline" in c.log(t) for t in ("device", "edge"))
-            return {"fault": "worker_o (cloud) killed", "seconds_until_others_failed": round(seconds, 2),
-                    "message_timeout_s": 600, "exit_codes": codes, "errors_name_the_cloud": named}
+            return {"fault": "worker_o (cloud) killed", "seconds_until_others_noticed": round(seconds, 2),
+                    "message_timeout_s": 600, "both_name_the_cloud": named()}
         finally:
             c.close()
 
