@@ -410,7 +410,6 @@ class TierService(Failover):
             if go.meta.get("stop"):
                 return None
             sched = self._schedule_version(go.schedule_version, i)
-            self.run_id = str(go.meta.get("run", self.run_id))  # the device's run: named in progress lines
             mine = go.tensors.get("x")
             get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
         self.history[i] = sched

@@ -48,3 +48,20 @@ def connect(broker_dir: BrokerDir) -> Iterator[Callable[..., Transport]]:
     yield make
     for t in started:
         t.stop()
+
+
+@pytest.fixture
+def cluster(mosquitto: BrokerProcess, broker_dir: BrokerDir, tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """cluster(**options) -> a LocalCluster of job ``t`` on the test's Mosquitto, closed after the test."""
+    from hiertrain.local import LocalCluster
+
+    made: list[LocalCluster] = []
+
+    def make(**kw: object) -> LocalCluster:
+        c = LocalCluster(tmp_path, broker_dir=broker_dir, job="t", chunk_kb=16, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

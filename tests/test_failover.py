@@ -19,22 +19,6 @@ pytestmark = pytest.mark.integration
 K = 4  # replica_every
 
 
-@pytest.fixture
-def cluster(mosquitto, broker_dir, tmp_path):
-    from hiertrain.local import LocalCluster
-
-    made = []
-
-    def make(**kw):
-        c = LocalCluster(tmp_path, broker_dir=broker_dir, job="t", chunk_kb=16, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
 def newest(c, tier="device"):
     c.pump(0.05)
     return max((p["iteration"] for t, p in c.telemetry if t == tier), default=-1)
@@ -82,7 +66,7 @@ def test_worker_o_lost_training_continues_from_the_replica_and_equals_an_uninter
     survivor = then["mapping"]["o"]
     for tier in ("device", survivor):
         assert f"{tier}: the {lost} is offline" in c.log(tier), dump(c)
-    assert f"resuming from the checkpoint of iteration" in c.log(survivor)
+    assert "resuming from the checkpoint of iteration" in c.log(survivor)
     again = redone(c)
     assert len(again) <= K, again  # at most K iterations redone, with the same samples
     check_exact(c, 30)

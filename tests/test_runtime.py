@@ -4,23 +4,8 @@ import pytest
 
 from cluster import dump, reference, rel, schedule
 from hiertrain import checkpoint
-from hiertrain.local import LocalCluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(mosquitto, broker_dir, tmp_path):
-    made = []
-
-    def make(**kw):
-        c = LocalCluster(tmp_path, broker_dir=broker_dir, job="t", chunk_kb=16, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 SCHEDULES = {
