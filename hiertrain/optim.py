@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 
 from hiertrain.errors import PlanError
 from hiertrain.models import IR_VERSION, OPSET, Shape
+from hiertrain.segments import session_options
 
 KINDS = ("sgd", "adamw")
 
@@ -89,9 +90,7 @@ class Optimizer:
     moments: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so = session_options()
         self.names = list(self.shapes)
         self._session = ort.InferenceSession(_graph(self.config.kind, self.shapes).SerializeToString(), so,
                                              providers=["CPUExecutionProvider"])

@@ -50,11 +50,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HIERTRAIN_CACHE", Path.home() / ".cache" / "hiertrain")) / "segments"
 
 
-def _session_options(threads: int = 0) -> ort.SessionOptions:
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """Options of every ORT session hiertrain runs (segments and optimizers).
+
+    Threads spin between the parallel sections of one run (waking sleeping threads cost LeNet-5's
+    step a quarter of its time) and stop spinning when the run returns: every segment has sessions
+    of its own, and idle pools that kept spinning would steal the cores from the one running and
+    from the tier's network threads."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # Each segment has its own sessions; spinning idle pools would steal the cores from the one running.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -72,7 +78,7 @@ def _gradient_model(model: onnx.ModelProto, requires: set[str]) -> onnx.ModelPro
     # onnxruntime-training only; imported here so that plain onnxruntime runs everything else
     from onnxruntime.capi._pybind_state import GradientGraphBuilder, get_optimized_model
 
-    so = _session_options()
+    so = session_options()
     optimized = get_optimized_model(model.SerializeToString(), requires, so)
     builder = GradientGraphBuilder(optimized, {LOSS}, requires, LOSS, so)
     builder.build()
@@ -144,7 +150,7 @@ def _split(grad: onnx.ModelProto, bwd_outputs: list[str]) -> tuple[onnx.ModelPro
         [helper.make_empty_tensor_value_info(t) for t in ["y", *(s for s in stash if s not in ("x", "y"))]],
         [inits[n] for n in inits if n in fwd_used]))
     # the backward's stash inputs need element types: ask ORT, which infers the forward's outputs
-    sess = ort.InferenceSession(fwd.SerializeToString(), _session_options(1), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(fwd.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
     types = {o.name: (_ELEM[o.type], [d if isinstance(d, int) else f"{o.name}_{i}" for i, d in enumerate(o.shape)])
              for o in sess.get_outputs()}
     bwd = _model(helper.make_graph(
@@ -282,7 +288,7 @@ class Segment:
 
     def __init__(self, built: Built, *, threads: int = 0) -> None:
         self.built = built
-        so = _session_options(threads)
+        so = session_options(threads)
         names = ("step",) if built.kind == "head" else ("forward", "backward", "fused")
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._paths = {n: str(built.path / f"{n}.onnx") for n in names}
