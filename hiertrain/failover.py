@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Optional
 
 from hiertrain import TIERS, checkpoint
 from hiertrain.errors import MissingMessage, TierLost
+from hiertrain.mailbox import NEW_RUN, RESTARTED
 
 if TYPE_CHECKING:
     from hiertrain.schedule import Schedule
@@ -52,8 +53,10 @@ class Failover:
         self.keeper.push(ck, "device", sched.version, op="replica")
 
     def _can_fail_over(self, exc: TierLost) -> bool:
-        if exc.tier == "device" or exc.tier not in TIERS:
-            return False  # no data without the device: the run ends (and --resume continues it)
+        if exc.tier == "device":  # no data without the device: the run ends (and --resume continues it)
+            return exc.state == NEW_RUN  # unless it only started a run this tier had not followed
+        if exc.tier not in TIERS:
+            return False
         current = self.history.get(max(self.history)) if self.history else None
         return current is None or current.chain is None
 
@@ -74,8 +77,9 @@ class Failover:
         """Abandon the current attempt of the run without ``exc.tier``; return where training resumes."""
         self.failovers += 1
         abandoned = self.run_id
-        print(f"{self.tier}: the {exc.tier} is {exc.state} (iteration {at}); carrying on without it "
-              f"(failover {self.failovers})", flush=True)
+        then = {RESTARTED: "what it held is lost; abandoning this attempt", NEW_RUN: "following it"}
+        print(f"{self.tier}: the {exc.tier} is {exc.state} (iteration {at}); "
+              f"{then.get(exc.state, 'carrying on without it')} (failover {self.failovers})", flush=True)
         state = self._vouched_state()
         self._restored, self.resume = state, True
         if state is not None:
@@ -103,15 +107,18 @@ class Failover:
 
     def _await_survivors(self, abandoned: str, lost: str, at: int) -> None:
         """The device: wait for a schedule that gives no work to a tier that is not online, and
-        for every online tier's status to say it abandoned the same run (so that its announced
-        state is the one to resume from)."""
+        for the status of every online tier that followed the abandoned run to say it abandoned it
+        (so that its announced state is the one to resume from). A tier back as a new process holds
+        nothing of that run: it is not waited for (if it followed the attempt by mistake, the new
+        run's first message tells it, :data:`~hiertrain.mailbox.NEW_RUN`)."""
         deadline = time.monotonic() + self.cfg.timeout_s
         while True:
             self._pump_schedules(0.05)
             alive = (self.online & set(TIERS)) | {"device"}
             newest = max(self.schedules.values(), key=lambda s: s.version) if self.schedules else None
             plan_ok = newest is not None and newest.working <= alive
-            waiting = sorted(t for t in alive - {"device"} if self.abandoned.get(t) != abandoned)
+            waiting = sorted(t for t in alive - {"device"}
+                             if self.followed.get(t) == abandoned and self.abandoned.get(t) != abandoned)
             if plan_ok and not waiting:
                 break
             if time.monotonic() > deadline:

@@ -8,7 +8,11 @@ that far ahead; a sender that does would only fill memory).
 
 Every message names the device's *run* it belongs to. Once the mailbox follows a run, messages of
 any other run are refused; a mailbox made after a failover also refuses the runs it retired
-before it learns the new one (frames of the abandoned attempt still in flight).
+before it learns the new one (frames of the abandoned attempt still in flight). One exception: a
+message of a run the device started without this tier noticing (a tier that came back as a new
+process may have followed an attempt the others then abandoned) is parked, and the wait in
+progress ends with :data:`NEW_RUN`; the failover that follows moves what is parked into its new
+mailbox.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from hiertrain.wire import Message
 
 Key = tuple[str, int, int, str]
 
+RESTARTED = "back as a new process"  # its earlier process is gone, and with it what it held
+NEW_RUN = "in a new run"  # the device started a run that this tier's mailbox does not follow
+_STICKY = (RESTARTED, NEW_RUN)  # a later "online" status does not undo these
+PARKED = 16  # messages of the device's new run kept until the failover takes them
+
 
 class Mailbox:
     def __init__(self, *, remember: int = 65536, window: int = 8, retired: frozenset[str] = frozenset()) -> None:
@@ -31,6 +40,7 @@ class Mailbox:
         self.retired = retired
         self._advanced = False
         self._lost: dict[str, str] = {}  # tier -> the state its status reported (offline, failed)
+        self.parked: dict[Key, Message] = {}  # the device's new run, for the next mailbox
         self._cond = threading.Condition()
         self._waiting: dict[Key, Message] = {}
         self._taken: OrderedDict[Key, None] = OrderedDict()
@@ -42,6 +52,12 @@ class Mailbox:
         key = msg.key
         run = msg.meta.get("run")
         with self._cond:
+            if self.run is not None and run != self.run and isinstance(run, str) and run not in self.retired \
+                    and msg.sender == "device" and len(self.parked) < PARKED:
+                self.parked[key] = msg
+                self._lost["device"] = NEW_RUN
+                self._cond.notify_all()
+                return None
             if msg.iteration < self._watermark:
                 return f"stale: iteration {msg.iteration} is before {self._watermark}"
             if self._advanced and msg.iteration > self._watermark + self.window:
@@ -58,6 +74,8 @@ class Mailbox:
         """From now on accept only messages of ``run`` (and drop what waits of others)."""
         with self._cond:
             self.run = run
+            for tier in [t for t, state in self._lost.items() if state == RESTARTED]:
+                del self._lost[tier]  # a process that was new before the run began lost nothing of it
             for k in [k for k, m in self._waiting.items() if m.meta.get("run") != run]:
                 del self._waiting[k]
 
@@ -69,7 +87,8 @@ class Mailbox:
 
     def found(self, tier: str) -> None:
         with self._cond:
-            self._lost.pop(tier, None)
+            if self._lost.get(tier) not in _STICKY:
+                self._lost.pop(tier, None)
 
     def check_lost(self, what: str) -> None:
         if self._lost:

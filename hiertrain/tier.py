@@ -122,6 +122,7 @@ class TierService(Failover):
         self._completed = -1  # the newest iteration whose update we applied as the model's owner
         self.failovers = 0    # how often this process carried on without a lost tier
         self.abandoned: dict[str, Any] = {}  # tier -> the run its status says it abandoned (a failover)
+        self.followed: dict[str, Any] = {}  # tier -> the run its status says it follows (the device: runs)
         self._restored: Optional[checkpoint.Checkpoint] = None
 
     # ------------------------------------------------------------------ plumbing
@@ -185,6 +186,7 @@ class TierService(Failover):
                     self.checkpoints.pop(event.topic.account, None)
                 self.abandoned[event.topic.account] = event.payload.get("abandoned")
                 run, start = event.payload.get("run"), event.payload.get("start_iteration")
+                self.followed[event.topic.account] = run
                 if event.topic.account == "device" and isinstance(run, str) and type(start) is int:
                     self.run_starts[run] = start
 
@@ -341,7 +343,7 @@ class TierService(Failover):
         weights) in a fresh run; on ``--resume`` the checkpoint of the iteration before ``first``,
         its own or fetched from the tier whose status announces it (the collector, say)."""
         ck, self._restored = self._restored, None
-        if not self.resume or first == 0:
+        if first == 0:  # a run starting later always continues from a state (a lost tier back may own it)
             return None
         want = first - 1
         if (ck is None or ck.iteration != want) and self.cfg.checkpoint_dir:
@@ -603,6 +605,8 @@ class TierService(Failover):
             if isinstance(run, str):
                 self.run_id = run
                 mailbox.follow(run)
+                self.transport.status_extra["run"] = run  # the device waits for us only if we took part
+                self.transport.publish_status("online")
             return first
         if not self.failovers:
             self._wait_online()  # retained statuses (and checkpoints) arrive with it

@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 
 from hiertrain import TIERS, topics
 from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
-from hiertrain.mailbox import Mailbox
+from hiertrain.mailbox import RESTARTED, Mailbox
 from hiertrain.wire import DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, Message, Reassembler, Refused, encode_message
 
 log = logging.getLogger("hiertrain.transport")
@@ -114,6 +114,7 @@ class Transport:
         self._reassembler = Reassembler(max_message_bytes=max_message_bytes, expire_s=expire_s)
         self._ids = itertools.count()
         self._nonce = os.urandom(4).hex()
+        self._started = round(time.time(), 3)  # statuses say when this process began: the newest wins
         self._filters: set[str] = set()
         self._connected = threading.Event()
         self._refused: Optional[str] = None
@@ -125,8 +126,10 @@ class Transport:
         self._retained: dict[str, str] = {}
         self._last_json: dict[str, str] = {}
         self._connects = 0
-        self._sessions: dict[str, Any] = {}  # account -> the connection its last status came from
+        self._sessions: dict[str, tuple[str, float]] = {}  # account -> (session, started) of its newest process
         self._status = None if observer else topics.status(job, account)
+        if not observer:
+            self._sessions[account] = (f"{self._nonce}:0", self._started)
         if observer:
             persistent = False
             client_id = client_id or f"hiertrain-{job}-{account}-observer-{os.getpid()}-{self._nonce}"
@@ -135,7 +138,8 @@ class Transport:
         self._client_id = client_id or f"hiertrain-{job}-{account}"
         self._client = self._new_client(clean_session=not persistent)
         if self._status:
-            self._client.will_set(self._status, json.dumps({"state": "offline"}), qos=1, retain=True)
+            self._client.will_set(self._status, json.dumps({"state": "offline", "session": f"{self._nonce}:will",
+                                                            "started": self._started}), qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)
         self._client.max_queued_messages_set(0)
         self._client.on_connect = self._on_connect
@@ -203,7 +207,8 @@ class Transport:
     def publish_status(self, state: str, **fields: Any) -> None:
         if self._status:
             self.publish_json(self._status, {"state": state, **self.status_extra, **fields,
-                                             "session": f"{self._nonce}:{self._connects}"}, retain=True)
+                                             "session": f"{self._nonce}:{self._connects}",
+                                             "started": self._started}, retain=True)
 
     def stop(self, *, state: str = "stopped", timeout: float = 5.0) -> None:
         """Flush what is queued, announce ``state`` and disconnect."""
@@ -296,6 +301,8 @@ class Transport:
         """A failover: an empty mailbox that refuses the ``retire``d run (and those retired before)."""
         old = self.mailbox
         self.mailbox = Mailbox(window=old.window, retired=old.retired | {retire})
+        for msg in old.parked.values():  # the device's new run, which the old mailbox did not follow
+            self.mailbox.put(msg)
         with self._lock:
             self._recent.clear()  # never sent again: the abandoned attempt's frames
 
@@ -371,6 +378,37 @@ class Transport:
             if reason:
                 self._drop(reason, message.topic)
 
+    def _status_of(self, account: str, status: dict[str, Any], retained: bool) -> Optional[str]:
+        """Learn from a tier's status who is lost, back, or a new process; return why it is refused
+        if it comes from an earlier process than one already seen (a Last Will that fired after its
+        replacement started, a retained status a restarted broker kept from before)."""
+        session, started = status.get("session"), status.get("started")
+        if not (isinstance(session, str) and isinstance(started, (int, float))):
+            session, started = "", 0.0  # a status from before sessions were named: taken as it is
+        nonce = session.split(":")[0]
+        seen_session, seen_started = self._sessions.get(account, ("", 0.0))
+        if seen_session and nonce and nonce != seen_session.split(":")[0] and started < seen_started:
+            if account == self.account:  # a will of an earlier process of ours replaced our status
+                self.publish_status("online")
+            return f"stale status: from a process of {account!r} older than the one seen"
+        if account == self.account:
+            return None
+        state = status.get("state")
+        if state == "online":
+            self._sessions[account] = (session, started)
+            if seen_session and nonce and nonce != seen_session.split(":")[0]:
+                # a new process, and no Last Will said the old one went (it went down with the broker,
+                # or came back before its keepalive ran out): whatever the old one held is gone
+                log.warning("%s: the %s is back as a new process", self.account, account)
+                self.mailbox.lose(account, RESTARTED)
+            else:
+                self.mailbox.found(account)
+                if not retained and _reconnected(seen_session, session):  # to a broker that may have lost
+                    self._resend_to(account)  # what we sent it (not a new process: it starts afresh)
+        elif state in ("offline", "failed") and not retained:  # lost now, not before we came
+            self.mailbox.lose(account, state)
+        return None
+
     def _drop(self, reason: str, topic: str) -> None:
         """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
         junk must not become a flood of log lines)."""
@@ -391,17 +429,10 @@ class Transport:
             except (ValueError, UnicodeDecodeError) as exc:
                 return f"malformed JSON: {exc}"
             if isinstance(parsed, topics.AccountTopic) and parsed.kind == "status" and parsed.account in TIERS \
-                    and parsed.account != self.account and isinstance(event.payload, dict):
-                state = event.payload.get("state")
-                if state == "online":
-                    self.mailbox.found(parsed.account)
-                    session = event.payload.get("session")
-                    seen = self._sessions.get(parsed.account)
-                    self._sessions[parsed.account] = session
-                    if not retained and _reconnected(seen, session):  # to a broker that may have lost
-                        self._resend_to(parsed.account)  # what we sent it (not a new process: it starts afresh)
-                elif state in ("offline", "failed") and not retained:  # lost now, not before we came
-                    self.mailbox.lose(parsed.account, state)
+                    and isinstance(event.payload, dict):
+                stale = self._status_of(parsed.account, event.payload, retained)
+                if stale:
+                    return stale
             self.events.put(event)
             return None
         if parsed.dest != self.account:

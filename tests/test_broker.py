@@ -14,7 +14,8 @@ import pytest
 from hiertrain.broker.layout import Settings, password_hash, password_matches, read_password_file
 from hiertrain.broker.process import BrokerProcess
 from hiertrain import topics
-from hiertrain.errors import BrokerError, MissingMessage, TransportError
+from hiertrain.errors import BrokerError, MissingMessage, TierLost, TransportError
+from hiertrain.mailbox import RESTARTED
 from hiertrain.transport import Endpoint, Transport
 from hiertrain.wire import Message, encode_message
 
@@ -117,10 +118,41 @@ def test_last_will_marks_a_killed_tier_offline(mosquitto, broker_dir, connect):
         assert ev.payload["state"] == "online"
         proc.send_signal(signal.SIGKILL)
         ev = next_event(watcher, topics.AccountTopic, timeout=10, account="edge")
-        assert ev is not None and ev.payload == {"state": "offline"}
+        assert ev is not None and ev.payload["state"] == "offline"
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.integration
+def test_a_will_older_than_its_successor_is_ignored_and_a_new_process_is_lost_and_back(mosquitto, broker_dir, connect):
+    """Statuses name their process (session nonce, start time). A Last Will that fires after the
+    process's replacement came online is stale (dropped, counted); a new process of a tier that no
+    Last Will announced ends every wait on that tier, as a loss would (what it held is gone)."""
+    cloud = connect("cloud")
+    cloud.subscribe(topics.all_of_kind("t", "status"))
+    edge, _ = raw_client(broker_dir, "edge")
+    status = topics.status("t", "edge")
+    try:
+        def say(state, session, started):
+            edge.publish(status, json.dumps({"state": state, "session": session, "started": started}), qos=1).wait_for_publish(5)
+
+        say("online", "bbbb:1", 200.0)
+        assert next_event(cloud, topics.AccountTopic, account="edge").payload["session"] == "bbbb:1"
+        say("offline", "aaaa:will", 100.0)  # the will of the process before it
+        say("online", "bbbb:2", 200.0)  # the same process, reconnected: nothing lost
+        ev = next_event(cloud, topics.AccountTopic, account="edge")
+        assert ev.payload["session"] == "bbbb:2", ev  # the stale will never became an event
+        assert any(k.startswith("stale status") for k in cloud.dropped), cloud.dropped
+        cloud.mailbox.check_lost("nothing")  # not lost
+        say("online", "cccc:1", 300.0)  # a new process, and no will announced the old one's end
+        assert next_event(cloud, topics.AccountTopic, account="edge").payload["session"] == "cccc:1"
+        with pytest.raises(TierLost) as err:
+            cloud.mailbox.check_lost("the edge's activations")
+        assert err.value.tier == "edge" and err.value.state == RESTARTED
+    finally:
+        edge.loop_stop()
+        edge.disconnect()
 
 
 @pytest.mark.protocol

@@ -7,6 +7,7 @@ planner's part is tested in test_planner_service: an offline tier is planned aro
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from collections import Counter
 import pytest
 
 from cluster import dump, reference, rel, schedule
+from hiertrain.broker.process import BrokerProcess
 
 pytestmark = pytest.mark.integration
 K = 4  # replica_every
@@ -98,6 +100,32 @@ def test_a_slice_worker_lost_redoes_nothing_and_a_tier_back_rejoins_at_the_next_
     assert c.wait(timeout=120) == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
     versions = c.versions()
     assert versions[n - 1] == 3, versions
+    check_exact(c, n)
+
+
+def test_the_edge_machine_lost_and_back_training_resumes_without_a_human(cluster, mosquitto, broker_dir):
+    """The edge machine goes down, the broker and the edge worker (worker_o here) with it, so no
+    Last Will ever tells anyone; it comes back. The device and the cloud reconnect, see a new edge
+    process, abandon the attempt and resume from the device's replica, which the new edge fetches."""
+    n = 30
+    c = cluster(iterations=n, every=n, timeout_s=60)
+    sched = schedule("edge", "device", "cloud", 2, 5, 4, 4, 4, version=1, replica_every=K)
+    c.publish(sched)
+    c.start()
+    c.wait_iteration(13)
+    os.kill(mosquitto.pid, signal.SIGKILL)  # the machine: the broker first, so no Last Will is sent
+    c.procs["edge"].send_signal(signal.SIGKILL)
+    mosquitto.stop()
+    time.sleep(2)
+    with BrokerProcess(broker_dir, kind="mosquitto"):  # back: its broker (retained state restored) ...
+        c.start("edge")  # ... its edge service ...
+        c.publish(sched)  # ... and its planner, which publishes its schedule again
+        codes = c.wait(timeout=180)
+        assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    for tier in ("device", "cloud"):
+        assert f"{tier}: the edge is back as a new process" in c.log(tier), dump(c)
+    assert "resuming from the checkpoint of iteration" in c.log("edge") and "fetched from the device" in c.log("edge")
+    assert len(redone(c)) <= K, redone(c)
     check_exact(c, n)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hiertrain.errors import MissingMessage, TierLost
-from hiertrain.mailbox import Mailbox
+from hiertrain.mailbox import NEW_RUN, PARKED, RESTARTED, Mailbox
 from hiertrain.wire import Message
 
 pytestmark = pytest.mark.unit
@@ -66,3 +66,41 @@ def test_a_lost_tier_ends_every_wait_at_once_naming_it():
     box.found("cloud")
     with pytest.raises(MissingMessage):
         box.take("act", "edge", 3, 2, timeout=0.1)
+
+
+def run_msg(iteration, run, sender="device"):
+    return Message("samples", "j", sender, "cloud", iteration, 0, {"x": np.zeros(1, np.float32)}, meta={"run": run})
+
+
+def test_a_device_message_of_a_run_not_followed_is_parked_and_ends_the_wait():
+    """A tier that followed an attempt the others abandoned learns of the device's new run from its
+    first message: parked (for the failover's next mailbox), and the wait ends naming the device."""
+    box = Mailbox()
+    box.follow("old")
+    box.put(run_msg(20, "old"))
+    box.advance(20)
+    assert box.put(run_msg(12, "new")) is None  # earlier than the watermark: the new run resumed earlier
+    assert box.put(run_msg(12, "new", sender="edge")).startswith("stale")  # only the device starts runs
+    with pytest.raises(TierLost) as err:
+        box.take("samples", "device", 21, 0, timeout=5)
+    assert err.value.tier == "device" and err.value.state == NEW_RUN
+    box.found("device")  # its status saying online does not undo it
+    with pytest.raises(TierLost):
+        box.check_lost("x")
+    nxt = Mailbox(retired=frozenset({"old"}))
+    for m in box.parked.values():
+        nxt.put(m)
+    assert nxt.take("samples", "device", 12, 0, timeout=1).meta["run"] == "new"
+    for i in range(PARKED + 3):  # bounded
+        box.put(run_msg(100 + i, "other"))
+    assert len(box.parked) == PARKED
+
+
+def test_a_tier_back_as_a_new_process_stays_lost_until_the_next_run():
+    box = Mailbox()
+    box.lose("edge", RESTARTED)
+    box.found("edge")
+    with pytest.raises(TierLost):
+        box.check_lost("x")
+    box.follow("r2")  # nothing of the new run was exchanged with the old process
+    box.check_lost("x")
