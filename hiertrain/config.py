@@ -7,6 +7,7 @@ Every long-running service (tiers, planner, ``schedule watch``) reads one file::
     [broker]
     credentials = "broker/credentials/device.json"   # relative to this file
     # or inline: host = "10.0.0.2", port = 1883, username = "device", password = "...", tls_ca = "..."
+    standby = ["10.0.1.2:1883"]   # optional: brokers with the same accounts to move to when this one is gone
 
 Sections for the service itself (``[device]``, ``[planner]`` ...) are kept in :attr:`ServiceConfig.raw`.
 """
@@ -68,6 +69,16 @@ def load(path: str | os.PathLike) -> ServiceConfig:
 
 
 def _endpoint(path: Path, broker: dict[str, Any]) -> Endpoint:
+    endpoint = _primary(path, broker)
+    standby = broker.get("standby")
+    if standby is None:
+        return endpoint
+    if not isinstance(standby, list) or not all(isinstance(a, str) for a in standby):
+        raise ConfigError(f"{path}: [broker] standby must be a list of \"host:port\" strings, got {standby!r}")
+    return replace(endpoint, standby=tuple(standby))
+
+
+def _primary(path: Path, broker: dict[str, Any]) -> Endpoint:
     if "credentials" in broker:
         creds = Path(os.path.expanduser(str(broker["credentials"])))
         endpoint = Endpoint.load(creds if creds.is_absolute() else path.parent / creds)

@@ -73,6 +73,16 @@ class Failover:
             return checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
         return None
 
+    def _fail_over_until_resumed(self, exc: TierLost, at: int) -> int:
+        """Fail over (again, if another tier is lost meanwhile); return where training resumes."""
+        while True:
+            if not self._can_fail_over(exc):
+                raise exc
+            try:
+                return self._fail_over(exc, at)
+            except TierLost as again:
+                exc = again
+
     def _fail_over(self, exc: TierLost, at: int) -> int:
         """Abandon the current attempt of the run without ``exc.tier``; return where training resumes."""
         self.failovers += 1
@@ -97,6 +107,8 @@ class Failover:
         if state is not None:
             extra["checkpoint_iteration"] = state.iteration
         extra["abandoned"] = abandoned
+        if self.tier == "device" and exc.state not in (RESTARTED, NEW_RUN):  # gone, not back: for a planner
+            extra["lost"] = sorted({*extra.get("lost", ()), exc.tier})       # that never saw it (a standby's)
         self.transport.publish_status("online")
         if self.tier == "device":
             self.run_id = uuid.uuid4().hex[:8]

@@ -28,8 +28,10 @@ from hiertrain.transport import Endpoint, Transport
 JOB = "demo"
 
 
-def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]], *, host: Optional[str] = None) -> Path:
-    lines = [f'job = "{job}"', "[broker]", f'credentials = "{creds}"'] + ([f'host = "{host}"'] if host else [])
+def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]], *, host: Optional[str] = None,
+         standby: tuple[str, ...] = ()) -> Path:
+    lines = [f'job = "{job}"', "[broker]", f'credentials = "{creds}"'] + ([f'host = "{host}"'] if host else []) + \
+        ([f"standby = {json.dumps(list(standby))}"] if standby else [])
     for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
@@ -43,11 +45,12 @@ class LocalCluster:
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
                  network: Any = None, launch: Optional[dict[str, list[str]]] = None,
-                 collector: Optional[str] = None) -> None:
+                 collector: Optional[str] = None, standby: tuple[str, ...] = ()) -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
         another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own.
         ``every``: worker_o checkpoints every so many iterations into ``ck-<tier>`` of whichever
-        tier it is, or, with a ``collector`` tier, into that tier's ``ck-<collector>`` alone."""
+        tier it is, or, with a ``collector`` tier, into that tier's ``ck-<collector>`` alone.
+        ``standby``: "host:port" of standby brokers, for the tiers and for this cluster's own watch."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -82,8 +85,8 @@ class LocalCluster:
                         "chunk_kb": chunk_kb},
             **({"checkpoint": {"every": every, **({"dir": str(work / f"ck-{t}")} if collector in (None, t) else {}),
                                **({"collect": True} if collector == t else {})}} if every else {})},
-            host=host[t]) for t in TIERS}
-        planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"])
+            host=host[t], standby=standby) for t in TIERS}
+        planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"], standby=standby)
         # publishes schedules as the planner would, without a status: it is no planner (and holds no lease)
         self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job, observer=True))
         self.watch = Transport(planner_creds, account="planner", job=job, observer=True)

@@ -29,6 +29,7 @@ Key = tuple[str, int, int, str]
 
 RESTARTED = "back as a new process"  # its earlier process is gone, and with it what it held
 NEW_RUN = "in a new run"  # the device started a run that this tier's mailbox does not follow
+NOT_BACK = "not back after the broker changed"  # silent on a restarted or standby broker
 _STICKY = (RESTARTED, NEW_RUN)  # a later "online" status does not undo these
 PARKED = 16  # messages of the device's new run kept until the failover takes them
 
@@ -134,7 +135,8 @@ class Mailbox:
                 its = [k[1] for k in self._waiting if k[0] == kind and k[3] == sender]
                 if its:
                     return min(its)
-                self.check_lost(f"the first {kind!r} from {sender!r}")
+                if sender in self._lost:  # between runs only the sender matters (the next run plans around others)
+                    raise TierLost(tier=sender, state=self._lost[sender], waiting_for=f"the first {kind!r}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise MissingMessage(kind=kind, sender=sender, iteration=-1, layer=0, timeout=timeout)

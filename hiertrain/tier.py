@@ -653,9 +653,7 @@ class TierService(Failover):
                             i += 1
                         break
                     except TierLost as exc:
-                        if not self._can_fail_over(exc):
-                            raise
-                        i = self._first = self._fail_over(exc, i)
+                        i = self._first = self._fail_over_until_resumed(exc, i)
                 if self.cfg.checkpoint_collect:
                     self._linger_for_checkpoints()
                 self.transport.flush(self.cfg.timeout_s)

@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 
 from hiertrain import TIERS, topics
 from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
-from hiertrain.mailbox import RESTARTED, Mailbox
+from hiertrain.mailbox import NEW_RUN, NOT_BACK, RESTARTED, Mailbox
 from hiertrain.wire import DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, Message, Reassembler, Refused, encode_message
 
 log = logging.getLogger("hiertrain.transport")
@@ -38,6 +38,8 @@ log = logging.getLogger("hiertrain.transport")
 # A rate is measured only from a transfer this large and this long: small ones measured between
 # 30 and 11,500 Mbit/s on one unshaped link (timer resolution, thread scheduling), and re-planned.
 MIN_RATE_BYTES = 64 << 10
+SWITCH_AFTER_S = 5.0  # without a broker this long, try the next one (the standby, when configured)
+REJOIN_GRACE_S = 12.0  # after joining a broker without our session, peers not heard from by then are lost
 MIN_RATE_SECONDS = 0.005
 
 
@@ -52,17 +54,30 @@ class Endpoint:
     tls_ca: Optional[str] = None
     max_packet_bytes: Optional[int] = None  # the broker's limit, when its credentials file says
     job: Optional[str] = None               # the one job the account may serve, when bound
+    standby: tuple[str, ...] = ()           # "host:port" of standby brokers with the same accounts
 
     def __post_init__(self) -> None:
         if not self.host or not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ConfigError(f"bad broker address {self.host!r}:{self.port!r}")
+        self.brokers()  # standby addresses checked here, once
+
+    def brokers(self) -> list[tuple[str, int]]:
+        """The broker, then its standbys, as (host, port)."""
+        out = [(self.host, self.port)]
+        for addr in self.standby:
+            host, _, port = str(addr).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"bad standby broker address {addr!r}: expected host:port")
+            out.append((host, int(port)))
+        return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Endpoint":
         try:
             data = json.loads(Path(path).read_text())
             return cls(**{k: data[k] for k in ("host", "port", "username", "password")},
-                       tls_ca=data.get("tls_ca"), max_packet_bytes=data.get("max_packet_bytes"), job=data.get("job"))
+                       tls_ca=data.get("tls_ca"), max_packet_bytes=data.get("max_packet_bytes"), job=data.get("job"),
+                       standby=tuple(data.get("standby", ())))
         except FileNotFoundError:
             raise ConfigError(f"credentials file {str(path)!r} does not exist") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -127,6 +142,13 @@ class Transport:
         self._last_json: dict[str, str] = {}
         self._connects = 0
         self._sessions: dict[str, tuple[str, float]] = {}  # account -> (session, started) of its newest process
+        self._online: set[str] = set()  # peers whose newest status says online
+        self._unheard: set[str] = set()  # peers to hear from again after joining a broker without our session
+        self._rejoin_deadline = 0.0
+        self._brokers = endpoint.brokers()
+        self._broker = 0  # which of them we use
+        self._down_since: Optional[float] = None
+        self._ticked = 0.0
         self._status = None if observer else topics.status(job, account)
         if not observer:
             self._sessions[account] = (f"{self._nonce}:0", self._started)
@@ -186,7 +208,7 @@ class Transport:
             self._wipe_session(timeout)
         self._dispatcher.start()
         try:
-            self._client.connect(self.endpoint.host, self.endpoint.port, keepalive=self._keepalive)
+            self._client.connect(*self._brokers[self._broker], keepalive=self._keepalive)
         except OSError as exc:
             raise TransportError(
                 f"cannot reach the broker at {self.endpoint.host}:{self.endpoint.port}: {exc}") from None
@@ -326,7 +348,11 @@ class Transport:
         for f in filters:
             client.subscribe(f, qos=1)
         self._connects += 1
+        self._down_since = None
         if self._connects > 1 and not getattr(flags, "session_present", True):
+            with self._lock:  # every peer is to be heard from on this broker, else it is lost with the old one
+                self._unheard = set(self._online)
+                self._rejoin_deadline = time.monotonic() + REJOIN_GRACE_S
             self._republish(client)
         self._connected.set()
 
@@ -363,13 +389,53 @@ class Transport:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
         if reason.is_failure:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
             log.warning("%s: disconnected from the broker (%s); reconnecting", self.account, reason)
+
+    def _tick(self) -> None:
+        """Twice a second, from the dispatcher: move to the next broker after :data:`SWITCH_AFTER_S`
+        without one; once :data:`REJOIN_GRACE_S` passed after joining a broker that did not have our
+        session, take every peer not heard from as lost (it went down with the old broker)."""
+        now = time.monotonic()
+        if now - self._ticked < 0.5:
+            return
+        self._ticked = now
+        down = self._down_since
+        if down is not None and len(self._brokers) > 1 and now - down > SWITCH_AFTER_S:
+            nxt = (self._broker + 1) % len(self._brokers)
+            (old_host, old_port), (host, port) = self._brokers[self._broker], self._brokers[nxt]
+            # paho's setters refuse while its loop still retries the lost broker; the retries read these
+            self._client._host, self._client._port = host, port  # noqa: SLF001
+            self._broker, self._down_since = nxt, now
+            log.warning("%s: no broker at %s:%d for %.0f s; trying %s:%d", self.account, old_host, old_port,
+                        now - down, host, port)
+        with self._lock:
+            silent = sorted(self._unheard) if self._unheard and now > self._rejoin_deadline else []
+            if silent:
+                self._unheard = set()
+        for peer in silent:
+            log.warning("%s: the %s did not come back within %.0f s of our joining this broker", self.account,
+                        peer, REJOIN_GRACE_S)
+            with self._lock:
+                self._online.discard(peer)
+            self.mailbox.lose(peer, NOT_BACK)
+            # as if its Last Will had reached us (it could not: it went down with the old broker)
+            self.events.put(Event(topics.AccountTopic(self.job, peer, "status"), {"state": "offline", "why": NOT_BACK},
+                                  retained=False))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._inbound.put((message, time.monotonic()))  # the network thread does nothing else
 
     def _dispatch(self) -> None:
-        while (item := self._inbound.get()) is not None:
+        while True:
+            self._tick()
+            try:
+                item = self._inbound.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
             message, at = item
             try:
                 reason = self._handle(message.topic, message.payload, bool(message.retain), at)
@@ -394,6 +460,12 @@ class Transport:
         if account == self.account:
             return None
         state = status.get("state")
+        with self._lock:
+            if not retained or session != seen_session:  # published on this broker (not kept from before)
+                self._unheard.discard(account)
+            (self._online.add if state == "online" else self._online.discard)(account)
+        if account == "device" and self.mailbox.run is not None and status.get("abandoned") == self.mailbox.run:
+            self.mailbox.lose("device", NEW_RUN)  # the device gave up the run we follow: so do we
         if state == "online":
             self._sessions[account] = (session, started)
             if seen_session and nonce and nonce != seen_session.split(":")[0]:

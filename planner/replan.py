@@ -34,6 +34,7 @@ LINKS_OF = {"device": ("device_edge", "device_cloud"), "edge": ("device_edge", "
             "cloud": ("edge_cloud", "device_cloud")}
 RATE_BAND = (1e-3, 1e6)   # Mbit/s a link can plausibly carry: 1 kbit/s .. 1 Tbit/s
 ITERATION_WINDOW = 1000   # how far past the newest known iteration a report may be
+MAX_VERSION = 2 ** 31     # schedule versions a tier's telemetry may report
 
 
 def placement(s: Schedule) -> dict[str, Any]:
@@ -61,6 +62,7 @@ class PlannerState:
     profile: Optional[Profile] = None
     rates: dict[str, float] = field(default_factory=dict)
     offline: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # tiers this planner has seen online
     iteration: int = 0
     current: Optional[Schedule] = None
     planned_rates: dict[str, float] = field(default_factory=dict)
@@ -144,6 +146,9 @@ class PlannerState:
             self.on_rate(link, mbps)
         if it is not None:
             self._on_iteration(account, it)
+        version = payload.get("schedule_version")
+        if type(version) is int and 0 <= version <= MAX_VERSION:
+            self.version = max(self.version, version)  # a planner taking over (a standby) numbers on from there
 
     def _on_iteration(self, account: str, it: int) -> None:
         if it <= self.iteration + ITERATION_WINDOW:
@@ -160,9 +165,16 @@ class PlannerState:
     def on_status(self, account: str, state: Any) -> None:
         if account in TIERS:
             if state == "online":
+                self.seen.add(account)
                 self.offline.discard(account)
             elif state in ("offline", "stopped", "failed"):
                 self.offline.add(account)
+
+    def on_lost(self, lost: Any) -> None:
+        """The tiers the device failed over from (its status). A planner that never saw one of them
+        online (a standby planner, next to the standby broker the survivors moved to) plans without it."""
+        if isinstance(lost, list):
+            self.offline.update(t for t in lost if t in TIERS and t != "device" and t not in self.seen)
 
     def on_run(self, run: Any, start: Any) -> None:
         """The device announced its run. A new run restarts the iteration count at its first

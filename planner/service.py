@@ -73,6 +73,7 @@ def handle(state: PlannerState, event: Any) -> Optional[Schedule]:
         payload = payload if isinstance(payload, dict) else {}
         state.on_status(topic.account, payload.get("state"))
         if topic.account == "device" and payload.get("state") == "online":
+            state.on_lost(payload.get("lost"))
             state.on_run(payload.get("run"), payload.get("start_iteration"))
     return state.decide()
 

@@ -8,6 +8,7 @@ planner's part is tested in test_planner_service: an offline tier is planned aro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections import Counter
@@ -15,7 +16,8 @@ from collections import Counter
 import pytest
 
 from cluster import dump, reference, rel, schedule
-from hiertrain.broker.process import BrokerProcess
+from hiertrain.broker.layout import BrokerDir
+from hiertrain.broker.process import BrokerProcess, free_port
 
 pytestmark = pytest.mark.integration
 K = 4  # replica_every
@@ -125,6 +127,37 @@ def test_the_edge_machine_lost_and_back_training_resumes_without_a_human(cluster
     for tier in ("device", "cloud"):
         assert f"{tier}: the edge is back as a new process" in c.log(tier), dump(c)
     assert "resuming from the checkpoint of iteration" in c.log("edge") and "fetched from the device" in c.log("edge")
+    assert len(redone(c)) <= K, redone(c)
+    check_exact(c, n)
+
+
+def test_the_edge_machine_lost_for_good_the_others_move_to_the_standby_broker_and_carry_on(
+        cluster, mosquitto, broker_dir, tmp_path):
+    """A standby broker (a copy of the broker directory: the same accounts and ACL) elsewhere. The
+    edge machine goes down for good: the device and the cloud (worker_o) move to the standby, find
+    the edge silent there, fail over without it, and train on under the schedule a planner next to
+    the standby publishes."""
+    standby = BrokerDir(tmp_path / "standby")
+    shutil.copytree(broker_dir.root, standby.root, ignore=shutil.ignore_patterns("data"))
+    standby.data.mkdir()
+    port = free_port()
+    standby.with_port(port)
+    n = 30
+    with BrokerProcess(standby, kind="mosquitto"):
+        c = cluster(iterations=n, every=n, timeout_s=60, standby=(f"127.0.0.1:{port}",))
+        c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1, replica_every=K))
+        c.start()
+        c.wait_iteration(13)
+        os.kill(mosquitto.pid, signal.SIGKILL)
+        c.procs["edge"].send_signal(signal.SIGKILL)
+        mosquitto.stop()
+        # the standby's planner: the device's status says the edge is lost, and it never saw the edge
+        c.publish(schedule("cloud", "device", "edge", 2, 2, 8, 4, 0, version=2, effective=10**6))
+        codes = c.wait(["device", "cloud"], timeout=180)
+        assert set(codes.values()) == {0}, dump(c)
+    for tier in ("device", "cloud"):
+        assert f"trying 127.0.0.1:{port}" in c.log(tier), dump(c)
+    assert "device: the edge is not back after the broker changed" in c.log("device"), dump(c)
     assert len(redone(c)) <= K, redone(c)
     check_exact(c, n)
 

@@ -120,6 +120,33 @@ def test_another_planners_newer_schedule_bumps_our_version():
 
 
 @pytest.mark.unit
+def test_a_standby_planner_numbers_on_from_the_tiers_and_plans_without_a_tier_the_device_lost():
+    """Next to a standby broker the planner never saw the edge, and no schedule is retained there:
+    the tiers' telemetry says which version they run, the device's status which tiers it lost."""
+    s = state()
+    s.on_rate("device_edge", 50), s.on_rate("edge_cloud", 0.5)  # tempting to use the edge
+    for tier in ("device", "cloud"):
+        s.on_status(tier, "online")
+    s.on_telemetry("cloud", {"iteration": 14, "schedule_version": 7})
+    s.on_telemetry("device", {"iteration": 14, "schedule_version": 2 ** 40})  # not a version: ignored
+    s.on_lost(["edge", "device", "nobody"])  # only tiers other than the device count
+    sched = s.decide()
+    assert sched.version == 8 and "edge" not in sched.working, sched.describe()
+    s.on_status("edge", "online")  # it comes back: planned in again
+    assert "edge" in s.decide().working
+
+
+@pytest.mark.unit
+def test_a_tier_the_planner_saw_online_is_not_made_offline_by_the_devices_list():
+    s = state()
+    s.on_rate("device_edge", 50), s.on_rate("edge_cloud", 0.5)
+    for tier in TIERS:
+        s.on_status(tier, "online")
+    s.on_lost(["edge"])  # an earlier failover the edge has come back from: its status decides
+    assert "edge" in s.decide().working
+
+
+@pytest.mark.unit
 def test_subscribers_ignore_older_or_repeated_versions():
     s = state()
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
