@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 
 from hiertrain import TIERS, checkpoint, data, models, topics
 from hiertrain.emulation import THREADS
-from hiertrain.errors import HiertrainError
+from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.transport import Endpoint, Transport
 
 JOB = "demo"
@@ -45,12 +47,13 @@ class LocalCluster:
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
                  network: Any = None, launch: Optional[dict[str, list[str]]] = None,
-                 collector: Optional[str] = None, standby: tuple[str, ...] = ()) -> None:
+                 collector: Optional[str] = None, standby: bool = False) -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
         another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own.
         ``every``: worker_o checkpoints every so many iterations into ``ck-<tier>`` of whichever
         tier it is, or, with a ``collector`` tier, into that tier's ``ck-<collector>`` alone.
-        ``standby``: "host:port" of standby brokers, for the tiers and for this cluster's own watch."""
+        ``standby``: a standby broker (a copy of the broker directory, on loopback) that the tiers and
+        this cluster's own watch move to when theirs is gone (:attr:`standby_dir`)."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -72,6 +75,16 @@ class LocalCluster:
             self.broker = self.stack.enter_context(BrokerProcess(broker_dir, kind=available_kind(),
                                                                  prefix=self._prefix("edge")))
         self.bdir = broker_dir
+        self.standby_dir: Any = None
+        if standby:
+            if network is not None:
+                raise ConfigError("a standby broker runs on loopback only, not in the testbed")
+            self.standby_dir = BrokerDir(work / "standby-broker")
+            shutil.copytree(broker_dir.root, self.standby_dir.root, ignore=shutil.ignore_patterns("data"))
+            self.standby_dir.data.mkdir(exist_ok=True)
+            self.standby_dir.with_port(free_port())
+            self.stack.enter_context(BrokerProcess(self.standby_dir, kind=available_kind()))
+        addresses = (f"127.0.0.1:{self.standby_dir.settings().port}",) if standby else ()
         self.quotas = {}
         for tier, cores in {**({"device": device_quota} if device_quota else {}), **(quotas or {})}.items():
             from hiertrain.cgroup import CpuQuota
@@ -85,8 +98,9 @@ class LocalCluster:
                         "chunk_kb": chunk_kb},
             **({"checkpoint": {"every": every, **({"dir": str(work / f"ck-{t}")} if collector in (None, t) else {}),
                                **({"collect": True} if collector == t else {})}} if every else {})},
-            host=host[t], standby=standby) for t in TIERS}
-        planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"], standby=standby)
+            host=host[t], standby=addresses) for t in TIERS}
+        planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"],
+                                standby=addresses)
         # publishes schedules as the planner would, without a status: it is no planner (and holds no lease)
         self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job, observer=True))
         self.watch = Transport(planner_creds, account="planner", job=job, observer=True)
@@ -126,11 +140,15 @@ class LocalCluster:
             self._spawn(tier, [tier, "run", "--config", str(self.configs[tier]), *(["--resume"] if resume else [])])
 
     def start_planner(self, profile: Path, *, bw_device_edge: float, bw_edge_cloud: float,
-                      cost_model: str = "paper") -> None:
-        cfg = toml(self.work / "planner.toml", self.job, self.bdir.credentials_file("planner"), {
+                      cost_model: str = "paper", on_standby: bool = False) -> None:
+        """The planner service next to the broker (``on_standby``: a second one, next to the
+        standby broker, as process ``planner-standby``)."""
+        name, bdir = ("planner-standby", self.standby_dir) if on_standby else ("planner", self.bdir)
+        cfg = toml(self.work / f"{name}.toml", self.job, bdir.credentials_file("planner"), {
             "planner": {"batch": self.batch, "profile": str(profile), "bw_device_edge": bw_device_edge,
-                        "bw_edge_cloud": bw_edge_cloud, "cost_model": cost_model}}, host=self.host["edge"])
-        self._spawn("planner", ["planner", "run", "--config", str(cfg)])
+                        "bw_edge_cloud": bw_edge_cloud, "cost_model": cost_model}},
+            host="127.0.0.1" if on_standby else self.host["edge"])
+        self._spawn(name, ["planner", "run", "--config", str(cfg)])
 
     # -------------------------------------------------------------------- watching
 
@@ -191,6 +209,12 @@ class LocalCluster:
 
     def losses(self) -> dict[int, float]:
         return {p["iteration"]: p["loss"] for _, p in self.telemetry if "loss" in p}
+
+    def redone(self) -> list[int]:
+        """Iterations whose loss more than one run reported (an abandoned attempt, then again); a
+        report sent again after a reconnection is the same run's, and not counted twice."""
+        runs = Counter(i for i, _ in {(p["iteration"], p.get("run")) for _, p in self.telemetry if "loss" in p})
+        return sorted(i for i, n in runs.items() if n > 1)
 
     def seconds_per_iteration(self, version: int, *, skip: int = 2) -> Optional[float]:
         """Median interval between worker_o (or a chain's last stage) finishing consecutive

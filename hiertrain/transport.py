@@ -38,9 +38,9 @@ log = logging.getLogger("hiertrain.transport")
 # A rate is measured only from a transfer this large and this long: small ones measured between
 # 30 and 11,500 Mbit/s on one unshaped link (timer resolution, thread scheduling), and re-planned.
 MIN_RATE_BYTES = 64 << 10
+MIN_RATE_SECONDS = 0.005
 SWITCH_AFTER_S = 5.0  # without a broker this long, try the next one (the standby, when configured)
 REJOIN_GRACE_S = 12.0  # after joining a broker without our session, peers not heard from by then are lost
-MIN_RATE_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -453,12 +453,13 @@ class Transport:
             session, started = "", 0.0  # a status from before sessions were named: taken as it is
         nonce = session.split(":")[0]
         seen_session, seen_started = self._sessions.get(account, ("", 0.0))
-        if seen_session and nonce and nonce != seen_session.split(":")[0] and started < seen_started:
-            if account == self.account:  # a will of an earlier process of ours replaced our status
-                self.publish_status("online")
-            return f"stale status: from a process of {account!r} older than the one seen"
+        earlier = seen_session and nonce and nonce != seen_session.split(":")[0] and started < seen_started
         if account == self.account:
+            if earlier and not retained:  # the Last Will of an earlier process of ours replaced our status
+                self.publish_status("online")
             return None
+        if earlier:
+            return f"stale status: from a process of {account!r} older than the one seen"
         state = status.get("state")
         with self._lock:
             if not retained or session != seen_session:  # published on this broker (not kept from before)

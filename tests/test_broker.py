@@ -131,6 +131,7 @@ def test_a_will_older_than_its_successor_is_ignored_and_a_new_process_is_lost_an
     Last Will announced ends every wait on that tier, as a loss would (what it held is gone)."""
     cloud = connect("cloud")
     cloud.subscribe(topics.all_of_kind("t", "status"))
+    assert next_event(cloud, topics.AccountTopic, account="cloud") is not None  # subscribed: its own status
     edge, _ = raw_client(broker_dir, "edge")
     status = topics.status("t", "edge")
     try:
