@@ -14,6 +14,9 @@ status announced it (``op: request``), and that tier answers from its directory 
 A ``replica`` is the same state sent to the device for failover (:mod:`hiertrain.failover`): kept in
 memory, never written, and handed to whoever asks for its iteration.
 
+In a layer chain no tier holds the whole model: each stage pushes (and replicates) its own units,
+and the collector writes (the device holds) an iteration's state once its parts cover the model.
+
 Every tier runs a :class:`Keeper` thread. A push to a tier that does not collect, a request for
 a checkpoint nobody has, a full disk: each is a logged warning on the tier that saw it, and
 training goes on.
@@ -25,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -50,6 +54,8 @@ class Keeper:
         self.names = list(spec.param_shapes())
         self.replies: "queue.Queue[Message]" = queue.Queue()
         self.held: Optional[Checkpoint] = None  # the newest state held in memory for others (a replica)
+        self._parts: dict[str, dict[int, Checkpoint]] = {"push": {}, "replica": {}}  # iteration -> parts so far
+        self._lock = threading.Lock()
         self.stored = 0
         self._thread = threading.Thread(target=self._serve, name="hiertrain-checkpoints", daemon=True)
 
@@ -73,7 +79,7 @@ class Keeper:
                 elif op == "push":
                     self._store(msg)
                 elif op == "replica":
-                    self.hold(self._state(msg))
+                    self.hold_part(Checkpoint.from_message(msg.tensors, dict(msg.meta)))
                 elif op == "request":
                     self._answer(msg)
                 else:
@@ -81,27 +87,53 @@ class Keeper:
             except HiertrainError as exc:  # one bad message (or a full disk) never stops training
                 log.warning("%s: checkpoint %s from %s not handled: %s", self.transport.account, op, msg.sender, exc)
 
-    def _state(self, msg: Message) -> Checkpoint:
-        ck = Checkpoint.from_message(msg.tensors, dict(msg.meta))
-        missing = sorted(set(self.names) - set(ck.params))
-        if missing:
-            raise PlanError(f"checkpoint of iteration {ck.iteration} lacks parameters {missing[:3]}")
-        return ck
-
     def _store(self, msg: Message) -> None:
         if not self.collect or self.dir is None:
             raise PlanError("this tier does not collect checkpoints ([checkpoint] collect = true)")
-        ck = self._state(msg)
-        path = checkpoint.save(self.dir, ck, keep=self.keep)
+        self.store_part(Checkpoint.from_message(msg.tensors, dict(msg.meta)), sender=msg.sender)
+
+    def store_part(self, ck: Checkpoint, *, sender: str = "") -> None:
+        """The collector: write a pushed checkpoint once the parts of its iteration (a chain's
+        stages push their own units) cover the whole model."""
+        whole = self._merge("push", ck)
+        if whole is None:
+            return
+        path = checkpoint.save(self.dir, whole, keep=self.keep)
         self.stored += 1
-        log.info("%s: collected the checkpoint of iteration %d from %s in %s", self.transport.account, ck.iteration,
-                 msg.sender, path)
-        self.on_stored(ck.iteration)
+        log.info("%s: collected the checkpoint of iteration %d from %s in %s", self.transport.account,
+                 whole.iteration, sender or "itself", path)
+        self.on_stored(whole.iteration)
+
+    def _merge(self, purpose: str, ck: Checkpoint) -> Optional[Checkpoint]:
+        """Add ``ck`` (the whole state or some units of it) to the parts of its iteration; return
+        the whole state once they cover every parameter. Parts of older iterations are dropped."""
+        unknown = sorted(set(ck.params) - set(self.names))
+        if unknown:
+            raise PlanError(f"state of iteration {ck.iteration} has unknown parameters {unknown[:3]}")
+        with self._lock:
+            parts = self._parts[purpose]
+            part = parts.get(ck.iteration)
+            part = parts[ck.iteration] = ck if part is None else replace(
+                part, params={**part.params, **ck.params}, moments={**part.moments, **ck.moments},
+                optimizer_step=max(part.optimizer_step, ck.optimizer_step))
+            for it in sorted(parts)[:-2]:  # parts that never complete must not pile up
+                del parts[it]
+            if not set(part.params) >= set(self.names):
+                return None
+            del parts[ck.iteration]
+            return part
 
     def hold(self, ck: Checkpoint) -> None:
         """Keep ``ck`` in memory for others (if it is newer than what we hold)."""
-        if self.held is None or ck.iteration >= self.held.iteration:
-            self.held = ck
+        with self._lock:
+            if self.held is None or ck.iteration >= self.held.iteration:
+                self.held = ck
+
+    def hold_part(self, ck: Checkpoint) -> None:
+        """A replica, of the whole model or of a chain stage's units: held once whole."""
+        whole = self._merge("replica", ck)
+        if whole is not None:
+            self.hold(whole)
 
     def _answer(self, msg: Message) -> None:
         it = msg.meta.get("iteration")
@@ -141,6 +173,9 @@ class Keeper:
                 break
         if "error" in msg.meta:
             raise PlanError(f"resuming needs the checkpoint of iteration {iteration}: {msg.meta['error']}")
-        ck = self._state(msg)
+        ck = Checkpoint.from_message(msg.tensors, dict(msg.meta))
+        missing = sorted(set(self.names) - set(ck.params))
+        if missing:
+            raise PlanError(f"the checkpoint of iteration {iteration} from {holder} lacks parameters {missing[:3]}")
         log.info("%s: fetched the checkpoint of iteration %d from %s", self.transport.account, iteration, holder)
         return ck

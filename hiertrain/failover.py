@@ -4,8 +4,9 @@ The design, in the tier services (:class:`hiertrain.tier.TierService` mixes this
 
 - **State replicas.** The planner puts K (``replica_every``, :func:`hiertrain.planner.costmodel.replica_every`)
   in every schedule: a worker_o other than the device sends the device a replica of its state
-  (weights, optimizer moments and step) after every K-th iteration, off the critical path. The
-  device keeps the newest in memory (:class:`hiertrain.collect.Keeper`).
+  (weights, optimizer moments and step) after every K-th iteration, off the critical path; in a
+  layer chain every stage sends the replica of its own units. The device keeps the newest whole
+  state in memory (:class:`hiertrain.collect.Keeper`).
 - **Detection.** A tier's Last Will (or its ``failed`` status) ends every wait on it at once
   (:class:`hiertrain.errors.TierLost`); the planner sees the same status and plans around it.
 - **Carrying on.** Every survivor abandons the run's current attempt: it keeps the newest state it
@@ -43,22 +44,25 @@ class Failover:
     """The failover half of a tier service (mixed into :class:`hiertrain.tier.TierService`)."""
 
     def _replicate(self, i: int, sched: "Schedule") -> None:
-        """worker_o after its update of ``i``: every K-th iteration a replica of its state to the device."""
+        """After our update of ``i``, every K-th iteration: worker_o sends the device a replica of
+        its state; in a chain every stage sends the state of its units (the device's own part goes
+        straight to its keeper), and the device holds the iteration once the parts cover the model."""
         k = sched.replica_every
-        if not k or self.tier == "device" or (i + 1) % k or "device" not in self.online:
+        if not k or (i + 1) % k or (self.tier == "device" and sched.chain is None) or "device" not in self.online \
+                and self.tier != "device":
             return
         opt = self.optimizer
         ck = checkpoint.Checkpoint(i, dict(self.params), dict(opt.moments) if opt else {},
                                    opt.step_count if opt else 0, sched.to_json())
-        self.keeper.push(ck, "device", sched.version, op="replica")
+        if self.tier == "device":
+            self.keeper.hold_part(ck)
+        else:
+            self.keeper.push(ck, "device", sched.version, op="replica")
 
     def _can_fail_over(self, exc: TierLost) -> bool:
         if exc.tier == "device":  # no data without the device: the run ends (and --resume continues it)
             return exc.state == NEW_RUN  # unless it only started a run this tier had not followed
-        if exc.tier not in TIERS:
-            return False
-        current = self.history.get(max(self.history)) if self.history else None
-        return current is None or current.chain is None
+        return exc.tier in TIERS
 
     def _vouched_state(self) -> Optional[checkpoint.Checkpoint]:
         """The newest state this tier can hand on: its live state as the model's owner, else (the

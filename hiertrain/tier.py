@@ -543,6 +543,8 @@ class TierService(Failover):
         self.params = self.stage.params
         if k:
             self._send("grad", prev_tier, i, st.first - 1, {"x": gx}, v)
+        self._checkpoint(i, sched)  # after the gradient: off the critical path
+        self._replicate(i, sched)
         return out
 
     def _send_weights(self, i: int, sched: Schedule) -> None:
@@ -555,19 +557,24 @@ class TierService(Failover):
 
     def _checkpoint(self, i: int, sched: Schedule) -> None:
         """Every ``[checkpoint] every`` iterations: the state into our own directory (if we have
-        one) and to every tier that collects."""
+        one and hold the whole model) and to every tier that collects (a chain's stages each send
+        their own units, which the collector puts together)."""
         if not self.cfg.checkpoint_every or (i + 1) % self.cfg.checkpoint_every:
             return
         self._pump_schedules()  # who collects now
         to = sorted(self.collectors - {self.tier})
-        if not (self.cfg.checkpoint_dir or to):
+        whole = self.units == frozenset(range(1, self.spec.n_units + 1))
+        collecting = self.cfg.checkpoint_collect and not whole
+        if not (self.cfg.checkpoint_dir and whole or to or collecting):
             return
         opt = self.optimizer
         assert opt is not None
         ck = checkpoint.Checkpoint(i, self.params, dict(opt.moments), opt.step_count, sched.to_json())
-        if self.cfg.checkpoint_dir:
+        if self.cfg.checkpoint_dir and whole:
             checkpoint.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep)
             self._announce_checkpoint(i)
+        elif collecting:  # our own part of a chain's checkpoint
+            self.keeper.store_part(ck)
         for dest in to:
             self.keeper.push(ck, dest, sched.version)
 

@@ -327,6 +327,9 @@ class Transport:
             self.mailbox.put(msg)
         with self._lock:
             self._recent.clear()  # never sent again: the abandoned attempt's frames
+            # peers still to reappear are the device's to judge now: it starts the next run knowing
+            # who is there, and a later "not back" here would abandon that run under it
+            self._unheard.clear()
 
     def take(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
         """The message ``kind`` from ``sender`` for (iteration, layer); see :meth:`Mailbox.take`."""

@@ -296,14 +296,20 @@ REPLICA_SHARE = 0.1  # the device link time a state replica may take, as a share
 
 
 def replica_every(profile: Profile, bw: Bandwidth, schedule: Schedule) -> int:
-    """K for failover: worker_o sends the device a replica of its state (weights and up to two
-    optimizer moments) every K iterations, K the smallest that keeps the replica's transfer
-    within :data:`REPLICA_SHARE` of the K iterations' predicted time; 0 when the device itself
-    holds the state (worker_o is the device, or a chain, whose stages are not replicated)."""
-    if schedule.chain is not None or schedule.tier_of("o") == "device":
+    """K for failover: the tiers other than the device that hold weights (worker_o, or a chain's
+    stages) send the device a replica of their state (weights and up to two optimizer moments)
+    every K iterations, K the smallest that keeps the replicas' transfer within
+    :data:`REPLICA_SHARE` of the K iterations' predicted time; 0 when the device holds it all."""
+    path_rate = {"edge": bw.device_edge, "cloud": min(bw.device_edge, bw.edge_cloud)}
+    if schedule.chain is not None:
+        held = {st.tier: sum(profile.layers[u - 1].param_bytes for u in range(st.first, st.last + 1))
+                for st in schedule.chain if st.tier != "device"}
+    else:
+        held = {} if schedule.tier_of("o") == "device" else \
+            {schedule.tier_of("o"): sum(layer.param_bytes for layer in profile.layers)}
+    if not any(held.values()):
         return 0
-    rate = bw.device_edge if schedule.tier_of("o") == "edge" else min(bw.device_edge, bw.edge_cloud)
-    transfer_s = 8e-6 * 3 * sum(layer.param_bytes for layer in profile.layers) / rate
+    transfer_s = sum(8e-6 * 3 * b / path_rate[t] for t, b in held.items())
     per_iteration = schedule.iteration_s if math.isfinite(schedule.iteration_s) and schedule.iteration_s > 0 else \
         iteration_time(profile, bw, schedule)
     return max(1, math.ceil(transfer_s / (REPLICA_SHARE * per_iteration)))

@@ -15,5 +15,15 @@ def schedule(o: str, s: str, l: str, m_s: int, m_l: int, b_o: int, b_s: int, b_l
                     iteration_s=0.0, replica_every=replica_every).versioned(version, effective).to_json()
 
 
+def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+", replica_every=0) -> dict[str, Any]:
+    """A layer chain of LeNet-5 (7 units) at batch 12."""
+    from dataclasses import replace
+
+    from hiertrain.planner.baselines import chain_schedule
+
+    sched = chain_schedule(tiers, cuts, 7, 12, policy=policy, compress_bits=bits)
+    return replace(sched, replica_every=replica_every).versioned(version, effective).to_json()
+
+
 def dump(cluster: LocalCluster) -> str:
     return "\n".join(f"--- {t}\n{cluster.log(t)[-3000:]}" for t in cluster.procs) + json.dumps(cluster.status[-6:])

@@ -62,7 +62,7 @@ def test_pushed_checkpoints_are_kept_newest_n_and_fetched_back_exactly(pair):
 def test_bad_pushes_and_requests_are_refused_and_the_collector_goes_on(pair, caplog):
     (edge, cloud), stored, ck = pair
     edge.push(state(3), "cloud", version=1)  # the cloud does not collect
-    partial = state(5)
+    partial = state(5)  # one parameter of it: a part (as a chain stage sends), never written alone
     first = next(iter(partial.params))
     cloud.transport.send(Message(collect.KIND, "t", "cloud", "edge", 5, 0, {first: partial.params[first]}, 1,
                                  {"op": "push", **partial.meta()}))
@@ -71,7 +71,30 @@ def test_bad_pushes_and_requests_are_refused_and_the_collector_goes_on(pair, cap
                                                                                  "optimizer_step": 0}))
     cloud.push(state(8), "edge", version=1)  # a good one after them all
     assert wait_for(lambda: stored == [8]), (stored, caplog.text)
-    for why in ("does not collect checkpoints", "lacks parameters", "unknown checkpoint op 'delete'",
-                "malformed checkpoint message"):
+    for why in ("does not collect checkpoints", "unknown checkpoint op 'delete'", "malformed checkpoint message"):
         assert why in caplog.text, caplog.text
-    assert checkpoint.iterations(ck) == [8]
+    assert checkpoint.iterations(ck) == [8]  # not the part of 5
+
+
+def part(ck: Checkpoint, names) -> Checkpoint:
+    return Checkpoint(ck.iteration, {k: ck.params[k] for k in names},
+                      {k: v for k, v in ck.moments.items() if k[2:] in names}, ck.optimizer_step, ck.schedule)
+
+
+def test_a_chains_parts_are_written_and_held_once_they_cover_the_model(pair):
+    """A layer chain's stages each push (and replicate) their own units: the collector writes an
+    iteration's checkpoint, and the device holds its replica, only once the parts are whole."""
+    (edge, cloud), stored, ck = pair
+    names = list(SPEC.param_shapes())
+    whole = state(11)
+    cloud.push(part(whole, names[:3]), "edge", version=1)  # the cloud's stage
+    assert not wait_for(lambda: stored, timeout=1)  # a part alone is never written
+    edge.store_part(part(whole, names[3:]))  # the collector's own stage
+    assert wait_for(lambda: stored == [11]), stored
+    got = checkpoint.load(ck, names)
+    assert got.iteration == 11 and all(np.array_equal(got.params[k], whole.params[k]) for k in names)
+    assert set(got.moments) == set(whole.moments)
+    edge.hold_part(part(state(15), names[3:]))  # the device's own stage
+    assert edge.held is None
+    cloud.push(part(state(15), names[:3]), "edge", version=1, op="replica")
+    assert wait_for(lambda: edge.held is not None and edge.held.iteration == 15)

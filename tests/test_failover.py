@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cluster import dump, reference, rel, schedule
+from cluster import chain, dump, reference, rel, schedule
 from hiertrain.broker.process import BrokerProcess
 
 pytestmark = pytest.mark.integration
@@ -65,6 +65,22 @@ def test_worker_o_lost_training_continues_from_the_replica_and_equals_an_uninter
     again = c.redone()
     assert len(again) <= K, again  # at most K iterations redone, with the same samples
     check_exact(c, 30)
+
+
+def test_a_chain_stage_lost_training_continues_from_the_stages_replicas(cluster):
+    """A layer chain device -> edge -> cloud: every stage replicates its units to the device every
+    K iterations; the cloud (the last stage) is lost and the chain goes on as device -> edge."""
+    n = 30
+    c = cluster(iterations=n, every=n, timeout_s=30, collector="device")  # the stages' checkpoints, put together
+    c.publish(chain(("device", "edge", "cloud"), (2, 5), version=1, replica_every=K))
+    c.start()
+    kill_and_replan(c, "cloud", chain(("device", "edge"), (2,), version=2, effective=10**6), at=13)
+    codes = c.wait(("device", "edge"), timeout=120)
+    assert set(codes.values()) == {0}, dump(c)
+    assert "device: the cloud is offline" in c.log("device"), dump(c)
+    assert "edge: resuming from the checkpoint of iteration" in c.log("edge"), dump(c)
+    assert 0 < len(c.redone()) <= K, c.redone()
+    check_exact(c, n)
 
 
 def test_a_slice_worker_lost_redoes_nothing_and_a_tier_back_rejoins_at_the_next_schedule(cluster):

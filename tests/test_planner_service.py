@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hiertrain import TIERS, topics
-from hiertrain.schedule import Schedule, ScheduleFeed
+from hiertrain.schedule import Schedule, ScheduleFeed, Stage
 from hiertrain.planner.costmodel import TCP_EFFICIENCY
 from hiertrain.profile import Profile
 from hiertrain.planner.replan import PlannerState
@@ -272,8 +272,14 @@ def test_the_replica_interval_keeps_replicas_within_their_share_of_the_device_li
     assert replica_every(profile, Bandwidth(0.5, 100), base) >= replica_every(profile, Bandwidth(50, 100), base)
     on_device = replace(base, mapping={"o": "device", "s": "edge", "l": "cloud"})
     assert replica_every(profile, Bandwidth(5, 5), on_device) == 0  # the device holds the state itself
+    # a chain: every stage off the device replicates its own units
+    chain = replace(base, chain=(Stage("device", 1, 2), Stage("edge", 3, 5)))
+    k = replica_every(profile, Bandwidth(0.5, 100), chain)
+    edge_bytes = 3 * sum(layer.param_bytes for layer in profile.layers[2:])
+    assert k >= 1 and 8e-6 * edge_bytes / 0.5 <= REPLICA_SHARE * k * 0.5 + 1e-9
+    assert k <= replica_every(profile, Bandwidth(0.5, 100), base)  # a part of the model, not all of it
+    assert replica_every(profile, Bandwidth(5, 5), replace(base, chain=(Stage("device", 1, 5),))) == 0
     s = state()
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
     sched = s.decide()
-    assert sched.replica_every == (0 if sched.tier_of("o") == "device" or sched.chain else
-                                   replica_every(s.profile, Bandwidth(5, 5), sched))
+    assert sched.replica_every == replica_every(s.profile, Bandwidth(5, 5), sched)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster import dump, reference, rel, schedule
+from cluster import chain, dump, reference, rel, schedule
 from hiertrain import checkpoint
 
 pytestmark = pytest.mark.integration
@@ -172,12 +172,6 @@ def test_checkpoints_are_collected_in_one_place_and_a_resume_fetches_them_back(c
     ref_losses, ref_params = reference(c, 20)
     assert sorted(i for i in c.losses() if i >= 10) == list(range(10, 20))
     assert rel(c.final_checkpoint().params, ref_params) < 1e-4
-
-
-def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+"):
-    from hiertrain.planner.baselines import chain_schedule
-
-    return chain_schedule(tiers, cuts, 7, 12, policy=policy, compress_bits=bits).versioned(version, effective).to_json()
 
 
 @pytest.mark.parametrize("plan", [
