@@ -48,8 +48,11 @@ class Failover:
         its state; in a chain every stage sends the state of its units (the device's own part goes
         straight to its keeper), and the device holds the iteration once the parts cover the model."""
         k = sched.replica_every
-        if not k or (i + 1) % k or (self.tier == "device" and sched.chain is None) or "device" not in self.online \
-                and self.tier != "device":
+        if not k or (i + 1) % k:
+            return
+        if self.tier == "device" and sched.chain is None:
+            return  # worker_o on the device: its live state is what a failover resumes from
+        if self.tier != "device" and "device" not in self.online:
             return
         opt = self.optimizer
         ck = checkpoint.Checkpoint(i, dict(self.params), dict(opt.moments) if opt else {},
