@@ -374,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speeds", default="1:4:40", help="testbed: device:edge:cloud speed ratio to calibrate to")
     bench.add_argument("--device-quota", type=_positive_float, help="testbed: device CPU (cores) instead of calibrating")
     bench.add_argument("--edge-quota", type=_positive_float, help="testbed: edge CPU (cores) instead of calibrating")
-    bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s; failover: the planner's initial rates")
+    bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s; failover: both links' rate")
     bench.add_argument("--no-fit", action="store_true", help="testbed: skip the overhead fit (paper model only)")
+    bench.add_argument("--testbed", action="store_true",
+                       help="failover: run each job in the testbed's namespaces, links shaped to --bw-device-edge (root)")
     bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
                                                       "calibrated profile and quotas from")
     bench.add_argument("--cores", default="1,2,3,4", help="edgecores: emulated edge cores")

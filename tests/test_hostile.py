@@ -287,7 +287,11 @@ def test_the_retained_schedule_survives_a_broker_crash(bound, tmp_path):
     with Transport(Endpoint.load(bdir.credentials_file("planner")), account="planner", job=JOB) as planner:
         planner.publish_json(topics.schedule(JOB), sched, retain=True)
         planner.flush(5)
-    time.sleep(6)  # Mosquitto autosaves every 5 s
+    published = time.time()
+    db = bdir.data / "mosquitto.db"  # Mosquitto autosaves every 5 s (counted in whole seconds): wait for a save
+    deadline = time.monotonic() + 20
+    while not (db.exists() and db.stat().st_mtime > published) and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.kill(broker.pid, signal.SIGKILL)
     broker.stop()
     with BrokerProcess(bdir, kind="mosquitto"):

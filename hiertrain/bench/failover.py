@@ -16,7 +16,11 @@ the largest relative difference of any iteration's loss from it, and beside them
 rounding alone moves this job (:func:`rounding_control`): synthetic LeNet-5 training is chaotic
 enough that a 1e-7 perturbation grows to 1e-3 in 60 steps.
 
-A third scenario loses the edge *machine*: the broker, the planner and the edge worker at once,
+With ``--testbed`` every job runs in the testbed's network namespaces, both links shaped to
+``--bw-device-edge`` Mbit/s (root; the CPUs are not emulated: the replicas and handovers cross
+shaped links, which is what K and the resume time depend on).
+
+A third scenario (on loopback only) loses the edge *machine*: the broker, the planner and the edge worker at once,
 so no Last Will is sent. The tiers have a standby broker with a planner of its own (both on this
 machine): detection is the move to the standby (5 s without a broker) plus the grace for the
 edge to reappear there (12 s).
@@ -48,14 +52,15 @@ def slowed_profile(source: Path, out: Path, factors: dict[str, float]) -> Path:
     return out
 
 
-def scenario(work: Path, profile: Path, *, victim_role: str, count: int, bw: float) -> dict[str, Any]:
+def scenario(work: Path, profile: Path, *, victim_role: str, count: int, bw: float, network: Any = None
+             ) -> dict[str, Any]:
     from hiertrain.local import LocalCluster, reference, rel
     from hiertrain.schedule import Schedule
 
     kill_at = 2 * count // 3
     machine = victim_role == "edge_machine"
     with LocalCluster(work, model="lenet5", batch=16, iterations=count, timeout_s=60, every=count, lr=LR,
-                      standby=machine) as c:
+                      standby=machine, network=network) as c:
         c.start_planner(profile, bw_device_edge=bw, bw_edge_cloud=bw)
         if machine:  # a second planner next to the standby broker, idle until the tiers come
             c.start_planner(profile, bw_device_edge=bw, bw_edge_cloud=bw, on_standby=True)
@@ -132,16 +137,25 @@ def rounding_control(c: Any, count: int, at: int) -> float:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from contextlib import nullcontext
+
+    from hiertrain import testbed
+
     source = Path(args.profiles) / "lenet5.json"
     if not source.is_file():
         raise ConfigError(f"bench failover needs {source} (--profiles)")
+    bw = args.bw_device_edge
     results = []
     with tempfile.TemporaryDirectory(prefix="hiertrain-failover-") as d:
         profile = slowed_profile(source, Path(d) / "profile.json", {"device": 50.0, "edge": 5.0})
-        for role in ("worker_o", "other", "edge_machine"):
+        # the standby broker runs on loopback: the edge machine's loss is measured there
+        for role in ("worker_o", "other") + (() if args.testbed else ("edge_machine",)):
             work = Path(d) / role
             work.mkdir()
-            results.append(scenario(work, profile, victim_role=role, count=args.count, bw=args.bw_device_edge))
+            net = testbed.Testbed(bw_device_edge=bw, bw_edge_cloud=bw) if args.testbed else nullcontext()
+            with net as network:
+                results.append(scenario(work, profile, victim_role=role, count=args.count, bw=bw, network=network))
     return {"bench": "failover", "model": "lenet5", "batch": 16, "lr": LR, "iterations": args.count,
-            "profile_slowdown": {"device": 50.0, "edge": 5.0}, "planner_rates_mbps": args.bw_device_edge,
+            "profile_slowdown": {"device": 50.0, "edge": 5.0}, "planner_rates_mbps": bw,
+            "network": f"testbed: both links shaped to {bw:g} Mbit/s" if args.testbed else "loopback",
             "scenarios": results}
