@@ -75,7 +75,10 @@ def _endpoint(path: Path, broker: dict[str, Any]) -> Endpoint:
         return endpoint
     if not isinstance(standby, list) or not all(isinstance(a, str) for a in standby):
         raise ConfigError(f"{path}: [broker] standby must be a list of \"host:port\" strings, got {standby!r}")
-    return replace(endpoint, standby=tuple(standby))
+    try:
+        return replace(endpoint, standby=tuple(standby))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: [broker] {exc}") from None
 
 
 def _primary(path: Path, broker: dict[str, Any]) -> Endpoint:

@@ -206,6 +206,23 @@ def test_config_that_cannot_work_is_refused_in_one_line(bound, tmp_path, runtime
     assert proc.returncode != 0 and why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("standby,why", [
+    ('"10.0.1.2:1883"', "[broker] standby must be a list"),
+    ('["10.0.1.2"]', "[broker] bad standby broker address '10.0.1.2': expected host:port"),
+    ('["10.0.1.2:99999"]', "bad standby broker address"),
+])
+def test_a_standby_broker_that_cannot_work_is_refused_in_one_line(broker_dir, tmp_path, standby, why):
+    from hiertrain import tierconfig
+    from hiertrain.errors import ConfigError
+
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f'job = "{JOB}"\n[broker]\ncredentials = "{broker_dir.credentials_file("edge")}"\nstandby = {standby}\n'
+                   '[train]\nmodel = "lenet5"\n')
+    with pytest.raises(ConfigError) as err:
+        tierconfig.load("edge", cfg)
+    assert why in str(err.value) and str(cfg) in str(err.value), err.value
+
+
 def test_a_config_for_another_job_than_the_credentials_is_refused(bound, tmp_path):
     bdir, _ = bound
     cfg = tmp_path / "edge.toml"
