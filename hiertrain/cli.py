@@ -157,10 +157,12 @@ def _profile(args: argparse.Namespace) -> int:
     if os.environ.get("HIERTRAIN_CGROUP"):
         # start-up and graph building run at full speed; only the measurement runs under the quota
         join = lambda: (Path(os.environ["HIERTRAIN_CGROUP"]) / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
-    from hiertrain import profiler
+    from hiertrain import artifacts, profiler, segments
 
+    runtime = segments.Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
+        if args.segments else None
     prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
-                            warmup=args.warmup, optimizer=args.optimizer, on_ready=join,
+                            warmup=args.warmup, optimizer=args.optimizer, on_ready=join, runtime=runtime,
                             note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None)
     out = Path(args.out)
     if args.merge and out.exists():
@@ -311,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--threads", type=_positive_int, default=0, help="ORT intra-op threads (default: all cores)")
     prof.add_argument("--cpu-quota", type=_positive_float, metavar="CORES",
                       help="emulate a slower machine: a cgroup CPU quota in cores, e.g. 0.2 (root)")
+    prof.add_argument("--segments", metavar="DIR", help="a `hiertrain segments build` directory: what a tier "
+                      "without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with")
     prof.add_argument("--repeat", type=_positive_int, default=7)
     prof.add_argument("--warmup", type=_positive_int, default=2)
     prof.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])

@@ -234,7 +234,8 @@ def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool
         return found
     if not can_build():
         raise PlanError(f"cannot build {spec.name} units {first}..{last} here: this onnxruntime has no gradient "
-                        f"builder (install hiertrain[train] on x86-64, or fetch built segments)")
+                        f"builder (install hiertrain[train] on x86-64, or use segments built there with `hiertrain "
+                        f"segments build`: [runtime] segments in a tier's config, profile --segments)")
     t0 = time.perf_counter()
     if first <= last:
         fwd, params = segment_graph(spec, first, last)

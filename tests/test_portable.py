@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -155,6 +156,27 @@ def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, b
     x, y = ds.take(np.arange(len(ds)))
     accuracy = float((SingleProcess(spec, params=c.reference_params).predict(x).argmax(1) == y).mean())
     assert ev.stdout.startswith(f"accuracy {accuracy:.4f}, loss ") and f"on {len(ds)} held-out" in ev.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_plain_onnxruntime_device_profiles_itself_with_built_segments(device_venv, tmp_path):
+    """A Pi cannot build graphs, so it profiles with the segments an x86-64 machine built."""
+    from hiertrain.profile import Profile
+
+    built = subprocess.run([sys.executable, "-m", "hiertrain", "segments", "build", "--model", "lenet5", "--out",
+                            str(tmp_path / "seg")], capture_output=True, text=True, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    profile = [str(device_venv), "-m", "hiertrain", "profile", "--model", "lenet5", "--batch", "8", "--tier", "device",
+               "--repeat", "2", "--out", str(tmp_path / "p.json")]
+    env = {**os.environ, "HIERTRAIN_CACHE": str(tmp_path / "cache")}  # nothing built before
+    bare = subprocess.run(profile, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert bare.returncode != 0 and "profile --segments" in bare.stderr and len(bare.stderr.strip().splitlines()) == 1, \
+        bare.stderr
+    ok = subprocess.run([*profile, "--segments", str(tmp_path / "seg")], capture_output=True, text=True, cwd=tmp_path,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert set(Profile.load(tmp_path / "p.json").tiers) == {"device"}
 
 
 # --------------------------------------------------------------------------- arm64
