@@ -79,6 +79,20 @@ def _demo(args: argparse.Namespace) -> int:
                     device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep)
 
 
+def _init(args: argparse.Namespace) -> int:
+    from hiertrain import scaffold
+    from hiertrain.broker.layout import DEFAULT_PORT
+
+    root = Path(args.dir)
+    folders = scaffold.init(root, job=args.job or root.resolve().name, host=args.host, port=args.port or DEFAULT_PORT,
+                            bind=args.bind, model=args.model, batch=args.batch, iterations=args.iterations, lr=args.lr,
+                            dataset=args.data, data_path=args.data_path, bw_device_edge=args.bw_device_edge,
+                            bw_edge_cloud=args.bw_edge_cloud, force=args.force)
+    print(f"job files in {root}: {', '.join(f.name + '/' for f in folders)} (one folder per machine); "
+          f"what to run on each: {root / 'README.md'}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ broker
 
 def _broker_init(args: argparse.Namespace) -> int:
@@ -253,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hiertrain", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    init = sub.add_parser("init", help="a new job: configs and credentials for each machine, and a README of commands")
+    init.add_argument("dir")
+    init.add_argument("--job", help="the job's name (default: the directory's)")
+    init.add_argument("--host", default="127.0.0.1", help="the edge server's address, as the other machines reach it")
+    init.add_argument("--port", type=_port)
+    init.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
+    init.add_argument("--model", default="lenet5", choices=sorted(_models()))
+    init.add_argument("--batch", type=_batch, default=64)
+    init.add_argument("--iterations", type=_positive_int, default=1000)
+    init.add_argument("--lr", type=_positive_float, default=0.05)
+    init.add_argument("--data", default="synthetic", help="the device's data set: synthetic, cifar10, tiny-imagenet")
+    init.add_argument("--data-path", help="where the data set is on the device")
+    init.add_argument("--bw-device-edge", type=_positive_float, default=5.0, metavar="MBPS",
+                      help="link rate the planner starts from (telemetry then measures the real one)")
+    init.add_argument("--bw-edge-cloud", type=_positive_float, default=5.0, metavar="MBPS")
+    init.add_argument("--force", action="store_true", help="write into a directory that is not empty")
+    init.set_defaults(handler=_init)
 
     demo = sub.add_parser("demo", help="broker, planner, device, edge and cloud on this machine: a short run")
     demo.add_argument("--model", default="lenet5", choices=sorted(_models()))

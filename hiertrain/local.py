@@ -41,6 +41,18 @@ def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]],
     return path
 
 
+def stop(procs: Any, timeout: float = 10.0) -> None:
+    """Terminate the processes still running (SIGTERM, then SIGKILL after ``timeout``), in order."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 class LocalCluster:
     def __init__(self, work: Path, *, model: str = "lenet5", batch: int = 12, iterations: int = 30, lr: float = 0.05,
                  timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
@@ -247,14 +259,7 @@ class LocalCluster:
         return data.load("synthetic", shape=spec.input_shape, classes=spec.classes, seed=0)
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(self.procs.values())
         self.stack.close()
 
     def __enter__(self) -> "LocalCluster":

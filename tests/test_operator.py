@@ -17,6 +17,7 @@ import pytest
 from conftest import PYTHON, ROOT
 from hiertrain import checkpoint
 from hiertrain.broker.process import free_port
+from hiertrain.local import stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]
@@ -90,10 +91,4 @@ def test_the_readme_path_runs_a_job_twice_with_an_observer_and_evaluates_it(tmp_
         assert ev.returncode == 0 and ev.stdout.startswith("accuracy ") and "(checkpoint of iteration 11)" in ev.stdout, \
             ev.stderr
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop(reversed(procs), timeout=20)
