@@ -70,8 +70,7 @@ class Failover:
     def _vouched_state(self) -> Optional[checkpoint.Checkpoint]:
         """The newest state this tier can hand on: its live state as the model's owner, else (the
         device) the newest replica it got, else its newest checkpoint on disk."""
-        if self.units and self.optimizer is not None and self._completed >= 0 \
-                and self.units == frozenset(range(1, self.spec.n_units + 1)):
+        if self.optimizer is not None and self._completed >= 0 and self._holds_whole_model():
             opt = self.optimizer
             return checkpoint.Checkpoint(self._completed, dict(self.params), dict(opt.moments), opt.step_count, None)
         if self.keeper.held is not None:

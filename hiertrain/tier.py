@@ -555,6 +555,9 @@ class TierService(Failover):
                 self._send("weights", tier, i, cut, weights_of(self.spec, self.params, cut), sched.version)
         self._weights_sent = i
 
+    def _holds_whole_model(self) -> bool:
+        return self.units == frozenset(range(1, self.spec.n_units + 1))
+
     def _checkpoint(self, i: int, sched: Schedule) -> None:
         """Every ``[checkpoint] every`` iterations: the state into our own directory (if we have
         one and hold the whole model) and to every tier that collects (a chain's stages each send
@@ -563,7 +566,7 @@ class TierService(Failover):
             return
         self._pump_schedules()  # who collects now
         to = sorted(self.collectors - {self.tier})
-        whole = self.units == frozenset(range(1, self.spec.n_units + 1))
+        whole = self._holds_whole_model()
         collecting = self.cfg.checkpoint_collect and not whole
         if not (self.cfg.checkpoint_dir and whole or to or collecting):
             return

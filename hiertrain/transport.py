@@ -456,7 +456,8 @@ class Transport:
             session, started = "", 0.0  # a status from before sessions were named: taken as it is
         nonce = session.split(":")[0]
         seen_session, seen_started = self._sessions.get(account, ("", 0.0))
-        earlier = seen_session and nonce and nonce != seen_session.split(":")[0] and started < seen_started
+        other = bool(seen_session and nonce and nonce != seen_session.split(":")[0])  # not the process seen
+        earlier = other and started < seen_started
         if account == self.account:
             if earlier and not retained:  # the Last Will of an earlier process of ours replaced our status
                 self.publish_status("online")
@@ -472,9 +473,9 @@ class Transport:
             self.mailbox.lose("device", NEW_RUN)  # the device gave up the run we follow: so do we
         if state == "online":
             self._sessions[account] = (session, started)
-            if seen_session and nonce and nonce != seen_session.split(":")[0]:
-                # a new process, and no Last Will said the old one went (it went down with the broker,
-                # or came back before its keepalive ran out): whatever the old one held is gone
+            if other:  # a newer process (an earlier one was refused above), and no Last Will said the old
+                # one went (it went down with the broker, or came back before its keepalive ran out):
+                # whatever the old one held is gone
                 log.warning("%s: the %s is back as a new process", self.account, account)
                 self.mailbox.lose(account, RESTARTED)
             else:
