@@ -14,6 +14,10 @@ platform it has wheels for (a Raspberry Pi's aarch64 among them):
                                      one strided Slice per kernel offset, then one Gemm per group
                                      (a plain Gemm for 1x1 kernels); dB: ReduceSum
 - SoftmaxCrossEntropyLossGrad     -> (exp(log_prob) - one_hot(label)) scaled as the reduction says
+- AveragePoolGrad(dY)             -> a depthwise ConvTranspose with a constant 1/prod(k) kernel
+- SigmoidGrad, TanhGrad, LeakyReluGrad -> dY * Y * (1 - Y), dY * (1 - Y^2), dY * (alpha + (1 - alpha)(Y > 0))
+- Gelu, QuickGelu (ORT fuses exact GELU and SiLU into them, forward too) and their gradients -> Erf,
+                                     Exp, Sigmoid arithmetic
 - Scale / SplitTraining / ConcatTraining -> Mul or Div / Split / Concat (lengths as constants)
 
 Anything else outside the standard domains, or an attribute the rules do not cover (auto_pad,
@@ -124,6 +128,95 @@ class _Lowerer:
             self.pending_lengths.append((node, a.get("axis", 0)))
         return out
 
+    def _ew(self, base: str, op: str, inputs: list[str], out: Optional[str] = None, *, forward: bool = False,
+            **attrs) -> tuple[onnx.NodeProto, str]:
+        """One elementwise node; a forward op's replacement keeps names outside PREFIX (the split
+        keeps it in the forward graph), a gradient's are in it."""
+        name = f"{base}/{op.lower()}{self._n}" if forward else self.name(base, op.lower())
+        self._n += forward
+        out = out or name
+        return helper.make_node(op, inputs, [out], name=name, **attrs), out
+
+    def _chain(self, base: str, steps: list, out: str, forward: bool = False) -> list[onnx.NodeProto]:
+        """Nodes for ``steps`` (op, inputs, attrs) in order, each input "" meaning the previous
+        step's output; the last writes ``out``."""
+        nodes, prev = [], ""
+        for k, (op, inputs, attrs) in enumerate(steps):
+            n, prev = self._ew(base, op, [prev if i == "" else i for i in inputs],
+                               out if k == len(steps) - 1 else None, forward=forward, **attrs)
+            nodes.append(n)
+        return nodes
+
+    def sigmoid_grad(self, node):
+        # dY * Y * (1 - Y)
+        dy, y = node.input[:2]
+        base = node.output[0]
+        one = self.const(base, np.float32(1))
+        return self._chain(base, [("Sub", [one, y], {}), ("Mul", [y, ""], {}), ("Mul", [dy, ""], {})], node.output[0])
+
+    def tanh_grad(self, node):
+        # dY * (1 - Y^2)
+        dy, y = node.input[:2]
+        base = node.output[0]
+        one = self.const(base, np.float32(1))
+        return self._chain(base, [("Mul", [y, y], {}), ("Sub", [one, ""], {}), ("Mul", [dy, ""], {})], node.output[0])
+
+    def leaky_relu_grad(self, node):
+        # dY * (alpha + (1 - alpha) * (Y > 0)); Y > 0 exactly where X > 0 for alpha > 0
+        dy, y = node.input[:2]
+        alpha = float(_attrs(node).get("alpha", 0.01))
+        if alpha <= 0:
+            raise self.fail(node, f"alpha = {alpha} must be > 0")
+        base = node.output[0]
+        return self._chain(base, [
+            ("Greater", [y, self.const(base, np.float32(0))], {}), ("Cast", [""], {"to": TensorProto.FLOAT}),
+            ("Mul", ["", self.const(base, np.float32(1 - alpha))], {}),
+            ("Add", ["", self.const(base, np.float32(alpha))], {}), ("Mul", [dy, ""], {})], node.output[0])
+
+    def _phi(self, base: str, x: str, forward: bool) -> tuple[list[onnx.NodeProto], str]:
+        """0.5 * (1 + erf(x / sqrt 2)), the normal CDF."""
+        nodes = self._chain(base, [("Div", [x, self.const(base, np.float32(np.sqrt(2.0)))], {}), ("Erf", [""], {}),
+                                   ("Add", ["", self.const(base, np.float32(1))], {}),
+                                   ("Mul", ["", self.const(base, np.float32(0.5))], {})], self.name(base, "phi"),
+                            forward)
+        return nodes, nodes[-1].output[0]
+
+    def gelu(self, node):
+        # forward (ORT fuses torch's exact GELU into it): x * phi(x)
+        base = node.name or node.output[0]
+        nodes, phi = self._phi(base, node.input[0], True)
+        return nodes + [self._ew(base, "Mul", [node.input[0], phi], node.output[0], forward=True)[0]]
+
+    def gelu_grad(self, node):
+        # dY * (phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi))
+        dy, x = node.input[:2]
+        base = node.output[0]
+        nodes, phi = self._phi(base, x, False)
+        pdf = self._chain(base, [("Mul", [x, x], {}), ("Mul", ["", self.const(base, np.float32(-0.5))], {}),
+                                 ("Exp", [""], {}), ("Mul", ["", self.const(base, np.float32(1 / np.sqrt(2 * np.pi)))], {}),
+                                 ("Mul", ["", x], {}), ("Add", ["", phi], {}), ("Mul", [dy, ""], {})], node.output[0])
+        return nodes + pdf
+
+    def quick_gelu(self, node):
+        # forward (ORT fuses x * sigmoid(x), SiLU, into it): x * sigmoid(alpha x)
+        alpha = float(_attrs(node).get("alpha", 1.702))
+        base = node.name or node.output[0]
+        return self._chain(base, [("Mul", [node.input[0], self.const(base, np.float32(alpha))], {}),
+                                  ("Sigmoid", [""], {}), ("Mul", [node.input[0], ""], {})], node.output[0], True)
+
+    def quick_gelu_grad(self, node):
+        # dY * s * (1 + alpha x (1 - s)), s = sigmoid(alpha x)
+        dy, x = node.input[:2]
+        alpha = float(_attrs(node).get("alpha", 1.702))
+        base = node.output[0]
+        ax = self.name(base, "ax")
+        first = self._chain(base, [("Mul", [x, self.const(base, np.float32(alpha))], {})], ax)
+        s = self.name(base, "s")
+        first += self._chain(base, [("Sigmoid", [ax], {})], s)
+        one = self.const(base, np.float32(1))
+        return first + self._chain(base, [("Sub", [one, s], {}), ("Mul", [ax, ""], {}), ("Add", [one, ""], {}),
+                                          ("Mul", [s, ""], {}), ("Mul", [dy, ""], {})], node.output[0])
+
     # rules that need shapes -----------------------------------------------------------------
     def lengths(self, node, axis: int) -> None:
         dims = []
@@ -166,6 +259,28 @@ class _Lowerer:
                 helper.make_node("ScatterElements", [flat, fi, fd], [sc], axis=0, reduction="add", name=sc),
                 helper.make_node("Reshape", [sc, shape], [node.output[0]], name=self.name(base, "reshape"))]
         return out
+
+    def average_pool_grad(self, node):
+        # a depthwise ConvTranspose of dY with a constant 1/prod(k) kernel: every window spreads its
+        # gradient evenly over the inputs it averaged (padding included or, without pads, none)
+        a = _attrs(node)
+        dy = node.input[0]
+        k, nd = list(a["kernel_shape"]), len(a["kernel_shape"])
+        s, pads = list(a.get("strides", [1] * nd)), list(a.get("pads", [0] * 2 * nd))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or a.get("ceil_mode", 0):
+            raise self.fail(node, "only auto_pad=NOTSET and ceil_mode=0 are supported")
+        if any(pads) and not a.get("count_include_pad", 0):
+            raise self.fail(node, "padded windows that exclude the padding from the count are not supported "
+                                  "(export with count_include_pad=True or without padding)")
+        xname = node.output[0][:-len("_grad")] if node.output[0].endswith("_grad") else None
+        x = self.static(node, xname or node.output[0])
+        c = x[1]
+        w = np.full((c, 1, *k), 1.0 / float(np.prod(k)), np.float32)
+        ys = [(x[2 + i] + pads[i] + pads[nd + i] - k[i]) // s[i] + 1 for i in range(nd)]
+        outpad = [x[2 + i] - ((ys[i] - 1) * s[i] - pads[i] - pads[nd + i] + k[i]) for i in range(nd)]
+        return [helper.make_node("ConvTranspose", [dy, self.const(node.output[0], w)], [node.output[0]],
+                                 kernel_shape=k, strides=s, pads=pads, group=c, output_padding=outpad,
+                                 name=self.name(node.output[0], "convtranspose"))]
 
     def conv_grad(self, node):
         a = _attrs(node)
@@ -361,8 +476,10 @@ class _Lowerer:
 
     # driver ---------------------------------------------------------------------------------
     FIRST = {"ReluGrad": "relu_grad", "Scale": "scale", "SplitTraining": "split_training",
-             "ConcatTraining": "concat_training"}
-    SECOND = {"MaxPoolGrad": "maxpool_grad", "ConvGrad": "conv_grad", "SoftmaxCrossEntropyLossGrad": "sce_grad"}
+             "ConcatTraining": "concat_training", "SigmoidGrad": "sigmoid_grad", "TanhGrad": "tanh_grad",
+             "LeakyReluGrad": "leaky_relu_grad", "Gelu": "gelu", "GeluGrad": "gelu_grad",
+             "QuickGelu": "quick_gelu", "QuickGeluGrad": "quick_gelu_grad"}
+    SECOND = {"MaxPoolGrad": "maxpool_grad", "AveragePoolGrad": "average_pool_grad", "ConvGrad": "conv_grad", "SoftmaxCrossEntropyLossGrad": "sce_grad"}
 
     def run(self) -> onnx.ModelProto:
         self.pending_lengths: list = []

@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -95,6 +96,9 @@ class ModelSpec:
     input_shape: Shape
     classes: int
     units: tuple[Unit, ...]
+    # an imported model's (hiertrain.onnxmodel): its file's weights, by our parameter names, and the file
+    initial: Optional[dict[str, np.ndarray]] = field(default=None, compare=False, hash=False, repr=False)
+    source: Optional[str] = None
 
     @property
     def n_units(self) -> int:
@@ -143,7 +147,10 @@ class ModelSpec:
 
 
 def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """He-normal weights, zero biases; each parameter's values depend only on (seed, name)."""
+    """He-normal weights, zero biases; each parameter's values depend only on (seed, name). An
+    imported model starts from its file's weights."""
+    if spec.initial is not None:
+        return {k: v.copy() for k, v in spec.initial.items()}
     out = {}
     for name, shape in spec.param_shapes().items():
         if name.endswith(".bias"):
@@ -292,9 +299,33 @@ MODELS: dict[str, Callable[[], ModelSpec]] = {
 assert tuple(MODELS) == MODEL_NAMES, "hiertrain.MODEL_NAMES must list the zoo"
 
 
-@functools.lru_cache(maxsize=None)
+def is_file(name: str) -> bool:
+    """Whether a model name is a path to an ONNX file (a user's model) rather than one of the zoo's."""
+    return name.endswith(".onnx")
+
+
 def get(name: str) -> ModelSpec:
+    """A zoo model by name, or a user's model from an ``.onnx`` file (:mod:`hiertrain.onnxmodel`)."""
+    if is_file(name):
+        path = Path(name).expanduser().resolve()
+        try:
+            st = path.stat()
+        except OSError:
+            raise PlanError(f"no model file {name}") from None
+        return _imported(str(path), st.st_mtime_ns, st.st_size)
+    return _zoo(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo(name: str) -> ModelSpec:
     try:
         return MODELS[name]()
     except KeyError:
-        raise PlanError(f"unknown model {name!r}; available: {', '.join(MODELS)}") from None
+        raise PlanError(f"unknown model {name!r}; available: {', '.join(MODELS)}, or a path to an .onnx file") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _imported(path: str, mtime_ns: int, size: int) -> ModelSpec:
+    from hiertrain import onnxmodel
+
+    return onnxmodel.load(Path(path))

@@ -1,0 +1,553 @@
+"""A user's ONNX model as a chain of units: ``hiertrain model import FILE.onnx``, ``model = "FILE.onnx"``.
+
+Any model whose graph runs from one float input ``[N, ...]`` to one logits output ``[N, classes]``
+(what ``torch.onnx.export`` writes for a classifier) becomes a :class:`~hiertrain.models.ModelSpec`
+like the zoo's:
+
+- **Cut points** are the places in the graph's node order where exactly one activation tensor
+  ``[N, ...]`` crosses and no parameter is used on both sides (between a ResNet's blocks, not inside
+  one). The nodes between two cut points are a *unit*; a unit without parameters (a ReLU, a pool)
+  joins the unit before it. A unit is named after the module of its first parameter (torch's node
+  names, ``/features/features.3/Conv`` -> ``features_3``); its parameters keep their names in the file
+  (``features_3.features.3.weight``), so trained weights map back to it (:func:`export`).
+- **Parameters** are the float initializers (rank >= 1) a node takes where a weight goes (Conv's and
+  Gemm's weight and bias, either side of MatMul/Add/Mul/..., a BatchNormalization's scale and bias).
+  Everything else (shapes, clip bounds, scalars, running statistics) is a constant, folded into the
+  unit that uses it. Training starts from the file's weights.
+- **Every op is checked** against what segments differentiate exactly and lower to standard ONNX
+  (:data:`SUPPORTED`); anything else is refused naming the op, the node and what to do
+  (:data:`REFUSED` for the ops with a known reason).
+
+BatchNormalization: in inference mode (``model.eval()`` before exporting; torch then folds it into
+the Conv before it) its statistics are constants and its scale and bias train: the step is exactly
+single-process SGD whatever the split. In training mode its batch statistics would be computed per
+worker, over that worker's samples only, so the step would not equal single-process training: it is
+refused, with that fix named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from hiertrain.errors import ConfigError
+from hiertrain.models import OPSET, Builder, ModelSpec, Shape, Unit
+
+# op -> the input slots where a float initializer is a trainable parameter
+SUPPORTED: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (),  # by a constant only: rewritten into a Mul
+    "Relu": (), "LeakyRelu": (), "Sigmoid": (), "Tanh": (), "Clip": (),
+    "MaxPool": (), "AveragePool": (), "GlobalAveragePool": (),
+    "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (),
+    "ReduceMean": (), "Sqrt": (), "Reciprocal": (),
+    "BatchNormalization": (1, 2),   # inference mode only: rewritten into Sub/Mul/Add with constant statistics
+    "Dropout": (),                  # inference mode only: an Identity
+    "Erf": (),                      # torch's exact GELU: onnxruntime fuses it into Gelu
+    "HardSigmoid": (), "HardSwish": (),  # rewritten into Mul/Add/Clip
+    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),  # rewritten into ReduceMean arithmetic
+}
+
+REFUSED: dict[str, str] = {
+    "LSTM": "recurrent layers are not split into units; train a convolutional or MLP model",
+    "GRU": "recurrent layers are not split into units; train a convolutional or MLP model",
+    "RNN": "recurrent layers are not split into units; train a convolutional or MLP model",
+    "Loop": "control flow has no gradient here; export a model without loops",
+    "If": "control flow has no gradient here; export with a fixed branch",
+    "Scan": "control flow has no gradient here",
+    "RandomNormal": "random ops differ between workers; export in inference mode (model.eval())",
+    "RandomUniform": "random ops differ between workers; export in inference mode (model.eval())",
+    "RandomNormalLike": "random ops differ between workers; export in inference mode (model.eval())",
+    "RandomUniformLike": "random ops differ between workers; export in inference mode (model.eval())",
+    "Bernoulli": "random ops differ between workers; export in inference mode (model.eval())",
+    "Softplus": "onnxruntime-training has no gradient for it; use ReLU, SiLU or GELU",
+    "Elu": "onnxruntime-training has no gradient for it; use ReLU, LeakyReLU, SiLU or GELU",
+    "Softmax": "the loss applies the softmax: export the logits (drop the final Softmax)",
+    "LogSoftmax": "the loss applies the softmax: export the logits (drop the final LogSoftmax)",
+}
+
+# ops whose value never depends on an activation's values (only on its shape): no gradient flows
+_SHAPE_OPS = {"Shape", "Size", "ConstantOfShape"}
+_FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Add", "Sub", "Mul",
+             "Div", "Identity", "Sqrt", "Neg", "Transpose", "Constant"}
+
+
+def _hard_sigmoid(n, x, out, alpha, beta, consts):
+    base = f"{n.name or n.output[0]}/hs"
+    consts[f"{base}.alpha"], consts[f"{base}.beta"] = np.float32(alpha), np.float32(beta)
+    consts[f"{base}.lo"], consts[f"{base}.hi"] = np.float32(0), np.float32(1)
+    return [helper.make_node("Mul", [x, f"{base}.alpha"], [f"{base}.ax"], name=f"{base}/mul"),
+            helper.make_node("Add", [f"{base}.ax", f"{base}.beta"], [f"{base}.axb"], name=f"{base}/add"),
+            helper.make_node("Clip", [f"{base}.axb", f"{base}.lo", f"{base}.hi"], [out], name=f"{base}/clip")]
+
+
+def _rw_hard_sigmoid(n, consts, shapes):
+    return _hard_sigmoid(n, n.input[0], n.output[0], _attr(n, "alpha", 0.2), _attr(n, "beta", 0.5), consts)
+
+
+def _rw_hard_swish(n, consts, shapes):
+    gate = f"{n.name or n.output[0]}/gate"
+    return _hard_sigmoid(n, n.input[0], gate, 1 / 6, 0.5, consts) + [
+        helper.make_node("Mul", [n.input[0], gate], [n.output[0]], name=f"{n.name or n.output[0]}/mul")]
+
+
+def _normalise(n, x, axes, eps, consts) -> tuple[list[onnx.NodeProto], str]:
+    """(x - mean) / sqrt(var + eps) over ``axes``, in ops with gradients."""
+    base = f"{n.name or n.output[0]}/norm"
+    consts[f"{base}.eps"] = np.float32(eps)
+    return [helper.make_node("ReduceMean", [x], [f"{base}.mean"], axes=axes, name=f"{base}/mean"),
+            helper.make_node("Sub", [x, f"{base}.mean"], [f"{base}.d"], name=f"{base}/sub"),
+            helper.make_node("Mul", [f"{base}.d", f"{base}.d"], [f"{base}.d2"], name=f"{base}/sq"),
+            helper.make_node("ReduceMean", [f"{base}.d2"], [f"{base}.var"], axes=axes, name=f"{base}/var"),
+            helper.make_node("Add", [f"{base}.var", f"{base}.eps"], [f"{base}.vare"], name=f"{base}/eps"),
+            helper.make_node("Sqrt", [f"{base}.vare"], [f"{base}.std"], name=f"{base}/std"),
+            helper.make_node("Reciprocal", [f"{base}.std"], [f"{base}.inv"], name=f"{base}/inv"),
+            helper.make_node("Mul", [f"{base}.d", f"{base}.inv"], [f"{base}.y"], name=f"{base}/div")], f"{base}.y"
+
+
+def _affine(n, y, scale, bias, shape, consts) -> list[onnx.NodeProto]:
+    base = f"{n.name or n.output[0]}/affine"
+    nodes, s, b = [], scale, bias
+    if shape is not None:
+        consts[f"{base}.shape"] = np.array(shape, np.int64)
+        s, b = f"{base}.scale", f"{base}.bias"
+        nodes += [helper.make_node("Reshape", [scale, f"{base}.shape"], [s], name=f"{base}/scale_shape"),
+                  helper.make_node("Reshape", [bias, f"{base}.shape"], [b], name=f"{base}/bias_shape")]
+    return nodes + [helper.make_node("Mul", [y, s], [f"{base}.ys"], name=f"{base}/mul"),
+                    helper.make_node("Add", [f"{base}.ys", b], [n.output[0]], name=f"{base}/add")]
+
+
+def _rw_layer_norm(n, consts, shapes):
+    rank = len(shapes[n.input[0]]) + 1
+    axis = _attr(n, "axis", -1) % rank
+    nodes, y = _normalise(n, n.input[0], list(range(axis, rank)), _attr(n, "epsilon", 1e-5), consts)
+    if len(n.input) < 3 or not n.input[2]:
+        consts[f"{n.name}/zero_bias"] = np.float32(0)
+        return nodes + _affine(n, y, n.input[1], f"{n.name}/zero_bias", None, consts)
+    return nodes + _affine(n, y, n.input[1], n.input[2], None, consts)
+
+
+def _rw_instance_norm(n, consts, shapes):
+    rank = len(shapes[n.input[0]]) + 1
+    nodes, y = _normalise(n, n.input[0], list(range(2, rank)), _attr(n, "epsilon", 1e-5), consts)
+    return nodes + _affine(n, y, n.input[1], n.input[2], [-1, *([1] * (rank - 2))], consts)
+
+
+_DECOMPOSE = {"HardSigmoid": _rw_hard_sigmoid, "HardSwish": _rw_hard_swish, "LayerNormalization": _rw_layer_norm,
+              "InstanceNormalization": _rw_instance_norm}
+
+
+def _common(paths: list[str]) -> str:
+    """The longest dotted prefix of module paths: ``1.a``, ``1.b`` -> ``1``."""
+    split = [p.split(".") for p in paths]
+    out = []
+    for parts in zip(*split):
+        if len(set(parts)) > 1:
+            break
+        out.append(parts[0])
+    return ".".join(out)
+
+
+def _bad(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{path}: {what}")
+
+
+@dataclass
+class Imported:
+    """What :func:`inspect` found: the units with their nodes, and everything refused."""
+
+    path: Path
+    name: str
+    input_shape: Shape
+    classes: int
+    units: list[dict] = field(default_factory=list)   # name, ops, params (count), shape out, first node
+    cut_points: int = 0
+    nodes: int = 0
+    original: dict[str, str] = field(default_factory=dict)  # our parameter name -> the file's initializer
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", s).strip("_") or "unit"
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    value = helper.get_attribute_value(a)
+    dtype = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+             "value_ints": np.int64}.get(a.name)  # (value_string and sparse values are not numbers)
+    if dtype is None:
+        raise ConfigError(f"Constant node {node.name!r}: attribute {a.name} is not supported")
+    return np.array(value, dtype)
+
+
+def _fold(node: onnx.NodeProto, values: list[np.ndarray]) -> list[np.ndarray]:
+    """Evaluate a node whose inputs are all constants (a shape computation, a scalar)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" for k in range(len(values))]
+    n = helper.make_node(node.op_type, [nm if nm else "" for nm in names], [f"o{k}" for k in range(len(node.output))])
+    n.attribute.extend(node.attribute)
+    g = helper.make_graph([n], "fold", [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                                      list(v.shape)) for nm, v in zip(names, values)],
+                          [helper.make_empty_tensor_value_info(f"o{k}") for k in range(len(node.output))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    return list(ReferenceEvaluator(m).run(None, dict(zip(names, values))))
+
+
+class _Importer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the model {path}: {exc.strerror}") from None
+        try:
+            model = onnx.load_from_string(raw)
+            onnx.checker.check_model(model)
+        except Exception as exc:  # noqa: BLE001 - any parse or check failure is one line
+            raise _bad(path, f"not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        self.digest = hashlib.sha256(raw).hexdigest()
+        self.name = f"{_sanitize(path.stem)[:40]}-{self.digest[:8]}"
+        opset = {o.domain: o.version for o in model.opset_import}
+        if opset.get("", opset.get("ai.onnx", 0)) != OPSET:
+            try:
+                from onnx import version_converter
+
+                model = version_converter.convert_version(model, OPSET)
+            except Exception as exc:  # noqa: BLE001
+                raise _bad(path, f"opset {opset.get('')} could not be converted to {OPSET} ({exc}); "
+                                 f"export with opset_version={OPSET}") from None
+        self.model = model
+        self.problems: list[str] = []
+        self.origin: dict[str, str] = {}  # a rewritten node's name -> the file's node it replaces
+
+    # -------------------------------------------------------------------- the graph's pieces
+    def run(self) -> tuple[ModelSpec, Imported]:
+        g = self.model.graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        inputs = [i for i in g.input if i.name not in inits]
+        if len(inputs) != 1 or len(g.output) != 1:
+            raise _bad(self.path, f"a model must take one input and give one output (the logits); this one takes "
+                                  f"{len(inputs)} and gives {len(g.output)}")
+        x_info, y_info = inputs[0], g.output[0]
+        for info, what in ((x_info, "input"), (y_info, "output")):
+            if info.type.tensor_type.elem_type != TensorProto.FLOAT:
+                raise _bad(self.path, f"its {what} {info.name!r} is not float32")
+        dims = x_info.type.tensor_type.shape.dim
+        if len(dims) < 2 or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[1:]):
+            raise _bad(self.path, f"its input {x_info.name!r} must be [N, fixed per-sample shape]; export with "
+                                  f"a concrete sample shape and dynamic_axes={{{x_info.name!r}: {{0: 'N'}}}}")
+        input_shape = self.input_shape = tuple(d.dim_value for d in dims[1:])
+        # the batch dimension symbolic, whatever the export said, then shapes of every tensor
+        dims[0].Clear()
+        dims[0].dim_param = "N"
+        ydims = y_info.type.tensor_type.shape.dim
+        if len(ydims):
+            ydims[0].Clear()
+            ydims[0].dim_param = "N"
+        nodes = list(g.node)
+        self.x, self.y = x_info.name, y_info.name
+        shapes = self._shapes()
+        params, consts, active = self._classify(nodes, inits)
+        active = self._static_reshapes(active, consts)
+        active = self._rewrite(active, params, consts, shapes)
+        self._check(active, consts)
+        self._refuse()
+        ys = shapes.get(self.y)
+        if ys is None or len(ys) != 1 or not isinstance(ys[0], int):
+            raise _bad(self.path, f"its output must be logits [N, classes], not {['N', *ys] if ys else 'unknown'}")
+        classes = ys[0]
+        if classes < 2:
+            raise _bad(self.path, f"its output has {classes} class; a classifier needs at least 2")
+        cuts = self._cuts(active, params, shapes)
+        groups = self._units(active, params, cuts)
+        return self._spec(groups, params, consts, shapes, input_shape, classes, len(cuts))
+
+    def _classify(self, nodes, inits):
+        """Split the graph into trainable parameters, constants (folded) and the activation nodes."""
+        slots: dict[str, bool] = {}
+        for n in nodes:
+            allowed = SUPPORTED.get(n.op_type, ())
+            for k, t in enumerate(n.input):
+                if t in inits:
+                    slots[t] = slots.get(t, True) and k in allowed
+        params = {t: v for t, v in inits.items()
+                  if slots.get(t) and v.dtype == np.float32 and v.ndim >= 1}
+        consts = {t: v for t, v in inits.items() if t not in params}
+        active = []
+        for n in nodes:
+            if n.op_type == "Constant":
+                consts[n.output[0]] = _constant_value(n)
+            elif (n.input and all(t in consts or not t for t in n.input) and n.op_type in _FOLDABLE):
+                for o, v in zip(n.output, _fold(n, [consts[t] for t in n.input if t])):
+                    consts[o] = v
+            else:
+                active.append(n)
+        return params, consts, active
+
+    def _static_reshapes(self, nodes, consts):
+        """A Reshape whose shape is computed from an activation's (``x.view(x.size(0), -1)``) gets it as
+        a constant: evaluated at two batch sizes, an entry that follows the batch becomes 0 (copy the
+        input's batch dimension), one that stays put is kept; the shape computation is then dead."""
+        dynamic = [n for n in nodes if n.op_type == "Reshape" and n.input[1] not in consts]
+        if dynamic:
+            import onnxruntime as ort
+
+            m = onnx.ModelProto()
+            m.CopyFrom(self.model)
+            del m.graph.output[:]
+            m.graph.output.extend(helper.make_empty_tensor_value_info(n.input[1]) for n in dynamic)
+            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            at = [sess.run(None, {self.x: np.zeros((b, *self.input_shape), np.float32)}) for b in (2, 3)]
+            for k, n in enumerate(dynamic):
+                two, three = at[0][k].reshape(-1), at[1][k].reshape(-1)
+                fixed = []
+                for i, (a, b) in enumerate(zip(two, three)):
+                    if a == b:
+                        fixed.append(int(a))
+                    elif i == 0 and (a, b) == (2, 3) and not _attr(n, "allowzero", 0):
+                        fixed.append(0)
+                    else:
+                        self.problems.append(f"Reshape (node {n.name!r}) mixes the batch into dimension {i}: each "
+                                             f"sample must stay apart")
+                        fixed.append(int(a))
+                name = f"{n.name or n.output[0]}/static_shape"
+                consts[name] = np.array(fixed, np.int64)
+                n.input[1] = name
+        needed, kept = {self.y}, []
+        for n in reversed(nodes):  # dead code: shape computations nobody reads any more
+            if any(o in needed for o in n.output):
+                kept.append(n)
+                needed.update(t for t in n.input if t)
+        return kept[::-1]
+
+    def _refuse(self) -> None:
+        if self.problems:
+            raise _bad(self.path, "cannot be trained exactly: " + "; ".join(self.problems[:6])
+                       + (f"; and {len(self.problems) - 6} more" if len(self.problems) > 6 else ""))
+
+    def _rewrite(self, nodes, params, consts, shapes):
+        """Inference-mode BatchNormalization into constant-statistics arithmetic, Dropout into Identity,
+        division by a constant into a multiplication, and the ops in _DECOMPOSE into ops with
+        gradients; each new node remembers the node it came from (:meth:`_module`)."""
+        out: list[onnx.NodeProto] = []
+        for n in nodes:
+            before = len(out)
+            self._rewrite_one(n, out, params, consts, shapes)
+            for m in out[before:]:
+                self.origin[m.name] = n.name
+        return out
+
+    def _module(self, node: onnx.NodeProto) -> str:
+        """The module a node belongs to, from torch's scoped node names: ``/features/features.3/Conv``
+        -> ``features.3``, ``/1/a/Conv`` -> ``1.a``; "" when the name says nothing."""
+        parts = [p for p in self.origin.get(node.name, node.name).split("/") if p][:-1]
+        path = ""
+        for p in parts:
+            path = p if not path or p.startswith(path + ".") else f"{path}.{p}"
+        return path
+
+    def _rewrite_one(self, n, out, params, consts, shapes):
+        if n.op_type == "Dropout":
+            ratio_ok = len(n.input) < 3 or not n.input[2] or (n.input[2] in consts and not consts[n.input[2]])
+            if not ratio_ok or len([o for o in n.output if o]) > 1:
+                self.problems.append(f"Dropout (node {n.name!r}) in training mode: its random masks differ "
+                                     f"between workers; export with model.eval()")
+                return
+            out.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
+        elif n.op_type == "Div":
+            if n.input[1] not in consts:
+                self.problems.append(f"Div (node {n.name!r}) divides by an activation; only division by a "
+                                     f"constant is trained here")
+                return
+            name = f"{n.name or n.output[0]}/reciprocal"
+            consts[name] = (1.0 / consts[n.input[1]].astype(np.float64)).astype(consts[n.input[1]].dtype)
+            out.append(helper.make_node("Mul", [n.input[0], name], [n.output[0]], name=n.name))
+        elif n.op_type in _DECOMPOSE:
+            out += _DECOMPOSE[n.op_type](n, consts, shapes)
+        elif n.op_type == "BatchNormalization":
+            if _attr(n, "training_mode", 0) or len([o for o in n.output if o]) > 1:
+                self.problems.append(
+                    f"BatchNormalization (node {n.name!r}) in training mode: each worker would normalise "
+                    f"over its own samples, so the step would not equal single-process training; export with "
+                    f"model.eval() (statistics frozen, scale and bias train exactly)")
+                return
+            out += self._batchnorm(n, consts, shapes)
+        else:
+            out.append(n)
+
+    def _batchnorm(self, n, consts, shapes):
+        """y = (x - mean) * (1 / sqrt(var + eps)) * scale + bias, the statistics constants shaped
+        [C, 1, ..., 1] for the input's rank; the scale and bias stay parameters (the nodes between
+        are never cut points: their tensors have no inferred shape)."""
+        x, scale, bias, mean, var = n.input
+        if mean not in consts or var not in consts or x not in shapes:
+            self.problems.append(f"BatchNormalization (node {n.name!r}): its running mean and variance must be "
+                                 f"constants of the file and its input's shape known")
+            return []
+        eps = float(_attr(n, "epsilon", 1e-5))
+        per_channel = (-1, *([1] * (len(shapes[x]) - 1)))
+        base = f"{n.name or n.output[0]}/bn"
+        consts[f"{base}.mean"] = consts[mean].astype(np.float32).reshape(per_channel)
+        consts[f"{base}.inv_std"] = (1.0 / np.sqrt(consts[var].astype(np.float64) + eps)).astype(np.float32).reshape(per_channel)
+        consts[f"{base}.shape"] = np.array(per_channel, np.int64)
+        return [
+            helper.make_node("Sub", [x, f"{base}.mean"], [f"{base}.centred"], name=f"{base}/sub"),
+            helper.make_node("Mul", [f"{base}.centred", f"{base}.inv_std"], [f"{base}.normed"], name=f"{base}/norm"),
+            helper.make_node("Reshape", [scale, f"{base}.shape"], [f"{base}.scale"], name=f"{base}/scale_shape"),
+            helper.make_node("Reshape", [bias, f"{base}.shape"], [f"{base}.bias"], name=f"{base}/bias_shape"),
+            helper.make_node("Mul", [f"{base}.normed", f"{base}.scale"], [f"{base}.scaled"], name=f"{base}/scale"),
+            helper.make_node("Add", [f"{base}.scaled", f"{base}.bias"], [n.output[0]], name=f"{base}/shift"),
+        ]
+
+    def _check(self, nodes, consts):
+        for n in nodes:
+            where = f"{n.op_type} (node {n.name or n.output[0]!r})"
+            if n.domain not in ("", "ai.onnx"):
+                self.problems.append(f"{n.domain}.{where}: only standard ONNX ops can be trained here")
+            elif n.op_type in REFUSED:
+                self.problems.append(f"{where}: {REFUSED[n.op_type]}")
+            elif n.op_type not in SUPPORTED and n.op_type not in _SHAPE_OPS | _FOLDABLE:
+                self.problems.append(f"{where}: not among the ops hiertrain trains exactly "
+                                     f"({', '.join(sorted(SUPPORTED))})")
+            elif n.op_type == "Reshape" and n.input[1] in consts and consts[n.input[1]].size \
+                    and int(consts[n.input[1]].reshape(-1)[0]) not in (0, -1) \
+                    and not n.name.endswith(("/scale_shape", "/bias_shape")):  # ours: a parameter's shape
+                self.problems.append(f"{where} fixes the batch dimension to {int(consts[n.input[1]].reshape(-1)[0])}: "
+                                     f"export with torch.flatten(x, 1) or x.reshape(x.shape[0], -1)")
+
+    def _shapes(self) -> dict[str, list]:
+        """Per-sample shapes of the file's tensors (ONNX shape inference, batch dimension N)."""
+        inferred = shape_inference.infer_shapes(self.model, strict_mode=False)
+        out: dict[str, list] = {}
+        for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) and dims[0].dim_param == "N":
+                out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        return out
+
+    def _cuts(self, nodes, params, shapes) -> list[int]:
+        """Positions i (a cut before nodes[i]) where one activation [N, ...] crosses and no parameter."""
+        produced_at = {self.x: -1}
+        for i, n in enumerate(nodes):
+            for o in n.output:
+                produced_at[o] = i
+        last_use: dict[str, int] = {self.y: len(nodes)}
+        first_use_param: dict[str, int] = {}
+        last_use_param: dict[str, int] = {}
+        for i, n in enumerate(nodes):
+            for t in n.input:
+                if t in produced_at:
+                    last_use[t] = max(last_use.get(t, -1), i)
+                if t in params:
+                    first_use_param.setdefault(t, i)
+                    last_use_param[t] = i
+        cuts = []
+        for i in range(1, len(nodes)):
+            live = [t for t, p in produced_at.items() if p < i and last_use.get(t, -1) >= i]
+            if len(live) != 1 or any(first_use_param[p] < i <= last_use_param[p] for p in first_use_param):
+                continue
+            s = shapes.get(live[0])
+            if s and all(isinstance(d, int) and d > 0 for d in s):
+                cuts.append(i)
+        return cuts
+
+    def _units(self, nodes, params, cuts) -> list[list[onnx.NodeProto]]:
+        bounds = [0, *cuts, len(nodes)]
+        groups = [nodes[a:b] for a, b in zip(bounds, bounds[1:])]
+        merged: list[list[onnx.NodeProto]] = []
+        for grp in groups:
+            has = any(t in params for n in grp for t in n.input)
+            if merged and (not has or not any(t in params for n in merged[-1] for t in n.input)):
+                merged[-1] = merged[-1] + grp
+            else:
+                merged.append(list(grp))
+        return merged
+
+    def _spec(self, groups, params, consts, shapes, input_shape, classes, n_cuts) -> tuple[ModelSpec, Imported]:
+        names: list[str] = []
+        units, initial, original, info = [], {}, {}, []
+        boundary = self.x
+        for k, grp in enumerate(groups):
+            owner = next((n for n in grp if any(t in params for t in n.input)), grp[0])
+            module = _common([self._module(n) for n in grp if any(t in params for t in n.input)] or [self._module(owner)])
+            base = _sanitize(module) if module else f"{owner.op_type.lower()}{k + 1}"
+            base = f"layer{base}" if base[0].isdigit() else base
+            name, j = base, 1
+            while name in names:
+                j += 1
+                name = f"{base}_{j}"
+            names.append(name)
+            produced = {o for n in grp for o in n.output}
+            out = self.y if k == len(groups) - 1 else next(
+                t for t in produced if any(t in n.input for g2 in groups[k + 1:] for n in g2))
+            short: dict[str, str] = {}
+            for n in grp:
+                for slot, t in enumerate(n.input):
+                    if t in params and t not in short:
+                        mod = self._module(n) or n.op_type.lower()
+                        s = t if re.fullmatch(r"[A-Za-z_][\w.]*", t) else f"{mod}.{('weight', 'bias')[slot - 1] if n.op_type in ('Conv', 'Gemm') and slot in (1, 2) else f'input{slot}'}"
+                        s = re.sub(r"[^\w.]", "_", s)
+                        while s in short.values():
+                            s += "_"
+                        short[t] = s
+                        initial[f"{name}.{s}"] = params[t].astype(np.float32)
+                        original[f"{name}.{s}"] = t
+            used_consts = sorted({t for n in grp for t in n.input if t in consts})
+            units.append(Unit(name, _unit_fn(tuple(grp), boundary, out, tuple((t, consts[t]) for t in used_consts),
+                                             tuple((t, s, tuple(params[t].shape)) for t, s in short.items()),
+                                             tuple(shapes[out]) if out != self.y else (classes,))))
+            info.append({"name": name, "ops": [n.op_type for n in grp], "nodes": len(grp),
+                         "params": int(sum(params[t].size for t in short)), "output": list(shapes.get(out, [classes]))})
+            boundary = out
+        spec = ModelSpec(self.name, input_shape, classes, tuple(units), initial=initial, source=str(self.path))
+        return spec, Imported(self.path, self.name, input_shape, classes, info, n_cuts, sum(len(g) for g in groups),
+                              original)
+
+
+def _unit_fn(nodes, inp: str, out: str, consts, params, out_shape: Shape):
+    def fn(b: Builder, x: str, s: Shape) -> tuple[str, Shape]:
+        rename = {inp: x}
+        for t, value in consts:
+            rename[t] = f"{b.unit}/const/{t}"
+            b.nodes.append(helper.make_node("Constant", [], [rename[t]], name=rename[t],
+                                            value=numpy_helper.from_array(np.asarray(value), rename[t])))
+        for t, short, shape in params:
+            rename[t] = b._param(short, shape)
+        for n in nodes:
+            new = onnx.NodeProto()
+            new.CopyFrom(n)
+            for k, t in enumerate(n.input):
+                if t:
+                    new.input[k] = rename.setdefault(t, f"{b.unit}/{t}")
+            for k, t in enumerate(n.output):
+                if t:
+                    new.output[k] = rename.setdefault(t, f"{b.unit}/{t}")
+            new.name = f"{b.unit}/{n.name or n.output[0]}"
+            b.nodes.append(new)
+        return rename[out], out_shape
+    return fn
+
+
+def inspect(path: Path) -> tuple[ModelSpec, Imported]:
+    """Import ``path``: the model spec and what was found (units, cut points), or a ConfigError."""
+    return _Importer(Path(path)).run()
+
+
+def load(path: Path) -> ModelSpec:
+    return inspect(path)[0]
