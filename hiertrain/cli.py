@@ -76,7 +76,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
                     bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
-                    device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep)
+                    device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep,
+                    data_path=args.data)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -274,11 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--host", default="127.0.0.1", help="the edge server's address, as the other machines reach it")
     init.add_argument("--port", type=_port)
     init.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
-    init.add_argument("--model", default="lenet5", choices=sorted(_models()))
+    init.add_argument("--model", default="lenet5", type=_model, metavar="MODEL")
     init.add_argument("--batch", type=_batch, default=64)
     init.add_argument("--iterations", type=_positive_int, default=1000)
     init.add_argument("--lr", type=_positive_float, default=0.05)
-    init.add_argument("--data", default="synthetic", help="the device's data set: synthetic, cifar10, tiny-imagenet")
+    init.add_argument("--data", default="synthetic", help="the device's data set: synthetic, cifar10, tiny-imagenet, "
+                      "npz, images (a folder of class folders), csv")
     init.add_argument("--data-path", help="where the data set is on the device")
     init.add_argument("--bw-device-edge", type=_positive_float, default=5.0, metavar="MBPS",
                       help="link rate the planner starts from (telemetry then measures the real one)")
@@ -287,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(handler=_init)
 
     demo = sub.add_parser("demo", help="broker, planner, device, edge and cloud on this machine: a short run")
-    demo.add_argument("--model", default="lenet5", choices=sorted(_models()))
+    demo.add_argument("--model", default="lenet5", type=_model, metavar="MODEL")
+    demo.add_argument("--data", metavar="PATH", help="your data instead of the synthetic set: an .npz (x, y), "
+                      "a .csv (label column: label/class/target/y or the last), or a folder of class folders")
     demo.add_argument("--iterations", type=_positive_int, default=40)
     demo.add_argument("--batch", type=_batch, default=32)
     demo.add_argument("--lr", type=_positive_float, default=0.05)
@@ -336,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.set_defaults(handler=_schedule_watch)
 
     prof = sub.add_parser("profile", help="measure a hiertrain-profile/1 for one tier on this machine")
-    prof.add_argument("--model", required=True, choices=sorted(_models()))
+    prof.add_argument("--model", required=True, type=_model, metavar="MODEL")
     prof.add_argument("--batch", type=_batch, required=True)
     prof.add_argument("--out", required=True)
     prof.add_argument("--tier", required=True, choices=["device", "edge", "cloud"],
@@ -355,9 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     segs = sub.add_parser("segments", help="built training segments (graphs) for runners without a builder"
                           ).add_subparsers(dest="action", required=True, parser_class=_Parser)
     sb = segs.add_parser("build", help="build every segment of a model into a directory with a manifest")
-    sb.add_argument("--model", required=True, choices=sorted(_models()))
+    sb.add_argument("--model", required=True, type=_model, metavar="MODEL")
     sb.add_argument("--out", required=True, help="directory to write (copy it to the device; [runtime] segments)")
     sb.set_defaults(handler=_segments_build)
+
+    model = sub.add_parser("model", help="your own model: check an ONNX file, export trained weights into it"
+                           ).add_subparsers(dest="action", required=True, parser_class=_Parser)
+    mi = model.add_parser("import", help="find the units and cut points of an ONNX model and check every op")
+    mi.add_argument("file", help="an ONNX classifier: one float input [N, ...], logits [N, classes] out")
+    mi.add_argument("--json", action="store_true", help="print one JSON object")
+    mi.add_argument("--no-check", action="store_true", help="skip building the training graph")
+    mi.set_defaults(handler=_model_import)
+    me = model.add_parser("export", help="the ONNX file with a checkpoint's trained weights")
+    me.add_argument("--model", required=True, type=_model, metavar="FILE.onnx")
+    me.add_argument("--checkpoint", required=True, help="a checkpoint directory (the newest checkpoint in it)")
+    me.add_argument("--out", required=True)
+    me.set_defaults(handler=_model_export)
 
     ev = sub.add_parser("evaluate", help="held-out accuracy and loss of worker_o's newest checkpoint")
     ev.add_argument("--config", required=True, help="a tier config: its [train] model, [data] and [checkpoint] dir")
@@ -403,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profiles", default="bench/profiles", help="planner: directory of <model>.json profiles")
     bench.add_argument("--batch", type=_batch, default=64, help="planner: batch size")
     bench.add_argument("--milp", action="store_true", help="planner: also time the python-mip MILP and compare")
-    bench.add_argument("--model", default="lenet5", choices=sorted(_models()), help="testbed: the model")
+    bench.add_argument("--model", default="lenet5", type=_model, metavar="MODEL", help="testbed: the model")
     bench.add_argument("--points", default="1.5,2,3,4,5", help="testbed: edge-cloud rates, Mbit/s")
     bench.add_argument("--policies", default="hiertrain,all-edge,all-cloud,jointdnn,jointdnn+,jalad",
                        help="testbed: policies to run (also two-way, three-way: fixed hybrid schedules)")
@@ -446,10 +463,49 @@ def _segments_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models() -> list[str]:
+def _model(text: str) -> str:
+    """--model: one of the zoo's names, or a path to an .onnx file (a user's model)."""
     from hiertrain import MODEL_NAMES  # the core install has no onnx: names only
 
-    return list(MODEL_NAMES)
+    if text in MODEL_NAMES:
+        return text
+    if not text.endswith(".onnx"):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither one of {', '.join(MODEL_NAMES)} nor an .onnx file")
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no model file {text}")
+    return str(Path(text).resolve())
+
+
+def _model_import(args: argparse.Namespace) -> int:
+    from hiertrain import onnxmodel, segments
+
+    spec, found = onnxmodel.inspect(Path(args.file))
+    checked = onnxmodel.check_gradients(spec) if segments.can_build() and not args.no_check else None
+    if args.json:
+        print(json.dumps({"model": spec.name, "file": str(found.path), "input_shape": list(spec.input_shape),
+                          "classes": spec.classes, "cut_points": found.cut_points, "units": found.units,
+                          "parameters": found.original, "gradients_checked_s": checked}, indent=2))
+        return 0
+    print(f"{spec.name}: input {list(spec.input_shape)}, {spec.classes} classes, {found.nodes} nodes, "
+          f"{found.cut_points} cut points, {spec.n_units} units")
+    for i, u in enumerate(found.units, 1):
+        print(f"  {i:>3} {u['name']:<24} {u['params']:>10,} params  out {u['output']}  {' '.join(u['ops'])}")
+    print(f"gradients of every op built and lowered in {checked:.2f} s" if checked is not None else
+          "gradients not checked here (no onnxruntime-training builder" + (")" if not args.no_check else "; --no-check)"))
+    print(f'train it: [train] model = "{args.file}" in every tier\'s config, or hiertrain demo --model {args.file}')
+    return 0
+
+
+def _model_export(args: argparse.Namespace) -> int:
+    from hiertrain import checkpoint, models, onnxmodel
+
+    spec = models.get(args.model)
+    ck = checkpoint.load(Path(args.checkpoint), list(spec.param_shapes()))
+    if ck is None:
+        raise HiertrainError(f"no checkpoint of {spec.name} in {args.checkpoint}")
+    n = onnxmodel.export(Path(args.model), ck.params, Path(args.out))
+    print(f"wrote {args.out}: {args.model} with the {n} trained parameters of iteration {ck.iteration}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

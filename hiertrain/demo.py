@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from hiertrain import topics
+from hiertrain.errors import ConfigError
 from hiertrain.schedule import Schedule
 
 
@@ -28,14 +29,37 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _user_data(path: str, spec: Any) -> tuple[dict[str, Any], Any]:
+    """The device's [data] section for a user's data file or folder, and its held-out part (a fifth,
+    at most 512 samples), checked against the model before anything starts."""
+    from hiertrain import data
+
+    section = {"dataset": data.format_of(path), "path": str(Path(path).resolve())}
+    ds = data.load(section["dataset"], path=section["path"], shape=spec.input_shape, classes=spec.classes)
+    data.check(ds, spec.input_shape, spec.classes, spec.name)
+    holdout = min(512, len(ds) // 5)
+    if holdout < 1 or len(ds) - holdout < 1:
+        raise ConfigError(f"{path}: {len(ds)} samples are too few to train on and hold some out")
+    return {**section, "holdout": holdout}, ds.split(holdout)[1]
+
+
 def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: float = 0.05,
         bw_device_edge: float = 5.0, bw_edge_cloud: float = 1.5, device_quota: Optional[float] = 0.15,
-        workdir: Optional[str] = None, keep: bool = False, timeout_s: float = 120.0) -> int:
+        workdir: Optional[str] = None, keep: bool = False, timeout_s: float = 120.0,
+        data_path: Optional[str] = None) -> int:
+    """``data_path``: the user's data (an .npz, a .csv, or a folder of class folders) instead of the
+    synthetic set; a fifth of it (at most 512 samples) is held out for the accuracy figures."""
     from hiertrain import cgroup, data, models
     from hiertrain.emulation import profile_tiers
     from hiertrain.hybrid import SingleProcess
     from hiertrain.local import LocalCluster
 
+    spec = models.get(model)  # a model file that cannot be trained, or data that does not fit: before starting
+    if data_path is not None:
+        section, holdout = _user_data(data_path, spec)
+        own = {"data": {k: v for k, v in section.items() if k != "holdout"}, "holdout": section["holdout"]}
+    else:
+        holdout, own = data.synthetic_split(spec.input_shape, spec.classes, seed=0)[1], {}
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hiertrain-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     why_not = cgroup.available()
@@ -43,7 +67,8 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
     with ExitStack() as stack:
         stack.callback(lambda: None if keep else shutil.rmtree(work, ignore_errors=True))
         cluster = stack.enter_context(LocalCluster(work, model=model, batch=batch, iterations=iterations, lr=lr,
-                                                   timeout_s=timeout_s, every=iterations, device_quota=quota))
+                                                   timeout_s=timeout_s, every=iterations, device_quota=quota,
+                                                   **own))
         assert cluster.broker is not None
         _say(f"broker: {cluster.broker.kind} on 127.0.0.1:{cluster.broker.port} (pid {cluster.broker.pid})"
              + ("" if cluster.broker.kind == "mosquitto" else
@@ -56,8 +81,6 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         cluster.start()
         _say(f"services: {', '.join(f'{n} (pid {p.pid})' for n, p in cluster.procs.items())}; logs in {work}")
 
-        spec = models.get(model)
-        holdout = data.synthetic_split(spec.input_shape, spec.classes, seed=0)[1]
         before = _accuracy(SingleProcess(spec, params=models.init_params(spec, 0)), holdout)
         times, seen = _follow(cluster, iterations, timeout_s)
         codes = cluster.wait(timeout=timeout_s)

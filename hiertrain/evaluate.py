@@ -36,8 +36,7 @@ def held_out(cfg: TierConfig, spec: models.ModelSpec) -> data.Dataset:
     if cfg.dataset == "tiny-imagenet" and cfg.data_path and (Path(cfg.data_path) / "val").is_dir():
         return data.tiny_imagenet(cfg.data_path, split="val")
     if cfg.holdout:
-        return data.load(cfg.dataset, path=cfg.data_path, shape=spec.input_shape, classes=spec.classes,
-                         seed=cfg.seed).split(cfg.holdout)[1]
+        return cfg.load_data(spec).split(cfg.holdout)[1]
     raise ConfigError(f"{cfg.path}: {cfg.dataset} has no test split here; set [eval] holdout = N (the device "
                       f"then trains without its first N samples)")
 

@@ -59,13 +59,16 @@ class LocalCluster:
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
                  network: Any = None, launch: Optional[dict[str, list[str]]] = None,
-                 collector: Optional[str] = None, standby: bool = False) -> None:
+                 collector: Optional[str] = None, standby: bool = False,
+                 data: Optional[dict[str, Any]] = None, holdout: int = 0) -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
         another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own.
         ``every``: worker_o checkpoints every so many iterations into ``ck-<tier>`` of whichever
         tier it is, or, with a ``collector`` tier, into that tier's ``ck-<collector>`` alone.
         ``standby``: a standby broker (a copy of the broker directory, on loopback) that the tiers and
-        this cluster's own watch move to when theirs is gone (:attr:`standby_dir`)."""
+        this cluster's own watch move to when theirs is gone (:attr:`standby_dir`).
+        ``data``: the device's ``[data]`` section (default: the synthetic set), ``holdout`` its
+        ``[eval] holdout`` (samples it never trains on)."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -109,7 +112,9 @@ class LocalCluster:
             "runtime": {"threads": threads[t], "cache": str(work / (f"cache-{t}" if t in self.launch else "cache")),
                         "chunk_kb": chunk_kb},
             **({"checkpoint": {"every": every, **({"dir": str(work / f"ck-{t}")} if collector in (None, t) else {}),
-                               **({"collect": True} if collector == t else {})}} if every else {})},
+                               **({"collect": True} if collector == t else {})}} if every else {}),
+            **({"data": data} if data and t == "device" else {}),
+            **({"eval": {"holdout": holdout}} if holdout and t == "device" else {})},
             host=host[t], standby=addresses) for t in TIERS}
         planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"],
                                 standby=addresses)
@@ -255,8 +260,11 @@ class LocalCluster:
         return max(found, key=lambda c: c.iteration) if found else None
 
     def dataset(self) -> data.Dataset:
-        spec = models.get(self.model)
-        return data.load("synthetic", shape=spec.input_shape, classes=spec.classes, seed=0)
+        """What the device trains on."""
+        from hiertrain import tierconfig
+
+        cfg = tierconfig.load("device", self.configs["device"])
+        return cfg.training_data(models.get(cfg.model))
 
     def close(self) -> None:
         stop(self.procs.values())

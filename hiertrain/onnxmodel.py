@@ -357,9 +357,13 @@ class _Importer:
         """The module a node belongs to, from torch's scoped node names: ``/features/features.3/Conv``
         -> ``features.3``, ``/1/a/Conv`` -> ``1.a``; "" when the name says nothing."""
         parts = [p for p in self.origin.get(node.name, node.name).split("/") if p][:-1]
-        path = ""
-        for p in parts:
-            path = p if not path or p.startswith(path + ".") else f"{path}.{p}"
+        path, prev = "", ""
+        for p in parts:  # torch repeats a level's parent in its name: /f/f.0/... is f.0, /4/b/b.0/... is 4.b.0
+            if prev and p.startswith(prev + "."):
+                path = path[:len(path) - len(prev)] + p
+            else:
+                path = f"{path}.{p}" if path else p
+            prev = p
         return path
 
     def _rewrite_one(self, n, out, params, consts, shapes):
@@ -551,3 +555,38 @@ def inspect(path: Path) -> tuple[ModelSpec, Imported]:
 
 def load(path: Path) -> ModelSpec:
     return inspect(path)[0]
+
+
+def export(path: Path, params: dict[str, np.ndarray], out: Path) -> int:
+    """Write the model at ``path`` with its parameters replaced by ``params`` (a checkpoint of it) to
+    ``out``; returns how many initializers were replaced. The graph is the file's own, untouched."""
+    spec, found = inspect(Path(path))
+    missing = sorted(set(found.original) - set(params))
+    if missing:
+        raise ConfigError(f"the checkpoint lacks {len(missing)} parameters of {spec.name} (e.g. {missing[0]}): "
+                          f"it is not a checkpoint of this model")
+    model = onnx.load(str(path))
+    by_file = {found.original[k]: v for k, v in params.items() if k in found.original}
+    n = 0
+    for init in model.graph.initializer:
+        if init.name in by_file:
+            init.CopyFrom(numpy_helper.from_array(by_file[init.name].astype(np.float32), init.name))
+            n += 1
+    tmp = Path(f"{out}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(out)
+    return n
+
+
+def check_gradients(spec: ModelSpec) -> float:
+    """Build (and lower) the whole model's training graph once: every op's gradient exists and runs
+    on plain onnxruntime. Needs the gradient builder; returns the seconds it took."""
+    import tempfile
+    import time
+
+    from hiertrain import segments
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        segments.build(spec, 1, spec.n_units, kind="head", input_grad=False, root=Path(tmp))
+    return time.perf_counter() - t0

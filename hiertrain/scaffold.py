@@ -24,7 +24,7 @@ from hiertrain import MAX_BATCH, MODEL_NAMES, TIERS, topics
 from hiertrain.errors import ConfigError
 from hiertrain.local import toml
 
-DATASETS = ("synthetic", "cifar10", "tiny-imagenet")
+DATASETS = ("synthetic", "cifar10", "tiny-imagenet", "npz", "images", "csv")  # "python": entry = ... by hand
 
 
 def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, batch: int, iterations: int,
@@ -38,8 +38,14 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
         topics.validate_job(job)
     except topics.TopicError as exc:
         raise ConfigError(f"--job: {exc}") from None
-    if model not in MODEL_NAMES:
-        raise ConfigError(f"--model {model!r} is not one of {', '.join(MODEL_NAMES)}")
+    model_file = Path(model) if model.endswith(".onnx") else None
+    if model_file is None and model not in MODEL_NAMES:
+        raise ConfigError(f"--model {model!r} is neither one of {', '.join(MODEL_NAMES)} nor an .onnx file")
+    if model_file is not None:
+        from hiertrain import models
+
+        models.get(str(model_file))  # a model that cannot be trained: refused now, with the reason
+        model = model_file.name  # each machine's folder gets a copy
     if not 1 <= batch <= MAX_BATCH:
         raise ConfigError(f"--batch {batch} is not in 1..{MAX_BATCH}")
     if dataset not in DATASETS:
@@ -56,6 +62,8 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
     for tier in TIERS:
         folder = root / tier
         folder.mkdir(parents=True, exist_ok=True)
+        if model_file is not None:
+            shutil.copy2(model_file, folder / model)
         for account in (tier, "planner") if tier == "edge" else (tier,):
             shutil.copy2(bdir.credentials_file(account), folder / f"{account}.json")  # 0600, as written
         toml(folder / f"{tier}.toml", job, Path(f"{tier}.json"), {

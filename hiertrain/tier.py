@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import TIERS, artifacts, checkpoint, collect, data, models, segments, topics
+from hiertrain import TIERS, artifacts, checkpoint, collect, models, segments, topics
 from hiertrain.compress import dequantize, quantize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
 from hiertrain.failover import Failover
@@ -96,10 +96,7 @@ class TierService(Failover):
         self.params: dict[str, np.ndarray] = {}
         self.optimizer: Optional[Optimizer] = None
         self._weights_sent = -1
-        self.dataset = data.load(cfg.dataset, path=cfg.data_path, shape=self.spec.input_shape,
-                                 classes=self.spec.classes, seed=cfg.seed) if cfg.tier == "device" else None
-        if self.dataset is not None and cfg.holdout and cfg.dataset != "synthetic":  # evaluate's: never trained on
-            self.dataset = self.dataset.split(cfg.holdout)[0]
+        self.dataset = cfg.training_data(self.spec) if cfg.tier == "device" else None
         self.sent_go: set[int] = set()
         self.online: set[str] = set()
         self.checkpoints: dict[str, int] = {}  # tier -> the newest checkpoint its status announces

@@ -6,7 +6,7 @@
     [broker]
     credentials = "broker/credentials/device.json"
     [train]                       # the same on every tier
-    model = "lenet5"
+    model = "lenet5"              # one of the zoo's, or your own: "path/to/model.onnx" (hiertrain model import)
     batch = 32
     optimizer = "sgd"             # or "adamw"
     lr = 0.05
@@ -24,7 +24,9 @@
     keep = 3                      # the newest 3 kept
     collect = true                # on one tier: every checkpoint comes here, wherever worker_o runs
     [data]                        # the device's data
-    dataset = "synthetic"         # or "cifar10", "tiny-imagenet" (with path = ...)
+    dataset = "synthetic"         # or "cifar10", "tiny-imagenet", "npz", "images", "csv" (with path = ...),
+                                  # "python" (with entry = "module:function", path optional)
+    label = "species"             # csv: the label column (default: label/class/target/y, else the last)
     [eval]                        # `hiertrain evaluate`: where the data set has no test split,
     holdout = 256                 # its first N samples, which the device then never trains on
     [profile]                     # published (retained) for the planner
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hiertrain import MAX_BATCH, TIERS, config
-from hiertrain.errors import ConfigError
+from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.optim import OptimizerConfig
 from hiertrain.transport import Endpoint
 
@@ -65,9 +67,30 @@ class TierConfig:
     checkpoint_collect: bool = False  # every checkpoint comes here, wherever worker_o runs
     dataset: str = "synthetic"
     data_path: Optional[str] = None
+    data_entry: Optional[str] = None  # dataset "python": module:function
+    data_label: Optional[str] = None  # dataset "csv": the label column
     holdout: int = 0
     profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
     path: Optional[Path] = None
+
+    def load_data(self, spec: Any) -> Any:
+        """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
+        from hiertrain import data
+
+        ds = data.load(self.dataset, path=self.data_path, shape=spec.input_shape, classes=spec.classes,
+                       seed=self.seed, entry=self.data_entry, label=self.data_label,
+                       search=self.path.parent if self.path else None)
+        try:
+            data.check(ds, spec.input_shape, spec.classes, self.model)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+        return ds
+
+    def training_data(self, spec: Any) -> Any:
+        """What the device trains on: its data set less the ``[eval] holdout`` samples evaluate scores
+        (the synthetic set has a held-out part of its own)."""
+        ds = self.load_data(spec)
+        return ds.split(self.holdout)[0] if self.holdout and self.dataset != "synthetic" else ds
 
 
 def _profile(path: Path, tier: str) -> dict[str, Any]:
@@ -115,6 +138,13 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
 
 
+def _model(cfg: Any, name: str) -> str:
+    """A zoo model's name, or a model file's path resolved against the config's folder."""
+    from hiertrain.models import is_file
+
+    return str(cfg.resolve(name)) if is_file(name) else name
+
+
 def load(tier: str, path: str | os.PathLike) -> TierConfig:
     if tier not in TIERS:
         raise ConfigError(f"unknown tier {tier!r}")
@@ -135,7 +165,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         raise ConfigError(f"{cfg.path}: {exc}") from None
     out = TierConfig(
         tier=tier, job=cfg.job, endpoint=cfg.endpoint,
-        model=get(train, "model", str, "lenet5"), batch=get(train, "batch", int, 32), optimizer=optimizer,
+        model=_model(cfg, get(train, "model", str, "lenet5")), batch=get(train, "batch", int, 32), optimizer=optimizer,
         seed=get(train, "seed", int, 0), iterations=get(train, "iterations", int, 100),
         timeout_s=get(train, "timeout_s", float, 60.0),
         threads=get(rt, "threads", int, 0),
@@ -147,13 +177,17 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         checkpoint_collect=ck.get("collect", False),
         dataset=get(data, "dataset", str, "synthetic"),
         data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
+        data_entry=get(data, "entry", str, None), data_label=get(data, "label", str, None),
         holdout=get(ev, "holdout", int, 0), path=cfg.path,
         profile=_profile(cfg.resolve(str(prof["file"])), tier) if "file" in prof else None,
     )
     _check_limits(out, cfg.path)
     from hiertrain import models
 
-    models.get(out.model)  # unknown model: a clear error now, not at the first iteration
+    try:
+        models.get(out.model)  # unknown model, or one that cannot be trained: a clear error now, not at the first iteration
+    except HiertrainError as exc:
+        raise ConfigError(f"{cfg.path}: [train] model: {exc}") from None
     if out.segments_dir is not None and not (out.segments_dir / "manifest.json").is_file():
         raise ConfigError(f"{cfg.path}: [runtime] segments = {str(out.segments_dir)!r} holds no manifest.json "
                           f"(write one with `hiertrain segments build --model {out.model} --out DIR`)")
