@@ -211,7 +211,7 @@ def image_folder(root: str | os.PathLike, shape: tuple[int, ...]) -> Dataset:
 
 def csv(path: str | os.PathLike, *, label: Optional[str] = None) -> Dataset:
     """A table, one sample per row: the label column is ``label`` (a header name or a 0-based index),
-    else the column named label/class/target/y, else the last one. Labels that are not integers are
+    else the column named label/class/target/y, else the one column of words, else the last one. Labels that are not integers are
     class names, numbered in sorted order; every other column must be a number."""
     import csv as csvlib
 
@@ -241,7 +241,9 @@ def csv(path: str | os.PathLike, *, label: Optional[str] = None) -> Dataset:
         else:
             raise ConfigError(f"{path}: no label column {label!r} (columns: {', '.join(header or map(str, range(width)))})")
     else:
-        col = next((header.index(c) for c in LABEL_COLUMNS if header and c in header), width - 1)
+        words = [k for k, c in enumerate(body[0] if body else []) if not number(c)]
+        named = [header.index(c) for c in LABEL_COLUMNS if header and c in header]
+        col = named[0] if named else words[0] if len(words) == 1 else width - 1
     feats, labels = [], []
     for n, r in enumerate(body, 2 if header else 1):
         if len(r) != width:

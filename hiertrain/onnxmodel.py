@@ -45,7 +45,7 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (),  # by a constant only: rewritten into a Mul
     "Relu": (), "LeakyRelu": (), "Sigmoid": (), "Tanh": (), "Clip": (),
     "MaxPool": (), "AveragePool": (), "GlobalAveragePool": (),
-    "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (),
+    "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (), "Unsqueeze": (), "Squeeze": (),
     "ReduceMean": (), "Sqrt": (), "Reciprocal": (),
     "BatchNormalization": (1, 2),   # inference mode only: rewritten into Sub/Mul/Add with constant statistics
     "Dropout": (),                  # inference mode only: an Identity
@@ -72,6 +72,8 @@ REFUSED: dict[str, str] = {
     "LogSoftmax": "the loss applies the softmax: export the logits (drop the final LogSoftmax)",
 }
 
+# ops that move a parameter's values without changing them (its gradient flows through)
+_PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten"}
 # ops whose value never depends on an activation's values (only on its shape): no gradient flows
 _SHAPE_OPS = {"Shape", "Size", "ConstantOfShape"}
 _FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Add", "Sub", "Mul",
@@ -279,15 +281,25 @@ class _Importer:
         return self._spec(groups, params, consts, shapes, input_shape, classes, len(cuts))
 
     def _classify(self, nodes, inits):
-        """Split the graph into trainable parameters, constants (folded) and the activation nodes."""
-        slots: dict[str, bool] = {}
-        for n in nodes:
-            allowed = SUPPORTED.get(n.op_type, ())
-            for k, t in enumerate(n.input):
-                if t in inits:
-                    slots[t] = slots.get(t, True) and k in allowed
-        params = {t: v for t, v in inits.items()
-                  if slots.get(t) and v.dtype == np.float32 and v.ndim >= 1}
+        """Split the graph into trainable parameters, constants (folded) and the activation nodes.
+
+        An Identity of an initializer is an initializer of its own: torch's exporter writes one
+        initializer for parameters that happen to be equal (two zero biases) and Identity nodes
+        for the others; they are distinct parameters, trained apart."""
+        copies = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Identity" and n.input[0] in inits}
+        for out, src in copies.items():
+            inits[out] = inits[src].copy()
+        nodes = [n for n in nodes if n.output[0] not in copies]
+        if self.y in copies:
+            raise _bad(self.path, "its output is a constant")
+        # a float initializer is a parameter where it reaches a weight's slot, directly or through
+        # ops that only reshape it (GroupNorm's Unsqueeze of its weight)
+        wanted: set[str] = set()
+        for n in reversed(nodes):
+            if n.op_type in _PASS_THROUGH and any(o in wanted for o in n.output):
+                wanted.add(n.input[0])
+            wanted.update(t for k, t in enumerate(n.input) if k in SUPPORTED.get(n.op_type, ()))
+        params = {t: v for t, v in inits.items() if t in wanted and v.dtype == np.float32 and v.ndim >= 1}
         consts = {t: v for t, v in inits.items() if t not in params}
         active = []
         for n in nodes:
@@ -567,11 +579,16 @@ def export(path: Path, params: dict[str, np.ndarray], out: Path) -> int:
                           f"it is not a checkpoint of this model")
     model = onnx.load(str(path))
     by_file = {found.original[k]: v for k, v in params.items() if k in found.original}
-    n = 0
-    for init in model.graph.initializer:
+    g, n = model.graph, 0
+    for init in g.initializer:
         if init.name in by_file:
             init.CopyFrom(numpy_helper.from_array(by_file[init.name].astype(np.float32), init.name))
             n += 1
+    copies = [node for node in g.node if node.op_type == "Identity" and node.output[0] in by_file]
+    for node in copies:  # a parameter the file shared with an equal one: now an initializer of its own
+        g.node.remove(node)
+        g.initializer.append(numpy_helper.from_array(by_file[node.output[0]].astype(np.float32), node.output[0]))
+        n += 1
     tmp = Path(f"{out}.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(out)

@@ -1,0 +1,77 @@
+"""Your own model and data across three tiers over Mosquitto: PyTorch exports the zoo does not have,
+on an image folder and a CSV table, equal to single-process training; trained weights exported back
+into the ONNX file; a model or data that does not fit is one line before anything trains."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import byo
+from cluster import dump, reference, rel, schedule
+from hiertrain import models
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A user's files: two exported models and their data."""
+    root = tmp_path_factory.mktemp("user")
+    torch.manual_seed(0)
+    return {"mobile": byo.export(byo.mobilenet(), (3, 32, 32), root / "mobilenet.onnx"),
+            "mlp": byo.export(byo.mlp(), (8,), root / "mlp.onnx"),
+            "images": byo.image_folder(root / "images"), "csv": byo.table(root / "table.csv")}
+
+
+RUNS = {
+    # 8 units: s trains units 1..2 on the device, l 1..5 on the edge, o the whole model on the cloud
+    "mobilenet on images": ("mobile", "images", schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1)),
+    # 5 units: o on the device, s 1..1 on the edge, l 1..3 on the cloud
+    "mlp on csv": ("mlp", "csv", schedule("device", "edge", "cloud", 1, 3, 2, 6, 4, version=1)),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_a_users_model_and_data_train_across_three_tiers_equal_to_single_process(cluster, user, name, tmp_path):
+    model, fmt, plan = RUNS[name]
+    c = cluster(model=str(user[model]), data={"dataset": fmt, "path": str(user[fmt])}, holdout=20,
+                iterations=25, every=25, lr=0.05)
+    c.publish(plan)
+    c.start()
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    ref_losses, ref_params = reference(c, 25)
+    losses = c.losses()
+    assert sorted(losses) == list(range(25))
+    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(25)) < 1e-4
+    ck = c.final_checkpoint()
+    assert ck.iteration == 24 and rel(ck.params, ref_params) < 1e-4
+    assert losses[24] < losses[0]
+
+    # the trained weights go back into the user's file: it predicts as the trained model does
+    import onnxruntime as ort
+
+    from hiertrain.hybrid import SingleProcess
+
+    out = tmp_path / "trained.onnx"
+    ck_dir = next(d for d in (c.work / f"ck-{t}" for t in ("cloud", "edge", "device")) if d.is_dir())
+    done = subprocess.run([sys.executable, "-m", "hiertrain", "model", "export", "--model", str(user[model]),
+                           "--checkpoint", str(ck_dir), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    spec = models.get(str(user[model]))
+    x, _ = c.dataset().take(np.arange(10))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, SingleProcess(spec, params=ck.params).predict(x), rtol=1e-4, atol=1e-5)
+
+
+def test_data_that_does_not_fit_the_model_stops_the_device_at_start_in_one_line(cluster, user):
+    c = cluster(model=str(user["mobile"]), data={"dataset": "csv", "path": str(user["csv"])}, iterations=5)
+    done = subprocess.run([sys.executable, "-m", "hiertrain", "device", "run", "--config", str(c.configs["device"])],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "samples of csv are shaped (8,), but the model" in lines[0] and "(3, 32, 32)" in lines[0]
