@@ -25,6 +25,8 @@ from hiertrain.errors import ConfigError
 from hiertrain.local import toml
 
 DATASETS = ("synthetic", "cifar10", "tiny-imagenet", "npz", "images", "csv")  # "python": entry = ... by hand
+OWN_DATA = ("npz", "images", "csv")  # no test split of their own: the first HOLDOUT samples (shuffled) are held out
+HOLDOUT = 64
 
 
 def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, batch: int, iterations: int,
@@ -72,6 +74,7 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
             "checkpoint": {"every": every, "dir": "checkpoints", "keep": 3, **({"collect": True} if tier == "device" else {})},
             "profile": {"file": f"profile-{tier}.json"},
             **({"data": {"dataset": dataset, **({"path": data_path} if data_path else {})}} if tier == "device" else {}),
+            **({"eval": {"holdout": HOLDOUT}} if tier == "device" and dataset in OWN_DATA else {}),
         })
     toml(root / "edge" / "planner.toml", job, Path("planner.json"), {
         "planner": {"batch": batch, "bw_device_edge": bw_device_edge, "bw_edge_cloud": bw_edge_cloud}})

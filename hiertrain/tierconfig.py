@@ -26,7 +26,7 @@
     [data]                        # the device's data
     dataset = "synthetic"         # or "cifar10", "tiny-imagenet", "npz", "images", "csv" (with path = ...),
                                   # "python" (with entry = "module:function", path optional)
-    label = "species"             # csv: the label column (default: label/class/target/y, else the last)
+    label = "species"             # csv: the label column (default: label/class/target/y, the one column of words, the last)
     [eval]                        # `hiertrain evaluate`: where the data set has no test split,
     holdout = 256                 # its first N samples, which the device then never trains on
     [profile]                     # published (retained) for the planner

@@ -107,11 +107,11 @@ def device_venv(wheel, tmp_path_factory) -> Path:
     return py
 
 
-def _runner_run(tmp_path, broker_dir, launch, name, iterations):
+def _runner_run(tmp_path, broker_dir, launch, name, iterations, plan=None, **own):
     c = LocalCluster(tmp_path, broker_dir=broker_dir, job="portable", chunk_kb=64, iterations=iterations,
-                     every=iterations, timeout_s=120, launch={"device": launch})
+                     every=iterations, timeout_s=120, launch={"device": launch}, **own)
     try:
-        c.publish(SCHEDULES[name])
+        c.publish(plan or SCHEDULES[name])
         c.start()
         codes = c.wait(timeout=900)
         assert codes == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
@@ -125,7 +125,7 @@ def _runner_run(tmp_path, broker_dir, launch, name, iterations):
         log = c.log("device")
         assert "no gradient builder" in log, log
         c.reference_params = ref_params
-        cache = tmp_path / "cache-device" / "segments" / "lenet5"
+        cache = tmp_path / "cache-device" / "segments" / models.get(c.model).name
         assert any(cache.iterdir()), "the device fetched no segments"
         return c
     finally:
@@ -156,6 +156,20 @@ def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, b
     x, y = ds.take(np.arange(len(ds)))
     accuracy = float((SingleProcess(spec, params=c.reference_params).predict(x).argmax(1) == y).mean())
     assert ev.stdout.startswith(f"accuracy {accuracy:.4f}, loss ") and f"on {len(ds)} held-out" in ev.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_plain_onnxruntime_device_trains_a_users_onnx_model_on_its_csv(device_venv, mosquitto, broker_dir, tmp_path):
+    """The import runs where only plain onnxruntime is, and names the units, segments and keys the
+    builder tiers name: the device fetches what it needs and the run equals single-process."""
+    import byo
+
+    pytest.importorskip("torch")
+    model, table = byo.export(byo.mlp(), (8,), tmp_path / "mlp.onnx"), byo.table(tmp_path / "table.csv")
+    _runner_run(tmp_path, broker_dir, [str(device_venv)], "", 12,
+                plan=schedule("device", "edge", "cloud", 2, 4, 2, 6, 4, version=1), model=str(model),
+                data={"dataset": "csv", "path": str(table)}, holdout=16)
 
 
 @pytest.mark.integration

@@ -67,10 +67,18 @@ def test_init_refuses_what_cannot_work_in_one_line(tmp_path, args, why):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"),
                     reason="needs Mosquitto")
-def test_the_readme_init_writes_trains_the_job_when_followed_line_by_line(tmp_path):
+@pytest.mark.parametrize("own", [False, True], ids=["zoo model, synthetic data", "own ONNX model, CSV data"])
+def test_the_readme_init_writes_trains_the_job_when_followed_line_by_line(tmp_path, own):
     port = free_port()
+    mine = []
+    if own:  # a user's PyTorch model and table, outside the job folder
+        import byo
+
+        pytest.importorskip("torch")
+        mine = ["--model", str(byo.export(byo.mlp(), (8,), tmp_path / "mlp.onnx")), "--data", "csv",
+                "--data-path", str(byo.table(tmp_path / "table.csv"))]
     done = init(tmp_path, "--job", "greenhouse", "--port", str(port), "--bind", "127.0.0.1", "--batch", "16",
-                "--iterations", "12")
+                "--iterations", "12", *mine)
     assert done.returncode == 0, done.stderr
     job = tmp_path / "job"
     readme = (job / "README.md").read_text()
