@@ -49,7 +49,8 @@ def test_cpu_quota_slows_the_profile_and_cleans_up(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--model", "mobilenet", "--batch", "4", "--out", "x.json"], "invalid choice"),
+    (["--model", "mobilenet", "--batch", "4", "--out", "x.json"], "neither one of lenet5"),
+    (["--model", "missing.onnx", "--batch", "4", "--out", "x.json"], "no model file missing.onnx"),
     (["--model", "lenet5", "--batch", "0", "--out", "x.json"], "at least 1"),
     (["--model", "lenet5", "--batch", "4", "--out", "x.json", "--cpu-quota", "-1"], "cpu-quota"),
 ])
