@@ -7,20 +7,22 @@ like the zoo's:
 - **Cut points** are the places in the graph's node order where exactly one activation tensor
   ``[N, ...]`` crosses and no parameter is used on both sides (between a ResNet's blocks, not inside
   one). The nodes between two cut points are a *unit*; a unit without parameters (a ReLU, a pool)
-  joins the unit before it. A unit is named after the module of its first parameter (torch's node
+  joins the unit before it. A unit is named after the modules its parameters belong to (torch's node
   names, ``/features/features.3/Conv`` -> ``features_3``); its parameters keep their names in the file
   (``features_3.features.3.weight``), so trained weights map back to it (:func:`export`).
-- **Parameters** are the float initializers (rank >= 1) a node takes where a weight goes (Conv's and
-  Gemm's weight and bias, either side of MatMul/Add/Mul/..., a BatchNormalization's scale and bias).
+- **Parameters** are the float initializers (rank >= 1) that reach, directly or through ops that only
+  reshape them, a slot where a weight goes (Conv's and Gemm's weight and bias, either side of
+  MatMul/Add/Mul/..., a normalization's scale and bias).
   Everything else (shapes, clip bounds, scalars, running statistics) is a constant, folded into the
   unit that uses it. Training starts from the file's weights.
 - **Every op is checked** against what segments differentiate exactly and lower to standard ONNX
   (:data:`SUPPORTED`); anything else is refused naming the op, the node and what to do
   (:data:`REFUSED` for the ops with a known reason).
 
-BatchNormalization: in inference mode (``model.eval()`` before exporting; torch then folds it into
-the Conv before it) its statistics are constants and its scale and bias train: the step is exactly
-single-process SGD whatever the split. In training mode its batch statistics would be computed per
+BatchNormalization: in inference mode (``model.eval()`` before exporting) its statistics are
+constants and its scale and bias train: the step is exactly single-process SGD whatever the split.
+(torch's exporter folds it into the Conv before it unless ``do_constant_folding=False``; the folded
+Conv's weights then train instead, exactly too.) In training mode its batch statistics would be computed per
 worker, over that worker's samples only, so the step would not equal single-process training: it is
 refused, with that fix named.
 """
@@ -432,13 +434,21 @@ class _Importer:
         ]
 
     def _check(self, nodes, consts):
+        """Every node trains exactly: an op of SUPPORTED, or a computation on shapes only (``Shape``
+        of an activation and integer arithmetic on it, which has no gradient)."""
+        shape_valued: set[str] = set()
         for n in nodes:
             where = f"{n.op_type} (node {n.name or n.output[0]!r})"
-            if n.domain not in ("", "ai.onnx"):
+            if n.op_type in _SHAPE_OPS or (n.op_type in _FOLDABLE and n.input
+                                           and all(t in shape_valued or t in consts or not t for t in n.input)):
+                shape_valued.update(n.output)
+            elif n.domain not in ("", "ai.onnx"):
                 self.problems.append(f"{n.domain}.{where}: only standard ONNX ops can be trained here")
             elif n.op_type in REFUSED:
-                self.problems.append(f"{where}: {REFUSED[n.op_type]}")
-            elif n.op_type not in SUPPORTED and n.op_type not in _SHAPE_OPS | _FOLDABLE:
+                last = n.op_type in ("Softmax", "LogSoftmax") and self.y in n.output
+                self.problems.append(f"{where}: " + (REFUSED[n.op_type] if last or n.op_type not in (
+                    "Softmax", "LogSoftmax") else "not among the ops hiertrain trains exactly"))
+            elif n.op_type not in SUPPORTED:
                 self.problems.append(f"{where}: not among the ops hiertrain trains exactly "
                                      f"({', '.join(sorted(SUPPORTED))})")
             elif n.op_type == "Reshape" and n.input[1] in consts and consts[n.input[1]].size \

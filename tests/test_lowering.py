@@ -141,11 +141,48 @@ def test_relu_grad_scale_split_and_concat_training():
     _compare(m, {"X": x, "dY": rng.standard_normal(shape).astype(np.float32), "s": np.array(3.0, np.float32)}, exact=True)
 
 
+@pytest.mark.parametrize("op,attrs", [
+    ("SigmoidGrad", {}), ("TanhGrad", {}), ("LeakyReluGrad", {"alpha": 0.1}), ("GeluGrad", {}),
+    ("QuickGeluGrad", {"alpha": 1.702}), ("QuickGeluGrad", {"alpha": 1.0}),
+])
+def test_activation_grads(op, attrs):
+    # (dY, Y) for Sigmoid/Tanh/LeakyRelu, (dY, X) for the GELUs: the kernel's value at random points
+    shape = ["N", 4, 7]
+    m = _model([helper.make_node(op, ["dY", "Y"], ["dX"], domain=MS, **attrs)], [_f("dY", shape), _f("Y", shape)],
+               [_f("dX", shape)])
+    y = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    y = 1 / (1 + np.exp(-y)) if op == "SigmoidGrad" else np.tanh(y) if op == "TanhGrad" else y
+    _compare(m, {"dY": rng.standard_normal((3, 4, 7)).astype(np.float32), "Y": y.astype(np.float32)}, tol=1e-5)
+
+
+@pytest.mark.parametrize("op,attrs", [("Gelu", {}), ("QuickGelu", {"alpha": 1.702})])
+def test_fused_forward_activations(op, attrs):
+    m = _model([helper.make_node(op, ["X"], ["Y"], domain=MS, **attrs)], [_f("X", ["N", 9])], [_f("Y", ["N", 9])])
+    low = _compare(m, {"X": (3 * rng.standard_normal((5, 9))).astype(np.float32)}, tol=1e-5)
+    assert not any(n.name.startswith(lowering.PREFIX) for n in low.graph.node)  # stays in the forward graph
+
+
+@pytest.mark.parametrize("k,s,p,hw", [
+    (2, 2, [0, 0, 0, 0], (8, 8)),      # non-overlapping
+    (3, 2, [0, 0, 0, 0], (9, 8)),      # overlapping, a leftover column
+    (3, 1, [1, 1, 1, 1], (6, 7)),      # padded, padding counted
+])
+def test_average_pool_grad(k, s, p, hw):
+    xs, attrs = [2, 3, *hw], {"kernel_shape": [k, k], "strides": [s, s], "pads": p}
+    if any(p):
+        attrs["count_include_pad"] = 1
+    ys = [2, 3, *((d + p[0] + p[2] - k) // s + 1 for d in hw)]
+    m = _model([helper.make_node("AveragePoolGrad", ["dY"], ["X_grad"], **attrs)], [_f("dY", ys), _f("X", xs)],
+               [_f("X_grad", xs)])
+    _compare(m, {"dY": rng.standard_normal(ys).astype(np.float32), "X": np.zeros(xs, np.float32)}, tol=1e-5)
+
+
 @pytest.mark.parametrize("node,why", [
     (helper.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain=MS, kernel_shape=[3, 3],
                       auto_pad="SAME_UPPER"), "auto_pad"),
     (helper.make_node("SoftmaxCrossEntropyLossGrad", ["dY", "X", "y", "W"], ["dX"], domain=MS), "class weights"),
-    (helper.make_node("Gelu", ["X"], ["dX"], domain=MS), "no rule"),
+    (helper.make_node("FastGelu", ["X"], ["dX"], domain=MS), "no rule"),
+    (helper.make_node("AveragePoolGrad", ["dY"], ["X_grad"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), "count"),
 ])
 def test_what_cannot_be_lowered_is_a_clear_error(node, why):
     m = _model([node], [_f("X", [2, 3, 5, 5]), _f("dY", [2, 3, 5, 5]), _f("W", [3, 3, 3, 3]),

@@ -139,8 +139,19 @@ def test_what_cannot_be_trained_exactly_is_refused_naming_the_op_the_node_and_th
     _refused(byo.export(conv_bn, (3, 4, 4), tmp_path / "bn.onnx", train=True),
              "BatchNormalization", "/1/BatchNormalization", "training mode", "model.eval()")
     _refused(byo.export(_flat(nn.Softplus()), (3, 4, 4), tmp_path / "sp.onnx"), "Softplus", "/2/Softplus", "no gradient")
-    _refused(byo.export(_flat(nn.ReLU(), nn.Linear(16, 16), nn.Softmax(1)), (3, 4, 4), tmp_path / "sm.onnx"),
+    _refused(byo.export(nn.Sequential(_flat(nn.ReLU()), nn.Softmax(1)), (3, 4, 4), tmp_path / "sm.onnx"),
              "Softmax", "export the logits")
+    _refused(byo.export(_flat(nn.Softmax(1)), (3, 4, 4), tmp_path / "mid.onnx"), "Softmax", "not among the ops")
+
+    class FirstFeatures(nn.Module):  # a Slice of an activation: no exact gradient here, refused up front
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)[:, :10])
+
+    _refused(byo.export(FirstFeatures(), (3, 4, 4), tmp_path / "slice.onnx"), "Slice", "not among the ops")
 
     class Rnn(nn.Module):
         def __init__(self):
