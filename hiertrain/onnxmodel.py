@@ -33,6 +33,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -164,13 +165,13 @@ def _bad(path: Path, what: str) -> ConfigError:
 
 @dataclass
 class Imported:
-    """What :func:`inspect` found: the units with their nodes, and everything refused."""
+    """What :func:`inspect` found, for ``hiertrain model import``."""
 
     path: Path
     name: str
     input_shape: Shape
     classes: int
-    units: list[dict] = field(default_factory=list)   # name, ops, params (count), shape out, first node
+    units: list[dict] = field(default_factory=list)   # name, ops, nodes, params (count), output shape
     cut_points: int = 0
     nodes: int = 0
     original: dict[str, str] = field(default_factory=dict)  # our parameter name -> the file's initializer
@@ -199,18 +200,20 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     return np.array(value, dtype)
 
 
-def _fold(node: onnx.NodeProto, values: list[np.ndarray]) -> list[np.ndarray]:
-    """Evaluate a node whose inputs are all constants (a shape computation, a scalar)."""
+def _fold(node: onnx.NodeProto, values: list[Optional[np.ndarray]]) -> list[np.ndarray]:
+    """Evaluate a node whose inputs are all constants (a shape computation, a scalar); None for an
+    optional input left out."""
     from onnx.reference import ReferenceEvaluator
 
-    names = [f"i{k}" for k in range(len(values))]
-    n = helper.make_node(node.op_type, [nm if nm else "" for nm in names], [f"o{k}" for k in range(len(node.output))])
+    names = [f"i{k}" if v is not None else "" for k, v in enumerate(values)]
+    n = helper.make_node(node.op_type, names, [f"o{k}" for k in range(len(node.output))])
     n.attribute.extend(node.attribute)
+    given = [(nm, v) for nm, v in zip(names, values) if v is not None]
     g = helper.make_graph([n], "fold", [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype),
-                                                                      list(v.shape)) for nm, v in zip(names, values)],
+                                                                      list(v.shape)) for nm, v in given],
                           [helper.make_empty_tensor_value_info(f"o{k}") for k in range(len(node.output))])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    return list(ReferenceEvaluator(m).run(None, dict(zip(names, values))))
+    return list(ReferenceEvaluator(m).run(None, dict(given)))
 
 
 class _Importer:
@@ -308,7 +311,7 @@ class _Importer:
             if n.op_type == "Constant":
                 consts[n.output[0]] = _constant_value(n)
             elif (n.input and all(t in consts or not t for t in n.input) and n.op_type in _FOLDABLE):
-                for o, v in zip(n.output, _fold(n, [consts[t] for t in n.input if t])):
+                for o, v in zip(n.output, _fold(n, [consts[t] if t else None for t in n.input])):
                     consts[o] = v
             else:
                 active.append(n)
@@ -423,15 +426,10 @@ class _Importer:
         base = f"{n.name or n.output[0]}/bn"
         consts[f"{base}.mean"] = consts[mean].astype(np.float32).reshape(per_channel)
         consts[f"{base}.inv_std"] = (1.0 / np.sqrt(consts[var].astype(np.float64) + eps)).astype(np.float32).reshape(per_channel)
-        consts[f"{base}.shape"] = np.array(per_channel, np.int64)
         return [
             helper.make_node("Sub", [x, f"{base}.mean"], [f"{base}.centred"], name=f"{base}/sub"),
             helper.make_node("Mul", [f"{base}.centred", f"{base}.inv_std"], [f"{base}.normed"], name=f"{base}/norm"),
-            helper.make_node("Reshape", [scale, f"{base}.shape"], [f"{base}.scale"], name=f"{base}/scale_shape"),
-            helper.make_node("Reshape", [bias, f"{base}.shape"], [f"{base}.bias"], name=f"{base}/bias_shape"),
-            helper.make_node("Mul", [f"{base}.normed", f"{base}.scale"], [f"{base}.scaled"], name=f"{base}/scale"),
-            helper.make_node("Add", [f"{base}.scaled", f"{base}.bias"], [n.output[0]], name=f"{base}/shift"),
-        ]
+        ] + _affine(n, f"{base}.normed", scale, bias, list(per_channel), consts)
 
     def _check(self, nodes, consts):
         """Every node trains exactly: an op of SUPPORTED, or a computation on shapes only (``Shape``
