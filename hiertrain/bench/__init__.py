@@ -19,6 +19,7 @@ BENCHES = {
     "hostile": "hiertrain.bench.hostile",
     "failover": "hiertrain.bench.failover",
     "planner": "hiertrain.planner.bench",
+    "fleet-planner": "hiertrain.planner.fleetbench",
 }
 
 

@@ -1,0 +1,396 @@
+"""Planning a fleet: many heterogeneous devices, one edge server and a cloud (EdgeSplit + HierTrain).
+
+Each device trains on its own ``samples`` per iteration along one *path*: units 1..m on the device,
+m+1..k on the edge, k+1..U on the cloud (0 <= m <= k <= U). ``m = 0`` sends the raw samples up (never
+for a *private* device); ``k = U`` leaves the cloud out. EdgeSplit is the special case k = U for
+every device; HierTrain's chains are paths of one device.
+
+Exact mode: every unit has one owner, the edge; a tier that trains a replica of it (a device its
+prefix, the cloud the suffix it serves) sends its gradient there and gets the new weights back, so an
+iteration is exactly one SGD step over every device's samples.
+
+The per-iteration time, its terms written once here as pure functions:
+
+- device d: compute ``C_d = n_d * sum_{u<=m} t_d[u]``; over its own link, in bits,
+  ``V_d = 8 * (n_d * a[m] * dirs + 2 * P(1..m))`` (dirs: 2 for activations up and their gradient
+  down, 1 for raw samples, 0 when the device trains everything; P: parameter bytes, gradients up
+  and weights down);
+- the shared medium: device d is given ``b_d <= r_d`` Mbit/s with ``sum b_d <= R``;
+- edge: ``E = sum_d n_d * sum_{m<u<=k} t_e[u]``;
+- cloud: ``X = 8 * (sum_d 2 * n_d * a[k_d] [k_d < U] + 2 * P(kappa+1..U)) / R_c`` with kappa the
+  smallest k (the units the cloud trains), and ``K = sum_d n_d * sum_{u>k_d} t_c[u]``;
+
+``T = max_d (C_d + V_d / b_d) + E + X + K``: the devices work in parallel, each over its share of the
+medium, then the edge serves every device's suffix and the cloud its part (a conservative model: no
+overlap between the phases).
+
+:func:`solve` finds the exact optimum over every device's path and the bandwidth shares;
+:func:`brute_force` checks it on small instances; :func:`edgesplit` is EdgeSplit's alternating
+algorithm (cuts given shares, shares given cuts); :func:`baseline` gives all-local, all-edge,
+all-cloud and per-device HierTrain, all timed by the same :func:`iteration_time`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from hiertrain.errors import PlanError
+
+MBIT = 1e6
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    samples: int                       # its samples in every iteration (n_d)
+    unit_s: tuple[float, ...]          # seconds per sample, forward + backward, of each unit on it
+    rate_mbps: float                   # the most its radio carries (r_d)
+    private: bool = False              # its raw samples never leave it (m >= 1)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    act_bytes: tuple[float, ...]       # per sample at each cut: a[0] a raw sample, a[k] unit k's output
+    param_bytes: tuple[float, ...]     # per unit
+    devices: tuple[Device, ...]
+    edge_s: tuple[float, ...]          # seconds per sample per unit on the edge
+    cloud_s: tuple[float, ...]         # ... on the cloud
+    medium_mbps: float                 # the shared device-edge medium (R)
+    cloud_mbps: float                  # the edge-cloud link (R_c)
+
+    def __post_init__(self) -> None:
+        u = len(self.param_bytes)
+        if len(self.act_bytes) != u + 1 or len(self.edge_s) != u or len(self.cloud_s) != u:
+            raise PlanError(f"a fleet of {u} units needs {u + 1} activation sizes and {u} timings per tier")
+        for d in self.devices:
+            if len(d.unit_s) != u or d.samples < 0 or not d.rate_mbps > 0:
+                raise PlanError(f"device {d.name}: {len(d.unit_s)} timings for {u} units, {d.samples} samples, "
+                                f"{d.rate_mbps} Mbit/s")
+        if not (self.medium_mbps > 0 and self.cloud_mbps > 0):
+            raise PlanError("link rates must be > 0")
+
+    @property
+    def units(self) -> int:
+        return len(self.param_bytes)
+
+
+@dataclass(frozen=True)
+class Path:
+    m: int   # the device trains units 1..m
+    k: int   # the edge m+1..k, the cloud k+1..U
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    policy: str
+    paths: tuple[Path, ...]
+    shares_mbps: tuple[float, ...]
+    iteration_s: float
+    parts: dict = field(default_factory=dict, compare=False)
+
+
+def random_fleet(rng: random.Random, devices: int, units: int, *, private: float = 0.3) -> Fleet:
+    """A heterogeneous fleet for tests and benchmarks: devices 5-60x slower than the edge (a Pi 3 to
+    a Jetson), radios of 2-40 Mbit/s on a 5-60 Mbit/s medium, activations and parameters of varied
+    size, a share of the devices private."""
+    base = [rng.uniform(1e-4, 5e-3) for _ in range(units)]
+    return Fleet(
+        act_bytes=tuple(rng.uniform(1e3, 2e5) for _ in range(units + 1)),
+        param_bytes=tuple(rng.uniform(1e3, 5e5) for _ in range(units)),
+        devices=tuple(Device(f"pi{i}", rng.randint(4, 32), tuple(b * rng.uniform(5, 60) for b in base),
+                             rng.uniform(2, 40), rng.random() < private) for i in range(devices)),
+        edge_s=tuple(b * rng.uniform(0.8, 1.2) for b in base),
+        cloud_s=tuple(b * rng.uniform(0.1, 0.3) for b in base),
+        medium_mbps=rng.uniform(5, 60), cloud_mbps=rng.uniform(1, 20))
+
+
+# ------------------------------------------------------------------------------ cost terms (pure)
+
+def paths(fleet: Fleet, d: Device, *, min_k: int = 0) -> list[Path]:
+    """Every path a device may take (raw samples up only for a device that is not private)."""
+    u = fleet.units
+    return [Path(m, k) for m in range(1 if d.private else 0, u + 1) for k in range(max(m, min_k), u + 1)]
+
+
+def device_terms(fleet: Fleet, d: Device, m: int) -> tuple[float, float]:
+    """(compute seconds, bits over its link) of a device training units 1..m."""
+    u = fleet.units
+    dirs = 0 if m == u else 1 if m == 0 else 2
+    compute = d.samples * sum(d.unit_s[:m])
+    bits = 8.0 * (d.samples * fleet.act_bytes[m] * dirs + 2.0 * sum(fleet.param_bytes[:m]))
+    return compute, bits
+
+
+def server_terms(fleet: Fleet, d: Device, p: Path) -> float:
+    """Seconds this device's path adds to the edge and the cloud (compute, and its activations
+    over the edge-cloud link), all additive over devices."""
+    u = fleet.units
+    edge = d.samples * sum(fleet.edge_s[p.m:p.k])
+    cloud = d.samples * sum(fleet.cloud_s[p.k:])
+    link = 8.0 * 2 * d.samples * fleet.act_bytes[p.k] / (fleet.cloud_mbps * MBIT) if p.k < u else 0.0
+    return edge + cloud + link
+
+
+def cloud_sync(fleet: Fleet, kappa: int) -> float:
+    """Seconds to send the cloud's gradients of units kappa+1..U to the edge and the weights back."""
+    return 8.0 * 2 * sum(fleet.param_bytes[kappa:]) / (fleet.cloud_mbps * MBIT)
+
+
+def allocate(compute: Sequence[float], bits: Sequence[float], caps: Sequence[float],
+             total: float) -> tuple[float, list[float]]:
+    """Shares of the medium minimising ``max_d compute_d + bits_d / share_d`` (share_d <= caps_d,
+    sum <= total, Mbit/s): the device phase's seconds and the shares. Infinite if it cannot fit."""
+    need = [i for i, b in enumerate(bits) if b > 0]
+    lo = max([0.0, *compute, *(compute[i] + bits[i] / (caps[i] * MBIT) for i in need)])
+
+    def shares(tau: float) -> list[float]:
+        return [bits[i] / MBIT / (tau - compute[i]) if bits[i] > 0 else 0.0 for i in range(len(bits))]
+
+    if not need or sum(shares(lo)) <= total * (1 + 1e-12):
+        return lo, (shares(lo) if need else [0.0] * len(bits))
+    hi = max(compute[i] for i in need) + sum(bits) / (total * MBIT)
+    hi = max(hi, lo)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sum(shares(mid)) <= total:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return hi, shares(hi)
+
+
+def iteration_time(fleet: Fleet, chosen: Sequence[Path]) -> tuple[float, list[float], dict]:
+    """T for the devices' paths, with the best shares of the medium: (seconds, shares, the parts)."""
+    if len(chosen) != len(fleet.devices):
+        raise PlanError(f"{len(chosen)} paths for {len(fleet.devices)} devices")
+    terms = [device_terms(fleet, d, p.m) for d, p in zip(fleet.devices, chosen)]
+    for d, p in zip(fleet.devices, chosen):
+        if not 0 <= p.m <= p.k <= fleet.units or (d.private and p.m == 0):
+            raise PlanError(f"device {d.name}: path {p} is not allowed")
+    tau, shares = allocate([c for c, _ in terms], [b for _, b in terms], [d.rate_mbps for d in fleet.devices],
+                           fleet.medium_mbps)
+    servers = sum(server_terms(fleet, d, p) for d, p in zip(fleet.devices, chosen))
+    kappa = min((p.k for p in chosen), default=fleet.units)
+    sync = cloud_sync(fleet, kappa)
+    return tau + servers + sync, shares, {"devices_s": tau, "servers_s": servers, "cloud_sync_s": sync}
+
+
+def _plan(policy: str, fleet: Fleet, chosen: Sequence[Path]) -> FleetPlan:
+    t, shares, parts = iteration_time(fleet, chosen)
+    return FleetPlan(policy, tuple(chosen), tuple(shares), t, parts)
+
+
+# ------------------------------------------------------------------------------------ exact
+
+def brute_force(fleet: Fleet) -> FleetPlan:
+    """Every combination of paths (small fleets only: the tests' reference)."""
+    best = None
+    for chosen in itertools.product(*(paths(fleet, d) for d in fleet.devices)):
+        t = iteration_time(fleet, chosen)[0]
+        if best is None or t < best[0] - 1e-15:
+            best = (t, chosen)
+    assert best is not None
+    return _plan("brute-force", fleet, best[1])
+
+
+@dataclass
+class _Options:
+    """One device's paths as arrays: compute C, bits V, additive server seconds g."""
+    paths: list[Path]
+    compute: np.ndarray
+    bits: np.ndarray
+    g: np.ndarray
+
+
+def _options(fleet: Fleet, d: Device, kappa: int) -> _Options:
+    """The device's paths with k >= kappa, less the dominated ones (no better in C, V and g)."""
+    ps = paths(fleet, d, min_k=kappa)
+    terms = np.array([(*device_terms(fleet, d, p.m), server_terms(fleet, d, p)) for p in ps])
+    keep = []
+    order = np.lexsort((terms[:, 1], terms[:, 0], terms[:, 2]))
+    for i in order:
+        c, v, g = terms[i]
+        if not any(terms[j, 0] <= c and terms[j, 1] <= v and terms[j, 2] <= g for j in keep):
+            keep.append(i)
+    keep.sort()
+    return _Options([ps[i] for i in keep], terms[keep, 0], terms[keep, 1], terms[keep, 2])
+
+
+def _cheapest_within(fleet: Fleet, opts: list[_Options], tau: float,
+                     cap: float = math.inf) -> Optional[tuple[float, list[int]]]:
+    """The least total g over one option per device whose bandwidth at device-phase deadline tau
+    fits the medium (a multiple-choice knapsack, solved exactly over Pareto fronts of
+    (bandwidth, g)); None if nothing fits, or nothing costs less than ``cap``."""
+    total = fleet.medium_mbps * (1 + 1e-12)
+    rest = np.cumsum([float(o.g.min()) for o in opts][::-1])[::-1].tolist() + [0.0]  # least g still to add
+    front_b, front_g = np.zeros(1), np.zeros(1)
+    back: list[tuple[np.ndarray, np.ndarray]] = []
+    for n, (d, o) in enumerate(zip(fleet.devices, opts)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slack = tau - o.compute
+            beta = np.where(o.bits > 0, o.bits / MBIT / slack, 0.0)
+        ok = (slack >= -1e-15 * max(1.0, abs(tau))) & ((o.bits == 0) | ((slack > 0) & (beta <= d.rate_mbps * (1 + 1e-12))))
+        idx = np.flatnonzero(ok)
+        if not len(idx):
+            return None
+        b = (front_b[:, None] + beta[idx][None, :]).ravel()
+        g = (front_g[:, None] + o.g[idx][None, :]).ravel()
+        parent = np.repeat(np.arange(len(front_b)), len(idx))
+        choice = np.tile(idx, len(front_b))
+        fits = (b <= total) & (g + rest[n + 1] < cap)
+        b, g, parent, choice = b[fits], g[fits], parent[fits], choice[fits]
+        if not len(b):
+            return None
+        order = np.lexsort((b, g))  # by g, then bandwidth: keep those needing less than every cheaper one
+        b, g, parent, choice = b[order], g[order], parent[order], choice[order]
+        best_b = np.minimum.accumulate(b)
+        keep = np.concatenate(([True], b[1:] < best_b[:-1]))
+        front_b, front_g = b[keep], g[keep]
+        back.append((parent[keep], choice[keep]))
+    i = int(np.argmin(front_g))
+    picks = []
+    for parent, choice in reversed(back):
+        picks.append(int(choice[i]))
+        i = int(parent[i])
+    return float(front_g.min()), picks[::-1]
+
+
+def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
+    """The exact optimum of :func:`iteration_time` over every device's path and the shares, or,
+    when the search outgrows ``budget_s``, the best plan found (``parts["optimal"]`` says which);
+    never worse than any baseline of :data:`POLICIES`, which seed it.
+
+    For each kappa (the first unit the cloud may train), T = tau + G + sync(kappa): tau the device
+    phase, G the additive server seconds. For a deadline tau the least G is a multiple-choice
+    knapsack on the medium (:func:`_cheapest_within`), and G only grows as tau shrinks. So tau is
+    walked down from infinity: each step takes the least-G assignment that fits below its
+    predecessor's own tau, the only place a better plan can be; the walk ends when nothing fits, or
+    when even the shortest device phase plus that G cannot beat the best plan (exact). Before the
+    walk, deadlines on a coarse grid give a good plan early, which tightens both ends."""
+    import time
+
+    if not fleet.devices:
+        raise PlanError("a fleet needs at least one device")
+    deadline = time.perf_counter() + budget_s
+    best: Optional[tuple[float, list[Path]]] = None
+    for policy in ("edgesplit", "all-edge", "all-cloud", "all-local", "per-device-hiertrain"):
+        try:
+            seed = baseline(fleet, policy)
+        except PlanError:
+            continue
+        if math.isfinite(seed.iteration_s) and (best is None or seed.iteration_s < best[0]):
+            best = (seed.iteration_s, list(seed.paths))
+    branches = []
+    for kappa in range(fleet.units + 1):
+        opts = [_options(fleet, d, kappa) for d in fleet.devices]
+        if any(not len(o.paths) for o in opts):
+            continue
+        floor = max(float(np.min(o.compute)) for o in opts)  # no device phase is shorter
+        sync = cloud_sync(fleet, kappa)
+        branches.append((floor + sum(float(o.g.min()) for o in opts) + sync, kappa, opts, floor, sync))
+    branches.sort(key=lambda b: b[0])
+
+    def settle(opts, tau, floor, sync):
+        """The least-G assignment within deadline tau (None if none fits or can pay); keeps the best."""
+        nonlocal best
+        found = _cheapest_within(fleet, opts, tau, best[0] - floor - sync if best else math.inf)
+        if found is None:
+            return None
+        g, picks = found
+        chosen = [o.paths[i] for o, i in zip(opts, picks)]
+        t, _, parts = iteration_time(fleet, chosen)
+        if best is None or t < best[0]:
+            best = (t, chosen)
+        return g, parts["devices_s"]
+
+    optimal = True
+    for bound, _, opts, floor, sync in branches:
+        if best is not None and bound >= best[0]:
+            break
+        if time.perf_counter() > deadline:
+            optimal = False
+            break
+        top = settle(opts, math.inf, floor, sync)
+        if top is None:
+            continue
+        for tau in np.geomspace(max(floor, 1e-9), max(top[1], 2e-9), 12)[1:-1]:
+            settle(opts, float(tau), floor, sync)
+        tau = top[1]
+        while tau > 0:
+            if time.perf_counter() > deadline:
+                optimal = False
+                break
+            got = settle(opts, tau * (1 - 1e-9), floor, sync)
+            if got is None or floor + got[0] + sync >= best[0]:
+                break  # nothing fits below, or a shorter deadline only costs more than the best
+            tau = got[1]
+    if best is None:
+        raise PlanError("no plan fits the medium (every device's path needs more than its radio carries)")
+    plan = _plan("hiertrain", fleet, best[1])
+    plan.parts["optimal"] = optimal
+    return plan
+
+
+# --------------------------------------------------------------------------------- baselines
+
+POLICIES = ("hiertrain", "edgesplit", "all-local", "all-edge", "all-cloud", "per-device-hiertrain")
+
+
+def edgesplit(fleet: Fleet, *, rounds: int = 50) -> FleetPlan:
+    """EdgeSplit's alternating algorithm (device prefix, the rest on the edge; no cloud): with the
+    shares fixed, each device takes the cut that minimises the iteration given the others';
+    with the cuts fixed, the shares are re-balanced; until nothing changes."""
+    u = fleet.units
+    equal = fleet.medium_mbps / len(fleet.devices)
+    cuts = [max(1, u // 2) if d.private else u // 2 for d in fleet.devices]
+    shares = [equal] * len(fleet.devices)  # the first round: an equal split
+    for _ in range(rounds):
+        changed = False
+        for i, d in enumerate(fleet.devices):
+            def with_cut(m: int) -> float:
+                trial = [Path(c, u) for c in cuts]
+                trial[i] = Path(m, u)
+                terms = [device_terms(fleet, dd, p.m) for dd, p in zip(fleet.devices, trial)]
+                dev = max(c + (b / (min(s, dd.rate_mbps) * MBIT) if b else 0.0)
+                          for (c, b), s, dd in zip(terms, shares, fleet.devices))
+                return dev + sum(server_terms(fleet, dd, p) for dd, p in zip(fleet.devices, trial))
+
+            best_m = min(range(1 if d.private else 0, u + 1), key=lambda m: (with_cut(m), m != cuts[i]))
+            if best_m != cuts[i]:
+                cuts[i], changed = best_m, True
+        _, shares, _ = iteration_time(fleet, [Path(c, u) for c in cuts])
+        shares = [s if s > 0 else equal for s in shares]  # a device that sent nothing may start to
+        if not changed:
+            break
+    return _plan("edgesplit", fleet, [Path(c, u) for c in cuts])
+
+
+def baseline(fleet: Fleet, policy: str) -> FleetPlan:
+    u = fleet.units
+    if policy == "hiertrain":
+        return solve(fleet)
+    if policy == "edgesplit":
+        return edgesplit(fleet)
+    if policy == "all-local":
+        return _plan(policy, fleet, [Path(u, u)] * len(fleet.devices))
+    if policy == "all-edge":  # a private device keeps its first unit
+        return _plan(policy, fleet, [Path(1 if d.private else 0, u) for d in fleet.devices])
+    if policy == "all-cloud":
+        return _plan(policy, fleet, [Path(1, 1) if d.private else Path(0, 0) for d in fleet.devices])
+    if policy == "per-device-hiertrain":
+        # each device's best path as if it were alone with the edge and the cloud, then run together
+        chosen = []
+        for d in fleet.devices:
+            alone = Fleet(fleet.act_bytes, fleet.param_bytes, (d,), fleet.edge_s, fleet.cloud_s,
+                          min(fleet.medium_mbps, d.rate_mbps), fleet.cloud_mbps)
+            chosen.append(brute_force(alone).paths[0])  # one device: its paths, each timed
+        return _plan(policy, fleet, chosen)
+    raise PlanError(f"unknown fleet policy {policy!r}; available: {', '.join(POLICIES)}")

@@ -1,0 +1,78 @@
+"""The fleet planner (many devices, one edge, a cloud): exact against brute force on random
+heterogeneous instances, never worse than EdgeSplit's alternating algorithm or the other baselines,
+private devices keep their raw samples, and the cost terms are the ones written down."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hiertrain.errors import PlanError
+from hiertrain.planner import fleet as F
+from hiertrain.planner.fleet import random_fleet
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_planner_equals_brute_force_and_no_baseline_beats_it(seed):
+    rng = random.Random(seed)
+    for _ in range(25):
+        fleet = random_fleet(rng, rng.randint(1, 3), rng.randint(1, 4))
+        plan, truth = F.solve(fleet), F.brute_force(fleet)
+        assert plan.parts["optimal"]
+        assert plan.iteration_s == pytest.approx(truth.iteration_s, rel=1e-9)
+        for policy in F.POLICIES[1:]:
+            assert F.baseline(fleet, policy).iteration_s >= plan.iteration_s * (1 - 1e-9), policy
+        for d, p in zip(fleet.devices, plan.paths):
+            assert not (d.private and p.m == 0)
+
+
+def test_a_large_fleet_is_planned_within_its_budget_and_never_worse_than_edgesplit():
+    import time
+
+    fleet = random_fleet(random.Random(7), 16, 20)
+    t0 = time.perf_counter()
+    plan = F.solve(fleet, budget_s=0.5)
+    assert time.perf_counter() - t0 < 5  # the budget, and slack for a loaded machine; timed in `bench`
+    assert plan.iteration_s <= F.edgesplit(fleet).iteration_s
+    assert sum(plan.shares_mbps) <= fleet.medium_mbps * (1 + 1e-9)
+
+
+def test_shares_fill_the_medium_so_every_busy_device_finishes_together():
+    compute, bits, caps = [0.5, 1.0, 0.2], [8e6, 4e6, 16e6], [100.0, 100.0, 100.0]
+    tau, shares = F.allocate(compute, bits, caps, 10.0)
+    assert sum(shares) == pytest.approx(10.0, rel=1e-9)
+    for c, b, s in zip(compute, bits, shares):
+        assert c + b / (s * 1e6) == pytest.approx(tau, rel=1e-9)
+    # a radio's cap binds: that device gets its cap, the others share the rest
+    tau2, shares2 = F.allocate(compute, bits, [100.0, 100.0, 2.0], 10.0)
+    assert shares2[2] <= 2.0 * (1 + 1e-9) and tau2 >= tau
+    assert F.allocate([1.0, 2.0], [0.0, 0.0], [1.0, 1.0], 1.0) == (2.0, [0.0, 0.0])
+
+
+def test_the_cost_terms_are_the_written_ones():
+    fleet = F.Fleet(act_bytes=(100.0, 50.0, 10.0), param_bytes=(1000.0, 2000.0),
+                    devices=(F.Device("a", 4, (0.1, 0.2), 10.0),), edge_s=(0.01, 0.02), cloud_s=(0.001, 0.002),
+                    medium_mbps=10.0, cloud_mbps=1.0)
+    d = fleet.devices[0]
+    assert F.device_terms(fleet, d, 0) == (0.0, 8.0 * 4 * 100.0)                     # raw samples, up only
+    assert F.device_terms(fleet, d, 1) == (0.4, 8.0 * (4 * 50.0 * 2 + 2 * 1000.0))   # act + grad, unit 1 synced
+    assert F.device_terms(fleet, d, 2) == pytest.approx((4 * 0.3, 8.0 * 2 * 3000.0))  # all local: weights only
+    assert F.server_terms(fleet, d, F.Path(1, 1)) == pytest.approx(4 * 0.002 + 8.0 * 2 * 4 * 50.0 / 1e6)
+    assert F.cloud_sync(fleet, 1) == pytest.approx(8.0 * 2 * 2000.0 / 1e6)
+    t, shares, parts = F.iteration_time(fleet, [F.Path(1, 2)])
+    assert t == pytest.approx(0.4 + 8.0 * 2400 / 10e6 + 4 * 0.02) and shares == [pytest.approx(10.0)]
+
+
+def test_bad_fleets_and_paths_are_refused():
+    fleet = random_fleet(random.Random(1), 2, 3, private=1.0)
+    with pytest.raises(PlanError, match="not allowed"):
+        F.iteration_time(fleet, [F.Path(0, 3), F.Path(1, 3)])  # a private device's raw samples
+    with pytest.raises(PlanError, match="2 paths for"):
+        F.iteration_time(random_fleet(random.Random(1), 3, 3), [F.Path(1, 3)] * 2)
+    with pytest.raises(PlanError, match="needs 4 activation sizes"):
+        F.Fleet((1.0,), (1.0, 2.0, 3.0), (), (1.0,) * 3, (1.0,) * 3, 1.0, 1.0)
+    with pytest.raises(PlanError, match="unknown fleet policy"):
+        F.baseline(fleet, "fedavg")
