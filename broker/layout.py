@@ -25,7 +25,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from hiertrain import ACCOUNTS, topics
 from hiertrain.errors import BrokerError
@@ -89,11 +89,11 @@ def read_password_file(path: str | os.PathLike) -> dict[str, str]:
     return dict(line.split(":", 1) for line in lines if ":" in line)
 
 
-def acl_text(job: Optional[str] = None) -> str:
+def acl_text(job: Optional[str] = None, devices: Sequence[str] = ()) -> str:
     """Per account: write only its own topics, read only what its role needs; ``job`` binds every
-    account to that job's tree."""
+    account to that job's tree. ``devices``: the enrolled devices, each an account of its own."""
     lines = [f"# hiertrain ACL for {'job ' + job if job else 'any job'}: least privilege per account."]
-    for account in ACCOUNTS:
+    for account in (*ACCOUNTS, *devices):
         lines += ["", f"user {account}"]
         lines += [f"topic read {f}" for f in topics.readable_by(account, job or "+")]
         lines += [f"topic write {f}" for f in topics.writable_by(account, job or "+")]
@@ -114,7 +114,40 @@ class BrokerDir:
         self.observer_options = self.credentials / "observer-mosquitto"  # XDG_CONFIG_HOME for mosquitto_sub
 
     def credentials_file(self, account: str) -> Path:
-        return self.credentials / f"{topics.validate_account(account)}.json"
+        return self.credentials / f"{topics.validate_account(account, enrolled=True)}.json"
+
+    def devices(self) -> list[str]:
+        """The enrolled devices (``add-device``): the password file's accounts beyond the fixed ones."""
+        return sorted(a for a in read_password_file(self.passwd) if a not in ACCOUNTS)
+
+    def add_device(self, name: str) -> Path:
+        """Enrol a device: its own account and credentials file, and its lines in the ACL (it publishes
+        only under its own name and reads what the device reads). Returns the credentials file."""
+        try:
+            topics.validate_device_name(name)
+        except topics.TopicError as exc:
+            raise BrokerError(str(exc)) from None
+        settings = self.settings()
+        users = read_password_file(self.passwd)
+        if name in users:
+            raise BrokerError(f"device {name!r} is already enrolled in {self.root} (remove-device it first to "
+                              f"give it new credentials)")
+        password = secrets.token_urlsafe(18)
+        _write_private(self.passwd, "".join(f"{a}:{h}\n" for a, h in {**users, name: password_hash(password)}.items()))
+        self._write_credentials(name, password, settings)
+        self.acl.write_text(acl_text(settings.job, self.devices()))
+        return self.credentials_file(name)
+
+    def remove_device(self, name: str) -> None:
+        """Withdraw a device's account, ACL lines and credentials file."""
+        users = read_password_file(self.passwd)
+        if name in ACCOUNTS or name not in users:
+            raise BrokerError(f"no enrolled device {name!r} in {self.root} (enrolled: {', '.join(self.devices()) or 'none'})")
+        settings = self.settings()
+        del users[name]
+        _write_private(self.passwd, "".join(f"{a}:{h}\n" for a, h in users.items()))
+        self.acl.write_text(acl_text(settings.job, self.devices()))
+        self.credentials_file(name).unlink(missing_ok=True)
 
     def settings(self) -> Settings:
         if not self.settings_file.is_file():
@@ -141,7 +174,7 @@ class BrokerDir:
     def save(self, settings: Settings) -> None:
         """Record ``settings`` and bring the credentials' address in line with them."""
         self.settings_file.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-        for account in ACCOUNTS:
+        for account in (*ACCOUNTS, *(self.devices() if self.passwd.exists() else ())):
             path = self.credentials_file(account)
             if path.exists():
                 self._write_credentials(account, Endpoint.load(path).password, settings)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+from pathlib import Path
 from typing import Optional
 
 from hiertrain.broker.layout import BrokerDir, Settings
 from hiertrain.errors import BrokerError
 
-READY = " running"  # "mosquitto version 2.0.11 running", logged once every listener is open
+READY = " running"
+PID_FILE = "mosquitto.pid"  # "mosquitto version 2.0.11 running", logged once every listener is open
 
 
 def executable() -> Optional[str]:
@@ -36,6 +38,7 @@ def config_text(bdir: BrokerDir, settings: Settings) -> str:
         # Stay the user who started us (mosquitto would otherwise switch from root to "mosquitto",
         # which cannot read the private files of this directory).
         f"user {pwd.getpwuid(os.getuid()).pw_name}",
+        f"pid_file {bdir.root / PID_FILE}",  # `broker add-device` finds it to reload the accounts
         "log_dest stderr",
         "log_type error",
         "log_type warning",
@@ -62,3 +65,24 @@ def command(bdir: BrokerDir) -> list[str]:
         raise BrokerError("mosquitto is not installed (apt-get install -y mosquitto); "
                           "`hiertrain broker start --embedded` runs the pure-Python fallback")
     return [exe, "-c", str(bdir.conf)]
+
+
+def reload(bdir: BrokerDir) -> Optional[int]:
+    """Ask the Mosquitto running for ``bdir`` to re-read its password file and ACL (SIGHUP: no
+    restart, connected clients stay); its pid, or None when none runs for this directory."""
+    import signal
+
+    try:
+        pid = int((bdir.root / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if str(bdir.conf).encode() not in cmdline:  # a stale pid file: that process is not our broker
+        return None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        raise BrokerError(f"the broker (pid {pid}) runs as another user: run this as that user or root") from None
+    return pid

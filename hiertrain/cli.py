@@ -112,6 +112,24 @@ def _broker_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_device(args: argparse.Namespace) -> int:
+    from hiertrain.broker import mosquitto
+    from hiertrain.broker.layout import BrokerDir
+
+    bdir = BrokerDir(args.dir)
+    if args.action == "add-device":
+        creds = bdir.add_device(args.name)
+        done = f"enrolled {args.name}: copy {creds} to the device (mode 0600)"
+    else:
+        bdir.remove_device(args.name)
+        done = f"removed {args.name}: its account and credentials are gone"
+    pid = mosquitto.reload(bdir)
+    print(f"{done}; " + (f"the running broker (pid {pid}) reloaded its accounts" if pid else
+                         "no Mosquitto runs for this directory: it reads the accounts when it starts "
+                         "(an embedded broker: restart it)"))
+    return 0
+
+
 def _broker_start(args: argparse.Namespace) -> int:
     import os
 
@@ -324,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--port", type=_port)
     start.add_argument("--embedded", action="store_true", help="run the pure-Python amqtt broker")
     start.set_defaults(handler=_broker_start)
+    add = broker.add_parser("add-device", help="enrol a device: its own account, credentials file and ACL lines")
+    add.add_argument("name", help="the device's name (a-z 0-9 _ -), e.g. pi3-greenhouse")
+    add.add_argument("--dir", required=True)
+    add.set_defaults(handler=_broker_device)
+    rm = broker.add_parser("remove-device", help="withdraw an enrolled device's account")
+    rm.add_argument("name")
+    rm.add_argument("--dir", required=True)
+    rm.set_defaults(handler=_broker_device)
     svc = broker.add_parser("install-service", help="write a systemd unit for the broker")
     svc.add_argument("--dir", required=True)
     svc.add_argument("--unit-dir", default="/etc/systemd/system")

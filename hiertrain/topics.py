@@ -52,10 +52,25 @@ def validate_tier(tier: object, *, what: str = "tier") -> str:
     return tier  # type: ignore[return-value]
 
 
-def validate_account(account: object) -> str:
-    if account not in ACCOUNTS:
-        raise TopicError(f"bad account {account!r}: expected one of {', '.join(ACCOUNTS)}")
-    return account  # type: ignore[return-value]
+_DEVICE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+
+
+def validate_device_name(name: object) -> str:
+    """An enrolled device's account name (``broker add-device``): its own topics are under it."""
+    if not isinstance(name, str) or not _DEVICE.match(name) or name in ACCOUNTS or name == "schedule":
+        raise TopicError(f"bad device name {name!r}: use 1-32 characters from a-z 0-9 _ - starting with a "
+                         f"letter, other than {', '.join(ACCOUNTS)}")
+    return name
+
+
+def validate_account(account: object, *, enrolled: bool = False) -> str:
+    """One of the job's fixed accounts, or (``enrolled``) an enrolled device's name."""
+    if account in ACCOUNTS:
+        return account  # type: ignore[return-value]
+    if enrolled and isinstance(account, str) and _DEVICE.match(account) and account != "schedule":
+        return account
+    raise TopicError(f"bad account {account!r}: expected one of {', '.join(ACCOUNTS)}"
+                     + (" or an enrolled device's name" if enrolled else ""))
 
 
 def validate_layer(layer: object) -> int:
@@ -155,8 +170,8 @@ def all_of_kind(job: str, kind: str) -> str:
 
 def writable_by(account: str, job: str = "+") -> list[str]:
     """The topic filters ``account`` may publish to (the broker's ACL is built from this); ``job``
-    binds the account to one job (``+``: any)."""
-    validate_account(account)
+    binds the account to one job (``+``: any). An enrolled device publishes under its own name."""
+    validate_account(account, enrolled=True)
     job = job if job == "+" else validate_job(job)
     if account == "observer":
         return []
@@ -166,8 +181,8 @@ def writable_by(account: str, job: str = "+") -> list[str]:
 
 def readable_by(account: str, job: str = "+") -> list[str]:
     """The topic filters ``account`` may read: what its role needs, nothing else (a tier never
-    sees another tier's samples, activations or weights)."""
-    validate_account(account)
+    sees another tier's samples, activations or weights); an enrolled device reads as the device."""
+    validate_account(account, enrolled=True)
     job = job if job == "+" else validate_job(job)
     common = [f"{ROOT}/{job}/schedule", f"{ROOT}/{job}/+/status", f"{ROOT}/{job}/+/telemetry"]
     if account in ("planner", "observer"):  # the observer: everything but tensors

@@ -214,3 +214,73 @@ def test_persistent_session_survives_a_broker_restart(broker_dir, connect):
         device.send(Message("act", "t", "device", "cloud", 9, 1, {"x": np.ones(8, np.float32)}))
         got = cloud.take("act", "device", 9, 1, timeout=20)
         assert got.tensors["x"].sum() == 8
+
+
+@pytest.mark.integration
+def test_devices_are_enrolled_and_withdrawn_on_a_running_mosquitto_each_with_its_own_topics(tmp_path):
+    """`broker add-device` / `remove-device`: an account per device, bound to the job, publishing only
+    under its own name and reading only its own inbox; Mosquitto reloads without a restart."""
+    from hiertrain.broker.layout import BrokerDir
+    from hiertrain.broker.process import free_port
+
+    bdir = BrokerDir(tmp_path / "broker")
+    bdir.init(Settings(port=free_port(), bind="127.0.0.1", job="farm"))
+
+    def cli(*args):
+        return subprocess.run([PYTHON, "-m", "hiertrain", "broker", *args, "--dir", str(bdir.root)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    with BrokerProcess(bdir, kind="mosquitto") as broker:
+        for name in ("pi3", "jetson-1"):
+            done = cli("add-device", name)
+            assert done.returncode == 0 and f"pid {broker.pid}) reloaded" in done.stdout, done.stdout + done.stderr
+        assert oct(os.stat(bdir.credentials_file("pi3")).st_mode & 0o777) == "0o600"
+        assert Endpoint.load(bdir.credentials_file("pi3")).job == "farm" and bdir.devices() == ["jetson-1", "pi3"]
+        for bad, why in (("device", "bad device name"), ("Pi 3", "bad device name"), ("pi3", "already enrolled")):
+            done = cli("add-device", bad)
+            assert done.returncode == 1 and why in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+        got: queue.Queue = queue.Queue()
+        pi3, rc = raw_client(bdir, "pi3")
+        assert not rc.is_failure
+        pi3.on_message = lambda c, u, m: got.put(("pi3", m.topic))
+        pi3.subscribe([("hiertrain/farm/schedule", 1), ("hiertrain/farm/+/+/+/+", 1)])  # asks for every inbox
+        watcher, _ = raw_client(bdir, "observer")
+        watcher.on_message = lambda c, u, m: got.put(("observer", m.topic))
+        watcher.subscribe("hiertrain/farm/+/status", 1)
+        edge, _ = raw_client(bdir, "edge")
+        time.sleep(0.5)
+        for topic in ("hiertrain/farm/pi3/status", "hiertrain/farm/device/status", "hiertrain/farm/schedule",
+                      "hiertrain/other/pi3/status"):
+            pi3.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        for dest in ("pi3", "jetson-1"):
+            edge.publish(f"hiertrain/farm/edge/act/{dest}/1", b"x", qos=1).wait_for_publish(5)
+        planner, _ = raw_client(bdir, "planner")
+        planner.publish("hiertrain/farm/schedule", b'{"version": 1}', qos=1).wait_for_publish(5)
+        seen = set()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                seen.add(got.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        assert ("observer", "hiertrain/farm/pi3/status") in seen        # its own topics: yes
+        assert ("observer", "hiertrain/farm/device/status") not in seen  # another account's: refused
+        assert ("pi3", "hiertrain/farm/edge/act/pi3/1") in seen         # its inbox
+        assert ("pi3", "hiertrain/farm/edge/act/jetson-1/1") not in seen  # not another device's
+        assert ("pi3", "hiertrain/farm/schedule") in seen
+        for c in (pi3, watcher, edge, planner):
+            c.loop_stop()
+            c.disconnect()
+
+        password = Endpoint.load(bdir.credentials_file("pi3")).password
+        done = cli("remove-device", "pi3")
+        assert done.returncode == 0 and "reloaded" in done.stdout, done.stderr
+        assert not bdir.credentials_file("pi3").exists() and bdir.devices() == ["jetson-1"]
+        _, rc = raw_client(bdir, "pi3", password)
+        assert rc.is_failure  # withdrawn: the broker refuses it without a restart
+        _, rc = raw_client(bdir, "jetson-1")
+        assert not rc.is_failure
+        assert broker.proc.poll() is None
+        done = cli("remove-device", "pi3")
+        assert done.returncode == 1 and "no enrolled device 'pi3'" in done.stderr
