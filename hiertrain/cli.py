@@ -196,7 +196,8 @@ def _profile(args: argparse.Namespace) -> int:
         if args.segments else None
     prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
                             warmup=args.warmup, optimizer=args.optimizer, on_ready=join, runtime=runtime,
-                            note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None)
+                            note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None,
+                            sample_dtype=args.sample_dtype)
     out = Path(args.out)
     if args.merge and out.exists():
         prof = Profile.load(out).merged(args.tier, prof)
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeat", type=_positive_int, default=7)
     prof.add_argument("--warmup", type=_positive_int, default=2)
     prof.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    prof.add_argument("--sample-dtype", choices=["uint8", "float32"],
+                      help="how the data stores a sample, so how it travels (default: uint8 for images, else float32)")
     prof.set_defaults(handler=_profile)
 
     segs = sub.add_parser("segments", help="built training segments (graphs) for runners without a builder"

@@ -20,6 +20,17 @@ from hiertrain.errors import ConfigError
 CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
+def stored_dtype(shape: tuple[int, ...]) -> str:
+    """How a sample of this shape is usually stored: images ([1 or 3, H, W]) as uint8, else float32."""
+    return "uint8" if len(shape) == 3 and shape[0] in (1, 3) else "float32"
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """The model's input from samples as stored: uint8 scaled to [0, 1] float32, floats as float32.
+    Done where the samples are used, so uint8 images travel at a quarter of the bytes."""
+    return x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+
+
 @dataclass(frozen=True)
 class Dataset:
     name: str
@@ -38,18 +49,31 @@ class Dataset:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
+    @property
+    def sample_bytes(self) -> float:
+        """Bytes of one sample as stored, and as it travels (uint8 images: a quarter of float32)."""
+        return float(self.images.dtype.itemsize * np.prod(self.shape))
+
     def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = self.images[index]
-        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
-        return np.ascontiguousarray(x), self.labels[index].astype(np.int64)
+        x, y = self.take_raw(index)
+        return normalize(x), y
+
+    def take_raw(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples as stored (what travels: :func:`normalize` makes them the model's input)."""
+        return np.ascontiguousarray(self.images[index]), self.labels[index].astype(np.int64)
 
     def batch(self, iteration: int, size: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``iteration`` of a seeded epoch-wise shuffle."""
+        x, y = self.batch_raw(iteration, size, seed=seed)
+        return normalize(x), y
+
+    def batch_raw(self, iteration: int, size: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`batch` as stored."""
         per_epoch = max(1, len(self) // size)
         epoch, k = divmod(iteration, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
         idx = order[k * size:(k + 1) * size] if len(self) >= size else order[np.arange(size) % len(self)]
-        return self.take(idx)
+        return self.take_raw(idx)
 
     def batches(self, size: int, *, seed: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         i = start

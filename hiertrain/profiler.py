@@ -49,10 +49,17 @@ def _median(fn: Callable[[], Any], *, repeat: int, warmup: int) -> tuple[float, 
 
 def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, repeat: int = 7, warmup: int = 2,
             optimizer: str = "sgd", runtime: Optional[Runtime] = None, seed: int = 0,
-            note: Optional[dict[str, Any]] = None, on_ready: Optional[Callable[[], Any]] = None) -> Profile:
+            note: Optional[dict[str, Any]] = None, on_ready: Optional[Callable[[], Any]] = None,
+            sample_dtype: Optional[str] = None) -> Profile:
     """Time every unit of ``model`` (see the module docstring). ``on_ready`` is called once every
-    graph is built, right before the timed runs (the CLI joins its CPU-quota group there)."""
+    graph is built, right before the timed runs (the CLI joins its CPU-quota group there).
+    ``sample_dtype``: how the data stores a sample, which is how it travels (default: uint8 for
+    images, as the built-in sets store them, else float32); a device publishes its data's own."""
+    from hiertrain import data
+
     spec = models.get(model)
+    sample_bytes = float(np.dtype(sample_dtype or data.stored_dtype(spec.input_shape)).itemsize
+                         * np.prod(spec.input_shape))
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError(f"batch and repeat must be >= 1, warmup >= 0 (got {batch}, {repeat}, {warmup})")
     rt = runtime or Runtime(threads=threads)
@@ -93,5 +100,5 @@ def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, rep
              "spread": {"forward": spread_f, "backward": spread_b},
              "measured": {"batch": batch, "threads": threads, "repeat": repeat, "optimizer": optimizer,
                           "host": platform.node(), "cpu": platform.processor() or platform.machine(), **(note or {})}}
-    return Profile.from_json({"format": FORMAT, "model": spec.name, "sample_bytes": spec.sample_bytes(),
+    return Profile.from_json({"format": FORMAT, "model": spec.name, "sample_bytes": sample_bytes,
                               "layers": layers, "tiers": {tier: entry}})

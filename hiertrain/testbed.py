@@ -112,3 +112,120 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+FLEET_NET = "10.224"  # the fleet's medium: the edge 10.224.0.1, device i 10.224.1.i
+
+
+class FleetTestbed:
+    """Many devices on one shared wireless medium to the edge, and the cloud behind it::
+
+        [dev1 ns] ==veth (tbf r_1)==+                                 +== [edge ns] ==veth (tbf)== [cloud ns]
+        [dev2 ns] ==veth (tbf r_2)==+== bridge [air ns] ==(tbf R)==+   10.224.0.1      10.223.2.x
+        ...                                                             || management veth (unshaped)
+                                                                        [this namespace]
+
+    Each device's link is capped at its own rate in both directions (its radio) and every device's
+    traffic crosses one veth between the medium and the edge, capped at the medium's aggregate rate
+    R in each direction: devices that send at once share R. (A real wireless medium is also half
+    duplex, up and down sharing one R: not emulated.) Root is required; :meth:`down` removes all.
+    """
+
+    def __init__(self, devices: dict[str, float], *, medium_mbps: float, bw_edge_cloud: float,
+                 tag: Optional[str] = None) -> None:
+        why = available()
+        if why:
+            raise ConfigError(why)
+        if not 1 <= len(devices) <= 200:
+            raise ConfigError(f"a fleet testbed holds 1..200 devices, not {len(devices)}")
+        for name, mbps in {**devices, "medium": medium_mbps, "edge-cloud": bw_edge_cloud}.items():
+            if not mbps > 0:
+                raise ConfigError(f"{name}: link rate must be > 0 Mbit/s, got {mbps}")
+        self.tag = tag or f"hf{os.getpid() % 100000}"
+        self.devices = dict(devices)
+        self.ns = {"air": f"{self.tag}-air", "edge": f"{self.tag}-edge", "cloud": f"{self.tag}-cloud",
+                   **{d: f"{self.tag}-d{i}" for i, d in enumerate(devices, 1)}}
+        self.address = {"edge": f"{FLEET_NET}.0.1", **{d: f"{FLEET_NET}.1.{i}" for i, d in enumerate(devices, 1)},
+                        "cloud": "10.225.2.2", "root": "10.225.9.1"}
+        self.broker_for = {**{d: f"{FLEET_NET}.0.1" for d in devices}, "edge": "127.0.0.1", "cloud": "10.225.2.1",
+                           "root": "10.225.9.2"}
+        self.medium_mbps, self.bw_edge_cloud = medium_mbps, bw_edge_cloud
+        self._made: list[str] = []
+        self._root_if = f"{self.tag}m0"
+
+    def up(self) -> "FleetTestbed":
+        ns = self.ns
+        try:
+            for name in ns.values():
+                _run("ip", "netns", "add", name)
+                self._made.append(name)
+                _run("ip", "-n", name, "link", "set", "lo", "up")
+            _run("ip", "-n", ns["air"], "link", "add", "br0", "type", "bridge")
+            _run("ip", "-n", ns["air"], "link", "set", "br0", "up")
+            for i, d in enumerate(self.devices, 1):
+                self._veth(f"{self.tag}d{i}a", d, f"{self.address[d]}/16", f"{self.tag}d{i}b", "air", None)
+            self._veth(f"{self.tag}e0", "edge", f"{self.address['edge']}/16", f"{self.tag}e1", "air", None)
+            self._veth(f"{self.tag}c0", "edge", "10.225.2.1/24", f"{self.tag}c1", "cloud", "10.225.2.2/24")
+            _run("ip", "link", "add", self._root_if, "type", "veth", "peer", "name", f"{self.tag}m1")
+            _run("ip", "link", "set", f"{self.tag}m1", "netns", ns["edge"])
+            _run("ip", "addr", "add", f"{self.address['root']}/24", "dev", self._root_if)
+            _run("ip", "link", "set", self._root_if, "up")
+            _run("ip", "-n", ns["edge"], "addr", "add", f"{self.broker_for['root']}/24", "dev", f"{self.tag}m1")
+            _run("ip", "-n", ns["edge"], "link", "set", f"{self.tag}m1", "up")
+            for i, (d, mbps) in enumerate(self.devices.items(), 1):
+                self.shape_device(d, mbps, replace=False)
+            self.shape_medium(self.medium_mbps, replace=False)
+            self._tbf(ns["edge"], f"{self.tag}c0", self.bw_edge_cloud, False)
+            self._tbf(ns["cloud"], f"{self.tag}c1", self.bw_edge_cloud, False)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _veth(self, a: str, ns_a: str, addr_a: str, b: str, ns_b: str, addr_b: Optional[str]) -> None:
+        """A veth pair from namespace ``ns_a`` to ``ns_b``; a side without an address joins the bridge."""
+        _run("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        for ifname, where, addr in ((a, ns_a, addr_a), (b, ns_b, addr_b)):
+            _run("ip", "link", "set", ifname, "netns", self.ns[where])
+            if addr is not None:
+                _run("ip", "-n", self.ns[where], "addr", "add", addr, "dev", ifname)
+            else:
+                _run("ip", "-n", self.ns[where], "link", "set", ifname, "master", "br0")
+            _run("ip", "-n", self.ns[where], "link", "set", ifname, "up")
+
+    def _tbf(self, ns: str, ifname: str, mbps: float, replace: bool) -> None:
+        burst = max(4096, int(mbps * 125_000 / 100))  # ~10 ms of traffic
+        _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace" if replace else "add", "dev", ifname, "root", "tbf",
+             "rate", f"{mbps}mbit", "burst", str(burst), "latency", "500ms")
+
+    def shape_device(self, device: str, mbps: float, *, replace: bool = True) -> None:
+        """A device's own radio rate, both directions."""
+        if not mbps > 0:
+            raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
+        i = list(self.devices).index(device) + 1
+        self._tbf(self.ns[device], f"{self.tag}d{i}a", mbps, replace)
+        self._tbf(self.ns["air"], f"{self.tag}d{i}b", mbps, replace)
+        self.devices[device] = mbps
+
+    def shape_medium(self, mbps: float, *, replace: bool = True) -> None:
+        """The medium's aggregate rate, each direction, shared by every device sending at once."""
+        if not mbps > 0:
+            raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
+        self._tbf(self.ns["air"], f"{self.tag}e1", mbps, replace)
+        self._tbf(self.ns["edge"], f"{self.tag}e0", mbps, replace)
+        self.medium_mbps = mbps
+
+    def prefix(self, where: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[where]]
+
+    def down(self) -> None:
+        subprocess.run(["ip", "link", "del", self._root_if], capture_output=True)
+        for name in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._made.clear()
+
+    def __enter__(self) -> "FleetTestbed":
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()

@@ -38,6 +38,7 @@ import numpy as np
 
 from hiertrain import TIERS, artifacts, checkpoint, collect, models, segments, topics
 from hiertrain.compress import dequantize, quantize
+from hiertrain.data import normalize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
 from hiertrain.failover import Failover
 from hiertrain.optim import Optimizer
@@ -268,7 +269,7 @@ class TierService(Failover):
                 self._send("samples", tier, iteration, 0, {}, 0, stop=True)
             return
         sched = self._schedule_for(iteration)
-        x, y = self.dataset.batch(iteration, self.cfg.batch, seed=self.cfg.seed)
+        x, y = self.dataset.batch_raw(iteration, self.cfg.batch, seed=self.cfg.seed)  # uint8 images travel as such
         if sched.chain is None:
             parts = dict(zip("osl", np.split(x, [sched.b_o, sched.b_o + sched.b_s])))
             share = {t: parts[sched.role_of(t)] for t in TIERS}
@@ -280,7 +281,7 @@ class TierService(Failover):
             self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version)
         if labels_to != "device":
             self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
-        self._local[iteration] = (sched, share["device"], y)
+        self._local[iteration] = (sched, normalize(share["device"]), y)
 
     # --------------------------------------------------------------- ownership
 
@@ -409,7 +410,7 @@ class TierService(Failover):
             if go.meta.get("stop"):
                 return None
             sched = self._schedule_version(go.schedule_version, i)
-            mine = go.tensors.get("x")
+            mine = normalize(go.tensors["x"]) if "x" in go.tensors else None
             get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
         self.history[i] = sched
         prev = self.history.get(i - 1, sched) if i > first else sched
@@ -638,8 +639,9 @@ class TierService(Failover):
             if self._restored is not None:
                 self.transport.status_extra["checkpoint_iteration"] = self._restored.iteration
         with self.transport:
-            if self.cfg.profile is not None:
-                self.publish_profile(self.cfg.profile)
+            if self.cfg.profile is not None:  # the device's data says what a sample weighs on the wire
+                self.publish_profile({**self.cfg.profile, **({"sample_bytes": self.dataset.sample_bytes}
+                                                             if self.dataset is not None else {})})
             server = None
             self.keeper.start()
             if self.fetcher is None:

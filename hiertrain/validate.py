@@ -62,7 +62,9 @@ def validator(spec: ModelSpec) -> Validator:
                 return f"unexpected tensors {sorted(set(t) - {'x'})}"
             if "x" not in t:
                 return None if msg.kind == "samples" else "missing tensor 'x'"
-            return _batch_of("x", t["x"], spec.shape_at(0 if msg.kind == "samples" else msg.layer), "float32")
+            raw = msg.kind == "samples" and t["x"].dtype == np.uint8  # images travel as stored
+            return _batch_of("x", t["x"], spec.shape_at(0 if msg.kind == "samples" else msg.layer),
+                             "uint8" if raw else "float32")
         if msg.kind == "labels":
             y = t.get("y")
             if y is None or set(t) != {"y"} or y.dtype != np.int64 or y.ndim != 1:

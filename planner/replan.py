@@ -83,6 +83,10 @@ class PlannerState:
                             f"not for itself")
         before = self.profile.tiers.get(tier) if self.profile is not None else None
         self.profile = profile if self.profile is None else self.profile.merged(tier, profile)
+        if tier == "device" and self.profile.sample_bytes != profile.sample_bytes:
+            # the device holds the data: its samples' size on the wire (uint8 images) is the one
+            self.profile = replace(self.profile, sample_bytes=profile.sample_bytes)
+            self.reprofiled.add(tier)
         if before is not None and before != self.profile.tiers[tier] and self.current is not None:
             self.reprofiled.add(tier)  # re-plan with the new timings
 

@@ -73,3 +73,45 @@ def test_the_synthetic_set_is_learnable(tmp_path):
         model.step(*train.batch(i, 32))
     after = accuracy()
     assert before < 0.25 and after > 0.6, (before, after)
+
+
+def test_uint8_images_travel_as_stored_and_are_normalised_where_used():
+    """Samples go on the wire as stored (CIFAR: 3 KB a sample, not float32's 12 KB); the tier that
+    uses them normalises them exactly as the device would have."""
+    from hiertrain.validate import validator
+    from hiertrain.wire import Message
+
+    ds = data.synthetic((3, 32, 32), 10, n=64)
+    raw, y = ds.batch_raw(3, 16, seed=1)
+    x, y2 = ds.batch(3, 16, seed=1)
+    assert raw.dtype == np.uint8 and ds.sample_bytes == 3 * 32 * 32 == raw[0].nbytes
+    np.testing.assert_array_equal(data.normalize(raw), x)
+    np.testing.assert_array_equal(y, y2)
+    floats = data.Dataset("f", np.zeros((4, 13), np.float32), np.zeros(4, np.int64), 2)
+    assert floats.sample_bytes == 4 * 13 and data.normalize(floats.images) is floats.images
+
+    check = validator(models.get("lenet5"))
+    ok = Message("samples", "t", "device", "edge", 3, 0, {"x": raw})
+    assert check(ok) is None
+    assert check(Message("samples", "t", "device", "edge", 3, 0, {"x": x})) is None
+    bad = Message("act", "t", "device", "edge", 3, 2, {"x": np.zeros((4, 6, 14, 14), np.uint8)})
+    assert "expected float32" in check(bad)  # only samples may be uint8
+
+
+def test_the_planner_takes_a_samples_size_from_the_device_that_holds_the_data():
+    from dataclasses import replace
+
+    from hiertrain.planner.replan import PlannerState
+    from hiertrain.profile import Profile
+
+    from conftest import ROOT
+
+    full = Profile.load(ROOT / "bench" / "profiles" / "lenet5.json")
+    state = PlannerState(batch=32)
+    state.on_profile("edge", Profile(full.model, full.sample_bytes, full.layers, {"edge": full.tiers["edge"]}))
+    assert state.profile.sample_bytes == 4 * 3072  # float32, as profiled
+    device = Profile(full.model, 3072.0, full.layers, {"device": full.tiers["device"]})
+    state.on_profile("device", device)
+    assert state.profile.sample_bytes == 3072.0 and set(state.profile.tiers) == {"edge", "device"}
+    state.on_profile("cloud", replace(device, tiers={"cloud": full.tiers["cloud"]}, sample_bytes=12288.0))
+    assert state.profile.sample_bytes == 3072.0  # another tier's profile does not say what the data weighs

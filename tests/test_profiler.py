@@ -24,6 +24,8 @@ def test_profile_has_one_entry_per_unit_and_plans():
     assert len(t.extra["spread"]["forward"]) == 7 and t.extra["measured"]["batch"] == 4
     again = Profile.from_json(json.loads(json.dumps(prof.to_json())))
     assert again.tiers["cloud"].forward_s == t.forward_s
+    assert prof.sample_bytes == 3 * 32 * 32  # images travel as uint8, as the data sets store them
+    assert profiler.measure("lenet5", 2, repeat=1, warmup=0, sample_dtype="float32").sample_bytes == 4 * 3 * 32 * 32
 
 
 def test_cli_profiles_tiers_into_one_file_and_plan_reads_it(tmp_path):

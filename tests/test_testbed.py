@@ -58,3 +58,39 @@ def test_a_short_testbed_run_and_its_cleanup(tmp_path):
 def test_without_root_one_clear_line(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert testbed.available() == "the testbed needs root (network namespaces, tc and cgroups)"
+
+
+SINK = ("import socket,threading,time\ns=socket.socket();s.bind(('0.0.0.0',5010));s.listen();print('up',flush=True)\n"
+        "out={}\ndef take(c,a):\n n=0;t=time.time()\n while True:\n  d=c.recv(65536)\n  if not d: break\n  n+=len(d)\n"
+        " out[a[0]]=n*8/(time.time()-t)/1e6\nths=[]\nfor _ in range({n}):\n c,a=s.accept();th=threading.Thread("
+        "target=take,args=(c,a));th.start();ths.append(th)\nfor th in ths: th.join()\nprint(repr(out))")
+
+
+def _send(net, device, nbytes):
+    code = f"import socket;s=socket.create_connection(('{net.address['edge']}',5010));s.sendall(b'x'*{nbytes});s.close()"
+    return subprocess.Popen(net.prefix(device) + [PYTHON, "-c", code])
+
+
+def test_a_fleet_shares_one_medium_each_device_capped_by_its_radio():
+    """Devices alone reach their own radio's rate; sending together they share the medium's."""
+    import ast
+
+    before = _state()
+    with testbed.FleetTestbed({"pi-a": 12, "pi-b": 12, "pi-c": 3}, medium_mbps=10, bw_edge_cloud=5,
+                              tag="hftest") as net:
+        def measure(devices, nbytes):
+            sink = subprocess.Popen(net.prefix("edge") + [PYTHON, "-c", SINK.replace("{n}", str(len(devices)))],
+                                    stdout=subprocess.PIPE, text=True)
+            assert sink.stdout.readline().strip() == "up"
+            senders = [_send(net, d, nbytes) for d in devices]
+            for p in senders:
+                assert p.wait(60) == 0
+            rates = ast.literal_eval(sink.communicate(timeout=60)[0].strip())
+            return {d: rates[net.address[d]] for d in devices}
+
+        alone = measure(["pi-c"], 800_000)
+        assert 1.8 < alone["pi-c"] <= 3.15  # its radio
+        together = measure(["pi-a", "pi-b"], 2_000_000)
+        assert all(r < 8 for r in together.values()), together          # neither gets its 12 Mbit/s radio
+        assert 6.5 < sum(together.values()) <= 10.5, together           # they share the 10 Mbit/s medium
+    assert _state() == before
