@@ -30,15 +30,19 @@ import paho.mqtt.client as mqtt
 from hiertrain import TIERS, topics
 from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
 from hiertrain.mailbox import NEW_RUN, NOT_BACK, RESTARTED, Mailbox
-from hiertrain.wire import DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, Message, Reassembler, Refused, encode_message
+from hiertrain.wire import (DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, Reassembler, Refused,
+                            encode_message)
 
 log = logging.getLogger("hiertrain.transport")
 
 
 # A rate is measured only from a transfer this large and this long: small ones measured between
 # 30 and 11,500 Mbit/s on one unshaped link (timer resolution, thread scheduling), and re-planned.
-MIN_RATE_BYTES = 64 << 10
+MIN_RATE_BYTES = 32 << 10
 MIN_RATE_SECONDS = 0.005
+# A message big enough to measure a rate from goes in at least this many frames (a rate is measured
+# between a message's first and last frame): uint8 samples of a small batch fit one 256 KB frame.
+RATE_FRAMES = 4
 SWITCH_AFTER_S = 5.0  # without a broker this long, try the next one (the standby, when configured)
 REJOIN_GRACE_S = 12.0  # after joining a broker without our session, peers not heard from by then are lost
 
@@ -263,7 +267,11 @@ class Transport:
         if msg.sender != self.account or msg.job != self.job:
             raise TransportError(f"account {self.account!r} of job {self.job!r} cannot send {msg.describe()} "
                                  f"of job {msg.job!r}")
-        frames = encode_message(msg, msg_id=f"{self._nonce}:{next(self._ids)}", chunk_bytes=self.chunk_bytes)
+        size = sum(a.nbytes for a in msg.tensors.values())
+        chunk = self.chunk_bytes
+        if size * (RATE_FRAMES - 1) >= MIN_RATE_BYTES * RATE_FRAMES:  # measurable: never in one frame
+            chunk = min(chunk, max(MIN_CHUNK_BYTES, -(-size // RATE_FRAMES)))
+        frames = encode_message(msg, msg_id=f"{self._nonce}:{next(self._ids)}", chunk_bytes=chunk)
         topic = msg.topic
         n = 0
         for frame in frames:

@@ -61,9 +61,10 @@ def test_without_root_one_clear_line(monkeypatch):
 
 
 SINK = ("import socket,threading,time\ns=socket.socket();s.bind(('0.0.0.0',5010));s.listen();print('up',flush=True)\n"
-        "out={}\ndef take(c,a):\n n=0;t=time.time()\n while True:\n  d=c.recv(65536)\n  if not d: break\n  n+=len(d)\n"
-        " out[a[0]]=n*8/(time.time()-t)/1e6\nths=[]\nfor _ in range({n}):\n c,a=s.accept();th=threading.Thread("
-        "target=take,args=(c,a));th.start();ths.append(th)\nfor th in ths: th.join()\nprint(repr(out))")
+        "out={};span=[]\ndef take(c,a):\n n=0;t=time.time();span.append(t)\n while True:\n  d=c.recv(65536)\n"
+        "  if not d: break\n  n+=len(d)\n e=time.time();span.append(e);out[a[0]]=(n, n*8/(e-t)/1e6)\nths=[]\n"
+        "for _ in range({n}):\n c,a=s.accept();th=threading.Thread(target=take,args=(c,a));th.start();ths.append(th)\n"
+        "for th in ths: th.join()\nprint(repr((out, sum(n for n,_ in out.values())*8/(max(span)-min(span))/1e6)))")
 
 
 def _send(net, device, nbytes):
@@ -85,12 +86,12 @@ def test_a_fleet_shares_one_medium_each_device_capped_by_its_radio():
             senders = [_send(net, d, nbytes) for d in devices]
             for p in senders:
                 assert p.wait(60) == 0
-            rates = ast.literal_eval(sink.communicate(timeout=60)[0].strip())
-            return {d: rates[net.address[d]] for d in devices}
+            rates, total = ast.literal_eval(sink.communicate(timeout=60)[0].strip())
+            return {d: rates[net.address[d]][1] for d in devices}, total
 
-        alone = measure(["pi-c"], 800_000)
+        alone, _ = measure(["pi-c"], 800_000)
         assert 1.8 < alone["pi-c"] <= 3.15  # its radio
-        together = measure(["pi-a", "pi-b"], 2_000_000)
-        assert all(r < 8 for r in together.values()), together          # neither gets its 12 Mbit/s radio
-        assert 6.5 < sum(together.values()) <= 10.5, together           # they share the 10 Mbit/s medium
+        together, total = measure(["pi-a", "pi-b"], 2_000_000)
+        assert all(r < 9.5 for r in together.values()), together  # neither gets its 12 Mbit/s radio
+        assert 6.5 < total <= 10.3, (total, together)              # together they share the 10 Mbit/s medium
     assert _state() == before
