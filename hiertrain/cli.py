@@ -230,6 +230,25 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_fleet(args: argparse.Namespace) -> int:
+    from hiertrain.planner import fleet as F
+
+    fl = F.load(args.file)
+    plan = F.solve(fl, budget_s=args.budget)
+    others = {p: F.baseline(fl, p).iteration_s for p in F.POLICIES[1:]}
+    if args.json:
+        print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
+                          "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s}
+                                      for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
+                          "parts": plan.parts, "baselines_s": others}))
+        return 0
+    print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}):")
+    for line in F.describe(fl, plan):
+        print(f"  {line}")
+    print("baselines: " + ", ".join(f"{p} {t:.4f} s" for p, t in others.items()))
+    return 0
+
+
 # ------------------------------------------------------------------------- tiers and planner
 
 def _service_run(args: argparse.Namespace) -> int:
@@ -424,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=_plan)
+
+    pf = sub.add_parser("plan-fleet", help="plan many devices on one edge and a cloud (each device's units and "
+                        "share of the medium), against EdgeSplit and the other baselines")
+    pf.add_argument("file", help="a fleet file (TOML): the servers' profile, each device's profile, samples, radio")
+    pf.add_argument("--budget", type=_positive_float, default=0.8, metavar="S", help="search time before settling")
+    pf.add_argument("--json", action="store_true", help="print one JSON object")
+    pf.set_defaults(handler=_plan_fleet)
 
     for name, what in (("device", "the edge device: data source and trainer"), ("edge", "the edge server's trainer"),
                        ("cloud", "the cloud trainer"), ("planner", "the planner: re-plans on telemetry")):

@@ -36,7 +36,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -394,3 +394,100 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
             chosen.append(brute_force(alone).paths[0])  # one device: its paths, each timed
         return _plan(policy, fleet, chosen)
     raise PlanError(f"unknown fleet policy {policy!r}; available: {', '.join(POLICIES)}")
+
+
+# ------------------------------------------------------------------------------ from profiles
+
+def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bool]], *, medium_mbps: float,
+                  cloud_mbps: float) -> Fleet:
+    """A fleet from hiertrain-profile/1 profiles: ``servers`` holds the edge's and the cloud's timings
+    (and the model's layers), each device ``(name, its profile, samples, radio Mbit/s, private)``
+    its own device timings (``hiertrain profile --tier device`` on that device)."""
+    for tier in ("edge", "cloud"):
+        if tier not in servers.tiers:
+            raise PlanError(f"the servers' profile has no {tier} timings")
+
+    def per_unit(times: Any) -> tuple[float, ...]:
+        return tuple(f + b for f, b in zip(times.forward_s, times.backward_s))
+
+    built = []
+    for name, prof, samples, rate, private in devices:
+        if [layer.name for layer in prof.layers] != [layer.name for layer in servers.layers]:
+            raise PlanError(f"device {name}: its profile is of another model ({prof.model}, not {servers.model})")
+        if "device" not in prof.tiers:
+            raise PlanError(f"device {name}: its profile has no device timings")
+        built.append(Device(name, samples, per_unit(prof.tiers["device"]), rate, private))
+    return Fleet(act_bytes=(servers.sample_bytes, *(layer.output_bytes for layer in servers.layers)),
+                 param_bytes=tuple(layer.param_bytes for layer in servers.layers), devices=tuple(built),
+                 edge_s=per_unit(servers.tiers["edge"]), cloud_s=per_unit(servers.tiers["cloud"]),
+                 medium_mbps=medium_mbps, cloud_mbps=cloud_mbps)
+
+
+def load(path: Any) -> Fleet:
+    """A fleet file (TOML)::
+
+        profile = "profile.json"          # the edge's and the cloud's timings
+        medium_mbps = 20                  # the shared device-edge medium
+        cloud_mbps = 5                    # the edge-cloud link
+        [[device]]
+        name = "pi3-greenhouse"
+        profile = "profile-pi3.json"      # its own `hiertrain profile --tier device`
+        samples = 16                      # its samples in every iteration
+        rate_mbps = 8                     # its radio
+        private = true                    # its raw samples never leave it (default false)
+    """
+    import tomllib
+    from pathlib import Path
+
+    from hiertrain.errors import ConfigError
+    from hiertrain.profile import Profile
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"fleet file {str(path)!r} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"fleet file {str(path)!r} is not valid TOML: {exc}") from None
+
+    def get(table: dict, key: str, kind: type, where: str, default: Any = None) -> Any:
+        value = table.get(key, default)
+        if value is None:
+            raise ConfigError(f"{path}: {where} needs {key}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise ConfigError(f"{path}: {where} {key} = {value!r} is not a {kind.__name__}")
+        return value
+
+    def profile(p: str) -> Profile:
+        full = Path(p) if Path(p).is_absolute() else path.parent / p
+        return Profile.load(full)
+
+    devices = raw.get("device")
+    if not isinstance(devices, list) or not devices:
+        raise ConfigError(f"{path}: no [[device]] tables")
+    rows = []
+    for k, d in enumerate(devices, 1):
+        where = f"[[device]] {k}"
+        name = get(d, "name", str, where)
+        samples, rate = get(d, "samples", int, where), get(d, "rate_mbps", float, where)
+        if samples < 1 or not rate > 0:
+            raise ConfigError(f"{path}: {where}: samples must be >= 1 and rate_mbps > 0")
+        rows.append((name, profile(get(d, "profile", str, where)), samples, rate, get(d, "private", bool, where, False)))
+    if len({r[0] for r in rows}) != len(rows):
+        raise ConfigError(f"{path}: two devices share a name")
+    medium, cloud = get(raw, "medium_mbps", float, "the fleet"), get(raw, "cloud_mbps", float, "the fleet")
+    return from_profiles(profile(get(raw, "profile", str, "the fleet")), rows, medium_mbps=medium, cloud_mbps=cloud)
+
+
+def describe(fleet: Fleet, plan: FleetPlan) -> list[str]:
+    """One line per device: where its units run and its share of the medium."""
+    u = fleet.units
+    out = []
+    for d, p, share in zip(fleet.devices, plan.paths, plan.shares_mbps):
+        where = [f"device 1..{p.m}" if p.m else "raw samples up"]
+        where += [f"edge {p.m + 1}..{p.k}"] if p.k > p.m else []
+        where += [f"cloud {p.k + 1}..{u}"] if p.k < u else []
+        out.append(f"{d.name}: {d.samples} samples, {', '.join(where)}; {share:.2f} of its {d.rate_mbps:g} Mbit/s")
+    return out

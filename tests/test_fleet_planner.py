@@ -76,3 +76,46 @@ def test_bad_fleets_and_paths_are_refused():
         F.Fleet((1.0,), (1.0, 2.0, 3.0), (), (1.0,) * 3, (1.0,) * 3, 1.0, 1.0)
     with pytest.raises(PlanError, match="unknown fleet policy"):
         F.baseline(fleet, "fedavg")
+
+
+def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_one_line(tmp_path):
+    """`hiertrain plan-fleet FILE`: the servers' profile, each device's own, samples and radio."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from conftest import ROOT
+    from hiertrain.profile import Profile
+
+    full = Profile.load(ROOT / "bench" / "profiles" / "lenet5.json")
+    dev = full.tiers["device"]
+    for name, slower in (("pi3", 3.0), ("jetson", 0.5)):  # a Pi 3 three times the profiled device, a Jetson twice as fast
+        times = replace(dev, forward_s=tuple(t * slower for t in dev.forward_s),
+                        backward_s=tuple(t * slower for t in dev.backward_s))
+        (tmp_path / f"{name}.json").write_text(json.dumps(Profile(full.model, full.sample_bytes, full.layers,
+                                                                  {"device": times}).to_json()))
+    (tmp_path / "servers.json").write_text(json.dumps(full.to_json()))
+    text = ('profile = "servers.json"\nmedium_mbps = 20\ncloud_mbps = 5\n'
+            '[[device]]\nname = "pi3"\nprofile = "pi3.json"\nsamples = 16\nrate_mbps = 8\nprivate = true\n'
+            '[[device]]\nname = "jetson"\nprofile = "jetson.json"\nsamples = 32\nrate_mbps = 15\n')
+    (tmp_path / "fleet.toml").write_text(text)
+    fleet = F.load(tmp_path / "fleet.toml")
+    assert [d.name for d in fleet.devices] == ["pi3", "jetson"] and fleet.devices[0].private
+    assert fleet.devices[0].unit_s[0] == pytest.approx(6 * fleet.devices[1].unit_s[0])
+    out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "fleet.toml"), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["optimal"] and got["iteration_s"] == pytest.approx(F.brute_force(fleet).iteration_s, rel=1e-9)
+    assert [d["name"] for d in got["devices"]] == ["pi3", "jetson"] and got["devices"][0]["device_units"] >= 1
+    assert all(t >= got["iteration_s"] * (1 - 1e-9) for t in got["baselines_s"].values())
+
+    for bad, why in ((text.replace("samples = 16", "samples = 0"), "samples must be >= 1"),
+                     (text.replace('rate_mbps = 8', 'rate_mbps = "fast"'), "is not a float"),
+                     (text.split("[[device]]")[0], "no [[device]] tables"),
+                     (text.replace('"jetson"', '"pi3"', 1), "share a name")):
+        (tmp_path / "bad.toml").write_text(bad)
+        out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "bad.toml")],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
