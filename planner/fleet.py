@@ -436,19 +436,14 @@ def load(path: Any) -> Fleet:
         rate_mbps = 8                     # its radio
         private = true                    # its raw samples never leave it (default false)
     """
-    import tomllib
     from pathlib import Path
 
+    from hiertrain.config import read_toml
     from hiertrain.errors import ConfigError
     from hiertrain.profile import Profile
 
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"fleet file {str(path)!r} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"fleet file {str(path)!r} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "fleet file")
 
     def get(table: dict, key: str, kind: type, where: str, default: Any = None) -> Any:
         value = table.get(key, default)
