@@ -132,8 +132,11 @@ class _Lowerer:
             **attrs) -> tuple[onnx.NodeProto, str]:
         """One elementwise node; a forward op's replacement keeps names outside PREFIX (the split
         keeps it in the forward graph), a gradient's are in it."""
-        name = f"{base}/{op.lower()}{self._n}" if forward else self.name(base, op.lower())
-        self._n += forward
+        if forward:
+            self._n += 1
+            name = f"{base}/{op.lower()}{self._n}"
+        else:
+            name = self.name(base, op.lower())
         out = out or name
         return helper.make_node(op, inputs, [out], name=name, **attrs), out
 

@@ -259,7 +259,7 @@ class _Importer:
         if len(dims) < 2 or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[1:]):
             raise _bad(self.path, f"its input {x_info.name!r} must be [N, fixed per-sample shape]; export with "
                                   f"a concrete sample shape and dynamic_axes={{{x_info.name!r}: {{0: 'N'}}}}")
-        input_shape = self.input_shape = tuple(d.dim_value for d in dims[1:])
+        self.input_shape = tuple(d.dim_value for d in dims[1:])
         # the batch dimension symbolic, whatever the export said, then shapes of every tensor
         dims[0].Clear()
         dims[0].dim_param = "N"
@@ -283,7 +283,7 @@ class _Importer:
             raise _bad(self.path, f"its output has {classes} class; a classifier needs at least 2")
         cuts = self._cuts(active, params, shapes)
         groups = self._units(active, params, cuts)
-        return self._spec(groups, params, consts, shapes, input_shape, classes, len(cuts))
+        return self._spec(groups, params, consts, shapes, self.input_shape, classes, len(cuts))
 
     def _classify(self, nodes, inits):
         """Split the graph into trainable parameters, constants (folded) and the activation nodes.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Optional
+from typing import Any, Optional
 
 from hiertrain import TIERS
 from hiertrain.errors import ConfigError
@@ -45,26 +45,74 @@ def _run(*argv: str) -> None:
         raise ConfigError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
 
 
-class Testbed:
-    def __init__(self, *, bw_device_edge: float, bw_edge_cloud: float, tag: Optional[str] = None) -> None:
+class _Namespaces:
+    """What both testbeds share: the network namespaces they make, a management veth from this
+    namespace into the edge's, token-bucket shaping, and removing all of it (also on failure)."""
+
+    def __init__(self, tag: str, names: dict[str, str]) -> None:
         why = available()
         if why:
             raise ConfigError(why)
-        self.tag = tag or f"ht{os.getpid() % 100000}"
-        self.ns = {t: f"{self.tag}-{t}" for t in TIERS}
-        self.rates = {"device_edge": bw_device_edge, "edge_cloud": bw_edge_cloud}
+        self.tag, self.ns = tag, names
         self._made: list[str] = []
-        self._root_if = f"{self.tag}m0"
+        self._root_if = f"{tag}m0"
+
+    def _namespaces(self) -> None:
+        for name in self.ns.values():
+            _run("ip", "netns", "add", name)
+            self._made.append(name)
+            _run("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _management(self, root_addr: str, edge_addr: str) -> None:
+        """The unshaped link from this namespace (``root_addr``) to the edge's (``edge_addr``)."""
+        peer = f"{self.tag}m1"
+        _run("ip", "link", "add", self._root_if, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", self.ns["edge"])
+        _run("ip", "addr", "add", f"{root_addr}/24", "dev", self._root_if)
+        _run("ip", "link", "set", self._root_if, "up")
+        _run("ip", "-n", self.ns["edge"], "addr", "add", f"{edge_addr}/24", "dev", peer)
+        _run("ip", "-n", self.ns["edge"], "link", "set", peer, "up")
+
+    def _tbf(self, where: str, ifname: str, mbps: float, replace: bool) -> None:
+        """Cap ``ifname``'s egress in namespace ``where`` at ``mbps`` (effective at once)."""
+        if not mbps > 0:
+            raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
+        burst = max(4096, int(mbps * 125_000 / 100))  # ~10 ms of traffic
+        _run("ip", "netns", "exec", self.ns[where], "tc", "qdisc", "replace" if replace else "add", "dev", ifname,
+             "root", "tbf", "rate", f"{mbps}mbit", "burst", str(burst), "latency", "500ms")
+
+    def up(self) -> "_Namespaces":
+        raise NotImplementedError
+
+    def prefix(self, where: str) -> list[str]:
+        """The command prefix that runs a program in ``where``'s namespace."""
+        return ["ip", "netns", "exec", self.ns[where]]
+
+    def down(self) -> None:
+        subprocess.run(["ip", "link", "del", self._root_if], capture_output=True)
+        for name in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._made.clear()
+
+    def __enter__(self) -> Any:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+class Testbed(_Namespaces):
+    def __init__(self, *, bw_device_edge: float, bw_edge_cloud: float, tag: Optional[str] = None) -> None:
+        tag = tag or f"ht{os.getpid() % 100000}"
+        super().__init__(tag, {t: f"{tag}-{t}" for t in TIERS})
+        self.rates = {"device_edge": bw_device_edge, "edge_cloud": bw_edge_cloud}
 
     def _if(self, link: str, side: int) -> str:
         return f"{self.tag}{LINKS[link][2]}{side}"
 
     def up(self) -> "Testbed":
         try:
-            for ns in self.ns.values():
-                _run("ip", "netns", "add", ns)
-                self._made.append(ns)
-                _run("ip", "-n", ns, "link", "set", "lo", "up")
+            self._namespaces()
             for link, (a, b, net) in LINKS.items():
                 ia, ib = self._if(link, 0), self._if(link, 1)
                 _run("ip", "link", "add", ia, "type", "veth", "peer", "name", ib)
@@ -72,13 +120,7 @@ class Testbed:
                     _run("ip", "link", "set", ifname, "netns", self.ns[tier])
                     _run("ip", "-n", self.ns[tier], "addr", "add", f"10.223.{net}.{host}/24", "dev", ifname)
                     _run("ip", "-n", self.ns[tier], "link", "set", ifname, "up")
-            peer = f"{self.tag}m1"
-            _run("ip", "link", "add", self._root_if, "type", "veth", "peer", "name", peer)
-            _run("ip", "link", "set", peer, "netns", self.ns["edge"])
-            _run("ip", "addr", "add", f"{ADDRESS['root']}/24", "dev", self._root_if)
-            _run("ip", "link", "set", self._root_if, "up")
-            _run("ip", "-n", self.ns["edge"], "addr", "add", f"{BROKER_FOR['root']}/24", "dev", peer)
-            _run("ip", "-n", self.ns["edge"], "link", "set", peer, "up")
+            self._management(ADDRESS["root"], BROKER_FOR["root"])
             for link, mbps in self.rates.items():
                 self.shape(link, mbps, replace=False)
         except BaseException:
@@ -88,40 +130,20 @@ class Testbed:
 
     def shape(self, link: str, mbps: float, *, replace: bool = True) -> None:
         """Set ``link``'s rate (both directions) with a token bucket; effective at once."""
-        if not mbps > 0:
-            raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
         a, b, _ = LINKS[link]
-        burst = max(4096, int(mbps * 125_000 / 100))  # ~10 ms of traffic
         for ifname, tier in ((self._if(link, 0), a), (self._if(link, 1), b)):
-            _run("ip", "netns", "exec", self.ns[tier], "tc", "qdisc", "replace" if replace else "add", "dev", ifname,
-                 "root", "tbf", "rate", f"{mbps}mbit", "burst", str(burst), "latency", "500ms")
+            self._tbf(tier, ifname, mbps, replace)
         self.rates[link] = mbps
-
-    def prefix(self, tier: str) -> list[str]:
-        """The command prefix that runs a program in ``tier``'s namespace."""
-        return ["ip", "netns", "exec", self.ns[tier]]
-
-    def down(self) -> None:
-        subprocess.run(["ip", "link", "del", self._root_if], capture_output=True)
-        for ns in reversed(self._made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._made.clear()
-
-    def __enter__(self) -> "Testbed":
-        return self.up()
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
 
 
 FLEET_NET = "10.224"  # the fleet's medium: the edge 10.224.0.1, device i 10.224.1.i
 
 
-class FleetTestbed:
+class FleetTestbed(_Namespaces):
     """Many devices on one shared wireless medium to the edge, and the cloud behind it::
 
         [dev1 ns] ==veth (tbf r_1)==+                                 +== [edge ns] ==veth (tbf)== [cloud ns]
-        [dev2 ns] ==veth (tbf r_2)==+== bridge [air ns] ==(tbf R)==+   10.224.0.1      10.223.2.x
+        [dev2 ns] ==veth (tbf r_2)==+== bridge [air ns] ==(tbf R)==+   10.224.0.1      10.225.2.x
         ...                                                             || management veth (unshaped)
                                                                         [this namespace]
 
@@ -133,50 +155,36 @@ class FleetTestbed:
 
     def __init__(self, devices: dict[str, float], *, medium_mbps: float, bw_edge_cloud: float,
                  tag: Optional[str] = None) -> None:
-        why = available()
-        if why:
-            raise ConfigError(why)
         if not 1 <= len(devices) <= 200:
             raise ConfigError(f"a fleet testbed holds 1..200 devices, not {len(devices)}")
         for name, mbps in {**devices, "medium": medium_mbps, "edge-cloud": bw_edge_cloud}.items():
             if not mbps > 0:
                 raise ConfigError(f"{name}: link rate must be > 0 Mbit/s, got {mbps}")
-        self.tag = tag or f"hf{os.getpid() % 100000}"
+        tag = tag or f"hf{os.getpid() % 100000}"
+        super().__init__(tag, {"air": f"{tag}-air", "edge": f"{tag}-edge", "cloud": f"{tag}-cloud",
+                               **{d: f"{tag}-d{i}" for i, d in enumerate(devices, 1)}})
         self.devices = dict(devices)
-        self.ns = {"air": f"{self.tag}-air", "edge": f"{self.tag}-edge", "cloud": f"{self.tag}-cloud",
-                   **{d: f"{self.tag}-d{i}" for i, d in enumerate(devices, 1)}}
         self.address = {"edge": f"{FLEET_NET}.0.1", **{d: f"{FLEET_NET}.1.{i}" for i, d in enumerate(devices, 1)},
                         "cloud": "10.225.2.2", "root": "10.225.9.1"}
         self.broker_for = {**{d: f"{FLEET_NET}.0.1" for d in devices}, "edge": "127.0.0.1", "cloud": "10.225.2.1",
                            "root": "10.225.9.2"}
         self.medium_mbps, self.bw_edge_cloud = medium_mbps, bw_edge_cloud
-        self._made: list[str] = []
-        self._root_if = f"{self.tag}m0"
 
     def up(self) -> "FleetTestbed":
-        ns = self.ns
         try:
-            for name in ns.values():
-                _run("ip", "netns", "add", name)
-                self._made.append(name)
-                _run("ip", "-n", name, "link", "set", "lo", "up")
-            _run("ip", "-n", ns["air"], "link", "add", "br0", "type", "bridge")
-            _run("ip", "-n", ns["air"], "link", "set", "br0", "up")
+            self._namespaces()
+            _run("ip", "-n", self.ns["air"], "link", "add", "br0", "type", "bridge")
+            _run("ip", "-n", self.ns["air"], "link", "set", "br0", "up")
             for i, d in enumerate(self.devices, 1):
                 self._veth(f"{self.tag}d{i}a", d, f"{self.address[d]}/16", f"{self.tag}d{i}b", "air", None)
             self._veth(f"{self.tag}e0", "edge", f"{self.address['edge']}/16", f"{self.tag}e1", "air", None)
             self._veth(f"{self.tag}c0", "edge", "10.225.2.1/24", f"{self.tag}c1", "cloud", "10.225.2.2/24")
-            _run("ip", "link", "add", self._root_if, "type", "veth", "peer", "name", f"{self.tag}m1")
-            _run("ip", "link", "set", f"{self.tag}m1", "netns", ns["edge"])
-            _run("ip", "addr", "add", f"{self.address['root']}/24", "dev", self._root_if)
-            _run("ip", "link", "set", self._root_if, "up")
-            _run("ip", "-n", ns["edge"], "addr", "add", f"{self.broker_for['root']}/24", "dev", f"{self.tag}m1")
-            _run("ip", "-n", ns["edge"], "link", "set", f"{self.tag}m1", "up")
-            for i, (d, mbps) in enumerate(self.devices.items(), 1):
+            self._management(self.address["root"], self.broker_for["root"])
+            for d, mbps in self.devices.items():
                 self.shape_device(d, mbps, replace=False)
             self.shape_medium(self.medium_mbps, replace=False)
-            self._tbf(ns["edge"], f"{self.tag}c0", self.bw_edge_cloud, False)
-            self._tbf(ns["cloud"], f"{self.tag}c1", self.bw_edge_cloud, False)
+            self._tbf("edge", f"{self.tag}c0", self.bw_edge_cloud, False)
+            self._tbf("cloud", f"{self.tag}c1", self.bw_edge_cloud, False)
         except BaseException:
             self.down()
             raise
@@ -193,39 +201,15 @@ class FleetTestbed:
                 _run("ip", "-n", self.ns[where], "link", "set", ifname, "master", "br0")
             _run("ip", "-n", self.ns[where], "link", "set", ifname, "up")
 
-    def _tbf(self, ns: str, ifname: str, mbps: float, replace: bool) -> None:
-        burst = max(4096, int(mbps * 125_000 / 100))  # ~10 ms of traffic
-        _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace" if replace else "add", "dev", ifname, "root", "tbf",
-             "rate", f"{mbps}mbit", "burst", str(burst), "latency", "500ms")
-
     def shape_device(self, device: str, mbps: float, *, replace: bool = True) -> None:
         """A device's own radio rate, both directions."""
-        if not mbps > 0:
-            raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
         i = list(self.devices).index(device) + 1
-        self._tbf(self.ns[device], f"{self.tag}d{i}a", mbps, replace)
-        self._tbf(self.ns["air"], f"{self.tag}d{i}b", mbps, replace)
+        self._tbf(device, f"{self.tag}d{i}a", mbps, replace)
+        self._tbf("air", f"{self.tag}d{i}b", mbps, replace)
         self.devices[device] = mbps
 
     def shape_medium(self, mbps: float, *, replace: bool = True) -> None:
         """The medium's aggregate rate, each direction, shared by every device sending at once."""
-        if not mbps > 0:
-            raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
-        self._tbf(self.ns["air"], f"{self.tag}e1", mbps, replace)
-        self._tbf(self.ns["edge"], f"{self.tag}e0", mbps, replace)
+        self._tbf("air", f"{self.tag}e1", mbps, replace)
+        self._tbf("edge", f"{self.tag}e0", mbps, replace)
         self.medium_mbps = mbps
-
-    def prefix(self, where: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[where]]
-
-    def down(self) -> None:
-        subprocess.run(["ip", "link", "del", self._root_if], capture_output=True)
-        for name in reversed(self._made):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        self._made.clear()
-
-    def __enter__(self) -> "FleetTestbed":
-        return self.up()
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster import chain, dump, reference, rel, schedule
+from cluster import chain, dump, equals_single_process, reference, rel, schedule
 from hiertrain import checkpoint
 
 pytestmark = pytest.mark.integration
@@ -44,10 +44,7 @@ def test_a_schedule_switch_mid_run_moves_both_cuts_and_worker_o(cluster):
     assert sorted(versions) == list(range(40))
     switch = min(i for i, v in versions.items() if v == 2)
     assert switch >= 12 and all(versions[i] == (1 if i < switch else 2) for i in versions)
-    ref_losses, ref_params = reference(c, 40)
-    losses = c.losses()
-    assert sorted(losses) == list(range(40))  # none lost, none done twice
-    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(40)) < 1e-4
+    losses, ref_params = equals_single_process(c, 40)
     ck = c.final_checkpoint()
     assert ck.iteration == 39 and rel(ck.params, ref_params) < 1e-4
     assert checkpoint.iterations(c.work / "ck-edge")[-1] == 39
@@ -183,10 +180,7 @@ def test_layer_chains_equal_single_process_training(cluster, plan):
     c.publish(plan)
     c.start()
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    ref_losses, _ = reference(c, 25)
-    losses = c.losses()
-    assert sorted(losses) == list(range(25))
-    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(25)) < 1e-4
+    equals_single_process(c, 25)
 
 
 def test_jalad_sends_8_bit_activations_and_still_learns(cluster):
@@ -212,10 +206,7 @@ def test_switching_between_a_hybrid_schedule_and_a_chain_moves_weights_and_optim
     c.publish(schedule("edge", "cloud", "device", 1, 4, 4, 4, 4, version=3, effective=20))
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
     assert set(c.versions().values()) == {1, 2, 3}
-    ref_losses, ref_params = reference(c, 36)
-    losses = c.losses()
-    assert sorted(losses) == list(range(36))
-    assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(36)) < 1e-4
+    losses, ref_params = equals_single_process(c, 36)
     assert rel(c.final_checkpoint().params, ref_params) < 1e-4
 
 
