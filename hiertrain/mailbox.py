@@ -91,6 +91,11 @@ class Mailbox:
             if self._lost.get(tier) not in _STICKY:
                 self._lost.pop(tier, None)
 
+    def forget(self, party: str) -> None:
+        """Waits no longer fail for ``party``: it was planned out (a fleet device that left)."""
+        with self._cond:
+            self._lost.pop(party, None)
+
     def check_lost(self, what: str) -> None:
         if self._lost:
             tier, state = next(iter(self._lost.items()))

@@ -79,6 +79,14 @@ def validate_layer(layer: object) -> int:
     return layer
 
 
+def validate_party(party: object, *, what: str = "tier") -> str:
+    """Who may send or receive tensors: a tier, or (in a fleet) an enrolled device's name."""
+    if party in TIERS or isinstance(party, str) and _DEVICE.match(party) and party not in ACCOUNTS \
+            and party != "schedule":
+        return party  # type: ignore[return-value]
+    raise TopicError(f"bad {what} {party!r}: expected one of {', '.join(TIERS)} or an enrolled device's name")
+
+
 @dataclass(frozen=True)
 class TensorTopic:
     """``hiertrain/<job>/<sender>/<kind>/<dest>/<layer>``: tensors from one tier to another."""
@@ -91,10 +99,10 @@ class TensorTopic:
 
     def __post_init__(self) -> None:
         validate_job(self.job)
-        validate_tier(self.sender, what="sender")
+        validate_party(self.sender, what="sender")
         if self.kind not in MESSAGE_KINDS:
             raise TopicError(f"bad tensor kind {self.kind!r}: expected one of {', '.join(MESSAGE_KINDS)}")
-        validate_tier(self.dest, what="destination")
+        validate_party(self.dest, what="destination")
         validate_layer(self.layer)
 
     def __str__(self) -> str:
@@ -156,9 +164,9 @@ def profile(job: str, tier: str) -> str:
     return str(AccountTopic(job, tier, "profile"))
 
 
-def inbox(job: str, tier: str) -> str:
-    """The subscription filter for every tensor addressed to ``tier``."""
-    return f"{ROOT}/{validate_job(job)}/+/+/{validate_tier(tier)}/+"
+def inbox(job: str, party: str) -> str:
+    """The subscription filter for every tensor addressed to ``party`` (a tier or an enrolled device)."""
+    return f"{ROOT}/{validate_job(job)}/+/+/{validate_party(party)}/+"
 
 
 def all_of_kind(job: str, kind: str) -> str:

@@ -112,8 +112,13 @@ class Transport:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, persistent: bool = True,
                  observer: bool = False, keepalive: int = 30,
                  validator: Optional[Callable[[Message], Optional[str]]] = None,
-                 max_message_bytes: int = MAX_TENSOR_BYTES, expire_s: float = 600.0) -> None:
-        self.account = topics.validate_account(account)
+                 max_message_bytes: int = MAX_TENSOR_BYTES, expire_s: float = 600.0,
+                 peers: Optional[frozenset[str]] = frozenset(TIERS)) -> None:
+        """``peers``: the accounts whose statuses say who is online and lost (``None``: every tier and
+        enrolled device, as a fleet's coordinator follows them); an enrolled device's name is an
+        account of its own."""
+        self.account = topics.validate_account(account, enrolled=True)
+        self.peers = peers
         self.job = topics.validate_job(job)
         self.endpoint = endpoint
         self.chunk_bytes = chunk_bytes
@@ -175,7 +180,7 @@ class Transport:
         self._keepalive = keepalive
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"hiertrain-{account}-dispatch",
                                             daemon=True)
-        if account in TIERS and not observer:
+        if account not in ("planner", "observer") and not observer:
             self._filters.add(topics.inbox(job, account))
 
     # -------------------------------------------------------------- lifecycle
@@ -494,6 +499,14 @@ class Transport:
             self.mailbox.lose(account, state)
         return None
 
+    def _follows(self, account: str) -> bool:
+        return account in self.peers if self.peers is not None else account not in ("planner", "observer")
+
+    def online(self) -> set[str]:
+        """The peers whose newest status says online."""
+        with self._lock:
+            return set(self._online)
+
     def _drop(self, reason: str, topic: str) -> None:
         """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
         junk must not become a flood of log lines)."""
@@ -513,7 +526,7 @@ class Transport:
                 event = Event(parsed, json.loads(payload), retained)
             except (ValueError, UnicodeDecodeError) as exc:
                 return f"malformed JSON: {exc}"
-            if isinstance(parsed, topics.AccountTopic) and parsed.kind == "status" and parsed.account in TIERS \
+            if isinstance(parsed, topics.AccountTopic) and parsed.kind == "status" and self._follows(parsed.account) \
                     and isinstance(event.payload, dict):
                 stale = self._status_of(parsed.account, event.payload, retained)
                 if stale:
