@@ -1,7 +1,15 @@
-"""The cloud server: a training tier behind the slow WAN link; keeps built segments in its cache."""
-
-from functools import partial
+"""The cloud server: a training tier behind the slow WAN link; keeps built segments in its cache.
+With a ``[fleet]`` table it serves a fleet's coordinator (:mod:`hiertrain.cloud.worker`)."""
 
 from hiertrain.tier import run_tier
 
-run = partial(run_tier, "cloud")
+
+def run(config: str, *, resume: bool = False) -> int:
+    from hiertrain import tierconfig
+
+    cfg = tierconfig.load("cloud", config)
+    if cfg.fleet:
+        from hiertrain.cloud.worker import CloudWorker
+
+        return CloudWorker(cfg).run()
+    return run_tier("cloud", config, resume=resume)

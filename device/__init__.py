@@ -1,4 +1,5 @@
-"""The edge device (e.g. a Raspberry Pi): it holds the data and drives the iterations.
+"""The edge device (e.g. a Raspberry Pi): it holds the data and drives the iterations; in a fleet
+(a ``[fleet]`` table) it is one data source and worker of many (:mod:`hiertrain.device.worker`).
 
 It trains with plain onnxruntime (aarch64 or x86-64): segments it cannot build itself come
 prebuilt, from a copied ``hiertrain segments build`` directory or from a builder tier over MQTT
@@ -9,8 +10,14 @@ from __future__ import annotations
 
 
 def run(config: str, *, resume: bool = False) -> int:
-    from hiertrain import segments
+    from hiertrain import segments, tierconfig
     from hiertrain.tier import ort_version, run_tier
+
+    cfg = tierconfig.load("device", config)
+    if cfg.fleet:  # one of many devices, with its own account: the edge's coordinator drives
+        from hiertrain.device.worker import DeviceWorker
+
+        return DeviceWorker(cfg).run()
 
     if segments.can_build():
         print(f"device: onnxruntime-training {ort_version()}: builds its own segments", flush=True)

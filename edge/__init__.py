@@ -1,7 +1,15 @@
-"""The edge server: runs the MQTT broker (``hiertrain broker start``) and a training tier."""
-
-from functools import partial
+"""The edge server: runs the MQTT broker (``hiertrain broker start``) and a training tier, or, with a
+``[fleet]`` table, the fleet's coordinator (:mod:`hiertrain.edge.coordinator`)."""
 
 from hiertrain.tier import run_tier
 
-run = partial(run_tier, "edge")
+
+def run(config: str, *, resume: bool = False) -> int:
+    from hiertrain import tierconfig
+
+    cfg = tierconfig.load("edge", config)
+    if cfg.fleet:
+        from hiertrain.edge.coordinator import Coordinator
+
+        return Coordinator(cfg).run()
+    return run_tier("edge", config, resume=resume)

@@ -31,6 +31,11 @@
     holdout = 256                 # its first N samples, which the device then never trains on
     [profile]                     # published (retained) for the planner
     file = "profile-device.json"
+    [fleet]                       # a fleet: enrolled devices (credentials from `broker add-device NAME`),
+    file = "fleet.toml"           # the edge's: the devices it plans (`hiertrain plan-fleet`'s file)
+    devices = 3                   # the edge's: how many devices to wait for before the first step
+    log = "fleet-log.jsonl"       # the edge's: one line per step, who trained which samples
+    policy = "hiertrain"          # the edge's: or a baseline: edgesplit, all-local, all-edge, all-cloud, ...
 """
 
 from __future__ import annotations
@@ -72,6 +77,11 @@ class TierConfig:
     holdout: int = 0
     profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
     path: Optional[Path] = None
+    fleet: bool = False                 # a [fleet] table: many enrolled devices, the clock at the edge
+    fleet_file: Optional[Path] = None   # the edge's: the devices it may plan (hiertrain plan-fleet's file)
+    fleet_devices: int = 1              # the edge waits for this many devices before the first step
+    fleet_log: Optional[Path] = None    # the edge's: one JSON line per step (who trained which samples)
+    fleet_policy: str = "hiertrain"     # the edge's: the fleet planner, or a baseline (plan-fleet lists them)
 
     def load_data(self, spec: Any) -> Any:
         """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
@@ -134,6 +144,17 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"[checkpoint] keep = {c.checkpoint_keep} must be >= 1")
     if c.checkpoint_collect is not False and (c.checkpoint_collect is not True or c.checkpoint_dir is None):
         raise bad("[checkpoint] collect = true needs a dir to collect into (and collect is true or false)")
+    if c.fleet and c.tier == "edge" and c.fleet_file is None:
+        raise bad("[fleet] on the edge needs file = \"fleet.toml\": the devices it plans (hiertrain plan-fleet's file)")
+    from hiertrain.planner.fleet import POLICIES
+
+    if c.fleet_policy not in POLICIES:
+        raise bad(f"[fleet] policy = {c.fleet_policy!r}: expected one of {', '.join(POLICIES)}")
+    if c.fleet_devices < 1:
+        raise bad(f"[fleet] devices = {c.fleet_devices} must be >= 1")
+    if c.fleet and c.tier == "device" and c.endpoint.username in ("device", "edge", "cloud", "planner", "observer"):
+        raise bad(f"[fleet]: a fleet device connects with its own account (hiertrain broker add-device NAME), "
+                  f"not {c.endpoint.username!r}")
     if c.endpoint.job is not None and c.endpoint.job != c.job:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
 
@@ -149,7 +170,8 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
     if tier not in TIERS:
         raise ConfigError(f"unknown tier {tier!r}")
     cfg = config.load(path)
-    train, rt, ck, data, ev, prof = (cfg.section(s) for s in ("train", "runtime", "checkpoint", "data", "eval", "profile"))
+    train, rt, ck, data, ev, prof, fleet = (cfg.section(s) for s in ("train", "runtime", "checkpoint", "data", "eval",
+                                                                      "profile", "fleet"))
 
     def get(section: dict[str, Any], key: str, kind: type, default: Any) -> Any:
         value = section.get(key, default)
@@ -180,6 +202,10 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         data_entry=get(data, "entry", str, None), data_label=get(data, "label", str, None),
         holdout=get(ev, "holdout", int, 0), path=cfg.path,
         profile=_profile(cfg.resolve(str(prof["file"])), tier) if "file" in prof else None,
+        fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(str(fleet["file"])) if "file" in fleet else None,
+        fleet_devices=get(fleet, "devices", int, 1),
+        fleet_log=cfg.resolve(str(fleet["log"])) if "log" in fleet else None,
+        fleet_policy=get(fleet, "policy", str, "hiertrain"),
     )
     _check_limits(out, cfg.path)
     from hiertrain import models

@@ -119,7 +119,7 @@ class AccountTopic:
 
     def __post_init__(self) -> None:
         validate_job(self.job)
-        validate_account(self.account)
+        validate_account(self.account, enrolled=True)
         if self.kind not in ACCOUNT_KINDS:
             raise TopicError(f"bad topic kind {self.kind!r}: expected one of {', '.join(ACCOUNT_KINDS)}")
 

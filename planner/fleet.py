@@ -183,7 +183,8 @@ def iteration_time(fleet: Fleet, chosen: Sequence[Path]) -> tuple[float, list[fl
     return tau + servers + sync, shares, {"devices_s": tau, "servers_s": servers, "cloud_sync_s": sync}
 
 
-def _plan(policy: str, fleet: Fleet, chosen: Sequence[Path]) -> FleetPlan:
+def plan_of(policy: str, fleet: Fleet, chosen: Sequence[Path]) -> FleetPlan:
+    """The plan of given paths, timed, with the best shares of the medium."""
     t, shares, parts = iteration_time(fleet, chosen)
     return FleetPlan(policy, tuple(chosen), tuple(shares), t, parts)
 
@@ -198,7 +199,7 @@ def brute_force(fleet: Fleet) -> FleetPlan:
         if best is None or t < best[0] - 1e-15:
             best = (t, chosen)
     assert best is not None
-    return _plan("brute-force", fleet, best[1])
+    return plan_of("brute-force", fleet, best[1])
 
 
 @dataclass
@@ -334,7 +335,7 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
             tau = got[1]
     if best is None:
         raise PlanError("no plan fits the medium (every device's path needs more than its radio carries)")
-    plan = _plan("hiertrain", fleet, best[1])
+    plan = plan_of("hiertrain", fleet, best[1])
     plan.parts["optimal"] = optimal
     return plan
 
@@ -370,7 +371,7 @@ def edgesplit(fleet: Fleet, *, rounds: int = 50) -> FleetPlan:
         shares = [s if s > 0 else equal for s in shares]  # a device that sent nothing may start to
         if not changed:
             break
-    return _plan("edgesplit", fleet, [Path(c, u) for c in cuts])
+    return plan_of("edgesplit", fleet, [Path(c, u) for c in cuts])
 
 
 def baseline(fleet: Fleet, policy: str) -> FleetPlan:
@@ -380,11 +381,11 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
     if policy == "edgesplit":
         return edgesplit(fleet)
     if policy == "all-local":
-        return _plan(policy, fleet, [Path(u, u)] * len(fleet.devices))
+        return plan_of(policy, fleet, [Path(u, u)] * len(fleet.devices))
     if policy == "all-edge":  # a private device keeps its first unit
-        return _plan(policy, fleet, [Path(1 if d.private else 0, u) for d in fleet.devices])
+        return plan_of(policy, fleet, [Path(1 if d.private else 0, u) for d in fleet.devices])
     if policy == "all-cloud":
-        return _plan(policy, fleet, [Path(1, 1) if d.private else Path(0, 0) for d in fleet.devices])
+        return plan_of(policy, fleet, [Path(1, 1) if d.private else Path(0, 0) for d in fleet.devices])
     if policy == "per-device-hiertrain":
         # each device's best path as if it were alone with the edge and the cloud, then run together
         chosen = []
@@ -392,7 +393,7 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
             alone = Fleet(fleet.act_bytes, fleet.param_bytes, (d,), fleet.edge_s, fleet.cloud_s,
                           min(fleet.medium_mbps, d.rate_mbps), fleet.cloud_mbps)
             chosen.append(brute_force(alone).paths[0])  # one device: its paths, each timed
-        return _plan(policy, fleet, chosen)
+        return plan_of(policy, fleet, chosen)
     raise PlanError(f"unknown fleet policy {policy!r}; available: {', '.join(POLICIES)}")
 
 

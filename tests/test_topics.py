@@ -32,7 +32,7 @@ def test_schedule_and_profile_topics():
 
 
 @pytest.mark.parametrize("bad", [
-    "other/j/schedule", "hiertrain/j", "hiertrain/j/laptop/status", "hiertrain/j/device/act/cloud/01",
+    "other/j/schedule", "hiertrain/j", "hiertrain/j/Lap top/status", "hiertrain/j/laptop/act/planner/1", "hiertrain/j/device/act/cloud/01",
     "hiertrain/j/device/act/cloud/-1", "hiertrain/j/device/pickle/cloud/1", "hiertrain/+/schedule",
     "hiertrain/j/device/act/planner/1", "hiertrain/j/device/act/cloud/1/x", "hiertrain//schedule",
 ])

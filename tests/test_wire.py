@@ -128,7 +128,7 @@ def test_partial_messages_are_evicted_past_the_memory_bound():
     assert r.evicted >= 3
 
 
-@pytest.mark.parametrize("field,value", [("iteration", -1), ("layer", -2), ("sender", "laptop"),
+@pytest.mark.parametrize("field,value", [("iteration", -1), ("layer", -2), ("sender", "Lap top"), ("dest", "planner"),
                                          ("kind", "pickle"), ("job", "a/b"), ("meta", {"k": object()})])
 def test_invalid_messages_cannot_be_built(field, value):
     kw = dict(kind="act", job="job", sender="device", dest="cloud", iteration=0, layer=1, tensors={})

@@ -1,0 +1,51 @@
+"""The cloud in a fleet: units k+1..U of every member whose path reaches it, one cut at a time.
+
+Per round it takes the weights of units kappa+1..U from the edge, then for each cut k (ascending)
+the activations the edge sends for all members cut there (concatenated in member order) and those
+members' labels from the devices; it computes the loss over those rows (weighted by their share of
+the round's samples), sends the gradient at k back to the edge, and finally its parameter gradients
+with its share of the loss.
+"""
+
+from __future__ import annotations
+
+from hiertrain.fleetroles import Round, add_into, rows
+from hiertrain.fleetservice import Abandoned, FleetService
+from hiertrain.roles import Params
+from hiertrain.tierconfig import TierConfig
+
+
+class CloudWorker(FleetService):
+    def __init__(self, cfg: TierConfig) -> None:
+        super().__init__(cfg, account="cloud", peers=frozenset({"edge"}))
+
+    def run(self) -> int:
+        with self.transport:
+            print("cloud: fleet worker, waiting for the edge's rounds", flush=True)
+            done = -1
+            while True:
+                got = self.next_round(done)
+                if got is None:
+                    print(f"cloud: the edge ended the run after round {done}", flush=True)
+                    return 0
+                rnd, params = got
+                try:
+                    self.work(rnd, params)
+                except Abandoned as exc:
+                    print(f"cloud: {exc}", flush=True)
+                done = rnd.round
+
+    def work(self, rnd: Round, params: Params) -> None:
+        r = rnd.round
+        grads: Params = {}
+        loss = 0.0
+        for k, group in rnd.cloud_groups():
+            x = self.take("samples" if k == 0 else "act", "edge", r, k).tensors["x"]
+            y = rows(self.take("labels", mb.name, r, 0).tensors["y"] for mb in group)
+            w = rnd.weight(len(y))
+            part_loss, gk, g = self.part.loss(params, k + 1, x, y, w)
+            loss += w * part_loss
+            add_into(grads, g)
+            if k > 0:
+                self.send("grad", "edge", r, k, {"x": gk})
+        self.send("wgrad", "edge", r, self.units, grads, loss=loss)

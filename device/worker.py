@@ -1,0 +1,67 @@
+"""A fleet device: the data source and the worker for units 1..m of its own samples.
+
+It connects with its own account (``hiertrain broker add-device NAME``) and waits for rounds from
+the edge's coordinator. In each round it is a member of, it takes its ``n`` samples at the offset
+the coordinator gives (the coordinator keeps every device's place in its data, so a redone step
+trains the same samples), trains its units 1..m and sends the activations at its cut (or its raw
+samples, m = 0) to the edge and its labels to where its loss is computed; it then takes the
+gradient at its cut and sends its parameter gradients. With m = U it computes its own loss.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from hiertrain.errors import HiertrainError
+from hiertrain.fleetroles import Member, Round
+from hiertrain.fleetservice import Abandoned, FleetService
+from hiertrain.roles import Params
+from hiertrain.tierconfig import TierConfig
+
+log = logging.getLogger("hiertrain.device")
+
+
+class DeviceWorker(FleetService):
+    def __init__(self, cfg: TierConfig) -> None:
+        super().__init__(cfg, account=cfg.endpoint.username, peers=frozenset({"edge"}))
+        self.data = cfg.training_data(self.spec)
+        self.transport.status_extra.update(fleet=True, samples=len(self.data))
+
+    def run(self) -> int:
+        with self.transport:
+            print(f"{self.account}: fleet device with {len(self.data)} samples, waiting for the edge's rounds",
+                  flush=True)
+            done = -1
+            while True:
+                got = self.next_round(done)
+                if got is None:
+                    print(f"{self.account}: the edge ended the run after round {done}", flush=True)
+                    return 0
+                rnd, params = got
+                try:
+                    self.work(rnd, rnd.member(self.account), params)
+                except Abandoned as exc:
+                    print(f"{self.account}: {exc}", flush=True)
+                except HiertrainError as exc:  # not a member (an old plan): wait for the next round
+                    log.warning("%s: round %d: %s", self.account, rnd.round, exc)
+                done = rnd.round
+
+    def work(self, rnd: Round, mb: Member, params: Params) -> None:
+        x, y = self.data.take_raw((mb.offset + np.arange(mb.n)) % len(self.data))
+        r, U = rnd.round, self.units
+        if mb.m == U:
+            w = rnd.weight(mb.n)
+            loss, _, grads = self.part.loss(params, 1, x, y, w)
+            self.send("wgrad", "edge", r, U, grads, loss=w * loss)
+            return
+        self.send("labels", "edge" if mb.k == U else "cloud", r, 0, {"y": y})
+        if mb.m == 0:
+            self.send("samples", "edge", r, 0, {"x": x})
+            return
+        h, stash = self.part.forward(params, 1, mb.m, x)
+        self.send("act", "edge", r, mb.m, {"x": h})
+        g = self.take("grad", "edge", r, mb.m).tensors["x"]
+        _, grads = self.part.backward(params, 1, mb.m, stash, g)
+        self.send("wgrad", "edge", r, mb.m, grads)

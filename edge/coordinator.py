@@ -1,0 +1,289 @@
+"""The fleet's coordinator, next to the broker on the edge server: membership, plan, clock, owner.
+
+- **Membership.** The devices of the fleet file (``hiertrain plan-fleet``'s) whose retained status
+  says online (their Last Will says when they go). A device online but not in the file is named
+  once and not planned.
+- **Plan.** Whenever the members change, the fleet planner (:func:`hiertrain.planner.fleet.solve`)
+  plans them anew (or every ``[[device]] path`` of the file pins one), as a new plan version.
+- **Clock.** A round is one attempt at one SGD step; the coordinator starts it by sending every
+  member the weights of its units 1..m (the cloud those of units kappa+1..U) with the round: who
+  trains which samples (their offsets in each device's data are kept here) along which path.
+- **Owner.** The edge owns every parameter and the optimizer: it trains each member's units
+  m+1..k, the loss of members whose k = U, sums every gradient and steps
+  (:mod:`hiertrain.fleetroles`).
+- **Leaving.** A member that goes offline (or is silent for ``timeout_s``) before it has sent
+  everything makes the coordinator give the round up: no step is applied, the device is planned out,
+  and the same step is **redone** by the members left, on the same samples. A step is therefore
+  always one SGD step over all the samples of the devices it names, and the step log says which.
+- **Joining.** A device that comes online is planned in at the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+
+from hiertrain import checkpoint, topics
+from hiertrain.config import read_toml
+from hiertrain.errors import ConfigError, MissingMessage, TierLost
+from hiertrain.fleetroles import Member, Round, add_into, rows
+from hiertrain.fleetservice import POLL_S, FleetService
+from hiertrain.models import init_params
+from hiertrain.optim import Optimizer
+from hiertrain.planner import fleet as F
+from hiertrain.roles import Params
+from hiertrain.tierconfig import TierConfig
+
+log = logging.getLogger("hiertrain.edge")
+
+
+class Redo(Exception):
+    def __init__(self, who: str, why: str) -> None:
+        super().__init__(f"{who} {why}")
+        self.who = who
+
+
+class Coordinator(FleetService):
+    def __init__(self, cfg: TierConfig) -> None:
+        super().__init__(cfg, account="edge", peers=None)
+        assert cfg.fleet_file is not None
+        self.fleet = F.load(cfg.fleet_file)
+        if self.fleet.units != self.units:
+            raise ConfigError(f"{cfg.fleet_file}: its profile has {self.fleet.units} units, the model "
+                              f"{cfg.model} {self.units}")
+        total = sum(d.samples for d in self.fleet.devices)
+        if total > cfg.batch:
+            raise ConfigError(f"{cfg.fleet_file}: the devices' samples add up to {total} per step, more than "
+                              f"[train] batch = {cfg.batch} (the most a step may hold)")
+        self.pinned = self._pinned(cfg.fleet_file)
+        self.params: Params = init_params(self.spec, cfg.seed)
+        self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes())
+        self.offsets = {d.name: 0 for d in self.fleet.devices}
+        self.excluded: dict[str, bool] = {}  # devices given up on, until they go offline and come back
+        self._involved: set[str] = set()
+        self.named: set[str] = set()
+        self.planned: tuple[str, ...] = ()
+        self.paths: dict[str, F.Path] = {}
+        self.version = 0
+
+    def _pinned(self, path: Any) -> Optional[dict[str, F.Path]]:
+        rows_ = read_toml(path, "fleet file").get("device", [])
+        pins = {d.get("name"): d.get("path") for d in rows_ if "path" in d}
+        if not pins:
+            return None
+        if len(pins) != len(rows_):
+            raise ConfigError(f"{path}: pin a path on every [[device]] or on none")
+        out = {}
+        for name, p in pins.items():
+            if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
+                    and 0 <= p[0] <= p[1] <= self.units):
+                raise ConfigError(f"{path}: device {name}: path = {p!r} is not [m, k] with 0 <= m <= k <= "
+                                  f"{self.units}")
+            out[name] = F.Path(*p)
+        return out
+
+    # ------------------------------------------------------------ membership and plan
+
+    def members(self) -> list[str]:
+        online = self.transport.online()
+        for name in sorted(online - set(self.offsets) - {"cloud", "device", "edge"} - self.named):
+            self.named.add(name)
+            print(f"edge: {name} is online but not in {self.cfg.fleet_file}: not planned", flush=True)
+        for name in [n for n in self.excluded if n not in online]:
+            del self.excluded[name]  # gone: when it is back, it is planned again
+        return [d.name for d in self.fleet.devices if d.name in online and d.name not in self.excluded]
+
+    def replan(self, names: list[str]) -> None:
+        sub = replace(self.fleet, devices=tuple(d for d in self.fleet.devices if d.name in names))
+        if self.pinned is not None:
+            plan = F.plan_of("pinned", sub, [self.pinned[n] for n in names])
+        elif self.cfg.fleet_policy == "hiertrain":
+            plan = F.solve(sub, budget_s=0.5)
+        else:
+            plan = F.baseline(sub, self.cfg.fleet_policy)
+        self.version += 1
+        for name in set(names) - set(self.planned):  # (re)joined: whatever its status said before is past
+            self.transport.mailbox.forget(name)
+        self.planned = tuple(names)
+        self.paths = dict(zip(names, plan.paths))
+        lines = F.describe(sub, plan)
+        print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step) for "
+              f"{', '.join(names)}:\n  " + "\n  ".join(lines), flush=True)
+        self.transport.status_extra["fleet"] = {
+            "version": self.version, "policy": plan.policy,
+            "predicted_s": plan.iteration_s if math.isfinite(plan.iteration_s) else None,
+            "paths": {n: [p.m, p.k] for n, p in self.paths.items()}}
+        self.transport.publish_status("online")
+
+    def _wait_for_fleet(self) -> None:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while len(self.members()) < self.cfg.fleet_devices or "cloud" not in self.transport.online():
+            if time.monotonic() > deadline:
+                raise MissingMessage(kind=f"{self.cfg.fleet_devices} devices and the cloud online", sender="fleet",
+                                     iteration=0, layer=0, timeout=self.cfg.timeout_s)
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> int:
+        with self.transport:
+            print(f"edge: fleet coordinator for {len(self.fleet.devices)} devices in {self.cfg.fleet_file}; "
+                  f"waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
+            self._wait_for_fleet()
+            step, rnd_no = 0, 0
+            logf = open(self.cfg.fleet_log, "w") if self.cfg.fleet_log else None
+            try:
+                while step < self.cfg.iterations:
+                    names = self.members()
+                    if not names:
+                        self._wait_for_fleet()
+                        continue
+                    if tuple(names) != self.planned:
+                        self.replan(names)
+                    rnd = Round(rnd_no, step, self.version, self.units, tuple(
+                        Member(n, self.fleet.devices[self._index(n)].samples, self.offsets[n], *self._path(n))
+                        for n in names))
+                    rnd_no += 1
+                    t0 = time.perf_counter()
+                    try:
+                        loss = self.round(rnd)
+                    except Redo as redo:
+                        self._give_up(rnd, redo)
+                        continue
+                    seconds = time.perf_counter() - t0
+                    for mb in rnd.members:
+                        self.offsets[mb.name] += mb.n
+                    self._record(rnd, loss, seconds, logf)
+                    step += 1
+                    if self.cfg.checkpoint_dir and (step == self.cfg.iterations or self.cfg.checkpoint_every
+                                                    and step % self.cfg.checkpoint_every == 0):
+                        self._checkpoint(step - 1)
+            finally:
+                if logf:
+                    logf.close()
+                for who in sorted((self.transport.online() & (set(self.offsets) | {"cloud"}))):
+                    self.send("weights", who, rnd_no, 0, {}, stop=True)
+                self.transport.flush()
+            print(f"edge: {step} steps done", flush=True)
+            return 0
+
+    def _index(self, name: str) -> int:
+        return next(i for i, d in enumerate(self.fleet.devices) if d.name == name)
+
+    def _path(self, name: str) -> tuple[int, int]:
+        p = self.paths[name]
+        return p.m, p.k
+
+    def _give_up(self, rnd: Round, redo: Redo) -> None:
+        who = redo.who
+        if who == "cloud":
+            raise redo.__cause__ or RuntimeError(str(redo))  # no cloud failover in fleet mode (yet)
+        self.excluded[who] = True
+        self.transport.mailbox.forget(who)
+        print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}; redone without it", flush=True)
+
+    def _record(self, rnd: Round, loss: float, seconds: float, logf: Any) -> None:
+        row = {"step": rnd.step, "round": rnd.round, "version": rnd.version, "loss": loss, "seconds": seconds,
+               "members": [[mb.name, mb.offset, mb.n, mb.m, mb.k] for mb in rnd.members]}
+        if logf:
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+        self.transport.publish_json(topics.telemetry(self.cfg.job, "edge"), {
+            "iteration": rnd.step, "loss": loss, "iteration_s": seconds, "role": "coordinator",
+            "schedule_version": rnd.version, "fleet": row["members"]})
+
+    def _checkpoint(self, step: int) -> None:
+        ck = checkpoint.Checkpoint(step, dict(self.params), dict(self.optimizer.moments), self.optimizer.step_count,
+                                   {"fleet_version": self.version})
+        checkpoint.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep)
+
+    # ------------------------------------------------------------ one round
+
+    def take(self, kind: str, sender: str, rnd: int, layer: int) -> Any:  # type: ignore[override]
+        """The coordinator's wait: a member gone (its Last Will, or it stopped) or silent for
+        ``timeout_s`` means the round is given up."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while True:
+            try:
+                return self.transport.take(kind, sender, rnd, layer, timeout=POLL_S)
+            except TierLost as lost:
+                if lost.tier in self._involved:
+                    raise Redo(lost.tier, f"went {lost.state}") from lost
+                self.transport.mailbox.forget(lost.tier)  # not in this round: planned out at the next
+            except MissingMessage as missing:
+                gone = sorted(self._involved - self.transport.online())
+                if gone:
+                    raise Redo(gone[0], "went offline") from missing
+                if time.monotonic() > deadline:
+                    raise Redo(sender, f"sent no {kind} in round {rnd} for {self.cfg.timeout_s:g} s") from missing
+
+    def round(self, rnd: Round) -> float:
+        P, part, U, r = self.params, self.part, self.units, rnd.round
+        cloud = rnd.kappa < U
+        self._involved = {mb.name for mb in rnd.members} | ({"cloud"} if cloud else set())
+        self.transport.advance(r)  # what is left of earlier rounds is dropped, and so is anything far ahead
+        meta = rnd.to_meta()
+        for mb in rnd.members:
+            self.send("weights", mb.name, r, mb.m, part.weights(P, 1, mb.m), **meta)
+        if cloud:
+            self.send("weights", "cloud", r, U, part.weights(P, rnd.kappa + 1, U), **meta)
+        grads: Params = {}
+        loss = 0.0
+        groups = dict(rnd.cloud_groups())
+        left = {k: len(g) for k, g in groups.items()}
+        at_cut: dict[str, tuple[np.ndarray, Any]] = {}
+        for mb in rnd.members:                                 # forward, in member order
+            if mb.m == U:
+                continue
+            x = self.take("samples" if mb.m == 0 else "act", mb.name, r, mb.m).tensors["x"]
+            if mb.k == U:
+                y = self.take("labels", mb.name, r, 0).tensors["y"]
+                w = rnd.weight(mb.n)
+                part_loss, gm, g = part.loss(P, mb.m + 1, x, y, w)
+                loss += w * part_loss
+                add_into(grads, g)
+                if mb.m:
+                    self.send("grad", mb.name, r, mb.m, {"x": gm})
+                continue
+            at_cut[mb.name] = part.forward(P, mb.m + 1, mb.k, x)
+            left[mb.k] -= 1
+            if not left[mb.k]:                                 # the cut's last member: on to the cloud
+                self._to_cloud(r, mb.k, [at_cut[o.name][0] for o in groups[mb.k]])
+        for k, group in groups.items():                        # the cloud's gradients, back down
+            gk = self.take("grad", "cloud", r, k).tensors["x"] if k > 0 else None
+            start = 0
+            for mb in group:
+                _, stash = at_cut[mb.name]
+                if gk is not None:  # (k = 0: the cloud trained all of it)
+                    gm, g = part.backward(P, mb.m + 1, mb.k, stash, gk[start:start + mb.n])
+                    add_into(grads, g)
+                    if mb.m:
+                        self.send("grad", mb.name, r, mb.m, {"x": gm})
+                start += mb.n
+        if cloud:
+            msg = self.take("wgrad", "cloud", r, U)
+            add_into(grads, msg.tensors)
+            loss += float(msg.meta.get("loss", math.nan))
+        for mb in rnd.members:                                 # the devices' parameter gradients
+            if mb.m:
+                msg = self.take("wgrad", mb.name, r, mb.m)
+                add_into(grads, msg.tensors)
+                if mb.m == U:
+                    loss += float(msg.meta.get("loss", math.nan))
+        self.params = self.optimizer.step(P, grads)
+        return loss
+
+    def _to_cloud(self, r: int, k: int, parts: list[np.ndarray]) -> None:
+        if k == 0:  # raw samples: as stored if they all are, else as the model's input
+            from hiertrain.data import normalize
+
+            same = len({p.dtype for p in parts}) == 1
+            self.send("samples", "cloud", r, 0, {"x": rows(parts if same else [normalize(p) for p in parts])})
+        else:
+            self.send("act", "cloud", r, k, {"x": rows(parts)})

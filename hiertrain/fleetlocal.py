@@ -1,0 +1,231 @@
+"""A whole fleet on one machine: a broker with enrolled devices, the edge's coordinator, the cloud
+worker and N device processes, each with its own account, data and config; and a watcher.
+
+Used by ``hiertrain demo --devices N`` and the fleet's integration tests. Everything started here is
+stopped by :meth:`FleetCluster.close` (processes by pid, the broker).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from hiertrain import checkpoint, models, tierconfig, topics
+from hiertrain.emulation import THREADS
+from hiertrain.errors import ConfigError
+from hiertrain.local import stop, toml
+from hiertrain.transport import Endpoint, Transport
+
+JOB = "fleet"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One device of the local fleet."""
+
+    name: str
+    samples: int                 # per step
+    rate_mbps: float = 20.0      # its radio
+    private: bool = False
+    path: Optional[tuple[int, int]] = None  # pinned (m, k); None: the planner chooses
+    seed: int = 0                # its synthetic data
+    data: Optional[dict[str, Any]] = None   # its [data] section instead
+
+
+def measure_profiles(model: str, batch: int, out: Path) -> tuple[Path, Path]:
+    """The servers' profile (edge, cloud) and a device profile, measured here (threads as emulated)."""
+    from hiertrain.profiler import measure
+
+    servers = measure(model, batch, tier="edge", threads=THREADS["edge"], repeat=3, warmup=1)
+    servers = servers.merged("cloud", measure(model, batch, tier="cloud", threads=THREADS["cloud"], repeat=3, warmup=1))
+    device = measure(model, batch, tier="device", threads=THREADS["device"], repeat=3, warmup=1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(servers.to_json()))
+    (out / "profile-device.json").write_text(json.dumps(device.to_json()))
+    return out / "profile.json", out / "profile-device.json"
+
+
+class FleetCluster:
+    def __init__(self, work: Path, devices: list[Spec], *, model: str = "lenet5", iterations: int = 12,
+                 lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
+                 cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd") -> None:
+        """``devices`` start with the run; ``extra`` are enrolled and described too, started later
+        (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``)."""
+        from hiertrain.broker.layout import BrokerDir, Settings
+        from hiertrain.broker.process import BrokerProcess, available_kind, free_port
+
+        self.work, self.model, self.job = work, model, JOB
+        self.specs = {d.name: d for d in (*devices, *extra)}
+        self.stack = ExitStack()
+        self.procs: dict[str, subprocess.Popen] = {}
+        work.mkdir(parents=True, exist_ok=True)
+        bdir = BrokerDir(work / "broker")
+        bdir.init(Settings(port=free_port(), bind="127.0.0.1", job=JOB))
+        for name in self.specs:
+            bdir.add_device(name)  # before the broker starts: an embedded broker reads accounts once
+        self.broker = self.stack.enter_context(BrokerProcess(bdir, kind=available_kind()))
+        batch = sum(d.samples for d in self.specs.values())
+        servers, device = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work)
+        lines = [f'profile = "{servers}"', f"medium_mbps = {medium_mbps}", f"cloud_mbps = {cloud_mbps}"]
+        for d in self.specs.values():
+            lines += ["[[device]]", f'name = "{d.name}"', f'profile = "{device}"', f"samples = {d.samples}",
+                      f"rate_mbps = {d.rate_mbps}", f"private = {str(d.private).lower()}"]
+            lines += [f"path = [{d.path[0]}, {d.path[1]}]"] if d.path else []
+        self.fleet_file = work / "fleet.toml"
+        self.fleet_file.write_text("\n".join(lines) + "\n")
+        self.log_file = work / "fleet-log.jsonl"
+        self.checkpoints = work / "ck-edge"
+        train = {"model": model, "batch": batch, "lr": lr, "optimizer": optimizer, "iterations": iterations,
+                 "timeout_s": timeout_s}
+
+        def config(name: str, tier: str, sections: dict[str, Any]) -> Path:
+            rt = {"threads": THREADS[tier], "cache": str(work / "cache")}
+            return toml(work / f"{name}.toml", JOB, bdir.credentials_file(name if tier == "device" else tier),
+                        {"train": train, "runtime": rt, **sections})
+
+        self.configs = {
+            "edge": config("edge", "edge", {"fleet": {"file": str(self.fleet_file), "log": str(self.log_file),
+                                                      "devices": wait_for or len(devices)},
+                                            "checkpoint": {"dir": str(self.checkpoints), "every": iterations}}),
+            "cloud": config("cloud", "cloud", {"fleet": {}}),
+            **{d.name: config(d.name, "device", {"train": {**train, "seed": d.seed}, "fleet": {},
+                                                  **({"data": d.data} if d.data else {})})
+               for d in self.specs.values()}}
+        watch_creds = Endpoint.load(bdir.credentials_file("planner"))
+        self.watch = self.stack.enter_context(Transport(watch_creds, account="planner", job=JOB, observer=True))
+        for kind in ("telemetry", "status"):
+            self.watch.subscribe(topics.all_of_kind(JOB, kind))
+        self.steps: dict[int, dict[str, Any]] = {}
+        self.states: dict[str, Any] = {}  # account -> its newest status's state
+
+    # ------------------------------------------------------------------ processes
+
+    def start(self, *names: str) -> None:
+        """Start the cloud, the edge and the devices named (default: every device given at creation)."""
+        for name in names:
+            tier = name if name in ("edge", "cloud") else "device"
+            with open(self.work / f"{name}.log", "a") as log:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "hiertrain", tier, "run", "--config", str(self.configs[name])],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
+
+    def pause(self, name: str) -> None:
+        """Freeze a device (SIGSTOP): online, but silent, as a hung process is."""
+        self.procs[name].send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGCONT)
+
+    def wait_online(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.states.get(name) != "online":
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{name} did not come online; its log:\n{self.log(name)[-3000:]}")
+            self.pump(0.2)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+    def pump(self, timeout: float = 0.2) -> list[Any]:
+        out = []
+        try:
+            while True:
+                ev = self.watch.events.get(timeout=timeout)
+                out.append(ev)
+                timeout = 0.0
+                if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "status" \
+                        and isinstance(ev.payload, dict):
+                    self.states[ev.topic.account] = ev.payload.get("state")
+                if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "telemetry" \
+                        and ev.topic.account == "edge" and "fleet" in ev.payload:
+                    self.steps[ev.payload["iteration"]] = ev.payload
+        except queue.Empty:
+            return out
+
+    def wait_step(self, step: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while step not in self.steps:
+            if time.monotonic() > deadline or self.procs["edge"].poll() is not None:
+                raise ConfigError(f"the fleet did not reach step {step}; edge log:\n{self.log('edge')[-3000:]}")
+            self.pump(0.2)
+
+    def wait_until(self, test: Any, timeout: float = 120) -> int:
+        """The first step whose telemetry row (``members`` as in the step log) passes ``test``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for step in sorted(self.steps):
+                row = {**self.steps[step], "members": self.steps[step]["fleet"]}
+                if test(row):
+                    return step
+            if time.monotonic() > deadline or self.procs["edge"].poll() is not None:
+                raise ConfigError(f"no step as awaited; edge log:\n{self.log('edge')[-3000:]}")
+            self.pump(0.2)
+
+    def wait(self, names: tuple[str, ...], timeout: float = 120) -> dict[str, Optional[int]]:
+        deadline = time.monotonic() + timeout
+        codes: dict[str, Optional[int]] = {}
+        for name in names:
+            try:
+                codes[name] = self.procs[name].wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def log(self, name: str) -> str:
+        path = self.work / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    # ------------------------------------------------------------------ results
+
+    def step_log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()] if self.log_file.exists() else []
+
+    def final(self) -> Optional[checkpoint.Checkpoint]:
+        spec = models.get(self.model)
+        return checkpoint.load(self.checkpoints, list(spec.param_shapes()))
+
+    def replay(self, optimizer: Any = None) -> tuple[list[float], dict[str, np.ndarray]]:
+        """Single-process training over exactly the samples the step log names, in its order:
+        (losses per step, final parameters)."""
+        from hiertrain import data
+        from hiertrain.hybrid import SingleProcess
+
+        spec = models.get(self.model)
+        edge_cfg = tierconfig.load("edge", self.configs["edge"])
+        ref = SingleProcess(spec, optimizer=optimizer or edge_cfg.optimizer, params=models.init_params(spec, edge_cfg.seed))
+        sets = {n: tierconfig.load("device", self.configs[n]).training_data(spec) for n in self.specs}
+        losses = []
+        for row in self.step_log():
+            xs, ys = [], []
+            for name, offset, n, _, _ in row["members"]:
+                x, y = sets[name].take_raw((offset + np.arange(n)) % len(sets[name]))
+                xs.append(data.normalize(x))
+                ys.append(y)
+            losses.append(ref.step(np.concatenate(xs), np.concatenate(ys)))
+        return losses, ref.params
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        stop(list(self.procs.values()))
+        self.stack.close()
+
+    def __enter__(self) -> "FleetCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

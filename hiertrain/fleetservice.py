@@ -1,0 +1,100 @@
+"""What the fleet's services share: a connection under their account, the segments, sends and waits.
+
+The coordinator (``edge/coordinator.py``) drives; the workers (``device/worker.py``,
+``cloud/worker.py``) wait for a round's weights, do their part of it (:mod:`hiertrain.fleetroles`)
+and wait again. A worker gives a round up as soon as the coordinator starts a newer one (a member
+left and the step is redone without it), so nobody waits out a timeout for a message that will
+never come.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from hiertrain import models, segments, topics
+from hiertrain.errors import HiertrainError, MissingMessage, PlanError
+from hiertrain.fleetroles import Part, Round
+from hiertrain.segments import Runtime
+from hiertrain.tierconfig import TierConfig
+from hiertrain.transport import Transport
+from hiertrain.validate import max_message_bytes, non_finite, validator
+from hiertrain.wire import Message
+
+log = logging.getLogger("hiertrain.fleet")
+POLL_S = 0.2
+
+
+class Abandoned(HiertrainError):
+    """The coordinator started a newer round: this one will not complete."""
+
+
+class FleetService:
+    def __init__(self, cfg: TierConfig, *, account: str, peers: Optional[frozenset[str]]) -> None:
+        from hiertrain import artifacts
+
+        self.cfg, self.account = cfg, account
+        self.spec = models.get(cfg.model)
+        self.units = self.spec.n_units
+        self.transport = Transport(cfg.endpoint, account=account, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
+                                   validator=validator(self.spec),
+                                   max_message_bytes=max_message_bytes(self.spec, cfg.batch),
+                                   expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)
+        self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
+        provider = None if segments.can_build() else artifacts.provider(cfg.segments_dir, None)
+        self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
+                               provider=provider)
+        self.part = Part(self.spec, self.runtime)
+
+    def send(self, kind: str, dest: str, rnd: int, layer: int, tensors: dict[str, np.ndarray], **meta: Any) -> None:
+        for name, t in tensors.items():
+            why = non_finite(f"{kind} {name} to {dest}", t)
+            if why:
+                raise PlanError(f"{self.account}: training diverged in round {rnd} ({why}); lower the learning "
+                                f"rate (now {self.cfg.optimizer.lr})")
+        self.transport.send(Message(kind, self.cfg.job, self.account, dest, rnd, layer, tensors, 0, meta))
+
+    # ---------------------------------------------------------------- workers
+
+    def newer_round(self, rnd: int) -> bool:
+        return any(k[0] == "weights" and k[1] > rnd and k[3] == "edge" for k in self.transport.mailbox.pending())
+
+    def take(self, kind: str, sender: str, rnd: int, layer: int) -> Message:
+        """A worker's wait: the message, or :class:`Abandoned` once the coordinator moved on. The
+        coordinator gives a round up after ``timeout_s`` of silence: a worker waits longer."""
+        deadline = time.monotonic() + 3 * self.cfg.timeout_s
+        while True:
+            try:
+                return self.transport.take(kind, sender, rnd, layer, timeout=POLL_S)
+            except MissingMessage:
+                if self.newer_round(rnd):
+                    raise Abandoned(f"round {rnd} was given up for a newer one") from None
+                if time.monotonic() > deadline:
+                    raise MissingMessage(kind=kind, sender=sender, iteration=rnd, layer=layer,
+                                         timeout=3 * self.cfg.timeout_s) from None
+
+    def next_round(self, after: int) -> Optional[tuple[Round, dict[str, np.ndarray]]]:
+        """Wait for the coordinator's next round after ``after``: (round, the weights it sent us), or
+        ``None`` when it says the run is over. Waits as long as the edge is online (an idle device)."""
+        box = self.transport.mailbox
+        while True:
+            try:
+                r = box.first("weights", "edge", timeout=self.cfg.timeout_s)
+            except MissingMessage:
+                continue  # not planned in (yet): the edge is online, keep waiting
+            msg = box.take("weights", "edge", r, self._layer_of(r), timeout=1.0)
+            self.transport.advance(r)
+            if r <= after:
+                continue
+            if msg.meta.get("stop"):
+                return None
+            try:
+                return Round.from_meta(msg.meta), dict(msg.tensors)
+            except PlanError as exc:
+                log.warning("%s: ignored round %d from the edge: %s", self.account, r, exc)
+
+    def _layer_of(self, rnd: int) -> int:
+        return next(k[2] for k in self.transport.mailbox.pending() if k[:2] == ("weights", rnd) and k[3] == "edge")

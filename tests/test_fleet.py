@@ -1,0 +1,56 @@
+"""A fleet over real Mosquitto: four enrolled devices, the edge's coordinator and the cloud, one
+device joining mid-run and one leaving; every step equals single-process SGD over exactly the
+samples the step log names."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from hiertrain.fleetlocal import FleetCluster, Spec
+from hiertrain.local import rel
+
+pytestmark = pytest.mark.integration
+U = 7  # LeNet-5
+
+
+def members(row):
+    return [m[0] for m in row["members"]]
+
+
+def test_four_devices_on_every_kind_of_path_join_and_leave_and_each_step_is_single_process_sgd(tmp_path):
+    devices = [Spec("pi1", 4, path=(2, 5), seed=11),      # device, edge and cloud
+               Spec("pi2", 6, path=(0, U), seed=12),      # raw samples up, the edge does the rest
+               Spec("pi3", 3, path=(U, U), seed=13)]      # trains alone, sends its gradients
+    joiner = Spec("pi4", 5, path=(1, 1), seed=14)          # one unit, then the cloud
+    with FleetCluster(tmp_path, devices, extra=(joiner,), iterations=14, timeout_s=60) as c:
+        c.start("cloud", "edge", "pi1", "pi2", "pi3")
+        c.wait_step(1)
+        c.pause("pi1")                                     # holds the run while pi4 starts
+        c.start("pi4")
+        c.wait_online("pi4")
+        c.resume("pi1")                                    # pi4 joins: planned in at the next round
+        joined = c.wait_until(lambda row: "pi4" in members(row))
+        c.pause("pi2")                                     # leaves in the middle of a round: the round
+        time.sleep(1.0)                                    # waits for it, its Last Will ends the wait,
+        c.kill("pi2")                                      # and the step is redone without it
+        codes = c.wait(("edge", "cloud", "pi1", "pi3", "pi4"), timeout=120)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        log = c.step_log()
+        assert [row["step"] for row in log] == list(range(14))
+        assert {"pi1", "pi2", "pi3"} == set(members(log[0]))
+        assert {"pi1", "pi2", "pi3", "pi4"} == set(members(log[joined]))
+        assert members(log[-1]) == ["pi1", "pi3", "pi4"]
+        redone = [row for row in log if row["round"] > log[row["step"] - 1]["round"] + 1] if log else []
+        assert redone, "a step was given up and redone without the hung device"
+        assert "redone without it" in c.log("edge")
+        offsets = {}
+        for row in log:                                   # every device's samples in order, none skipped
+            for name, offset, n, _, _ in row["members"]:
+                assert offset == offsets.get(name, 0)
+                offsets[name] = offset + n
+        losses, params = c.replay()
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        assert rel(c.final().params, params) < 1e-4
