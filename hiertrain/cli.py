@@ -73,7 +73,13 @@ def _positive_float(text: str) -> float:
 
 def _demo(args: argparse.Namespace) -> int:
     from hiertrain import demo
+    from hiertrain.errors import ConfigError
 
+    if args.devices:
+        if args.data:
+            raise ConfigError("--data with --devices: a fleet demo trains shards of the synthetic set")
+        return demo.run_fleet(devices=args.devices, model=args.model, iterations=args.iterations, lr=args.lr,
+                              workdir=args.workdir, keep=args.keep, quotas=not args.no_quota)
     return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
                     bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
                     device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep,
@@ -330,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="lenet5", type=_model, metavar="MODEL")
     demo.add_argument("--data", metavar="PATH", help="your data instead of the synthetic set: an .npz (x, y), "
                       "a .csv (label column: label/class/target/y or the last), or a folder of class folders")
+    demo.add_argument("--devices", type=_positive_int, metavar="N",
+                      help="a fleet: N enrolled devices (Pi 3-, Pi 4-, Jetson-class) on one edge and a cloud")
     demo.add_argument("--iterations", type=_positive_int, default=40)
     demo.add_argument("--batch", type=_batch, default=32)
     demo.add_argument("--lr", type=_positive_float, default=0.05)

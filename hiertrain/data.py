@@ -87,6 +87,11 @@ class Dataset:
         order = np.random.default_rng([seed, 0x5EED]).permutation(len(self))
         return Dataset(self.name, self.images[order], self.labels[order], self.classes)
 
+    def shard(self, index: int, count: int) -> "Dataset":
+        """Every ``count``-th sample from ``index``: one device's part of a data set a fleet shares out."""
+        return Dataset(f"{self.name}[{index}/{count}]", self.images[index::count], self.labels[index::count],
+                       self.classes)
+
     def split(self, holdout: int) -> tuple["Dataset", "Dataset"]:
         return (Dataset(self.name, self.images[holdout:], self.labels[holdout:], self.classes),
                 Dataset(f"{self.name}-holdout", self.images[:holdout], self.labels[:holdout], self.classes))

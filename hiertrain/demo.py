@@ -135,3 +135,77 @@ def _follow(cluster: Any, iterations: int, timeout_s: float) -> tuple[list[float
 def _accuracy(model: Any, ds: Any) -> float:
     x, y = ds.take(np.arange(len(ds)))
     return float((model.predict(x).argmax(1) == y).mean())
+
+
+# ------------------------------------------------------------------------------------------ fleet
+
+CLASSES = (("pi3", 0.08, 8, 5.0), ("pi4", 0.25, 12, 10.0), ("jetson", 0.6, 16, 20.0))  # name, cores, samples, Mbit/s
+
+
+def fleet_specs(devices: int, *, quotas: bool) -> list[Any]:
+    """``devices`` heterogeneous devices: Pi 3-, Pi 4- and Jetson-class in turn (CPU quotas where they
+    can be set), each with its samples per step and radio; the first is private (its raw samples
+    never leave it)."""
+    from hiertrain.fleetlocal import Spec
+
+    out = []
+    for i in range(devices):
+        name, cores, samples, rate = CLASSES[i % len(CLASSES)]
+        out.append(Spec(f"{name}-{i // len(CLASSES) + 1}", samples, rate, private=i == 0,
+                        quota=cores if quotas else None))
+    return out
+
+
+def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: float = 0.05,
+              medium_mbps: float = 20.0, cloud_mbps: float = 5.0, workdir: Optional[str] = None, keep: bool = False,
+              timeout_s: float = 120.0, quotas: bool = True) -> int:
+    """``hiertrain demo --devices N``: a fleet on this machine. N enrolled devices (own accounts and
+    data shards), the edge's coordinator planning them with the fleet planner, the cloud worker."""
+    from hiertrain import cgroup, data, models
+    from hiertrain.fleetlocal import FleetCluster
+    from hiertrain.hybrid import SingleProcess
+
+    spec = models.get(model)
+    why_not = cgroup.available()
+    specs = fleet_specs(devices, quotas=quotas and why_not is None)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hiertrain-fleet-"))
+    holdout = data.synthetic_split(spec.input_shape, spec.classes, seed=0)[1]
+    with ExitStack() as stack:
+        stack.callback(lambda: None if keep else shutil.rmtree(work, ignore_errors=True))
+        _say(f"fleet of {devices}: " + ", ".join(
+            f"{s.name} ({s.samples} samples/step, {s.rate_mbps:g} Mbit/s radio"
+            + (f", {s.quota:g} cores" if s.quota else "") + (", private" if s.private else "") + ")" for s in specs))
+        if not (quotas and why_not is None):
+            _say(f"device emulation: no CPU quotas ({why_not or 'disabled'}): every device is as fast as one core")
+        _say("profiling the edge, the cloud and each device class ...")
+        c = stack.enter_context(FleetCluster(work, specs, model=model, iterations=iterations, lr=lr,
+                                             timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps))
+        _say(f"broker: {c.broker.kind} on 127.0.0.1:{c.broker.port}; devices enrolled with their own accounts; "
+             f"logs in {work}")
+        c.start("cloud", "edge", *(s.name for s in specs))
+        before = _accuracy(SingleProcess(spec, params=models.init_params(spec, 0)), holdout)
+        shown, last = -1, time.monotonic()
+        while len(c.steps) < iterations and time.monotonic() - last < timeout_s and c.procs["edge"].poll() is None:
+            if c.pump(0.5):
+                last = time.monotonic()
+            for step in sorted(k for k in c.steps if k > shown):
+                row = c.steps[step]
+                if step == 0 or row["schedule_version"] != c.steps[step - 1]["schedule_version"]:
+                    _say(c.plan_text(row["schedule_version"]))
+                _say(f"step {step:4d}  loss {row['loss']:.4f}  {1e3 * row['iteration_s']:7.1f} ms  "
+                     f"({len(row['fleet'])} devices, plan v{row['schedule_version']})")
+                shown = step
+        codes = c.wait(("edge", "cloud", *(s.name for s in specs)), timeout=timeout_s)
+        failed = {n: code for n, code in codes.items() if code != 0}
+        if failed:
+            for n in failed:
+                _say(f"--- {n} log (tail) ---\n" + "".join(c.log(n).splitlines(True)[-15:]))
+            _say(f"demo failed: {failed}")
+            return 1
+        ck = c.final()
+        after = _accuracy(SingleProcess(spec, params=ck.params), holdout) if ck else float("nan")
+        times = [c.steps[k]["iteration_s"] for k in sorted(c.steps)]
+        steady = times[len(times) // 4:] or times
+        _say(f"steps: {len(times)}; median {1e3 * float(np.median(steady)):.1f} ms/step (after warm-up)")
+        _say(f"accuracy on {len(holdout)} held-out samples: {before:.3f} before, {after:.3f} after")
+        return 0 if len(times) == iterations and after > before else 1

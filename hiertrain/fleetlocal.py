@@ -38,21 +38,30 @@ class Spec:
     rate_mbps: float = 20.0      # its radio
     private: bool = False
     path: Optional[tuple[int, int]] = None  # pinned (m, k); None: the planner chooses
-    seed: int = 0                # its synthetic data
-    data: Optional[dict[str, Any]] = None   # its [data] section instead
+    data: Optional[dict[str, Any]] = None   # its [data] section (default: its shard of the synthetic set)
+    quota: Optional[float] = None           # its CPU, in cores (cgroup v1, as root): how slow a device it is
 
 
-def measure_profiles(model: str, batch: int, out: Path) -> tuple[Path, Path]:
-    """The servers' profile (edge, cloud) and a device profile, measured here (threads as emulated)."""
+def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[float]]) -> tuple[Path, dict]:
+    """The servers' profile (edge, cloud) and a device profile per CPU quota, measured here (threads
+    as emulated; a quota's profile is measured under it): (servers' file, {quota: device's file})."""
+    from hiertrain.emulation import profile_tier
     from hiertrain.profiler import measure
 
     servers = measure(model, batch, tier="edge", threads=THREADS["edge"], repeat=3, warmup=1)
     servers = servers.merged("cloud", measure(model, batch, tier="cloud", threads=THREADS["cloud"], repeat=3, warmup=1))
-    device = measure(model, batch, tier="device", threads=THREADS["device"], repeat=3, warmup=1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(servers.to_json()))
-    (out / "profile-device.json").write_text(json.dumps(device.to_json()))
-    return out / "profile.json", out / "profile-device.json"
+    devices = {}
+    for quota in quotas:
+        path = out / f"profile-device-{quota or 'full'}.json"
+        if quota:
+            profile_tier(model, batch, path, "device", quota=quota)
+        else:
+            path.write_text(json.dumps(measure(model, batch, tier="device", threads=THREADS["device"], repeat=3,
+                                               warmup=1).to_json()))
+        devices[quota] = path
+    return out / "profile.json", devices
 
 
 class FleetCluster:
@@ -75,10 +84,14 @@ class FleetCluster:
             bdir.add_device(name)  # before the broker starts: an embedded broker reads accounts once
         self.broker = self.stack.enter_context(BrokerProcess(bdir, kind=available_kind()))
         batch = sum(d.samples for d in self.specs.values())
-        servers, device = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work)
+        from hiertrain.cgroup import CpuQuota
+
+        self.quotas = {d.name: self.stack.enter_context(CpuQuota(d.quota)) for d in self.specs.values() if d.quota}
+        servers, device = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work,
+                                           {d.quota for d in self.specs.values()})
         lines = [f'profile = "{servers}"', f"medium_mbps = {medium_mbps}", f"cloud_mbps = {cloud_mbps}"]
         for d in self.specs.values():
-            lines += ["[[device]]", f'name = "{d.name}"', f'profile = "{device}"', f"samples = {d.samples}",
+            lines += ["[[device]]", f'name = "{d.name}"', f'profile = "{device[d.quota]}"', f"samples = {d.samples}",
                       f"rate_mbps = {d.rate_mbps}", f"private = {str(d.private).lower()}"]
             lines += [f"path = [{d.path[0]}, {d.path[1]}]"] if d.path else []
         self.fleet_file = work / "fleet.toml"
@@ -98,9 +111,8 @@ class FleetCluster:
                                                       "devices": wait_for or len(devices)},
                                             "checkpoint": {"dir": str(self.checkpoints), "every": iterations}}),
             "cloud": config("cloud", "cloud", {"fleet": {}}),
-            **{d.name: config(d.name, "device", {"train": {**train, "seed": d.seed}, "fleet": {},
-                                                  **({"data": d.data} if d.data else {})})
-               for d in self.specs.values()}}
+            **{d.name: config(d.name, "device", {"fleet": {}, "data": d.data or {
+                "dataset": "synthetic", "shard": [i, len(self.specs)]}}) for i, d in enumerate(self.specs.values())}}
         watch_creds = Endpoint.load(bdir.credentials_file("planner"))
         self.watch = self.stack.enter_context(Transport(watch_creds, account="planner", job=JOB, observer=True))
         for kind in ("telemetry", "status"):
@@ -118,6 +130,8 @@ class FleetCluster:
                 self.procs[name] = subprocess.Popen(
                     [sys.executable, "-m", "hiertrain", tier, "run", "--config", str(self.configs[name])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
+            if name in self.quotas:
+                self.quotas[name].add(self.procs[name].pid)
 
     def pause(self, name: str) -> None:
         """Freeze a device (SIGSTOP): online, but silent, as a hung process is."""
@@ -183,6 +197,15 @@ class FleetCluster:
             except subprocess.TimeoutExpired:
                 codes[name] = None
         return codes
+
+    def plan_text(self, version: int) -> str:
+        """How the edge's log states plan ``version``: its line and the devices' lines under it."""
+        lines = self.log("edge").splitlines()
+        head = next((i for i, line in enumerate(lines) if line.startswith(f"edge: plan v{version} ")), None)
+        if head is None:
+            return f"plan v{version}"
+        body = [line for line in lines[head + 1:] if line.startswith("  ")]
+        return "\n".join([lines[head][len("edge: "):], *body[:sum(1 for _ in self.specs)]])
 
     def log(self, name: str) -> str:
         path = self.work / f"{name}.log"

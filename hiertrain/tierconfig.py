@@ -27,6 +27,7 @@
     dataset = "synthetic"         # or "cifar10", "tiny-imagenet", "npz", "images", "csv" (with path = ...),
                                   # "python" (with entry = "module:function", path optional)
     label = "species"             # csv: the label column (default: label/class/target/y, the one column of words, the last)
+    shard = [0, 4]                # a fleet device's part: every 4th sample from the 1st (emulating devices that share a set)
     [eval]                        # `hiertrain evaluate`: where the data set has no test split,
     holdout = 256                 # its first N samples, which the device then never trains on
     [profile]                     # published (retained) for the planner
@@ -74,6 +75,7 @@ class TierConfig:
     data_path: Optional[str] = None
     data_entry: Optional[str] = None  # dataset "python": module:function
     data_label: Optional[str] = None  # dataset "csv": the label column
+    data_shard: Optional[tuple[int, int]] = None  # (i, n): this device trains every n-th sample from i
     holdout: int = 0
     profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
     path: Optional[Path] = None
@@ -100,7 +102,8 @@ class TierConfig:
         """What the device trains on: its data set less the ``[eval] holdout`` samples evaluate scores
         (the synthetic set has a held-out part of its own)."""
         ds = self.load_data(spec)
-        return ds.split(self.holdout)[0] if self.holdout and self.dataset != "synthetic" else ds
+        ds = ds.split(self.holdout)[0] if self.holdout and self.dataset != "synthetic" else ds
+        return ds.shard(*self.data_shard) if self.data_shard else ds
 
 
 def _profile(path: Path, tier: str) -> dict[str, Any]:
@@ -159,6 +162,15 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
 
 
+def _shard(value: Any, path: Any) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+            and 0 <= value[0] < value[1]):
+        raise ConfigError(f"{path}: [data] shard = {value!r} is not [i, n] with 0 <= i < n")
+    return value[0], value[1]
+
+
 def _model(cfg: Any, name: str) -> str:
     """A zoo model's name, or a model file's path resolved against the config's folder."""
     from hiertrain.models import is_file
@@ -200,6 +212,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         dataset=get(data, "dataset", str, "synthetic"),
         data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
         data_entry=get(data, "entry", str, None), data_label=get(data, "label", str, None),
+        data_shard=_shard(data.get("shard"), cfg.path),
         holdout=get(ev, "holdout", int, 0), path=cfg.path,
         profile=_profile(cfg.resolve(str(prof["file"])), tier) if "file" in prof else None,
         fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(str(fleet["file"])) if "file" in fleet else None,
