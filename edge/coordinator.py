@@ -71,6 +71,7 @@ class Coordinator(FleetService):
         self.planned: tuple[str, ...] = ()
         self.paths: dict[str, F.Path] = {}
         self.version = 0
+        self.plan: Optional[F.FleetPlan] = None
 
     def _pinned(self, path: Any) -> Optional[dict[str, F.Path]]:
         rows_ = read_toml(path, "fleet file").get("device", [])
@@ -108,6 +109,7 @@ class Coordinator(FleetService):
         else:
             plan = F.baseline(sub, self.cfg.fleet_policy)
         self.version += 1
+        self.plan = plan
         for name in set(names) - set(self.planned):  # (re)joined: whatever its status said before is past
             self.transport.mailbox.forget(name)
         self.planned = tuple(names)
@@ -189,14 +191,17 @@ class Coordinator(FleetService):
         print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}; redone without it", flush=True)
 
     def _record(self, rnd: Round, loss: float, seconds: float, logf: Any) -> None:
+        assert self.plan is not None
         row = {"step": rnd.step, "round": rnd.round, "version": rnd.version, "loss": loss, "seconds": seconds,
+               "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,
                "members": [[mb.name, mb.offset, mb.n, mb.m, mb.k] for mb in rnd.members]}
         if logf:
             logf.write(json.dumps(row) + "\n")
             logf.flush()
         self.transport.publish_json(topics.telemetry(self.cfg.job, "edge"), {
             "iteration": rnd.step, "loss": loss, "iteration_s": seconds, "role": "coordinator",
-            "schedule_version": rnd.version, "fleet": row["members"]})
+            "schedule_version": rnd.version, "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,
+            "fleet": row["members"]})
 
     def _checkpoint(self, step: int) -> None:
         ck = checkpoint.Checkpoint(step, dict(self.params), dict(self.optimizer.moments), self.optimizer.step_count,

@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile", "testbed",
-                                         "replan", "edgecores", "report", "hostile", "failover", "fleet-planner"])
+                                         "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule; failover: iterations per run")
@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
                                                       "calibrated profile and quotas from")
     bench.add_argument("--cores", default="1,2,3,4", help="edgecores: emulated edge cores")
+    bench.add_argument("--devices", type=_positive_int, default=4, help="fleet: devices (Pi 3, Pi 4, Jetson-class)")
+    bench.add_argument("--medium", default="5,20,50", help="fleet: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.set_defaults(handler=_bench)
     return p

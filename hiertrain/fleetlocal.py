@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,9 +67,12 @@ def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[flo
 class FleetCluster:
     def __init__(self, work: Path, devices: list[Spec], *, model: str = "lenet5", iterations: int = 12,
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
-                 cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd") -> None:
+                 cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",
+                 network: Any = None, policy: str = "hiertrain") -> None:
         """``devices`` start with the run; ``extra`` are enrolled and described too, started later
-        (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``)."""
+        (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``).
+        ``network``: a :class:`hiertrain.testbed.FleetTestbed` holding the devices, the edge (and the
+        broker) and the cloud in its namespaces, behind its shaped links."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -79,48 +82,72 @@ class FleetCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         work.mkdir(parents=True, exist_ok=True)
         bdir = BrokerDir(work / "broker")
-        bdir.init(Settings(port=free_port(), bind="127.0.0.1", job=JOB))
+        self.network = network
+        bdir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=JOB))
         for name in self.specs:
             bdir.add_device(name)  # before the broker starts: an embedded broker reads accounts once
-        self.broker = self.stack.enter_context(BrokerProcess(bdir, kind=available_kind()))
+        self.broker = self.stack.enter_context(BrokerProcess(bdir, kind=available_kind(), prefix=self._prefix("edge")))
         batch = sum(d.samples for d in self.specs.values())
         from hiertrain.cgroup import CpuQuota
 
         self.quotas = {d.name: self.stack.enter_context(CpuQuota(d.quota)) for d in self.specs.values() if d.quota}
-        servers, device = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work,
-                                           {d.quota for d in self.specs.values()})
-        lines = [f'profile = "{servers}"', f"medium_mbps = {medium_mbps}", f"cloud_mbps = {cloud_mbps}"]
-        for d in self.specs.values():
-            lines += ["[[device]]", f'name = "{d.name}"', f'profile = "{device[d.quota]}"', f"samples = {d.samples}",
-                      f"rate_mbps = {d.rate_mbps}", f"private = {str(d.private).lower()}"]
-            lines += [f"path = [{d.path[0]}, {d.path[1]}]"] if d.path else []
+        self.profiles = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work,
+                                         {d.quota for d in self.specs.values()})
         self.fleet_file = work / "fleet.toml"
-        self.fleet_file.write_text("\n".join(lines) + "\n")
+        self.describe(medium_mbps, cloud_mbps)
         self.log_file = work / "fleet-log.jsonl"
         self.checkpoints = work / "ck-edge"
         train = {"model": model, "batch": batch, "lr": lr, "optimizer": optimizer, "iterations": iterations,
                  "timeout_s": timeout_s}
 
+        host = network.broker_for if network else {}
+
         def config(name: str, tier: str, sections: dict[str, Any]) -> Path:
             rt = {"threads": THREADS[tier], "cache": str(work / "cache")}
             return toml(work / f"{name}.toml", JOB, bdir.credentials_file(name if tier == "device" else tier),
-                        {"train": train, "runtime": rt, **sections})
+                        {"train": train, "runtime": rt, **sections}, host=host.get(name))
 
+        self._edge = lambda policy: config("edge", "edge", {
+            "fleet": {"file": str(self.fleet_file), "log": str(self.log_file), "devices": wait_for or len(devices),
+                      "policy": policy},
+            "checkpoint": {"dir": str(self.checkpoints), "every": iterations}})
         self.configs = {
-            "edge": config("edge", "edge", {"fleet": {"file": str(self.fleet_file), "log": str(self.log_file),
-                                                      "devices": wait_for or len(devices)},
-                                            "checkpoint": {"dir": str(self.checkpoints), "every": iterations}}),
+            "edge": self._edge(policy),
             "cloud": config("cloud", "cloud", {"fleet": {}}),
             **{d.name: config(d.name, "device", {"fleet": {}, "data": d.data or {
                 "dataset": "synthetic", "shard": [i, len(self.specs)]}}) for i, d in enumerate(self.specs.values())}}
         watch_creds = Endpoint.load(bdir.credentials_file("planner"))
+        if network:
+            watch_creds = replace(watch_creds, host=host["root"])
         self.watch = self.stack.enter_context(Transport(watch_creds, account="planner", job=JOB, observer=True))
         for kind in ("telemetry", "status"):
             self.watch.subscribe(topics.all_of_kind(JOB, kind))
         self.steps: dict[int, dict[str, Any]] = {}
         self.states: dict[str, Any] = {}  # account -> its newest status's state
 
+    def describe(self, medium_mbps: float, cloud_mbps: float) -> None:
+        """(Re)write the fleet file the edge plans from: the rates, and every device."""
+        servers, device = self.profiles
+        lines = [f'profile = "{servers}"', f"medium_mbps = {medium_mbps}", f"cloud_mbps = {cloud_mbps}"]
+        for d in self.specs.values():
+            lines += ["[[device]]", f'name = "{d.name}"', f'profile = "{device[d.quota]}"', f"samples = {d.samples}",
+                      f"rate_mbps = {d.rate_mbps}", f"private = {str(d.private).lower()}"]
+            lines += [f"path = [{d.path[0]}, {d.path[1]}]"] if d.path else []
+        self.fleet_file.write_text("\n".join(lines) + "\n")
+
+    def rerun(self, policy: str) -> None:
+        """Ready for another run: the edge's next plan by ``policy``, its log and checkpoints cleared."""
+        import shutil
+
+        self.configs["edge"] = self._edge(policy)
+        self.log_file.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        self.steps.clear()
+
     # ------------------------------------------------------------------ processes
+
+    def _prefix(self, where: str) -> list[str]:
+        return self.network.prefix(where) if self.network is not None else []
 
     def start(self, *names: str) -> None:
         """Start the cloud, the edge and the devices named (default: every device given at creation)."""
@@ -128,7 +155,8 @@ class FleetCluster:
             tier = name if name in ("edge", "cloud") else "device"
             with open(self.work / f"{name}.log", "a") as log:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "hiertrain", tier, "run", "--config", str(self.configs[name])],
+                    [*self._prefix(name), sys.executable, "-m", "hiertrain", tier, "run", "--config",
+                     str(self.configs[name])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
             if name in self.quotas:
                 self.quotas[name].add(self.procs[name].pid)

@@ -17,8 +17,9 @@ The per-iteration time, its terms written once here as pure functions:
   and weights down);
 - the shared medium: device d is given ``b_d <= r_d`` Mbit/s with ``sum b_d <= R``;
 - edge: ``E = sum_d n_d * sum_{m<u<=k} t_e[u]``;
-- cloud: ``X = 8 * (sum_d 2 * n_d * a[k_d] [k_d < U] + 2 * P(kappa+1..U)) / R_c`` with kappa the
-  smallest k (the units the cloud trains), and ``K = sum_d n_d * sum_{u>k_d} t_c[u]``;
+- cloud: ``X = 8 * (sum_d dirs_d * n_d * a[k_d] + 2 * P(kappa+1..U)) / R_c`` with kappa the smallest
+  k (the units the cloud trains; dirs_d: 2 for activations up and their gradient down, 1 for raw
+  samples, k = 0, and 0 when k = U), and ``K = sum_d n_d * sum_{u>k_d} t_c[u]``;
 
 ``T = max_d (C_d + V_d / b_d) + E + X + K``: the devices work in parallel, each over its share of the
 medium, then the edge serves every device's suffix and the cloud its part (a conservative model: no
@@ -133,7 +134,8 @@ def server_terms(fleet: Fleet, d: Device, p: Path) -> float:
     u = fleet.units
     edge = d.samples * sum(fleet.edge_s[p.m:p.k])
     cloud = d.samples * sum(fleet.cloud_s[p.k:])
-    link = 8.0 * 2 * d.samples * fleet.act_bytes[p.k] / (fleet.cloud_mbps * MBIT) if p.k < u else 0.0
+    dirs = 0 if p.k == u else 1 if p.k == 0 else 2  # raw samples go up and nothing comes back
+    link = 8.0 * dirs * d.samples * fleet.act_bytes[p.k] / (fleet.cloud_mbps * MBIT)
     return edge + cloud + link
 
 

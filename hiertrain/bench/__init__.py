@@ -20,6 +20,7 @@ BENCHES = {
     "failover": "hiertrain.bench.failover",
     "planner": "hiertrain.planner.bench",
     "fleet-planner": "hiertrain.planner.fleetbench",
+    "fleet": "hiertrain.bench.fleet",
 }
 
 
