@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from hiertrain.broker.layout import BrokerDir, password_matches, read_password_file
-from hiertrain import topics
+from hiertrain.net import topics
 from hiertrain.errors import BrokerError
 
 READY = "hiertrain embedded broker running"

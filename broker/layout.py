@@ -6,7 +6,7 @@
     D/passwd                   Mosquitto password file, PBKDF2-SHA512 ($7$), one line per account
     D/acl                      each account publishes only below hiertrain/<job>/<account>/ (the
                                planner also the schedule) and reads only what its role needs
-    D/credentials/<acct>.json  what a tier needs to connect (hiertrain.transport.Endpoint)
+    D/credentials/<acct>.json  what a tier needs to connect (hiertrain.net.transport.Endpoint)
     D/credentials/observer-mosquitto/mosquitto_sub
                                the read-only observer's options for mosquitto_sub (XDG_CONFIG_HOME)
     D/mosquitto.conf           written by broker.mosquitto from the settings
@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hiertrain import ACCOUNTS, topics
+from hiertrain import ACCOUNTS
+from hiertrain.net import topics
 from hiertrain.errors import BrokerError
-from hiertrain.transport import Endpoint
+from hiertrain.net.transport import Endpoint
 
 DEFAULT_PORT = 1883
 DEFAULT_MAX_PACKET = 16 << 20

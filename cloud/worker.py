@@ -9,9 +9,9 @@ with its share of the loss.
 
 from __future__ import annotations
 
-from hiertrain.fleetroles import Round, add_into, rows
+from hiertrain.train.fleetroles import Round, add_into, rows
 from hiertrain.fleetservice import Abandoned, FleetService
-from hiertrain.roles import Params
+from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 
 

@@ -3,14 +3,15 @@
 
 It trains with plain onnxruntime (aarch64 or x86-64): segments it cannot build itself come
 prebuilt, from a copied ``hiertrain segments build`` directory or from a builder tier over MQTT
-(:mod:`hiertrain.artifacts`); with onnxruntime-training installed it builds its own.
+(:mod:`hiertrain.train.artifacts`); with onnxruntime-training installed it builds its own.
 """
 
 from __future__ import annotations
 
 
 def run(config: str, *, resume: bool = False) -> int:
-    from hiertrain import segments, tierconfig
+    from hiertrain import tierconfig
+    from hiertrain.train import segments
     from hiertrain.tier import ort_version, run_tier
 
     cfg = tierconfig.load("device", config)

@@ -15,9 +15,9 @@ import logging
 import numpy as np
 
 from hiertrain.errors import HiertrainError
-from hiertrain.fleetroles import Member, Round
+from hiertrain.train.fleetroles import Member, Round
 from hiertrain.fleetservice import Abandoned, FleetService
-from hiertrain.roles import Params
+from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 
 log = logging.getLogger("hiertrain.device")

@@ -10,7 +10,7 @@
   trains which samples (their offsets in each device's data are kept here) along which path.
 - **Owner.** The edge owns every parameter and the optimizer: it trains each member's units
   m+1..k, the loss of members whose k = U, sums every gradient and steps
-  (:mod:`hiertrain.fleetroles`).
+  (:mod:`hiertrain.train.fleetroles`).
 - **Leaving.** A member that goes offline (or is silent for ``timeout_s``) before it has sent
   everything makes the coordinator give the round up: no step is applied, the device is planned out,
   and the same step is **redone** by the members left, on the same samples. A step is therefore
@@ -29,15 +29,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import checkpoint, topics
+from hiertrain.net import topics
+from hiertrain.train import checkpoint
 from hiertrain.config import read_toml
 from hiertrain.errors import ConfigError, MissingMessage, TierLost
-from hiertrain.fleetroles import Member, Round, add_into, rows
+from hiertrain.train.fleetroles import Member, Round, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
-from hiertrain.models import init_params
-from hiertrain.optim import Optimizer
+from hiertrain.train.models import init_params
+from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
-from hiertrain.roles import Params
+from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 
 log = logging.getLogger("hiertrain.edge")
@@ -286,7 +287,7 @@ class Coordinator(FleetService):
 
     def _to_cloud(self, r: int, k: int, parts: list[np.ndarray]) -> None:
         if k == 0:  # raw samples: as stored if they all are, else as the model's input
-            from hiertrain.data import normalize
+            from hiertrain.train.data import normalize
 
             same = len({p.dtype for p in parts}) == 1
             self.send("samples", "cloud", r, 0, {"x": rows(parts if same else [normalize(p) for p in parts])})

@@ -188,7 +188,7 @@ def _profile(args: argparse.Namespace) -> int:
     join: Any = None
     _terminate_like_ctrl_c()
     if args.cpu_quota and not os.environ.get("HIERTRAIN_CGROUP"):
-        from hiertrain.cgroup import CpuQuota
+        from hiertrain.lab.cgroup import CpuQuota
 
         with CpuQuota(args.cpu_quota) as quota:  # run this same command again; it joins the group when ready
             return subprocess.call([sys.executable, "-m", "hiertrain", *args.argv],
@@ -196,7 +196,7 @@ def _profile(args: argparse.Namespace) -> int:
     if os.environ.get("HIERTRAIN_CGROUP"):
         # start-up and graph building run at full speed; only the measurement runs under the quota
         join = lambda: (Path(os.environ["HIERTRAIN_CGROUP"]) / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
-    from hiertrain import artifacts, profiler, segments
+    from hiertrain.train import artifacts, profiler, segments
 
     runtime = segments.Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
         if args.segments else None
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from hiertrain import tierconfig
-    from hiertrain.evaluate import evaluate
+    from hiertrain.train.evaluate import evaluate
 
     r = evaluate(tierconfig.load("device", args.config), Path(args.checkpoint).resolve() if args.checkpoint else None)
     print(f"accuracy {r.accuracy:.4f}, loss {r.loss:.4f} on {r.samples} held-out samples "
@@ -517,7 +517,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _segments_build(args: argparse.Namespace) -> int:
     import time
 
-    from hiertrain import artifacts, models
+    from hiertrain.train import artifacts, models
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -542,7 +542,7 @@ def _model(text: str) -> str:
 
 
 def _model_import(args: argparse.Namespace) -> int:
-    from hiertrain import onnxmodel, segments
+    from hiertrain.train import onnxmodel, segments
 
     spec, found = onnxmodel.inspect(Path(args.file))
     checked = onnxmodel.check_gradients(spec) if segments.can_build() and not args.no_check else None
@@ -562,7 +562,7 @@ def _model_import(args: argparse.Namespace) -> int:
 
 
 def _model_export(args: argparse.Namespace) -> int:
-    from hiertrain import checkpoint, models, onnxmodel
+    from hiertrain.train import checkpoint, models, onnxmodel
 
     spec = models.get(args.model)
     ck = checkpoint.load(Path(args.checkpoint), list(spec.param_shapes()))

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hiertrain import topics
+from hiertrain.net import topics
 from hiertrain.errors import ConfigError, TopicError
-from hiertrain.transport import Endpoint
+from hiertrain.net.transport import Endpoint
 
 if sys.version_info >= (3, 11):
     import tomllib

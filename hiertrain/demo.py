@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import topics
+from hiertrain.net import topics
 from hiertrain.errors import ConfigError
 from hiertrain.schedule import Schedule
 
@@ -32,7 +32,7 @@ def _say(text: str) -> None:
 def _user_data(path: str, spec: Any) -> tuple[dict[str, Any], Any]:
     """The device's [data] section for a user's data file or folder, and its held-out part (a fifth,
     at most 512 samples), checked against the model before anything starts."""
-    from hiertrain import data
+    from hiertrain.train import data
 
     section = {"dataset": data.format_of(path), "path": str(Path(path).resolve())}
     ds = data.load(section["dataset"], path=section["path"], shape=spec.input_shape, classes=spec.classes)
@@ -49,10 +49,11 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         data_path: Optional[str] = None) -> int:
     """``data_path``: the user's data (an .npz, a .csv, or a folder of class folders) instead of the
     synthetic set; a fifth of it (at most 512 samples) is held out for the accuracy figures."""
-    from hiertrain import cgroup, data, models
-    from hiertrain.emulation import profile_tiers
-    from hiertrain.hybrid import SingleProcess
-    from hiertrain.local import LocalCluster
+    from hiertrain.lab import cgroup
+    from hiertrain.train import data, models
+    from hiertrain.lab.emulation import profile_tiers
+    from hiertrain.train.hybrid import SingleProcess
+    from hiertrain.lab.local import LocalCluster
 
     spec = models.get(model)  # a model file that cannot be trained, or data that does not fit: before starting
     if data_path is not None:
@@ -146,7 +147,7 @@ def fleet_specs(devices: int, *, quotas: bool) -> list[Any]:
     """``devices`` heterogeneous devices: Pi 3-, Pi 4- and Jetson-class in turn (CPU quotas where they
     can be set), each with its samples per step and radio; the first is private (its raw samples
     never leave it)."""
-    from hiertrain.fleetlocal import Spec
+    from hiertrain.lab.fleetlocal import Spec
 
     out = []
     for i in range(devices):
@@ -161,9 +162,10 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
               timeout_s: float = 120.0, quotas: bool = True) -> int:
     """``hiertrain demo --devices N``: a fleet on this machine. N enrolled devices (own accounts and
     data shards), the edge's coordinator planning them with the fleet planner, the cloud worker."""
-    from hiertrain import cgroup, data, models
-    from hiertrain.fleetlocal import FleetCluster
-    from hiertrain.hybrid import SingleProcess
+    from hiertrain.lab import cgroup
+    from hiertrain.train import data, models
+    from hiertrain.lab.fleetlocal import FleetCluster
+    from hiertrain.train.hybrid import SingleProcess
 
     spec = models.get(model)
     why_not = cgroup.available()

@@ -6,7 +6,7 @@ The design, in the tier services (:class:`hiertrain.tier.TierService` mixes this
   in every schedule: a worker_o other than the device sends the device a replica of its state
   (weights, optimizer moments and step) after every K-th iteration, off the critical path; in a
   layer chain every stage sends the replica of its own units. The device keeps the newest whole
-  state in memory (:class:`hiertrain.collect.Keeper`).
+  state in memory (:class:`hiertrain.train.collect.Keeper`).
 - **Detection.** A tier's Last Will (or its ``failed`` status) ends every wait on it at once
   (:class:`hiertrain.errors.TierLost`); the planner sees the same status and plans around it.
 - **Carrying on.** Every survivor abandons the run's current attempt: it keeps the newest state it
@@ -32,9 +32,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Optional
 
-from hiertrain import TIERS, checkpoint
+from hiertrain import TIERS
+from hiertrain.train import checkpoint
 from hiertrain.errors import MissingMessage, TierLost
-from hiertrain.mailbox import NEW_RUN, RESTARTED
+from hiertrain.net.mailbox import NEW_RUN, RESTARTED
 
 if TYPE_CHECKING:
     from hiertrain.schedule import Schedule
@@ -128,7 +129,7 @@ class Failover:
         for the status of every online tier that followed the abandoned run to say it abandoned it
         (so that its announced state is the one to resume from). A tier back as a new process holds
         nothing of that run: it is not waited for (if it followed the attempt by mistake, the new
-        run's first message tells it, :data:`~hiertrain.mailbox.NEW_RUN`)."""
+        run's first message tells it, :data:`~hiertrain.net.mailbox.NEW_RUN`)."""
         deadline = time.monotonic() + self.cfg.timeout_s
         while True:
             self._pump_schedules(0.05)

@@ -1,7 +1,7 @@
 """What the fleet's services share: a connection under their account, the segments, sends and waits.
 
 The coordinator (``edge/coordinator.py``) drives; the workers (``device/worker.py``,
-``cloud/worker.py``) wait for a round's weights, do their part of it (:mod:`hiertrain.fleetroles`)
+``cloud/worker.py``) wait for a round's weights, do their part of it (:mod:`hiertrain.train.fleetroles`)
 and wait again. A worker gives a round up as soon as the coordinator starts a newer one (a member
 left and the step is redone without it), so nobody waits out a timeout for a message that will
 never come.
@@ -15,14 +15,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import models, segments, topics
+from hiertrain.net import topics
+from hiertrain.train import models, segments
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError
-from hiertrain.fleetroles import Part, Round
-from hiertrain.segments import Runtime
+from hiertrain.train.fleetroles import Part, Round
+from hiertrain.train.segments import Runtime
 from hiertrain.tierconfig import TierConfig
-from hiertrain.transport import Transport
-from hiertrain.validate import max_message_bytes, non_finite, validator
-from hiertrain.wire import Message
+from hiertrain.net.transport import Transport
+from hiertrain.net.validate import max_message_bytes, non_finite, validator
+from hiertrain.net.wire import Message
 
 log = logging.getLogger("hiertrain.fleet")
 POLL_S = 0.2
@@ -34,7 +35,7 @@ class Abandoned(HiertrainError):
 
 class FleetService:
     def __init__(self, cfg: TierConfig, *, account: str, peers: Optional[frozenset[str]]) -> None:
-        from hiertrain import artifacts
+        from hiertrain.train import artifacts
 
         self.cfg, self.account = cfg, account
         self.spec = models.get(cfg.model)

@@ -20,9 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from hiertrain import MAX_BATCH, MODEL_NAMES, TIERS, topics
+from hiertrain import MAX_BATCH, MODEL_NAMES, TIERS
+from hiertrain.net import topics
 from hiertrain.errors import ConfigError
-from hiertrain.local import toml
+from hiertrain.lab.local import toml
 
 DATASETS = ("synthetic", "cifar10", "tiny-imagenet", "npz", "images", "csv")  # "python": entry = ... by hand
 OWN_DATA = ("npz", "images", "csv")  # no test split of their own: the first HOLDOUT samples (shuffled) are held out
@@ -44,7 +45,7 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
     if model_file is None and model not in MODEL_NAMES:
         raise ConfigError(f"--model {model!r} is neither one of {', '.join(MODEL_NAMES)} nor an .onnx file")
     if model_file is not None:
-        from hiertrain import models
+        from hiertrain.train import models
 
         models.get(str(model_file))  # a model that cannot be trained: refused now, with the reason
         model = model_file.name  # each machine's folder gets a copy

@@ -7,7 +7,7 @@ iteration runs, so a switch never happens mid-iteration and no iteration is lost
 device sends iteration i+1's samples while i runs (the only input of an iteration that does not
 depend on the previous one). Labels go to worker_o.
 
-Per iteration and role (paper IV-B; :mod:`hiertrain.roles` does the compute):
+Per iteration and role (paper IV-B; :mod:`hiertrain.train.roles` does the compute):
 - s / l: take the weights of units 1..cut from o, forward, send the activations at the cut to o,
   take their gradient, backward, send the parameter gradients;
 - o: forward its samples (while s's and l's activations travel), continue theirs, loss, backward,
@@ -36,19 +36,21 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import TIERS, artifacts, checkpoint, collect, models, segments, topics
-from hiertrain.compress import dequantize, quantize
-from hiertrain.data import normalize
+from hiertrain import TIERS
+from hiertrain.net import topics
+from hiertrain.train import artifacts, checkpoint, collect, models, segments
+from hiertrain.net.compress import dequantize, quantize
+from hiertrain.train.data import normalize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
 from hiertrain.failover import Failover
-from hiertrain.optim import Optimizer
-from hiertrain.roles import OwnerRole, SliceRole, StageRole, weights_of
+from hiertrain.train.optim import Optimizer
+from hiertrain.train.roles import OwnerRole, SliceRole, StageRole, weights_of
 from hiertrain.schedule import Schedule, ScheduleFeed
-from hiertrain.segments import Runtime
+from hiertrain.train.segments import Runtime
 from hiertrain.tierconfig import TierConfig
-from hiertrain.transport import Transport
-from hiertrain.validate import max_message_bytes, non_finite, validator
-from hiertrain.wire import Message
+from hiertrain.net.transport import Transport
+from hiertrain.net.validate import max_message_bytes, non_finite, validator
+from hiertrain.net.wire import Message
 
 log = logging.getLogger("hiertrain.tier")
 LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",

@@ -48,8 +48,8 @@ from typing import Any, Optional
 
 from hiertrain import MAX_BATCH, TIERS, config
 from hiertrain.errors import ConfigError, HiertrainError
-from hiertrain.optim import OptimizerConfig
-from hiertrain.transport import Endpoint
+from hiertrain.train.optim import OptimizerConfig
+from hiertrain.net.transport import Endpoint
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class TierConfig:
 
     def load_data(self, spec: Any) -> Any:
         """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
-        from hiertrain import data
+        from hiertrain.train import data
 
         ds = data.load(self.dataset, path=self.data_path, shape=spec.input_shape, classes=spec.classes,
                        seed=self.seed, entry=self.data_entry, label=self.data_label,
@@ -173,7 +173,7 @@ def _shard(value: Any, path: Any) -> Optional[tuple[int, int]]:
 
 def _model(cfg: Any, name: str) -> str:
     """A zoo model's name, or a model file's path resolved against the config's folder."""
-    from hiertrain.models import is_file
+    from hiertrain.train.models import is_file
 
     return str(cfg.resolve(name)) if is_file(name) else name
 
@@ -221,7 +221,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         fleet_policy=get(fleet, "policy", str, "hiertrain"),
     )
     _check_limits(out, cfg.path)
-    from hiertrain import models
+    from hiertrain.train import models
 
     try:
         models.get(out.model)  # unknown model, or one that cannot be trained: a clear error now, not at the first iteration

@@ -8,10 +8,10 @@ import queue
 import sys
 from typing import Optional, TextIO
 
-from hiertrain import topics
+from hiertrain.net import topics
 from hiertrain.config import ServiceConfig
 from hiertrain.schedule import Schedule, ScheduleFeed
-from hiertrain.transport import Transport
+from hiertrain.net.transport import Transport
 
 log = logging.getLogger("hiertrain.watch")
 

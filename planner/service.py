@@ -31,12 +31,13 @@ import time
 from collections import Counter
 from typing import Any, Optional
 
-from hiertrain import MAX_BATCH, topics
+from hiertrain import MAX_BATCH
+from hiertrain.net import topics
 from hiertrain.config import ServiceConfig
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from hiertrain.transport import Transport, tally
+from hiertrain.net.transport import Transport, tally
 from hiertrain.planner.replan import LINKS, PlannerState
 
 log = logging.getLogger("hiertrain.planner")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hiertrain.local import LocalCluster, reference, rel  # noqa: F401 (the tests' helpers)
+from hiertrain.lab.local import LocalCluster, reference, rel  # noqa: F401 (the tests' helpers)
 from hiertrain.schedule import Schedule
 
 

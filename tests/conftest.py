@@ -10,7 +10,7 @@ import pytest
 
 from hiertrain.broker.layout import BrokerDir, Settings
 from hiertrain.broker.process import BrokerProcess, free_port
-from hiertrain.transport import Endpoint, Transport
+from hiertrain.net.transport import Endpoint, Transport
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -53,7 +53,7 @@ def connect(broker_dir: BrokerDir) -> Iterator[Callable[..., Transport]]:
 @pytest.fixture
 def cluster(mosquitto: BrokerProcess, broker_dir: BrokerDir, tmp_path: Path) -> Iterator[Callable[..., object]]:
     """cluster(**options) -> a LocalCluster of job ``t`` on the test's Mosquitto, closed after the test."""
-    from hiertrain.local import LocalCluster
+    from hiertrain.lab.local import LocalCluster
 
     made: list[LocalCluster] = []
 

@@ -13,11 +13,11 @@ import pytest
 
 from hiertrain.broker.layout import Settings, password_hash, password_matches, read_password_file
 from hiertrain.broker.process import BrokerProcess
-from hiertrain import topics
+from hiertrain.net import topics
 from hiertrain.errors import BrokerError, MissingMessage, TierLost, TransportError
-from hiertrain.mailbox import RESTARTED
-from hiertrain.transport import Endpoint, Transport
-from hiertrain.wire import Message, encode_message
+from hiertrain.net.mailbox import RESTARTED
+from hiertrain.net.transport import Endpoint, Transport
+from hiertrain.net.wire import Message, encode_message
 
 from conftest import PYTHON, ROOT
 
@@ -108,7 +108,7 @@ def test_retained_schedule_reaches_late_subscribers(any_broker, connect):
 def test_last_will_marks_a_killed_tier_offline(mosquitto, broker_dir, connect):
     watcher = connect("planner")
     watcher.subscribe(topics.all_of_kind("t", "status"))
-    code = ("import sys,time; from hiertrain.transport import *; "
+    code = ("import sys,time; from hiertrain.net.transport import *; "
             f"Transport(Endpoint.load({str(broker_dir.credentials_file('edge'))!r}), account='edge', job='t', "
             "keepalive=2).start(); print('up', flush=True); time.sleep(60)")
     proc = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -12,7 +12,7 @@ import pytest
 
 import byo
 from cluster import dump, equals_single_process, rel, schedule
-from hiertrain import models
+from hiertrain.train import models
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def test_a_users_model_and_data_train_across_three_tiers_equal_to_single_process
     # the trained weights go back into the user's file: it predicts as the trained model does
     import onnxruntime as ort
 
-    from hiertrain.hybrid import SingleProcess
+    from hiertrain.train.hybrid import SingleProcess
 
     out = tmp_path / "trained.onnx"
     ck_dir = next(d for d in (c.work / f"ck-{t}" for t in ("cloud", "edge", "device")) if d.is_dir())

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, ROOT
-from hiertrain import topics
+from hiertrain.net import topics
 
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]
 

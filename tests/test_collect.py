@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from hiertrain import checkpoint, collect, models
-from hiertrain.checkpoint import Checkpoint
+from hiertrain.train import checkpoint, collect, models
+from hiertrain.train.checkpoint import Checkpoint
 from hiertrain.errors import PlanError
-from hiertrain.validate import max_message_bytes, validator
-from hiertrain.wire import Message
+from hiertrain.net.validate import max_message_bytes, validator
+from hiertrain.net.wire import Message
 
 pytestmark = pytest.mark.integration
 SPEC = models.get("lenet5")

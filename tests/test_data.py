@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from hiertrain import data, models
+from hiertrain.train import data, models
 from hiertrain.errors import ConfigError
-from hiertrain.hybrid import SingleProcess
-from hiertrain.optim import OptimizerConfig
-from hiertrain.segments import Runtime
+from hiertrain.train.hybrid import SingleProcess
+from hiertrain.train.optim import OptimizerConfig
+from hiertrain.train.segments import Runtime
 
 pytestmark = pytest.mark.unit
 
@@ -78,8 +78,8 @@ def test_the_synthetic_set_is_learnable(tmp_path):
 def test_uint8_images_travel_as_stored_and_are_normalised_where_used():
     """Samples go on the wire as stored (CIFAR: 3 KB a sample, not float32's 12 KB); the tier that
     uses them normalises them exactly as the device would have."""
-    from hiertrain.validate import validator
-    from hiertrain.wire import Message
+    from hiertrain.net.validate import validator
+    from hiertrain.net.wire import Message
 
     ds = data.synthetic((3, 32, 32), 10, n=64)
     raw, y = ds.batch_raw(3, 16, seed=1)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hiertrain import emulation
+from hiertrain.lab import emulation
 from hiertrain.bench import report
 from hiertrain.errors import ConfigError
 

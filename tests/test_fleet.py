@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from hiertrain.fleetlocal import FleetCluster, Spec
-from hiertrain.local import rel
+from hiertrain.lab.fleetlocal import FleetCluster, Spec
+from hiertrain.lab.local import rel
 
 pytestmark = pytest.mark.integration
 U = 7  # LeNet-5

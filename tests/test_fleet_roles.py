@@ -7,12 +7,12 @@ import random
 import numpy as np
 import pytest
 
-from hiertrain import data, models
+from hiertrain.train import data, models
 from hiertrain.errors import PlanError
-from hiertrain.fleetroles import InProcessFleet, Member, Round
-from hiertrain.hybrid import SingleProcess
-from hiertrain.optim import Optimizer, OptimizerConfig
-from hiertrain.segments import Runtime
+from hiertrain.train.fleetroles import InProcessFleet, Member, Round
+from hiertrain.train.hybrid import SingleProcess
+from hiertrain.train.optim import Optimizer, OptimizerConfig
+from hiertrain.train.segments import Runtime
 
 pytestmark = pytest.mark.unit
 U = 7  # LeNet-5's units

@@ -20,10 +20,11 @@ from conftest import PYTHON, ROOT
 from synthetic import planner_config
 from hiertrain.broker.layout import BrokerDir, Settings
 from hiertrain.broker.process import BrokerProcess, free_port
-from hiertrain import checkpoint, topics, wire
+from hiertrain.net import topics, wire
+from hiertrain.train import checkpoint
 from hiertrain.bench.hostile import flood, raw_client, rss_mb
-from hiertrain.local import LocalCluster
-from hiertrain.transport import Endpoint, Transport
+from hiertrain.lab.local import LocalCluster
+from hiertrain.net.transport import Endpoint, Transport
 
 pytestmark = pytest.mark.integration
 JOB = "t"

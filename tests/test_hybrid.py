@@ -5,12 +5,12 @@ import itertools
 import numpy as np
 import pytest
 
-from hiertrain import data, models
+from hiertrain.train import data, models
 from hiertrain.errors import PlanError
-from hiertrain.hybrid import InProcessHybrid, SingleProcess, split_batch
-from hiertrain.optim import OptimizerConfig
+from hiertrain.train.hybrid import InProcessHybrid, SingleProcess, split_batch
+from hiertrain.train.optim import OptimizerConfig
 from hiertrain.schedule import Schedule
-from hiertrain.segments import Runtime
+from hiertrain.train.segments import Runtime
 
 pytestmark = pytest.mark.unit
 TIERS = ("device", "edge", "cloud")

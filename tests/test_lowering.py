@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from hiertrain import lowering, models, segments
+from hiertrain.train import lowering, models, segments
 from hiertrain.errors import PlanError
 
 pytestmark = pytest.mark.unit

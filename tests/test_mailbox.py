@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from hiertrain.errors import MissingMessage, TierLost
-from hiertrain.mailbox import NEW_RUN, PARKED, RESTARTED, Mailbox
-from hiertrain.wire import Message
+from hiertrain.net.mailbox import NEW_RUN, PARKED, RESTARTED, Mailbox
+from hiertrain.net.wire import Message
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from hiertrain import models
+from hiertrain.train import models
 from hiertrain.errors import PlanError
 
 pytestmark = pytest.mark.unit

@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper
 
 import byo
-from hiertrain import data, models, onnxmodel
+from hiertrain.train import data, models, onnxmodel
 from hiertrain.errors import ConfigError
-from hiertrain.hybrid import SingleProcess
-from hiertrain.optim import OptimizerConfig
+from hiertrain.train.hybrid import SingleProcess
+from hiertrain.train.optim import OptimizerConfig
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

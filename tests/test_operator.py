@@ -15,9 +15,9 @@ import time
 import pytest
 
 from conftest import PYTHON, ROOT
-from hiertrain import checkpoint
+from hiertrain.train import checkpoint
 from hiertrain.broker.process import free_port
-from hiertrain.local import stop
+from hiertrain.lab.local import stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hiertrain.errors import PlanError
-from hiertrain.optim import Optimizer, OptimizerConfig
+from hiertrain.train.optim import Optimizer, OptimizerConfig
 
 pytestmark = pytest.mark.unit
 SHAPES = {"a": (3, 4), "b": (5,)}

@@ -5,7 +5,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from hiertrain import TIERS, topics
+from hiertrain import TIERS
+from hiertrain.net import topics
 from hiertrain.schedule import Schedule, ScheduleFeed, Stage
 from hiertrain.planner.costmodel import TCP_EFFICIENCY
 from hiertrain.profile import Profile

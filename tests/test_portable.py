@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from cluster import dump, reference, rel, schedule
-from hiertrain import arm64, artifacts, models, segments
+from hiertrain.lab import arm64
+from hiertrain.train import artifacts, models, segments
 from hiertrain.errors import PlanError
-from hiertrain.local import LocalCluster
+from hiertrain.lab.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,8 +149,8 @@ def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, b
     ev = subprocess.run([str(device_venv), "-m", "hiertrain", "evaluate", "--config", str(c.configs["device"]),
                          "--checkpoint", str(tmp_path / f"ck-{o}")], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
-    from hiertrain import data, models
-    from hiertrain.hybrid import SingleProcess
+    from hiertrain.train import data, models
+    from hiertrain.train.hybrid import SingleProcess
 
     spec = models.get("lenet5")
     ds = data.synthetic_split(spec.input_shape, spec.classes)[1]

@@ -5,7 +5,8 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, ROOT
-from hiertrain import cgroup, profiler
+from hiertrain.lab import cgroup
+from hiertrain.train import profiler
 from hiertrain.profile import Profile
 
 pytestmark = pytest.mark.unit

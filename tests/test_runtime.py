@@ -3,7 +3,7 @@
 import pytest
 
 from cluster import chain, dump, equals_single_process, reference, rel, schedule
-from hiertrain import checkpoint
+from hiertrain.train import checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -55,9 +55,9 @@ def test_bad_messages_are_dropped_and_training_is_unchanged(cluster, broker_dir)
     import numpy as np
     import paho.mqtt.client as mqtt
 
-    from hiertrain import topics
-    from hiertrain.transport import Endpoint
-    from hiertrain.wire import Message, encode_message
+    from hiertrain.net import topics
+    from hiertrain.net.transport import Endpoint
+    from hiertrain.net.wire import Message, encode_message
 
     c = cluster(iterations=30, every=30)
     c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))

@@ -13,9 +13,10 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, ROOT
-from hiertrain import checkpoint, config
+from hiertrain import config
+from hiertrain.train import checkpoint
 from hiertrain.broker.process import free_port
-from hiertrain.local import stop
+from hiertrain.lab.local import stop
 
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]
 

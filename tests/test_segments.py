@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from hiertrain import models, segments
+from hiertrain.train import models, segments
 from hiertrain.errors import PlanError
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, ROOT
-from hiertrain import cgroup, testbed
+from hiertrain.lab import cgroup, testbed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(testbed.available() is not None or cgroup.available() is not None,

@@ -2,7 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hiertrain import ACCOUNTS, TIERS, topics
+from hiertrain import ACCOUNTS, TIERS
+from hiertrain.net import topics
 from hiertrain.errors import TopicError
 
 pytestmark = pytest.mark.unit

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from hiertrain import wire
+from hiertrain.net import wire
 from hiertrain.errors import WireError
 
 pytestmark = pytest.mark.unit

@@ -20,7 +20,7 @@ from hiertrain.bench.plot import axes
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from hiertrain import emulation
+    from hiertrain.lab import emulation
     from hiertrain.bench.testbed import Runner, _floats, calibrated_source, emulated_job
     from hiertrain.profile import Profile
     from hiertrain.planner.baselines import plan

@@ -54,7 +54,7 @@ def slowed_profile(source: Path, out: Path, factors: dict[str, float]) -> Path:
 
 def scenario(work: Path, profile: Path, *, victim_role: str, count: int, bw: float, network: Any = None
              ) -> dict[str, Any]:
-    from hiertrain.local import LocalCluster, reference, rel
+    from hiertrain.lab.local import LocalCluster, reference, rel
     from hiertrain.schedule import Schedule
 
     kill_at = 2 * count // 3
@@ -118,10 +118,10 @@ def rounding_control(c: Any, count: int, at: int) -> float:
     result at this distance from the reference is as exact as the arithmetic allows."""
     import numpy as np
 
-    from hiertrain import models
-    from hiertrain.hybrid import SingleProcess
-    from hiertrain.local import rel
-    from hiertrain.optim import OptimizerConfig
+    from hiertrain.train import models
+    from hiertrain.train.hybrid import SingleProcess
+    from hiertrain.lab.local import rel
+    from hiertrain.train.optim import OptimizerConfig
 
     finals = []
     for perturb in (False, True):
@@ -139,7 +139,7 @@ def rounding_control(c: Any, count: int, at: int) -> float:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from contextlib import nullcontext
 
-    from hiertrain import testbed
+    from hiertrain.lab import testbed
 
     source = Path(args.profiles) / "lenet5.json"
     if not source.is_file():

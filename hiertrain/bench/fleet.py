@@ -1,7 +1,7 @@
 """``hiertrain bench fleet --devices N``: a fleet on the emulated testbed, every policy at several rates.
 
 N devices (Pi 3-, Pi 4- and Jetson-class CPU quotas in turn, their radios shaped) share one medium
-to the edge (:class:`hiertrain.testbed.FleetTestbed`); the cloud sits behind a shaped link. At each
+to the edge (:class:`hiertrain.lab.testbed.FleetTestbed`); the cloud sits behind a shaped link. At each
 medium rate (``--medium``), each policy's plan (the fleet planner's, EdgeSplit's, all-edge,
 all-cloud, all-local, per-device HierTrain) is run for ``--count`` steps by the real runtime over
 Mosquitto: the row keeps the measured seconds per step (median after WARMUP steps), the planner's
@@ -25,8 +25,8 @@ CLOUD_MBPS = 5.0
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.demo import fleet_specs
-    from hiertrain.fleetlocal import FleetCluster
-    from hiertrain.testbed import FleetTestbed
+    from hiertrain.lab.fleetlocal import FleetCluster
+    from hiertrain.lab.testbed import FleetTestbed
 
     devices = args.devices or 4
     points = [float(p) for p in args.medium.split(",")]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hiertrain import topics, wire
+from hiertrain.net import topics, wire
 from hiertrain.schedule import Schedule
 
 JOB = "hostile"
@@ -92,7 +92,7 @@ def _three_way() -> dict[str, Any]:
 
 
 def _cluster(work: Path, bdir, **kw):
-    from hiertrain.local import LocalCluster
+    from hiertrain.lab.local import LocalCluster
 
     c = LocalCluster(work, broker_dir=bdir, job=JOB, chunk_kb=16, **kw)
     c.publish(_three_way())
@@ -115,7 +115,7 @@ def _with_broker(fn: Callable[[Path, Any, Any], dict[str, Any]]) -> dict[str, An
 
 
 def flood_case(kind: str, count: int) -> dict[str, Any]:
-    from hiertrain.transport import Endpoint
+    from hiertrain.net.transport import Endpoint
 
     def run(work: Path, bdir, broker) -> dict[str, Any]:
         c = _cluster(work, bdir, iterations=100_000, timeout_s=60, lr=0.005)

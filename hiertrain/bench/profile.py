@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from hiertrain import profiler
-from hiertrain.segments import Runtime
+from hiertrain.train import profiler
+from hiertrain.train.segments import Runtime
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:

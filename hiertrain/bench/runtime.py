@@ -1,6 +1,6 @@
 """``hiertrain bench runtime``: measured iteration times over MQTT against the cost model's prediction.
 
-A :class:`~hiertrain.local.LocalCluster` runs LeNet-5 with emulated tiers (cloud: all cores, edge:
+A :class:`~hiertrain.lab.local.LocalCluster` runs LeNet-5 with emulated tiers (cloud: all cores, edge:
 one core, device: one core under a CPU quota as root), profiled first exactly like the demo. One
 run walks through several schedules (a new one every ``--count`` iterations). For each, the
 measured time per iteration (interval between worker_o finishing consecutive iterations, median
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hiertrain import TIERS, cgroup
+from hiertrain import TIERS
+from hiertrain.lab import cgroup
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
 
@@ -37,8 +38,8 @@ def _schedules(profile: Profile, batch: int, bw: Any) -> list[Schedule]:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from hiertrain.emulation import profile_tiers
-    from hiertrain.local import LocalCluster
+    from hiertrain.lab.emulation import profile_tiers
+    from hiertrain.lab.local import LocalCluster
     from hiertrain.planner.costmodel import Bandwidth, iteration_time
 
     batch, per = 32, args.count

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hiertrain import models, segments
-from hiertrain.optim import OptimizerConfig
+from hiertrain.train import models, segments
+from hiertrain.train.optim import OptimizerConfig
 
 CASES = [("lenet5", 1, 5, 64), ("alexnet-small", 1, 5, 16), ("alexnet", 1, 5, 8), ("alexnet", 3, 7, 8),
          ("resnet34", 2, 9, 8), ("googlenet", 2, 6, 8), ("vgg16", 1, 8, 4)]
@@ -141,13 +141,13 @@ def _torch_model(name: str):
 
 def step_vs_pytorch(repeat: int, name: str = "lenet5", batch: int = 64) -> dict[str, Any]:
     """One training step (forward, backward, SGD) of the whole model: hiertrain's worker_o path
-    (:class:`~hiertrain.hybrid.SingleProcess`) against PyTorch on the same CPU. PyTorch runs in a
+    (:class:`~hiertrain.train.hybrid.SingleProcess`) against PyTorch on the same CPU. PyTorch runs in a
     process of its own: its OpenMP threads keep spinning after a step and would slow ORT's next one."""
     import json
     import subprocess
     import sys
 
-    from hiertrain.hybrid import SingleProcess
+    from hiertrain.train.hybrid import SingleProcess
 
     spec = models.get(name)
     model = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=0.01), runtime=segments.Runtime())

@@ -1,7 +1,7 @@
 """``hiertrain bench testbed``: the paper's Fig. 6-10 on the emulated testbed, for one model.
 
-Tiers run in network namespaces joined by tc-shaped veth links (:mod:`hiertrain.testbed`), under
-CPU quotas calibrated to the paper's speed ratios (:mod:`hiertrain.emulation`; or fixed with
+Tiers run in network namespaces joined by tc-shaped veth links (:mod:`hiertrain.lab.testbed`), under
+CPU quotas calibrated to the paper's speed ratios (:mod:`hiertrain.lab.emulation`; or fixed with
 ``--device-quota``/``--edge-quota``). The run has three phases, in one training job:
 
 1. *fit*: all-device, all-edge and all-cloud at the first edge-cloud rate; their measured times
@@ -88,7 +88,7 @@ def learning_rate(model: str) -> float:
 
 def calibrated_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """For benches that build on a ``bench testbed`` run (``--from``): its JSON and calibrated profile."""
-    from hiertrain import testbed
+    from hiertrain.lab import testbed
     from hiertrain.profile import Profile
 
     why = testbed.available()
@@ -108,8 +108,8 @@ def emulated_job(work: Path, *, model: str, batch: int, quotas: dict[str, float]
                  bw_edge_cloud: float) -> Iterator[tuple[Any, Any]]:
     """The testbed's namespaces and shaped links, and one training job in them under the tiers'
     quotas: (testbed, cluster); everything is removed when the block ends."""
-    from hiertrain import testbed
-    from hiertrain.local import LocalCluster
+    from hiertrain.lab import testbed
+    from hiertrain.lab.local import LocalCluster
 
     with testbed.Testbed(bw_device_edge=bw_device_edge, bw_edge_cloud=bw_edge_cloud) as net, \
             LocalCluster(work, model=model, batch=batch, iterations=100_000, timeout_s=600, lr=learning_rate(model),
@@ -119,7 +119,7 @@ def emulated_job(work: Path, *, model: str, batch: int, quotas: dict[str, float]
 
 def emulated_profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, float], Path, dict[str, Any]]:
     """Quotas and the profile measured under them: calibrated, or at the quotas given."""
-    from hiertrain import emulation
+    from hiertrain.lab import emulation
     from hiertrain.profile import Profile
 
     if args.device_quota and args.edge_quota:
@@ -172,7 +172,7 @@ def measured_bandwidth(nominal: Any, rates: dict[str, float]) -> Any:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from hiertrain import testbed
+    from hiertrain.lab import testbed
     from hiertrain.profile import Profile
     from hiertrain.planner.costmodel import Bandwidth, fit_overhead, with_calibration
 

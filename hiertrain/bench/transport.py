@@ -28,7 +28,7 @@ GOAL_OVERHEAD = 0.05
 def _raw_client(creds: str, client_id: str) -> Any:
     import paho.mqtt.client as mqtt
 
-    from hiertrain.transport import Endpoint
+    from hiertrain.net.transport import Endpoint
 
     ep = Endpoint.load(creds)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
@@ -38,9 +38,9 @@ def _raw_client(creds: str, client_id: str) -> Any:
 
 
 def worker(side: str, mode: str, creds: str, count: int, size: int) -> dict[str, Any]:
-    from hiertrain import topics
-    from hiertrain.transport import Endpoint, Transport
-    from hiertrain.wire import Message
+    from hiertrain.net import topics
+    from hiertrain.net.transport import Endpoint, Transport
+    from hiertrain.net.wire import Message
 
     topic = topics.tensor(JOB, "device", "act", "cloud", 1)
     if mode == "raw" and side == "sub":

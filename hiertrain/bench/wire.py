@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hiertrain import wire
+from hiertrain.net import wire
 
 GOAL_GBPS = 1.0
 

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from hiertrain.errors import MissingMessage, TierLost
-from hiertrain.wire import Message
+from hiertrain.net.wire import Message
 
 Key = tuple[str, int, int, str]
 

@@ -1,7 +1,7 @@
 """Checkpoints over MQTT: collected in one place, and fetched back for a resume.
 
 Whichever tier plays worker_o writes every K-th iteration's state (weights and optimizer
-moments, :mod:`hiertrain.checkpoint`) into its own ``[checkpoint] dir`` if it has one, and sends
+moments, :mod:`hiertrain.train.checkpoint`) into its own ``[checkpoint] dir`` if it has one, and sends
 it as a ``checkpoint`` message (``op: push``) to every online tier whose status says it collects
 (``[checkpoint] collect = true``). The collector writes it into its directory, keeps the newest
 ``keep`` and announces the iteration in its status, so the checkpoints are in one place however
@@ -32,13 +32,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from hiertrain import checkpoint
-from hiertrain.checkpoint import Checkpoint
+from hiertrain.train import checkpoint
+from hiertrain.train.checkpoint import Checkpoint
 from hiertrain.errors import ConfigError, HiertrainError, PlanError
-from hiertrain.models import ModelSpec
-from hiertrain.wire import Message
+from hiertrain.train.models import ModelSpec
+from hiertrain.net.wire import Message
 
-log = logging.getLogger("hiertrain.collect")
+log = logging.getLogger("hiertrain.train.collect")
 KIND = "checkpoint"
 OPS = ("push", "replica", "request", "reply")
 

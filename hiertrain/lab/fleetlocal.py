@@ -20,11 +20,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import checkpoint, models, tierconfig, topics
-from hiertrain.emulation import THREADS
+from hiertrain import tierconfig
+from hiertrain.net import topics
+from hiertrain.train import checkpoint, models
+from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError
-from hiertrain.local import stop, toml
-from hiertrain.transport import Endpoint, Transport
+from hiertrain.lab.local import stop, toml
+from hiertrain.net.transport import Endpoint, Transport
 
 JOB = "fleet"
 
@@ -45,8 +47,8 @@ class Spec:
 def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[float]]) -> tuple[Path, dict]:
     """The servers' profile (edge, cloud) and a device profile per CPU quota, measured here (threads
     as emulated; a quota's profile is measured under it): (servers' file, {quota: device's file})."""
-    from hiertrain.emulation import profile_tier
-    from hiertrain.profiler import measure
+    from hiertrain.lab.emulation import profile_tier
+    from hiertrain.train.profiler import measure
 
     servers = measure(model, batch, tier="edge", threads=THREADS["edge"], repeat=3, warmup=1)
     servers = servers.merged("cloud", measure(model, batch, tier="cloud", threads=THREADS["cloud"], repeat=3, warmup=1))
@@ -71,7 +73,7 @@ class FleetCluster:
                  network: Any = None, policy: str = "hiertrain") -> None:
         """``devices`` start with the run; ``extra`` are enrolled and described too, started later
         (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``).
-        ``network``: a :class:`hiertrain.testbed.FleetTestbed` holding the devices, the edge (and the
+        ``network``: a :class:`hiertrain.lab.testbed.FleetTestbed` holding the devices, the edge (and the
         broker) and the cloud in its namespaces, behind its shaped links."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
@@ -88,7 +90,7 @@ class FleetCluster:
             bdir.add_device(name)  # before the broker starts: an embedded broker reads accounts once
         self.broker = self.stack.enter_context(BrokerProcess(bdir, kind=available_kind(), prefix=self._prefix("edge")))
         batch = sum(d.samples for d in self.specs.values())
-        from hiertrain.cgroup import CpuQuota
+        from hiertrain.lab.cgroup import CpuQuota
 
         self.quotas = {d.name: self.stack.enter_context(CpuQuota(d.quota)) for d in self.specs.values() if d.quota}
         self.profiles = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work,
@@ -251,8 +253,8 @@ class FleetCluster:
     def replay(self, optimizer: Any = None) -> tuple[list[float], dict[str, np.ndarray]]:
         """Single-process training over exactly the samples the step log names, in its order:
         (losses per step, final parameters)."""
-        from hiertrain import data
-        from hiertrain.hybrid import SingleProcess
+        from hiertrain.train import data
+        from hiertrain.train.hybrid import SingleProcess
 
         spec = models.get(self.model)
         edge_cfg = tierconfig.load("edge", self.configs["edge"])

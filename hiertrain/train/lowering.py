@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, defs, helper, numpy_helper, shape_inference
 
 from hiertrain.errors import PlanError
-from hiertrain.models import OPSET
+from hiertrain.train.models import OPSET
 
 VERSION = 4            # part of every segment's cache key: bump when a rule changes its output
 PREFIX = "lowered/"

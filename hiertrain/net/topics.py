@@ -6,11 +6,11 @@
     hiertrain/<job>/<account>/status                      retained JSON, Last Will "offline"
     hiertrain/<job>/<account>/telemetry                   JSON: link rates, phase times
     hiertrain/<job>/<tier>/profile                        retained JSON hiertrain-profile/1
-    hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.wire)
+    hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.net.wire)
 
 ``<kind>`` is one of :data:`TENSOR_KINDS` or :data:`SERVICE_KINDS` (``segreq``/``segment``: a
-built segment asked of and sent by a builder tier, :mod:`hiertrain.artifacts`; ``checkpoint``:
-a checkpoint pushed to the collecting tier, or asked back for a resume, :mod:`hiertrain.collect`);
+built segment asked of and sent by a builder tier, :mod:`hiertrain.train.artifacts`; ``checkpoint``:
+a checkpoint pushed to the collecting tier, or asked back for a resume, :mod:`hiertrain.train.collect`);
 ``<layer>`` the unit index the tensor belongs to (the cut for activations and their gradients, the unit for weights and weight gradients,
 0 for samples and labels). Every account publishes only below ``hiertrain/+/<account>/``,
 which is what the broker's ACL enforces; the schedule topic is the planner's alone.

@@ -17,8 +17,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from hiertrain.errors import PlanError
-from hiertrain.models import IR_VERSION, OPSET, Shape
-from hiertrain.segments import session_options
+from hiertrain.train.models import IR_VERSION, OPSET, Shape
+from hiertrain.train.segments import session_options
 
 KINDS = ("sgd", "adamw")
 

@@ -3,7 +3,7 @@
 A unit is a function that appends ONNX nodes to a :class:`Builder`. Parameters are named
 ``<unit>.<layer>.<weight|bias>`` so that weights move between segments and tiers by name.
 :func:`segment_graph` builds the forward graph of any unit range a..b with the parameters as graph
-inputs; :mod:`hiertrain.segments` turns it into training graphs.
+inputs; :mod:`hiertrain.train.segments` turns it into training graphs.
 
 No BatchNormalization: its batch statistics would be per worker, and hybrid parallelism must
 equal single-process SGD (shared/DESIGN.md). ResNet and GoogLeNet are built without it.
@@ -96,7 +96,7 @@ class ModelSpec:
     input_shape: Shape
     classes: int
     units: tuple[Unit, ...]
-    # an imported model's (hiertrain.onnxmodel): its file's weights, by our parameter names, and the file
+    # an imported model's (hiertrain.train.onnxmodel): its file's weights, by our parameter names, and the file
     initial: Optional[dict[str, np.ndarray]] = field(default=None, compare=False, hash=False, repr=False)
     source: Optional[str] = None
 
@@ -305,7 +305,7 @@ def is_file(name: str) -> bool:
 
 
 def get(name: str) -> ModelSpec:
-    """A zoo model by name, or a user's model from an ``.onnx`` file (:mod:`hiertrain.onnxmodel`)."""
+    """A zoo model by name, or a user's model from an ``.onnx`` file (:mod:`hiertrain.train.onnxmodel`)."""
     if is_file(name):
         path = Path(name).expanduser().resolve()
         try:
@@ -326,6 +326,6 @@ def _zoo(name: str) -> ModelSpec:
 
 @functools.lru_cache(maxsize=16)
 def _imported(path: str, mtime_ns: int, size: int) -> ModelSpec:
-    from hiertrain import onnxmodel
+    from hiertrain.train import onnxmodel
 
     return onnxmodel.load(Path(path))

@@ -23,11 +23,11 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from hiertrain.data import normalize
+from hiertrain.train.data import normalize
 from hiertrain.errors import PlanError
-from hiertrain.models import ModelSpec
-from hiertrain.roles import Params, weights_of
-from hiertrain.segments import Runtime
+from hiertrain.train.models import ModelSpec
+from hiertrain.train.roles import Params, weights_of
+from hiertrain.train.segments import Runtime
 
 
 @dataclass(frozen=True)

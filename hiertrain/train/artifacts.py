@@ -1,7 +1,7 @@
 """Built segments as content-addressed artifacts, so a machine without the gradient builder trains.
 
 Only onnxruntime-training (x86-64) can *build* a segment's graphs; once lowered
-(:mod:`hiertrain.lowering`) any onnxruntime *runs* them. A runner (a Raspberry Pi) gets them:
+(:mod:`hiertrain.train.lowering`) any onnxruntime *runs* them. A runner (a Raspberry Pi) gets them:
 
 - from a directory written by ``hiertrain segments build --model M --out DIR`` and copied by hand
   (``[runtime] segments = "DIR"``): a ``manifest.json`` lists every segment's key and the SHA-256
@@ -12,7 +12,7 @@ Only onnxruntime-training (x86-64) can *build* a segment's graphs; once lowered
   the one it computed from its own model before it caches the artifact under that key.
 
 A segment's key hashes the model's forward graph of the range, the kind and the lowering version
-(:func:`hiertrain.segments.key`), so builder and runner agree on it whatever onnx/onnxruntime
+(:func:`hiertrain.train.segments.key`), so builder and runner agree on it whatever onnx/onnxruntime
 versions each has, and a runner never uses graphs built for a different model definition.
 """
 
@@ -33,13 +33,13 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from hiertrain import segments
+from hiertrain.train import segments
 from hiertrain.errors import PlanError
-from hiertrain.models import ModelSpec
-from hiertrain.validate import ARTIFACT_FILES as FILES
-from hiertrain.wire import MAX_INT, Message
+from hiertrain.train.models import ModelSpec
+from hiertrain.net.validate import ARTIFACT_FILES as FILES
+from hiertrain.net.wire import MAX_INT, Message
 
-log = logging.getLogger("hiertrain.artifacts")
+log = logging.getLogger("hiertrain.train.artifacts")
 FORMAT = "hiertrain-segments/1"
 MANIFEST = "manifest.json"
 REQUEST, REPLY = "segreq", "segment"
@@ -149,7 +149,7 @@ def from_dir(directory: Path, key: str, root: Path) -> Optional[Path]:
 
 
 def provider(directory: Optional[Path], fetch: Optional["Fetcher"]):
-    """A :class:`~hiertrain.segments.Runtime` provider: the artifact directory first, then a builder."""
+    """A :class:`~hiertrain.train.segments.Runtime` provider: the artifact directory first, then a builder."""
     def get(spec: ModelSpec, first: int, last: int, kind: str, input_grad: bool, root: Path) -> Path:
         req = Request.of(spec, first, last, kind, input_grad)
         if directory is not None:

@@ -6,7 +6,7 @@
 - :class:`OwnerRole` is worker_o: it trains the whole model on its own samples, continues s's and
   l's activations from their cuts, owns the loss over all B samples and the optimizer.
 
-The roles compute; they do not communicate. The in-process trainer (:mod:`hiertrain.hybrid`)
+The roles compute; they do not communicate. The in-process trainer (:mod:`hiertrain.train.hybrid`)
 and the MQTT tier services pass their inputs and outputs around.
 """
 
@@ -18,9 +18,9 @@ from typing import Callable, Mapping, Optional, Union
 import numpy as np
 
 from hiertrain.errors import PlanError
-from hiertrain.models import ModelSpec
-from hiertrain.optim import Optimizer, OptimizerConfig
-from hiertrain.segments import Runtime, Segment
+from hiertrain.train.models import ModelSpec
+from hiertrain.train.optim import Optimizer, OptimizerConfig
+from hiertrain.train.segments import Runtime, Segment
 
 Params = dict[str, np.ndarray]
 Source = Union[None, np.ndarray, Callable[[], np.ndarray]]   # an array, or how to wait for it

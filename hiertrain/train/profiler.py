@@ -1,9 +1,9 @@
 """Measure a ``hiertrain-profile/1`` for one tier on this machine, with ORT.
 
 Each unit is timed alone as the runtime runs it: its forward graph and its backward graph
-(:mod:`hiertrain.segments`) on a batch of B samples, the median of ``repeat`` runs after
+(:mod:`hiertrain.train.segments`) on a batch of B samples, the median of ``repeat`` runs after
 ``warmup`` runs, divided by B; its update is the ORT optimizer step over its parameters.
-``threads`` limits ORT's intra-op threads; a CPU quota (:mod:`hiertrain.cgroup`) emulates a
+``threads`` limits ORT's intra-op threads; a CPU quota (:mod:`hiertrain.lab.cgroup`) emulates a
 slower machine. The spread of the repeated runs is recorded beside the medians.
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from hiertrain import models
-from hiertrain.optim import Optimizer, OptimizerConfig
+from hiertrain.train import models
+from hiertrain.train.optim import Optimizer, OptimizerConfig
 from hiertrain.profile import FORMAT, Profile
-from hiertrain.segments import Runtime
+from hiertrain.train.segments import Runtime
 
 
 ROUND_S = 0.02  # each timed round lasts at least this long (many CPU-quota periods)
@@ -55,7 +55,7 @@ def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, rep
     graph is built, right before the timed runs (the CLI joins its CPU-quota group there).
     ``sample_dtype``: how the data stores a sample, which is how it travels (default: uint8 for
     images, as the built-in sets store them, else float32); a device publishes its data's own."""
-    from hiertrain import data
+    from hiertrain.train import data
 
     spec = models.get(model)
     sample_bytes = float(np.dtype(sample_dtype or data.stored_dtype(spec.input_shape)).itemsize

@@ -3,7 +3,7 @@
 A *body* segment (units a..b of a model, not the loss) is trained against an upstream gradient
 ``gy`` with the surrogate loss ``ReduceSum(y * gy)``, whose parameter gradients are the true
 ones. ORT's gradient graph builder (``GradientGraphBuilder``, onnxruntime-training's, x86-64 only)
-differentiates it; :mod:`hiertrain.lowering` rewrites the training-only ops it emits into standard
+differentiates it; :mod:`hiertrain.train.lowering` rewrites the training-only ops it emits into standard
 ONNX ops; we then cut the gradient graph in two:
 
 - ``forward``: (x, params) -> y and a *stash* of the intermediates the backward needs;
@@ -16,7 +16,7 @@ the logits, the parameter gradients and the input gradient.
 
 Built graphs are cached on disk under a key naming what they compute (:func:`key`), and ORT
 sessions in memory. Where this onnxruntime cannot build, a :class:`Runtime` gets them from a
-provider (:mod:`hiertrain.artifacts`).
+provider (:mod:`hiertrain.train.artifacts`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from hiertrain import lowering
+from hiertrain.train import lowering
 from hiertrain.errors import PlanError
-from hiertrain.models import IR_VERSION, OPSET, ModelSpec, segment_graph
+from hiertrain.train.models import IR_VERSION, OPSET, ModelSpec, segment_graph
 
 FORMAT = 1
 LOSS = "__loss"
@@ -345,7 +345,7 @@ class Runtime:
 
     Where this onnxruntime cannot build (plain onnxruntime, e.g. on a Raspberry Pi), a segment not
     yet in the cache comes from ``provider(segment identity, cache root)``: a directory of
-    artifacts or a builder tier over MQTT (:mod:`hiertrain.artifacts`).
+    artifacts or a builder tier over MQTT (:mod:`hiertrain.train.artifacts`).
     """
 
     def __init__(self, *, threads: int = 0, root: Optional[Path] = None,

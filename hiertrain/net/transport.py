@@ -1,7 +1,7 @@
 """MQTT transport: paho-mqtt 2.x, QoS 1, persistent session, Last Will.
 
 The network thread only enqueues what arrives; a dispatcher thread decodes frames, reassembles
-messages and files them in a :class:`~hiertrain.mailbox.Mailbox` (tensor topics) or in
+messages and files them in a :class:`~hiertrain.net.mailbox.Mailbox` (tensor topics) or in
 :attr:`Transport.events` (JSON topics). Workers take messages by (kind, sender, iteration,
 layer) with a timeout that raises :class:`~hiertrain.errors.MissingMessage`.
 
@@ -27,13 +27,14 @@ from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 
-from hiertrain import TIERS, topics
+from hiertrain import TIERS
+from hiertrain.net import topics
 from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
-from hiertrain.mailbox import NEW_RUN, NOT_BACK, RESTARTED, Mailbox
-from hiertrain.wire import (DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, Reassembler, Refused,
+from hiertrain.net.mailbox import NEW_RUN, NOT_BACK, RESTARTED, Mailbox
+from hiertrain.net.wire import (DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, Reassembler, Refused,
                             encode_message)
 
-log = logging.getLogger("hiertrain.transport")
+log = logging.getLogger("hiertrain.net.transport")
 
 
 # A rate is measured only from a transfer this large and this long: small ones measured between

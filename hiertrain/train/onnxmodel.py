@@ -1,7 +1,7 @@
 """A user's ONNX model as a chain of units: ``hiertrain model import FILE.onnx``, ``model = "FILE.onnx"``.
 
 Any model whose graph runs from one float input ``[N, ...]`` to one logits output ``[N, classes]``
-(what ``torch.onnx.export`` writes for a classifier) becomes a :class:`~hiertrain.models.ModelSpec`
+(what ``torch.onnx.export`` writes for a classifier) becomes a :class:`~hiertrain.train.models.ModelSpec`
 like the zoo's:
 
 - **Cut points** are the places in the graph's node order where exactly one activation tensor
@@ -40,7 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from hiertrain.errors import ConfigError
-from hiertrain.models import OPSET, Builder, ModelSpec, Shape, Unit
+from hiertrain.train.models import OPSET, Builder, ModelSpec, Shape, Unit
 
 # op -> the input slots where a float initializer is a trainable parameter
 SUPPORTED: dict[str, tuple[int, ...]] = {
@@ -609,7 +609,7 @@ def check_gradients(spec: ModelSpec) -> float:
     import tempfile
     import time
 
-    from hiertrain import segments
+    from hiertrain.train import segments
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,11 +11,11 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from hiertrain.models import ModelSpec, init_params
-from hiertrain.optim import Optimizer, OptimizerConfig
-from hiertrain.roles import OwnerRole, Params, SliceRole
+from hiertrain.train.models import ModelSpec, init_params
+from hiertrain.train.optim import Optimizer, OptimizerConfig
+from hiertrain.train.roles import OwnerRole, Params, SliceRole
 from hiertrain.schedule import Schedule
-from hiertrain.segments import Runtime
+from hiertrain.train.segments import Runtime
 
 
 def split_batch(schedule: Schedule, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

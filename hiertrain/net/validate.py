@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from hiertrain.models import ModelSpec
-from hiertrain.wire import Message
+from hiertrain.train.models import ModelSpec
+from hiertrain.net.wire import Message
 
 Validator = Callable[[Message], Optional[str]]
 ARTIFACT_FILES = ("forward.onnx", "backward.onnx", "fused.onnx", "step.onnx", "meta.json")

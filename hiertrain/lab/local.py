@@ -22,10 +22,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain import TIERS, checkpoint, data, models, topics
-from hiertrain.emulation import THREADS
+from hiertrain import TIERS
+from hiertrain.net import topics
+from hiertrain.train import checkpoint, data, models
+from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError, HiertrainError
-from hiertrain.transport import Endpoint, Transport
+from hiertrain.net.transport import Endpoint, Transport
 
 JOB = "demo"
 
@@ -77,11 +79,11 @@ class LocalCluster:
         self.stack = ExitStack()
         self.procs: dict[str, subprocess.Popen] = {}
         self.broker = None
-        self.network = network  # a hiertrain.testbed.Testbed: tiers and broker in its namespaces
+        self.network = network  # a hiertrain.lab.testbed.Testbed: tiers and broker in its namespaces
         self.launch = launch or {}
         host = {t: "127.0.0.1" for t in (*TIERS, "root")}
         if network is not None:
-            from hiertrain.testbed import BROKER_FOR
+            from hiertrain.lab.testbed import BROKER_FOR
 
             host = dict(BROKER_FOR)
         if broker_dir is None:
@@ -102,7 +104,7 @@ class LocalCluster:
         addresses = (f"127.0.0.1:{self.standby_dir.settings().port}",) if standby else ()
         self.quotas = {}
         for tier, cores in {**({"device": device_quota} if device_quota else {}), **(quotas or {})}.items():
-            from hiertrain.cgroup import CpuQuota
+            from hiertrain.lab.cgroup import CpuQuota
 
             self.quotas[tier] = self.stack.enter_context(CpuQuota(cores))
         threads = {**THREADS, **(threads or {})}
@@ -279,8 +281,8 @@ class LocalCluster:
 
 def reference(cluster: LocalCluster, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:
     """Single-process training (SGD, the cluster's rate) on the batches the device draws."""
-    from hiertrain.hybrid import SingleProcess
-    from hiertrain.optim import OptimizerConfig
+    from hiertrain.train.hybrid import SingleProcess
+    from hiertrain.train.optim import OptimizerConfig
 
     ref = SingleProcess(models.get(cluster.model), optimizer=OptimizerConfig("sgd", lr=cluster.lr))
     ds = cluster.dataset()

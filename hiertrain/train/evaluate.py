@@ -1,6 +1,6 @@
 """``hiertrain evaluate``: held-out accuracy and loss of a checkpoint, with plain onnxruntime.
 
-The checkpoint is worker_o's portable ``.npz`` (:mod:`hiertrain.checkpoint`); the model's
+The checkpoint is worker_o's portable ``.npz`` (:mod:`hiertrain.train.checkpoint`); the model's
 forward graph is standard ONNX, so any onnxruntime (a laptop, a Pi) runs it. The held-out set is
 the data set's own test split where it has one (CIFAR-10's ``test_batch.bin``, Tiny-ImageNet's
 ``val``), the synthetic set's held-out part, or else the first ``[eval] holdout`` samples, which
@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from hiertrain import checkpoint, data, models
+from hiertrain.train import checkpoint, data, models
 from hiertrain.errors import ConfigError
 from hiertrain.tierconfig import TierConfig
 

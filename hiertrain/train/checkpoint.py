@@ -5,7 +5,7 @@ Portable on purpose: any tier writes and reads it with NumPy alone (a Raspberry 
 onnxruntime plays worker_o too), and no pickle is ever loaded. Written atomically (temporary
 file, then rename) every K iterations as ``checkpoint-<iteration>.npz``, the newest ``keep``
 kept; ``--resume`` and ``hiertrain evaluate`` read the newest. A tier with ``[checkpoint] collect
-= true`` receives every checkpoint over MQTT wherever worker_o runs (:mod:`hiertrain.collect`).
+= true`` receives every checkpoint over MQTT wherever worker_o runs (:mod:`hiertrain.train.collect`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import msgpack
 import numpy as np
 
-from hiertrain import topics
+from hiertrain.net import topics
 from hiertrain.errors import TopicError, WireError
 
 SCHEMA_VERSION = 1
@@ -322,7 +322,7 @@ def decode_payload(frame: Frame, payload: Any) -> Message:
 
 
 def _stream(msg_id: str) -> str:
-    """The sending process of a message id (``nonce:counter``, as :class:`~hiertrain.transport.Transport` makes them)."""
+    """The sending process of a message id (``nonce:counter``, as :class:`~hiertrain.net.transport.Transport` makes them)."""
     return msg_id.split(":", 1)[0]
 
 

@@ -1,0 +1,1 @@
+"""The emulated lab: network namespaces and tc, CPU quotas and calibration, arm64, jobs on one machine."""

@@ -1,0 +1,1 @@
+"""Bytes on the wire, topic names, MQTT delivery: how the tiers talk."""

@@ -1,0 +1,1 @@
+"""The training runtime: models, segments, optimizers, the roles, data and checkpoints."""
