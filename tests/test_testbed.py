@@ -94,4 +94,17 @@ def test_a_fleet_shares_one_medium_each_device_capped_by_its_radio():
         together, total = measure(["pi-a", "pi-b"], 2_000_000)
         assert all(r < 9.5 for r in together.values()), together  # neither gets its 12 Mbit/s radio
         assert 6.5 < total <= 10.3, (total, together)              # together they share the 10 Mbit/s medium
+
+        # half duplex: pi-a sending to the edge while the edge sends to pi-b share the same 10 Mbit/s
+        sinks = {where: subprocess.Popen(net.prefix(where) + [PYTHON, "-c", SINK.replace("{n}", "1")],
+                                         stdout=subprocess.PIPE, text=True) for where in ("edge", "pi-b")}
+        for sink in sinks.values():
+            assert sink.stdout.readline().strip() == "up"
+        down = ("import socket;s=socket.create_connection(('" + net.address["pi-b"] + "',5010));"
+                "s.sendall(b'x'*2000000);s.close()")
+        flows = [_send(net, "pi-a", 2_000_000), subprocess.Popen(net.prefix("edge") + [PYTHON, "-c", down])]
+        for p in flows:
+            assert p.wait(60) == 0
+        up_down = [ast.literal_eval(sinks[w].communicate(timeout=60)[0].strip())[1] for w in ("edge", "pi-b")]
+        assert all(r < 8.0 for r in up_down) and sum(up_down) <= 12.5, up_down  # full duplex: ~10 each
     assert _state() == before

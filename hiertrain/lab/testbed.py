@@ -149,8 +149,9 @@ class FleetTestbed(_Namespaces):
 
     Each device's link is capped at its own rate in both directions (its radio) and every device's
     traffic crosses one veth between the medium and the edge, capped at the medium's aggregate rate
-    R in each direction: devices that send at once share R. (A real wireless medium is also half
-    duplex, up and down sharing one R: not emulated.) Root is required; :meth:`down` removes all.
+    R: devices that send at once share R, and, as on a real wireless medium (half duplex), so do
+    the two directions: traffic to and from the edge is redirected through one ifb device whose
+    token bucket is R. Root is required; :meth:`down` removes all.
     """
 
     def __init__(self, devices: dict[str, float], *, medium_mbps: float, bw_edge_cloud: float,
@@ -182,6 +183,7 @@ class FleetTestbed(_Namespaces):
             self._management(self.address["root"], self.broker_for["root"])
             for d, mbps in self.devices.items():
                 self.shape_device(d, mbps, replace=False)
+            self._half_duplex(f"{self.tag}e1", f"{self.tag}hd")
             self.shape_medium(self.medium_mbps, replace=False)
             self._tbf("edge", f"{self.tag}c0", self.bw_edge_cloud, False)
             self._tbf("cloud", f"{self.tag}c1", self.bw_edge_cloud, False)
@@ -208,8 +210,17 @@ class FleetTestbed(_Namespaces):
         self._tbf("air", f"{self.tag}d{i}b", mbps, replace)
         self.devices[device] = mbps
 
+    def _half_duplex(self, port: str, ifb: str) -> None:
+        """Both directions of ``port`` (in the air namespace) through the ifb device ``ifb``."""
+        air = ["ip", "netns", "exec", self.ns["air"]]
+        _run("ip", "-n", self.ns["air"], "link", "add", ifb, "type", "ifb")
+        _run("ip", "-n", self.ns["air"], "link", "set", ifb, "up")
+        _run(*air, "tc", "qdisc", "add", "dev", port, "clsact")
+        for way in ("ingress", "egress"):  # (u32 matching everything: matchall is not in every kernel)
+            _run(*air, "tc", "filter", "add", "dev", port, way, "protocol", "all", "u32", "match", "u32", "0", "0",
+                 "action", "mirred", "egress", "redirect", "dev", ifb)
+
     def shape_medium(self, mbps: float, *, replace: bool = True) -> None:
-        """The medium's aggregate rate, each direction, shared by every device sending at once."""
-        self._tbf("air", f"{self.tag}e1", mbps, replace)
-        self._tbf("edge", f"{self.tag}e0", mbps, replace)
+        """The medium's aggregate rate, shared by every device and both directions at once."""
+        self._tbf("air", f"{self.tag}hd", mbps, replace)
         self.medium_mbps = mbps
