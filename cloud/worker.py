@@ -1,15 +1,15 @@
 """The cloud in a fleet: units k+1..U of every member whose path reaches it, one cut at a time.
 
 Per round it takes the weights of units kappa+1..U from the edge, then for each cut k (ascending)
-the activations the edge sends for all members cut there (concatenated in member order) and those
-members' labels from the devices; it computes the loss over those rows (weighted by their share of
+the activations the edge sends for all members cut there (concatenated in member order) and their
+labels; it computes the loss over those rows (weighted by their share of
 the round's samples), sends the gradient at k back to the edge, and finally its parameter gradients
 with its share of the loss.
 """
 
 from __future__ import annotations
 
-from hiertrain.train.fleetroles import Round, add_into, rows
+from hiertrain.train.fleetroles import Round, add_into
 from hiertrain.fleetservice import Abandoned, FleetService
 from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
@@ -41,7 +41,7 @@ class CloudWorker(FleetService):
         loss = 0.0
         for k, group in rnd.cloud_groups():
             x = self.take("samples" if k == 0 else "act", "edge", r, k).tensors["x"]
-            y = rows(self.take("labels", mb.name, r, 0).tensors["y"] for mb in group)
+            y = self.take("labels", "edge", r, k).tensors["y"]
             w = rnd.weight(len(y))
             part_loss, gk, g = self.part.loss(params, k + 1, x, y, w)
             loss += w * part_loss

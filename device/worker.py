@@ -4,7 +4,7 @@ It connects with its own account (``hiertrain broker add-device NAME``) and wait
 the edge's coordinator. In each round it is a member of, it takes its ``n`` samples at the offset
 the coordinator gives (the coordinator keeps every device's place in its data, so a redone step
 trains the same samples), trains its units 1..m and sends the activations at its cut (or its raw
-samples, m = 0) to the edge and its labels to where its loss is computed; it then takes the
+samples, m = 0) and its labels to the edge; it then takes the
 gradient at its cut and sends its parameter gradients. With m = U it computes its own loss.
 """
 
@@ -56,7 +56,7 @@ class DeviceWorker(FleetService):
             loss, _, grads = self.part.loss(params, 1, x, y, w)
             self.send("wgrad", "edge", r, U, grads, loss=w * loss)
             return
-        self.send("labels", "edge" if mb.k == U else "cloud", r, 0, {"y": y})
+        self.send("labels", "edge", r, 0, {"y": y})
         if mb.m == 0:
             self.send("samples", "edge", r, 0, {"x": x})
             return

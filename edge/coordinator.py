@@ -16,6 +16,8 @@
   and the same step is **redone** by the members left, on the same samples. A step is therefore
   always one SGD step over all the samples of the devices it names, and the step log says which.
 - **Joining.** A device that comes online is planned in at the next round.
+- **The cloud** is planned like a member: lost (or silent) mid-round, the round is redone without
+  it (every path then ends at the edge, k = U, whatever a pin said); back, it is planned in again.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Coordinator(FleetService):
         self.excluded: dict[str, bool] = {}  # devices given up on, until they go offline and come back
         self._involved: set[str] = set()
         self.named: set[str] = set()
-        self.planned: tuple[str, ...] = ()
+        self.planned: tuple[tuple[str, ...], bool] = ((), False)  # the devices planned, and whether the cloud is
         self.paths: dict[str, F.Path] = {}
         self.version = 0
         self.plan: Optional[F.FleetPlan] = None
@@ -101,19 +103,25 @@ class Coordinator(FleetService):
             del self.excluded[name]  # gone: when it is back, it is planned again
         return [d.name for d in self.fleet.devices if d.name in online and d.name not in self.excluded]
 
-    def replan(self, names: list[str]) -> None:
+    def replan(self, names: list[str], cloud: bool) -> None:
+        """Plan ``names`` (with the cloud, or without it when it is gone) as a new plan version."""
         sub = replace(self.fleet, devices=tuple(d for d in self.fleet.devices if d.name in names))
-        if self.pinned is not None:
+        if not cloud:
+            sub = F.without_cloud(sub)
+        if self.pinned is not None and (cloud or all(self.pinned[n].k == self.units for n in names)):
             plan = F.plan_of("pinned", sub, [self.pinned[n] for n in names])
-        elif self.cfg.fleet_policy == "hiertrain":
+        elif self.cfg.fleet_policy == "hiertrain" or not cloud:
+            if not cloud:
+                print("edge: the cloud is offline: the fleet planner plans without it", flush=True)
             plan = F.solve(sub, budget_s=0.5)
         else:
             plan = F.baseline(sub, self.cfg.fleet_policy)
         self.version += 1
         self.plan = plan
-        for name in set(names) - set(self.planned):  # (re)joined: whatever its status said before is past
+        planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())
+        for name in set(names) | ({"cloud"} if cloud else set()) - planned:  # (re)joined: its past statuses are past
             self.transport.mailbox.forget(name)
-        self.planned = tuple(names)
+        self.planned = (tuple(names), cloud)
         self.paths = dict(zip(names, plan.paths))
         lines = F.describe(sub, plan)
         print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step) for "
@@ -124,9 +132,9 @@ class Coordinator(FleetService):
             "paths": {n: [p.m, p.k] for n, p in self.paths.items()}}
         self.transport.publish_status("online")
 
-    def _wait_for_fleet(self) -> None:
+    def _wait_for_fleet(self, *, cloud: bool = True) -> None:
         deadline = time.monotonic() + self.cfg.timeout_s
-        while len(self.members()) < self.cfg.fleet_devices or "cloud" not in self.transport.online():
+        while len(self.members()) < self.cfg.fleet_devices or cloud and "cloud" not in self.transport.online():
             if time.monotonic() > deadline:
                 raise MissingMessage(kind=f"{self.cfg.fleet_devices} devices and the cloud online", sender="fleet",
                                      iteration=0, layer=0, timeout=self.cfg.timeout_s)
@@ -145,10 +153,11 @@ class Coordinator(FleetService):
                 while step < self.cfg.iterations:
                     names = self.members()
                     if not names:
-                        self._wait_for_fleet()
+                        self._wait_for_fleet(cloud=False)
                         continue
-                    if tuple(names) != self.planned:
-                        self.replan(names)
+                    cloud = "cloud" in self.transport.online() and "cloud" not in self.excluded
+                    if (tuple(names), cloud) != self.planned:
+                        self.replan(names, cloud)
                     rnd = Round(rnd_no, step, self.version, self.units, tuple(
                         Member(n, self.fleet.devices[self._index(n)].samples, self.offsets[n], *self._path(n))
                         for n in names))
@@ -185,8 +194,6 @@ class Coordinator(FleetService):
 
     def _give_up(self, rnd: Round, redo: Redo) -> None:
         who = redo.who
-        if who == "cloud":
-            raise redo.__cause__ or RuntimeError(str(redo))  # no cloud failover in fleet mode (yet)
         self.excluded[who] = True
         self.transport.mailbox.forget(who)
         print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}; redone without it", flush=True)
@@ -219,15 +226,9 @@ class Coordinator(FleetService):
             try:
                 return self.transport.take(kind, sender, rnd, layer, timeout=POLL_S)
             except TierLost as lost:
-                if lost.tier in self._involved:
-                    raise Redo(lost.tier, f"went {lost.state}") from lost
-                self.transport.mailbox.forget(lost.tier)  # not in this round: planned out at the next
-            except MissingMessage as missing:
-                gone = sorted(self._involved - self.transport.online())
-                if gone:
-                    raise Redo(gone[0], "went offline") from missing
-                if time.monotonic() > deadline:
-                    raise Redo(sender, f"sent no {kind} in round {rnd} for {self.cfg.timeout_s:g} s") from missing
+                self._lost(lost)
+            except MissingMessage:
+                self._check_alive(rnd, deadline, kind, sender)
 
     def round(self, rnd: Round) -> float:
         P, part, U, r = self.params, self.part, self.units, rnd.round
@@ -244,12 +245,11 @@ class Coordinator(FleetService):
         groups = dict(rnd.cloud_groups())
         left = {k: len(g) for k, g in groups.items()}
         at_cut: dict[str, tuple[np.ndarray, Any]] = {}
-        for mb in rnd.members:                                 # forward, in member order
-            if mb.m == U:
-                continue
-            x = self.take("samples" if mb.m == 0 else "act", mb.name, r, mb.m).tensors["x"]
+        labels: dict[str, np.ndarray] = {}
+        for mb in self.arrivals(rnd):                          # forward, each member as its input arrives
+            x = self.rows_of(mb, "samples" if mb.m == 0 else "act", r, mb.m)
+            y = labels[mb.name] = self.rows_of(mb, "labels", r, 0)
             if mb.k == U:
-                y = self.take("labels", mb.name, r, 0).tensors["y"]
                 w = rnd.weight(mb.n)
                 part_loss, gm, g = part.loss(P, mb.m + 1, x, y, w)
                 loss += w * part_loss
@@ -260,7 +260,8 @@ class Coordinator(FleetService):
             at_cut[mb.name] = part.forward(P, mb.m + 1, mb.k, x)
             left[mb.k] -= 1
             if not left[mb.k]:                                 # the cut's last member: on to the cloud
-                self._to_cloud(r, mb.k, [at_cut[o.name][0] for o in groups[mb.k]])
+                self._to_cloud(r, mb.k, [at_cut[o.name][0] for o in groups[mb.k]],
+                               rows([labels[o.name] for o in groups[mb.k]]))
         for k, group in groups.items():                        # the cloud's gradients, back down
             gk = self.take("grad", "cloud", r, k).tensors["x"] if k > 0 else None
             start = 0
@@ -285,7 +286,47 @@ class Coordinator(FleetService):
         self.params = self.optimizer.step(P, grads)
         return loss
 
-    def _to_cloud(self, r: int, k: int, parts: list[np.ndarray]) -> None:
+    def arrivals(self, rnd: Round) -> Any:
+        """The members whose input the edge continues (m < U), each as soon as its activations (or
+        samples) are here: the edge works on a fast device's while a slow one still computes."""
+        waiting = {("samples" if mb.m == 0 else "act", rnd.round, mb.m, mb.name): mb for mb in rnd.members
+                   if mb.m < self.units}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while waiting:
+            try:
+                key = self.transport.mailbox.wait_any(list(waiting), POLL_S)
+            except TierLost as lost:
+                self._lost(lost)
+                continue
+            if key is not None:
+                yield waiting.pop(key)
+                deadline = time.monotonic() + self.cfg.timeout_s
+                continue
+            self._check_alive(rnd.round, deadline, "activations", next(iter(waiting))[3])
+
+    def _lost(self, lost: TierLost) -> None:
+        if lost.tier in self._involved:
+            raise Redo(lost.tier, f"went {lost.state}") from lost
+        self.transport.mailbox.forget(lost.tier)  # not in this round: planned out at the next
+
+    def _check_alive(self, rnd: int, deadline: float, what: str, sender: str) -> None:
+        gone = sorted(self._involved - self.transport.online())
+        if gone:
+            raise Redo(gone[0], "went offline")
+        if time.monotonic() > deadline:
+            raise Redo(sender, f"sent no {what} in round {rnd} for {self.cfg.timeout_s:g} s")
+
+    def rows_of(self, mb: Member, kind: str, r: int, layer: int) -> np.ndarray:
+        """A member's tensor, which must hold one row per sample it trains in this round: a member
+        that sends another count is faulty (or hostile), and the round is redone without it."""
+        msg = self.take(kind, mb.name, r, layer)
+        t = msg.tensors["y" if kind == "labels" else "x"]
+        if len(t) != mb.n:
+            raise Redo(mb.name, f"sent {len(t)} rows of {kind} for its {mb.n} samples")
+        return t
+
+    def _to_cloud(self, r: int, k: int, parts: list[np.ndarray], labels: np.ndarray) -> None:
+        self.send("labels", "cloud", r, k, {"y": labels})
         if k == 0:  # raw samples: as stored if they all are, else as the model's input
             from hiertrain.train.data import normalize
 

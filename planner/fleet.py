@@ -401,6 +401,12 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
 
 # ------------------------------------------------------------------------------ from profiles
 
+def without_cloud(fleet: Fleet) -> Fleet:
+    """The fleet with its cloud gone: the cloud's units take longer than any plan (every k = U)."""
+    return Fleet(fleet.act_bytes, fleet.param_bytes, fleet.devices, fleet.edge_s, (1e9,) * fleet.units,
+                 fleet.medium_mbps, fleet.cloud_mbps)
+
+
 def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bool]], *, medium_mbps: float,
                   cloud_mbps: float) -> Fleet:
     """A fleet from hiertrain-profile/1 profiles: ``servers`` holds the edge's and the cloud's timings

@@ -54,3 +54,24 @@ def test_four_devices_on_every_kind_of_path_join_and_leave_and_each_step_is_sing
         losses, params = c.replay()
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
         assert rel(c.final().params, params) < 1e-4
+
+
+def test_the_cloud_lost_mid_run_is_planned_around_and_every_step_stays_single_process_sgd(tmp_path):
+    devices = [Spec("pi1", 4, path=(2, 4)), Spec("pi2", 6, path=(0, 3))]   # both pinned through the cloud
+    with FleetCluster(tmp_path, devices, iterations=10, timeout_s=60) as c:
+        c.start("cloud", "edge", "pi1", "pi2")
+        c.wait_step(2)
+        c.pause("cloud")                                   # mid-round: the round waits for it,
+        time.sleep(1.0)
+        c.kill("cloud")                                    # its Last Will: redone without the cloud
+        codes = c.wait(("edge", "pi1", "pi2"), timeout=120)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        log = c.step_log()
+        assert [row["step"] for row in log] == list(range(10))
+        assert [m[4] for m in log[0]["members"]] == [4, 3]
+        assert all(m[4] == U for m in log[-1]["members"])  # every path now ends at the edge
+        edge = c.log("edge")
+        assert "the cloud is offline" in edge and "redone without it" in edge
+        losses, params = c.replay()
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        assert rel(c.final().params, params) < 1e-4

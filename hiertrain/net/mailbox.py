@@ -125,6 +125,21 @@ class Mailbox:
                 self._taken.popitem(last=False)
             return msg
 
+    def wait_any(self, keys: list[Key], timeout: float) -> Optional[Key]:
+        """The first of ``keys`` that is filed (in the order given), waiting up to ``timeout`` for one;
+        ``None`` if none came. :class:`TierLost` names a sender that went away meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for key in keys:
+                    if key in self._waiting:
+                        return key
+                self.check_lost(f"any of {len(keys)} messages")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
     def peek(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
         """Like :meth:`take`, but leave the message for a later take."""
         key = (kind, iteration, layer, sender)
