@@ -113,9 +113,13 @@ class Coordinator(FleetService):
         elif self.cfg.fleet_policy == "hiertrain" or not cloud:
             if not cloud:
                 print("edge: the cloud is offline: the fleet planner plans without it", flush=True)
-            plan = F.solve(sub, budget_s=0.5)
+            # the exact optimum of the conservative model, and the baselines, judged by the simulation
+            plan = F.refined(sub, [F.solve(sub, budget_s=0.5), *(F.baseline(sub, p) for p in F.POLICIES[1:])])
+            plan = replace(plan, policy="hiertrain")
         else:
             plan = F.baseline(sub, self.cfg.fleet_policy)
+        if plan.parts.get("conservative_s") is None:
+            plan = F.refined(sub, [plan])
         self.version += 1
         self.plan = plan
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())

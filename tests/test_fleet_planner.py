@@ -119,3 +119,21 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
         out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "bad.toml")],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_simulated_step_matches_hand_timing_and_credits_the_edge_starting_early():
+    one = F.Fleet(act_bytes=(1000.0, 500.0, 100.0), param_bytes=(2000.0, 3000.0),
+                  devices=(F.Device("pi", 4, (0.01, 0.02), 8.0),), edge_s=(0.001, 0.002), cloud_s=(0.0005, 0.001),
+                  medium_mbps=4.0, cloud_mbps=2.0)
+    # units 1 on the device, 2 on the edge: weights down at the medium's 4 Mbit/s (below the radio's 8),
+    # compute, activations up, the edge's unit, then the gradient down and the parameter gradients up
+    by_hand = (8 * 2000 / 4e6 + 4 * 0.01 + 8 * 4 * 500 / 4e6 + 4 * 0.002 + 8 * (4 * 500 + 2000) / 4e6)
+    assert F.simulated_time(one, [F.Path(1, 2)]) == pytest.approx(by_hand)
+    # a slow device and a device sending raw samples: the edge serves the raw samples while the slow
+    # one computes, which the conservative model does not credit
+    slow, raw = F.Device("pi3", 4, (1.0, 1.0), 8.0), F.Device("cam", 4, (1.0, 1.0), 8.0)
+    two = F.Fleet(one.act_bytes, one.param_bytes, (slow, raw), (0.1, 0.1), one.cloud_s, 8.0, 2.0)
+    paths = [F.Path(1, 2), F.Path(0, 2)]
+    assert F.simulated_time(two, paths) < F.iteration_time(two, paths)[0] - 0.5
+    best = F.refined(two, [F.plan_of("a", two, paths), F.plan_of("b", two, [F.Path(2, 2), F.Path(2, 2)])])
+    assert best.policy == "a" and best.parts["conservative_s"] == pytest.approx(F.iteration_time(two, paths)[0])
