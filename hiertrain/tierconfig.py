@@ -149,10 +149,11 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad("[checkpoint] collect = true needs a dir to collect into (and collect is true or false)")
     if c.fleet and c.tier == "edge" and c.fleet_file is None:
         raise bad("[fleet] on the edge needs file = \"fleet.toml\": the devices it plans (hiertrain plan-fleet's file)")
-    from hiertrain.planner.fleet import POLICIES
+    if c.fleet and c.tier == "edge":  # (the planner is the edge's: a device need not have it)
+        from hiertrain.planner.fleet import POLICIES
 
-    if c.fleet_policy not in POLICIES:
-        raise bad(f"[fleet] policy = {c.fleet_policy!r}: expected one of {', '.join(POLICIES)}")
+        if c.fleet_policy not in POLICIES:
+            raise bad(f"[fleet] policy = {c.fleet_policy!r}: expected one of {', '.join(POLICIES)}")
     if c.fleet_devices < 1:
         raise bad(f"[fleet] devices = {c.fleet_devices} must be >= 1")
     if c.fleet and c.tier == "device" and c.endpoint.username in ("device", "edge", "cloud", "planner", "observer"):

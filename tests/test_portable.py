@@ -138,7 +138,7 @@ def _runner_run(tmp_path, broker_dir, launch, name, iterations, plan=None, **own
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, broker_dir, tmp_path, name):
     probe = subprocess.run([str(device_venv), "-c", "import onnxruntime, importlib.util as u; "
-                            "from hiertrain import segments; print(onnxruntime.__version__, segments.can_build(), "
+                            "from hiertrain.train import segments; print(onnxruntime.__version__, segments.can_build(), "
                             "u.find_spec('onnxruntime.training') is not None)"],
                            capture_output=True, text=True, check=True)
     version, builds, training = probe.stdout.split()
@@ -211,7 +211,7 @@ def test_an_emulated_arm64_device_trains_in_a_hybrid(wheel, mosquitto, broker_di
     root.install([f"{wheel}[device]"])
     ready = time.monotonic() - t0
     python = root.python(binds=[tmp_path])  # configs, credentials (the broker dir is inside), caches
-    probe = subprocess.run([*python, "-c", "import platform, onnxruntime; from hiertrain import segments; "
+    probe = subprocess.run([*python, "-c", "import platform, onnxruntime; from hiertrain.train import segments; "
                             "print(platform.machine(), onnxruntime.__version__, segments.can_build())"],
                            capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr
