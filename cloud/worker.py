@@ -10,7 +10,7 @@ with its share of the loss.
 from __future__ import annotations
 
 from hiertrain.train.fleetroles import Round, add_into
-from hiertrain.fleetservice import Abandoned, FleetService
+from hiertrain.fleetservice import FleetService
 from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 
@@ -20,20 +20,7 @@ class CloudWorker(FleetService):
         super().__init__(cfg, account="cloud", peers=frozenset({"edge"}))
 
     def run(self) -> int:
-        with self.transport:
-            print("cloud: fleet worker, waiting for the edge's rounds", flush=True)
-            done = -1
-            while True:
-                got = self.next_round(done)
-                if got is None:
-                    print(f"cloud: the edge ended the run after round {done}", flush=True)
-                    return 0
-                rnd, params = got
-                try:
-                    self.work(rnd, params)
-                except Abandoned as exc:
-                    print(f"cloud: {exc}", flush=True)
-                done = rnd.round
+        return self.serve("fleet worker")
 
     def work(self, rnd: Round, params: Params) -> None:
         r = rnd.round

@@ -10,18 +10,12 @@ gradient at its cut and sends its parameter gradients. With m = U it computes it
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
-from hiertrain.errors import HiertrainError
-from hiertrain.train.fleetroles import Member, Round
-from hiertrain.fleetservice import Abandoned, FleetService
+from hiertrain.train.fleetroles import Round
+from hiertrain.fleetservice import FleetService
 from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
-
-log = logging.getLogger("hiertrain.device")
-
 
 class DeviceWorker(FleetService):
     def __init__(self, cfg: TierConfig) -> None:
@@ -30,25 +24,10 @@ class DeviceWorker(FleetService):
         self.transport.status_extra.update(fleet=True, samples=len(self.data))
 
     def run(self) -> int:
-        with self.transport:
-            print(f"{self.account}: fleet device with {len(self.data)} samples, waiting for the edge's rounds",
-                  flush=True)
-            done = -1
-            while True:
-                got = self.next_round(done)
-                if got is None:
-                    print(f"{self.account}: the edge ended the run after round {done}", flush=True)
-                    return 0
-                rnd, params = got
-                try:
-                    self.work(rnd, rnd.member(self.account), params)
-                except Abandoned as exc:
-                    print(f"{self.account}: {exc}", flush=True)
-                except HiertrainError as exc:  # not a member (an old plan): wait for the next round
-                    log.warning("%s: round %d: %s", self.account, rnd.round, exc)
-                done = rnd.round
+        return self.serve(f"fleet device with {len(self.data)} samples")
 
-    def work(self, rnd: Round, mb: Member, params: Params) -> None:
+    def work(self, rnd: Round, params: Params) -> None:
+        mb = rnd.member(self.account)  # PlanError if it is not one (an older plan): the next round then
         x, y = self.data.take_raw((mb.offset + np.arange(mb.n)) % len(self.data))
         r, U = rnd.round, self.units
         if mb.m == U:

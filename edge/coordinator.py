@@ -67,7 +67,8 @@ class Coordinator(FleetService):
         self.pinned = self._pinned(cfg.fleet_file)
         self.params: Params = init_params(self.spec, cfg.seed)
         self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes())
-        self.offsets = {d.name: 0 for d in self.fleet.devices}
+        self.samples = {d.name: d.samples for d in self.fleet.devices}
+        self.offsets = dict.fromkeys(self.samples, 0)
         self.excluded: dict[str, bool] = {}  # devices given up on, until they go offline and come back
         self._involved: set[str] = set()
         self.named: set[str] = set()
@@ -96,7 +97,7 @@ class Coordinator(FleetService):
 
     def members(self) -> list[str]:
         online = self.transport.online()
-        for name in sorted(online - set(self.offsets) - {"cloud", "device", "edge"} - self.named):
+        for name in sorted(online - set(self.samples) - {"cloud", "device", "edge"} - self.named):
             self.named.add(name)
             print(f"edge: {name} is online but not in {self.cfg.fleet_file}: not planned", flush=True)
         for name in [n for n in self.excluded if n not in online]:
@@ -163,8 +164,7 @@ class Coordinator(FleetService):
                     if (tuple(names), cloud) != self.planned:
                         self.replan(names, cloud)
                     rnd = Round(rnd_no, step, self.version, self.units, tuple(
-                        Member(n, self.fleet.devices[self._index(n)].samples, self.offsets[n], *self._path(n))
-                        for n in names))
+                        Member(n, self.samples[n], self.offsets[n], self.paths[n].m, self.paths[n].k) for n in names))
                     rnd_no += 1
                     t0 = time.perf_counter()
                     try:
@@ -183,18 +183,11 @@ class Coordinator(FleetService):
             finally:
                 if logf:
                     logf.close()
-                for who in sorted((self.transport.online() & (set(self.offsets) | {"cloud"}))):
+                for who in sorted((self.transport.online() & (set(self.samples) | {"cloud"}))):
                     self.send("weights", who, rnd_no, 0, {}, stop=True)
                 self.transport.flush()
             print(f"edge: {step} steps done", flush=True)
             return 0
-
-    def _index(self, name: str) -> int:
-        return next(i for i, d in enumerate(self.fleet.devices) if d.name == name)
-
-    def _path(self, name: str) -> tuple[int, int]:
-        p = self.paths[name]
-        return p.m, p.k
 
     def _give_up(self, rnd: Round, redo: Redo) -> None:
         who = redo.who

@@ -84,20 +84,27 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
 
         before = _accuracy(SingleProcess(spec, params=models.init_params(spec, 0)), holdout)
         times, seen = _follow(cluster, iterations, timeout_s)
-        codes = cluster.wait(timeout=timeout_s)
-        failed = {n: c for n, c in codes.items() if c != 0}
-        if failed:
-            for n in failed:
-                _say(f"--- {n} log (tail) ---\n" + "".join(cluster.log(n).splitlines(True)[-15:]))
-            _say(f"demo failed: {failed}")
-            return 1
-        ck = cluster.final_checkpoint()
-        after = _accuracy(SingleProcess(spec, params=ck.params), holdout) if ck else float("nan")
-        steady = times[len(times) // 4:] or times
-        _say(f"iterations: {len(times)}; median {1e3 * float(np.median(steady)):.1f} ms/iteration "
-             f"(after warm-up); schedules seen: {seen}")
-        _say(f"accuracy on {len(holdout)} held-out samples: {before:.3f} before, {after:.3f} after")
-        return 0 if len(times) == iterations and after > before else 1
+        return _ending(cluster, cluster.wait(timeout=timeout_s), cluster.final_checkpoint, spec, holdout, before,
+                       times, iterations, "iteration", f"; schedules seen: {seen}")
+
+
+def _ending(cluster: Any, codes: dict[str, Optional[int]], final: Any, spec: Any, holdout: Any, before: float,
+            times: list[float], iterations: int, unit: str, extra: str = "") -> int:
+    """A demo's last lines: the logs of what failed, or the times and the accuracy; its exit code."""
+    from hiertrain.train.hybrid import SingleProcess
+
+    failed = {n: c for n, c in codes.items() if c != 0}
+    if failed:
+        for n in failed:
+            _say(f"--- {n} log (tail) ---\n" + "".join(cluster.log(n).splitlines(True)[-15:]))
+        _say(f"demo failed: {failed}")
+        return 1
+    ck = final()
+    after = _accuracy(SingleProcess(spec, params=ck.params), holdout) if ck else float("nan")
+    steady = times[len(times) // 4:] or times
+    _say(f"{unit}s: {len(times)}; median {1e3 * float(np.median(steady)):.1f} ms/{unit} (after warm-up){extra}")
+    _say(f"accuracy on {len(holdout)} held-out samples: {before:.3f} before, {after:.3f} after")
+    return 0 if len(times) == iterations and after > before else 1
 
 
 def _describe_profile(path: Path) -> str:
@@ -198,16 +205,5 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
                      f"({len(row['fleet'])} devices, plan v{row['schedule_version']})")
                 shown = step
         codes = c.wait(("edge", "cloud", *(s.name for s in specs)), timeout=timeout_s)
-        failed = {n: code for n, code in codes.items() if code != 0}
-        if failed:
-            for n in failed:
-                _say(f"--- {n} log (tail) ---\n" + "".join(c.log(n).splitlines(True)[-15:]))
-            _say(f"demo failed: {failed}")
-            return 1
-        ck = c.final()
-        after = _accuracy(SingleProcess(spec, params=ck.params), holdout) if ck else float("nan")
-        times = [c.steps[k]["iteration_s"] for k in sorted(c.steps)]
-        steady = times[len(times) // 4:] or times
-        _say(f"steps: {len(times)}; median {1e3 * float(np.median(steady)):.1f} ms/step (after warm-up)")
-        _say(f"accuracy on {len(holdout)} held-out samples: {before:.3f} before, {after:.3f} after")
-        return 0 if len(times) == iterations and after > before else 1
+        return _ending(c, codes, c.final, spec, holdout, before, [c.steps[k]["iteration_s"] for k in sorted(c.steps)],
+                       iterations, "step")

@@ -77,6 +77,29 @@ class FleetService:
                     raise MissingMessage(kind=kind, sender=sender, iteration=rnd, layer=layer,
                                          timeout=3 * self.cfg.timeout_s) from None
 
+    def serve(self, hello: str) -> int:
+        """A worker's life: wait for each round, do its part (:meth:`work`), until the edge ends the run.
+        A round given up for a newer one, or one it has no part in (an older plan), is left for the next."""
+        with self.transport:
+            print(f"{self.account}: {hello}, waiting for the edge's rounds", flush=True)
+            done = -1
+            while True:
+                got = self.next_round(done)
+                if got is None:
+                    print(f"{self.account}: the edge ended the run after round {done}", flush=True)
+                    return 0
+                rnd, params = got
+                try:
+                    self.work(rnd, params)
+                except Abandoned as exc:
+                    print(f"{self.account}: {exc}", flush=True)
+                except PlanError as exc:
+                    log.warning("%s: round %d: %s", self.account, rnd.round, exc)
+                done = rnd.round
+
+    def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
     def next_round(self, after: int) -> Optional[tuple[Round, dict[str, np.ndarray]]]:
         """Wait for the coordinator's next round after ``after``: (round, the weights it sent us), or
         ``None`` when it says the run is over. Waits as long as the edge is online (an idle device)."""

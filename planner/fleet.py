@@ -211,8 +211,7 @@ def simulated_time(fleet: Fleet, chosen: Sequence[Path]) -> float:
     cloud = [p.k < u for p in chosen]
     while True:
         for i, ph in enumerate(phases):      # skip empty phases; join the edge's queue on arrival
-            while ph and (ph[0][1] <= 1e-15 and ph[0][0] != "edge" or ph[0][0] == "edge" and ph[0][1] <= 1e-15
-                          and i not in queue):
+            while ph and ph[0][1] <= 1e-15 and (ph[0][0] != "edge" or i not in queue):
                 ph.pop(0)
                 if not ph:
                     done[i] = t
