@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "profile", "testbed",
+    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "profile", "testbed",
                                          "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--policies", default="hiertrain,all-edge,all-cloud,jointdnn,jointdnn+,jalad",
                        help="testbed: policies to run (also two-way, three-way: fixed hybrid schedules)")
     bench.add_argument("--speeds", default="1:4:40", help="testbed: device:edge:cloud speed ratio to calibrate to")
-    bench.add_argument("--device-quota", type=_positive_float, help="testbed: device CPU (cores) instead of calibrating")
+    bench.add_argument("--device-quota", type=_positive_float, help="testbed: device CPU (cores) instead of calibrating; deviceloop: the Pi-3 quota")
     bench.add_argument("--edge-quota", type=_positive_float, help="testbed: edge CPU (cores) instead of calibrating")
     bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s; failover: both links' rate")
     bench.add_argument("--no-fit", action="store_true", help="testbed: skip the overhead fit (paper model only)")

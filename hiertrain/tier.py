@@ -56,6 +56,8 @@ log = logging.getLogger("hiertrain.tier")
 LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
            frozenset(("device", "cloud")): "device_cloud"}  # through the edge: the slower link's rate
 
+IDLE_TELEMETRY_EVERY = 2  # the device paces idle tiers by their reports, allowing them window / 2 of lag
+
 
 @dataclass
 class Stats:
@@ -63,10 +65,20 @@ class Stats:
 
     wait_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    compute_cpu_s: float = 0.0  # CPU seconds of this thread inside the phases (the rest is framework)
+    cpu0: float = field(default_factory=time.process_time)
 
-    def timed(self, phase: str, t0: float) -> None:
-        dt = time.perf_counter() - t0
-        self.phases[phase] = self.phases.get(phase, 0.0) + dt
+    @staticmethod
+    def mark() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def timed(self, phase: str, t0: tuple[float, float]) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0[0]
+        self.compute_cpu_s += time.thread_time() - t0[1]
+
+    def cpu_s(self) -> float:
+        """CPU seconds of the whole process (every thread) since the iteration began."""
+        return time.process_time() - self.cpu0
 
 
 class TierService(Failover):
@@ -110,8 +122,9 @@ class TierService(Failover):
                                      collect=cfg.checkpoint_collect, on_stored=self._announce_checkpoint)
         self.done = -1  # newest iteration whose loss worker_o (or a chain's last stage) reported
         self.reached: dict[str, int] = {}  # tier -> the newest iteration it finished in this run (telemetry)
-        if cfg.tier == "device":
-            self.transport.subscribe(topics.all_of_kind(cfg.job, "telemetry"))
+        if cfg.tier == "device":  # the others' progress (not its own: it would only come back)
+            for tier in TIERS[1:]:
+                self.transport.subscribe(topics.telemetry(cfg.job, tier))
         self._local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}
         self._before_run: set[int] = set()  # schedule versions retained from before this run started
         self._shown_version, self._shown_at = -1, 0.0  # progress lines
@@ -128,14 +141,14 @@ class TierService(Failover):
     # ------------------------------------------------------------------ plumbing
 
     def _send(self, kind: str, dest: str, iteration: int, layer: int, tensors: dict[str, np.ndarray],
-              version: int, **meta: Any) -> None:
+              version: int, *, bulk: bool = False, **meta: Any) -> None:
         for name, t in tensors.items():  # the receiver would drop it and wait: fail here, naming the cause
             why = non_finite(f"{kind} {name} to {dest}", t)
             if why:
                 raise PlanError(f"{self.tier}: training diverged at iteration {iteration} ({why}); "
                                 f"lower the learning rate (now {self.cfg.optimizer.lr})")
         self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version,
-                                    {"run": self.run_id, **meta}))
+                                    {"run": self.run_id, **meta}), bulk=bulk)
 
     def _take(self, kind: str, sender: str, iteration: int, layer: int, stats: Optional[Stats] = None) -> Message:
         t0 = time.perf_counter()
@@ -260,8 +273,9 @@ class TierService(Failover):
                                      timeout=10 * self.cfg.timeout_s)
             self._pump_schedules(0.05)
 
-    def _send_go(self, iteration: int, *, stop: bool = False) -> None:
-        """The device: samples (and labels) of ``iteration`` to every other tier, stamped with the version."""
+    def _send_go(self, iteration: int, *, stop: bool = False, ahead: bool = False) -> None:
+        """The device: samples (and labels) of ``iteration`` to every other tier, stamped with the version.
+        ``ahead``: sent while the iteration before runs, behind its activations and gradients (bulk)."""
         if iteration in self.sent_go:
             return
         self.sent_go.add(iteration)
@@ -280,7 +294,8 @@ class TierService(Failover):
             share = {t: (x if t == sched.chain[0].tier else x[:0]) for t in TIERS}
             labels_to = sched.chain[-1].tier
         for tier in ("edge", "cloud"):
-            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version)
+            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version,
+                       bulk=ahead and len(share[tier]) > 0)
         if labels_to != "device":
             self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
         self._local[iteration] = (sched, normalize(share["device"]), y)
@@ -404,7 +419,7 @@ class TierService(Failover):
                 return None
             self._send_go(i)
             self._wait_done(i - 1)  # flow control: at most one iteration in flight ahead of o
-            self._send_go(i + 1, stop=i + 1 >= self._end_at)  # prefetch: travels while i computes
+            self._send_go(i + 1, stop=i + 1 >= self._end_at, ahead=True)  # prefetch: travels while i computes
             sched, mine, labels = self._local.pop(i)
             get_labels: Any = labels
         else:
@@ -440,7 +455,10 @@ class TierService(Failover):
         out["iteration_s"] = time.perf_counter() - t_start
         out["wait_s"] = stats.wait_s
         out["phases"] = stats.phases
-        self._telemetry(out)
+        out["cpu_s"], out["compute_cpu_s"] = stats.cpu_s(), stats.compute_cpu_s
+        if self.tier == "device" or stats.phases or "loss" in out or i % IDLE_TELEMETRY_EVERY == 0 \
+                or sched.version != self._shown_version:
+            self._telemetry(out)  # an idle edge or cloud reports less often: each report costs the device a message
         self._progress(i, sched, out)
         return out
 
@@ -461,7 +479,7 @@ class TierService(Failover):
     def _as_slice(self, i: int, sched: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
         cut, o = sched.cut(role), sched.tier_of("o")
         weights = self._take("weights", o, i, cut, stats).tensors
-        t0 = time.perf_counter()
+        t0 = stats.mark()
         if self.slice is None or self.slice.cut != cut:
             self.slice = SliceRole(self.spec, self.runtime, cut, weights)
         else:
@@ -472,7 +490,7 @@ class TierService(Failover):
         stats.timed("forward", t0)
         self._send("act", o, i, cut, {"x": act}, sched.version)
         g = self._take("grad", o, i, cut, stats).tensors["x"]
-        t0 = time.perf_counter()
+        t0 = stats.mark()
         grads = self.slice.backward(g)
         stats.timed("backward", t0)
         self._send("wgrad", o, i, cut, grads, sched.version)
@@ -485,7 +503,7 @@ class TierService(Failover):
         if self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
             self._send_weights(i, sched)
         s, l = sched.tier_of("s"), sched.tier_of("l")
-        t0 = time.perf_counter()
+        t0 = stats.mark()
         x_o = x_o if x_o is not None else np.zeros((0, *spec.input_shape), np.float32)
         res = self.owner.forward_backward(
             x_o, labels,
@@ -499,7 +517,7 @@ class TierService(Failover):
             remote.append(self._take("wgrad", s, i, sched.m_s, stats).tensors)
         if sched.b_l:
             remote.append(self._take("wgrad", l, i, sched.m_l, stats).tensors)
-        t0 = time.perf_counter()
+        t0 = stats.mark()
         self.owner.step(*remote)
         self.params = self.owner.params
         self._completed = i
@@ -523,7 +541,7 @@ class TierService(Failover):
         if k:
             msg = self._take("act", prev_tier, i, st.first - 1, stats)
             x = dequantize(msg.tensors["q"], msg.meta["lo"], msg.meta["scale"]) if "q" in msg.tensors else msg.tensors["x"]
-        t0 = time.perf_counter()
+        t0 = stats.mark()
         out: dict[str, Any] = {"role": f"stage {k + 1} of {len(chain)}"}
         if self.stage.is_last:
             loss, gx = self.stage.head(x, labels() if callable(labels) else labels)
@@ -537,7 +555,7 @@ class TierService(Failover):
             else:
                 self._send("act", chain[k + 1].tier, i, st.last, {"x": y}, v)
             g = self._take("grad", chain[k + 1].tier, i, st.last, stats).tensors["x"]
-            t0 = time.perf_counter()
+            t0 = stats.mark()
             gx = self.stage.backward(g)
         stats.timed("backward_update", t0)
         self.params = self.stage.params
@@ -600,6 +618,7 @@ class TierService(Failover):
                 links[link] = round(mbps, 3)
         payload = {**out, "run": self.run_id, "t": time.time(), "links": links, "bytes_sent": self.transport.sent_bytes,
                    "bytes_received": self.transport.received_bytes,
+                   "messages_sent": self.transport.sent_messages, "messages_received": self.transport.received_messages,
                    "dropped": dict(self.transport.dropped)}
         self.transport.publish_json(topics.telemetry(self.cfg.job, self.tier), payload)
 

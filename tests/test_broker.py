@@ -203,6 +203,30 @@ def test_a_64_mb_tensor_round_trips_in_chunks(mosquitto, connect):
     np.testing.assert_array_equal(got.tensors["a"], a)
 
 
+@pytest.mark.protocol
+def test_a_critical_message_overtakes_a_bulk_one_sent_before_it(mosquitto, broker_dir, connect):
+    """Prefetched samples go as bulk: one small frame at a time, so activations sent after them
+    wait behind one frame at most, not behind the whole message; both arrive whole."""
+    from hiertrain.net.transport import BULK_CHUNK_BYTES
+
+    device = connect("device")
+    spy, _ = raw_client(broker_dir, "cloud")  # the cloud's inbox, frame by frame, in arrival order
+    order: "queue.Queue[str]" = queue.Queue()
+    spy.on_message = lambda c, u, m: order.put(m.topic.split("/")[3])
+    spy.subscribe(topics.inbox("t", "cloud"), qos=1)
+    time.sleep(0.5)
+    cloud = connect("cloud", client_id="hiertrain-t-cloud-receiver")
+    x = np.random.default_rng(1).integers(0, 255, (64, 3, 64, 64), dtype=np.uint8)  # 786 KB
+    device.send(Message("samples", "t", "device", "cloud", 2, 0, {"x": x}), bulk=True)
+    device.send(Message("act", "t", "device", "cloud", 1, 2, {"x": np.ones(8, np.float32)}))
+    assert cloud.take("act", "device", 1, 2, timeout=10).tensors["x"].sum() == 8
+    np.testing.assert_array_equal(cloud.take("samples", "device", 2, 0, timeout=30).tensors["x"], x)
+    device.flush(10)
+    kinds = [order.get(timeout=10) for _ in range(-(-x.nbytes // BULK_CHUNK_BYTES) + 1)]
+    assert kinds.index("act") <= 2 and kinds.count("samples") >= x.nbytes // BULK_CHUNK_BYTES, kinds
+    spy.loop_stop()
+
+
 @pytest.mark.integration
 def test_persistent_session_survives_a_broker_restart(broker_dir, connect):
     port = broker_dir.settings().port

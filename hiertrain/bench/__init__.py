@@ -11,6 +11,7 @@ BENCHES = {
     "transport": "hiertrain.bench.transport",
     "segments": "hiertrain.bench.segments",
     "runtime": "hiertrain.bench.runtime",
+    "deviceloop": "hiertrain.bench.deviceloop",
     "profile": "hiertrain.bench.profile",
     "testbed": "hiertrain.bench.testbed",
     "replan": "hiertrain.bench.replan",

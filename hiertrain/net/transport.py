@@ -43,7 +43,14 @@ MIN_RATE_BYTES = 32 << 10
 MIN_RATE_SECONDS = 0.005
 # A message big enough to measure a rate from goes in at least this many frames (a rate is measured
 # between a message's first and last frame): uint8 samples of a small batch fit one 256 KB frame.
+# Only every RATE_EVERY-th iteration's messages are split so: each frame costs both ends a
+# publication (on a Pi, a fraction of a millisecond), and the planner needs a rate now and then.
 RATE_FRAMES = 4
+RATE_EVERY = 4
+# A bulk message (prefetched samples, a standby's replica) goes out in frames this small, one at a
+# time: the next leaves when the broker acknowledged the last, so activations and gradients sent
+# meanwhile wait behind one such frame at most (at 5 Mbit/s, 52 ms), not behind the whole message.
+BULK_CHUNK_BYTES = 32 << 10
 SWITCH_AFTER_S = 5.0  # without a broker this long, try the next one (the standby, when configured)
 REJOIN_GRACE_S = 12.0  # after joining a broker without our session, peers not heard from by then are lost
 
@@ -134,6 +141,8 @@ class Transport:
         self.dropped: Counter[str] = Counter()
         self.sent_bytes = 0
         self.received_bytes = 0
+        self.sent_messages = 0      # MQTT publications, every frame and JSON message (telemetry: the data plane's cost)
+        self.received_messages = 0
         self._rates: dict[str, tuple[int, float]] = {}
         self._inbound: "queue.Queue[Optional[tuple[mqtt.MQTTMessage, float]]]" = queue.Queue()
         self._reassembler = Reassembler(max_message_bytes=max_message_bytes, expire_s=expire_s)
@@ -145,6 +154,10 @@ class Transport:
         self._refused: Optional[str] = None
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
+        self._bulk: "collections.deque[tuple[str, bytes]]" = collections.deque()  # bulk frames not yet published
+        self._bulk_info: Optional[mqtt.MQTTMessageInfo] = None  # the bulk frame the broker has not acknowledged
+        self._bulk_lock = threading.Lock()
+        self._bulk_kick = False
         # what to publish again if the broker comes back without our session (it crashed): the
         # frames of recent iterations, and the last retained payload of each topic we retain
         self._recent: "collections.deque[tuple[int, str, list[bytes]]]" = collections.deque()
@@ -177,6 +190,7 @@ class Transport:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_published
         self._client.on_socket_open = _no_delay
         self._keepalive = keepalive
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"hiertrain-{account}-dispatch",
@@ -268,26 +282,52 @@ class Transport:
 
     # -------------------------------------------------------------- sending
 
-    def send(self, msg: Message) -> int:
-        """Publish ``msg`` in frames on its tensor topic (QoS 1); return the bytes queued."""
+    def send(self, msg: Message, *, bulk: bool = False) -> int:
+        """Publish ``msg`` in frames on its tensor topic (QoS 1); return the bytes queued.
+        ``bulk``: behind every other message (see :data:`BULK_CHUNK_BYTES`)."""
         if msg.sender != self.account or msg.job != self.job:
             raise TransportError(f"account {self.account!r} of job {self.job!r} cannot send {msg.describe()} "
                                  f"of job {msg.job!r}")
         size = sum(a.nbytes for a in msg.tensors.values())
         chunk = self.chunk_bytes
-        if size * (RATE_FRAMES - 1) >= MIN_RATE_BYTES * RATE_FRAMES:  # measurable: never in one frame
+        if msg.iteration % RATE_EVERY == 0 and size * (RATE_FRAMES - 1) >= MIN_RATE_BYTES * RATE_FRAMES:
             chunk = min(chunk, max(MIN_CHUNK_BYTES, -(-size // RATE_FRAMES)))
+        if bulk:
+            chunk = min(chunk, BULK_CHUNK_BYTES)
         frames = encode_message(msg, msg_id=f"{self._nonce}:{next(self._ids)}", chunk_bytes=chunk)
         topic = msg.topic
-        n = 0
-        for frame in frames:
-            self._publish(topic, frame)
-            n += len(frame)
+        n = sum(len(frame) for frame in frames)
         if msg.kind not in self.service:
             with self._lock:
                 self._recent.append((msg.iteration, topic, frames))
+        if bulk:
+            with self._bulk_lock:
+                self._bulk.extend((topic, frame) for frame in frames)
+            self._pump_bulk()
+        else:
+            for frame in frames:
+                self._publish(topic, frame)
         self.sent_bytes += n
         return n
+
+    def _pump_bulk(self, *, wait: bool = True) -> None:
+        """Publish the next bulk frame if the broker acknowledged the previous one."""
+        self._bulk_kick = True
+        while self._bulk_kick:  # set again by a caller that found the lock taken: its holder looks again
+            if not self._bulk_lock.acquire(blocking=wait):
+                return
+            try:
+                self._bulk_kick = False
+                if self._bulk and (self._bulk_info is None or _published(self._bulk_info)):
+                    self._bulk_info = self._publish(*self._bulk.popleft())
+            finally:
+                self._bulk_lock.release()
+
+    def _on_published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # paho calls this holding the lock its publish() takes: a thread holding ours may be
+        # waiting in publish() for it, and then publishes the next frame itself
+        if self._bulk:
+            self._pump_bulk(wait=False)
 
     def publish_json(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         text = json.dumps(payload, separators=(",", ":"))
@@ -295,13 +335,15 @@ class Transport:
             (self._retained if retain else self._last_json)[topic] = text
         self._publish(topic, text, retain=retain)
 
-    def _publish(self, topic: str, payload: Any, *, retain: bool = False) -> None:
+    def _publish(self, topic: str, payload: Any, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """QoS 1; while disconnected paho queues it and sends it on reconnection."""
         try:
             info = self._client.publish(topic, payload, qos=1, retain=retain)
+            self.sent_messages += 1
         except (RuntimeError, ValueError, OSError) as exc:  # paho's own failures, in one line
             raise TransportError(f"{self.account}: cannot publish on {topic!r}: {exc}") from None
         self._track(info)
+        return info
 
     def advance(self, iteration: int) -> None:
         """The owner moved on to ``iteration``: older messages are stale, and frames of iterations
@@ -321,8 +363,11 @@ class Transport:
             self._pending.append(info)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until the broker acknowledged everything published so far."""
+        """Wait until the broker acknowledged everything published so far (bulk frames included)."""
         deadline = time.monotonic() + timeout
+        while self._bulk and time.monotonic() < deadline:
+            self._pump_bulk()
+            time.sleep(0.005)
         with self._lock:
             pending, self._pending = self._pending, []
         for info in pending:
@@ -393,6 +438,9 @@ class Transport:
     def _republish(self, client: mqtt.Client) -> None:
         """The broker came back without our session (it crashed and lost what it held): publish
         again what it may have lost. Receivers drop what they already have as duplicates."""
+        with self._bulk_lock:  # the recent frames we publish again below include them
+            self._bulk.clear()
+            self._bulk_info = None
         with self._lock:
             retained = dict(self._retained)
         for topic, text in retained.items():
@@ -418,6 +466,8 @@ class Transport:
         if now - self._ticked < 0.5:
             return
         self._ticked = now
+        if self._bulk:
+            self._pump_bulk()  # should an acknowledgement have gone missing
         down = self._down_since
         if down is not None and len(self._brokers) > 1 and now - down > SWITCH_AFTER_S:
             nxt = (self._broker + 1) % len(self._brokers)
@@ -442,6 +492,7 @@ class Transport:
                                   retained=False))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.received_messages += 1
         self._inbound.put((message, time.monotonic()))  # the network thread does nothing else
 
     def _dispatch(self) -> None:

@@ -9,7 +9,7 @@ permutation, so every process that knows (dataset, seed, iteration) draws the sa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,6 +37,7 @@ class Dataset:
     images: np.ndarray  # uint8 N x C x H x W, or float32
     labels: np.ndarray  # int64 N
     classes: int
+    _orders: dict = field(default_factory=dict, compare=False, repr=False)  # (seed, epoch) -> its order
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels) or not len(self.labels):
@@ -71,7 +72,10 @@ class Dataset:
         """:meth:`batch` as stored."""
         per_epoch = max(1, len(self) // size)
         epoch, k = divmod(iteration, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(self))
+        order = self._orders.get((seed, epoch))
+        if order is None:  # one shuffle per epoch, not per batch (50,000 samples: a millisecond on a Pi)
+            self._orders.clear()
+            order = self._orders[(seed, epoch)] = np.random.default_rng([seed, epoch]).permutation(len(self))
         idx = order[k * size:(k + 1) * size] if len(self) >= size else order[np.arange(size) % len(self)]
         return self.take_raw(idx)
 

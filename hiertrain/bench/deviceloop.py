@@ -1,0 +1,115 @@
+"""The device's loop: what each iteration costs it besides its compute (``hiertrain bench deviceloop``).
+
+LeNet-5, B = 32, three tiers over Mosquitto on loopback, two schedules in one job: all on the
+device (it computes everything, and still drives the idle edge and cloud) and a hybrid where the
+device trains half the batch through units 1..2 and exchanges activations and gradients with the
+edge. Run once at native speed and once with the device under the Pi-3 emulation's CPU quota.
+
+From the device's own telemetry, per iteration (medians over the steady iterations):
+- *compute*: CPU seconds of the device's thread inside forward, backward and update;
+- *framework CPU*: CPU seconds of the whole process (every thread: MQTT, dispatch) minus compute;
+- *framework wall*: the iteration's wall time minus compute phases and waits for other tiers;
+- messages and bytes the device sent and received, and bytes over each link.
+CPU time does not depend on the quota; under the quota wall time is CPU time stretched by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from hiertrain.lab import cgroup
+from hiertrain.schedule import Schedule
+
+PI3_QUOTA = 0.0233  # device cores of the Pi-3 emulation (`bench testbed`'s calibration on these machines)
+BATCH, CUT = 32, 2
+
+
+def schedules() -> list[Schedule]:
+    from hiertrain.planner.baselines import single_tier
+
+    half = BATCH // 2
+    return [single_tier("device", BATCH, policy="all-device"),
+            Schedule(mapping={"o": "edge", "s": "cloud", "l": "device"}, m_s=0, m_l=CUT, b_o=half, b_s=0,
+                     b_l=BATCH - half, policy="hybrid")]
+
+
+def _per_iteration(rows: list[dict[str, Any]], key: str) -> Optional[float]:
+    """Median increase of a cumulative counter between consecutive reports one iteration apart."""
+    steps = [b[key] - a[key] for a, b in zip(rows, rows[1:]) if b["iteration"] == a["iteration"] + 1 and key in a]
+    return statistics.median(steps) if steps else None
+
+
+def summarize(telemetry: list[tuple[str, dict[str, Any]]], version: int, skip: int) -> dict[str, Any]:
+    """The device's figures for the iterations of schedule ``version`` (after ``skip`` of them)."""
+    def of(tier: str) -> list[dict[str, Any]]:
+        rows = sorted((p for a, p in telemetry if a == tier and p.get("schedule_version") == version),
+                      key=lambda p: p["iteration"])
+        return rows[skip:]
+
+    dev = of("device")
+    if len(dev) < 3:
+        raise RuntimeError(f"schedule {version} ran {len(dev)} steady iterations on the device; raise --count")
+    med = lambda f: statistics.median(f(p) for p in dev)  # noqa: E731
+    compute_wall = med(lambda p: sum(p["phases"].values()))
+    compute_cpu = med(lambda p: p["compute_cpu_s"])
+    fw_cpu = med(lambda p: p["cpu_s"] - p["compute_cpu_s"])
+    fw_wall = med(lambda p: p["iteration_s"] - p["wait_s"] - sum(p["phases"].values()))
+    out: dict[str, Any] = {
+        "iteration_ms": round(1e3 * med(lambda p: p["iteration_s"]), 3),
+        "compute_wall_ms": round(1e3 * compute_wall, 3), "compute_cpu_ms": round(1e3 * compute_cpu, 3),
+        "framework_wall_ms": round(1e3 * fw_wall, 3), "framework_cpu_ms": round(1e3 * fw_cpu, 3),
+        "framework_cpu_share": round(fw_cpu / compute_cpu, 3) if compute_cpu else None,
+        "framework_wall_share": round(fw_wall / compute_wall, 3) if compute_wall else None,
+    }
+    for key in ("messages_sent", "messages_received", "bytes_sent", "bytes_received"):
+        out[f"device_{key}"] = _per_iteration(dev, key)
+    cloud = of("cloud")
+    out["bytes_per_iteration"] = {
+        "device_edge": (out["device_bytes_sent"] or 0) + (out["device_bytes_received"] or 0),
+        "edge_cloud": sum(_per_iteration(cloud, k) or 0 for k in ("bytes_sent", "bytes_received")) if cloud else 0}
+    return out
+
+
+def run_job(quota: Optional[float], count: int) -> dict[str, Any]:
+    from hiertrain.lab.local import LocalCluster
+
+    plans = schedules()
+    with tempfile.TemporaryDirectory(prefix="hiertrain-bench-") as d:
+        with LocalCluster(Path(d), batch=BATCH, iterations=count * len(plans), timeout_s=120,
+                          device_quota=quota) as c:
+            c.publish(plans[0].versioned(1, 0).to_json())
+            c.start()
+            for k, sched in enumerate(plans[1:], 2):
+                c.wait_iteration(count * (k - 1) - count // 2, timeout=900)  # a slow device starts slowly
+                c.publish(sched.versioned(k, count * (k - 1)).to_json())
+            codes = c.wait(timeout=900)
+            if any(code != 0 for code in codes.values()):
+                raise RuntimeError(f"tiers failed: {codes}: {c.log('device')[-500:]}")
+            c.pump()
+            return {s.policy: {"schedule": s.describe().split(";")[0],
+                               "seconds_per_iteration": round(c.seconds_per_iteration(k, skip=3) or 0.0, 5),
+                               **summarize(c.telemetry, k, skip=count // 3)}
+                    for k, s in enumerate(plans, 1)}
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    quota = args.device_quota or PI3_QUOTA
+    runs = {"native": run_job(None, args.count)}
+    if cgroup.available() is None:
+        runs["pi3"] = run_job(quota, max(12, args.count // 2))
+    else:
+        runs["pi3"] = {"skipped": f"no CPU quota here: {cgroup.available()}"}
+    if args.out and "skipped" not in runs["pi3"]:
+        from hiertrain.bench.plot import bars
+
+        labels = [f"{p}\n{where}" for where in runs for p in runs[where]]
+        cells = [runs[w][p] for w in runs for p in runs[w]]
+        bars(Path(args.out).with_suffix(".png"), labels,
+             {"compute (CPU)": [c["compute_cpu_ms"] for c in cells],
+              "framework (CPU, every thread)": [c["framework_cpu_ms"] for c in cells]},
+             ylabel="ms per iteration", title="The device's loop: LeNet-5, B = 32, native and under the Pi-3 quota")
+    return {"bench": "deviceloop", "model": "lenet5", "batch": BATCH, "device_quota": quota, "runs": runs}
