@@ -158,6 +158,7 @@ class Transport:
         self._bulk_info: Optional[mqtt.MQTTMessageInfo] = None  # the bulk frame the broker has not acknowledged
         self._bulk_lock = threading.Lock()
         self._bulk_kick = False
+        self._acked = -1  # the newest message id the broker acknowledged
         # what to publish again if the broker comes back without our session (it crashed): the
         # frames of recent iterations, and the last retained payload of each topic we retain
         self._recent: "collections.deque[tuple[int, str, list[bytes]]]" = collections.deque()
@@ -318,7 +319,8 @@ class Transport:
                 return
             try:
                 self._bulk_kick = False
-                if self._bulk and (self._bulk_info is None or _published(self._bulk_info)):
+                last = self._bulk_info
+                if self._bulk and (last is None or last.mid == self._acked or _published(last)):
                     self._bulk_info = self._publish(*self._bulk.popleft())
             finally:
                 self._bulk_lock.release()
@@ -326,6 +328,8 @@ class Transport:
     def _on_published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         # paho calls this holding the lock its publish() takes: a thread holding ours may be
         # waiting in publish() for it, and then publishes the next frame itself
+        # (and before it marks the message published: the mid says which one the broker acknowledged)
+        self._acked = mid
         if self._bulk:
             self._pump_bulk(wait=False)
 
