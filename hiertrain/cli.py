@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         inst.set_defaults(handler=_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "profile", "testbed",
+    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "samplecodec", "profile", "testbed",
                                          "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")

@@ -12,6 +12,7 @@ BENCHES = {
     "segments": "hiertrain.bench.segments",
     "runtime": "hiertrain.bench.runtime",
     "deviceloop": "hiertrain.bench.deviceloop",
+    "samplecodec": "hiertrain.bench.samplecodec",
     "profile": "hiertrain.bench.profile",
     "testbed": "hiertrain.bench.testbed",
     "replan": "hiertrain.bench.replan",
