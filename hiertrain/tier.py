@@ -39,7 +39,7 @@ import numpy as np
 from hiertrain import TIERS
 from hiertrain.net import topics
 from hiertrain.train import artifacts, checkpoint, collect, models, segments
-from hiertrain.net.compress import dequantize, quantize
+from hiertrain.net.compress import SAMPLE_CODEC, dequantize, pack_samples, quantize
 from hiertrain.train.data import normalize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
 from hiertrain.failover import Failover
@@ -86,7 +86,7 @@ class TierService(Failover):
         self.cfg, self.tier, self.resume = cfg, cfg.tier, resume
         self.spec = models.get(cfg.model)
         self.transport = Transport(cfg.endpoint, account=cfg.tier, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
-                                   validator=validator(self.spec),
+                                   validator=validator(self.spec, cfg.batch),
                                    max_message_bytes=max_message_bytes(self.spec, cfg.batch),
                                    expire_s=max(60.0, 2 * cfg.timeout_s))
         self.transport.subscribe(topics.schedule(cfg.job))
@@ -294,8 +294,12 @@ class TierService(Failover):
             share = {t: (x if t == sched.chain[0].tier else x[:0]) for t in TIERS}
             labels_to = sched.chain[-1].tier
         for tier in ("edge", "cloud"):
-            self._send("samples", tier, iteration, 0, {"x": share[tier]} if len(share[tier]) else {}, sched.version,
-                       bulk=ahead and len(share[tier]) > 0)
+            x_t, codec = share[tier], {}
+            if len(x_t) and self.cfg.compress_samples and x_t.dtype == np.uint8:
+                x_t, codec = {"z": pack_samples(x_t)}, {"codec": SAMPLE_CODEC}
+            else:
+                x_t = {"x": x_t} if len(x_t) else {}
+            self._send("samples", tier, iteration, 0, x_t, sched.version, bulk=ahead and bool(x_t), **codec)
         if labels_to != "device":
             self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
         self._local[iteration] = (sched, normalize(share["device"]), y)
@@ -651,6 +655,14 @@ class TierService(Failover):
         self.transport.publish_status("online")
         return start
 
+    def _sample_bytes(self) -> float:
+        """What a sample weighs on the wire: as stored, or compressed (measured on a few batches)."""
+        assert self.dataset is not None
+        if not (self.cfg.compress_samples and self.dataset.images.dtype == np.uint8):
+            return self.dataset.sample_bytes
+        x = np.concatenate([self.dataset.batch_raw(i, self.cfg.batch, seed=self.cfg.seed)[0] for i in range(4)])
+        return round(len(pack_samples(x)) / len(x), 1)
+
     def publish_profile(self, profile: dict[str, Any]) -> None:
         self.transport.publish_json(topics.profile(self.cfg.job, self.tier), profile, retain=True)
 
@@ -661,7 +673,7 @@ class TierService(Failover):
                 self.transport.status_extra["checkpoint_iteration"] = self._restored.iteration
         with self.transport:
             if self.cfg.profile is not None:  # the device's data says what a sample weighs on the wire
-                self.publish_profile({**self.cfg.profile, **({"sample_bytes": self.dataset.sample_bytes}
+                self.publish_profile({**self.cfg.profile, **({"sample_bytes": self._sample_bytes()}
                                                              if self.dataset is not None else {})})
             server = None
             self.keeper.start()

@@ -76,6 +76,7 @@ class TierConfig:
     data_entry: Optional[str] = None  # dataset "python": module:function
     data_label: Optional[str] = None  # dataset "csv": the label column
     data_shard: Optional[tuple[int, int]] = None  # (i, n): this device trains every n-th sample from i
+    compress_samples: bool = False  # uint8 samples travel losslessly compressed (hiertrain.net.compress)
     holdout: int = 0
     profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
     path: Optional[Path] = None
@@ -141,6 +142,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
     if limit and c.chunk_bytes + FRAME_HEADER_BYTES > limit:
         raise bad(f"[runtime] chunk_kb = {c.chunk_bytes >> 10} does not fit the broker's max_packet_size of "
                   f"{limit >> 10} KiB (at most {(limit - FRAME_HEADER_BYTES) >> 10})")
+    if not isinstance(c.compress_samples, bool):
+        raise bad(f"[data] compress = {c.compress_samples!r}: expected true or false")
     if c.checkpoint_every < 0:
         raise bad(f"[checkpoint] every = {c.checkpoint_every} must be >= 0")
     if c.checkpoint_keep < 1:
@@ -213,7 +216,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         dataset=get(data, "dataset", str, "synthetic"),
         data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
         data_entry=get(data, "entry", str, None), data_label=get(data, "label", str, None),
-        data_shard=_shard(data.get("shard"), cfg.path),
+        data_shard=_shard(data.get("shard"), cfg.path), compress_samples=data.get("compress", False),
         holdout=get(ev, "holdout", int, 0), path=cfg.path,
         profile=_profile(cfg.resolve(str(prof["file"])), tier) if "file" in prof else None,
         fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(str(fleet["file"])) if "file" in fleet else None,

@@ -98,6 +98,35 @@ def test_uint8_images_travel_as_stored_and_are_normalised_where_used():
     assert "expected float32" in check(bad)  # only samples may be uint8
 
 
+def test_compressed_samples_round_trip_and_a_bad_or_inflating_stream_is_refused():
+    import zlib
+
+    from hiertrain.net.compress import SAMPLE_CODEC, pack_samples, unpack_samples
+    from hiertrain.net.validate import validator
+    from hiertrain.net.wire import Message
+
+    raw = data.synthetic((3, 32, 32), 10, n=16, noise=0.0).images  # flat 8x8 blocks: compressible
+    z = pack_samples(raw)
+    assert z.dtype == np.uint8 and z.ndim == 1 and len(z) < raw.nbytes / 2
+    np.testing.assert_array_equal(unpack_samples(z, (3, 32, 32), 16), raw)
+
+    def samples(z, codec=SAMPLE_CODEC):
+        return Message("samples", "t", "device", "edge", 3, 0, {"z": z}, meta={"codec": codec})
+
+    msg = samples(z)
+    assert validator(models.get("lenet5"), 16)(msg) is None  # decoded in place, then checked as samples
+    np.testing.assert_array_equal(msg.tensors["x"], raw)
+    assert set(msg.tensors) == {"x"}
+    check = validator(models.get("lenet5"), 8)
+    bomb = np.frombuffer(zlib.compress(bytes(3072 * 10_000)), np.uint8)  # 30 MB of zeros in 30 KB
+    assert "inflate past 8 samples" in check(samples(bomb))
+    whole = validator(models.get("lenet5"), 16)
+    assert "truncated" in whole(samples(z[:-9])) and "do not decode" in whole(samples(z[::-1].copy()))
+    assert "not whole samples" in check(samples(np.frombuffer(zlib.compress(bytes(3071)), np.uint8)))
+    assert "malformed compressed samples" in check(samples(z, codec="gzip"))
+    assert "malformed compressed samples" in validator(models.get("lenet5"))(samples(z))  # no batch: refused
+
+
 def test_the_planner_takes_a_samples_size_from_the_device_that_holds_the_data():
     from dataclasses import replace
 

@@ -194,12 +194,14 @@ def test_accounts_are_bound_to_their_job_and_read_only_what_their_role_needs(bou
     ({"threads": -4}, {}, "threads = -4 must be >= 0"),
     ({}, {"timeout_s": float("inf")}, "timeout_s = inf must be a finite number"),
     ({}, {"batch": 10**8}, "batch = 100000000 is not in 1..65536"),
+    ({}, {}, "[data] compress = 'yes': expected true or false"),
 ])
 def test_config_that_cannot_work_is_refused_in_one_line(bound, tmp_path, runtime, train, why):
     bdir, _ = bound
     lines = [f'job = "{JOB}"', "[broker]", f'credentials = "{bdir.credentials_file("edge")}"', "[train]",
              'model = "lenet5"'] + [f"{k} = {'inf' if v == float('inf') else v}" for k, v in train.items()]
     lines += ["[runtime]"] + [f"{k} = {v}" for k, v in runtime.items()]
+    lines += ['[data]\ncompress = "yes"'] if "compress" in why else []
     cfg = tmp_path / "edge.toml"
     cfg.write_text("\n".join(lines) + "\n")
     proc = subprocess.run([PYTHON, "-m", "hiertrain", "edge", "run", "--config", str(cfg)], capture_output=True,

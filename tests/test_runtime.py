@@ -196,6 +196,25 @@ def test_jalad_sends_8_bit_activations_and_still_learns(cluster):
     assert sent < 40 * 12 * 16 * 5 * 5 * 4                      # 1 byte, not 4, per activation value
 
 
+def test_compressed_samples_are_decoded_where_used_and_training_is_unchanged(cluster, tmp_path):
+    """[data] compress = true: uint8 samples travel zlib-compressed to the edge and the cloud, the
+    run equals single-process training, and smooth images cross in a fraction of their bytes."""
+    import numpy as np
+
+    from hiertrain.train import data
+
+    smooth = data.synthetic(n=256, noise=0.0, seed=3)  # flat 8x8 blocks: compressible
+    np.savez(tmp_path / "smooth.npz", x=smooth.images, y=smooth.labels)
+    c = cluster(iterations=20, data={"dataset": "npz", "path": str(tmp_path / "smooth.npz"), "compress": True})
+    c.publish(schedule("edge", "device", "cloud", 0, 3, 8, 0, 4, version=1))  # the device only sends samples
+    c.start()
+    assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
+    equals_single_process(c, 20)
+    sent = [p["bytes_sent"] for a, p in c.telemetry if a == "device"][-1]
+    assert sent < 20 * 12 * 3072 / 2, sent  # samples and labels: under half of the raw samples
+    assert not any(p["dropped"] for _, p in c.telemetry), [p["dropped"] for _, p in c.telemetry]
+
+
 def test_switching_between_a_hybrid_schedule_and_a_chain_moves_weights_and_optimizer_state(cluster):
     c = cluster(iterations=36, every=36)
     c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))

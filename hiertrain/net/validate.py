@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from hiertrain.train.models import ModelSpec
+from hiertrain.net.compress import SAMPLE_CODEC, unpack_samples
 from hiertrain.net.wire import Message
 
 Validator = Callable[[Message], Optional[str]]
@@ -40,7 +41,9 @@ def max_message_bytes(spec: ModelSpec, batch: int) -> int:
     return int(max(state, batch_bytes)) + (16 << 20)
 
 
-def validator(spec: ModelSpec) -> Validator:
+def validator(spec: ModelSpec, batch: int = 0) -> Validator:
+    """``batch``: the job's; compressed samples are accepted (and decoded, in place, to ``x``) only
+    when it is given, and never inflate past it."""
     params = spec.param_shapes()
 
     def check(msg: Message) -> Optional[str]:
@@ -57,6 +60,14 @@ def validator(spec: ModelSpec) -> Validator:
             if set(t) != {"q"} or not all(isinstance(v, float) and np.isfinite(v) for v in (lo, scale)):
                 return "malformed compressed activations (need q and finite lo, scale)"
             return _batch_of("q", t["q"], spec.shape_at(msg.layer), "uint8")
+        if msg.kind == "samples" and "z" in t and isinstance(t, dict):  # decoded here, once, into x
+            z = t.pop("z")
+            if t or not batch or z.dtype != np.uint8 or z.ndim != 1 or msg.meta.get("codec") != SAMPLE_CODEC:
+                return "malformed compressed samples (one uint8 vector z, codec " + SAMPLE_CODEC + ")"
+            try:
+                t["x"] = unpack_samples(z, spec.shape_at(0), batch)
+            except ValueError as exc:
+                return f"malformed: {exc}"
         if msg.kind in ("samples", "act", "grad"):
             if set(t) - {"x"}:
                 return f"unexpected tensors {sorted(set(t) - {'x'})}"
