@@ -274,7 +274,8 @@ class TierService(Failover):
             self._pump_schedules(0.05)
 
     def _send_go(self, iteration: int, *, stop: bool = False, ahead: bool = False) -> None:
-        """The device: samples (and labels) of ``iteration`` to every other tier, stamped with the version.
+        """The device: samples of ``iteration`` to every other tier, stamped with the version; the
+        labels ride in the message to the tier that computes the loss (one message fewer a step).
         ``ahead``: sent while the iteration before runs, behind its activations and gradients (bulk)."""
         if iteration in self.sent_go:
             return
@@ -296,13 +297,19 @@ class TierService(Failover):
         for tier in ("edge", "cloud"):
             x_t, codec = share[tier], {}
             if len(x_t) and self.cfg.compress_samples and x_t.dtype == np.uint8:
-                x_t, codec = {"z": pack_samples(x_t)}, {"codec": SAMPLE_CODEC}
+                tensors, codec = {"z": pack_samples(x_t)}, {"codec": SAMPLE_CODEC}
             else:
-                x_t = {"x": x_t} if len(x_t) else {}
-            self._send("samples", tier, iteration, 0, x_t, sched.version, bulk=ahead and bool(x_t), **codec)
-        if labels_to != "device":
-            self._send("labels", labels_to, iteration, 0, {"y": y}, sched.version)
+                tensors = {"x": x_t} if len(x_t) else {}
+            if tier == labels_to:
+                tensors["y"] = y
+            self._send("samples", tier, iteration, 0, tensors, sched.version, bulk=ahead and bool(tensors), **codec)
         self._local[iteration] = (sched, normalize(share["device"]), y)
+
+    def _labels(self, go: Message) -> np.ndarray:
+        if "y" not in go.tensors:
+            raise PlanError(f"{self.tier}: the device sent iteration {go.iteration}'s samples without labels, "
+                            f"though schedule v{go.schedule_version} has this tier compute the loss")
+        return go.tensors["y"]
 
     # --------------------------------------------------------------- ownership
 
@@ -432,7 +439,7 @@ class TierService(Failover):
                 return None
             sched = self._schedule_version(go.schedule_version, i)
             mine = normalize(go.tensors["x"]) if "x" in go.tensors else None
-            get_labels = lambda: self._take("labels", "device", i, 0, stats).tensors["y"]  # noqa: E731
+            get_labels = lambda: self._labels(go)  # noqa: E731
         self.history[i] = sched
         prev = self.history.get(i - 1, sched) if i > first else sched
         self._acquire(i, sched, prev, stats)

@@ -96,6 +96,11 @@ def test_uint8_images_travel_as_stored_and_are_normalised_where_used():
     assert check(Message("samples", "t", "device", "edge", 3, 0, {"x": x})) is None
     bad = Message("act", "t", "device", "edge", 3, 2, {"x": np.zeros((4, 6, 14, 14), np.uint8)})
     assert "expected float32" in check(bad)  # only samples may be uint8
+    # the labels ride with the samples to the tier that computes the loss, checked as labels
+    assert check(Message("samples", "t", "device", "edge", 3, 0, {"x": raw, "y": y})) is None
+    assert "out of range" in check(Message("samples", "t", "device", "edge", 3, 0, {"x": raw, "y": y + 10}))
+    assert "17 labels for a batch of 16" in validator(models.get("lenet5"), 16)(
+        Message("samples", "t", "device", "edge", 3, 0, {"y": np.zeros(17, np.int64)}))
 
 
 def test_compressed_samples_round_trip_and_a_bad_or_inflating_stream_is_refused():

@@ -41,6 +41,14 @@ def max_message_bytes(spec: ModelSpec, batch: int) -> int:
     return int(max(state, batch_bytes)) + (16 << 20)
 
 
+def _labels(y: Optional[np.ndarray], classes: int) -> Optional[str]:
+    if y is None or y.dtype != np.int64 or y.ndim != 1:
+        return "wrong shape: labels must be one int64 vector 'y'"
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        return f"labels out of range 0..{classes - 1}"
+    return None
+
+
 def validator(spec: ModelSpec, batch: int = 0) -> Validator:
     """``batch``: the job's; compressed samples are accepted (and decoded, in place, to ``x``) only
     when it is given, and never inflate past it."""
@@ -60,29 +68,31 @@ def validator(spec: ModelSpec, batch: int = 0) -> Validator:
             if set(t) != {"q"} or not all(isinstance(v, float) and np.isfinite(v) for v in (lo, scale)):
                 return "malformed compressed activations (need q and finite lo, scale)"
             return _batch_of("q", t["q"], spec.shape_at(msg.layer), "uint8")
-        if msg.kind == "samples" and "z" in t and isinstance(t, dict):  # decoded here, once, into x
-            z = t.pop("z")
-            if t or not batch or z.dtype != np.uint8 or z.ndim != 1 or msg.meta.get("codec") != SAMPLE_CODEC:
-                return "malformed compressed samples (one uint8 vector z, codec " + SAMPLE_CODEC + ")"
-            try:
-                t["x"] = unpack_samples(z, spec.shape_at(0), batch)
-            except ValueError as exc:
-                return f"malformed: {exc}"
-        if msg.kind in ("samples", "act", "grad"):
+        if msg.kind == "samples":  # uint8 as stored, maybe compressed; the labels ride with them to the loss
+            if "y" in t and (_labels(t["y"], spec.classes) or batch and len(t["y"]) > batch):
+                return _labels(t["y"], spec.classes) or f"{len(t['y'])} labels for a batch of {batch}"
+            if "z" in t and isinstance(t, dict):  # decoded here, once, into x
+                z = t.pop("z")
+                if set(t) - {"y"} or not batch or z.dtype != np.uint8 or z.ndim != 1 \
+                        or msg.meta.get("codec") != SAMPLE_CODEC:
+                    return "malformed compressed samples (one uint8 vector z, codec " + SAMPLE_CODEC + ")"
+                try:
+                    t["x"] = unpack_samples(z, spec.shape_at(0), batch)
+                except ValueError as exc:
+                    return f"malformed: {exc}"
+            if set(t) - {"x", "y"}:
+                return f"unexpected tensors {sorted(set(t) - {'x', 'y'})}"
+            if "x" not in t:
+                return None
+            return _batch_of("x", t["x"], spec.shape_at(0), "uint8" if t["x"].dtype == np.uint8 else "float32")
+        if msg.kind in ("act", "grad"):
             if set(t) - {"x"}:
                 return f"unexpected tensors {sorted(set(t) - {'x'})}"
             if "x" not in t:
-                return None if msg.kind == "samples" else "missing tensor 'x'"
-            raw = msg.kind == "samples" and t["x"].dtype == np.uint8  # images travel as stored
-            return _batch_of("x", t["x"], spec.shape_at(0 if msg.kind == "samples" else msg.layer),
-                             "uint8" if raw else "float32")
+                return "missing tensor 'x'"
+            return _batch_of("x", t["x"], spec.shape_at(msg.layer), "float32")
         if msg.kind == "labels":
-            y = t.get("y")
-            if y is None or set(t) != {"y"} or y.dtype != np.int64 or y.ndim != 1:
-                return "wrong shape: labels must be one int64 vector 'y'"
-            if len(y) and (y.min() < 0 or y.max() >= spec.classes):
-                return f"labels out of range 0..{spec.classes - 1}"
-            return None
+            return _labels(t.get("y"), spec.classes) if set(t) == {"y"} else _labels(None, spec.classes)
         if msg.kind == "checkpoint" and msg.layer != 0:
             return "a checkpoint is the whole model's state (layer 0)"
         # wgrad / weights / checkpoint: named parameters (and, for a full state, optimizer moments)
