@@ -5,7 +5,8 @@ is <= i, and sends each other tier a ``samples`` message for i (its share of the
 none) stamped with that schedule's version: the stamp is how all tiers agree which schedule an
 iteration runs, so a switch never happens mid-iteration and no iteration is lost or repeated. The
 device sends iteration i+1's samples while i runs (the only input of an iteration that does not
-depend on the previous one). Labels go to worker_o.
+depend on the previous one), as bulk behind the running iteration's activations and
+gradients; the labels ride in the samples message to worker_o (or a chain's last stage).
 
 Per iteration and role (paper IV-B; :mod:`hiertrain.train.roles` does the compute):
 - s / l: take the weights of units 1..cut from o, forward, send the activations at the cut to o,
