@@ -47,7 +47,7 @@ MIN_RATE_SECONDS = 0.005
 # publication (on a Pi, a fraction of a millisecond), and the planner needs a rate now and then.
 RATE_FRAMES = 4
 RATE_EVERY = 4
-# A bulk message (prefetched samples, a standby's replica) goes out in frames this small, one at a
+# A bulk message (the device's prefetched samples) goes out in frames this small, one at a
 # time: the next leaves when the broker acknowledged the last, so activations and gradients sent
 # meanwhile wait behind one such frame at most (at 5 Mbit/s, 52 ms), not behind the whole message.
 BULK_CHUNK_BYTES = 32 << 10
@@ -369,7 +369,10 @@ class Transport:
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until the broker acknowledged everything published so far (bulk frames included)."""
         deadline = time.monotonic() + timeout
-        while self._bulk and time.monotonic() < deadline:
+        while self._bulk:
+            if time.monotonic() > deadline:
+                raise TransportError(f"{len(self._bulk)} bulk frame(s) of {self.account!r} still queued after "
+                                     f"{timeout:g} s: the broker did not acknowledge the ones before")
             self._pump_bulk()
             time.sleep(0.005)
         with self._lock:
