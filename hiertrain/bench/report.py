@@ -159,7 +159,7 @@ def validity_plot(results: list[dict[str, Any]], path: Path) -> None:
                        label=f"{r['model']}: paper model")
             ax.scatter(m, [x["predicted_s"] for x in rows], marker=marker, label=f"{r['model']}: calibrated")
             vals = m + [x["predicted_s"] for x in rows] + [x["predicted_paper_s"] for x in rows]
-            lo, hi = min(lo, *vals), max(hi, *vals)
+            lo, hi = min([lo, *vals]), max([hi, *vals])
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
         ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="k", alpha=0.08, label="+-10 %")
         ax.set_xscale("log")
