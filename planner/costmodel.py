@@ -12,8 +12,13 @@ model the layer-split baselines need, and a calibrated variant of both for our r
 - *framework overhead*: each tier computing in an iteration adds a per-iteration constant to the
   critical path (MQTT hops, Python, telemetry, at that tier's CPU speed); the device's own loop
   (it stamps and sends every iteration) is a floor. Fitted from single-tier runs.
+- *message cost*: every message of an exchange on the critical path (weights, activations,
+  gradients, parameter gradients between worker_o and a slice worker; activations and gradients
+  between chain stages) costs its sender and its receiver their per-message seconds: the MQTT
+  client, dispatch and decoding, at that tier's CPU speed. Measured in the same single-tier runs
+  (framework CPU per message, stretched as the tier's compute is), since they exchange none.
 
-So T = max(critical path + overheads of the busy tiers, busiest link, device loop).
+So T = max(critical path + overheads of the busy tiers + message costs, busiest link, device loop).
 
 Everything here is a pure function of precomputed :class:`Tables` (prefix sums of a profile and
 the inverse bandwidths). :func:`evaluate` is written once with numpy broadcasting: the solver calls
@@ -47,6 +52,7 @@ class Calibration:
 
     overhead_s: tuple[float, float, float]
     chunk_bytes: float = 256 * 1024  # the runtime's frame size (store-and-forward unit at the broker)
+    message_s: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per message sent or received on the critical path
 
     @classmethod
     def of(cls, profile: Profile) -> "Calibration":
@@ -54,12 +60,14 @@ class Calibration:
         try:
             values = tuple(float(block["overhead_s"][t]) for t in TIERS)  # type: ignore[index]
             chunk = float(block.get("chunk_bytes", cls.chunk_bytes))  # type: ignore[union-attr]
+            per_message = tuple(float(block.get("message_s", {}).get(t, 0.0)) for t in TIERS)  # type: ignore[union-attr]
         except (TypeError, KeyError, ValueError, AttributeError):
             raise PlanError("the calibrated cost model needs a profile with a \"calibration\" block "
                             "({\"overhead_s\": {device, edge, cloud}}); hiertrain bench testbed fits one") from None
-        if not all(math.isfinite(v) and v >= 0 for v in (*values, chunk)):
-            raise PlanError(f"calibration overheads and chunk_bytes must be finite and >= 0, got {values}, {chunk}")
-        return cls(values, chunk)  # type: ignore[arg-type]
+        if not all(math.isfinite(v) and v >= 0 for v in (*values, chunk, *per_message)):
+            raise PlanError(f"calibration overheads, message costs and chunk_bytes must be finite and >= 0, got "
+                            f"{values}, {per_message}, {chunk}")
+        return cls(values, chunk, per_message)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ class Tables:
     can_train: np.ndarray  # (3,) bool
     prefetch: bool = False  # inputs travel during the previous iteration: bound by link loads instead
     overhead: np.ndarray = field(default_factory=lambda: np.zeros(3))  # per-iteration seconds of each busy tier
+    message: np.ndarray = field(default_factory=lambda: np.zeros(3))  # seconds per message sent or received
     chunk: float = 0.0    # frame bytes stored and forwarded at the broker (calibrated model)
 
     @property
@@ -133,6 +142,7 @@ def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables
         can_train=np.array([t.can_train for t in per_tier]),
         prefetch=calibrated,
         overhead=np.array(cal.overhead_s),
+        message=np.array(cal.message_s),
         chunk=cal.chunk_bytes,
     )
 
@@ -164,8 +174,9 @@ def link_time(tab: Tables, transfers: Sequence[tuple[Any, Any, Any]]) -> Any:
 
 def overhead(tab: Tables, o: Any, busy_s: Any, s: Any, busy_l: Any, l: Any) -> Any:
     """Framework seconds the busy tiers (o; s and l when they have samples) add to the critical path."""
-    ov = tab.overhead
-    return ov[o] + np.where(busy_s, ov[s], 0.0) + np.where(busy_l, ov[l], 0.0)
+    ov, msg = tab.overhead, tab.message
+    exchange = 4 * (msg[o] + msg[s]) * busy_s + 4 * (msg[o] + msg[l]) * busy_l  # weights, act, grad, wgrad
+    return ov[o] + np.where(busy_s, ov[s], 0.0) + np.where(busy_l, ov[l], 0.0) + exchange
 
 
 def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, b_s: Any, b_l: Any,
@@ -236,7 +247,8 @@ def chain_time(tab: Tables, stages: Sequence[Stage], batch: int, *, compress_bit
         links = link_time(tab, [(DEVICE, tiers[0], batch * tab.q)]
                           + [(ta, tb, batch * tab.mo[a.last] * ratio) for (ta, a), tb in hops]
                           + [(tb, ta, batch * tab.mo[a.last]) for (ta, a), tb in hops])
-        total = max(total + sum(tab.overhead[t] for t in tiers), float(links), tab.overhead[DEVICE])
+        messages = sum(2 * (tab.message[a] + tab.message[b]) for a, b in zip(tiers, tiers[1:]))  # act, grad
+        total = max(total + sum(tab.overhead[t] for t in tiers) + messages, float(links), tab.overhead[DEVICE])
     return float(total)
 
 
@@ -279,7 +291,7 @@ def fit_overhead(profile: Profile, bw: Bandwidth, batch: int, measured: dict[str
 
 def with_calibration(profile: Profile, overhead_s: dict[str, float], **record: Any) -> Profile:
     """``profile`` with a calibration block (what :class:`Calibration` reads; ``record`` may hold
-    ``chunk_bytes`` and notes on how it was fitted)."""
+    ``chunk_bytes``, ``message_s`` and notes on how it was fitted)."""
     return Profile(profile.model, profile.sample_bytes, profile.layers, profile.tiers,
                    {**profile.extra, "calibration": {"overhead_s": dict(overhead_s), **record}})
 

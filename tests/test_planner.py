@@ -103,6 +103,38 @@ def test_overheads_are_fitted_back_from_single_tier_times():
     assert fit_overhead(p, slow, batch, measured)["cloud"] == 0.0
 
 
+def test_message_costs_fall_on_exchanges_and_the_solver_stays_exact():
+    """Each message between worker_o and a slice worker with samples (weights, activations, gradients,
+    parameter gradients) costs both ends their per-message seconds; single-tier plans pay none."""
+    from dataclasses import replace
+
+    from hiertrain.planner.costmodel import with_calibration
+
+    p, bw, batch = hand_profile(), Bandwidth(1000, 1000), 10  # fast links: the critical path decides
+    base = calibrated(p)
+    cal = base.extra["calibration"]
+    costly = with_calibration(p, cal["overhead_s"], message_s={"device": 0.004, "edge": 0.001, "cloud": 0.0002})
+    hybrid = Schedule(mapping={"o": "edge", "s": "device", "l": "cloud"}, m_s=1, m_l=1, b_o=6, b_s=4, b_l=0)
+    t0, t1 = (float(evaluate(tables(q, bw, "calibrated"), 1, 0, 2, 1, 1, 6, 4, 0)) for q in (base, costly))
+    assert t1 - t0 == pytest.approx(4 * (0.001 + 0.004))
+    assert iteration_time(costly, bw, hybrid, cost_model="calibrated") == pytest.approx(t1)
+    for policy in ("all-device", "all-edge", "all-cloud"):
+        assert plan(costly, bw, batch, policy=policy, cost_model="calibrated").iteration_s == pytest.approx(
+            plan(base, bw, batch, policy=policy, cost_model="calibrated").iteration_s)
+    got = chain_time(tables(costly, bw, "calibrated"), (Stage("device", 1, 1), Stage("cloud", 2, 2)), batch)
+    ref = chain_time(tables(base, bw, "calibrated"), (Stage("device", 1, 1), Stage("cloud", 2, 2)), batch)
+    assert got - ref == pytest.approx(2 * (0.004 + 0.0002))
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        n, b = int(rng.integers(1, 6)), int(rng.integers(1, 25))
+        q = calibrated(random_profile(rng, n), tuple(rng.uniform(0, 0.05, 3)))
+        q = replace(q, extra={"calibration": {**q.extra["calibration"],
+                                              "message_s": dict(zip(("device", "edge", "cloud"), rng.uniform(0, 0.02, 3)))}})
+        bw2 = Bandwidth(float(rng.uniform(0.5, 50)), float(rng.uniform(0.1, 20)))
+        got = solver.solve(q, bw2, b, cost_model="calibrated")
+        assert got.iteration_s == pytest.approx(brute_force(q, bw2, b, "calibrated"), rel=1e-12)
+
+
 def test_calibrated_model_needs_a_calibration():
     with pytest.raises(PlanError, match="calibration"):
         plan(hand_profile(), Bandwidth(8, 2), 10, cost_model="calibrated")

@@ -55,7 +55,8 @@ def testbed_section(r: dict[str, Any], png: str) -> list[str]:
     out += [f"Emulation: quotas {em.get('quotas')}, measured speeds device : edge : cloud = "
             f"{' : '.join(str(em['measured_speeds'][t]) for t in ('device', 'edge', 'cloud'))} "
             f"(target {em.get('target_speeds', 'fixed quotas')}); ms per sample {em.get('ms_per_sample')}.",
-            f"Fitted framework overheads (s per iteration): {cal.get('overhead_s')}, from {cal.get('fitted_on', {}).get('measured_s')}.",
+            f"Fitted framework overheads (s per iteration): {cal.get('overhead_s')}, from {cal.get('fitted_on', {}).get('measured_s')}; "
+            f"message costs (s per message sent or received on the critical path): {cal.get('message_s', 'none (fitted before the message term existed)')}.",
             "", f"![{model}]({png})", ""]
     sweep = [x for x in rows if x["phase"] == "sweep"]
     policies = list(dict.fromkeys(x["policy"] for x in sweep))

@@ -150,6 +150,34 @@ def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
     return replace(sched, iteration_s=iteration_time(profile, bw, sched, cost_model=model), cost_model=model)
 
 
+def message_cost(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version: int,
+                 skip: int = 3) -> Optional[tuple[float, float]]:
+    """(framework CPU seconds per message, wall seconds per CPU second of compute) of ``tier`` in the
+    run of schedule ``version`` where it computed: medians over its steady iterations, from its
+    telemetry (CPU of every thread less compute, over the messages it sent and received)."""
+    import statistics
+
+    rows = sorted((p for a, p in telemetry if a == tier and p.get("schedule_version") == version and "cpu_s" in p),
+                  key=lambda p: p["iteration"])[skip:]
+    cpu, stretch = [], []
+    for a, b in zip(rows, rows[1:]):
+        msgs = b["messages_sent"] - a["messages_sent"] + b["messages_received"] - a["messages_received"]
+        if b["iteration"] == a["iteration"] + 1 and msgs > 0 and b["compute_cpu_s"] > 0:
+            cpu.append((b["cpu_s"] - b["compute_cpu_s"]) / msgs)
+            stretch.append(sum(b["phases"].values()) / b["compute_cpu_s"])
+    return (round(statistics.median(cpu), 6), round(statistics.median(stretch), 3)) if cpu else None
+
+
+def message_costs(measured: dict[str, Optional[tuple[float, float]]]) -> dict[str, float]:
+    """Seconds per message at each tier: its framework CPU per message, stretched as its compute is
+    (a CPU quota, a slower CPU). The cloud's CPU time includes its ORT threads' (it computes on
+    every core), so it gets the least CPU per message measured elsewhere, unstretched."""
+    known = {t: v for t, v in measured.items() if v is not None}
+    floor = min((cpu for cpu, _ in known.values()), default=0.0)
+    return {t: round(floor if t == "cloud" or t not in known else known[t][0] * known[t][1], 6)
+            for t in ("device", "edge", "cloud")}
+
+
 def predictions(profile: Any, bw: Any, measured_bw: Any, sched: Any) -> dict[str, float]:
     from hiertrain import TIERS
     from hiertrain.planner.costmodel import Calibration, iteration_time, with_calibration
@@ -159,6 +187,7 @@ def predictions(profile: Any, bw: Any, measured_bw: Any, sched: Any) -> dict[str
         out["predicted_s"] = iteration_time(profile, bw, sched, cost_model="calibrated")
         out["predicted_measured_rates_s"] = iteration_time(profile, measured_bw, sched, cost_model="calibrated")
         zero = with_calibration(profile, {t: 0.0 for t in TIERS}, chunk_bytes=Calibration.of(profile).chunk_bytes)
+        # (without message costs too: network and compute alone)
         out["network_compute_s"] = iteration_time(zero, measured_bw, sched, cost_model="calibrated")
     return {k: round(v, 4) for k, v in out.items()}
 
@@ -205,13 +234,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
             if not args.no_fit:
                 bw = Bandwidth(de, points[0])
-                fit = {}
+                fit, per_message = {}, {}
                 for policy in FIT:
                     row = run("fit", policy, points[0], schedule_for(policy, profile, bw, batch))
                     fit[policy[4:]] = row["measured_s"]
+                    per_message[policy[4:]] = message_cost(c.telemetry, policy[4:], row["version"])
                 overhead = fit_overhead(profile, bw, batch, fit, chunk_bytes=CHUNK_KB * 1024)
                 profile = with_calibration(profile, overhead, chunk_bytes=CHUNK_KB * 1024,
-                                           fitted_on={"bw": [de, points[0]], "batch": batch, "measured_s": fit})
+                                           message_s=message_costs(per_message),
+                                           fitted_on={"bw": [de, points[0]], "batch": batch, "measured_s": fit,
+                                                      "message": per_message})
             for bw_ec in points:
                 for policy in sweep:
                     run("sweep", policy, bw_ec, schedule_for(policy, profile, Bandwidth(de, bw_ec), batch))
