@@ -38,8 +38,12 @@ def _row(policy, bw, measured, predicted, plan=None, phase="sweep", schedule="")
 def test_report_sets_our_ratios_beside_the_papers_and_spots_identical_placements(tmp_path):
     device_all = {"mapping": {"o": "device", "s": "edge", "l": "cloud"}, "b_o": 8, "b_s": 0, "b_l": 0, "m_s": 0, "m_l": 0}
     chain = {**device_all, "plan": {"kind": "chain", "stages": [["device", 1, 7]], "compress_bits": 0}}
+    hybrid = {**device_all, "b_o": 6, "b_s": 2, "m_s": 2}  # the device trains 6 samples, the edge 2 through units 1..2
     rows = [_row("hiertrain", 1.5, 0.25, 0.24, device_all), _row("all-cloud", 1.5, 2.0, 2.1),
-            _row("all-edge", 1.5, 0.5, 0.5), _row("jointdnn", 1.5, 0.24, 0.24, chain)]
+            _row("all-edge", 1.5, 0.5, 0.5), _row("jointdnn", 1.5, 0.24, 0.24, chain),
+            _row("hiertrain", 5.0, 0.2, 0.2, hybrid, schedule="hiertrain: o=device (b_o=6), s=edge (units 1..2, b_s=2)"),
+            _row("all-cloud", 5.0, 0.5, 0.5, {**device_all, "mapping": {"o": "cloud", "s": "device", "l": "edge"}}),
+            _row("all-edge", 5.0, 0.3, 0.3, {**device_all, "mapping": {"o": "edge", "s": "device", "l": "cloud"}})]
     from hiertrain.bench.testbed import summary
 
     result = {"model": "lenet5", "batch": 8, "bw_device_edge": 5.0, "rows": rows, "summary": summary(rows),
@@ -49,7 +53,11 @@ def test_report_sets_our_ratios_beside_the_papers_and_spots_identical_placements
     out = report.bench(argparse.Namespace(results=str(tmp_path)))
     text = (tmp_path / "REPORT.md").read_text()
     assert out["models"] == ["lenet5"]
-    assert "Paper: up to 6.9x over All-Cloud and 1.7x over All-Edge. Ours: up to 8.00x and 2.00x." in text
+    assert ("Paper: up to 6.9x over All-Cloud and 1.7x over All-Edge. Ours: up to 8.00x over all-cloud (at 1.5 "
+            "Mbit/s, hiertrain ran all on the device); up to 2.00x over all-edge (at 1.5 Mbit/s, hiertrain ran all on "
+            "the device).") in text
+    assert ("Hybrid plans (work on more than one tier) chosen by hiertrain: 5.0 Mbit/s, hybrid (o=device (b_o=6), "
+            "s=edge (units 1..2, b_s=2)): 1.50x the best single-tier plan measured.") in text
     assert "different placement was faster than hiertrain: none" in text
     assert "1 baseline runs chose hiertrain's placement" in text  # jointdnn's one-stage chain = all on the device
 
