@@ -214,8 +214,8 @@ def test_a_critical_message_overtakes_a_bulk_one_sent_before_it(mosquitto, broke
     order: "queue.Queue[str]" = queue.Queue()
     spy.on_message = lambda c, u, m: order.put(m.topic.split("/")[3])
     spy.subscribe(topics.inbox("t", "cloud"), qos=1)
-    time.sleep(0.5)
     cloud = connect("cloud", client_id="hiertrain-t-cloud-receiver")
+    time.sleep(0.5)  # both subscriptions in effect at the broker (a tier waits for its peer's status instead)
     x = np.random.default_rng(1).integers(0, 255, (64, 3, 64, 64), dtype=np.uint8)  # 786 KB
     device.send(Message("samples", "t", "device", "cloud", 2, 0, {"x": x}), bulk=True)
     device.send(Message("act", "t", "device", "cloud", 1, 2, {"x": np.ones(8, np.float32)}))
