@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hiertrain.lab import cgroup
+from hiertrain.lab.emulation import REFERENCE_QUOTAS
 from hiertrain.schedule import Schedule
 
-PI3_QUOTA = 0.0233  # device cores of the Pi-3 emulation (`bench testbed`'s calibration on these machines)
+PI3_QUOTA = REFERENCE_QUOTAS["device"]
 BATCH, CUT = 32, 2
 
 
@@ -45,12 +46,9 @@ def _per_iteration(rows: list[dict[str, Any]], key: str) -> Optional[float]:
 
 def summarize(telemetry: list[tuple[str, dict[str, Any]]], version: int, skip: int) -> dict[str, Any]:
     """The device's figures for the iterations of schedule ``version`` (after ``skip`` of them)."""
-    def of(tier: str) -> list[dict[str, Any]]:
-        rows = sorted((p for a, p in telemetry if a == tier and p.get("schedule_version") == version),
-                      key=lambda p: p["iteration"])
-        return rows[skip:]
+    from hiertrain.lab.local import reports
 
-    dev = of("device")
+    dev = reports(telemetry, "device", version, skip=skip)
     if len(dev) < 3:
         raise RuntimeError(f"schedule {version} ran {len(dev)} steady iterations on the device; raise --count")
     med = lambda f: statistics.median(f(p) for p in dev)  # noqa: E731
@@ -67,7 +65,7 @@ def summarize(telemetry: list[tuple[str, dict[str, Any]]], version: int, skip: i
     }
     for key in ("messages_sent", "messages_received", "bytes_sent", "bytes_received"):
         out[f"device_{key}"] = _per_iteration(dev, key)
-    cloud = of("cloud")
+    cloud = reports(telemetry, "cloud", version, skip=skip)
     out["bytes_per_iteration"] = {
         "device_edge": (out["device_bytes_sent"] or 0) + (out["device_bytes_received"] or 0),
         "edge_cloud": sum(_per_iteration(cloud, k) or 0 for k in ("bytes_sent", "bytes_received")) if cloud else 0}

@@ -69,21 +69,22 @@ def _summary(rows: list[dict[str, Any]], points: list[float]) -> dict[str, Any]:
     errors = [abs(r["measured_s"] - r["predicted_s"]) / r["measured_s"] for r in rows]
     speedups: dict[str, list[float]] = {}
     slower = []  # (rate, baseline) where hiertrain's plan, a different one, measured slower
+    same: dict[str, list[str]] = {}  # rate -> the baselines that chose hiertrain's plan
     for medium in points:
         at = {r["policy"]: r for r in rows if r["medium_mbps"] == medium}
         ours = at["hiertrain"]
+        same[str(medium)] = []
         for policy, r in at.items():
             if policy != "hiertrain":
                 speedups.setdefault(policy, []).append(r["measured_s"] / ours["measured_s"])
-                if ours["measured_s"] > r["measured_s"] and ours["paths"] != r["paths"]:
+                if ours["paths"] == r["paths"]:
+                    same[str(medium)].append(policy)
+                elif ours["measured_s"] > r["measured_s"]:
                     slower.append([medium, policy, r["measured_s"] / ours["measured_s"]])
     return {"median_model_error": statistics.median(errors), "max_model_error": max(errors),
             "speedup_over": {p: {"min": min(v), "median": statistics.median(v), "max": max(v)}
                              for p, v in speedups.items()},
-            "hiertrain_slower_than": slower,
-            "same_plan_as": {str(m): [r["policy"] for r in rows if r["medium_mbps"] == m and r["policy"] != "hiertrain"
-                                      and r["paths"] == next(o["paths"] for o in rows if o["medium_mbps"] == m
-                                                             and o["policy"] == "hiertrain")] for m in points}}
+            "hiertrain_slower_than": slower, "same_plan_as": same}
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], points: list[float]) -> None:

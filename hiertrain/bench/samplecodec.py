@@ -18,27 +18,21 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hiertrain.lab.emulation import REFERENCE_QUOTAS
+from hiertrain.net.compress import pack_samples, unpack_samples
 from hiertrain.train.data import synthetic
 
-PI3_DEVICE, EDGE = 0.0233, 0.1125  # cores of the emulated device and edge (`bench testbed` calibration)
+PI3_DEVICE, EDGE = REFERENCE_QUOTAS["device"], REFERENCE_QUOTAS["edge"]
 
 
-def _up(x: np.ndarray) -> bytes:
-    """PNG's "Up" filter (each row minus the row above, mod 256), then zlib: smooth images become small deltas."""
-    d = x.copy()
-    d[..., 1:, :] -= x[..., :-1, :]
-    return zlib.compress(d.tobytes(), 1)
+def _zlib(level: int) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes, tuple[int, ...]], np.ndarray]]:
+    return (lambda x: zlib.compress(x.tobytes(), level),
+            lambda b, s: np.frombuffer(zlib.decompress(b), np.uint8).reshape(s))
 
 
-def _un_up(blob: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    return np.cumsum(np.frombuffer(zlib.decompress(blob), np.uint8).reshape(shape), axis=-2, dtype=np.uint8)
-
-
-CODECS: dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[bytes, tuple[int, ...]], np.ndarray]]] = {
-    "zlib-1": (lambda x: zlib.compress(x.tobytes(), 1), lambda b, s: np.frombuffer(zlib.decompress(b), np.uint8).reshape(s)),
-    "zlib-6": (lambda x: zlib.compress(x.tobytes(), 6), lambda b, s: np.frombuffer(zlib.decompress(b), np.uint8).reshape(s)),
-    "up+zlib-1": (_up, _un_up),
-}
+CODECS = {"zlib-1": _zlib(1), "zlib-6": _zlib(6),  # "up+zlib-1": what `[data] compress = true` sends
+          "up+zlib-1": (lambda x: pack_samples(x).tobytes(),
+                        lambda b, s: unpack_samples(np.frombuffer(b, np.uint8), s[1:], s[0]))}
 
 
 def photo_crops(n: int) -> np.ndarray:

@@ -157,8 +157,9 @@ def message_cost(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version
     telemetry (CPU of every thread less compute, over the messages it sent and received)."""
     import statistics
 
-    rows = sorted((p for a, p in telemetry if a == tier and p.get("schedule_version") == version and "cpu_s" in p),
-                  key=lambda p: p["iteration"])[skip:]
+    from hiertrain.lab.local import reports
+
+    rows = [p for p in reports(telemetry, tier, version, skip=skip) if "cpu_s" in p]
     cpu, stretch = [], []
     for a, b in zip(rows, rows[1:]):
         msgs = b["messages_sent"] - a["messages_sent"] + b["messages_received"] - a["messages_received"]
@@ -173,7 +174,7 @@ def message_costs(measured: dict[str, Optional[tuple[float, float]]]) -> dict[st
     (a CPU quota, a slower CPU). The cloud's CPU time includes its ORT threads' (it computes on
     every core), so it gets the least CPU per message measured elsewhere, unstretched."""
     known = {t: v for t, v in measured.items() if v is not None}
-    floor = min((cpu for cpu, _ in known.values()), default=0.0)
+    floor = min((cpu for t, (cpu, _) in known.items() if t != "cloud"), default=0.0)
     return {t: round(floor if t == "cloud" or t not in known else known[t][0] * known[t][1], 6)
             for t in ("device", "edge", "cloud")}
 

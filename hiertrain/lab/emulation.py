@@ -28,6 +28,9 @@ SPEEDS = {"device": 1.0, "edge": 4.0, "cloud": 40.0}
 THREADS = {"cloud": 0, "edge": 1, "device": 1}  # ORT intra-op threads per tier (0 = every core)
 PROBE = {"edge": 0.5, "device": 0.2}
 MIN_QUOTA, MAX_QUOTA = 0.01, 1.0
+# The quotas `bench testbed` calibrated for LeNet-5 on these machines (stop 12): fixed references for
+# the benchmarks that scale a measurement to the emulated Pi 3 and edge without calibrating again
+REFERENCE_QUOTAS = {"device": 0.0233, "edge": 0.1125}
 
 
 def parse_speeds(text: str) -> dict[str, float]:

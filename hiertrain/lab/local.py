@@ -279,6 +279,13 @@ class LocalCluster:
         self.close()
 
 
+def reports(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version: int, *, skip: int = 0
+            ) -> list[dict[str, Any]]:
+    """``tier``'s telemetry for the iterations it ran under schedule ``version``, in order, after the first ``skip``."""
+    return sorted((p for a, p in telemetry if a == tier and p.get("schedule_version") == version),
+                  key=lambda p: p["iteration"])[skip:]
+
+
 def reference(cluster: LocalCluster, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:
     """Single-process training (SGD, the cluster's rate) on the batches the device draws."""
     from hiertrain.train.hybrid import SingleProcess
