@@ -1,7 +1,7 @@
 """The cloud in a fleet: units k+1..U of every member whose path reaches it, one cut at a time.
 
 Per round it takes the weights of units kappa+1..U from the edge, then for each cut k (ascending)
-the activations the edge sends for all members cut there (concatenated in member order) and their
+the activations the edge sends for all members cut there (concatenated in member order), with their
 labels; it computes the loss over those rows (weighted by their share of
 the round's samples), sends the gradient at k back to the edge, and finally its parameter gradients
 with its share of the loss.
@@ -9,8 +9,9 @@ with its share of the loss.
 
 from __future__ import annotations
 
-from hiertrain.train.fleetroles import Round, add_into
+from hiertrain.errors import PlanError
 from hiertrain.fleetservice import FleetService
+from hiertrain.train.fleetroles import Round, add_into
 from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 
@@ -27,8 +28,10 @@ class CloudWorker(FleetService):
         grads: Params = {}
         loss = 0.0
         for k, group in rnd.cloud_groups():
-            x = self.take("samples" if k == 0 else "act", "edge", r, k).tensors["x"]
-            y = self.take("labels", "edge", r, k).tensors["y"]
+            t = self.take("samples" if k == 0 else "act", "edge", r, k).tensors
+            if "x" not in t or "y" not in t or len(t["x"]) != len(t["y"]):
+                raise PlanError(f"the edge sent cut {k}'s rows of round {r} without as many labels")
+            x, y = t["x"], t["y"]
             w = rnd.weight(len(y))
             part_loss, gk, g = self.part.loss(params, k + 1, x, y, w)
             loss += w * part_loss

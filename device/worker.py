@@ -4,16 +4,18 @@ It connects with its own account (``hiertrain broker add-device NAME``) and wait
 the edge's coordinator. In each round it is a member of, it takes its ``n`` samples at the offset
 the coordinator gives (the coordinator keeps every device's place in its data, so a redone step
 trains the same samples), trains its units 1..m and sends the activations at its cut (or its raw
-samples, m = 0) and its labels to the edge; it then takes the
-gradient at its cut and sends its parameter gradients. With m = U it computes its own loss.
+samples, m = 0, losslessly compressed with ``[data] compress = true``) with its labels to the edge;
+it then takes the gradient at its cut and sends its parameter gradients. With m = U it computes its
+own loss.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hiertrain.train.fleetroles import Round
 from hiertrain.fleetservice import FleetService
+from hiertrain.net.compress import sample_tensors
+from hiertrain.train.fleetroles import Round
 from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 
@@ -35,12 +37,12 @@ class DeviceWorker(FleetService):
             loss, _, grads = self.part.loss(params, 1, x, y, w)
             self.send("wgrad", "edge", r, U, grads, loss=w * loss)
             return
-        self.send("labels", "edge", r, 0, {"y": y})
         if mb.m == 0:
-            self.send("samples", "edge", r, 0, {"x": x})
+            tensors, codec = sample_tensors(x, self.cfg.compress_samples)
+            self.send("samples", "edge", r, 0, {**tensors, "y": y}, **codec)
             return
         h, stash = self.part.forward(params, 1, mb.m, x)
-        self.send("act", "edge", r, mb.m, {"x": h})
+        self.send("act", "edge", r, mb.m, {"x": h, "y": y})
         g = self.take("grad", "edge", r, mb.m).tensors["x"]
         _, grads = self.part.backward(params, 1, mb.m, stash, g)
         self.send("wgrad", "edge", r, mb.m, grads)

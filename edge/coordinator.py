@@ -244,8 +244,8 @@ class Coordinator(FleetService):
         at_cut: dict[str, tuple[np.ndarray, Any]] = {}
         labels: dict[str, np.ndarray] = {}
         for mb in self.arrivals(rnd):                          # forward, each member as its input arrives
-            x = self.rows_of(mb, "samples" if mb.m == 0 else "act", r, mb.m)
-            y = labels[mb.name] = self.rows_of(mb, "labels", r, 0)
+            x, y = self.rows_of(mb, "samples" if mb.m == 0 else "act", r)
+            labels[mb.name] = y
             if mb.k == U:
                 w = rnd.weight(mb.n)
                 part_loss, gm, g = part.loss(P, mb.m + 1, x, y, w)
@@ -313,21 +313,23 @@ class Coordinator(FleetService):
         if time.monotonic() > deadline:
             raise Redo(sender, f"sent no {what} in round {rnd} for {self.cfg.timeout_s:g} s")
 
-    def rows_of(self, mb: Member, kind: str, r: int, layer: int) -> np.ndarray:
-        """A member's tensor, which must hold one row per sample it trains in this round: a member
-        that sends another count is faulty (or hostile), and the round is redone without it."""
-        msg = self.take(kind, mb.name, r, layer)
-        t = msg.tensors["y" if kind == "labels" else "x"]
-        if len(t) != mb.n:
-            raise Redo(mb.name, f"sent {len(t)} rows of {kind} for its {mb.n} samples")
-        return t
+    def rows_of(self, mb: Member, kind: str, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """A member's input rows and labels (they travel together), each one per sample it trains in
+        this round: a member that sends another count is faulty (or hostile), and the round is redone
+        without it."""
+        t = self.take(kind, mb.name, r, mb.m).tensors
+        for name, what in (("x", kind), ("y", "labels")):
+            n = len(t[name]) if name in t else 0
+            if n != mb.n:
+                raise Redo(mb.name, f"sent {n} rows of {what} for its {mb.n} samples")
+        return t["x"], t["y"]
 
     def _to_cloud(self, r: int, k: int, parts: list[np.ndarray], labels: np.ndarray) -> None:
-        self.send("labels", "cloud", r, k, {"y": labels})
         if k == 0:  # raw samples: as stored if they all are, else as the model's input
             from hiertrain.train.data import normalize
 
             same = len({p.dtype for p in parts}) == 1
-            self.send("samples", "cloud", r, 0, {"x": rows(parts if same else [normalize(p) for p in parts])})
+            self.send("samples", "cloud", r, 0, {"x": rows(parts if same else [normalize(p) for p in parts]),
+                                                 "y": labels})
         else:
-            self.send("act", "cloud", r, k, {"x": rows(parts)})
+            self.send("act", "cloud", r, k, {"x": rows(parts), "y": labels})

@@ -496,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="failover: run each job in the testbed's namespaces, links shaped to --bw-device-edge (root)")
     bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
                                                       "calibrated profile and quotas from")
+    bench.add_argument("--link", choices=["edge_cloud", "device_edge"], default="edge_cloud",
+                       help="replan: the link whose rate changes (--points before,after)")
     bench.add_argument("--cores", default="1,2,3,4", help="edgecores: emulated edge cores")
     bench.add_argument("--devices", type=_positive_int, default=4, help="fleet: devices (Pi 3, Pi 4, Jetson-class)")
     bench.add_argument("--medium", default="5,20,50", help="fleet: rates of the shared device-edge medium, Mbit/s")

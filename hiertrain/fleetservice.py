@@ -41,7 +41,7 @@ class FleetService:
         self.spec = models.get(cfg.model)
         self.units = self.spec.n_units
         self.transport = Transport(cfg.endpoint, account=account, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
-                                   validator=validator(self.spec),
+                                   validator=validator(self.spec, cfg.batch),
                                    max_message_bytes=max_message_bytes(self.spec, cfg.batch),
                                    expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)
         self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))

@@ -40,7 +40,7 @@ import numpy as np
 from hiertrain import TIERS
 from hiertrain.net import topics
 from hiertrain.train import artifacts, checkpoint, collect, models, segments
-from hiertrain.net.compress import SAMPLE_CODEC, dequantize, pack_samples, quantize
+from hiertrain.net.compress import dequantize, pack_samples, quantize, sample_tensors
 from hiertrain.train.data import normalize
 from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
 from hiertrain.failover import Failover
@@ -296,11 +296,7 @@ class TierService(Failover):
             share = {t: (x if t == sched.chain[0].tier else x[:0]) for t in TIERS}
             labels_to = sched.chain[-1].tier
         for tier in ("edge", "cloud"):
-            x_t, codec = share[tier], {}
-            if len(x_t) and self.cfg.compress_samples and x_t.dtype == np.uint8:
-                tensors, codec = {"z": pack_samples(x_t)}, {"codec": SAMPLE_CODEC}
-            else:
-                tensors = {"x": x_t} if len(x_t) else {}
+            tensors, codec = sample_tensors(share[tier], self.cfg.compress_samples)
             if tier == labels_to:
                 tensors["y"] = y
             self._send("samples", tier, iteration, 0, tensors, sched.version, bulk=ahead and bool(tensors), **codec)

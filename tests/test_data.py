@@ -101,12 +101,18 @@ def test_uint8_images_travel_as_stored_and_are_normalised_where_used():
     assert "out of range" in check(Message("samples", "t", "device", "edge", 3, 0, {"x": raw, "y": y + 10}))
     assert "17 labels for a batch of 16" in validator(models.get("lenet5"), 16)(
         Message("samples", "t", "device", "edge", 3, 0, {"y": np.zeros(17, np.int64)}))
+    # and with a fleet member's activations; gradients carry none
+    h = np.zeros((16, 6, 14, 14), np.float32)
+    assert check(Message("act", "t", "pi1", "edge", 3, 2, {"x": h, "y": y})) is None
+    assert "out of range" in check(Message("act", "t", "pi1", "edge", 3, 2, {"x": h, "y": y - 1 - y.max()}))
+    assert "wrong shape: labels" in check(Message("act", "t", "pi1", "edge", 3, 2, {"x": h, "y": y.astype(np.int32)}))
+    assert "unexpected tensors ['y']" in check(Message("grad", "t", "edge", "pi1", 3, 2, {"x": h, "y": y}))
 
 
 def test_compressed_samples_round_trip_and_a_bad_or_inflating_stream_is_refused():
     import zlib
 
-    from hiertrain.net.compress import SAMPLE_CODEC, pack_samples, unpack_samples
+    from hiertrain.net.compress import SAMPLE_CODEC, pack_samples, sample_tensors, unpack_samples
     from hiertrain.net.validate import validator
     from hiertrain.net.wire import Message
 
@@ -114,6 +120,12 @@ def test_compressed_samples_round_trip_and_a_bad_or_inflating_stream_is_refused(
     z = pack_samples(raw)
     assert z.dtype == np.uint8 and z.ndim == 1 and len(z) < raw.nbytes / 2
     np.testing.assert_array_equal(unpack_samples(z, (3, 32, 32), 16), raw)
+    packed, meta = sample_tensors(raw, True)
+    assert set(packed) == {"z"} and meta == {"codec": SAMPLE_CODEC}
+    np.testing.assert_array_equal(packed["z"], z)
+    assert set(sample_tensors(raw, False)[0]) == {"x"} and sample_tensors(raw[:0], True) == ({}, {})
+    floats = data.normalize(raw)
+    assert sample_tensors(floats, True)[0]["x"] is floats  # only uint8 samples are packed
 
     def samples(z, codec=SAMPLE_CODEC):
         return Message("samples", "t", "device", "edge", 3, 0, {"z": z}, meta={"codec": codec})

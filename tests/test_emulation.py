@@ -79,3 +79,30 @@ def test_replan_analysis_finds_the_new_placement_and_where_time_settled():
     assert out["replans"] == 2 and out["new_placement_version"] == 3 and out["new_placement_in_effect_at"] == 5
     assert out["iterations_from_drop_to_new_placement"] == 2 and out["handover_iteration_s"] == 300.0
     assert out["settled_s"] == pytest.approx(2.1) and out["settled_over_optimum"] == pytest.approx(1.05)
+
+
+def test_the_report_says_when_a_link_change_left_nothing_to_re_plan():
+    from hiertrain.bench.replan import analyse
+    from hiertrain.schedule import Schedule
+
+    def sched(o, version):
+        others = [t for t in ("device", "edge", "cloud") if t != o]
+        return Schedule(mapping={"o": o, "s": others[0], "l": others[1]}, m_s=0, m_l=0, b_o=32, b_s=0, b_l=0,
+                        iteration_s=0.2).versioned(version, 0 if version == 1 else 11).to_json()
+
+    timeline = [{"iteration": i, "seconds": 0.2 if i < 12 else (4.0 if i == 12 else 0.19), "version": 1 if i < 12 else 2}
+                for i in range(1, 20)]
+    moved = {"model": "lenet5", "link": "device_edge", "before": 5.0, "after": 0.5, "drop_iteration": 9,
+             "first_telemetry_after_drop_s": 1.2, "optimum_after_predicted_s": 0.2, "optimum_after_measured_s": None,
+             "optimum_after_plan": "hiertrain: o=device (b_o=32)", "timeline": timeline,
+             "schedules": [sched("edge", 1), sched("device", 2)]}
+    moved.update(analyse(moved))
+    text = "\n".join(report.replan_section(moved, "replan-lenet5.png"))
+    assert "## Live re-planning (lenet5, device-edge link)" in text and "5.0 -> 0.5 Mbit/s" in text
+    assert "in effect from iteration 12, 3 iterations after the drop" in text and "took 4.0 s" in text
+    assert "against a predicted optimum of 0.2 s (the sweep did not run these rates)" in text
+    assert "None" not in text
+    same = {**moved, "schedules": [sched("edge", 1)]}
+    same.update(analyse(same))
+    text = "\n".join(report.replan_section(same, "replan-lenet5.png"))
+    assert "re-planned 0 time(s). No schedule with a new placement was published" in text and "None" not in text

@@ -22,7 +22,8 @@ def members(row):
 
 def test_four_devices_on_every_kind_of_path_join_and_leave_and_each_step_is_single_process_sgd(tmp_path):
     devices = [Spec("pi1", 4, path=(2, 5)),      # device, edge and cloud
-               Spec("pi2", 6, path=(0, U)),      # raw samples up, the edge does the rest
+               Spec("pi2", 6, path=(0, U),       # raw samples up (compressed), the edge does the rest
+                    data={"dataset": "synthetic", "shard": [1, 4], "compress": True}),
                Spec("pi3", 3, path=(U, U))]      # trains alone, sends its gradients
     joiner = Spec("pi4", 5, path=(1, 1))          # one unit, then the cloud
     with FleetCluster(tmp_path, devices, extra=(joiner,), iterations=14, timeout_s=60) as c:

@@ -192,22 +192,36 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         lines += [f"| {x['edge_cores']} | {x['bw_edge_cloud']} | {x['edge_ms_per_sample']} | {x['schedule'][:80]} | "
                   f"{_fmt(x['measured_s'])} | {_fmt(x['predicted_s'])} |" for x in cores["rows"]]
         lines.append("")
-    rp = _load(d / "replan-alexnet.json")
-    if rp:
-        lines += ["## Live re-planning", "", "![replan](replan-alexnet.png)", "",
-                  f"Edge-cloud rate changed {rp['before']} -> {rp['after']} Mbit/s during iteration {rp['drop_iteration']}; "
-                  f"the first telemetry showing it arrived {rp['first_telemetry_after_drop_s']} s later. The planner "
-                  f"re-planned {rp['replans']} time(s); the schedule with a new placement (v{rp['new_placement_version']}, "
-                  f"published for iteration {rp['new_placement_published_for_iteration']}) was in effect from iteration "
-                  f"{rp['new_placement_in_effect_at']}, {rp['iterations_from_drop_to_new_placement']} iterations after the drop. "
-                  f"Its first iteration took {rp['handover_iteration_s']} s: the model's weights moved to the new worker_o "
-                  f"over the slowed link. Then it settled at {rp['settled_s']} s per iteration, {rp['settled_over_optimum']} x "
-                  f"the best time measured at {rp['after']} Mbit/s in the sweep ({rp['optimum_after_measured_s']} s; "
-                  f"predicted optimum {rp['optimum_after_predicted_s']} s).", "", "Schedules published:", ""]
-        lines += [f"- v{s['version']} from iteration {s['effective_iteration']}: "
-                  f"{s['policy']} {s['mapping']} b=({s['b_o']}, {s['b_s']}, {s['b_l']}) cuts ({s['m_s']}, {s['m_l']}), "
-                  f"predicted {_fmt(s['iteration_s'])} s" for s in rp["schedules"]]
-        lines.append("")
+    replans = [(path, rp) for path in sorted(d.glob("replan-*.json")) for rp in [_load(path)] if rp]
+    for path, rp in replans:
+        lines += replan_section(rp, path.with_suffix(".png").name)
     (d / "REPORT.md").write_text("\n".join(lines) + "\n")
     return {"bench": "report", "path": str(d / "REPORT.md"), "models": [r["model"] for r in testbeds],
-            "edgecores": bool(cores), "replan": bool(rp)}
+            "edgecores": bool(cores), "replan": bool(replans)}
+
+
+def replan_section(rp: dict[str, Any], png: str) -> list[str]:
+    """What ``bench replan`` measured, in words (pure)."""
+    link = rp["link"].replace("_", "-")
+    lines = [f"## Live re-planning ({rp['model']}, {link} link)", "", f"![replan]({png})", "",
+             f"The {link} rate changed {rp['before']} -> {rp['after']} Mbit/s during iteration {rp['drop_iteration']}; "
+             f"the first telemetry showing it arrived {rp['first_telemetry_after_drop_s']} s later. The planner "
+             f"re-planned {rp['replans']} time(s)."]
+    if rp["new_placement_version"] is None:
+        lines[-1] += (f" No schedule with a new placement was published: the predicted optimum after the change "
+                      f"({rp['optimum_after_plan']}) places the work as before, so there was nothing to move.")
+    else:
+        measured = rp["optimum_after_measured_s"]
+        versus = (f"{rp['settled_over_optimum']} x the best time measured at these rates in the sweep ({measured} s; "
+                  f"predicted optimum {rp['optimum_after_predicted_s']} s)" if measured else
+                  f"against a predicted optimum of {rp['optimum_after_predicted_s']} s (the sweep did not run these rates)")
+        lines[-1] += (f" The schedule with a new placement (v{rp['new_placement_version']}, published for iteration "
+                      f"{rp['new_placement_published_for_iteration']}) was in effect from iteration "
+                      f"{rp['new_placement_in_effect_at']}, {rp['iterations_from_drop_to_new_placement']} iterations after "
+                      f"the drop. Its first iteration took {rp['handover_iteration_s']} s: the model's weights moved to "
+                      f"their new owner. Then it settled at {rp['settled_s']} s per iteration, {versus}.")
+    lines += ["", "Schedules published:", ""]
+    lines += [f"- v{s['version']} from iteration {s['effective_iteration']}: "
+              f"{s['policy']} {s['mapping']} b=({s['b_o']}, {s['b_s']}, {s['b_l']}) cuts ({s['m_s']}, {s['m_l']}), "
+              f"predicted {_fmt(s['iteration_s'])} s" for s in rp["schedules"]]
+    return lines + [""]

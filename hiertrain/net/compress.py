@@ -35,6 +35,16 @@ def pack_samples(x: np.ndarray) -> np.ndarray:
     return np.frombuffer(zlib.compress(d.tobytes(), 1), np.uint8)
 
 
+def sample_tensors(x: np.ndarray, compress: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A samples message's tensors and meta for ``x`` as stored: packed (``z``) when ``compress`` and
+    they are uint8, else as they are (``x``); none for no rows."""
+    if not len(x):
+        return {}, {}
+    if compress and x.dtype == np.uint8:
+        return {"z": pack_samples(x)}, {"codec": SAMPLE_CODEC}
+    return {"x": x}, {}
+
+
 def unpack_samples(z: np.ndarray, shape: tuple[int, ...], max_rows: int) -> np.ndarray:
     """The samples :func:`pack_samples` made, of per-sample ``shape``; ``ValueError`` naming why not
     (not zlib, not whole samples, more than ``max_rows``: never inflated past that bound)."""

@@ -26,7 +26,7 @@ from hiertrain import ACCOUNTS, TIERS
 from hiertrain.errors import TopicError
 
 ROOT = "hiertrain"
-TENSOR_KINDS: tuple[str, ...] = ("samples", "labels", "act", "grad", "wgrad", "weights")
+TENSOR_KINDS: tuple[str, ...] = ("samples", "act", "grad", "wgrad", "weights")
 SERVICE_KINDS: tuple[str, ...] = ("segreq", "segment",  # built segments for tiers that cannot build (artifacts)
                                   "checkpoint")  # checkpoints collected in one place, fetched back to resume (collect)
 MESSAGE_KINDS: tuple[str, ...] = TENSOR_KINDS + SERVICE_KINDS

@@ -70,9 +70,11 @@ def validator(spec: ModelSpec, batch: int = 0) -> Validator:
             if set(t) != {"q"} or not all(isinstance(v, float) and np.isfinite(v) for v in (lo, scale)):
                 return "malformed compressed activations: need q and finite lo, scale"
             return _batch_of("q", t["q"], spec.shape_at(msg.layer), "uint8")
-        if msg.kind == "samples":  # uint8 as stored, maybe compressed; the labels ride with them to the loss
-            if "y" in t and (_labels(t["y"], spec.classes) or batch and len(t["y"]) > batch):
-                return _labels(t["y"], spec.classes) or f"wrong labels: {len(t['y'])} labels for a batch of {batch}"
+        if msg.kind in ("samples", "act") and "y" in t:  # labels ride with the rows towards the loss
+            why = _labels(t["y"], spec.classes)
+            if why or (batch and len(t["y"]) > batch):
+                return why or f"wrong labels: {len(t['y'])} labels for a batch of {batch}"
+        if msg.kind == "samples":  # uint8 as stored, maybe compressed
             if "z" in t and isinstance(t, dict):  # decoded here, once, into x
                 z = t.pop("z")
                 if set(t) - {"y"} or not batch or z.dtype != np.uint8 or z.ndim != 1 \
@@ -88,13 +90,12 @@ def validator(spec: ModelSpec, batch: int = 0) -> Validator:
                 return None
             return _batch_of("x", t["x"], spec.shape_at(0), "uint8" if t["x"].dtype == np.uint8 else "float32")
         if msg.kind in ("act", "grad"):
-            if set(t) - {"x"}:
-                return f"malformed: unexpected tensors {sorted(set(t) - {'x'})}"
+            extra = set(t) - ({"x", "y"} if msg.kind == "act" else {"x"})
+            if extra:
+                return f"malformed: unexpected tensors {sorted(extra)}"
             if "x" not in t:
                 return "malformed: missing tensor 'x'"
             return _batch_of("x", t["x"], spec.shape_at(msg.layer), "float32")
-        if msg.kind == "labels":
-            return _labels(t.get("y"), spec.classes) if set(t) == {"y"} else _labels(None, spec.classes)
         if msg.kind == "checkpoint" and msg.layer != 0:
             return "malformed: a checkpoint is the whole model's state (layer 0)"
         # wgrad / weights / checkpoint: named parameters (and, for a full state, optimizer moments)

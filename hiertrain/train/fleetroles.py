@@ -6,8 +6,9 @@ its ``n`` samples, taken from its own data at ``offset``, along its path (:mod:`
 - the device units 1..m (``m = 0``: its raw samples go up; ``m = U``: it computes its own loss);
 - the edge units m+1..k (``k = U``: the edge computes the loss of the member's samples);
 - the cloud units k+1..U, on the activations of every member whose ``k < U``, concatenated per cut
-  ``k`` in member order (one message per cut), with their labels (every label goes to the edge,
-  which checks each member sent as many as it has samples, and passes the cloud's on).
+  ``k`` in member order (one message per cut). Labels ride with a member's rows (its samples or its
+  activations) to the edge, which checks each member sent one per sample, and with the cut's rows
+  on to the cloud.
 
 Exact mode: the edge owns every parameter and the optimizer. A loss is computed where a member's
 samples reach the last unit, as the mean over those rows; its gradient is weighted by rows / B
