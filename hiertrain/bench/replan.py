@@ -34,7 +34,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     source, profile = calibrated_source(args)
     before, after = (_floats(args.points) + [0, 0])[:2]
     if not after:
-        raise ConfigError("--points must give two edge-cloud rates: before,after")
+        raise ConfigError(f"--points must give two rates of --link {args.link}: before,after")
     link, quotas, batch, per = args.link, source["emulation"]["quotas"], source["batch"], args.count
     fixed = {"device_edge": source["bw_device_edge"], "edge_cloud": source["rows"][0]["bw_edge_cloud"]}
     rates = {"before": {**fixed, link: before}, "after": {**fixed, link: after}}
