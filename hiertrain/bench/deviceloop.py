@@ -40,7 +40,9 @@ def schedules() -> list[Schedule]:
 
 def _per_iteration(rows: list[dict[str, Any]], key: str) -> Optional[float]:
     """Median increase of a cumulative counter between consecutive reports one iteration apart."""
-    steps = [b[key] - a[key] for a, b in zip(rows, rows[1:]) if b["iteration"] == a["iteration"] + 1 and key in a]
+    from hiertrain.lab.local import consecutive
+
+    steps = [b[key] - a[key] for a, b in consecutive(rows) if key in a]
     return statistics.median(steps) if steps else None
 
 

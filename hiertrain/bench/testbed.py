@@ -157,13 +157,13 @@ def message_cost(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version
     telemetry (CPU of every thread less compute, over the messages it sent and received)."""
     import statistics
 
-    from hiertrain.lab.local import reports
+    from hiertrain.lab.local import consecutive, reports
 
     rows = [p for p in reports(telemetry, tier, version, skip=skip) if "cpu_s" in p]
     cpu, stretch = [], []
-    for a, b in zip(rows, rows[1:]):
+    for a, b in consecutive(rows):
         msgs = b["messages_sent"] - a["messages_sent"] + b["messages_received"] - a["messages_received"]
-        if b["iteration"] == a["iteration"] + 1 and msgs > 0 and b["compute_cpu_s"] > 0:
+        if msgs > 0 and b["compute_cpu_s"] > 0:
             cpu.append((b["cpu_s"] - b["compute_cpu_s"]) / msgs)
             stretch.append(sum(b["phases"].values()) / b["compute_cpu_s"])
     return (round(statistics.median(cpu), 6), round(statistics.median(stretch), 3)) if cpu else None

@@ -286,6 +286,11 @@ def reports(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version: int
                   key=lambda p: p["iteration"])[skip:]
 
 
+def consecutive(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pairs of :func:`reports` one iteration apart: a cumulative counter's increase over one iteration."""
+    return [(a, b) for a, b in zip(rows, rows[1:]) if b["iteration"] == a["iteration"] + 1]
+
+
 def reference(cluster: LocalCluster, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:
     """Single-process training (SGD, the cluster's rate) on the batches the device draws."""
     from hiertrain.train.hybrid import SingleProcess
