@@ -134,6 +134,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"iterations = {c.iterations} must be >= 0")
     if not 0 < c.timeout_s <= MAX_TIMEOUT_S:  # also refuses inf and nan
         raise bad(f"timeout_s = {c.timeout_s} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    if c.holdout < 0:
+        raise bad(f"[eval] holdout = {c.holdout} must be >= 0")
     if c.threads < 0:
         raise bad(f"[runtime] threads = {c.threads} must be >= 0 (0: all cores)")
     if c.chunk_bytes < 1 << 10:
@@ -142,14 +144,12 @@ def _check_limits(c: TierConfig, path: Any) -> None:
     if limit and c.chunk_bytes + FRAME_HEADER_BYTES > limit:
         raise bad(f"[runtime] chunk_kb = {c.chunk_bytes >> 10} does not fit the broker's max_packet_size of "
                   f"{limit >> 10} KiB (at most {(limit - FRAME_HEADER_BYTES) >> 10})")
-    if not isinstance(c.compress_samples, bool):
-        raise bad(f"[data] compress = {c.compress_samples!r}: expected true or false")
     if c.checkpoint_every < 0:
         raise bad(f"[checkpoint] every = {c.checkpoint_every} must be >= 0")
     if c.checkpoint_keep < 1:
         raise bad(f"[checkpoint] keep = {c.checkpoint_keep} must be >= 1")
-    if c.checkpoint_collect is not False and (c.checkpoint_collect is not True or c.checkpoint_dir is None):
-        raise bad("[checkpoint] collect = true needs a dir to collect into (and collect is true or false)")
+    if c.checkpoint_collect and c.checkpoint_dir is None:
+        raise bad("[checkpoint] collect = true needs a dir to collect into")
     if c.fleet and c.tier == "edge" and c.fleet_file is None:
         raise bad("[fleet] on the edge needs file = \"fleet.toml\": the devices it plans (hiertrain plan-fleet's file)")
     if c.fleet and c.tier == "edge":  # (the planner is the edge's: a device need not have it)
@@ -182,47 +182,51 @@ def _model(cfg: Any, name: str) -> str:
     return str(cfg.resolve(name)) if is_file(name) else name
 
 
+TABLES: dict[str, dict[str, config.Kind]] = {
+    "train": {"model": str, "batch": int, "optimizer": str, "lr": float, "weight_decay": float, "seed": int,
+              "iterations": int, "timeout_s": float},
+    "runtime": {"threads": int, "cache": str, "segments": str, "chunk_kb": int},
+    "checkpoint": {"dir": str, "every": int, "keep": int, "collect": bool},
+    "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
+    "eval": {"holdout": int},
+    "profile": {"file": str},
+    "fleet": {"file": str, "devices": int, "log": str, "policy": str},
+}
+"""A tier config's tables and their keys: anything else is refused at load, naming it."""
+
+
 def load(tier: str, path: str | os.PathLike) -> TierConfig:
     if tier not in TIERS:
         raise ConfigError(f"unknown tier {tier!r}")
-    cfg = config.load(path)
-    train, rt, ck, data, ev, prof, fleet = (cfg.section(s) for s in ("train", "runtime", "checkpoint", "data", "eval",
-                                                                      "profile", "fleet"))
-
-    def get(section: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-        value = section.get(key, default)
-        try:
-            return kind(value) if value is not None else None
-        except (TypeError, ValueError):
-            raise ConfigError(f"{cfg.path}: {key} = {value!r} is not a {kind.__name__}") from None
+    cfg = config.load(path).only_tables(TABLES)
+    train, rt, ck, data, ev, prof, fleet = (cfg.table(name, keys) for name, keys in TABLES.items())
 
     try:
-        optimizer = OptimizerConfig(get(train, "optimizer", str, "sgd"), lr=get(train, "lr", float, 0.05),
-                                    weight_decay=get(train, "weight_decay", float, 0.0))
+        optimizer = OptimizerConfig(train.get("optimizer", "sgd"), lr=train.get("lr", 0.05),
+                                    weight_decay=train.get("weight_decay", 0.0))
     except Exception as exc:
         raise ConfigError(f"{cfg.path}: {exc}") from None
     out = TierConfig(
         tier=tier, job=cfg.job, endpoint=cfg.endpoint,
-        model=_model(cfg, get(train, "model", str, "lenet5")), batch=get(train, "batch", int, 32), optimizer=optimizer,
-        seed=get(train, "seed", int, 0), iterations=get(train, "iterations", int, 100),
-        timeout_s=get(train, "timeout_s", float, 60.0),
-        threads=get(rt, "threads", int, 0),
-        cache=cfg.resolve(str(rt["cache"])) if "cache" in rt else None,
-        segments_dir=cfg.resolve(str(rt["segments"])) if "segments" in rt else None,
-        chunk_bytes=get(rt, "chunk_kb", int, 256) << 10,
-        checkpoint_dir=cfg.resolve(str(ck["dir"])) if "dir" in ck else None,
-        checkpoint_every=get(ck, "every", int, 0), checkpoint_keep=get(ck, "keep", int, 3),
+        model=_model(cfg, train.get("model", "lenet5")), batch=train.get("batch", 32), optimizer=optimizer,
+        seed=train.get("seed", 0), iterations=train.get("iterations", 100), timeout_s=train.get("timeout_s", 60.0),
+        threads=rt.get("threads", 0),
+        cache=cfg.resolve(rt["cache"]) if "cache" in rt else None,
+        segments_dir=cfg.resolve(rt["segments"]) if "segments" in rt else None,
+        chunk_bytes=rt.get("chunk_kb", 256) << 10,
+        checkpoint_dir=cfg.resolve(ck["dir"]) if "dir" in ck else None,
+        checkpoint_every=ck.get("every", 0), checkpoint_keep=ck.get("keep", 3),
         checkpoint_collect=ck.get("collect", False),
-        dataset=get(data, "dataset", str, "synthetic"),
-        data_path=str(cfg.resolve(str(data["path"]))) if "path" in data else None,
-        data_entry=get(data, "entry", str, None), data_label=get(data, "label", str, None),
+        dataset=data.get("dataset", "synthetic"),
+        data_path=str(cfg.resolve(data["path"])) if "path" in data else None,
+        data_entry=data.get("entry"), data_label=data.get("label"),
         data_shard=_shard(data.get("shard"), cfg.path), compress_samples=data.get("compress", False),
-        holdout=get(ev, "holdout", int, 0), path=cfg.path,
-        profile=_profile(cfg.resolve(str(prof["file"])), tier) if "file" in prof else None,
-        fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(str(fleet["file"])) if "file" in fleet else None,
-        fleet_devices=get(fleet, "devices", int, 1),
-        fleet_log=cfg.resolve(str(fleet["log"])) if "log" in fleet else None,
-        fleet_policy=get(fleet, "policy", str, "hiertrain"),
+        holdout=ev.get("holdout", 0), path=cfg.path,
+        profile=_profile(cfg.resolve(prof["file"]), tier) if "file" in prof else None,
+        fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(fleet["file"]) if "file" in fleet else None,
+        fleet_devices=fleet.get("devices", 1),
+        fleet_log=cfg.resolve(fleet["log"]) if "log" in fleet else None,
+        fleet_policy=fleet.get("policy", "hiertrain"),
     )
     _check_limits(out, cfg.path)
     from hiertrain.train import models

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 from hiertrain import MAX_BATCH
 from hiertrain.net import topics
-from hiertrain.config import ServiceConfig
+from hiertrain.config import Kind, ServiceConfig
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
@@ -43,21 +43,22 @@ from hiertrain.planner.replan import LINKS, PlannerState
 log = logging.getLogger("hiertrain.planner")
 
 
+PLANNER_KEYS: dict[str, Kind] = {"batch": int, "policy": str, "cost_model": str, "hysteresis": float, "lead": int,
+                                 "profile": str, **{f"bw_{link}": float for link in LINKS}}
+
+
 def state_from_config(cfg: ServiceConfig) -> PlannerState:
-    sec = cfg.section("planner")
-    try:
-        state = PlannerState(batch=int(sec["batch"]), policy=str(sec.get("policy", "hiertrain")),
-                             cost_model=str(sec.get("cost_model", "paper")),
-                             hysteresis=float(sec.get("hysteresis", 0.2)), lead=int(sec.get("lead", 2)))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{cfg.path}: [planner] needs batch (and numeric options): {exc}") from None
-    if not 1 <= state.batch <= MAX_BATCH or not 0 < state.hysteresis < 10 or state.lead < 0:
-        raise ConfigError(f"{cfg.path}: [planner] 1 <= batch <= 65536, 0 < hysteresis < 10, lead >= 0 required")
+    sec = cfg.only_tables(["planner"]).table("planner", PLANNER_KEYS)
+    if "batch" not in sec:
+        raise ConfigError(f"{cfg.path}: [planner] needs batch = B (the job's batch size)")
+    state = PlannerState(batch=sec["batch"], policy=sec.get("policy", "hiertrain"),
+                         cost_model=sec.get("cost_model", "paper"), hysteresis=sec.get("hysteresis", 0.2),
+                         lead=sec.get("lead", 2))
     if "profile" in sec:
         state.profile = Profile.load(cfg.resolve(str(sec["profile"])))
     for link in LINKS:
         if f"bw_{link}" in sec:
-            state.on_rate(link, float(sec[f"bw_{link}"]))
+            state.on_rate(link, sec[f"bw_{link}"])
     return state
 
 

@@ -194,7 +194,7 @@ def test_accounts_are_bound_to_their_job_and_read_only_what_their_role_needs(bou
     ({"threads": -4}, {}, "threads = -4 must be >= 0"),
     ({}, {"timeout_s": float("inf")}, "timeout_s = inf must be a finite number"),
     ({}, {"batch": 10**8}, "batch = 100000000 is not in 1..65536"),
-    ({}, {}, "[data] compress = 'yes': expected true or false"),
+    ({}, {}, "[data] compress = 'yes' is not true or false"),
 ])
 def test_config_that_cannot_work_is_refused_in_one_line(bound, tmp_path, runtime, train, why):
     bdir, _ = bound
