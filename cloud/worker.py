@@ -9,7 +9,7 @@ with its share of the loss.
 
 from __future__ import annotations
 
-from hiertrain.errors import PlanError
+from hiertrain.errors import ProtocolError
 from hiertrain.fleetservice import FleetService
 from hiertrain.train.fleetroles import Round, add_into
 from hiertrain.train.roles import Params
@@ -30,7 +30,7 @@ class CloudWorker(FleetService):
         for k, group in rnd.cloud_groups():
             t = self.take("samples" if k == 0 else "act", "edge", r, k).tensors
             if "x" not in t or "y" not in t or len(t["x"]) != len(t["y"]):
-                raise PlanError(f"the edge sent cut {k}'s rows of round {r} without as many labels")
+                raise ProtocolError(f"the edge sent cut {k}'s rows of round {r} without as many labels")
             x, y = t["x"], t["y"]
             w = rnd.weight(len(y))
             part_loss, gk, g = self.part.loss(params, k + 1, x, y, w)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hiertrain.errors import ProtocolError
 from hiertrain.fleetservice import FleetService
 from hiertrain.net.compress import sample_tensors
 from hiertrain.train.fleetroles import Round
@@ -29,7 +30,10 @@ class DeviceWorker(FleetService):
         return self.serve(f"fleet device with {len(self.data)} samples")
 
     def work(self, rnd: Round, params: Params) -> None:
-        mb = rnd.member(self.account)  # PlanError if it is not one (an older plan): the next round then
+        mb = next((m for m in rnd.members if m.name == self.account), None)
+        if mb is None:
+            raise ProtocolError(f"the edge sent weights of round {rnd.round}, whose members do not include "
+                                f"{self.account}")
         x, y = self.data.take_raw((mb.offset + np.arange(mb.n)) % len(self.data))
         r, U = rnd.round, self.units
         if mb.m == U:

@@ -34,7 +34,7 @@ import numpy as np
 from hiertrain.net import topics
 from hiertrain.train import checkpoint
 from hiertrain.config import read_toml
-from hiertrain.errors import ConfigError, MissingMessage, TierLost
+from hiertrain.errors import ConfigError, Diverged, MissingMessage, SegmentError, TierLost
 from hiertrain.train.fleetroles import Member, Round, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
@@ -193,7 +193,9 @@ class Coordinator(FleetService):
         who = redo.who
         self.excluded[who] = True
         self.transport.mailbox.forget(who)
-        print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}; redone without it", flush=True)
+        why = self.transport.errors.pop(who, None)
+        print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}{f' ({why})' if why else ''}; "
+              f"redone without it", flush=True)
 
     def _record(self, rnd: Round, loss: float, seconds: float, logf: Any) -> None:
         assert self.plan is not None
@@ -248,7 +250,12 @@ class Coordinator(FleetService):
             labels[mb.name] = y
             if mb.k == U:
                 w = rnd.weight(mb.n)
-                part_loss, gm, g = part.loss(P, mb.m + 1, x, y, w)
+                try:
+                    part_loss, gm, g = part.loss(P, mb.m + 1, x, y, w)
+                except SegmentError as exc:
+                    raise SegmentError(f"edge: step {rnd.step}, training {mb.name}'s samples "
+                                       f"{mb.offset}..{mb.offset + mb.n - 1}: {exc}") from None
+                self._finite(rnd, part_loss, f"the loss of {mb.name}'s samples {mb.offset}..{mb.offset + mb.n - 1}")
                 loss += w * part_loss
                 add_into(grads, g)
                 if mb.m:
@@ -273,15 +280,28 @@ class Coordinator(FleetService):
         if cloud:
             msg = self.take("wgrad", "cloud", r, U)
             add_into(grads, msg.tensors)
-            loss += float(msg.meta.get("loss", math.nan))
+            part_loss = float(msg.meta.get("loss", math.nan))
+            self._finite(rnd, part_loss, "the cloud's loss of " + ", ".join(
+                f"{mb.name}'s samples" for _, group in groups.items() for mb in group))
+            loss += part_loss
         for mb in rnd.members:                                 # the devices' parameter gradients
             if mb.m:
                 msg = self.take("wgrad", mb.name, r, mb.m)
                 add_into(grads, msg.tensors)
                 if mb.m == U:
-                    loss += float(msg.meta.get("loss", math.nan))
+                    part_loss = float(msg.meta.get("loss", math.nan))
+                    self._finite(rnd, part_loss, f"the loss {mb.name} computed on its samples "
+                                                 f"{mb.offset}..{mb.offset + mb.n - 1}")
+                    loss += part_loss
         self.params = self.optimizer.step(P, grads)
         return loss
+
+    def _finite(self, rnd: Round, loss: float, what: str) -> None:
+        """A loss that is not finite ends the run, naming whose samples gave it (the devices' own
+        sends are checked where they leave)."""
+        if not math.isfinite(loss):
+            raise Diverged(f"edge: training diverged in step {rnd.step}: {what} is {loss}; lower the learning "
+                           f"rate (now {self.cfg.optimizer.lr}) or check that device's data")
 
     def arrivals(self, rnd: Round) -> Any:
         """The members whose input the edge continues (m < U), each as soon as its activations (or

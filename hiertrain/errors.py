@@ -57,3 +57,23 @@ class BrokerError(HiertrainError):
 
 class PlanError(HiertrainError, ValueError):
     """A profile, schedule or planning request that cannot be planned."""
+
+
+class Diverged(HiertrainError):
+    """Training diverged: a loss, weight, activation or gradient is not finite. Names the tier, the
+    iteration and the value, and the fix. Never caught to carry on: the run that diverged ends."""
+
+
+class ProtocolError(HiertrainError):
+    """A peer sent what the protocol does not allow at this point (rows without their labels, a
+    malformed request or round): the message is refused and named, the service carries on."""
+
+
+class SegmentError(HiertrainError):
+    """onnxruntime failed running a built segment on the inputs it was given (the segment and the
+    kernel's own message named). Non-finite values inside the model, a sign of divergence, fail so."""
+
+
+class ArtifactError(HiertrainError):
+    """A segment artifact that cannot be used: absent, incomplete, not matching its SHA-256, built
+    from another model, or refused by the builder asked for it."""

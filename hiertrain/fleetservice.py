@@ -17,7 +17,7 @@ import numpy as np
 
 from hiertrain.net import topics
 from hiertrain.train import models, segments
-from hiertrain.errors import HiertrainError, MissingMessage, PlanError
+from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError
 from hiertrain.train.fleetroles import Part, Round
 from hiertrain.train.segments import Runtime
 from hiertrain.tierconfig import TierConfig
@@ -54,7 +54,7 @@ class FleetService:
         for name, t in tensors.items():
             why = non_finite(f"{kind} {name} to {dest}", t)
             if why:
-                raise PlanError(f"{self.account}: training diverged in round {rnd} ({why}); lower the learning "
+                raise Diverged(f"{self.account}: training diverged in round {rnd} ({why}); lower the learning "
                                 f"rate (now {self.cfg.optimizer.lr})")
         self.transport.send(Message(kind, self.cfg.job, self.account, dest, rnd, layer, tensors, 0, meta))
 
@@ -79,23 +79,28 @@ class FleetService:
 
     def serve(self, hello: str) -> int:
         """A worker's life: wait for each round, do its part (:meth:`work`), until the edge ends the run.
-        A round given up for a newer one, or one it has no part in (an older plan), is left for the next."""
+        A round given up for a newer one is left for the next, and so is one the edge sent that breaks
+        the protocol (named in the log). Divergence ends the run, naming this worker and the value."""
         with self.transport:
             print(f"{self.account}: {hello}, waiting for the edge's rounds", flush=True)
             done = -1
-            while True:
-                got = self.next_round(done)
-                if got is None:
-                    print(f"{self.account}: the edge ended the run after round {done}", flush=True)
-                    return 0
-                rnd, params = got
-                try:
-                    self.work(rnd, params)
-                except Abandoned as exc:
-                    print(f"{self.account}: {exc}", flush=True)
-                except PlanError as exc:
-                    log.warning("%s: round %d: %s", self.account, rnd.round, exc)
-                done = rnd.round
+            try:
+                while True:
+                    got = self.next_round(done)
+                    if got is None:
+                        print(f"{self.account}: the edge ended the run after round {done}", flush=True)
+                        return 0
+                    rnd, params = got
+                    try:
+                        self.work(rnd, params)
+                    except Abandoned as exc:
+                        print(f"{self.account}: {exc}", flush=True)
+                    except ProtocolError as exc:
+                        log.warning("%s: refused round %d: %s", self.account, rnd.round, exc)
+                    done = rnd.round
+            except HiertrainError as exc:
+                self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
+                raise
 
     def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
@@ -117,7 +122,7 @@ class FleetService:
                 return None
             try:
                 return Round.from_meta(msg.meta), dict(msg.tensors)
-            except PlanError as exc:
+            except ProtocolError as exc:
                 log.warning("%s: ignored round %d from the edge: %s", self.account, r, exc)
 
     def _layer_of(self, rnd: int) -> int:

@@ -42,7 +42,7 @@ from hiertrain.net import topics
 from hiertrain.train import artifacts, checkpoint, collect, models, segments
 from hiertrain.net.compress import dequantize, pack_samples, quantize, sample_tensors
 from hiertrain.train.data import normalize
-from hiertrain.errors import HiertrainError, MissingMessage, PlanError, TierLost
+from hiertrain.errors import Diverged, HiertrainError, MissingMessage, PlanError, TierLost
 from hiertrain.failover import Failover
 from hiertrain.train.optim import Optimizer
 from hiertrain.train.roles import OwnerRole, SliceRole, StageRole, weights_of
@@ -146,7 +146,7 @@ class TierService(Failover):
         for name, t in tensors.items():  # the receiver would drop it and wait: fail here, naming the cause
             why = non_finite(f"{kind} {name} to {dest}", t)
             if why:
-                raise PlanError(f"{self.tier}: training diverged at iteration {iteration} ({why}); "
+                raise Diverged(f"{self.tier}: training diverged at iteration {iteration} ({why}); "
                                 f"lower the learning rate (now {self.cfg.optimizer.lr})")
         self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version,
                                     {"run": self.run_id, **meta}), bulk=bulk)
@@ -457,7 +457,7 @@ class TierService(Failover):
             self._end(i, sched)
         if "loss" in out:
             if not math.isfinite(out["loss"]):  # fail now, naming the cause, not later on a dropped message
-                raise PlanError(f"{self.tier}: training diverged at iteration {i} (loss {out['loss']}); "
+                raise Diverged(f"{self.tier}: training diverged at iteration {i} (loss {out['loss']}); "
                                 f"lower the learning rate (now {self.cfg.optimizer.lr})")
             self.done = max(self.done, i)
         out["iteration_s"] = time.perf_counter() - t_start

@@ -76,3 +76,30 @@ def test_the_cloud_lost_mid_run_is_planned_around_and_every_step_stays_single_pr
         losses, params = c.replay()
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
         assert rel(c.final().params, params) < 1e-4
+
+
+@pytest.mark.parametrize("path,ends", [((1, U), "pi2"), ((0, U), "edge")])
+def test_a_diverging_device_ends_its_run_with_one_line_naming_it(tmp_path, path, ends):
+    """A device whose data blows training up. Where the device computes (path (1, U)), its own run
+    ends saying why and the edge carries on without it, naming the reason; where the edge computes on
+    its raw samples (path (0, U)), the edge's run ends naming the device and its samples. Divergence is
+    an error of its own, never swallowed as a plan problem, and never a traceback."""
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.full((64, 3, 32, 32), 3e38, np.float32), y=rng.integers(0, 10, 64))
+    devices = [Spec("pi1", 4, path=(1, U)), Spec("pi2", 4, path=path, data={"dataset": "npz", "path": str(bad)})]
+    with FleetCluster(tmp_path, devices, iterations=4, timeout_s=30) as c:
+        c.start("cloud", "edge", "pi1", "pi2")
+        codes = c.wait(("edge", "cloud", "pi1", "pi2"), timeout=120)
+        assert codes[ends] == 1 and all("Traceback" not in c.log(n) for n in codes), {n: c.log(n)[-1500:] for n in codes}
+        if ends == "pi2":
+            assert codes == {n: int(n == ends) for n in codes}, codes
+        out = c.log(ends)
+        errors = [line for line in out.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert len(errors) == 1, out
+        if ends == "pi2":
+            assert errors[0].startswith("hiertrain: error: pi2: training diverged in round 0 (non-finite: act"), out
+            assert "given up in round 0: pi2 went failed (pi2: training diverged" in c.log("edge")
+            assert [row["step"] for row in c.step_log()] == list(range(4))
+        else:
+            assert errors[0].startswith("hiertrain: error: edge:") and "pi2's samples 0..3" in errors[0], out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hiertrain.train import data, models
-from hiertrain.errors import PlanError
+from hiertrain.errors import PlanError, ProtocolError
 from hiertrain.train.fleetroles import InProcessFleet, Member, Round
 from hiertrain.train.hybrid import SingleProcess
 from hiertrain.train.optim import Optimizer, OptimizerConfig
@@ -84,8 +84,11 @@ def test_a_round_travels_as_meta_and_bad_ones_are_refused():
         Round(0, 0, 1, U, (Member("a", 1, 0, 1, 1), Member("a", 1, 0, 1, 1)))
     with pytest.raises(PlanError, match="does not fit"):
         Round(0, 0, 1, U, (Member("a", 1, 0, 3, 2),))
-    with pytest.raises(PlanError, match="not a fleet round"):
+    with pytest.raises(ProtocolError, match="not a fleet round"):  # from the wire: refused, not a plan
         Round.from_meta({**rnd.to_meta(), "members_m": [1]})
+    with pytest.raises(ProtocolError, match="not a fleet round: member a: n = 0"):
+        Round.from_meta({**rnd.to_meta(), "members_name": ["a"], "members_n": [0], "members_offset": [0],
+                         "members_m": [1], "members_k": [1]})
 
 
 def test_the_edge_redoes_a_round_without_a_member_whose_rows_and_labels_disagree():

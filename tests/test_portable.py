@@ -23,7 +23,7 @@ import pytest
 from cluster import dump, reference, rel, schedule
 from hiertrain.lab import arm64
 from hiertrain.train import artifacts, models, segments
-from hiertrain.errors import PlanError
+from hiertrain.errors import ArtifactError
 from hiertrain.lab.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_a_segment_directory_is_verified_and_a_tampered_file_refused(tmp_path):
     assert segments.load(path, "body", False).params == tuple(spec.param_shapes(1, 3))
     k = segments.key(spec, 2, 7, "head", True)
     (tmp_path / "segs" / k / "step.onnx").write_bytes(b"not the graph that was built")
-    with pytest.raises(PlanError, match="step.onnx does not match its SHA-256"):
+    with pytest.raises(ArtifactError, match="step.onnx does not match its SHA-256"):
         get(spec, 2, 7, "head", True, tmp_path / "cache")
     assert not (tmp_path / "cache" / k).exists()
 
@@ -67,10 +67,10 @@ def test_a_builder_serves_segments_to_a_runner_over_mqtt(mosquitto, connect, tmp
     assert segments.load(path, "body", False).stash
     assert artifacts.digests(path) == artifacts.digests(tmp_path / "edge-cache" / req.key)
     bad = artifacts.Request("lenet5", 1, 4, "body", False, "lenet5/1-4-body-000000000000")
-    with pytest.raises(PlanError, match="edge refused segment .*differs from the builder's"):
+    with pytest.raises(ArtifactError, match="edge refused segment .*differs from the builder's"):
         fetch(bad, tmp_path / "device-cache")
     other = artifacts.Request.of(models.get("alexnet-small"), 1, 2, "body", False)
-    with pytest.raises(PlanError, match="this job trains lenet5, not alexnet-small"):
+    with pytest.raises(ArtifactError, match="this job trains lenet5, not alexnet-small"):
         fetch(other, tmp_path / "device-cache")
     edge.service[artifacts.REQUEST].put(None)
     assert server.served == 3

@@ -132,6 +132,7 @@ class Transport:
         self.chunk_bytes = chunk_bytes
         self.validator = validator
         self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
+        self.errors: dict[str, str] = {}  # peer -> the error its newest "failed" status gave
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
         # segments and checkpoints bypass the mailbox: they belong to no iteration. A checkpoint is a
@@ -537,6 +538,8 @@ class Transport:
         if earlier:
             return f"stale status: from a process of {account!r} older than the one seen"
         state = status.get("state")
+        if state == "failed" and isinstance(status.get("error"), str):
+            self.errors[account] = status["error"][:500]  # why it failed, in its own words (for logs)
         with self._lock:
             if not retained or session != seen_session:  # published on this broker (not kept from before)
                 self._unheard.discard(account)

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from hiertrain.train import segments
-from hiertrain.errors import PlanError
+from hiertrain.errors import ArtifactError, PlanError, ProtocolError
 from hiertrain.train.models import ModelSpec
 from hiertrain.net.validate import ARTIFACT_FILES as FILES
 from hiertrain.net.wire import MAX_INT, Message
@@ -69,11 +69,11 @@ class Request:
         try:
             req = cls(meta["model"], meta["first"], meta["last"], meta["seg_kind"], meta["input_grad"], meta["key"])
         except KeyError as exc:
-            raise PlanError(f"segment request lacks {exc}") from None
+            raise ProtocolError(f"segment request lacks {exc}") from None
         if not (isinstance(req.model, str) and isinstance(req.key, str) and req.kind in ("body", "head")
                 and isinstance(req.input_grad, bool)
                 and all(type(v) is int and 0 <= v <= 100_000 for v in (req.first, req.last))):
-            raise PlanError(f"malformed segment request {meta!r}")
+            raise ProtocolError(f"malformed segment request {meta!r}")
         return req
 
 
@@ -84,12 +84,12 @@ def digests(path: Path) -> dict[str, str]:
 
 def _verify(key: str, files: dict[str, bytes], hashes: dict[str, str]) -> None:
     if "meta.json" not in files or not ({"step.onnx"} <= set(files) or {"forward.onnx", "backward.onnx"} <= set(files)):
-        raise PlanError(f"segment {key}: incomplete artifact ({sorted(files)})")
+        raise ArtifactError(f"segment {key}: incomplete artifact ({sorted(files)})")
     for name, data in files.items():
         if name not in FILES:
-            raise PlanError(f"segment {key}: unexpected file {name!r}")
+            raise ArtifactError(f"segment {key}: unexpected file {name!r}")
         if hashlib.sha256(data).hexdigest() != hashes.get(name):
-            raise PlanError(f"segment {key}: {name} does not match its SHA-256; refusing it")
+            raise ArtifactError(f"segment {key}: {name} does not match its SHA-256; refusing it")
 
 
 def install(root: Path, key: str, files: dict[str, bytes], hashes: dict[str, str]) -> Path:
@@ -140,7 +140,7 @@ def from_dir(directory: Path, key: str, root: Path) -> Optional[Path]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
-        raise PlanError(f"segment directory {directory}: cannot read {MANIFEST}: {exc}") from None
+        raise ArtifactError(f"segment directory {directory}: cannot read {MANIFEST}: {exc}") from None
     entry = manifest.get("segments", {}).get(key)
     if entry is None:
         return None
@@ -157,7 +157,7 @@ def provider(directory: Optional[Path], fetch: Optional["Fetcher"]):
             if found is not None:
                 return found
         if fetch is None:
-            raise PlanError(f"segment {req.key} is not in {directory} and this onnxruntime cannot build it")
+            raise ArtifactError(f"segment {req.key} is not in {directory} and this onnxruntime cannot build it")
         return fetch(req, root)
     return get
 
@@ -187,16 +187,16 @@ class Server:
             try:
                 req = Request.from_meta(dict(msg.meta))
                 if req.model != self.spec.name:
-                    raise PlanError(f"this job trains {self.spec.name}, not {req.model}")
+                    raise ArtifactError(f"this job trains {self.spec.name}, not {req.model}")
                 mine = segments.key(self.spec, req.first, req.last, req.kind, req.input_grad)
                 if mine != req.key:
-                    raise PlanError(f"key {req.key} differs from the builder's {mine}: different model definitions "
-                                    f"(hiertrain versions?)")
+                    raise ArtifactError(f"key {req.key} differs from the builder's {mine}: different model definitions "
+                                        f"(hiertrain versions?)")
                 built = segments.build(self.spec, req.first, req.last, kind=req.kind, input_grad=req.input_grad,
                                        root=self.root)
                 tensors, hashes = reply_tensors(built.path)
                 meta = {"key": req.key, "sha256": hashes}
-            except PlanError as exc:
+            except (ArtifactError, ProtocolError, PlanError) as exc:  # refused, saying why
                 log.warning("%s: refused a segment request from %s: %s", self.transport.account, msg.sender, exc)
                 tensors, meta = {}, {"error": str(exc)}
             except Exception as exc:  # never let one request stop the server
@@ -220,7 +220,7 @@ class Fetcher:
         deadline = time.monotonic() + self.timeout
         while not (candidates := self.builders()):
             if time.monotonic() > deadline:
-                raise PlanError(f"{self.transport.account}: this onnxruntime cannot build segments and no builder "
+                raise ArtifactError(f"{self.transport.account}: this onnxruntime cannot build segments and no builder "
                                 f"tier (onnxruntime-training) is online; copy `hiertrain segments build` output "
                                 f"here and set [runtime] segments")
             time.sleep(0.1)
@@ -235,15 +235,15 @@ class Fetcher:
             try:
                 msg = q.get(timeout=max(left, 0.001))
             except queue.Empty:
-                raise PlanError(f"{self.transport.account}: no segment {req.key} from {builder} within "
+                raise ArtifactError(f"{self.transport.account}: no segment {req.key} from {builder} within "
                                 f"{self.timeout:g} s") from None
             if msg.iteration != rid or msg.sender != builder:
                 continue  # an answer to an earlier, abandoned request
             break
         if "error" in msg.meta:
-            raise PlanError(f"{builder} refused segment {req.key}: {msg.meta['error']}")
+            raise ArtifactError(f"{builder} refused segment {req.key}: {msg.meta['error']}")
         if msg.meta.get("key") != req.key:
-            raise PlanError(f"{builder} answered with segment {msg.meta.get('key')!r}, not {req.key}")
+            raise ArtifactError(f"{builder} answered with segment {msg.meta.get('key')!r}, not {req.key}")
         hashes = dict(h.split(":", 1) for h in msg.meta.get("sha256", []) if isinstance(h, str) and ":" in h)
         path = install(root, req.key, {n: a.tobytes() for n, a in msg.tensors.items()}, hashes)
         log.info("%s: fetched segment %s from %s (%.0f KB, %.2f s), SHA-256 verified", self.transport.account,

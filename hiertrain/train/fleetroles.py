@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from hiertrain.train.data import normalize
-from hiertrain.errors import PlanError
+from hiertrain.errors import PlanError, ProtocolError
 from hiertrain.train.models import ModelSpec
 from hiertrain.train.roles import Params, weights_of
 from hiertrain.train.segments import Runtime
@@ -99,8 +99,10 @@ class Round:
                 raise ValueError("member columns of different lengths")
             members = tuple(Member(str(a), int(b), int(c), int(d), int(e)) for a, b, c, d, e in zip(*cols))
             return cls(int(meta["round"]), int(meta["step"]), int(meta["version"]), int(meta["units"]), members)
+        except PlanError as exc:
+            raise ProtocolError(f"not a fleet round: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"not a fleet round: {type(exc).__name__}: {exc}") from None
+            raise ProtocolError(f"not a fleet round: {type(exc).__name__}: {exc}") from None
 
 
 def scaled(grads: Mapping[str, np.ndarray], w: float) -> Params:

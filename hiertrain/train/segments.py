@@ -38,12 +38,17 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from hiertrain.train import lowering
-from hiertrain.errors import PlanError
+from hiertrain.errors import PlanError, SegmentError
 from hiertrain.train.models import IR_VERSION, OPSET, ModelSpec, segment_graph
 
 FORMAT = 1
 LOSS = "__loss"
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # kernel failures are raised as SegmentError, not logged twice
+_pybind = ort.capi.onnxruntime_pybind11_state
+ORT_FAILURES: tuple[type[Exception], ...] = tuple(
+    c for c in (getattr(_pybind, n, None) for n in ("Fail", "RuntimeException", "InvalidArgument", "EPFail"))
+    if isinstance(c, type))
+"""What onnxruntime raises when a kernel fails on its inputs (its pybind classes derive from Exception only)."""
 
 
 def cache_dir() -> Path:
@@ -58,7 +63,7 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     of its own, and idle pools that kept spinning would steal the cores from the one running and
     from the tier's network threads."""
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
@@ -306,7 +311,13 @@ class Segment:
 
     def _run(self, name: str, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         sess = self._session(name)
-        return sess.run(outputs, {k: feed[k] for k in sess._hiertrain_inputs})  # type: ignore[attr-defined]
+        try:
+            return sess.run(outputs, {k: feed[k] for k in sess._hiertrain_inputs})  # type: ignore[attr-defined]
+        except ORT_FAILURES as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = "; non-finite values inside the model fail so: training diverged?" if "narrowing" in first else ""
+            raise SegmentError(f"onnxruntime failed running {name} of segment {self.built.path.name}: "
+                               f"{first}{hint}") from None
 
     def forward(self, params: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Activations at the segment's end, and the stash its backward will need."""
