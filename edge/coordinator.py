@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -41,7 +42,10 @@ from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
 from hiertrain.train.roles import Params
+from hiertrain.plan import for_fleet
+from hiertrain.schedule import Schedule
 from hiertrain.tierconfig import TierConfig
+from hiertrain.edge.publisher import PlanPublisher, next_version
 
 log = logging.getLogger("hiertrain.edge")
 
@@ -76,6 +80,7 @@ class Coordinator(FleetService):
         self.paths: dict[str, F.Path] = {}
         self.version = 0
         self.plan: Optional[F.FleetPlan] = None
+        self.publisher: Optional[PlanPublisher] = None
 
     def _pinned(self, path: Any) -> Optional[dict[str, F.Path]]:
         rows_ = read_toml(path, "fleet file").get("device", [])
@@ -104,8 +109,9 @@ class Coordinator(FleetService):
             del self.excluded[name]  # gone: when it is back, it is planned again
         return [d.name for d in self.fleet.devices if d.name in online and d.name not in self.excluded]
 
-    def replan(self, names: list[str], cloud: bool) -> None:
-        """Plan ``names`` (with the cloud, or without it when it is gone) as a new plan version."""
+    def replan(self, names: list[str], cloud: bool, step: int = 0) -> None:
+        """Plan ``names`` (with the cloud, or without it when it is gone) as a new plan version, in
+        effect from ``step``, and publish it on the schedule topic."""
         sub = replace(self.fleet, devices=tuple(d for d in self.fleet.devices if d.name in names))
         if not cloud:
             sub = F.without_cloud(sub)
@@ -121,7 +127,7 @@ class Coordinator(FleetService):
             plan = F.baseline(sub, self.cfg.fleet_policy)
         if plan.parts.get("conservative_s") is None:
             plan = F.refined(sub, [plan])
-        self.version += 1
+        self.version = next_version(self.publisher, self.version)
         self.plan = plan
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())
         for name in set(names) | ({"cloud"} if cloud else set()) - planned:  # (re)joined: its past statuses are past
@@ -131,11 +137,17 @@ class Coordinator(FleetService):
         lines = F.describe(sub, plan)
         print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step) for "
               f"{', '.join(names)}:\n  " + "\n  ".join(lines), flush=True)
-        self.transport.status_extra["fleet"] = {
-            "version": self.version, "policy": plan.policy,
-            "predicted_s": plan.iteration_s if math.isfinite(plan.iteration_s) else None,
-            "paths": {n: [p.m, p.k] for n, p in self.paths.items()}}
-        self.transport.publish_status("online")
+        if self.publisher is not None:
+            self.publisher.publish(self.schedule(step))
+
+    def schedule(self, step: int) -> Schedule:
+        """The current plan as the schedule topic carries it: the plan model, versioned."""
+        assert self.plan is not None
+        names = list(self.planned[0])
+        groups = for_fleet([(n, self.samples[n], self.paths[n].m, self.paths[n].k) for n in names], units=self.units)
+        return Schedule(mapping={}, m_s=0, m_l=0, b_o=0, b_s=0, b_l=0, policy=self.plan.policy, cost_model="fleet",
+                        iteration_s=self.plan.iteration_s, version=self.version, effective_iteration=step,
+                        groups=groups, extra={"cloud": self.planned[1]})
 
     def _wait_for_fleet(self, *, cloud: bool = True) -> None:
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -148,6 +160,15 @@ class Coordinator(FleetService):
     # ------------------------------------------------------------ the run
 
     def run(self) -> int:
+        with ExitStack() as stack:
+            if self.cfg.fleet_planner is not None:
+                self.publisher = stack.enter_context(PlanPublisher(self.cfg.fleet_planner, job=self.cfg.job))
+            else:
+                print("edge: no [fleet] planner credentials: plans are not published on the schedule topic",
+                      flush=True)
+            return self._run()
+
+    def _run(self) -> int:
         with self.transport:
             print(f"edge: fleet coordinator for {len(self.fleet.devices)} devices in {self.cfg.fleet_file}; "
                   f"waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
@@ -162,7 +183,7 @@ class Coordinator(FleetService):
                         continue
                     cloud = "cloud" in self.transport.online() and "cloud" not in self.excluded
                     if (tuple(names), cloud) != self.planned:
-                        self.replan(names, cloud)
+                        self.replan(names, cloud, step)
                     rnd = Round(rnd_no, step, self.version, self.units, tuple(
                         Member(n, self.samples[n], self.offsets[n], self.paths[n].m, self.paths[n].k) for n in names))
                     rnd_no += 1

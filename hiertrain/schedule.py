@@ -6,7 +6,10 @@ O/S/L schedules are described too: a *chain* (JointDNN+: consecutive unit ranges
 tiers, all samples), optionally with its cut activations quantised to 8 bits (JALAD).
 
 On the wire it is the JSON of ``hiertrain plan --json`` plus ``version`` and
-``effective_iteration`` (shared/CONTRACTS.md).
+``effective_iteration`` (shared/CONTRACTS.md), and ``groups``: the same decision in the plan model
+every job shares (:mod:`hiertrain.plan`), checked against the O/S/L keys. A fleet's schedule has only
+``groups`` (no O/S/L mapping describes N devices): its ``mapping`` is empty and :meth:`Schedule.check`
+refuses it to a three-tier tier.
 """
 
 from __future__ import annotations
@@ -18,18 +21,10 @@ from typing import Any, Mapping, Optional
 
 from hiertrain import TIERS
 from hiertrain.errors import PlanError
+from hiertrain.plan import Plan, Stage, from_schedule
 
 ROLES: tuple[str, ...] = ("o", "s", "l")
 log = logging.getLogger("hiertrain.schedule")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Units ``first..last`` (1-based, inclusive) of a chain, on ``tier``."""
-
-    tier: str
-    first: int
-    last: int
 
 
 @dataclass(frozen=True)
@@ -50,8 +45,11 @@ class Schedule:
     effective_iteration: int = 0
     replica_every: int = 0  # K: worker_o sends the device a replica of its state every K iterations (failover)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    groups: Optional[Plan] = None  # the decision in the plan model (for a fleet: the whole decision)
 
     def __post_init__(self) -> None:
+        if self.groups is not None and not self.mapping:  # a fleet's plan: nothing of O/S/L to check
+            return
         if set(self.mapping) != set(ROLES) or sorted(self.mapping.values()) != sorted(TIERS):
             raise PlanError(f"mapping {dict(self.mapping)} must give each role o, s, l a different tier "
                             f"of {', '.join(TIERS)}")
@@ -74,6 +72,9 @@ class Schedule:
             if not self.chain or units != list(range(1, len(units) + 1)) or any(
                     st.tier not in TIERS or st.first > st.last for st in self.chain):
                 raise PlanError(f"chain {self.chain} must cover units 1..N in consecutive non-empty ranges")
+        if self.groups is not None and self.groups != from_schedule(self, units=self.groups.units,
+                                                                    batch=self.groups.batch):
+            raise PlanError(f"groups {self.groups.to_json()} do not describe this schedule's O/S/L placement")
 
     # ------------------------------------------------------------------ views
 
@@ -82,8 +83,21 @@ class Schedule:
         return self.b_o + self.b_s + self.b_l
 
     @property
+    def is_fleet(self) -> bool:
+        return not self.mapping
+
+    def plan(self, *, units: int, batch: int) -> Plan:
+        """This decision in the plan model."""
+        return self.groups if self.groups is not None else from_schedule(self, units=units, batch=batch)
+
+    def with_groups(self, *, units: int, batch: int) -> "Schedule":
+        return replace(self, groups=from_schedule(self, units=units, batch=batch))
+
+    @property
     def working(self) -> frozenset[str]:
         """The tiers that compute under this schedule (the others are idle)."""
+        if self.groups is not None:
+            return self.groups.working
         if self.chain is not None:
             return frozenset(st.tier for st in self.chain)
         return frozenset(t for r, t in self.mapping.items() if r == "o" or self.samples(r))
@@ -103,6 +117,10 @@ class Schedule:
 
     def check(self, *, n_units: int, batch: Optional[int] = None) -> "Schedule":
         """Raise :class:`PlanError` if the schedule does not fit a model of ``n_units`` and ``batch``."""
+        if self.is_fleet:
+            raise PlanError(f"schedule version {self.version} is a fleet's plan, not a three-tier schedule")
+        if self.groups is not None and self.groups.units != n_units:
+            raise PlanError(f"schedule's groups cover {self.groups.units} units, the model has {n_units}")
         if self.m_l > n_units:
             raise PlanError(f"cut m_l = {self.m_l} is beyond the model's {n_units} units")
         if self.chain is not None and self.chain[-1].last != n_units:
@@ -114,6 +132,10 @@ class Schedule:
 
     def describe(self) -> str:
         """One line for people: who does what, and the predicted time."""
+        if self.is_fleet:
+            assert self.groups is not None
+            who = ", ".join(f"{g.name} ({g.samples})" for g in self.groups.groups)
+            return f"{self.policy}: fleet of {len(self.groups.groups)}: {who}; {self.iteration_s:.4f} s/step"
         if self.chain is not None:
             where = " -> ".join(f"{st.tier}[{st.first}..{st.last}]" for st in self.chain)
             extra = f", cut activations in {self.compress_bits} bits" if self.compress_bits else ""
@@ -130,15 +152,17 @@ class Schedule:
     # ------------------------------------------------------------------- JSON
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "policy": self.policy, "cost_model": self.cost_model, "mapping": dict(self.mapping),
-            "m_s": self.m_s, "m_l": self.m_l, "b_o": self.b_o, "b_s": self.b_s, "b_l": self.b_l,
-            "iteration_s": self.iteration_s if math.isfinite(self.iteration_s) else None,  # strict JSON: no NaN
-            "solve_s": self.solve_s,
-        }
+        out: dict[str, Any] = {"policy": self.policy, "cost_model": self.cost_model}
+        if not self.is_fleet:
+            out.update({"mapping": dict(self.mapping), "m_s": self.m_s, "m_l": self.m_l, "b_o": self.b_o,
+                        "b_s": self.b_s, "b_l": self.b_l})
+        out.update({"iteration_s": self.iteration_s if math.isfinite(self.iteration_s) else None,  # strict JSON
+                    "solve_s": self.solve_s})
         if self.chain is not None:
             out["plan"] = {"kind": "chain", "stages": [[s.tier, s.first, s.last] for s in self.chain],
                            "compress_bits": self.compress_bits}
+        if self.groups is not None:
+            out["groups"] = self.groups.to_json()
         if self.replica_every:
             out["replica_every"] = self.replica_every
         if self.version or self.effective_iteration:
@@ -152,20 +176,24 @@ class Schedule:
         if not isinstance(data, dict):
             raise PlanError(f"a schedule is a JSON object, not {type(data).__name__}")
         try:
+            groups = Plan.from_json(data["groups"]) if "groups" in data else None
             plan = data.get("plan") or {}
             chain = None
             if plan.get("kind") == "chain":
                 chain = tuple(Stage(str(t), int(a), int(b)) for t, a, b in plan["stages"])
             known = {"policy", "cost_model", "mapping", "m_s", "m_l", "b_o", "b_s", "b_l", "iteration_s",
-                     "solve_s", "plan", "version", "effective_iteration", "replica_every"}
+                     "solve_s", "plan", "version", "effective_iteration", "replica_every", "groups"}
+            fleet = groups is not None and "mapping" not in data
             return cls(
-                mapping=dict(data["mapping"]), m_s=data["m_s"], m_l=data["m_l"], b_o=data["b_o"],
-                b_s=data["b_s"], b_l=data["b_l"], policy=str(data.get("policy", "hiertrain")),
+                mapping={} if fleet else dict(data["mapping"]), m_s=0 if fleet else data["m_s"],
+                m_l=0 if fleet else data["m_l"], b_o=0 if fleet else data["b_o"], b_s=0 if fleet else data["b_s"],
+                b_l=0 if fleet else data["b_l"], policy=str(data.get("policy", "hiertrain")),
                 cost_model=str(data.get("cost_model", "paper")),
-                iteration_s=float(math.nan if data.get("iteration_s") is None else data["iteration_s"]), solve_s=float(data.get("solve_s", 0.0)),
+                iteration_s=float(math.nan if data.get("iteration_s") is None else data["iteration_s"]),
+                solve_s=float(data.get("solve_s", 0.0)),
                 chain=chain, compress_bits=int(plan.get("compress_bits", 0)),
                 version=data.get("version", 0), effective_iteration=data.get("effective_iteration", 0),
-                replica_every=data.get("replica_every", 0),
+                replica_every=data.get("replica_every", 0), groups=groups,
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -311,10 +311,8 @@ class TierService(Failover):
     # --------------------------------------------------------------- ownership
 
     def _owned(self, sched: Schedule, tier: str) -> frozenset[int]:
-        """The units whose weights and optimizer state ``tier`` holds under ``sched``."""
-        if sched.chain is not None:
-            return frozenset(u for st in sched.chain if st.tier == tier for u in range(st.first, st.last + 1))
-        return frozenset(range(1, self.spec.n_units + 1)) if sched.tier_of("o") == tier else frozenset()
+        """The units whose weights and optimizer state ``tier`` holds under ``sched`` (the plan model's owners)."""
+        return sched.plan(units=self.spec.n_units, batch=self.cfg.batch).owned(tier)
 
     def _names(self, units: frozenset[int]) -> dict[str, tuple[int, ...]]:
         return {k: v for u in sorted(units) for k, v in self.spec.param_shapes(u, u).items()}

@@ -37,12 +37,13 @@
     devices = 3                   # the edge's: how many devices to wait for before the first step
     log = "fleet-log.jsonl"       # the edge's: one line per step, who trained which samples
     policy = "hiertrain"          # the edge's: or a baseline: edgesplit, all-local, all-edge, all-cloud, ...
+    planner = "broker/credentials/planner.json"  # the edge's: publishes each plan on the schedule topic
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,6 +86,7 @@ class TierConfig:
     fleet_devices: int = 1              # the edge waits for this many devices before the first step
     fleet_log: Optional[Path] = None    # the edge's: one JSON line per step (who trained which samples)
     fleet_policy: str = "hiertrain"     # the edge's: the fleet planner, or a baseline (plan-fleet lists them)
+    fleet_planner: Optional[Endpoint] = None  # the edge's: the planner's account, to publish plans on the schedule topic
 
     def load_data(self, spec: Any) -> Any:
         """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
@@ -166,6 +168,16 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
 
 
+def _planner(cfg: Any, credentials: str) -> Endpoint:
+    """The planner's account for the fleet's coordinator, on the edge's own broker (and standbys)."""
+    ep = Endpoint.load(cfg.resolve(credentials))
+    if ep.username != "planner":
+        raise ConfigError(f"{cfg.path}: [fleet] planner = {credentials!r} holds the {ep.username!r} account's "
+                          f"credentials, not the planner's (only the planner may publish schedules)")
+    edge = cfg.endpoint
+    return replace(ep, host=edge.host, port=edge.port, standby=edge.standby, tls_ca=edge.tls_ca or ep.tls_ca)
+
+
 def _shard(value: Any, path: Any) -> Optional[tuple[int, int]]:
     if value is None:
         return None
@@ -190,7 +202,7 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
     "eval": {"holdout": int},
     "profile": {"file": str},
-    "fleet": {"file": str, "devices": int, "log": str, "policy": str},
+    "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str},
 }
 """A tier config's tables and their keys: anything else is refused at load, naming it."""
 
@@ -227,6 +239,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         fleet_devices=fleet.get("devices", 1),
         fleet_log=cfg.resolve(fleet["log"]) if "log" in fleet else None,
         fleet_policy=fleet.get("policy", "hiertrain"),
+        fleet_planner=_planner(cfg, fleet["planner"]) if "planner" in fleet else None,
     )
     _check_limits(out, cfg.path)
     from hiertrain.train import models

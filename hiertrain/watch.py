@@ -10,6 +10,7 @@ from typing import Optional, TextIO
 
 from hiertrain.net import topics
 from hiertrain.config import ServiceConfig
+from hiertrain.plan import paths
 from hiertrain.schedule import Schedule, ScheduleFeed
 from hiertrain.net.transport import Transport
 
@@ -20,8 +21,12 @@ HEADER = f"{'version':>7} {'from':>6}  {'policy':<10} {'o':<6} {'s':<14} {'l':<1
 
 
 def row(s: Schedule) -> str:
-    """One table row: who plays which role on how many samples, or the chain's stages."""
-    if s.chain is not None:
+    """One table row: who plays which role on how many samples, the chain's stages, or a fleet's
+    members as device:m,k/samples (the device trains 1..m, the edge m+1..k, the cloud the rest)."""
+    if s.groups is not None and s.is_fleet:
+        roles = "fleet " + " ".join(f"{name}:{m},{k}/{g.samples}" for g, (name, (m, k))
+                                    in zip(s.groups.groups, paths(s.groups).items()))
+    elif s.chain is not None:
         where = " -> ".join(f"{st.tier}[{st.first}..{st.last}]" for st in s.chain)
         roles = f"chain {where}"
     else:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from hiertrain import TIERS
 from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
+from hiertrain.plan import handover
 from hiertrain.schedule import Schedule
 from hiertrain.planner.baselines import plan
 from hiertrain.planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time, replica_every
@@ -38,16 +39,10 @@ MAX_VERSION = 2 ** 31     # schedule versions a tier's telemetry may report
 
 
 def placement(s: Schedule) -> dict[str, Any]:
-    """What a schedule decides, without its version, timing and prediction."""
+    """What a schedule decides, without its version, timing and prediction (and the groups that only
+    restate its placement)."""
     return {k: v for k, v in s.to_json().items() if k not in ("version", "effective_iteration", "iteration_s",
-                                                                "solve_s", "replica_every")}
-
-
-def owners(s: Schedule, n_units: int) -> dict[int, str]:
-    """Unit -> the tier that holds its weights (worker_o, or the chain stage that trains it)."""
-    if s.chain is not None:
-        return {u: st.tier for st in s.chain for u in range(st.first, st.last + 1)}
-    return {u: s.tier_of("o") for u in range(1, n_units + 1)}
+                                                                "solve_s", "replica_every", "groups")}
 
 
 @dataclass
@@ -236,11 +231,11 @@ class PlannerState:
         if self.current.working & self.offline:  # the work must leave a lost tier, whatever moving costs
             return None
         n = len(profile.layers)
-        before, after = owners(self.current, n), owners(new, n)
-        moved = [u for u, t in after.items() if before.get(u) != t]
-        if not moved:
+        moves = handover(self.current.plan(units=n, batch=self.batch), new.plan(units=n, batch=self.batch))
+        if not moves:
             return None
-        a, b = before[moved[0]], after[moved[0]]
+        moved = sorted(u for units in moves.values() for u in units)
+        a, b = next(pair for pair, units in moves.items() if moved[0] in units)
         rate = {frozenset(("device", "edge")): bw.device_edge, frozenset(("edge", "cloud")): bw.edge_cloud,
                 frozenset(("device", "cloud")): min(bw.device_edge, bw.edge_cloud)}[frozenset((a, b))]
         move_s = 8e-6 * sum(profile.layers[u - 1].param_bytes for u in moved) / rate
@@ -292,6 +287,7 @@ class PlannerState:
         self.version += 1
         # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
         schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))
+        schedule = schedule.with_groups(units=profile.n_units, batch=self.batch)  # the plan model, for every reader
         self.current = schedule
         log.info("schedule version %d (%s): %s", self.version, why, schedule.to_json())
         return schedule

@@ -4,6 +4,9 @@ samples the step log names."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,6 +14,8 @@ import pytest
 
 from hiertrain.lab.fleetlocal import FleetCluster, Spec
 from hiertrain.lab.local import rel
+from hiertrain.plan import paths
+from hiertrain.schedule import Schedule
 
 pytestmark = pytest.mark.integration
 U = 7  # LeNet-5
@@ -27,6 +32,11 @@ def test_four_devices_on_every_kind_of_path_join_and_leave_and_each_step_is_sing
                Spec("pi3", 3, path=(U, U))]      # trains alone, sends its gradients
     joiner = Spec("pi4", 5, path=(1, 1))          # one unit, then the cloud
     with FleetCluster(tmp_path, devices, extra=(joiner,), iterations=14, timeout_s=60) as c:
+        observer = tmp_path / "observer.toml"  # what an operator runs: `hiertrain schedule watch` as the observer
+        observer.write_text(f'job = "{c.job}"\n[broker]\ncredentials = "{c.bdir.credentials_file("observer")}"\n')
+        with open(tmp_path / "watch.out", "w") as out:
+            watch = subprocess.Popen([sys.executable, "-m", "hiertrain", "schedule", "watch", "--config", str(observer),
+                                      "--json"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
         c.start("cloud", "edge", "pi1", "pi2", "pi3")
         c.wait_step(1)
         c.pause("pi1")                                     # holds the run while pi4 starts
@@ -55,6 +65,17 @@ def test_four_devices_on_every_kind_of_path_join_and_leave_and_each_step_is_sing
         losses, params = c.replay()
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
         assert rel(c.final().params, params) < 1e-4
+        watch.terminate()
+        watch.wait(10)
+        watched = [Schedule.from_json(json.loads(line)) for line in (tmp_path / "watch.out").read_text().splitlines()
+                   if line.startswith("{")]
+        versions = sorted({row["version"] for row in log})    # every plan a step ran, each on the schedule topic
+        assert [s.version for s in watched] == versions and len(versions) >= 3, (tmp_path / "watch.out").read_text()
+        for s in watched:                                     # as the steps ran it, from the step it took effect
+            first = next(row for row in log if row["version"] == s.version)
+            assert s.is_fleet and s.effective_iteration == first["step"]
+            assert [[g.name, g.samples, *paths(s.groups)[g.name]] for g in s.groups.groups] == \
+                [[name, n, m, k] for name, _, n, m, k in first["members"]]
 
 
 def test_the_cloud_lost_mid_run_is_planned_around_and_every_step_stays_single_process_sgd(tmp_path):

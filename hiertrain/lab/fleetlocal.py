@@ -27,6 +27,7 @@ from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError
 from hiertrain.lab.local import stop, toml
 from hiertrain.net.transport import Endpoint, Transport
+from hiertrain.schedule import Schedule
 
 JOB = "fleet"
 
@@ -83,7 +84,7 @@ class FleetCluster:
         self.stack = ExitStack()
         self.procs: dict[str, subprocess.Popen] = {}
         work.mkdir(parents=True, exist_ok=True)
-        bdir = BrokerDir(work / "broker")
+        self.bdir = bdir = BrokerDir(work / "broker")
         self.network = network
         bdir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=JOB))
         for name in self.specs:
@@ -111,7 +112,7 @@ class FleetCluster:
 
         self._edge = lambda policy: config("edge", "edge", {
             "fleet": {"file": str(self.fleet_file), "log": str(self.log_file), "devices": wait_for or len(devices),
-                      "policy": policy},
+                      "policy": policy, "planner": str(bdir.credentials_file("planner"))},
             "checkpoint": {"dir": str(self.checkpoints), "every": iterations}})
         self.configs = {
             "edge": self._edge(policy),
@@ -124,6 +125,8 @@ class FleetCluster:
         self.watch = self.stack.enter_context(Transport(watch_creds, account="planner", job=JOB, observer=True))
         for kind in ("telemetry", "status"):
             self.watch.subscribe(topics.all_of_kind(JOB, kind))
+        self.watch.subscribe(topics.schedule(JOB))
+        self.schedules: dict[int, Schedule] = {}  # version -> the plan the edge published on the schedule topic
         self.steps: dict[int, dict[str, Any]] = {}
         self.states: dict[str, Any] = {}  # account -> its newest status's state
 
@@ -193,6 +196,9 @@ class FleetCluster:
                 if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "status" \
                         and isinstance(ev.payload, dict):
                     self.states[ev.topic.account] = ev.payload.get("state")
+                if isinstance(ev.topic, topics.ScheduleTopic):
+                    sched = Schedule.from_json(ev.payload)
+                    self.schedules[sched.version] = sched
                 if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "telemetry" \
                         and ev.topic.account == "edge" and "fleet" in ev.payload:
                     self.steps[ev.payload["iteration"]] = ev.payload

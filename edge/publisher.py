@@ -1,0 +1,54 @@
+"""The fleet's plans on the schedule topic: what ``hiertrain schedule watch`` and every subscriber see.
+
+A fleet's coordinator is its planner, so it publishes each plan version it makes, retained, in the
+plan model (:mod:`hiertrain.plan`), under the **planner's** account: only the planner may publish
+schedules (the broker's ACL says so). Its status holds the job's planner lease too, so a planner
+service started by mistake for this job waits instead of publishing three-tier schedules over it.
+Versions continue above the newest one retained, so a restarted coordinator never goes back.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any, Optional
+
+from hiertrain.net import topics
+from hiertrain.net.transport import Endpoint, Transport
+from hiertrain.schedule import Schedule
+
+RETAINED_WAIT_S = 1.0  # a retained schedule arrives at once after the subscription, or there is none
+
+
+class PlanPublisher:
+    def __init__(self, endpoint: Endpoint, *, job: str) -> None:
+        self.job = job
+        self.transport = Transport(endpoint, account="planner", job=job)
+        self.transport.subscribe(topics.schedule(job))
+        self.transport.status_extra["role"] = "fleet coordinator"  # in the lease a planner service waits on
+        self.newest = 0  # the newest version on the topic (a previous run's, or ours)
+
+    def __enter__(self) -> "PlanPublisher":
+        self.transport.start()
+        deadline = time.monotonic() + RETAINED_WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self.transport.events.get(timeout=left)
+            except queue.Empty:
+                break
+            version = event.payload.get("version") if isinstance(event.payload, dict) else None
+            if type(version) is int:
+                self.newest = max(self.newest, version)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.transport.stop(state="failed" if exc_type else "stopped")
+
+    def publish(self, schedule: Schedule) -> None:
+        self.newest = max(self.newest, schedule.version)
+        self.transport.publish_json(topics.schedule(self.job), schedule.to_json(), retain=True)
+
+
+def next_version(publisher: Optional[PlanPublisher], current: int) -> int:
+    """The version a new plan takes: above ours, and above anything already on the topic."""
+    return max(current, publisher.newest if publisher is not None else 0) + 1
