@@ -11,5 +11,5 @@ def run(config: str, *, resume: bool = False) -> int:
     if cfg.fleet:
         from hiertrain.edge.coordinator import Coordinator
 
-        return Coordinator(cfg).run()
+        return Coordinator(cfg, resume=resume).run()
     return run_tier("edge", config, resume=resume)

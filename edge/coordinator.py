@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Optional
@@ -57,8 +58,10 @@ class Redo(Exception):
 
 
 class Coordinator(FleetService):
-    def __init__(self, cfg: TierConfig) -> None:
+    def __init__(self, cfg: TierConfig, *, resume: bool = False) -> None:
         super().__init__(cfg, account="edge", peers=None)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.transport.mailbox.follow(self.run_id)  # replies to an earlier coordinator's rounds are refused
         assert cfg.fleet_file is not None
         self.fleet = F.load(cfg.fleet_file)
         if self.fleet.units != self.units:
@@ -81,6 +84,7 @@ class Coordinator(FleetService):
         self.version = 0
         self.plan: Optional[F.FleetPlan] = None
         self.publisher: Optional[PlanPublisher] = None
+        self.first_step = self._resume() if resume else self._fresh()
 
     def _pinned(self, path: Any) -> Optional[dict[str, F.Path]]:
         rows_ = read_toml(path, "fleet file").get("device", [])
@@ -173,8 +177,8 @@ class Coordinator(FleetService):
             print(f"edge: fleet coordinator for {len(self.fleet.devices)} devices in {self.cfg.fleet_file}; "
                   f"waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
             self._wait_for_fleet()
-            step, rnd_no = 0, 0
-            logf = open(self.cfg.fleet_log, "w") if self.cfg.fleet_log else None
+            step, rnd_no = self.first_step, 0
+            logf = open(self.cfg.fleet_log, "a" if step else "w") if self.cfg.fleet_log else None
             try:
                 while step < self.cfg.iterations:
                     names = self.members()
@@ -232,9 +236,42 @@ class Coordinator(FleetService):
             "fleet": row["members"]})
 
     def _checkpoint(self, step: int) -> None:
+        """The state after ``step``: weights, optimizer, and every device's place in its data (a resumed
+        run trains the very samples the lost one would have)."""
         ck = checkpoint.Checkpoint(step, dict(self.params), dict(self.optimizer.moments), self.optimizer.step_count,
-                                   {"fleet_version": self.version})
+                                   {"fleet": {"version": self.version, "offsets": dict(self.offsets)}})
         checkpoint.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep)
+        self.transport.status_extra["checkpoint_iteration"] = step
+
+    def _fresh(self) -> int:
+        """A new run: an earlier run's checkpoints are set aside, not mixed with (or pruned for) its own."""
+        aside = checkpoint.set_aside(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
+        if aside is not None:
+            print(f"edge: a new run (no --resume): the earlier run's checkpoints moved to {aside}", flush=True)
+        return 0
+
+    def _resume(self) -> int:
+        """``--resume``: continue after the newest checkpoint in ``[checkpoint] dir`` (none: from step 0)."""
+        if self.cfg.checkpoint_dir is None:
+            raise ConfigError(f"{self.cfg.path}: --resume needs a [checkpoint] dir to resume from")
+        ck = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
+        if ck is None:
+            print(f"edge: no checkpoint in {self.cfg.checkpoint_dir} to resume from: starting at step 0", flush=True)
+            return 0
+        fleet = (ck.schedule or {}).get("fleet")
+        if not isinstance(fleet, dict) or not isinstance(fleet.get("offsets"), dict):
+            raise ConfigError(f"{self.cfg.checkpoint_dir}: checkpoint of step {ck.iteration} is not a fleet's "
+                              f"(it has no devices' offsets): resume it with the job that wrote it")
+        self.params = dict(ck.params)
+        self.optimizer = Optimizer(self.cfg.optimizer, self.spec.param_shapes(), step_count=ck.optimizer_step,
+                                   moments=ck.moments)
+        for name, offset in fleet["offsets"].items():
+            if name in self.offsets and type(offset) is int and offset >= 0:
+                self.offsets[name] = offset
+        self.version = int(fleet.get("version", 0))
+        self.transport.status_extra["checkpoint_iteration"] = ck.iteration
+        print(f"edge: resuming after the checkpoint of step {ck.iteration} (run {self.run_id})", flush=True)
+        return ck.iteration + 1
 
     # ------------------------------------------------------------ one round
 

@@ -5,6 +5,12 @@ The coordinator (``edge/coordinator.py``) drives; the workers (``device/worker.p
 and wait again. A worker gives a round up as soon as the coordinator starts a newer one (a member
 left and the step is redone without it), so nobody waits out a timeout for a message that will
 never come.
+
+Every message names the coordinator's *run* (one per coordinator process): the coordinator accepts
+only replies of its own run, a worker follows the run of the rounds it gets. A coordinator lost
+(its Last Will) or back as a new process (restarted with ``--resume``, or a standby's) does not end
+the workers: they drop what they held of the old run and follow the new one from its first round.
+A coordinator that *failed* (its status says why) ends them, naming its error.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 
 from hiertrain.net import topics
 from hiertrain.train import models, segments
-from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError
+from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError, TierLost
 from hiertrain.train.fleetroles import Part, Round
 from hiertrain.train.segments import Runtime
 from hiertrain.tierconfig import TierConfig
@@ -49,6 +55,7 @@ class FleetService:
         self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
                                provider=provider)
         self.part = Part(self.spec, self.runtime)
+        self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed
 
     def send(self, kind: str, dest: str, rnd: int, layer: int, tensors: dict[str, np.ndarray], **meta: Any) -> None:
         for name, t in tensors.items():
@@ -56,6 +63,8 @@ class FleetService:
             if why:
                 raise Diverged(f"{self.account}: training diverged in round {rnd} ({why}); lower the learning "
                                 f"rate (now {self.cfg.optimizer.lr})")
+        if self.run_id is not None:
+            meta = {"run": self.run_id, **meta}
         self.transport.send(Message(kind, self.cfg.job, self.account, dest, rnd, layer, tensors, 0, meta))
 
     # ---------------------------------------------------------------- workers
@@ -86,13 +95,20 @@ class FleetService:
             done = -1
             try:
                 while True:
-                    got = self.next_round(done)
+                    try:
+                        got = self.next_round(done)
+                    except TierLost as lost:
+                        done = self._edge_lost(lost)
+                        continue
                     if got is None:
                         print(f"{self.account}: the edge ended the run after round {done}", flush=True)
                         return 0
                     rnd, params = got
                     try:
                         self.work(rnd, params)
+                    except TierLost as lost:
+                        done = self._edge_lost(lost)
+                        continue
                     except Abandoned as exc:
                         print(f"{self.account}: {exc}", flush=True)
                     except ProtocolError as exc:
@@ -105,6 +121,21 @@ class FleetService:
     def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
+    def _edge_lost(self, lost: TierLost) -> int:
+        """The coordinator went away mid-run, or is back as a new process: drop the old run and wait
+        for the edge's next one (returns the round to follow from). A coordinator that failed ends
+        this worker too, with its reason."""
+        if lost.tier != "edge" or lost.state == "failed":
+            why = self.transport.errors.get(lost.tier)
+            raise TierLost(tier=lost.tier, state=f"{lost.state}{f' ({why})' if why else ''}",
+                           waiting_for="the next round") from None
+        print(f"{self.account}: the edge is {lost.state}; waiting for its next run", flush=True)
+        self.transport.renew_mailbox(retire=self.run_id or "")
+        self.run_id = None
+        while "edge" not in self.transport.online():
+            time.sleep(POLL_S)
+        return -1
+
     def next_round(self, after: int) -> Optional[tuple[Round, dict[str, np.ndarray]]]:
         """Wait for the coordinator's next round after ``after``: (round, the weights it sent us), or
         ``None`` when it says the run is over. Waits as long as the edge is online (an idle device)."""
@@ -115,6 +146,10 @@ class FleetService:
             except MissingMessage:
                 continue  # not planned in (yet): the edge is online, keep waiting
             msg = box.take("weights", "edge", r, self._layer_of(r), timeout=1.0)
+            run = msg.meta.get("run")
+            if isinstance(run, str) and run != self.run_id:  # the first round of a coordinator's run
+                self.run_id = run
+                box.follow(run)
             self.transport.advance(r)
             if r <= after:
                 continue

@@ -669,6 +669,9 @@ class TierService(Failover):
         self.transport.publish_json(topics.profile(self.cfg.job, self.tier), profile, retain=True)
 
     def run(self) -> int:
+        aside = checkpoint.set_aside(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir and not self.resume else None
+        if aside is not None:  # a new run: its checkpoints must not be pruned for an earlier run's higher ones
+            print(f"{self.tier}: a new run (no --resume): the earlier run's checkpoints moved to {aside}", flush=True)
         if self.resume and self.cfg.checkpoint_dir:
             self._restored = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
             if self._restored is not None:

@@ -124,3 +124,33 @@ def test_a_diverging_device_ends_its_run_with_one_line_naming_it(tmp_path, path,
             assert [row["step"] for row in c.step_log()] == list(range(4))
         else:
             assert errors[0].startswith("hiertrain: error: edge:") and "pi2's samples 0..3" in errors[0], out
+
+
+def test_a_fleet_edge_killed_and_restarted_with_resume_continues_exactly_from_its_newest_checkpoint(tmp_path):
+    """The coordinator SIGKILLed mid-run (its Last Will) and started again with --resume, as its systemd
+    unit does: the workers wait for its new run, it continues after its newest checkpoint with every
+    device's place in its data, and the whole run equals single-process SGD over the samples logged."""
+    devices = [Spec("pi1", 4, path=(2, 5)), Spec("pi2", 6, path=(0, U)), Spec("pi3", 3, path=(U, U))]
+    with FleetCluster(tmp_path, devices, iterations=16, timeout_s=60, checkpoint_every=4) as c:
+        c.start("cloud", "edge", "pi1", "pi2", "pi3")
+        c.wait_step(9)                                      # checkpoints after steps 3 and 7; 8 and 9 done since
+        c.kill("edge")
+        c.start("edge", resume=True)
+        codes = c.wait(("edge", "cloud", "pi1", "pi2", "pi3"), timeout=180)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        assert "edge: resuming after the checkpoint of step 7" in c.log("edge")
+        for name in ("cloud", "pi1", "pi2", "pi3"):
+            assert "the edge is offline; waiting for its next run" in c.log(name), c.log(name)
+        rows = [json.loads(line)["step"] for line in c.log_file.read_text().splitlines()]
+        assert rows[:10] == list(range(10)) and rows[10] == 8, rows  # 8 and 9 redone from the checkpoint of 7
+        log = c.step_log()
+        assert [row["step"] for row in log] == list(range(16))
+        offsets = {}
+        for row in log:                                     # the resumed run takes up each device's samples
+            for name, offset, n, _, _ in row["members"]:
+                assert offset == offsets.get(name, 0)
+                offsets[name] = offset + n
+        losses, params = c.replay()
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        final = c.final()
+        assert final.iteration == 15 and rel(final.params, params) < 1e-4

@@ -71,7 +71,7 @@ class FleetCluster:
     def __init__(self, work: Path, devices: list[Spec], *, model: str = "lenet5", iterations: int = 12,
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
                  cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",
-                 network: Any = None, policy: str = "hiertrain") -> None:
+                 network: Any = None, policy: str = "hiertrain", checkpoint_every: int = 0) -> None:
         """``devices`` start with the run; ``extra`` are enrolled and described too, started later
         (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``).
         ``network``: a :class:`hiertrain.lab.testbed.FleetTestbed` holding the devices, the edge (and the
@@ -113,7 +113,7 @@ class FleetCluster:
         self._edge = lambda policy: config("edge", "edge", {
             "fleet": {"file": str(self.fleet_file), "log": str(self.log_file), "devices": wait_for or len(devices),
                       "policy": policy, "planner": str(bdir.credentials_file("planner"))},
-            "checkpoint": {"dir": str(self.checkpoints), "every": iterations}})
+            "checkpoint": {"dir": str(self.checkpoints), "every": checkpoint_every or iterations}})
         self.configs = {
             "edge": self._edge(policy),
             "cloud": config("cloud", "cloud", {"fleet": {}}),
@@ -154,14 +154,14 @@ class FleetCluster:
     def _prefix(self, where: str) -> list[str]:
         return self.network.prefix(where) if self.network is not None else []
 
-    def start(self, *names: str) -> None:
-        """Start the cloud, the edge and the devices named (default: every device given at creation)."""
+    def start(self, *names: str, resume: bool = False) -> None:
+        """Start the cloud, the edge and the devices named (``resume``: with ``--resume``, as systemd does)."""
         for name in names:
             tier = name if name in ("edge", "cloud") else "device"
             with open(self.work / f"{name}.log", "a") as log:
                 self.procs[name] = subprocess.Popen(
                     [*self._prefix(name), sys.executable, "-m", "hiertrain", tier, "run", "--config",
-                     str(self.configs[name])],
+                     str(self.configs[name]), *(["--resume"] if resume else [])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
             if name in self.quotas:
                 self.quotas[name].add(self.procs[name].pid)
@@ -250,7 +250,10 @@ class FleetCluster:
     # ------------------------------------------------------------------ results
 
     def step_log(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_file.read_text().splitlines()] if self.log_file.exists() else []
+        """The steps as the run finally trained them, in order: a step redone after a resume (the edge
+        restarted) counts as its last logged row, which is what the resumed state continued from."""
+        rows = [json.loads(line) for line in self.log_file.read_text().splitlines()] if self.log_file.exists() else []
+        return sorted({row["step"]: row for row in rows}.values(), key=lambda row: row["step"])
 
     def final(self) -> Optional[checkpoint.Checkpoint]:
         spec = models.get(self.model)

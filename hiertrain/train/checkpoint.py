@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,20 @@ def save(directory: str | os.PathLike, ck: Checkpoint, *, keep: int = 3) -> Path
     for old in iterations(directory)[:-max(1, keep)]:
         path_of(directory, old).unlink(missing_ok=True)
     return final
+
+
+def set_aside(directory: str | os.PathLike) -> Optional[Path]:
+    """A new run (not a resumed one) writing into ``directory``: move an earlier run's checkpoints into
+    a ``superseded-<UTC time>`` folder beside them, so that they are neither taken for the new run's
+    nor pruned in its favour (the newest are kept by iteration). Returns that folder, if any moved."""
+    its = iterations(directory)
+    if not its:
+        return None
+    aside = Path(directory) / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir(exist_ok=True)
+    for it in its:
+        os.replace(path_of(directory, it), path_of(aside, it))
+    return aside
 
 
 def load(directory: str | os.PathLike, param_names: list[str], iteration: Optional[int] = None) -> Optional[Checkpoint]:
