@@ -7,6 +7,9 @@ trains the same samples), trains its units 1..m and sends the activations at its
 samples, m = 0, losslessly compressed with ``[data] compress = true``) with its labels to the edge;
 it then takes the gradient at its cut and sends its parameter gradients. With m = U it computes its
 own loss.
+
+With a ``[profile] file`` (and ``[fleet] samples``, ``rate_mbps``, ``private``) it publishes its
+profile, retained, and so joins a fleet whose file does not describe it (:mod:`hiertrain.edge.roster`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from hiertrain.errors import ProtocolError
+from hiertrain.net import topics
 from hiertrain.fleetservice import FleetService
 from hiertrain.net.compress import sample_tensors
 from hiertrain.train.fleetroles import Round
@@ -28,6 +32,13 @@ class DeviceWorker(FleetService):
 
     def run(self) -> int:
         return self.serve(f"fleet device with {len(self.data)} samples")
+
+    def announce(self) -> None:
+        if self.cfg.profile is not None and self.cfg.fleet_join is not None:
+            self.transport.publish_json(topics.profile(self.cfg.job, self.account),
+                                        {**self.cfg.profile, "fleet": self.cfg.fleet_join}, retain=True)
+            print(f"{self.account}: published its profile to join ({self.cfg.fleet_join['samples']} samples per step)",
+                  flush=True)
 
     def work(self, rnd: Round, params: Params) -> None:
         mb = next((m for m in rnd.members if m.name == self.account), None)

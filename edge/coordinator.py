@@ -1,8 +1,7 @@
 """The fleet's coordinator, next to the broker on the edge server: membership, plan, clock, owner.
 
-- **Membership.** The devices of the fleet file (``hiertrain plan-fleet``'s) whose retained status
-  says online (their Last Will says when they go). A device online but not in the file is named
-  once and not planned.
+- **Membership.** The devices of the fleet file and those that publish their own profile
+  (:mod:`hiertrain.edge.roster`) whose retained status says online (their Last Will says when they go).
 - **Plan.** Whenever the members change, the fleet planner (:func:`hiertrain.planner.fleet.solve`)
   plans them anew (or every ``[[device]] path`` of the file pins one), as a new plan version.
 - **Clock.** A round is one attempt at one SGD step; the coordinator starts it by sending every
@@ -15,7 +14,7 @@
   everything makes the coordinator give the round up: no step is applied, the device is planned out,
   and the same step is **redone** by the members left, on the same samples. A step is therefore
   always one SGD step over all the samples of the devices it names, and the step log says which.
-- **Joining.** A device that comes online is planned in at the next round.
+- **Joining.** A device that comes online (or publishes its profile) is planned in at the next round.
 - **The cloud** is planned like a member: lost (or silent) mid-round, the round is redone without
   it (every path then ends at the edge, k = U, whatever a pin said); back, it is planned in again.
 """
@@ -35,7 +34,6 @@ import numpy as np
 
 from hiertrain.net import topics
 from hiertrain.train import checkpoint
-from hiertrain.config import read_toml
 from hiertrain.errors import ConfigError, Diverged, MissingMessage, SegmentError, TierLost
 from hiertrain.train.fleetroles import Member, Round, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
@@ -47,6 +45,7 @@ from hiertrain.plan import for_fleet
 from hiertrain.schedule import Schedule
 from hiertrain.tierconfig import TierConfig
 from hiertrain.edge.publisher import PlanPublisher, next_version
+from hiertrain.edge.roster import Roster
 
 log = logging.getLogger("hiertrain.edge")
 
@@ -63,64 +62,47 @@ class Coordinator(FleetService):
         self.run_id = uuid.uuid4().hex[:8]
         self.transport.mailbox.follow(self.run_id)  # replies to an earlier coordinator's rounds are refused
         assert cfg.fleet_file is not None
-        self.fleet = F.load(cfg.fleet_file)
-        if self.fleet.units != self.units:
-            raise ConfigError(f"{cfg.fleet_file}: its profile has {self.fleet.units} units, the model "
+        file = F.read(cfg.fleet_file, units=self.units)
+        if file.fleet.units != self.units:
+            raise ConfigError(f"{cfg.fleet_file}: its profile has {file.fleet.units} units, the model "
                               f"{cfg.model} {self.units}")
-        total = sum(d.samples for d in self.fleet.devices)
-        if total > cfg.batch:
-            raise ConfigError(f"{cfg.fleet_file}: the devices' samples add up to {total} per step, more than "
-                              f"[train] batch = {cfg.batch} (the most a step may hold)")
-        self.pinned = self._pinned(cfg.fleet_file)
+        self.roster = Roster(file, batch=cfg.batch, where=cfg.fleet_file)
         self.params: Params = init_params(self.spec, cfg.seed)
         self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes())
-        self.samples = {d.name: d.samples for d in self.fleet.devices}
-        self.offsets = dict.fromkeys(self.samples, 0)
-        self.excluded: dict[str, bool] = {}  # devices given up on, until they go offline and come back
+        self.offsets: dict[str, int] = {}  # every device's place in its data
+        self.cloud_excluded = False  # the cloud given up on, until it goes offline and comes back
         self._involved: set[str] = set()
-        self.named: set[str] = set()
-        self.planned: tuple[tuple[str, ...], bool] = ((), False)  # the devices planned, and whether the cloud is
+        self.planned: tuple[tuple[str, ...], bool, int] = ((), False, -1)  # devices, cloud, roster revision
         self.paths: dict[str, F.Path] = {}
         self.version = 0
         self.plan: Optional[F.FleetPlan] = None
         self.publisher: Optional[PlanPublisher] = None
         self.first_step = self._resume() if resume else self._fresh()
 
-    def _pinned(self, path: Any) -> Optional[dict[str, F.Path]]:
-        rows_ = read_toml(path, "fleet file").get("device", [])
-        pins = {d.get("name"): d.get("path") for d in rows_ if "path" in d}
-        if not pins:
-            return None
-        if len(pins) != len(rows_):
-            raise ConfigError(f"{path}: pin a path on every [[device]] or on none")
-        out = {}
-        for name, p in pins.items():
-            if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
-                    and 0 <= p[0] <= p[1] <= self.units):
-                raise ConfigError(f"{path}: device {name}: path = {p!r} is not [m, k] with 0 <= m <= k <= "
-                                  f"{self.units}")
-            out[name] = F.Path(*p)
-        return out
-
     # ------------------------------------------------------------ membership and plan
 
     def members(self) -> list[str]:
+        if self.publisher is not None:
+            for name, payload in self.publisher.profiles():
+                self.roster.on_profile(name, payload)
+            if self.roster.refused:
+                self.transport.status_extra["refused_profiles"] = dict(self.roster.refused)
         online = self.transport.online()
-        for name in sorted(online - set(self.samples) - {"cloud", "device", "edge"} - self.named):
-            self.named.add(name)
-            print(f"edge: {name} is online but not in {self.cfg.fleet_file}: not planned", flush=True)
-        for name in [n for n in self.excluded if n not in online]:
-            del self.excluded[name]  # gone: when it is back, it is planned again
-        return [d.name for d in self.fleet.devices if d.name in online and d.name not in self.excluded]
+        self.cloud_excluded &= "cloud" in online
+        return self.roster.members(online)
 
     def replan(self, names: list[str], cloud: bool, step: int = 0) -> None:
         """Plan ``names`` (with the cloud, or without it when it is gone) as a new plan version, in
         effect from ``step``, and publish it on the schedule topic."""
-        sub = replace(self.fleet, devices=tuple(d for d in self.fleet.devices if d.name in names))
+        sub = self.roster.fleet_of(names)
         if not cloud:
             sub = F.without_cloud(sub)
-        if self.pinned is not None and (cloud or all(self.pinned[n].k == self.units for n in names)):
-            plan = F.plan_of("pinned", sub, [self.pinned[n] for n in names])
+        pins = self.roster.pins_for(names)
+        if pins is None and self.roster.file.pins:
+            print(f"edge: {self.cfg.fleet_file} pins no path for {', '.join(n for n in names if n not in self.roster.file.pins)}: "
+                  f"the planner plans every device", flush=True)
+        if pins is not None and (cloud or all(p.k == self.units for p in pins)):
+            plan = F.plan_of("pinned", sub, pins)
         elif self.cfg.fleet_policy == "hiertrain" or not cloud:
             if not cloud:
                 print("edge: the cloud is offline: the fleet planner plans without it", flush=True)
@@ -136,7 +118,7 @@ class Coordinator(FleetService):
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())
         for name in set(names) | ({"cloud"} if cloud else set()) - planned:  # (re)joined: its past statuses are past
             self.transport.mailbox.forget(name)
-        self.planned = (tuple(names), cloud)
+        self.planned = (tuple(names), cloud, self.roster.revision)
         self.paths = dict(zip(names, plan.paths))
         lines = F.describe(sub, plan)
         print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step) for "
@@ -148,10 +130,13 @@ class Coordinator(FleetService):
         """The current plan as the schedule topic carries it: the plan model, versioned."""
         assert self.plan is not None
         names = list(self.planned[0])
-        groups = for_fleet([(n, self.samples[n], self.paths[n].m, self.paths[n].k) for n in names], units=self.units)
+        groups = for_fleet([(n, self.samples(n), self.paths[n].m, self.paths[n].k) for n in names], units=self.units)
         return Schedule(mapping={}, m_s=0, m_l=0, b_o=0, b_s=0, b_l=0, policy=self.plan.policy, cost_model="fleet",
                         iteration_s=self.plan.iteration_s, version=self.version, effective_iteration=step,
                         groups=groups, extra={"cloud": self.planned[1]})
+
+    def samples(self, name: str) -> int:
+        return self.roster.devices[name].samples
 
     def _wait_for_fleet(self, *, cloud: bool = True) -> None:
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -174,8 +159,10 @@ class Coordinator(FleetService):
 
     def _run(self) -> int:
         with self.transport:
-            print(f"edge: fleet coordinator for {len(self.fleet.devices)} devices in {self.cfg.fleet_file}; "
-                  f"waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
+            joins = "and any that publishes its profile" if self.publisher is not None else \
+                "(no [fleet] planner: devices that publish their profile cannot join)"
+            print(f"edge: fleet coordinator for the {len(self.roster.described)} devices in {self.cfg.fleet_file} "
+                  f"{joins}; waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
             self._wait_for_fleet()
             step, rnd_no = self.first_step, 0
             logf = open(self.cfg.fleet_log, "a" if step else "w") if self.cfg.fleet_log else None
@@ -185,11 +172,12 @@ class Coordinator(FleetService):
                     if not names:
                         self._wait_for_fleet(cloud=False)
                         continue
-                    cloud = "cloud" in self.transport.online() and "cloud" not in self.excluded
-                    if (tuple(names), cloud) != self.planned:
+                    cloud = "cloud" in self.transport.online() and not self.cloud_excluded
+                    if (tuple(names), cloud, self.roster.revision) != self.planned:
                         self.replan(names, cloud, step)
                     rnd = Round(rnd_no, step, self.version, self.units, tuple(
-                        Member(n, self.samples[n], self.offsets[n], self.paths[n].m, self.paths[n].k) for n in names))
+                        Member(n, self.samples(n), self.offsets.get(n, 0), self.paths[n].m, self.paths[n].k)
+                        for n in names))
                     rnd_no += 1
                     t0 = time.perf_counter()
                     try:
@@ -199,7 +187,7 @@ class Coordinator(FleetService):
                         continue
                     seconds = time.perf_counter() - t0
                     for mb in rnd.members:
-                        self.offsets[mb.name] += mb.n
+                        self.offsets[mb.name] = mb.offset + mb.n
                     self._record(rnd, loss, seconds, logf)
                     step += 1
                     if self.cfg.checkpoint_dir and (step == self.cfg.iterations or self.cfg.checkpoint_every
@@ -208,7 +196,7 @@ class Coordinator(FleetService):
             finally:
                 if logf:
                     logf.close()
-                for who in sorted((self.transport.online() & (set(self.samples) | {"cloud"}))):
+                for who in sorted((self.transport.online() & (set(self.roster.devices) | {"cloud"}))):
                     self.send("weights", who, rnd_no, 0, {}, stop=True)
                 self.transport.flush()
             print(f"edge: {step} steps done", flush=True)
@@ -216,7 +204,10 @@ class Coordinator(FleetService):
 
     def _give_up(self, rnd: Round, redo: Redo) -> None:
         who = redo.who
-        self.excluded[who] = True
+        if who == "cloud":
+            self.cloud_excluded = True
+        else:
+            self.roster.excluded.add(who)
         self.transport.mailbox.forget(who)
         why = self.transport.errors.pop(who, None)
         print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}{f' ({why})' if why else ''}; "
@@ -266,7 +257,7 @@ class Coordinator(FleetService):
         self.optimizer = Optimizer(self.cfg.optimizer, self.spec.param_shapes(), step_count=ck.optimizer_step,
                                    moments=ck.moments)
         for name, offset in fleet["offsets"].items():
-            if name in self.offsets and type(offset) is int and offset >= 0:
+            if isinstance(name, str) and type(offset) is int and offset >= 0:
                 self.offsets[name] = offset
         self.version = int(fleet.get("version", 0))
         self.transport.status_extra["checkpoint_iteration"] = ck.iteration

@@ -5,6 +5,9 @@ plan model (:mod:`hiertrain.plan`), under the **planner's** account: only the pl
 schedules (the broker's ACL says so). Its status holds the job's planner lease too, so a planner
 service started by mistake for this job waits instead of publishing three-tier schedules over it.
 Versions continue above the newest one retained, so a restarted coordinator never goes back.
+
+The planner's account is also the one that reads the devices' profiles (a tier never sees another's):
+the publisher hands the coordinator each profile a device publishes to join (:mod:`hiertrain.edge.roster`).
 """
 
 from __future__ import annotations
@@ -25,21 +28,38 @@ class PlanPublisher:
         self.job = job
         self.transport = Transport(endpoint, account="planner", job=job)
         self.transport.subscribe(topics.schedule(job))
+        self.transport.subscribe(topics.all_of_kind(job, "profile"))
         self.transport.status_extra["role"] = "fleet coordinator"  # in the lease a planner service waits on
         self.newest = 0  # the newest version on the topic (a previous run's, or ours)
 
     def __enter__(self) -> "PlanPublisher":
         self.transport.start()
         deadline = time.monotonic() + RETAINED_WAIT_S
+        self._profiles: list[tuple[str, Any]] = []
         while (left := deadline - time.monotonic()) > 0:
             try:
-                event = self.transport.events.get(timeout=left)
+                self._take(self.transport.events.get(timeout=left))
             except queue.Empty:
                 break
+        return self
+
+    def _take(self, event: Any) -> None:
+        if isinstance(event.topic, topics.ScheduleTopic):
             version = event.payload.get("version") if isinstance(event.payload, dict) else None
             if type(version) is int:
                 self.newest = max(self.newest, version)
-        return self
+        elif isinstance(event.topic, topics.AccountTopic) and event.topic.kind == "profile":
+            self._profiles.append((event.topic.account, event.payload))
+
+    def profiles(self) -> list[tuple[str, Any]]:
+        """The profiles published since the last call (retained ones first): (account, payload)."""
+        while True:
+            try:
+                self._take(self.transport.events.get_nowait())
+            except queue.Empty:
+                break
+        out, self._profiles = self._profiles, []
+        return out
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.transport.stop(state="failed" if exc_type else "stopped")

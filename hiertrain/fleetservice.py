@@ -91,6 +91,7 @@ class FleetService:
         A round given up for a newer one is left for the next, and so is one the edge sent that breaks
         the protocol (named in the log). Divergence ends the run, naming this worker and the value."""
         with self.transport:
+            self.announce()
             print(f"{self.account}: {hello}, waiting for the edge's rounds", flush=True)
             done = -1
             try:
@@ -117,6 +118,9 @@ class FleetService:
             except HiertrainError as exc:
                 self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
                 raise
+
+    def announce(self) -> None:
+        """Anything a worker publishes once connected (a device: its profile, to join)."""
 
     def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
         raise NotImplementedError

@@ -38,6 +38,9 @@
     log = "fleet-log.jsonl"       # the edge's: one line per step, who trained which samples
     policy = "hiertrain"          # the edge's: or a baseline: edgesplit, all-local, all-edge, all-cloud, ...
     planner = "broker/credentials/planner.json"  # the edge's: publishes each plan on the schedule topic
+    samples = 8                   # a device's: with [profile] file, it publishes its profile and joins on its
+    rate_mbps = 10                # own with this many samples per step, over a radio of this rate,
+    private = true                # its raw samples never leaving it (the fleet file may override each)
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class TierConfig:
     fleet_log: Optional[Path] = None    # the edge's: one JSON line per step (who trained which samples)
     fleet_policy: str = "hiertrain"     # the edge's: the fleet planner, or a baseline (plan-fleet lists them)
     fleet_planner: Optional[Endpoint] = None  # the edge's: the planner's account, to publish plans on the schedule topic
+    fleet_join: Optional[dict[str, Any]] = None  # a device's: what it says of itself when it publishes its profile
 
     def load_data(self, spec: Any) -> Any:
         """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
@@ -159,6 +163,15 @@ def _check_limits(c: TierConfig, path: Any) -> None:
 
         if c.fleet_policy not in POLICIES:
             raise bad(f"[fleet] policy = {c.fleet_policy!r}: expected one of {', '.join(POLICIES)}")
+    if c.fleet_join is not None:
+        if c.tier != "device":
+            raise bad(f"[fleet] {', '.join(c.fleet_join)}: a device's keys (what it publishes to join), not the {c.tier}'s")
+        if c.profile is None or "samples" not in c.fleet_join or "rate_mbps" not in c.fleet_join:
+            raise bad("[fleet] samples, rate_mbps and a [profile] file go together: the profile a device publishes "
+                      "to join on its own")
+        if not 1 <= c.fleet_join["samples"] <= c.batch or not 0 < c.fleet_join["rate_mbps"] < float("inf"):
+            raise bad(f"[fleet] samples = {c.fleet_join['samples']} must be in 1..{c.batch} ([train] batch) and "
+                      f"rate_mbps = {c.fleet_join['rate_mbps']} > 0")
     if c.fleet_devices < 1:
         raise bad(f"[fleet] devices = {c.fleet_devices} must be >= 1")
     if c.fleet and c.tier == "device" and c.endpoint.username in ("device", "edge", "cloud", "planner", "observer"):
@@ -202,7 +215,8 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
     "eval": {"holdout": int},
     "profile": {"file": str},
-    "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str},
+    "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str,
+              "samples": int, "rate_mbps": float, "private": bool},
 }
 """A tier config's tables and their keys: anything else is refused at load, naming it."""
 
@@ -240,6 +254,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         fleet_log=cfg.resolve(fleet["log"]) if "log" in fleet else None,
         fleet_policy=fleet.get("policy", "hiertrain"),
         fleet_planner=_planner(cfg, fleet["planner"]) if "planner" in fleet else None,
+        fleet_join={k: fleet[k] for k in ("samples", "rate_mbps", "private") if k in fleet} or None,
     )
     _check_limits(out, cfg.path)
     from hiertrain.train import models

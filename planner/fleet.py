@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -64,6 +64,7 @@ class Fleet:
     cloud_s: tuple[float, ...]         # ... on the cloud
     medium_mbps: float                 # the shared device-edge medium (R)
     cloud_mbps: float                  # the edge-cloud link (R_c)
+    layers: tuple[str, ...] = ()       # the model's layer names (a device's profile must be of the same model)
 
     def __post_init__(self) -> None:
         u = len(self.param_bytes)
@@ -481,8 +482,7 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
 
 def without_cloud(fleet: Fleet) -> Fleet:
     """The fleet with its cloud gone: the cloud's units take longer than any plan (every k = U)."""
-    return Fleet(fleet.act_bytes, fleet.param_bytes, fleet.devices, fleet.edge_s, (1e9,) * fleet.units,
-                 fleet.medium_mbps, fleet.cloud_mbps)
+    return replace(fleet, cloud_s=(1e9,) * fleet.units)
 
 
 def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bool]], *, medium_mbps: float,
@@ -494,73 +494,152 @@ def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bo
         if tier not in servers.tiers:
             raise PlanError(f"the servers' profile has no {tier} timings")
 
-    def per_unit(times: Any) -> tuple[float, ...]:
-        return tuple(f + b for f, b in zip(times.forward_s, times.backward_s))
-
-    built = []
-    for name, prof, samples, rate, private in devices:
-        if [layer.name for layer in prof.layers] != [layer.name for layer in servers.layers]:
-            raise PlanError(f"device {name}: its profile is of another model ({prof.model}, not {servers.model})")
-        if "device" not in prof.tiers:
-            raise PlanError(f"device {name}: its profile has no device timings")
-        built.append(Device(name, samples, per_unit(prof.tiers["device"]), rate, private))
+    layers = tuple(layer.name for layer in servers.layers)
     return Fleet(act_bytes=(servers.sample_bytes, *(layer.output_bytes for layer in servers.layers)),
-                 param_bytes=tuple(layer.param_bytes for layer in servers.layers), devices=tuple(built),
-                 edge_s=per_unit(servers.tiers["edge"]), cloud_s=per_unit(servers.tiers["cloud"]),
-                 medium_mbps=medium_mbps, cloud_mbps=cloud_mbps)
+                 param_bytes=tuple(layer.param_bytes for layer in servers.layers),
+                 devices=tuple(device_of(name, prof, layers, samples, rate, private)
+                               for name, prof, samples, rate, private in devices),
+                 edge_s=_per_unit(servers.tiers["edge"]), cloud_s=_per_unit(servers.tiers["cloud"]),
+                 medium_mbps=medium_mbps, cloud_mbps=cloud_mbps, layers=layers)
 
 
-def load(path: Any) -> Fleet:
+def _per_unit(times: Any) -> tuple[float, ...]:
+    return tuple(f + b for f, b in zip(times.forward_s, times.backward_s))
+
+
+def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: float, private: bool) -> Device:
+    """A device from its own profile (``hiertrain profile --tier device`` on it), checked against the
+    model's layers."""
+    names = [layer.name for layer in prof.layers]
+    if layers and names != list(layers):
+        i = next((i for i, (a, b) in enumerate(zip(names, layers)) if a != b), min(len(names), len(layers)))
+        theirs, ours = (f"{seq[i]!r}" if i < len(seq) else "none" for seq in (names, layers))
+        raise PlanError(f"device {name}: its profile is of another model ({prof.model}): its layer {i + 1} is "
+                        f"{theirs}, the fleet's {ours}")
+    times = prof.tiers.get("device")
+    if times is None or not times.can_train:
+        raise PlanError(f"device {name}: its profile has no device timings")
+    return Device(name, samples, _per_unit(times), rate, private)
+
+
+JOIN_KEYS = {"samples": int, "rate_mbps": float, "private": bool}
+"""What a device says of itself beside its timings when it publishes its profile to join (its
+profile's ``"fleet"`` object), and what a fleet file's ``[[device]]`` may override of it."""
+
+
+def published_device(fleet: Fleet, name: str, payload: Any, override: dict[str, Any], *, batch: int) -> Device:
+    """A device from the profile it published (``hiertrain/<job>/<name>/profile``: hiertrain-profile/1
+    with a ``"fleet"`` object of :data:`JOIN_KEYS`), the fleet file's ``override`` for it applied (the
+    operator's word wins: privacy, radio rate). :class:`PlanError`, saying why, for anything else."""
+    from hiertrain.config import typed
+    from hiertrain.errors import ConfigError
+    from hiertrain.profile import Profile
+
+    prof = Profile.from_json(payload, where=f"device {name}'s profile")
+    own = prof.extra.get("fleet")
+    if not isinstance(own, dict):
+        raise PlanError(f"device {name}'s profile has no \"fleet\" object ({', '.join(JOIN_KEYS)})")
+    try:
+        said = {**typed(own, JOIN_KEYS, where=f"device {name}'s profile: fleet"), **override}
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
+    samples, rate = said.get("samples"), said.get("rate_mbps")
+    if samples is None or rate is None:
+        raise PlanError(f"device {name}'s profile: fleet needs samples and rate_mbps")
+    if not 1 <= samples <= batch or not 0 < rate < math.inf:
+        raise PlanError(f"device {name}'s profile: fleet samples = {samples} is not in 1..{batch} (the step's "
+                        f"batch) or rate_mbps = {rate} is not > 0")
+    return device_of(name, prof, fleet.layers, samples, rate, said.get("private", False))
+
+
+@dataclass(frozen=True)
+class FleetFile:
+    """What a fleet file says: the servers, the links and the devices it describes whole
+    (``fleet.devices``); what it overrides of devices that publish their own profile; pinned paths."""
+
+    fleet: Fleet
+    overrides: dict[str, dict[str, Any]]
+    pins: dict[str, Path]
+
+
+DEVICE_KEYS = {"name": str, "profile": str, **JOIN_KEYS, "path": list}
+FILE_KEYS = {"profile": str, "medium_mbps": float, "cloud_mbps": float, "device": list}
+
+
+def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
     """A fleet file (TOML)::
 
         profile = "profile.json"          # the edge's and the cloud's timings
         medium_mbps = 20                  # the shared device-edge medium
         cloud_mbps = 5                    # the edge-cloud link
-        [[device]]
+        [[device]]                        # a device described here, whole:
         name = "pi3-greenhouse"
         profile = "profile-pi3.json"      # its own `hiertrain profile --tier device`
         samples = 16                      # its samples in every iteration
         rate_mbps = 8                     # its radio
         private = true                    # its raw samples never leave it (default false)
-    """
-    from pathlib import Path
+        path = [2, 4]                     # optional: pinned (units 1..2 on it, 3..4 on the edge)
+        [[device]]                        # one that publishes its own profile: only what the operator
+        name = "pi7"                      # overrides (samples, rate_mbps, private, path)
+        private = true
 
-    from hiertrain.config import read_toml
+    ``[[device]]`` tables are optional: a device that publishes its profile joins on its own.
+    """
+    from pathlib import Path as FilePath
+
+    from hiertrain.config import read_toml, typed
     from hiertrain.errors import ConfigError
     from hiertrain.profile import Profile
 
-    path = Path(path)
-    raw = read_toml(path, "fleet file")
+    path = FilePath(path)
+    raw = typed(read_toml(path, "fleet file"), FILE_KEYS, where=f"{path}:")
 
-    def get(table: dict, key: str, kind: type, where: str, default: Any = None) -> Any:
-        value = table.get(key, default)
-        if value is None:
+    def need(table: dict, key: str, where: str) -> Any:
+        if key not in table:
             raise ConfigError(f"{path}: {where} needs {key}")
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            raise ConfigError(f"{path}: {where} {key} = {value!r} is not a {kind.__name__}")
-        return value
+        return table[key]
 
     def profile(p: str) -> Profile:
-        full = Path(p) if Path(p).is_absolute() else path.parent / p
+        full = FilePath(p) if FilePath(p).is_absolute() else path.parent / p
         return Profile.load(full)
 
-    devices = raw.get("device")
-    if not isinstance(devices, list) or not devices:
-        raise ConfigError(f"{path}: no [[device]] tables")
-    rows = []
-    for k, d in enumerate(devices, 1):
+    rows, overrides, pins = [], {}, {}
+    for k, d in enumerate(raw.get("device", []), 1):
         where = f"[[device]] {k}"
-        name = get(d, "name", str, where)
-        samples, rate = get(d, "samples", int, where), get(d, "rate_mbps", float, where)
-        if samples < 1 or not rate > 0:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: {where} is not a table")
+        d = typed(d, DEVICE_KEYS, where=f"{path}: {where}")
+        name = need(d, "name", where)
+        if name in overrides:
+            raise ConfigError(f"{path}: two devices share a name ({name!r})")
+        if d.get("samples", 1) < 1 or not d.get("rate_mbps", 1.0) > 0:
             raise ConfigError(f"{path}: {where}: samples must be >= 1 and rate_mbps > 0")
-        rows.append((name, profile(get(d, "profile", str, where)), samples, rate, get(d, "private", bool, where, False)))
-    if len({r[0] for r in rows}) != len(rows):
-        raise ConfigError(f"{path}: two devices share a name")
-    medium, cloud = get(raw, "medium_mbps", float, "the fleet"), get(raw, "cloud_mbps", float, "the fleet")
-    return from_profiles(profile(get(raw, "profile", str, "the fleet")), rows, medium_mbps=medium, cloud_mbps=cloud)
+        if "path" in d:
+            p = d.pop("path")
+            if not (len(p) == 2 and all(type(v) is int for v in p) and 0 <= p[0] <= p[1]
+                    and (units is None or p[1] <= units)):
+                raise ConfigError(f"{path}: device {name}: path = {p!r} is not [m, k] with 0 <= m <= k"
+                                  f"{f' <= {units}' if units is not None else ''}")
+            pins[name] = Path(*p)
+        overrides[name] = {key: v for key, v in d.items() if key in JOIN_KEYS}
+        if "profile" in d:
+            rows.append((name, profile(d["profile"]), need(d, "samples", where), need(d, "rate_mbps", where),
+                         d.get("private", False)))
+    if pins and len(pins) != len(overrides):
+        raise ConfigError(f"{path}: pin a path on every [[device]] or on none")
+    fleet = from_profiles(profile(need(raw, "profile", "the fleet")), rows, medium_mbps=need(raw, "medium_mbps", "the fleet"),
+                          cloud_mbps=need(raw, "cloud_mbps", "the fleet"))
+    return FleetFile(fleet, overrides, pins)
+
+
+def load(path: Any) -> Fleet:
+    """The fleet a fleet file describes whole (:func:`read`): every device with its profile."""
+    from hiertrain.errors import ConfigError
+
+    fleet = read(path).fleet
+    if not fleet.devices:
+        raise ConfigError(f"{path}: no [[device]] tables with a profile to plan")
+    return fleet
 
 
 def describe(fleet: Fleet, plan: FleetPlan) -> list[str]:

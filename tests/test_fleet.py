@@ -30,7 +30,7 @@ def test_four_devices_on_every_kind_of_path_join_and_leave_and_each_step_is_sing
                Spec("pi2", 6, path=(0, U),       # raw samples up (compressed), the edge does the rest
                     data={"dataset": "synthetic", "shard": [1, 4], "compress": True}),
                Spec("pi3", 3, path=(U, U))]      # trains alone, sends its gradients
-    joiner = Spec("pi4", 5, path=(1, 1))          # one unit, then the cloud
+    joiner = Spec("pi4", 5, path=(1, 1), joins=True)  # one unit, then the cloud; it publishes its own profile
     with FleetCluster(tmp_path, devices, extra=(joiner,), iterations=14, timeout_s=60) as c:
         observer = tmp_path / "observer.toml"  # what an operator runs: `hiertrain schedule watch` as the observer
         observer.write_text(f'job = "{c.job}"\n[broker]\ncredentials = "{c.bdir.credentials_file("observer")}"\n')
@@ -154,3 +154,51 @@ def test_a_fleet_edge_killed_and_restarted_with_resume_continues_exactly_from_it
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
         final = c.final()
         assert final.iteration == 15 and rel(final.params, params) < 1e-4
+
+
+def test_a_device_not_in_the_fleet_file_joins_with_its_own_profile_and_a_bad_profile_is_refused(tmp_path):
+    """pi2 is in no fleet file: it publishes its profile (from its config's [profile] file and [fleet]
+    samples, rate) and is planned in; the file overrides its radio. pi3, enrolled, publishes profiles
+    of another model and of too many samples: each is refused with its reason, counted on the edge's
+    status, and pi3 stays unplanned while the run goes on, every step single-process SGD."""
+    from hiertrain.net import topics
+    from hiertrain.net.transport import Endpoint, Transport
+    from hiertrain.profile import Profile
+
+    devices = [Spec("pi1", 4), Spec("pi2", 3, joins=True, private=True)]
+    def said(line):
+        deadline = time.monotonic() + 60
+        while line not in c.log("edge") and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    with FleetCluster(tmp_path, devices, extra=(Spec("pi3", 2, joins=True),), iterations=40, timeout_s=60) as c:
+        with open(c.fleet_file, "a") as f:                 # the operator's word on pi2's radio
+            f.write('[[device]]\nname = "pi2"\nrate_mbps = 2.5\n')
+        mine = Profile.load(c.profiles[1][None]).to_json()
+        hostile = Transport(Endpoint.load(c.bdir.credentials_file("pi3")), account="pi3", job=c.job)
+        with hostile:
+            c.start("cloud", "edge", "pi1", "pi2")
+            c.wait_step(1)
+            other = {**mine, "layers": [{**layer, "name": f"x{i}"} for i, layer in enumerate(mine["layers"])],
+                     "fleet": {"samples": 2, "rate_mbps": 5}}
+            hostile.publish_json(topics.profile(c.job, "pi3"), other, retain=True)
+            said("refused the profile pi3 published")
+            hostile.publish_json(topics.profile(c.job, "pi3"), {**mine, "fleet": {"samples": 10**6, "rate_mbps": 5}},
+                                 retain=True)
+            codes = c.wait(("edge", "cloud", "pi1", "pi2"), timeout=120)
+            hostile.publish_json(topics.profile(c.job, "pi3"), {}, retain=True)  # (not left for a later run)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        edge = c.log("edge")
+        assert "edge: pi2 joins with its own profile: 3 samples per step, radio 2.5 Mbit/s, private" in edge, edge
+        assert "refused the profile pi3 published: device pi3: its profile is of another model (lenet5): its layer 1 is 'x0', the fleet's" in edge
+        assert "refused the profile pi3 published: device pi3's profile: fleet samples = 1000000 is not in 1..9" in edge
+        assert "edge: pi3 is online but has no profile" in edge, edge
+        assert "plan v2" not in edge, edge                  # a refused profile changes no plan
+        c.pump()
+        log = c.step_log()
+        assert [row["step"] for row in log] == list(range(40))
+        assert all(members(row) == ["pi1", "pi2"] for row in log), log
+        assert all(m[3] >= 1 for row in log for m in row["members"] if m[0] == "pi2")  # private: never raw samples
+        losses, params = c.replay()
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        assert rel(c.final().params, params) < 1e-4

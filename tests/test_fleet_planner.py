@@ -112,8 +112,10 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
     assert all(t >= got["iteration_s"] * (1 - 1e-9) for t in got["baselines_s"].values())
 
     for bad, why in ((text.replace("samples = 16", "samples = 0"), "samples must be >= 1"),
-                     (text.replace('rate_mbps = 8', 'rate_mbps = "fast"'), "is not a float"),
-                     (text.split("[[device]]")[0], "no [[device]] tables"),
+                     (text.replace('rate_mbps = 8', 'rate_mbps = "fast"'), 'rate_mbps = \'fast\' is not a number'),
+                     (text.replace('rate_mbps = 8', 'rate_mpbs = 8'), "unknown key 'rate_mpbs' (did you mean 'rate_mbps'?)"),
+                     (text.replace('samples = 32\n', ''), "[[device]] 2 needs samples"),
+                     (text.split("[[device]]")[0], "no [[device]] tables with a profile"),
                      (text.replace('"jetson"', '"pi3"', 1), "share a name")):
         (tmp_path / "bad.toml").write_text(bad)
         out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "bad.toml")],

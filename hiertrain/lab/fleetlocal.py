@@ -43,6 +43,8 @@ class Spec:
     path: Optional[tuple[int, int]] = None  # pinned (m, k); None: the planner chooses
     data: Optional[dict[str, Any]] = None   # its [data] section (default: its shard of the synthetic set)
     quota: Optional[float] = None           # its CPU, in cores (cgroup v1, as root): how slow a device it is
+    joins: bool = False                     # it publishes its own profile to join; the fleet file holds only
+                                            # its pinned path, if any
 
 
 def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[float]]) -> tuple[Path, dict]:
@@ -117,7 +119,7 @@ class FleetCluster:
         self.configs = {
             "edge": self._edge(policy),
             "cloud": config("cloud", "cloud", {"fleet": {}}),
-            **{d.name: config(d.name, "device", {"fleet": {}, "data": d.data or {
+            **{d.name: config(d.name, "device", {**self._joins(d), "data": d.data or {
                 "dataset": "synthetic", "shard": [i, len(self.specs)]}}) for i, d in enumerate(self.specs.values())}}
         watch_creds = Endpoint.load(bdir.credentials_file("planner"))
         if network:
@@ -135,10 +137,20 @@ class FleetCluster:
         servers, device = self.profiles
         lines = [f'profile = "{servers}"', f"medium_mbps = {medium_mbps}", f"cloud_mbps = {cloud_mbps}"]
         for d in self.specs.values():
-            lines += ["[[device]]", f'name = "{d.name}"', f'profile = "{device[d.quota]}"', f"samples = {d.samples}",
-                      f"rate_mbps = {d.rate_mbps}", f"private = {str(d.private).lower()}"]
+            if d.joins and not d.path:
+                continue
+            lines += ["[[device]]", f'name = "{d.name}"']
+            lines += [f'profile = "{device[d.quota]}"', f"samples = {d.samples}", f"rate_mbps = {d.rate_mbps}",
+                      f"private = {str(d.private).lower()}"] if not d.joins else []
             lines += [f"path = [{d.path[0]}, {d.path[1]}]"] if d.path else []
         self.fleet_file.write_text("\n".join(lines) + "\n")
+
+    def _joins(self, d: Spec) -> dict[str, Any]:
+        """A device's [fleet] table: empty, or (it joins on its own) what it publishes with its profile."""
+        if not d.joins:
+            return {"fleet": {}}
+        return {"fleet": {"samples": d.samples, "rate_mbps": d.rate_mbps, "private": d.private},
+                "profile": {"file": str(self.profiles[1][d.quota])}}
 
     def rerun(self, policy: str) -> None:
         """Ready for another run: the edge's next plan by ``policy``, its log and checkpoints cleared."""

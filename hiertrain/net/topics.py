@@ -5,7 +5,8 @@
     hiertrain/<job>/schedule                              retained JSON, planner only
     hiertrain/<job>/<account>/status                      retained JSON, Last Will "offline"
     hiertrain/<job>/<account>/telemetry                   JSON: link rates, phase times
-    hiertrain/<job>/<tier>/profile                        retained JSON hiertrain-profile/1
+    hiertrain/<job>/<account>/profile                     retained JSON hiertrain-profile/1 (a tier's, or a
+                                                          fleet device's to join: with a "fleet" object)
     hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.net.wire)
 
 ``<kind>`` is one of :data:`TENSOR_KINDS` or :data:`SERVICE_KINDS` (``segreq``/``segment``: a
@@ -159,9 +160,9 @@ def telemetry(job: str, account: str) -> str:
     return str(AccountTopic(job, account, "telemetry"))
 
 
-def profile(job: str, tier: str) -> str:
-    validate_tier(tier)
-    return str(AccountTopic(job, tier, "profile"))
+def profile(job: str, account: str) -> str:
+    """A tier's profile, or an enrolled fleet device's (:mod:`hiertrain.edge.roster`)."""
+    return str(AccountTopic(job, validate_party(account, what="profile's account"), "profile"))
 
 
 def inbox(job: str, party: str) -> str:

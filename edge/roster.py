@@ -1,0 +1,102 @@
+"""Who the fleet's coordinator may plan: the devices its fleet file describes whole, and the ones that
+publish their own profile and so join on their own.
+
+- A device described in the fleet file (its ``[[device]]`` names a ``profile``) is planned from the
+  file; what it publishes is not read.
+- Any other enrolled device joins by publishing its profile, retained, on
+  ``hiertrain/<job>/<name>/profile`` (a fleet device does so from its ``[profile] file`` and its
+  ``[fleet] samples / rate_mbps / private``). It is validated as telemetry is: of the fleet's model,
+  with device timings, within the step's batch; the fleet file's ``[[device]]`` for it, if any,
+  overrides what it says (the operator's word on privacy and radio rates wins). A bad one is refused,
+  with its reason logged and counted, and that device stays unplanned; the run goes on.
+- A device online without a profile (from the file or its own) is named once and not planned, and
+  so is one whose samples would take the step past ``[train] batch``.
+- A device given up on in a round is left out until it goes offline and comes back.
+
+The members of a step are the known devices online, in the order they became known.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+from hiertrain import ACCOUNTS
+from hiertrain.errors import ConfigError, PlanError
+from hiertrain.net.transport import tally
+from hiertrain.planner import fleet as F
+
+log = logging.getLogger("hiertrain.edge")
+
+
+class Roster:
+    def __init__(self, file: F.FleetFile, *, batch: int, where: Any) -> None:
+        self.file, self.batch, self.where = file, batch, where
+        total = sum(d.samples for d in file.fleet.devices)
+        if total > batch:
+            raise ConfigError(f"{where}: the devices' samples add up to {total} per step, more than "
+                              f"[train] batch = {batch} (the most a step may hold)")
+        self.devices: dict[str, F.Device] = {d.name: d for d in file.fleet.devices}
+        self.described = frozenset(self.devices)  # planned from the file, whatever they publish
+        self.revision = 0  # grows with every change to a known device: the plan is made anew
+        self.excluded: set[str] = set()
+        self.refused: Counter[str] = Counter()  # refused profiles, by device (on the edge's status)
+        self._named: set[tuple[str, str]] = set()
+        self._reasons: dict[str, str] = {}  # each device's last refusal
+
+    def on_profile(self, name: str, payload: Any) -> None:
+        """A device's published profile: it joins (or its description changes) at the next step."""
+        if name in ACCOUNTS:  # a three-tier job's tier: not a fleet device
+            return
+        if name in self.described:
+            self._say(name, "profile", f"edge: {name} published a profile; it is planned from {self.where} instead")
+            return
+        try:
+            device = F.published_device(self.file.fleet, name, payload, self.file.overrides.get(name, {}),
+                                        batch=self.batch)
+        except PlanError as exc:
+            _, n, say = tally(self.refused, f"{name}: {exc}")
+            if say or self._reasons.get(name) != str(exc):  # a flood is not a flood of lines; a new reason is said
+                log.warning("edge: refused the profile %s published: %s (%d so far)", name, exc, n)
+            self._reasons[name] = str(exc)
+            if self.devices.pop(name, None) is not None:  # what it said before no longer holds
+                self.revision += 1
+            return
+        if self.devices.get(name) != device:
+            self.devices[name] = device
+            self.revision += 1
+            self._named = {said for said in self._named if said[0] != name}
+            print(f"edge: {name} joins with its own profile: {device.samples} samples per step, radio "
+                  f"{device.rate_mbps:g} Mbit/s{', private' if device.private else ''}", flush=True)
+
+    def members(self, online: set[str]) -> list[str]:
+        """The devices to plan in this step: known, online, not given up on, within the batch."""
+        for name in sorted(online - set(self.devices) - set(ACCOUNTS)):
+            self._say(name, "unknown", f"edge: {name} is online but has no profile, in {self.where} or its own "
+                                       f"(its config's [profile] file): not planned")
+        self.excluded &= online  # gone: when it is back, it is planned again
+        out, total = [], 0
+        for name, d in self.devices.items():
+            if name not in online or name in self.excluded:
+                continue
+            if total + d.samples > self.batch:
+                self._say(name, "batch", f"edge: {name} is not planned: its {d.samples} samples would take the "
+                                         f"step past [train] batch = {self.batch}")
+                continue
+            out.append(name)
+            total += d.samples
+        return out
+
+    def fleet_of(self, names: list[str]) -> F.Fleet:
+        return replace(self.file.fleet, devices=tuple(self.devices[n] for n in names))
+
+    def pins_for(self, names: list[str]) -> list[F.Path] | None:
+        """The pinned paths of ``names``, if the fleet file pins every one of them."""
+        return [self.file.pins[n] for n in names] if all(n in self.file.pins for n in names) else None
+
+    def _say(self, name: str, what: str, line: str) -> None:
+        if (name, what) not in self._named:
+            self._named.add((name, what))
+            print(line, flush=True)
