@@ -11,18 +11,11 @@ from __future__ import annotations
 
 def run(config: str, *, resume: bool = False) -> int:
     from hiertrain import tierconfig
-    from hiertrain.train import segments
-    from hiertrain.tier import ort_version, run_tier
+    from hiertrain.tier import run_tier
 
     cfg = tierconfig.load("device", config)
     if cfg.fleet:  # one of many devices, with its own account: the edge's coordinator drives
         from hiertrain.device.worker import DeviceWorker
 
         return DeviceWorker(cfg).run()
-
-    if segments.can_build():
-        print(f"device: onnxruntime-training {ort_version()}: builds its own segments", flush=True)
-    else:
-        print(f"device: onnxruntime {ort_version()} (no gradient builder): trains on prebuilt segments, from "
-              f"[runtime] segments or fetched from a builder tier over MQTT", flush=True)
     return run_tier("device", config, resume=resume)

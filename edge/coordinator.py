@@ -158,7 +158,7 @@ class Coordinator(FleetService):
             return self._run()
 
     def _run(self) -> int:
-        with self.transport:
+        with self.connected():
             joins = "and any that publishes its profile" if self.publisher is not None else \
                 "(no [fleet] planner: devices that publish their profile cannot join)"
             print(f"edge: fleet coordinator for the {len(self.roster.described)} devices in {self.cfg.fleet_file} "

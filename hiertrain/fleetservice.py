@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from hiertrain.net import topics
-from hiertrain.train import models, segments
+from hiertrain.train import models
 from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError, TierLost
 from hiertrain.train.fleetroles import Part, Round
 from hiertrain.train.segments import Runtime
@@ -51,11 +52,17 @@ class FleetService:
                                    max_message_bytes=max_message_bytes(self.spec, cfg.batch),
                                    expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)
         self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
-        provider = None if segments.can_build() else artifacts.provider(cfg.segments_dir, None)
+        self.supply = artifacts.Supply(self.transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
         self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
-                               provider=provider)
+                               provider=self.supply.provider)
         self.part = Part(self.spec, self.runtime)
         self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed
+
+    @contextmanager
+    def connected(self) -> Iterator[None]:
+        """Connected under our account, building segments for others or fetching ours."""
+        with self.transport, self.supply.serving(self.spec, self.runtime.root):
+            yield
 
     def send(self, kind: str, dest: str, rnd: int, layer: int, tensors: dict[str, np.ndarray], **meta: Any) -> None:
         for name, t in tensors.items():
@@ -90,7 +97,7 @@ class FleetService:
         """A worker's life: wait for each round, do its part (:meth:`work`), until the edge ends the run.
         A round given up for a newer one is left for the next, and so is one the edge sent that breaks
         the protocol (named in the log). Divergence ends the run, naming this worker and the value."""
-        with self.transport:
+        with self.connected():
             self.announce()
             print(f"{self.account}: {hello}, waiting for the edge's rounds", flush=True)
             done = -1

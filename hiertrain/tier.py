@@ -92,16 +92,9 @@ class TierService(Failover):
                                    expire_s=max(60.0, 2 * cfg.timeout_s))
         self.transport.subscribe(topics.schedule(cfg.job))
         self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))  # who is online, who is lost
-        self.builder_tiers: set[str] = set()  # tiers whose status says they build segments for others
-        self.fetcher: Optional[artifacts.Fetcher] = None
-        if segments.can_build():
-            self.transport.status_extra["builder"] = True
-            provider = None
-        else:  # plain onnxruntime: segments come prebuilt, from a directory or a builder tier
-            self.fetcher = artifacts.Fetcher(self.transport, self._builders, timeout=cfg.timeout_s)
-            provider = artifacts.provider(cfg.segments_dir, self.fetcher)
+        self.supply = artifacts.Supply(self.transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
         self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
-                               provider=provider)
+                               provider=self.supply.provider)
         self.feed = ScheduleFeed()
         self.schedules: dict[int, Schedule] = {}   # version -> schedule
         self.history: dict[int, Schedule] = {}     # iteration -> schedule it ran
@@ -189,8 +182,6 @@ class TierService(Failover):
             elif event.topic.kind == "status" and isinstance(event.payload, dict):
                 online = event.payload.get("state") == "online"
                 (self.online.add if online else self.online.discard)(event.topic.account)
-                builds = online and event.payload.get("builder") is True
-                (self.builder_tiers.add if builds else self.builder_tiers.discard)(event.topic.account)
                 collects = online and event.payload.get("collector") is True
                 (self.collectors.add if collects else self.collectors.discard)(event.topic.account)
                 it = event.payload.get("checkpoint_iteration")
@@ -203,11 +194,6 @@ class TierService(Failover):
                 self.followed[event.topic.account] = run
                 if event.topic.account == "device" and isinstance(run, str) and type(start) is int:
                     self.run_starts[run] = start
-
-    def _builders(self) -> list[str]:
-        """Online tiers that build segments for us, the edge (next to the broker) first."""
-        self._pump_schedules()
-        return [t for t in ("edge", "cloud", "device") if t != self.tier and t in self.builder_tiers and t in self.online]
 
     def _schedule_version(self, version: int, iteration: int) -> Schedule:
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -676,20 +662,11 @@ class TierService(Failover):
             self._restored = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
             if self._restored is not None:
                 self.transport.status_extra["checkpoint_iteration"] = self._restored.iteration
-        with self.transport:
+        with self.transport, self.supply.serving(self.spec, self.runtime.root):
             if self.cfg.profile is not None:  # the device's data says what a sample weighs on the wire
                 self.publish_profile({**self.cfg.profile, **({"sample_bytes": self._sample_bytes()}
                                                              if self.dataset is not None else {})})
-            server = None
             self.keeper.start()
-            if self.fetcher is None:
-                server = artifacts.Server(self.transport, self.spec, root=self.runtime.root).start()
-                log.info("%s: onnxruntime-training %s: builds segments, for other tiers too", self.tier, ort_version())
-            else:
-                source = f"{self.cfg.segments_dir}, then " if self.cfg.segments_dir else ""
-                log.info("%s: onnxruntime %s without a gradient builder: segments from %sa builder tier over MQTT, "
-                         "verified and cached in %s", self.tier, ort_version(), source,
-                         self.runtime.root or segments.cache_dir())
             try:
                 i = self._first = self._start_iteration()
                 self._end_at = self._first + self.cfg.iterations
@@ -711,14 +688,6 @@ class TierService(Failover):
                 raise
             finally:
                 self.keeper.stop()
-                if server is not None:
-                    self.transport.service[artifacts.REQUEST].put(None)
-
-
-def ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 def run_tier(tier: str, config: str, *, resume: bool = False, profile: Optional[dict[str, Any]] = None) -> int:

@@ -24,6 +24,7 @@ from cluster import dump, reference, rel, schedule
 from hiertrain.lab import arm64
 from hiertrain.train import artifacts, models, segments
 from hiertrain.errors import ArtifactError
+from hiertrain.lab.fleetlocal import FleetCluster, Spec
 from hiertrain.lab.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +195,33 @@ def test_a_plain_onnxruntime_device_profiles_itself_with_built_segments(device_v
     assert set(Profile.load(tmp_path / "p.json").tiers) == {"device"}
 
 
+def _fleet_with_a_runner(tmp_path, python, iterations):
+    """pi1 runs on ``python`` (no gradient builder), joins by publishing its profile and trains units
+    1-2 of every step, fetching them from the edge over MQTT; pi2 sends raw samples. Every step
+    equals single-process SGD over the samples the step log names."""
+    devices = [Spec("pi1", 4, path=(2, 5), joins=True), Spec("pi2", 4, path=(0, 7))]
+    with FleetCluster(tmp_path, devices, iterations=iterations, timeout_s=120, launch={"pi1": python}) as c:
+        c.start("cloud", "edge", "pi1", "pi2")
+        codes = c.wait(("edge", "cloud", "pi1", "pi2"), timeout=900)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        assert "no gradient builder" in c.log("pi1") and "builds its segments" in c.log("edge"), c.log("pi1")
+        cache = tmp_path / "cache-pi1" / "segments" / "lenet5"
+        assert any(cache.iterdir()), "pi1 fetched no segments"
+        log = c.step_log()
+        assert [row["step"] for row in log] == list(range(iterations))
+        assert all({m[0] for m in row["members"]} == {"pi1", "pi2"} for row in log), log
+        losses, params = c.replay()
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        assert rel(c.final().params, params) < 1e-4
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_plain_onnxruntime_fleet_device_joins_and_fetches_its_segments_from_the_edge(device_venv,
+                                                                                         tmp_path):
+    _fleet_with_a_runner(tmp_path, [str(device_venv)], iterations=6)
+
+
 # --------------------------------------------------------------------------- arm64
 
 @pytest.mark.arm
@@ -221,6 +249,20 @@ def test_an_emulated_arm64_device_trains_in_a_hybrid(wheel, mosquitto, broker_di
     _runner_run(tmp_path, broker_dir, python, name, iterations=8)
     print(json.dumps({"arm64_rootfs_and_wheels_s": round(ready, 1), "arm64_run_s": round(time.monotonic() - t1, 1),
                       "onnxruntime": version}))
+
+
+@pytest.mark.arm
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_emulated_arm64_device_takes_part_in_a_fleet_with_segments_from_the_edge(wheel, tmp_path):
+    missing = arm64.missing_tools()
+    if missing:
+        pytest.skip(f"the arm64 machine needs {', '.join(missing)}")
+    root = arm64.Arm64Root().ensure()
+    root.install([f"{wheel}[device]"])
+    t0 = time.monotonic()
+    _fleet_with_a_runner(tmp_path, root.python(binds=[tmp_path]), iterations=4)
+    print(json.dumps({"arm64_fleet_run_s": round(time.monotonic() - t0, 1)}))
 
 
 @pytest.mark.integration

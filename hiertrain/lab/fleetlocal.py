@@ -73,16 +73,20 @@ class FleetCluster:
     def __init__(self, work: Path, devices: list[Spec], *, model: str = "lenet5", iterations: int = 12,
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
                  cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",
-                 network: Any = None, policy: str = "hiertrain", checkpoint_every: int = 0) -> None:
+                 network: Any = None, policy: str = "hiertrain", checkpoint_every: int = 0,
+                 launch: Optional[dict[str, list[str]]] = None) -> None:
         """``devices`` start with the run; ``extra`` are enrolled and described too, started later
         (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``).
         ``network``: a :class:`hiertrain.lab.testbed.FleetTestbed` holding the devices, the edge (and the
-        broker) and the cloud in its namespaces, behind its shaped links."""
+        broker) and the cloud in its namespaces, behind its shaped links. ``launch``: per device, the
+        command that runs Python there (default this interpreter; e.g. a plain-onnxruntime virtualenv
+        or the emulated arm64 machine), with a segment cache of its own."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
         self.work, self.model, self.job = work, model, JOB
         self.specs = {d.name: d for d in (*devices, *extra)}
+        self.launch = launch or {}
         self.stack = ExitStack()
         self.procs: dict[str, subprocess.Popen] = {}
         work.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,7 @@ class FleetCluster:
         host = network.broker_for if network else {}
 
         def config(name: str, tier: str, sections: dict[str, Any]) -> Path:
-            rt = {"threads": THREADS[tier], "cache": str(work / "cache")}
+            rt = {"threads": THREADS[tier], "cache": str(work / (f"cache-{name}" if name in self.launch else "cache"))}
             return toml(work / f"{name}.toml", JOB, bdir.credentials_file(name if tier == "device" else tier),
                         {"train": train, "runtime": rt, **sections}, host=host.get(name))
 
@@ -172,7 +176,7 @@ class FleetCluster:
             tier = name if name in ("edge", "cloud") else "device"
             with open(self.work / f"{name}.log", "a") as log:
                 self.procs[name] = subprocess.Popen(
-                    [*self._prefix(name), sys.executable, "-m", "hiertrain", tier, "run", "--config",
+                    [*self._prefix(name), *self.launch.get(name, [sys.executable]), "-m", "hiertrain", tier, "run", "--config",
                      str(self.configs[name]), *(["--resume"] if resume else [])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
             if name in self.quotas:

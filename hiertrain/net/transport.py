@@ -168,6 +168,7 @@ class Transport:
         self._connects = 0
         self._sessions: dict[str, tuple[str, float]] = {}  # account -> (session, started) of its newest process
         self._online: set[str] = set()  # peers whose newest status says online
+        self._builders: set[str] = set()  # peers whose status says they build segments for others
         self._unheard: set[str] = set()  # peers to hear from again after joining a broker without our session
         self._rejoin_deadline = 0.0
         self._brokers = endpoint.brokers()
@@ -544,6 +545,8 @@ class Transport:
             if not retained or session != seen_session:  # published on this broker (not kept from before)
                 self._unheard.discard(account)
             (self._online.add if state == "online" else self._online.discard)(account)
+            builds = state == "online" and status.get("builder") is True  # it serves segments it builds
+            (self._builders.add if builds else self._builders.discard)(account)
         if account == "device" and self.mailbox.run is not None and status.get("abandoned") == self.mailbox.run:
             self.mailbox.lose("device", NEW_RUN)  # the device gave up the run we follow: so do we
         if state == "online":
@@ -568,6 +571,11 @@ class Transport:
         """The peers whose newest status says online."""
         with self._lock:
             return set(self._online)
+
+    def builders(self) -> set[str]:
+        """The online peers that build segments for others (:class:`hiertrain.train.artifacts.Supply`)."""
+        with self._lock:
+            return self._builders & self._online
 
     def _drop(self, reason: str, topic: str) -> None:
         """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of

@@ -27,9 +27,10 @@ import queue
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -249,3 +250,42 @@ class Fetcher:
         log.info("%s: fetched segment %s from %s (%.0f KB, %.2f s), SHA-256 verified", self.transport.account,
                  req.key, builder, sum(a.nbytes for a in msg.tensors.values()) / 1e3, time.perf_counter() - t0)
         return path
+
+
+class Supply:
+    """Where a service's segments come from, the same for every tier and fleet member: built here
+    (onnxruntime-training) and served to those who cannot build, or, with plain onnxruntime, from
+    ``[runtime] segments`` and then from a builder over MQTT (one whose status says ``builder``;
+    the edge, next to the broker, first)."""
+
+    def __init__(self, transport, *, directory: Optional[Path], timeout: float) -> None:
+        self.transport, self.directory = transport, directory
+        self.builds = segments.can_build()
+        if self.builds:
+            transport.status_extra["builder"] = True  # before the transport's first status
+            self.provider = None
+        else:
+            self.provider = provider(directory, Fetcher(transport, self.builders, timeout=timeout))
+
+    def builders(self) -> list[str]:
+        return sorted(self.transport.builders(), key=lambda account: account != "edge")
+
+    @contextmanager
+    def serving(self, spec: ModelSpec, root: Optional[Path]) -> Iterator[None]:
+        """While connected: a builder answers segment requests; a runner says where it gets them."""
+        import onnxruntime
+
+        me, version = self.transport.account, onnxruntime.__version__
+        if not self.builds:
+            source = f"[runtime] segments ({self.directory}), then " if self.directory else ""
+            print(f"{me}: onnxruntime {version} (no gradient builder): segments from {source}a builder over MQTT, "
+                  f"verified and cached in {root or segments.cache_dir()}", flush=True)
+            yield
+            return
+        Server(self.transport, spec, root=root).start()
+        print(f"{me}: onnxruntime-training {version}: builds its segments, and serves them to those who cannot",
+              flush=True)
+        try:
+            yield
+        finally:
+            self.transport.service[REQUEST].put(None)
