@@ -10,6 +10,7 @@ with its share of the loss.
 from __future__ import annotations
 
 from hiertrain.errors import ProtocolError
+from hiertrain.net import topics
 from hiertrain.fleetservice import FleetService
 from hiertrain.train.fleetroles import Round, add_into
 from hiertrain.train.roles import Params
@@ -22,6 +23,11 @@ class CloudWorker(FleetService):
 
     def run(self) -> int:
         return self.serve("fleet worker")
+
+    def announce(self) -> None:
+        """Its timings (its ``[profile] file``), for a coordinator whose fleet file has none."""
+        if self.cfg.profile is not None:
+            self.transport.publish_json(topics.profile(self.cfg.job, self.account), self.cfg.profile, retain=True)
 
     def work(self, rnd: Round, params: Params) -> None:
         r = rnd.round

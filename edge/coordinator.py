@@ -105,7 +105,8 @@ class Coordinator(FleetService):
             plan = F.plan_of("pinned", sub, pins)
         elif self.cfg.fleet_policy == "hiertrain" or not cloud:
             if not cloud:
-                print("edge: the cloud is offline: the fleet planner plans without it", flush=True)
+                why = "it is offline or was given up on" if self.roster.cloud_known else "its timings are unknown"
+                print(f"edge: the fleet planner plans without the cloud: {why}", flush=True)
             # the exact optimum of the conservative model, and the baselines, judged by the simulation
             plan = F.refined(sub, [F.solve(sub, budget_s=0.5), *(F.baseline(sub, p) for p in F.POLICIES[1:])])
             plan = replace(plan, policy="hiertrain")
@@ -139,12 +140,21 @@ class Coordinator(FleetService):
         return self.roster.devices[name].samples
 
     def _wait_for_fleet(self, *, cloud: bool = True) -> None:
+        """Until enough devices are online, and the cloud with its timings (a cloud online whose
+        timings never came is planned without, saying so)."""
         deadline = time.monotonic() + self.cfg.timeout_s
-        while len(self.members()) < self.cfg.fleet_devices or cloud and "cloud" not in self.transport.online():
+        while len(self.members()) < self.cfg.fleet_devices or cloud and not self.cloud_usable():
             if time.monotonic() > deadline:
+                if len(self.members()) >= self.cfg.fleet_devices and "cloud" in self.transport.online():
+                    print(f"edge: the cloud is online but its timings are unknown ({self.cfg.fleet_file}'s profile "
+                          f"has none and it published none: set its [profile] file): planned without it", flush=True)
+                    return
                 raise MissingMessage(kind=f"{self.cfg.fleet_devices} devices and the cloud online", sender="fleet",
                                      iteration=0, layer=0, timeout=self.cfg.timeout_s)
             time.sleep(0.1)
+
+    def cloud_usable(self) -> bool:
+        return "cloud" in self.transport.online() and not self.cloud_excluded and self.roster.cloud_known
 
     # ------------------------------------------------------------ the run
 
@@ -172,7 +182,7 @@ class Coordinator(FleetService):
                     if not names:
                         self._wait_for_fleet(cloud=False)
                         continue
-                    cloud = "cloud" in self.transport.online() and not self.cloud_excluded
+                    cloud = self.cloud_usable()
                     if (tuple(names), cloud, self.roster.revision) != self.planned:
                         self.replan(names, cloud, step)
                     rnd = Round(rnd_no, step, self.version, self.units, tuple(

@@ -12,6 +12,8 @@ publish their own profile and so join on their own.
 - A device online without a profile (from the file or its own) is named once and not planned, and
   so is one whose samples would take the step past ``[train] batch``.
 - A device given up on in a round is left out until it goes offline and comes back.
+- The cloud's timings come from the fleet file's profile or, when it has none, from the profile the
+  cloud worker publishes (its ``[profile] file``); until then the fleet is planned without it.
 
 The members of a step are the known devices online, in the order they became known.
 """
@@ -45,9 +47,17 @@ class Roster:
         self.refused: Counter[str] = Counter()  # refused profiles, by device (on the edge's status)
         self._named: set[tuple[str, str]] = set()
         self._reasons: dict[str, str] = {}  # each device's last refusal
+        self.cloud_s = file.fleet.cloud_s if file.cloud_known else None  # per unit, once known
+
+    @property
+    def cloud_known(self) -> bool:
+        return self.cloud_s is not None
 
     def on_profile(self, name: str, payload: Any) -> None:
         """A device's published profile: it joins (or its description changes) at the next step."""
+        if name == "cloud":
+            self._on_cloud(payload)
+            return
         if name in ACCOUNTS:  # a three-tier job's tier: not a fleet device
             return
         if name in self.described:
@@ -57,10 +67,7 @@ class Roster:
             device = F.published_device(self.file.fleet, name, payload, self.file.overrides.get(name, {}),
                                         batch=self.batch)
         except PlanError as exc:
-            _, n, say = tally(self.refused, f"{name}: {exc}")
-            if say or self._reasons.get(name) != str(exc):  # a flood is not a flood of lines; a new reason is said
-                log.warning("edge: refused the profile %s published: %s (%d so far)", name, exc, n)
-            self._reasons[name] = str(exc)
+            self._refuse(name, exc)
             if self.devices.pop(name, None) is not None:  # what it said before no longer holds
                 self.revision += 1
             return
@@ -70,6 +77,28 @@ class Roster:
             self._named = {said for said in self._named if said[0] != name}
             print(f"edge: {name} joins with its own profile: {device.samples} samples per step, radio "
                   f"{device.rate_mbps:g} Mbit/s{', private' if device.private else ''}", flush=True)
+
+    def _on_cloud(self, payload: Any) -> None:
+        if self.file.cloud_known:
+            self._say("cloud", "profile", f"edge: the cloud published a profile; its timings come from {self.where}")
+            return
+        try:
+            cloud_s = F.published_cloud(self.file.fleet, payload)
+        except PlanError as exc:
+            self._refuse("cloud", exc)
+            return
+        if cloud_s != self.cloud_s:
+            self.cloud_s = cloud_s
+            self.revision += 1
+            print(f"edge: the cloud published its timings ({sum(cloud_s) * 1e3:.2f} ms per sample through every "
+                  f"unit)", flush=True)
+
+    def _refuse(self, name: str, exc: PlanError) -> None:
+        """Count and log a refused profile (a flood is not a flood of lines; a new reason is always said)."""
+        _, n, say = tally(self.refused, f"{name}: {exc}")
+        if say or self._reasons.get(name) != str(exc):
+            log.warning("edge: refused the profile %s published: %s (%d so far)", name, exc, n)
+        self._reasons[name] = str(exc)
 
     def members(self, online: set[str]) -> list[str]:
         """The devices to plan in this step: known, online, not given up on, within the batch."""
@@ -90,7 +119,9 @@ class Roster:
         return out
 
     def fleet_of(self, names: list[str]) -> F.Fleet:
-        return replace(self.file.fleet, devices=tuple(self.devices[n] for n in names))
+        """The fleet of ``names``; without a cloud while its timings are unknown."""
+        fleet = replace(self.file.fleet, devices=tuple(self.devices[n] for n in names))
+        return replace(fleet, cloud_s=self.cloud_s) if self.cloud_s is not None else F.without_cloud(fleet)
 
     def pins_for(self, names: list[str]) -> list[F.Path] | None:
         """The pinned paths of ``names``, if the fleet file pins every one of them."""

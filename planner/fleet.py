@@ -480,26 +480,33 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
 
 # ------------------------------------------------------------------------------ from profiles
 
+NO_CLOUD_S = 1e9  # a unit's time on a cloud that is gone: longer than any plan
+
+
 def without_cloud(fleet: Fleet) -> Fleet:
     """The fleet with its cloud gone: the cloud's units take longer than any plan (every k = U)."""
-    return replace(fleet, cloud_s=(1e9,) * fleet.units)
+    return replace(fleet, cloud_s=(NO_CLOUD_S,) * fleet.units)
 
 
 def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bool]], *, medium_mbps: float,
-                  cloud_mbps: float) -> Fleet:
+                  cloud_mbps: float, need_cloud: bool = True) -> Fleet:
     """A fleet from hiertrain-profile/1 profiles: ``servers`` holds the edge's and the cloud's timings
     (and the model's layers), each device ``(name, its profile, samples, radio Mbit/s, private)``
-    its own device timings (``hiertrain profile --tier device`` on that device)."""
-    for tier in ("edge", "cloud"):
+    its own device timings (``hiertrain profile --tier device`` on that device). Without
+    ``need_cloud`` the cloud's timings may be missing (it publishes its own): the fleet is then
+    planned as one without a cloud (:func:`without_cloud`)."""
+    for tier in ("edge", "cloud") if need_cloud else ("edge",):
         if tier not in servers.tiers:
             raise PlanError(f"the servers' profile has no {tier} timings")
 
     layers = tuple(layer.name for layer in servers.layers)
+    cloud = servers.tiers.get("cloud")
     return Fleet(act_bytes=(servers.sample_bytes, *(layer.output_bytes for layer in servers.layers)),
                  param_bytes=tuple(layer.param_bytes for layer in servers.layers),
                  devices=tuple(device_of(name, prof, layers, samples, rate, private)
                                for name, prof, samples, rate, private in devices),
-                 edge_s=_per_unit(servers.tiers["edge"]), cloud_s=_per_unit(servers.tiers["cloud"]),
+                 edge_s=_per_unit(servers.tiers["edge"]),
+                 cloud_s=_per_unit(cloud) if cloud is not None else (NO_CLOUD_S,) * len(layers),
                  medium_mbps=medium_mbps, cloud_mbps=cloud_mbps, layers=layers)
 
 
@@ -507,19 +514,36 @@ def _per_unit(times: Any) -> tuple[float, ...]:
     return tuple(f + b for f, b in zip(times.forward_s, times.backward_s))
 
 
-def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: float, private: bool) -> Device:
-    """A device from its own profile (``hiertrain profile --tier device`` on it), checked against the
-    model's layers."""
+def _same_model(who: str, prof: Any, layers: Sequence[str]) -> None:
     names = [layer.name for layer in prof.layers]
     if layers and names != list(layers):
         i = next((i for i, (a, b) in enumerate(zip(names, layers)) if a != b), min(len(names), len(layers)))
         theirs, ours = (f"{seq[i]!r}" if i < len(seq) else "none" for seq in (names, layers))
-        raise PlanError(f"device {name}: its profile is of another model ({prof.model}): its layer {i + 1} is "
+        raise PlanError(f"{who}: its profile is of another model ({prof.model}): its layer {i + 1} is "
                         f"{theirs}, the fleet's {ours}")
+
+
+def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: float, private: bool) -> Device:
+    """A device from its own profile (``hiertrain profile --tier device`` on it), checked against the
+    model's layers."""
+    _same_model(f"device {name}", prof, layers)
     times = prof.tiers.get("device")
     if times is None or not times.can_train:
         raise PlanError(f"device {name}: its profile has no device timings")
     return Device(name, samples, _per_unit(times), rate, private)
+
+
+def published_cloud(fleet: Fleet, payload: Any) -> tuple[float, ...]:
+    """The cloud's seconds per sample per unit from the profile it published (``[profile] file`` of
+    the cloud worker), checked against the fleet's model; :class:`PlanError` saying why otherwise."""
+    from hiertrain.profile import Profile
+
+    prof = Profile.from_json(payload, where="the cloud's profile")
+    _same_model("the cloud", prof, fleet.layers)
+    times = prof.tiers.get("cloud")
+    if times is None or not times.can_train:
+        raise PlanError("the cloud's profile has no cloud timings")
+    return _per_unit(times)
 
 
 JOIN_KEYS = {"samples": int, "rate_mbps": float, "private": bool}
@@ -560,6 +584,7 @@ class FleetFile:
     fleet: Fleet
     overrides: dict[str, dict[str, Any]]
     pins: dict[str, Path]
+    cloud_known: bool = True  # the servers' profile has the cloud's timings (else the cloud publishes them)
 
 
 DEVICE_KEYS = {"name": str, "profile": str, **JOIN_KEYS, "path": list}
@@ -627,19 +652,22 @@ def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
                          d.get("private", False)))
     if pins and len(pins) != len(overrides):
         raise ConfigError(f"{path}: pin a path on every [[device]] or on none")
-    fleet = from_profiles(profile(need(raw, "profile", "the fleet")), rows, medium_mbps=need(raw, "medium_mbps", "the fleet"),
-                          cloud_mbps=need(raw, "cloud_mbps", "the fleet"))
-    return FleetFile(fleet, overrides, pins)
+    servers = profile(need(raw, "profile", "the fleet"))
+    fleet = from_profiles(servers, rows, medium_mbps=need(raw, "medium_mbps", "the fleet"),
+                          cloud_mbps=need(raw, "cloud_mbps", "the fleet"), need_cloud=False)
+    return FleetFile(fleet, overrides, pins, cloud_known="cloud" in servers.tiers)
 
 
 def load(path: Any) -> Fleet:
     """The fleet a fleet file describes whole (:func:`read`): every device with its profile."""
     from hiertrain.errors import ConfigError
 
-    fleet = read(path).fleet
-    if not fleet.devices:
+    file = read(path)
+    if not file.fleet.devices:
         raise ConfigError(f"{path}: no [[device]] tables with a profile to plan")
-    return fleet
+    if not file.cloud_known:
+        raise ConfigError(f"{path}: its profile has no cloud timings (`hiertrain profile --tier cloud --merge`)")
+    return file.fleet
 
 
 def describe(fleet: Fleet, plan: FleetPlan) -> list[str]:

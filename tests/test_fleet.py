@@ -160,7 +160,8 @@ def test_a_device_not_in_the_fleet_file_joins_with_its_own_profile_and_a_bad_pro
     """pi2 is in no fleet file: it publishes its profile (from its config's [profile] file and [fleet]
     samples, rate) and is planned in; the file overrides its radio. pi3, enrolled, publishes profiles
     of another model and of too many samples: each is refused with its reason, counted on the edge's
-    status, and pi3 stays unplanned while the run goes on, every step single-process SGD."""
+    status, and pi3 stays unplanned while the run goes on, every step single-process SGD. The fleet
+    file has only the edge's timings: the cloud publishes its own."""
     from hiertrain.net import topics
     from hiertrain.net.transport import Endpoint, Transport
     from hiertrain.profile import Profile
@@ -171,7 +172,8 @@ def test_a_device_not_in_the_fleet_file_joins_with_its_own_profile_and_a_bad_pro
         while line not in c.log("edge") and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    with FleetCluster(tmp_path, devices, extra=(Spec("pi3", 2, joins=True),), iterations=40, timeout_s=60) as c:
+    with FleetCluster(tmp_path, devices, extra=(Spec("pi3", 2, joins=True),), iterations=40, timeout_s=60,
+                      cloud_publishes=True) as c:
         with open(c.fleet_file, "a") as f:                 # the operator's word on pi2's radio
             f.write('[[device]]\nname = "pi2"\nrate_mbps = 2.5\n')
         mine = Profile.load(c.profiles[1][None]).to_json()
@@ -193,6 +195,7 @@ def test_a_device_not_in_the_fleet_file_joins_with_its_own_profile_and_a_bad_pro
         assert "refused the profile pi3 published: device pi3: its profile is of another model (lenet5): its layer 1 is 'x0', the fleet's" in edge
         assert "refused the profile pi3 published: device pi3's profile: fleet samples = 1000000 is not in 1..9" in edge
         assert "edge: pi3 is online but has no profile" in edge, edge
+        assert "edge: the cloud published its timings" in edge and "plans without the cloud" not in edge, edge
         assert "plan v2" not in edge, edge                  # a refused profile changes no plan
         c.pump()
         log = c.step_log()

@@ -96,6 +96,8 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
         (tmp_path / f"{name}.json").write_text(json.dumps(Profile(full.model, full.sample_bytes, full.layers,
                                                                   {"device": times}).to_json()))
     (tmp_path / "servers.json").write_text(json.dumps(full.to_json()))
+    edge_only = {**full.to_json(), "tiers": {"edge": full.to_json()["tiers"]["edge"]}}
+    (tmp_path / "edge.json").write_text(json.dumps(edge_only))
     text = ('profile = "servers.json"\nmedium_mbps = 20\ncloud_mbps = 5\n'
             '[[device]]\nname = "pi3"\nprofile = "pi3.json"\nsamples = 16\nrate_mbps = 8\nprivate = true\n'
             '[[device]]\nname = "jetson"\nprofile = "jetson.json"\nsamples = 32\nrate_mbps = 15\n')
@@ -110,13 +112,25 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
     assert got["optimal"] and got["iteration_s"] == pytest.approx(F.brute_force(fleet).iteration_s, rel=1e-9)
     assert [d["name"] for d in got["devices"]] == ["pi3", "jetson"] and got["devices"][0]["device_units"] >= 1
     assert all(t >= got["iteration_s"] * (1 - 1e-9) for t in got["baselines_s"].values())
+    # a coordinator's file may leave the cloud's timings to the cloud, which publishes them
+    (tmp_path / "edge-only.toml").write_text(text.replace('"servers.json"', '"edge.json"'))
+    file = F.read(tmp_path / "edge-only.toml")
+    assert not file.cloud_known and set(file.fleet.cloud_s) == {F.NO_CLOUD_S}
+    assert F.published_cloud(file.fleet, full.to_json()) == fleet.cloud_s
+    for payload, why in ((edge_only, "the cloud's profile has no cloud timings"),
+                         ({**full.to_json(), "layers": [{**layer, "name": f"x{i}"} for i, layer in enumerate(full.to_json()["layers"])]},
+                          "the cloud: its profile is of another model"),
+                         ({"format": "nonsense"}, "the cloud's profile")):
+        with pytest.raises(PlanError, match=why):
+            F.published_cloud(file.fleet, payload)
 
     for bad, why in ((text.replace("samples = 16", "samples = 0"), "samples must be >= 1"),
                      (text.replace('rate_mbps = 8', 'rate_mbps = "fast"'), 'rate_mbps = \'fast\' is not a number'),
                      (text.replace('rate_mbps = 8', 'rate_mpbs = 8'), "unknown key 'rate_mpbs' (did you mean 'rate_mbps'?)"),
                      (text.replace('samples = 32\n', ''), "[[device]] 2 needs samples"),
                      (text.split("[[device]]")[0], "no [[device]] tables with a profile"),
-                     (text.replace('"jetson"', '"pi3"', 1), "share a name")):
+                     (text.replace('"jetson"', '"pi3"', 1), "share a name"),
+                     (text.replace('"servers.json"', '"edge.json"'), "its profile has no cloud timings")):
         (tmp_path / "bad.toml").write_text(bad)
         out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "bad.toml")],
                              capture_output=True, text=True, timeout=120)

@@ -74,13 +74,14 @@ class FleetCluster:
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
                  cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",
                  network: Any = None, policy: str = "hiertrain", checkpoint_every: int = 0,
-                 launch: Optional[dict[str, list[str]]] = None) -> None:
+                 launch: Optional[dict[str, list[str]]] = None, cloud_publishes: bool = False) -> None:
         """``devices`` start with the run; ``extra`` are enrolled and described too, started later
         (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``).
         ``network``: a :class:`hiertrain.lab.testbed.FleetTestbed` holding the devices, the edge (and the
         broker) and the cloud in its namespaces, behind its shaped links. ``launch``: per device, the
         command that runs Python there (default this interpreter; e.g. a plain-onnxruntime virtualenv
-        or the emulated arm64 machine), with a segment cache of its own."""
+        or the emulated arm64 machine), with a segment cache of its own. ``cloud_publishes``: the fleet
+        file's profile has only the edge's timings; the cloud worker publishes its own."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -103,6 +104,15 @@ class FleetCluster:
         self.profiles = measure_profiles(model, max(1, batch // max(1, len(self.specs))), work,
                                          {d.quota for d in self.specs.values()})
         self.fleet_file = work / "fleet.toml"
+        self.cloud_profile = None
+        if cloud_publishes:
+            from hiertrain.profile import Profile
+
+            both = Profile.load(self.profiles[0]).to_json()
+            for tier in ("edge", "cloud"):
+                (work / f"profile-{tier}.json").write_text(json.dumps({**both, "tiers": {tier: both["tiers"][tier]}}))
+            self.profiles = (work / "profile-edge.json", self.profiles[1])
+            self.cloud_profile = work / "profile-cloud.json"
         self.describe(medium_mbps, cloud_mbps)
         self.log_file = work / "fleet-log.jsonl"
         self.checkpoints = work / "ck-edge"
@@ -122,7 +132,8 @@ class FleetCluster:
             "checkpoint": {"dir": str(self.checkpoints), "every": checkpoint_every or iterations}})
         self.configs = {
             "edge": self._edge(policy),
-            "cloud": config("cloud", "cloud", {"fleet": {}}),
+            "cloud": config("cloud", "cloud", {"fleet": {}, **({"profile": {"file": str(self.cloud_profile)}}
+                                                                 if self.cloud_profile else {})}),
             **{d.name: config(d.name, "device", {**self._joins(d), "data": d.data or {
                 "dataset": "synthetic", "shard": [i, len(self.specs)]}}) for i, d in enumerate(self.specs.values())}}
         watch_creds = Endpoint.load(bdir.credentials_file("planner"))
