@@ -140,17 +140,22 @@ class Coordinator(FleetService):
         return self.roster.devices[name].samples
 
     def _wait_for_fleet(self, *, cloud: bool = True) -> None:
-        """Until enough devices are online, and the cloud with its timings (a cloud online whose
-        timings never came is planned without, saying so)."""
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while len(self.members()) < self.cfg.fleet_devices or cloud and not self.cloud_usable():
-            if time.monotonic() > deadline:
-                if len(self.members()) >= self.cfg.fleet_devices and "cloud" in self.transport.online():
+        """Until enough devices are online and (``cloud``) the cloud with its timings, saying every
+        ``timeout_s`` what it still waits for (an edge service outlives devices that are late). A
+        cloud online whose timings never came is planned without, saying so."""
+        n, say_at = self.cfg.fleet_devices, time.monotonic() + self.cfg.timeout_s
+        while True:
+            have, online = self.members(), self.transport.online()
+            if len(have) >= n and (not cloud or self.cloud_usable()):
+                return
+            if time.monotonic() > say_at:
+                say_at += self.cfg.timeout_s
+                if len(have) >= n and "cloud" in online:
                     print(f"edge: the cloud is online but its timings are unknown ({self.cfg.fleet_file}'s profile "
                           f"has none and it published none: set its [profile] file): planned without it", flush=True)
                     return
-                raise MissingMessage(kind=f"{self.cfg.fleet_devices} devices and the cloud online", sender="fleet",
-                                     iteration=0, layer=0, timeout=self.cfg.timeout_s)
+                print(f"edge: waiting for {n} devices ({len(have)} ready{': ' if have else ''}{', '.join(have)})"
+                      f"{' and the cloud' if cloud and 'cloud' not in online else ''}", flush=True)
             time.sleep(0.1)
 
     def cloud_usable(self) -> bool:

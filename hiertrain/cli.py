@@ -94,7 +94,7 @@ def _init(args: argparse.Namespace) -> int:
     folders = scaffold.init(root, job=args.job or root.resolve().name, host=args.host, port=args.port or DEFAULT_PORT,
                             bind=args.bind, model=args.model, batch=args.batch, iterations=args.iterations, lr=args.lr,
                             dataset=args.data, data_path=args.data_path, bw_device_edge=args.bw_device_edge,
-                            bw_edge_cloud=args.bw_edge_cloud, force=args.force)
+                            bw_edge_cloud=args.bw_edge_cloud, force=args.force, devices=args.devices)
     print(f"job files in {root}: {', '.join(f.name + '/' for f in folders)} (one folder per machine); "
           f"what to run on each: {root / 'README.md'}")
     return 0
@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--port", type=_port)
     init.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
     init.add_argument("--model", default="lenet5", type=_model, metavar="MODEL")
-    init.add_argument("--batch", type=_batch, default=64)
+    init.add_argument("--batch", type=_batch, default=64, help="samples per iteration (a fleet's: of all devices)")
+    init.add_argument("--devices", type=_positive_int, default=0, metavar="N",
+                      help="a fleet of N devices, each with its own account, instead of one device")
     init.add_argument("--iterations", type=_positive_int, default=1000)
     init.add_argument("--lr", type=_positive_float, default=0.05)
     init.add_argument("--data", default="synthetic", help="the device's data set: synthetic, cifar10, tiny-imagenet, "

@@ -10,6 +10,13 @@ on each (as ``flwr new`` starts a Flower project).
     DIR/cloud/cloud.toml cloud.json
     DIR/device/device.toml device.json
 
+``hiertrain init DIR --devices N``: a fleet's instead, N devices each with its own account::
+
+    DIR/edge/edge.toml fleet.toml   the coordinator and its (optional) overrides; planner.json
+                                    publishes its plans on the schedule topic
+    DIR/cloud/cloud.toml cloud.json the cloud worker, which publishes its timings
+    DIR/device-1/device.toml device-1.json ...   each publishes its profile and joins
+
 Each folder is copied to its machine as it is: configs name their credentials relative to
 themselves, and every credentials file is readable by its owner only.
 """
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hiertrain import MAX_BATCH, MODEL_NAMES, TIERS
 from hiertrain.net import topics
@@ -32,8 +39,9 @@ HOLDOUT = 64
 
 def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, batch: int, iterations: int,
          lr: float, dataset: str, data_path: Optional[str], bw_device_edge: float, bw_edge_cloud: float,
-         force: bool = False) -> list[Path]:
-    """Write the job's files under ``root``; return the folders, one per machine."""
+         force: bool = False, devices: int = 0) -> list[Path]:
+    """Write the job's files under ``root``; return the folders, one per machine. ``devices``: a
+    fleet of that many devices (each trains ``batch // devices`` samples of every step)."""
     from hiertrain.broker.layout import BrokerDir, Settings
     from hiertrain.broker.mosquitto import write_config
 
@@ -55,13 +63,23 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
         raise ConfigError(f"--data {dataset!r} is not one of {', '.join(DATASETS)}")
     if dataset != "synthetic" and not data_path:
         raise ConfigError(f"--data {dataset} needs --data-path (where the data set is on the device)")
+    if devices < 0 or devices and batch < devices:
+        raise ConfigError(f"--devices {devices}: a fleet needs 1 to --batch ({batch}) devices, each with a sample "
+                          f"of every step")
     if root.exists() and any(root.iterdir()) and not force:
         raise ConfigError(f"{root} is not empty; choose a new directory or pass --force")
     bdir = BrokerDir(root / "edge" / "broker")
     bdir.init(Settings(host=host, port=port, bind=bind, job=job), force=force)
+    names = [f"device-{i}" for i in range(1, devices + 1)]
+    for name in names:
+        bdir.add_device(name)
     write_config(bdir)
     every = max(1, iterations // 10)
     train = {"model": model, "batch": batch, "lr": lr, "iterations": iterations, "timeout_s": 60}
+    if devices:
+        return _fleet(root, bdir, names, job=job, host=host, port=port, model=model, model_file=model_file,
+                      train=train, every=every, dataset=dataset, data_path=data_path, bw_device_edge=bw_device_edge,
+                      bw_edge_cloud=bw_edge_cloud)
     for tier in TIERS:
         folder = root / tier
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +100,117 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
     (root / "README.md").write_text(readme(job=job, host=host, port=port, model=model, batch=batch,
                                            iterations=iterations, every=every))
     return [root / t for t in TIERS]
+
+
+def _fleet(root: Path, bdir: Any, names: list[str], *, job: str, host: str, port: int, model: str,
+           model_file: Optional[Path], train: dict[str, Any], every: int, dataset: str, data_path: Optional[str],
+           bw_device_edge: float, bw_edge_cloud: float) -> list[Path]:
+    """A fleet's folders: the edge's coordinator, the cloud worker, and a folder per device."""
+    samples = train["batch"] // len(names)
+    data = {"dataset": dataset, **({"path": data_path} if data_path else {})}
+    folders = {"edge": root / "edge", "cloud": root / "cloud", **{n: root / n for n in names}}
+    for account, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        if model_file is not None:
+            shutil.copy2(model_file, folder / model)
+        for creds in (account, "planner") if account == "edge" else (account,):
+            shutil.copy2(bdir.credentials_file(creds), folder / f"{creds}.json")  # 0600, as written
+        tier = account if account in TIERS else "device"
+        sections: dict[str, dict[str, Any]] = {"train": train, "runtime": {"cache": "cache"}}
+        if tier == "edge":
+            sections["fleet"] = {"file": "fleet.toml", "devices": len(names), "log": "fleet-log.jsonl",
+                                 "planner": "planner.json"}
+            sections["checkpoint"] = {"every": every, "dir": "checkpoints", "keep": 3}
+        elif tier == "cloud":
+            sections["fleet"] = {}
+            sections["profile"] = {"file": "profile-cloud.json"}
+        else:
+            sections["fleet"] = {"samples": samples, "rate_mbps": bw_device_edge, "private": False}
+            sections["profile"] = {"file": "profile-device.json"}
+            i = names.index(account)
+            sections["data"] = {**data, **({"shard": [i, len(names)]} if dataset == "synthetic" else {})}
+        toml(folder / f"{tier}.toml", job, Path(f"{account}.json"), sections)
+    (root / "edge" / "fleet.toml").write_text(f"""\
+# The fleet the edge's coordinator plans. Devices join on their own: each publishes its profile
+# (its device.toml's [profile] file and [fleet] samples, rate_mbps, private).
+profile = "profile-edge.json"  # the edge's timings; the cloud publishes its own
+medium_mbps = {bw_device_edge:g}              # the shared device-edge medium
+cloud_mbps = {bw_edge_cloud:g}               # the edge-cloud link
+
+# Optional: the operator's word on a device overrides what it publishes, e.g.
+# [[device]]
+# name = "{names[0]}"
+# private = true          # its raw samples never leave it
+# rate_mbps = 2.5         # its radio, as measured
+""")
+    (root / "README.md").write_text(fleet_readme(job=job, host=host, port=port, model=model, samples=samples,
+                                                 names=names, iterations=train["iterations"], every=every))
+    return list(folders.values())
+
+
+def fleet_readme(*, job: str, host: str, port: int, model: str, samples: int, names: list[str], iterations: int,
+                 every: int) -> str:
+    profile = f"hiertrain profile --model {model} --batch {samples}"
+    return f"""# hiertrain fleet `{job}`
+
+{model}, {len(names)} devices of {samples} samples each per step, {iterations} steps, trained across the
+devices, an edge server and a cloud server: the edge's coordinator plans where each device's units
+run (on it, on the edge, on the cloud) and every step equals single-process SGD over the samples
+it names. The broker runs on the edge server; the others reach it at `{host}:{port}`.
+
+Copy each folder to its machine as it is: `edge/` to the edge server, `cloud/` to the cloud server,
+`device-1/` ... `device-{len(names)}/` to the devices. Each holds its service's config and its own
+credentials (mode 0600: keep them so); a device publishes only under its own name.
+
+Install: `pip install 'hiertrain[edge]'` on the edge server, `'hiertrain[cloud]'` on the cloud
+server, `'hiertrain[device]'` on each device (plain onnxruntime, also on aarch64: it fetches the
+segments it trains from the edge over MQTT).
+
+## 1. The edge server, in `edge/`
+
+```bash
+hiertrain broker start --dir broker          # Mosquitto (or: hiertrain broker install-service --dir broker)
+{profile} --tier edge --out profile-edge.json
+hiertrain edge run --config edge.toml        # waits for {len(names)} devices and the cloud
+```
+
+The coordinator plans once {len(names)} devices and the cloud have published their profiles, and
+again whenever one joins or leaves; each plan version is on the schedule topic. It checkpoints
+every {every} steps in `edge/checkpoints/`; run it again with `--resume` to continue from the newest.
+
+## 2. The cloud server, in `cloud/`
+
+```bash
+{profile} --tier cloud --out profile-cloud.json
+hiertrain cloud run --config cloud.toml
+```
+
+## 3. Each device, in its folder (`device-1/` here)
+
+```bash
+{profile} --tier device --out profile-device.json
+hiertrain device run --config device.toml
+```
+
+A device without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with graphs
+built on the edge server: there, `hiertrain segments build --model {model} --out segments-{model}`;
+copy `segments-{model}/` here and add `--segments segments-{model}` to the profile command.
+
+A device that comes later (enrolled with `hiertrain broker add-device --dir broker NAME` on the
+edge, its folder made like these) is planned in at the next step; the edge's `fleet.toml` may
+override what a device says of itself.
+
+## Watching
+
+```bash
+hiertrain schedule watch --config edge.toml     # each plan version: which units run where, per device
+```
+
+Every step's members and loss are in `edge/fleet-log.jsonl`. To score the newest checkpoint on a
+device's held-out data, copy `edge/checkpoints/` to it and there run `hiertrain evaluate --config
+device.toml --checkpoint checkpoints`. The configs are documented in hiertrain's README (A fleet
+of devices).
+"""
 
 
 def readme(*, job: str, host: str, port: int, model: str, batch: int, iterations: int, every: int) -> str:

@@ -3,18 +3,21 @@ operator would on three machines (here three folders on one), over real Mosquitt
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import stat
 import subprocess
+import time
 
 import pytest
 
 from conftest import PYTHON, ROOT
 from hiertrain import config
 from hiertrain.train import checkpoint
+from hiertrain.broker.layout import BrokerDir
 from hiertrain.broker.process import free_port
 from hiertrain.lab.local import stop
 
@@ -24,6 +27,35 @@ HIERTRAIN = [PYTHON, "-m", "hiertrain"]
 def init(tmp_path, *args):
     return subprocess.run([*HIERTRAIN, "init", str(tmp_path / "job"), *args], capture_output=True, text=True,
                           cwd=ROOT)
+
+
+class Follower:
+    """An operator following a README: each `hiertrain` line run in its machine's folder, services
+    (``start``, ``run``, ``watch``) left running with their output in ``<folder>/<name>.log``."""
+
+    def __init__(self, job, env):
+        self.job, self.env = job, env
+        self.procs: dict[tuple[str, str], subprocess.Popen] = {}
+
+    def run(self, line: str, where: str) -> None:
+        argv = shlex.split(line)
+        assert argv[0] == "hiertrain", line
+        name, action = argv[1], argv[2]
+        argv = [*HIERTRAIN, *argv[1:]]
+        if action in ("start", "run", "watch"):  # a service: it keeps running
+            log = open(self.job / where / f"{name}.log", "a")
+            self.procs[name, where] = subprocess.Popen(argv, cwd=self.job / where, stdout=log, stderr=subprocess.STDOUT,
+                                                       env=self.env)
+        else:
+            ran = subprocess.run(argv, cwd=self.job / where, capture_output=True, text=True, env=self.env, timeout=300)
+            assert ran.returncode == 0, (line, ran.stderr)
+
+    def log(self, name: str, where: str) -> str:
+        path = self.job / where / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def close(self) -> None:
+        stop(reversed(list(self.procs.values())), timeout=20)
 
 
 def commands(readme: str, section: str) -> list[str]:
@@ -83,33 +115,84 @@ def test_the_readme_init_writes_trains_the_job_when_followed_line_by_line(tmp_pa
     assert done.returncode == 0, done.stderr
     job = tmp_path / "job"
     readme = (job / "README.md").read_text()
-    procs: dict[str, subprocess.Popen] = {}
-    env = {**os.environ, "HIERTRAIN_CACHE": str(tmp_path / "cache")}
-
-    def run(line: str, where: str) -> None:
-        argv = shlex.split(line)
-        assert argv[0] == "hiertrain", line
-        name, action = argv[1], argv[2]
-        argv = [*HIERTRAIN, *argv[1:]]
-        if action in ("start", "run"):  # a service: it keeps running
-            log = open(job / where / f"{name}.log", "a")
-            procs[name] = subprocess.Popen(argv, cwd=job / where, stdout=log, stderr=subprocess.STDOUT, env=env)
-        else:
-            ran = subprocess.run(argv, cwd=job / where, capture_output=True, text=True, env=env, timeout=300)
-            assert ran.returncode == 0, (line, ran.stderr)
-
+    me = Follower(job, {**os.environ, "HIERTRAIN_CACHE": str(tmp_path / "cache")})
     try:
         for section, where in (("1.", "edge"), ("2.", "cloud"), ("3.", "device")):
             for line in commands(readme, section):
-                run(line, where)
-        codes = {t: procs[t].wait(300) for t in ("device", "edge", "cloud")}
-        logs = {name: (job / where / f"{name}.log").read_text()
+                me.run(line, where)
+        codes = {t: me.procs[t, t].wait(300) for t in ("device", "edge", "cloud")}
+        logs = {name: me.log(name, where)
                 for name, where in (("device", "device"), ("edge", "edge"), ("cloud", "cloud"), ("planner", "edge"))}
         assert codes == {"device": 0, "edge": 0, "cloud": 0}, "\n".join(f"--- {t}\n{v[-2000:]}" for t, v in logs.items())
         assert "schedule version 1" in logs["planner"], logs["planner"]
         assert checkpoint.iterations(job / "device" / "checkpoints")[-1] == 11
         ev = subprocess.run([*HIERTRAIN, "evaluate", "--config", "device.toml"], cwd=job / "device",
-                            capture_output=True, text=True, env=env)
+                            capture_output=True, text=True, env=me.env)
         assert ev.returncode == 0 and ev.stdout.startswith("accuracy "), ev.stderr
     finally:
-        stop(reversed(list(procs.values())), timeout=20)
+        me.close()
+
+
+@pytest.mark.unit
+def test_init_writes_a_fleet_with_an_account_and_folder_per_device(tmp_path):
+    done = init(tmp_path, "--job", "orchard", "--devices", "3", "--batch", "12", "--iterations", "50")
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "job"
+    assert sorted(p.name for p in job.iterdir()) == ["README.md", "cloud", "device-1", "device-2", "device-3", "edge"]
+    for i in (1, 2, 3):
+        cfg = config.load(job / f"device-{i}" / "device.toml")
+        assert cfg.endpoint.username == f"device-{i}" and cfg.raw["fleet"]["samples"] == 4
+        assert cfg.raw["data"]["shard"] == [i - 1, 3]
+        assert stat.S_IMODE((job / f"device-{i}" / f"device-{i}.json").stat().st_mode) == 0o600
+    assert sorted(BrokerDir(job / "edge" / "broker").devices()) == ["device-1", "device-2", "device-3"]
+    edge = config.load(job / "edge" / "edge.toml").raw
+    assert edge["fleet"]["devices"] == 3 and (job / "edge" / edge["fleet"]["file"]).is_file()
+    for args, why in ((["--devices", "13", "--batch", "12"], "--devices 13: a fleet needs 1 to --batch (12)"),
+                      (["--devices", "0"], "--devices: 0 must be at least 1")):
+        bad = init(tmp_path / "x", *args)
+        assert bad.returncode != 0 and why in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"),
+                    reason="needs Mosquitto")
+def test_the_fleet_readme_init_writes_trains_the_fleet_when_followed_line_by_line(tmp_path):
+    """Three devices, each with its own account, publish their profiles and join; the cloud publishes
+    its timings; the coordinator plans, publishes each plan version (the README's watch shows it) and
+    checkpoints; a device scores the newest checkpoint."""
+    port = free_port()
+    done = init(tmp_path, "--job", "orchard", "--devices", "3", "--port", str(port), "--bind", "127.0.0.1",
+                "--batch", "12", "--iterations", "10")
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "job"
+    readme = (job / "README.md").read_text()
+    me = Follower(job, {**os.environ, "HIERTRAIN_CACHE": str(tmp_path / "cache")})
+    devices = ("device-1", "device-2", "device-3")
+    try:
+        for section, folders in (("1.", ("edge",)), ("2.", ("cloud",)), ("3.", devices), ("Watching", ("edge",))):
+            for where in folders:
+                for line in commands(readme, section):
+                    me.run(line, where)
+        codes = {where: me.procs[name, where].wait(300) for name, where in
+                 (("edge", "edge"), ("cloud", "cloud"), *(("device", d) for d in devices))}
+        edge = me.log("edge", "edge")
+        assert codes == dict.fromkeys(codes, 0), "\n".join(f"--- {w}\n{me.log(n, w)[-2000:]}" for n, w in me.procs)
+        for d in devices:
+            assert f"edge: {d} joins with its own profile: 4 samples per step" in edge, edge
+        assert "edge: the cloud published its timings" in edge, edge
+        rows = [json.loads(line) for line in (job / "edge" / "fleet-log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(10))
+        assert all(sorted(m[0] for m in r["members"]) == list(devices) for r in rows), rows
+        assert checkpoint.iterations(job / "edge" / "checkpoints")[-1] == 9
+        plan_row = re.compile(r"^\s+1\s+0\s+hiertrain\s+fleet\s+device-1:\d,\d/4 device-2:\d,\d/4 device-3:\d,\d/4",
+                              re.M)  # version 1 from step 0: each device's units m,k and its samples
+        deadline = time.monotonic() + 30
+        while not plan_row.search(me.log("schedule", "edge")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert plan_row.search(me.log("schedule", "edge")), me.log("schedule", "edge")
+        ev = subprocess.run([*HIERTRAIN, "evaluate", "--config", "device.toml", "--checkpoint", "../edge/checkpoints"],
+                            cwd=job / "device-1", capture_output=True, text=True, env=me.env)
+        assert ev.returncode == 0 and ev.stdout.startswith("accuracy ") and "iteration 9" in ev.stdout, ev.stderr
+    finally:
+        me.close()
