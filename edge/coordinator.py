@@ -17,6 +17,7 @@
 - **Joining.** A device that comes online (or publishes its profile) is planned in at the next round.
 - **The cloud** is planned like a member: lost (or silent) mid-round, the round is redone without
   it (every path then ends at the edge, k = U, whatever a pin said); back, it is planned in again.
+- **Resuming** (``--resume``, a standby's too) continues after the newest checkpoint (:mod:`.state`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ import math
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
 
 from hiertrain.net import topics
-from hiertrain.train import checkpoint
 from hiertrain.errors import ConfigError, Diverged, MissingMessage, SegmentError, TierLost
 from hiertrain.train.fleetroles import Member, Round, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
@@ -41,10 +40,10 @@ from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
 from hiertrain.train.roles import Params
-from hiertrain.plan import for_fleet
 from hiertrain.schedule import Schedule
 from hiertrain.tierconfig import TierConfig
-from hiertrain.edge.publisher import PlanPublisher, next_version
+from hiertrain.edge.publisher import PlanPublisher, fleet_schedule, next_version
+from hiertrain.edge import state
 from hiertrain.edge.roster import Roster
 
 log = logging.getLogger("hiertrain.edge")
@@ -77,7 +76,12 @@ class Coordinator(FleetService):
         self.version = 0
         self.plan: Optional[F.FleetPlan] = None
         self.publisher: Optional[PlanPublisher] = None
-        self.first_step = self._resume() if resume else self._fresh()
+        if resume and cfg.checkpoint_dir is None:
+            raise ConfigError(f"{cfg.path}: --resume needs a [checkpoint] dir to resume from")
+        self.resume = resume  # from the newest checkpoint, its own or a collector's, once the fleet is here
+        self.first_step = 0
+        if not resume:
+            state.fresh(cfg.checkpoint_dir)
 
     # ------------------------------------------------------------ membership and plan
 
@@ -101,19 +105,10 @@ class Coordinator(FleetService):
         if pins is None and self.roster.file.pins:
             print(f"edge: {self.cfg.fleet_file} pins no path for {', '.join(n for n in names if n not in self.roster.file.pins)}: "
                   f"the planner plans every device", flush=True)
-        if pins is not None and (cloud or all(p.k == self.units for p in pins)):
-            plan = F.plan_of("pinned", sub, pins)
-        elif self.cfg.fleet_policy == "hiertrain" or not cloud:
-            if not cloud:
-                why = "it is offline or was given up on" if self.roster.cloud_known else "its timings are unknown"
-                print(f"edge: the fleet planner plans without the cloud: {why}", flush=True)
-            # the exact optimum of the conservative model, and the baselines, judged by the simulation
-            plan = F.refined(sub, [F.solve(sub, budget_s=0.5), *(F.baseline(sub, p) for p in F.POLICIES[1:])])
-            plan = replace(plan, policy="hiertrain")
-        else:
-            plan = F.baseline(sub, self.cfg.fleet_policy)
-        if plan.parts.get("conservative_s") is None:
-            plan = F.refined(sub, [plan])
+        if not cloud:
+            why = "it is offline or was given up on" if self.roster.cloud_known else "its timings are unknown"
+            print(f"edge: the fleet planner plans without the cloud: {why}", flush=True)
+        plan = F.choose(sub, pins=pins, policy=self.cfg.fleet_policy, cloud=cloud)
         self.version = next_version(self.publisher, self.version)
         self.plan = plan
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())
@@ -130,11 +125,8 @@ class Coordinator(FleetService):
     def schedule(self, step: int) -> Schedule:
         """The current plan as the schedule topic carries it: the plan model, versioned."""
         assert self.plan is not None
-        names = list(self.planned[0])
-        groups = for_fleet([(n, self.samples(n), self.paths[n].m, self.paths[n].k) for n in names], units=self.units)
-        return Schedule(mapping={}, m_s=0, m_l=0, b_o=0, b_s=0, b_l=0, policy=self.plan.policy, cost_model="fleet",
-                        iteration_s=self.plan.iteration_s, version=self.version, effective_iteration=step,
-                        groups=groups, extra={"cloud": self.planned[1]})
+        return fleet_schedule(self.plan, [(n, self.samples(n), self.paths[n]) for n in self.planned[0]],
+                              units=self.units, version=self.version, step=step, cloud=self.planned[1])
 
     def samples(self, name: str) -> int:
         return self.roster.devices[name].samples
@@ -179,6 +171,8 @@ class Coordinator(FleetService):
             print(f"edge: fleet coordinator for the {len(self.roster.described)} devices in {self.cfg.fleet_file} "
                   f"{joins}; waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
             self._wait_for_fleet()
+            if self.resume:
+                self.first_step = self._resume()
             step, rnd_no = self.first_step, 0
             logf = open(self.cfg.fleet_log, "a" if step else "w") if self.cfg.fleet_log else None
             try:
@@ -242,39 +236,25 @@ class Coordinator(FleetService):
             "fleet": row["members"]})
 
     def _checkpoint(self, step: int) -> None:
-        """The state after ``step``: weights, optimizer, and every device's place in its data (a resumed
-        run trains the very samples the lost one would have)."""
-        ck = checkpoint.Checkpoint(step, dict(self.params), dict(self.optimizer.moments), self.optimizer.step_count,
-                                   {"fleet": {"version": self.version, "offsets": dict(self.offsets)}})
-        checkpoint.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep)
-        self.transport.status_extra["checkpoint_iteration"] = step
-
-    def _fresh(self) -> int:
-        """A new run: an earlier run's checkpoints are set aside, not mixed with (or pruned for) its own."""
-        aside = checkpoint.set_aside(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
-        if aside is not None:
-            print(f"edge: a new run (no --resume): the earlier run's checkpoints moved to {aside}", flush=True)
-        return 0
+        ck = state.snapshot(step, self.params, self.optimizer, self.version, self.offsets)
+        state.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep, transport=self.transport,
+                   keeper=self.keeper, version=self.version)
 
     def _resume(self) -> int:
-        """``--resume``: continue after the newest checkpoint in ``[checkpoint] dir`` (none: from step 0)."""
-        if self.cfg.checkpoint_dir is None:
-            raise ConfigError(f"{self.cfg.path}: --resume needs a [checkpoint] dir to resume from")
-        ck = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
+        """``--resume``: continue after the newest checkpoint (:func:`hiertrain.edge.state.newest`);
+        none: from step 0."""
+        ck = state.newest(self.cfg.checkpoint_dir, list(self.spec.param_shapes()), keep=self.cfg.checkpoint_keep,
+                          transport=self.transport, keeper=self.keeper, timeout=self.cfg.timeout_s)
         if ck is None:
-            print(f"edge: no checkpoint in {self.cfg.checkpoint_dir} to resume from: starting at step 0", flush=True)
+            print(f"edge: no checkpoint in {self.cfg.checkpoint_dir} or announced to resume from: starting at step 0",
+                  flush=True)
             return 0
-        fleet = (ck.schedule or {}).get("fleet")
-        if not isinstance(fleet, dict) or not isinstance(fleet.get("offsets"), dict):
-            raise ConfigError(f"{self.cfg.checkpoint_dir}: checkpoint of step {ck.iteration} is not a fleet's "
-                              f"(it has no devices' offsets): resume it with the job that wrote it")
+        offsets, version = state.fleet_of(ck, self.cfg.checkpoint_dir)
         self.params = dict(ck.params)
         self.optimizer = Optimizer(self.cfg.optimizer, self.spec.param_shapes(), step_count=ck.optimizer_step,
                                    moments=ck.moments)
-        for name, offset in fleet["offsets"].items():
-            if isinstance(name, str) and type(offset) is int and offset >= 0:
-                self.offsets[name] = offset
-        self.version = int(fleet.get("version", 0))
+        self.offsets.update(offsets)
+        self.version = max(self.version, version)
         self.transport.status_extra["checkpoint_iteration"] = ck.iteration
         print(f"edge: resuming after the checkpoint of step {ck.iteration} (run {self.run_id})", flush=True)
         return ck.iteration + 1

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from hiertrain.net import topics
-from hiertrain.train import models
+from hiertrain.train import collect, models
 from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError, TierLost
 from hiertrain.train.fleetroles import Part, Round
 from hiertrain.train.segments import Runtime
@@ -56,13 +56,26 @@ class FleetService:
         self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
                                provider=self.supply.provider)
         self.part = Part(self.spec, self.runtime)
+        if cfg.checkpoint_collect:  # the coordinator's checkpoints come here too (a standby resumes from them)
+            self.transport.status_extra["collector"] = True
+        self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
+                                     collect=cfg.checkpoint_collect, on_stored=self.announce_checkpoint)
         self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed
 
     @contextmanager
     def connected(self) -> Iterator[None]:
         """Connected under our account, building segments for others or fetching ours."""
         with self.transport, self.supply.serving(self.spec, self.runtime.root):
-            yield
+            self.keeper.start()
+            try:
+                yield
+            finally:
+                self.keeper.stop()
+
+    def announce_checkpoint(self, step: int) -> None:
+        """Our status says which checkpoint we hold (written or collected)."""
+        self.transport.status_extra["checkpoint_iteration"] = step
+        self.transport.publish_status("online")
 
     def send(self, kind: str, dest: str, rnd: int, layer: int, tensors: dict[str, np.ndarray], **meta: Any) -> None:
         for name, t in tensors.items():

@@ -39,7 +39,7 @@ import numpy as np
 
 from hiertrain import TIERS
 from hiertrain.net import topics
-from hiertrain.train import artifacts, checkpoint, collect, models, segments
+from hiertrain.train import artifacts, checkpoint, collect, models
 from hiertrain.net.compress import dequantize, pack_samples, quantize, sample_tensors
 from hiertrain.train.data import normalize
 from hiertrain.errors import Diverged, HiertrainError, MissingMessage, PlanError, TierLost

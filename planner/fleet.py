@@ -478,6 +478,20 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
     raise PlanError(f"unknown fleet policy {policy!r}; available: {', '.join(POLICIES)}")
 
 
+def choose(fleet: Fleet, *, pins: Optional[list[Path]], policy: str, cloud: bool) -> FleetPlan:
+    """The plan a coordinator runs: the pinned paths (while they fit: without the cloud every path
+    must end at the edge), else the exact optimum of the conservative model or the baseline
+    ``policy`` (without the cloud always the optimum), judged by the simulation."""
+    if pins is not None and (cloud or all(p.k == fleet.units for p in pins)):
+        plan = plan_of("pinned", fleet, pins)
+    elif policy == "hiertrain" or not cloud:
+        plan = refined(fleet, [solve(fleet, budget_s=0.5), *(baseline(fleet, p) for p in POLICIES[1:])])
+        plan = replace(plan, policy="hiertrain")
+    else:
+        plan = baseline(fleet, policy)
+    return plan if plan.parts.get("conservative_s") is not None else refined(fleet, [plan])
+
+
 # ------------------------------------------------------------------------------ from profiles
 
 NO_CLOUD_S = 1e9  # a unit's time on a cloud that is gone: longer than any plan

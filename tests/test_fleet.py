@@ -93,7 +93,7 @@ def test_the_cloud_lost_mid_run_is_planned_around_and_every_step_stays_single_pr
         assert [m[4] for m in log[0]["members"]] == [4, 3]
         assert all(m[4] == U for m in log[-1]["members"])  # every path now ends at the edge
         edge = c.log("edge")
-        assert "the cloud is offline" in edge and "redone without it" in edge
+        assert "plans without the cloud: it is offline" in edge and "redone without it" in edge
         losses, params = c.replay()
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
         assert rel(c.final().params, params) < 1e-4
@@ -153,6 +153,36 @@ def test_a_fleet_edge_killed_and_restarted_with_resume_continues_exactly_from_it
         losses, params = c.replay()
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
         final = c.final()
+        assert final.iteration == 15 and rel(final.params, params) < 1e-4
+
+
+def test_a_fleet_survives_losing_the_edge_machine_to_a_standby_and_every_step_stays_single_process_sgd(tmp_path):
+    """A second edge machine: a standby broker with the same accounts and a standby coordinator,
+    started with --resume and idle there. The edge machine (coordinator and broker) is killed mid-run:
+    the devices and the cloud move to the standby broker, the standby coordinator fetches the newest
+    checkpoint from the cloud (which collects them) and continues after it; the whole run equals
+    single-process SGD over the samples logged."""
+    devices = [Spec("pi1", 4, path=(2, 5)), Spec("pi2", 6, path=(0, U)), Spec("pi3", 3, path=(U, U))]
+    with FleetCluster(tmp_path, devices, iterations=16, timeout_s=60, checkpoint_every=4, standby=True) as c:
+        c.start("cloud", "edge", "pi1", "pi2", "pi3")
+        c.start("edge-standby", resume=True)
+        c.wait_step(9)                                      # checkpoints after steps 3 and 7
+        c.lose_edge_machine()
+        codes = c.wait(("edge-standby", "cloud", "pi1", "pi2", "pi3"), timeout=240)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        standby = c.log("edge-standby")
+        assert "edge: fetched the checkpoint of step 7 from the cloud" in standby, standby
+        assert "edge: resuming after the checkpoint of step 7" in standby, standby
+        port = c.standby_dir.settings().port
+        for name in ("cloud", "pi1", "pi2", "pi3"):
+            assert f"trying 127.0.0.1:{port}" in c.log(name), c.log(name)
+        log = c.step_log()
+        assert [row["step"] for row in log] == list(range(16))
+        losses, params = c.replay()
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        from hiertrain.train import checkpoint, models
+
+        final = checkpoint.load(tmp_path / "ck-standby", list(models.get("lenet5").param_shapes()))
         assert final.iteration == 15 and rel(final.params, params) < 1e-4
 
 

@@ -25,7 +25,7 @@ from hiertrain.net import topics
 from hiertrain.train import checkpoint, models
 from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError
-from hiertrain.lab.local import stop, toml
+from hiertrain.lab.local import standby_broker, stop, toml
 from hiertrain.net.transport import Endpoint, Transport
 from hiertrain.schedule import Schedule
 
@@ -74,14 +74,18 @@ class FleetCluster:
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
                  cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",
                  network: Any = None, policy: str = "hiertrain", checkpoint_every: int = 0,
-                 launch: Optional[dict[str, list[str]]] = None, cloud_publishes: bool = False) -> None:
+                 launch: Optional[dict[str, list[str]]] = None, cloud_publishes: bool = False,
+                 standby: bool = False) -> None:
         """``devices`` start with the run; ``extra`` are enrolled and described too, started later
         (:meth:`start`) to join it. The edge waits for ``wait_for`` devices (default all of ``devices``).
         ``network``: a :class:`hiertrain.lab.testbed.FleetTestbed` holding the devices, the edge (and the
         broker) and the cloud in its namespaces, behind its shaped links. ``launch``: per device, the
         command that runs Python there (default this interpreter; e.g. a plain-onnxruntime virtualenv
         or the emulated arm64 machine), with a segment cache of its own. ``cloud_publishes``: the fleet
-        file's profile has only the edge's timings; the cloud worker publishes its own."""
+        file's profile has only the edge's timings; the cloud worker publishes its own. ``standby``: a
+        second edge machine - a standby broker (the same accounts) and a standby coordinator
+        (``edge-standby``, checkpoints of its own) - that everyone else moves to when the edge machine
+        is lost (:meth:`lose_edge_machine`); the cloud collects the coordinator's checkpoints."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -97,6 +101,8 @@ class FleetCluster:
         for name in self.specs:
             bdir.add_device(name)  # before the broker starts: an embedded broker reads accounts once
         self.broker = self.stack.enter_context(BrokerProcess(bdir, kind=available_kind(), prefix=self._prefix("edge")))
+        self.standby_dir = standby_broker(self.stack, bdir, work / "standby-broker") if standby else None
+        addresses = (f"127.0.0.1:{self.standby_dir.settings().port}",) if standby else ()
         batch = sum(d.samples for d in self.specs.values())
         from hiertrain.lab.cgroup import CpuQuota
 
@@ -121,22 +127,28 @@ class FleetCluster:
 
         host = network.broker_for if network else {}
 
-        def config(name: str, tier: str, sections: dict[str, Any]) -> Path:
+        def config(name: str, tier: str, sections: dict[str, Any], broker: Any = bdir) -> Path:
             rt = {"threads": THREADS[tier], "cache": str(work / (f"cache-{name}" if name in self.launch else "cache"))}
-            return toml(work / f"{name}.toml", JOB, bdir.credentials_file(name if tier == "device" else tier),
-                        {"train": train, "runtime": rt, **sections}, host=host.get(name))
+            return toml(work / f"{name}.toml", JOB, broker.credentials_file(name if tier == "device" else tier),
+                        {"train": train, "runtime": rt, **sections}, host=host.get(name),
+                        standby=addresses if broker is bdir else ())
 
-        self._edge = lambda policy: config("edge", "edge", {
-            "fleet": {"file": str(self.fleet_file), "log": str(self.log_file), "devices": wait_for or len(devices),
-                      "policy": policy, "planner": str(bdir.credentials_file("planner"))},
-            "checkpoint": {"dir": str(self.checkpoints), "every": checkpoint_every or iterations}})
+        def edge(policy: str, name: str = "edge", broker: Any = bdir, checkpoints: Path = self.checkpoints) -> Path:
+            return config(name, "edge", {
+                "fleet": {"file": str(self.fleet_file), "log": str(self.log_file), "devices": wait_for or len(devices),
+                          "policy": policy, "planner": str(broker.credentials_file("planner"))},
+                "checkpoint": {"dir": str(checkpoints), "every": checkpoint_every or iterations}}, broker)
+
+        self._edge = edge
+        cloud = {"fleet": {}, **({"profile": {"file": str(self.cloud_profile)}} if self.cloud_profile else {}),
+                 **({"checkpoint": {"dir": str(work / "ck-cloud"), "collect": True}} if standby else {})}
         self.configs = {
-            "edge": self._edge(policy),
-            "cloud": config("cloud", "cloud", {"fleet": {}, **({"profile": {"file": str(self.cloud_profile)}}
-                                                                 if self.cloud_profile else {})}),
+            "edge": edge(policy),
+            **({"edge-standby": edge(policy, "edge-standby", self.standby_dir, work / "ck-standby")} if standby else {}),
+            "cloud": config("cloud", "cloud", cloud),
             **{d.name: config(d.name, "device", {**self._joins(d), "data": d.data or {
                 "dataset": "synthetic", "shard": [i, len(self.specs)]}}) for i, d in enumerate(self.specs.values())}}
-        watch_creds = Endpoint.load(bdir.credentials_file("planner"))
+        watch_creds = replace(Endpoint.load(bdir.credentials_file("planner")), standby=addresses)
         if network:
             watch_creds = replace(watch_creds, host=host["root"])
         self.watch = self.stack.enter_context(Transport(watch_creds, account="planner", job=JOB, observer=True))
@@ -184,7 +196,7 @@ class FleetCluster:
     def start(self, *names: str, resume: bool = False) -> None:
         """Start the cloud, the edge and the devices named (``resume``: with ``--resume``, as systemd does)."""
         for name in names:
-            tier = name if name in ("edge", "cloud") else "device"
+            tier = "edge" if name.startswith("edge") else "cloud" if name == "cloud" else "device"
             with open(self.work / f"{name}.log", "a") as log:
                 self.procs[name] = subprocess.Popen(
                     [*self._prefix(name), *self.launch.get(name, [sys.executable]), "-m", "hiertrain", tier, "run", "--config",
@@ -192,6 +204,12 @@ class FleetCluster:
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
             if name in self.quotas:
                 self.quotas[name].add(self.procs[name].pid)
+
+    def lose_edge_machine(self) -> None:
+        """The edge machine gone for good: its coordinator and its broker killed (SIGKILL) at once."""
+        self.kill("edge")
+        self.broker.proc.kill()
+        self.broker.proc.wait()
 
     def pause(self, name: str) -> None:
         """Freeze a device (SIGSTOP): online, but silent, as a hung process is."""

@@ -43,6 +43,20 @@ def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]],
     return path
 
 
+def standby_broker(stack: Any, bdir: Any, where: Path) -> Any:
+    """A standby broker on loopback, started in ``stack``: a copy of ``bdir`` (the same accounts and
+    ACL, none of its data) on a port of its own, as an operator sets one up on a second machine."""
+    from hiertrain.broker.layout import BrokerDir
+    from hiertrain.broker.process import BrokerProcess, available_kind, free_port
+
+    standby = BrokerDir(where)
+    shutil.copytree(bdir.root, standby.root, ignore=shutil.ignore_patterns("data"))
+    standby.data.mkdir(exist_ok=True)
+    standby.with_port(free_port())
+    stack.enter_context(BrokerProcess(standby, kind=available_kind()))
+    return standby
+
+
 def stop(procs: Any, timeout: float = 10.0) -> None:
     """Terminate the processes still running (SIGTERM, then SIGKILL after ``timeout``), in order."""
     for proc in procs:
@@ -96,11 +110,7 @@ class LocalCluster:
         if standby:
             if network is not None:
                 raise ConfigError("a standby broker runs on loopback only, not in the testbed")
-            self.standby_dir = BrokerDir(work / "standby-broker")
-            shutil.copytree(broker_dir.root, self.standby_dir.root, ignore=shutil.ignore_patterns("data"))
-            self.standby_dir.data.mkdir(exist_ok=True)
-            self.standby_dir.with_port(free_port())
-            self.stack.enter_context(BrokerProcess(self.standby_dir, kind=available_kind()))
+            self.standby_dir = standby_broker(self.stack, broker_dir, work / "standby-broker")
         addresses = (f"127.0.0.1:{self.standby_dir.settings().port}",) if standby else ()
         self.quotas = {}
         for tier, cores in {**({"device": device_quota} if device_quota else {}), **(quotas or {})}.items():

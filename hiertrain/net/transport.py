@@ -169,8 +169,11 @@ class Transport:
         self._sessions: dict[str, tuple[str, float]] = {}  # account -> (session, started) of its newest process
         self._online: set[str] = set()  # peers whose newest status says online
         self._builders: set[str] = set()  # peers whose status says they build segments for others
+        self._collectors: set[str] = set()  # ... that collect every checkpoint ([checkpoint] collect)
+        self._announced: dict[str, int] = {}  # peer -> the newest checkpoint its status announces
         self._unheard: set[str] = set()  # peers to hear from again after joining a broker without our session
         self._rejoin_deadline = 0.0
+        self._joined = 0  # the broker (index in the endpoint's list) we last connected to
         self._brokers = endpoint.brokers()
         self._broker = 0  # which of them we use
         self._down_since: Optional[float] = None
@@ -420,6 +423,10 @@ class Transport:
             client.subscribe(f, qos=1)
         self._connects += 1
         self._down_since = None
+        if self._connects > 1 and self._broker != self._joined:
+            self._joined = self._broker
+            with self._lock:  # a process seen on the old broker does not make one here stale: any other
+                self._sessions = {a: (sess, 0.0) for a, (sess, _) in self._sessions.items()}  # is newer
         if self._connects > 1 and not getattr(flags, "session_present", True):
             with self._lock:  # every peer is to be heard from on this broker, else it is lost with the old one
                 self._unheard = set(self._online)
@@ -545,8 +552,13 @@ class Transport:
             if not retained or session != seen_session:  # published on this broker (not kept from before)
                 self._unheard.discard(account)
             (self._online.add if state == "online" else self._online.discard)(account)
-            builds = state == "online" and status.get("builder") is True  # it serves segments it builds
-            (self._builders.add if builds else self._builders.discard)(account)
+            for flag, peers in (("builder", self._builders), ("collector", self._collectors)):
+                (peers.add if state == "online" and status.get(flag) is True else peers.discard)(account)
+            it = status.get("checkpoint_iteration")
+            if type(it) is int and it >= 0:
+                self._announced[account] = it
+            else:
+                self._announced.pop(account, None)
         if account == "device" and self.mailbox.run is not None and status.get("abandoned") == self.mailbox.run:
             self.mailbox.lose("device", NEW_RUN)  # the device gave up the run we follow: so do we
         if state == "online":
@@ -576,6 +588,16 @@ class Transport:
         """The online peers that build segments for others (:class:`hiertrain.train.artifacts.Supply`)."""
         with self._lock:
             return self._builders & self._online
+
+    def collectors(self) -> set[str]:
+        """The online peers that collect every checkpoint (:mod:`hiertrain.train.collect`)."""
+        with self._lock:
+            return self._collectors & self._online
+
+    def announced(self) -> dict[str, int]:
+        """The online peers' newest checkpoints, as their statuses announce them."""
+        with self._lock:
+            return {a: it for a, it in self._announced.items() if a in self._online}
 
     def _drop(self, reason: str, topic: str) -> None:
         """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
