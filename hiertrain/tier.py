@@ -108,8 +108,6 @@ class TierService(Failover):
         self.dataset = cfg.training_data(self.spec) if cfg.tier == "device" else None
         self.sent_go: set[int] = set()
         self.online: set[str] = set()
-        self.checkpoints: dict[str, int] = {}  # tier -> the newest checkpoint its status announces
-        self.collectors: set[str] = set()      # online tiers that collect every checkpoint
         if cfg.checkpoint_collect:
             self.transport.status_extra["collector"] = True
         self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
@@ -182,13 +180,6 @@ class TierService(Failover):
             elif event.topic.kind == "status" and isinstance(event.payload, dict):
                 online = event.payload.get("state") == "online"
                 (self.online.add if online else self.online.discard)(event.topic.account)
-                collects = online and event.payload.get("collector") is True
-                (self.collectors.add if collects else self.collectors.discard)(event.topic.account)
-                it = event.payload.get("checkpoint_iteration")
-                if isinstance(it, int):
-                    self.checkpoints[event.topic.account] = it
-                else:
-                    self.checkpoints.pop(event.topic.account, None)
                 self.abandoned[event.topic.account] = event.payload.get("abandoned")
                 run, start = event.payload.get("run"), event.payload.get("start_iteration")
                 self.followed[event.topic.account] = run
@@ -358,7 +349,7 @@ class TierService(Failover):
         where = f"in {self.cfg.checkpoint_dir}" if self.failovers == 0 else "held when failing over"
         if ck is None:
             self._pump_schedules()
-            holders = sorted(t for t, it in self.checkpoints.items() if it == want and t != self.tier and t in self.online)
+            holders = sorted(t for t, it in self.transport.announced().items() if it == want)
             if not holders:
                 raise PlanError(f"{self.tier}: resuming at iteration {first} needs the checkpoint of iteration "
                                 f"{want}, and no tier announces it")
@@ -575,7 +566,7 @@ class TierService(Failover):
         if not self.cfg.checkpoint_every or (i + 1) % self.cfg.checkpoint_every:
             return
         self._pump_schedules()  # who collects now
-        to = sorted(self.collectors - {self.tier})
+        to = sorted(self.transport.collectors())
         whole = self._holds_whole_model()
         collecting = self.cfg.checkpoint_collect and not whole
         if not (self.cfg.checkpoint_dir and whole or to or collecting):
@@ -635,7 +626,7 @@ class TierService(Failover):
         start = 0
         if self.resume:
             mine = self._restored.iteration if self._restored is not None else -1
-            start = max([mine, *(it for t, it in self.checkpoints.items() if t in self.online)]) + 1
+            start = max([mine, *self.transport.announced().values()]) + 1
         # pace the run by the tiers here now (one that joins later, from its first report on)
         self.reached = {t: start - 1 for t in self.online & set(TIERS) - {self.tier}}
         # a new run: the planner restarts its iteration count there; tiers and logs name it
