@@ -33,7 +33,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
@@ -159,6 +159,41 @@ def _common(paths: list[str]) -> str:
     return ".".join(out)
 
 
+def _converted(model: "onnx.ModelProto", opset: int) -> "onnx.ModelProto | str":
+    """``model`` converted to ``opset`` by onnx's version converter, or why not. The converter runs
+    in a child process: some of its adapters crash the interpreter (ReduceMax 18 -> 17 does, in
+    onnx 1.17), which must not take the caller with it."""
+    import multiprocessing
+
+    parent, child = multiprocessing.get_context("fork").Pipe(duplex=False)
+    proc = multiprocessing.get_context("fork").Process(target=_convert_in_child, args=(model.SerializeToString(),
+                                                                                        opset, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        kind, payload = parent.recv()
+    except EOFError:
+        proc.join()
+        return f"onnx's version converter crashed (exit {proc.exitcode})"
+    proc.join()
+    if kind == "error":
+        return payload
+    return onnx.load_from_string(payload)
+
+
+def _convert_in_child(raw: bytes, opset: int, out: Any) -> None:
+    import faulthandler
+
+    faulthandler.disable()  # a crash here is reported by the parent, in one line
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(onnx.load_from_string(raw), opset)
+        out.send(("ok", converted.SerializeToString()))
+    except Exception as exc:  # noqa: BLE001 - any failure is one line in the parent
+        out.send(("error", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
+
+
 def _bad(path: Path, what: str) -> ConfigError:
     return ConfigError(f"{path}: {what}")
 
@@ -232,13 +267,11 @@ class _Importer:
         self.name = f"{_sanitize(path.stem)[:40]}-{self.digest[:8]}"
         opset = {o.domain: o.version for o in model.opset_import}
         if opset.get("", opset.get("ai.onnx", 0)) != OPSET:
-            try:
-                from onnx import version_converter
-
-                model = version_converter.convert_version(model, OPSET)
-            except Exception as exc:  # noqa: BLE001
-                raise _bad(path, f"opset {opset.get('')} could not be converted to {OPSET} ({exc}); "
-                                 f"export with opset_version={OPSET}") from None
+            why = _converted(model, OPSET)
+            if isinstance(why, str):
+                raise _bad(path, f"opset {opset.get('')} could not be converted to {OPSET} ({why}); "
+                                 f"export with opset_version={OPSET}")
+            model = why
         self.model = model
         self.problems: list[str] = []
         self.origin: dict[str, str] = {}  # a rewritten node's name -> the file's node it replaces
