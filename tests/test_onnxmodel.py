@@ -54,6 +54,18 @@ class ViewFlatten(nn.Module):  # x.view(x.size(0), -1) after a transpose: a shap
         return x.transpose(1, 2).reshape(x.shape[0], -1)
 
 
+class Tokens(nn.Module):  # a ViT/Mixer stem and block: patches as tokens, LayerNorm over features, an MLP
+    def __init__(self):
+        super().__init__()
+        self.patch, self.pos = nn.Conv2d(3, 8, 2, 2), nn.Parameter(torch.zeros(1, 4, 8))
+        self.norm, self.mlp = nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head((x + self.mlp(self.norm(x))).mean(1))
+
+
 def _flat(*layers):
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), *layers, nn.Linear(16, 3))
 
@@ -76,6 +88,7 @@ CASES = {
                                     nn.Linear(64, 3)),
     "squeeze-excite": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SqueezeExcite(4), nn.Flatten(),
                                             nn.Linear(64, 3)),
+    "tokens: layernorm over features, matmul gradients": Tokens,
     "transpose view": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ViewFlatten(), nn.Linear(64, 3)),
     "depthwise batchnorm2d": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6),
                                                             nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU(),

@@ -19,6 +19,8 @@ platform it has wheels for (a Raspberry Pi's aarch64 among them):
 - Gelu, QuickGelu (ORT fuses exact GELU and SiLU into them, forward too) and their gradients -> Erf,
                                      Exp, Sigmoid arithmetic
 - Scale / SplitTraining / ConcatTraining -> Mul or Div / Split / Concat (lengths as constants)
+- FusedMatMul (alpha * A' @ B', ORT's MatMul gradient on 3-D activations: tokens) -> Transpose of
+                                     the last two dims where transA/transB, MatMul, Mul by alpha
 
 Anything else outside the standard domains, or an attribute the rules do not cover (auto_pad,
 class weights, ...), is a :class:`~hiertrain.errors.PlanError` naming the op, the node and the
@@ -285,6 +287,28 @@ class _Lowerer:
                                  kernel_shape=k, strides=s, pads=pads, group=c, output_padding=outpad,
                                  name=self.name(node.output[0], "convtranspose"))]
 
+    def fused_matmul(self, node):
+        a = _attrs(node)
+        if a.get("transBatchA", 0) or a.get("transBatchB", 0):
+            raise self.fail(node, "transBatchA / transBatchB are not supported")
+        base = node.output[0]
+        forward = "_Grad/" not in (node.name or "")  # ORT fuses forward MatMuls too: they keep forward names
+        nodes, ins = [], []
+        for t, flag in zip(node.input[:2], (a.get("transA", 0), a.get("transB", 0))):
+            if flag:
+                rank = len(self.shapes.get(t) or [])
+                if rank < 2:
+                    raise self.fail(node, f"the rank of {t!r} is not known")
+                n, t = self._ew(base, "Transpose", [t], forward=forward, perm=[*range(rank - 2), rank - 1, rank - 2])
+                nodes.append(n)
+            ins.append(t)
+        alpha = float(a.get("alpha", 1.0))
+        if alpha == 1.0:
+            return nodes + [self._ew(base, "MatMul", ins, node.output[0], forward=forward)[0]]
+        n, prod = self._ew(base, "MatMul", ins, forward=forward)
+        return nodes + [n, self._ew(base, "Mul", [prod, self.const(base, np.float32(alpha))], node.output[0],
+                                    forward=forward)[0]]
+
     def conv_grad(self, node):
         a = _attrs(node)
         dy, x, w = node.input[:3]
@@ -482,7 +506,8 @@ class _Lowerer:
              "ConcatTraining": "concat_training", "SigmoidGrad": "sigmoid_grad", "TanhGrad": "tanh_grad",
              "LeakyReluGrad": "leaky_relu_grad", "Gelu": "gelu", "GeluGrad": "gelu_grad",
              "QuickGelu": "quick_gelu", "QuickGeluGrad": "quick_gelu_grad"}
-    SECOND = {"MaxPoolGrad": "maxpool_grad", "AveragePoolGrad": "average_pool_grad", "ConvGrad": "conv_grad", "SoftmaxCrossEntropyLossGrad": "sce_grad"}
+    SECOND = {"MaxPoolGrad": "maxpool_grad", "AveragePoolGrad": "average_pool_grad", "ConvGrad": "conv_grad",
+              "SoftmaxCrossEntropyLossGrad": "sce_grad", "FusedMatMul": "fused_matmul"}
 
     def run(self) -> onnx.ModelProto:
         self.pending_lengths: list = []

@@ -128,10 +128,21 @@ def _affine(n, y, scale, bias, shape, consts) -> list[onnx.NodeProto]:
                     helper.make_node("Add", [f"{base}.ys", b], [n.output[0]], name=f"{base}/add")]
 
 
+def _rank(n, shapes) -> int:
+    """The rank of a node's input, batch dimension included; refused in one line when unknown."""
+    shape = shapes.get(n.input[0])
+    if shape is None:
+        raise ConfigError(f"{n.op_type} node {n.name or n.output[0]!r}: the shape of its input {n.input[0]!r} is "
+                          f"not known per sample (its batch dimension is lost before it); export with a symbolic "
+                          f"batch dimension that every op keeps")
+    return len(shape) + 1
+
+
 def _rw_layer_norm(n, consts, shapes):
-    rank = len(shapes[n.input[0]]) + 1
-    axis = _attr(n, "axis", -1) % rank
-    nodes, y = _normalise(n, n.input[0], list(range(axis, rank)), _attr(n, "epsilon", 1e-5), consts)
+    axis = _attr(n, "axis", -1)
+    # normalised over the last dimensions: a negative axis needs no rank (ReduceMean takes negative axes)
+    axes = list(range(axis, 0)) if axis < 0 else list(range(axis, _rank(n, shapes)))
+    nodes, y = _normalise(n, n.input[0], axes, _attr(n, "epsilon", 1e-5), consts)
     if len(n.input) < 3 or not n.input[2]:
         consts[f"{n.name}/zero_bias"] = np.float32(0)
         return nodes + _affine(n, y, n.input[1], f"{n.name}/zero_bias", None, consts)
@@ -139,7 +150,7 @@ def _rw_layer_norm(n, consts, shapes):
 
 
 def _rw_instance_norm(n, consts, shapes):
-    rank = len(shapes[n.input[0]]) + 1
+    rank = _rank(n, shapes)
     nodes, y = _normalise(n, n.input[0], list(range(2, rank)), _attr(n, "epsilon", 1e-5), consts)
     return nodes + _affine(n, y, n.input[1], n.input[2], [-1, *([1] * (rank - 2))], consts)
 
