@@ -66,6 +66,30 @@ class Tokens(nn.Module):  # a ViT/Mixer stem and block: patches as tokens, Layer
         return self.head((x + self.mlp(self.norm(x))).mean(1))
 
 
+class Attention(nn.Module):  # timm's ViT attention: heads by reshape/permute, softmax of q.k, unbind
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class ViT(Tokens):  # a pre-norm transformer block on the patch tokens
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(8), Attention()
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        x = x + self.attn(self.norm1(x))
+        return self.head((x + self.mlp(self.norm(x))).mean(1))
+
+
 def _flat(*layers):
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), *layers, nn.Linear(16, 3))
 
@@ -89,6 +113,7 @@ CASES = {
     "squeeze-excite": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SqueezeExcite(4), nn.Flatten(),
                                             nn.Linear(64, 3)),
     "tokens: layernorm over features, matmul gradients": Tokens,
+    "vit: attention heads, softmax inside, split": ViT,
     "transpose view": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ViewFlatten(), nn.Linear(64, 3)),
     "depthwise batchnorm2d": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6),
                                                             nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU(),
@@ -154,7 +179,8 @@ def test_what_cannot_be_trained_exactly_is_refused_naming_the_op_the_node_and_th
     _refused(byo.export(_flat(nn.Softplus()), (3, 4, 4), tmp_path / "sp.onnx"), "Softplus", "/2/Softplus", "no gradient")
     _refused(byo.export(nn.Sequential(_flat(nn.ReLU()), nn.Softmax(1)), (3, 4, 4), tmp_path / "sm.onnx"),
              "Softmax", "export the logits")
-    _refused(byo.export(_flat(nn.Softmax(1)), (3, 4, 4), tmp_path / "mid.onnx"), "Softmax", "not among the ops")
+    _refused(byo.export(_flat(nn.Softmax(0)), (3, 4, 4), tmp_path / "mid.onnx"), "Softmax", "runs along the batch")
+
 
     class FirstFeatures(nn.Module):  # a Slice of an activation: no exact gradient here, refused up front
         def __init__(self):

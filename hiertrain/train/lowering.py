@@ -19,6 +19,8 @@ platform it has wheels for (a Raspberry Pi's aarch64 among them):
 - Gelu, QuickGelu (ORT fuses exact GELU and SiLU into them, forward too) and their gradients -> Erf,
                                      Exp, Sigmoid arithmetic
 - Scale / SplitTraining / ConcatTraining -> Mul or Div / Split / Concat (lengths as constants)
+- SoftmaxGrad_13(dY, Y)           -> Y * (dY - ReduceSum(dY * Y, axis, keepdims)): a Softmax inside
+                                     a model (attention)
 - FusedMatMul (alpha * A' @ B', ORT's MatMul gradient on 3-D activations: tokens) -> Transpose of
                                      the last two dims where transA/transB, MatMul, Mul by alpha
 
@@ -151,6 +153,13 @@ class _Lowerer:
                                out if k == len(steps) - 1 else None, forward=forward, **attrs)
             nodes.append(n)
         return nodes
+
+    def softmax_grad(self, node):
+        dy, y = node.input[:2]
+        base = node.output[0]
+        axes = self.const(base, np.array([_attrs(node).get("axis", -1)], np.int64))
+        return self._chain(base, [("Mul", [dy, y], {}), ("ReduceSum", ["", axes], {"keepdims": 1}),
+                                  ("Sub", [dy, ""], {}), ("Mul", [y, ""], {})], node.output[0])
 
     def sigmoid_grad(self, node):
         # dY * Y * (1 - Y)
@@ -505,7 +514,7 @@ class _Lowerer:
     FIRST = {"ReluGrad": "relu_grad", "Scale": "scale", "SplitTraining": "split_training",
              "ConcatTraining": "concat_training", "SigmoidGrad": "sigmoid_grad", "TanhGrad": "tanh_grad",
              "LeakyReluGrad": "leaky_relu_grad", "Gelu": "gelu", "GeluGrad": "gelu_grad",
-             "QuickGelu": "quick_gelu", "QuickGeluGrad": "quick_gelu_grad"}
+             "QuickGelu": "quick_gelu", "QuickGeluGrad": "quick_gelu_grad", "SoftmaxGrad_13": "softmax_grad"}
     SECOND = {"MaxPoolGrad": "maxpool_grad", "AveragePoolGrad": "average_pool_grad", "ConvGrad": "conv_grad",
               "SoftmaxCrossEntropyLossGrad": "sce_grad", "FusedMatMul": "fused_matmul"}
 

@@ -49,6 +49,7 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "Relu": (), "LeakyRelu": (), "Sigmoid": (), "Tanh": (), "Clip": (),
     "MaxPool": (), "AveragePool": (), "GlobalAveragePool": (),
     "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (), "Unsqueeze": (), "Squeeze": (),
+    "Split": (),                    # not along the batch (_AXIS_OPS)
     "ReduceMean": (), "Sqrt": (), "Reciprocal": (),
     "BatchNormalization": (1, 2),   # inference mode only: rewritten into Sub/Mul/Add with constant statistics
     "Dropout": (),                  # inference mode only: an Identity
@@ -56,6 +57,8 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "HardSigmoid": (), "HardSwish": (),  # rewritten into Mul/Add/Clip
     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),  # rewritten into ReduceMean arithmetic
 }
+
+_AXIS_OPS = ("Softmax", "Split")  # exact unless they run along the batch: checked on the file
 
 REFUSED: dict[str, str] = {
     "LSTM": "recurrent layers are not split into units; train a convolutional or MLP model",
@@ -315,6 +318,7 @@ class _Importer:
         self.x, self.y = x_info.name, y_info.name
         shapes = self._shapes()
         params, consts, active = self._classify(nodes, inits)
+        self._along_samples(active)  # (before the static reshapes rewrite the file's nodes)
         active = self._static_reshapes(active, consts)
         active = self._rewrite(active, params, consts, shapes)
         self._check(active, consts)
@@ -367,16 +371,9 @@ class _Importer:
         input's batch dimension), one that stays put is kept; the shape computation is then dead."""
         dynamic = [n for n in nodes if n.op_type == "Reshape" and n.input[1] not in consts]
         if dynamic:
-            import onnxruntime as ort
-
-            m = onnx.ModelProto()
-            m.CopyFrom(self.model)
-            del m.graph.output[:]
-            m.graph.output.extend(helper.make_empty_tensor_value_info(n.input[1]) for n in dynamic)
-            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-            at = [sess.run(None, {self.x: np.zeros((b, *self.input_shape), np.float32)}) for b in (2, 3)]
-            for k, n in enumerate(dynamic):
-                two, three = at[0][k].reshape(-1), at[1][k].reshape(-1)
+            at = self._at_two_batch_sizes([n.input[1] for n in dynamic])
+            for n, (two, three) in zip(dynamic, at):
+                two, three = two.reshape(-1), three.reshape(-1)
                 fixed = []
                 for i, (a, b) in enumerate(zip(two, three)):
                     if a == b:
@@ -396,6 +393,35 @@ class _Importer:
                 kept.append(n)
                 needed.update(t for t in n.input if t)
         return kept[::-1]
+
+    def _at_two_batch_sizes(self, tensors: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The file's ``tensors`` evaluated for batches of 2 and of 3 samples (zeros)."""
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        del m.graph.output[:]
+        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
+        try:
+            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            two, three = (sess.run(None, {self.x: np.zeros((b, *self.input_shape), np.float32)}) for b in (2, 3))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are one line here
+            raise _bad(self.path, f"onnxruntime cannot run it for 2 and 3 samples ({str(exc).splitlines()[0][:200]})"
+                       ) from None
+        return list(zip(two, three))
+
+    def _along_samples(self, nodes) -> None:
+        """A Softmax or Split inside the model (attention's, its heads') is exact as long as it does not
+        run along the batch: its input is evaluated at two batch sizes, and the axis that grows is it."""
+        ops = [n for n in nodes if n.op_type in _AXIS_OPS]
+        if not ops:
+            return
+        for n, (two, three) in zip(ops, self._at_two_batch_sizes([n.input[0] for n in ops])):
+            grows = [i for i, (a, b) in enumerate(zip(two.shape, three.shape)) if a != b]
+            axis = _attr(n, "axis", -1 if n.op_type == "Softmax" else 0) % max(1, two.ndim)
+            if len(grows) != 1 or axis == grows[0]:
+                self.problems.append(f"{n.op_type} (node {n.name or n.output[0]!r}) runs along the batch: each "
+                                     f"sample must stay apart")
 
     def _refuse(self) -> None:
         if self.problems:
@@ -486,6 +512,8 @@ class _Importer:
                 shape_valued.update(n.output)
             elif n.domain not in ("", "ai.onnx"):
                 self.problems.append(f"{n.domain}.{where}: only standard ONNX ops can be trained here")
+            elif n.op_type == "Softmax" and self.y not in n.output:
+                pass  # inside the model (attention): checked along the samples (_along_samples)
             elif n.op_type in REFUSED:
                 last = n.op_type in ("Softmax", "LogSoftmax") and self.y in n.output
                 self.problems.append(f"{where}: " + (REFUSED[n.op_type] if last or n.op_type not in (
