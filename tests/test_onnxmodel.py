@@ -114,6 +114,9 @@ CASES = {
                                             nn.Linear(64, 3)),
     "tokens: layernorm over features, matmul gradients": Tokens,
     "vit: attention heads, softmax inside, split": ViT,
+    "pad: tf-style same padding": lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, stride=2),
+                                                        nn.ReLU(), nn.ConstantPad2d(1, 0.5), nn.Flatten(),
+                                                        nn.Linear(64, 3)),
     "transpose view": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ViewFlatten(), nn.Linear(64, 3)),
     "depthwise batchnorm2d": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6),
                                                             nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU(),
@@ -180,6 +183,8 @@ def test_what_cannot_be_trained_exactly_is_refused_naming_the_op_the_node_and_th
     _refused(byo.export(nn.Sequential(_flat(nn.ReLU()), nn.Softmax(1)), (3, 4, 4), tmp_path / "sm.onnx"),
              "Softmax", "export the logits")
     _refused(byo.export(_flat(nn.Softmax(0)), (3, 4, 4), tmp_path / "mid.onnx"), "Softmax", "runs along the batch")
+    reflect = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+    _refused(byo.export(reflect, (3, 4, 4), tmp_path / "reflect.onnx"), "Pad", "only constant padding", "'reflect'")
 
 
     class FirstFeatures(nn.Module):  # a Slice of an activation: no exact gradient here, refused up front

@@ -50,6 +50,7 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "MaxPool": (), "AveragePool": (), "GlobalAveragePool": (),
     "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (), "Unsqueeze": (), "Squeeze": (),
     "Split": (),                    # not along the batch (_AXIS_OPS)
+    "Pad": (),                      # constant mode, constant pads, the batch unpadded (TF-style "same")
     "ReduceMean": (), "Sqrt": (), "Reciprocal": (),
     "BatchNormalization": (1, 2),   # inference mode only: rewritten into Sub/Mul/Add with constant statistics
     "Dropout": (),                  # inference mode only: an Identity
@@ -368,11 +369,18 @@ class _Importer:
     def _static_reshapes(self, nodes, consts):
         """A Reshape whose shape is computed from an activation's (``x.view(x.size(0), -1)``) gets it as
         a constant: evaluated at two batch sizes, an entry that follows the batch becomes 0 (copy the
-        input's batch dimension), one that stays put is kept; the shape computation is then dead."""
+        input's batch dimension), one that stays put is kept; the shape computation is then dead.
+        A Pad's computed pads that do not change with the batch become constants too."""
+        pads = [n for n in nodes if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in consts]
         dynamic = [n for n in nodes if n.op_type == "Reshape" and n.input[1] not in consts]
+        at = self._at_two_batch_sizes([n.input[1] for n in pads + dynamic]) if pads or dynamic else []
+        for n, (two, three) in zip(pads, at):  # torch writes F.pad's pads as a computation on constants
+            if np.array_equal(two, three):
+                name = f"{n.name or n.output[0]}/static_pads"
+                consts[name] = np.asarray(two, np.int64)
+                n.input[1] = name
         if dynamic:
-            at = self._at_two_batch_sizes([n.input[1] for n in dynamic])
-            for n, (two, three) in zip(dynamic, at):
+            for n, (two, three) in zip(dynamic, at[len(pads):]):
                 two, three = two.reshape(-1), three.reshape(-1)
                 fixed = []
                 for i, (a, b) in enumerate(zip(two, three)):
@@ -512,6 +520,15 @@ class _Importer:
                 shape_valued.update(n.output)
             elif n.domain not in ("", "ai.onnx"):
                 self.problems.append(f"{n.domain}.{where}: only standard ONNX ops can be trained here")
+            elif n.op_type == "Pad":
+                pads = consts.get(n.input[1]) if len(n.input) > 1 else None
+                mode = _attr(n, "mode", b"constant")
+                mode = mode.decode() if isinstance(mode, bytes) else mode
+                if mode != "constant" or pads is None or len(n.input) > 3 and n.input[3]:
+                    self.problems.append(f"{where}: only constant padding by constant pads trains here (this one: "
+                                         f"mode {mode!r}{', computed pads' if pads is None else ''})")
+                elif pads.reshape(-1)[0] or pads.reshape(-1)[pads.size // 2]:
+                    self.problems.append(f"{where} pads the batch dimension: each sample must stay apart")
             elif n.op_type == "Softmax" and self.y not in n.output:
                 pass  # inside the model (attention): checked along the samples (_along_samples)
             elif n.op_type in REFUSED:
