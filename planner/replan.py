@@ -9,6 +9,11 @@ decides when a new schedule is due:
   measurement more than twice the band away is a step change and replaces the estimate at once;
 - when a tier goes offline (it is planned around: no samples, no compute) or comes back.
 
+A new plan is published only when it pays: it must place something differently, beat the current
+schedule at today's rates by ``min_gain`` (the rates are estimates, and a split of a sample or two
+gains less than their noise), and a new owner of the model must win back the move of its weights
+within ``horizon`` iterations. A plan that must leave a lost tier is always published.
+
 Each new schedule gets the next version and an effective iteration ``lead`` iterations past
 the newest iteration any tier reported (the first schedule applies at once); the device stamps
 every iteration with the version it runs, so all tiers switch at the same iteration boundary.
@@ -53,6 +58,7 @@ class PlannerState:
     hysteresis: float = 0.2
     window: int = 5            # measurements per link the estimate is the median of
     horizon: int = 100         # iterations over which moving the model to another tier must pay
+    min_gain: float = 0.1      # a new placement must beat the current one by this much (relative), at today's rates
     lead: int = 2
     profile: Optional[Profile] = None
     rates: dict[str, float] = field(default_factory=dict)
@@ -230,6 +236,11 @@ class PlannerState:
             return "the new plan places everything where it is"
         if self.current.working & self.offline:  # the work must leave a lost tier, whatever moving costs
             return None
+        old_s = iteration_time(profile, bw, self.current, cost_model=self.cost_model)
+        new_s = iteration_time(profile, bw, new, cost_model=self.cost_model)
+        if new_s > old_s * (1 - self.min_gain):  # the rates it was planned from are estimates: a small gain is noise
+            return (f"the new plan would gain {1 - new_s / old_s:.1%} per iteration ({old_s:.3g} -> {new_s:.3g} s), "
+                    f"less than min_gain = {self.min_gain:g}")
         n = len(profile.layers)
         moves = handover(self.current.plan(units=n, batch=self.batch), new.plan(units=n, batch=self.batch))
         if not moves:
@@ -239,8 +250,6 @@ class PlannerState:
         rate = {frozenset(("device", "edge")): bw.device_edge, frozenset(("edge", "cloud")): bw.edge_cloud,
                 frozenset(("device", "cloud")): min(bw.device_edge, bw.edge_cloud)}[frozenset((a, b))]
         move_s = 8e-6 * sum(profile.layers[u - 1].param_bytes for u in moved) / rate
-        old_s = iteration_time(profile, bw, self.current, cost_model=self.cost_model)
-        new_s = iteration_time(profile, bw, new, cost_model=self.cost_model)
         if (old_s - new_s) * self.horizon < move_s:
             return (f"moving units {moved[0]}..{moved[-1]} from the {a} to the {b} would take {move_s:.3g} s, more "
                     f"than {self.horizon} iterations gain ({old_s:.3g} -> {new_s:.3g} s each)")

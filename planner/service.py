@@ -10,6 +10,7 @@ Config (TOML)::
     policy = "hiertrain"          # or a baseline
     cost_model = "paper"          # or "calibrated" (needs a calibration block in the profile)
     hysteresis = 0.2              # relative change of a link rate that triggers a re-plan
+    min_gain = 0.1                # ... and what a new placement must gain over the current one to be published
     lead = 2                      # iterations between publication and effect
     profile = "profile.json"      # optional: timings for all tiers until the tiers publish theirs
     bw_device_edge = 5.0          # optional initial link rates (Mbit/s) until telemetry arrives
@@ -44,7 +45,7 @@ log = logging.getLogger("hiertrain.planner")
 
 
 PLANNER_KEYS: dict[str, Kind] = {"batch": int, "policy": str, "cost_model": str, "hysteresis": float, "lead": int,
-                                 "profile": str, **{f"bw_{link}": float for link in LINKS}}
+                                 "min_gain": float, "horizon": int, "profile": str, **{f"bw_{link}": float for link in LINKS}}
 
 
 def state_from_config(cfg: ServiceConfig) -> PlannerState:
@@ -53,7 +54,9 @@ def state_from_config(cfg: ServiceConfig) -> PlannerState:
         raise ConfigError(f"{cfg.path}: [planner] needs batch = B (the job's batch size)")
     state = PlannerState(batch=sec["batch"], policy=sec.get("policy", "hiertrain"),
                          cost_model=sec.get("cost_model", "paper"), hysteresis=sec.get("hysteresis", 0.2),
-                         lead=sec.get("lead", 2))
+                         lead=sec.get("lead", 2), min_gain=sec.get("min_gain", 0.1), horizon=sec.get("horizon", 100))
+    if not 0 <= state.min_gain < 1:
+        raise ConfigError(f"{cfg.path}: [planner] min_gain = {state.min_gain:g} must be in [0, 1)")
     if "profile" in sec:
         state.profile = Profile.load(cfg.resolve(str(sec["profile"])))
     for link in LINKS:

@@ -53,6 +53,30 @@ def test_noise_inside_the_band_never_replans_and_a_real_change_does():
 
 
 @pytest.mark.unit
+def test_a_link_swinging_past_the_band_does_not_make_plans_thrash_and_a_big_change_still_replans():
+    """The thrash the MobileNetV2 demo showed: rates that swing past the band every few iterations
+    make plans alternate whose predicted times differ by a few percent. A new placement is published
+    only when it beats the current one by min_gain at today's rates."""
+    def run(min_gain, then=None):
+        s = PlannerState(batch=32, hysteresis=0.2, lead=2, min_gain=min_gain)
+        s.profile = random_profile(np.random.default_rng(4), 8)
+        s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 20)
+        published = [s.decide()]
+        for i in range(150):  # 5 <-> 8 Mbit/s, six iterations each
+            s.on_telemetry("edge", {"iteration": i, "links": {"device_edge": 5 if (i // 6) % 2 == 0 else 8}})
+            published.append(s.decide())
+        for i in range(150, 160) if then else ():
+            s.on_telemetry("edge", {"iteration": i, "links": {"device_edge": then}})
+            published.append(s.decide())
+        return [p for p in published if p is not None]
+
+    assert len(run(0.0)) > 20  # without it: a new schedule every swing
+    assert len(run(0.1)) <= 2
+    slow = run(0.1, then=0.2)  # the device's link collapses: that plan pays, and is published
+    assert len(slow) >= 2 and slow[-1].effective_iteration >= 150
+
+
+@pytest.mark.unit
 def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
     s = state()
     s.on_telemetry("cloud", {"iteration": 1, "links": {"device_cloud": 1.0}})  # nothing known yet: ignored
