@@ -90,6 +90,17 @@ class ViT(Tokens):  # a pre-norm transformer block on the patch tokens
         return self.head((x + self.mlp(self.norm(x))).mean(1))
 
 
+class ConvNeXtBlock(nn.Module):  # after torchvision's CNBlock: 7x7 depthwise, channels-last LayerNorm and MLP
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))  # layer scale
+
+    def forward(self, x):
+        return x + (self.mlp(self.norm(self.dw(x).permute(0, 2, 3, 1))) * self.gamma).permute(0, 3, 1, 2)
+
+
 def _flat(*layers):
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), *layers, nn.Linear(16, 3))
 
@@ -114,6 +125,8 @@ CASES = {
                                             nn.Linear(64, 3)),
     "tokens: layernorm over features, matmul gradients": Tokens,
     "vit: attention heads, softmax inside, split": ViT,
+    "convnext block": lambda: nn.Sequential(nn.Conv2d(3, 8, 2, 2), ConvNeXtBlock(8), nn.AdaptiveAvgPool2d(1),
+                                            nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 3)),
     "pad: tf-style same padding": lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, stride=2),
                                                         nn.ReLU(), nn.ConstantPad2d(1, 0.5), nn.Flatten(),
                                                         nn.Linear(64, 3)),
