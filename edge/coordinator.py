@@ -66,6 +66,7 @@ class Coordinator(FleetService):
             raise ConfigError(f"{cfg.fleet_file}: its profile has {file.fleet.units} units, the model "
                               f"{cfg.model} {self.units}")
         self.roster = Roster(file, batch=cfg.batch, where=cfg.fleet_file)
+        self.roster.check(wait_for=cfg.fleet_devices, joins=cfg.fleet_planner is not None, config=cfg.path)
         self.params: Params = init_params(self.spec, cfg.seed)
         self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes())
         self.offsets: dict[str, int] = {}  # every device's place in its data
@@ -142,6 +143,8 @@ class Coordinator(FleetService):
                 return
             if time.monotonic() > say_at:
                 say_at += self.cfg.timeout_s
+                if self.roster.retry(online):  # given up on in a round but still online (it hung): again
+                    continue
                 if len(have) >= n and "cloud" in online:
                     print(f"edge: the cloud is online but its timings are unknown ({self.cfg.fleet_file}'s profile "
                           f"has none and it published none: set its [profile] file): planned without it", flush=True)
@@ -159,15 +162,12 @@ class Coordinator(FleetService):
         with ExitStack() as stack:
             if self.cfg.fleet_planner is not None:
                 self.publisher = stack.enter_context(PlanPublisher(self.cfg.fleet_planner, job=self.cfg.job))
-            else:
-                print("edge: no [fleet] planner credentials: plans are not published on the schedule topic",
-                      flush=True)
             return self._run()
 
     def _run(self) -> int:
         with self.connected():
-            joins = "and any that publishes its profile" if self.publisher is not None else \
-                "(no [fleet] planner: devices that publish their profile cannot join)"
+            joins = "and any that publishes its profile" if self.publisher is not None else "(no [fleet] planner: " \
+                "plans are not on the schedule topic and devices that publish their profile cannot join)"
             print(f"edge: fleet coordinator for the {len(self.roster.described)} devices in {self.cfg.fleet_file} "
                   f"{joins}; waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
             self._wait_for_fleet()

@@ -49,6 +49,15 @@ class Roster:
         self._reasons: dict[str, str] = {}  # each device's last refusal
         self.cloud_s = file.fleet.cloud_s if file.cloud_known else None  # per unit, once known
 
+    def check(self, *, wait_for: int, joins: bool, config: Any) -> None:
+        """Refuse a fleet that could never start: without the planner's account (which reads the
+        profiles) nobody joins, so the file must describe enough devices and the cloud's timings."""
+        if not joins and (len(self.described) < wait_for or not self.file.cloud_known):
+            lacks = "has no cloud timings" if not self.file.cloud_known else \
+                f"describes {len(self.described)} of the {wait_for} devices to wait for"
+            raise ConfigError(f"{config}: without [fleet] planner credentials no device or cloud can publish its "
+                              f"profile, and {self.where} {lacks}")
+
     @property
     def cloud_known(self) -> bool:
         return self.cloud_s is not None
@@ -117,6 +126,14 @@ class Roster:
             out.append(name)
             total += d.samples
         return out
+
+    def retry(self, online: set[str]) -> bool:
+        """Plan again the devices given up on that are still online (they hung, or were slow)."""
+        back = sorted(self.excluded & online)
+        if back:
+            print(f"edge: trying {', '.join(back)} again (given up on in a round, still online)", flush=True)
+            self.excluded -= set(back)
+        return bool(back)
 
     def fleet_of(self, names: list[str]) -> F.Fleet:
         """The fleet of ``names``; without a cloud while its timings are unknown."""

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from hiertrain.net import topics
-from hiertrain.train import collect, models
+from hiertrain.train import checkpoint, collect, models
 from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError, TierLost
 from hiertrain.train.fleetroles import Part, Round
 from hiertrain.train.segments import Runtime
@@ -58,6 +58,9 @@ class FleetService:
         self.part = Part(self.spec, self.runtime)
         if cfg.checkpoint_collect:  # the coordinator's checkpoints come here too (a standby resumes from them)
             self.transport.status_extra["collector"] = True
+            held = checkpoint.iterations(cfg.checkpoint_dir)
+            if held:  # a restarted collector still holds them
+                self.transport.status_extra["checkpoint_iteration"] = held[-1]
         self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
                                      collect=cfg.checkpoint_collect, on_stored=self.announce_checkpoint)
         self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed

@@ -59,6 +59,7 @@ class PlannerState:
     window: int = 5            # measurements per link the estimate is the median of
     horizon: int = 100         # iterations over which moving the model to another tier must pay
     min_gain: float = 0.1      # a new placement must beat the current one by this much (relative), at today's rates
+    _held: bool = False        # the last plan made was held back for its small gain
     lead: int = 2
     profile: Optional[Profile] = None
     rates: dict[str, float] = field(default_factory=dict)
@@ -239,6 +240,7 @@ class PlannerState:
         old_s = iteration_time(profile, bw, self.current, cost_model=self.cost_model)
         new_s = iteration_time(profile, bw, new, cost_model=self.cost_model)
         if new_s > old_s * (1 - self.min_gain):  # the rates it was planned from are estimates: a small gain is noise
+            self._held = True  # judged again on the next measurement, against the rates the current one had
             return (f"the new plan would gain {1 - new_s / old_s:.1%} per iteration ({old_s:.3g} -> {new_s:.3g} s), "
                     f"less than min_gain = {self.min_gain:g}")
         n = len(profile.layers)
@@ -286,9 +288,11 @@ class PlannerState:
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
         schedule = replace(schedule, replica_every=replica_every(profile, bw, schedule))
+        self._held = False
         keep = self._keep_current(profile, bw, schedule) if self.current is not None else None
         self.reprofiled.clear()  # what is planned with from now on, whether the plan is published or not
-        self.planned_rates = dict(self.rates)
+        if not self._held:  # (a plan held back for its small gain: the rates drifting on are judged again)
+            self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)
         if keep:
             log.info("not re-planning (%s): %s", why, keep)

@@ -153,3 +153,27 @@ def test_the_simulated_step_matches_hand_timing_and_credits_the_edge_starting_ea
     assert F.simulated_time(two, paths) < F.iteration_time(two, paths)[0] - 0.5
     best = F.refined(two, [F.plan_of("a", two, paths), F.plan_of("b", two, [F.Path(2, 2), F.Path(2, 2)])])
     assert best.policy == "a" and best.parts["conservative_s"] == pytest.approx(F.iteration_time(two, paths)[0])
+
+
+def test_a_fleet_that_could_never_start_is_refused_at_start(tmp_path):
+    """Without the planner's account nobody can publish a profile: the fleet file must describe the
+    devices the edge waits for, and the cloud's timings."""
+    import json
+
+    from conftest import ROOT
+    from hiertrain.edge.roster import Roster
+    from hiertrain.errors import ConfigError
+    from hiertrain.profile import Profile
+
+    full = Profile.load(ROOT / "bench" / "profiles" / "lenet5.json").to_json()
+    (tmp_path / "servers.json").write_text(json.dumps(full))
+    (tmp_path / "edge.json").write_text(json.dumps({**full, "tiers": {"edge": full["tiers"]["edge"]}}))
+    rows = "".join(f'[[device]]\nname = "pi{i}"\nprofile = "servers.json"\nsamples = 4\nrate_mbps = 5\n' for i in (1, 2))
+    for servers, wait_for, why in (("servers.json", 3, "describes 2 of the 3 devices to wait for"),
+                                   ("edge.json", 2, "has no cloud timings")):
+        path = tmp_path / "fleet.toml"
+        path.write_text(f'profile = "{servers}"\nmedium_mbps = 20\ncloud_mbps = 5\n{rows}')
+        roster = Roster(F.read(path), batch=16, where=path)
+        with pytest.raises(ConfigError, match=why):
+            roster.check(wait_for=wait_for, joins=False, config="edge.toml")
+        roster.check(wait_for=wait_for, joins=True, config="edge.toml")  # joiners may bring what is missing

@@ -54,9 +54,10 @@ def test_a_short_testbed_run_and_its_cleanup(tmp_path):
     # the device->edge link was shaped to 5 Mbit/s: the runs that sent samples measured a payload rate
     # near it. A rate comes from one message's frame arrivals in a CPU-throttled tier (a few ms of
     # jitter over ~60 ms) on every RATE_EVERY-th iteration, so a run of 3 has one figure at most and it
-    # can be ~10 % off either way (5.23 seen once); unshaped, the link measures hundreds of Mbit/s.
+    # can be 10-20 % off either way (5.23 and 5.59 seen, the latter with a second test run beside it);
+    # unshaped, the link measures hundreds of Mbit/s.
     rates = [row["link_rates"]["device_edge"] for row in rows if "device_edge" in row["link_rates"]]
-    assert rates and 2.5 < statistics.median(rates) < 5.5, rates
+    assert rates and 2.5 < statistics.median(rates) < 6.5, rates
     assert out.with_suffix(".png").exists()
     assert _state() == before
 

@@ -173,7 +173,7 @@ class Transport:
         self._announced: dict[str, int] = {}  # peer -> the newest checkpoint its status announces
         self._unheard: set[str] = set()  # peers to hear from again after joining a broker without our session
         self._rejoin_deadline = 0.0
-        self._joined = 0  # the broker (index in the endpoint's list) we last connected to
+        self._joined: Optional[tuple[str, int]] = None  # the broker (host, port) we last connected to
         self._brokers = endpoint.brokers()
         self._broker = 0  # which of them we use
         self._down_since: Optional[float] = None
@@ -423,10 +423,12 @@ class Transport:
             client.subscribe(f, qos=1)
         self._connects += 1
         self._down_since = None
-        if self._connects > 1 and self._broker != self._joined:
-            self._joined = self._broker
+        joined = (client._host, client._port)  # noqa: SLF001 - where this connection went (the switch sets them)
+        if self._joined is not None and joined != self._joined:
             with self._lock:  # a process seen on the old broker does not make one here stale: any other
-                self._sessions = {a: (sess, 0.0) for a, (sess, _) in self._sessions.items()}  # is newer
+                seen = dict(self._sessions)  # is newer
+                self._sessions = {a: (sess, 0.0) for a, (sess, _) in seen.items()}
+        self._joined = joined
         if self._connects > 1 and not getattr(flags, "session_present", True):
             with self._lock:  # every peer is to be heard from on this broker, else it is lost with the old one
                 self._unheard = set(self._online)

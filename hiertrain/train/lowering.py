@@ -306,9 +306,8 @@ class _Lowerer:
         for t, flag in zip(node.input[:2], (a.get("transA", 0), a.get("transB", 0))):
             if flag:
                 rank = len(self.shapes.get(t) or [])
-                if rank < 2:
-                    raise self.fail(node, f"the rank of {t!r} is not known")
-                n, t = self._ew(base, "Transpose", [t], forward=forward, perm=[*range(rank - 2), rank - 1, rank - 2])
+                n, t = self._ew(base, "Transpose", [t], forward=forward, perm=[*range(rank - 2), rank - 1, rank - 2]) \
+                    if rank >= 2 else self._ew(base, "Einsum", [t], forward=forward, equation="...ij->...ji")
                 nodes.append(n)
             ins.append(t)
         alpha = float(a.get("alpha", 1.0))

@@ -174,6 +174,9 @@ def _common(paths: list[str]) -> str:
     return ".".join(out)
 
 
+CONVERT_TIMEOUT_S = 300
+
+
 def _converted(model: "onnx.ModelProto", opset: int) -> "onnx.ModelProto | str":
     """``model`` converted to ``opset`` by onnx's version converter, or why not. The converter runs
     in a child process: some of its adapters crash the interpreter (ReduceMax 18 -> 17 does, in
@@ -186,6 +189,10 @@ def _converted(model: "onnx.ModelProto", opset: int) -> "onnx.ModelProto | str":
     proc.start()
     child.close()
     try:
+        if not parent.poll(CONVERT_TIMEOUT_S):
+            proc.kill()
+            proc.join()
+            return f"onnx's version converter took more than {CONVERT_TIMEOUT_S} s"
         kind, payload = parent.recv()
     except EOFError:
         proc.join()
