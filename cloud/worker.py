@@ -9,8 +9,9 @@ with its share of the loss.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from hiertrain.errors import ProtocolError
-from hiertrain.net import topics
 from hiertrain.fleetservice import FleetService
 from hiertrain.train.fleetroles import Round, add_into
 from hiertrain.train.roles import Params
@@ -24,10 +25,9 @@ class CloudWorker(FleetService):
     def run(self) -> int:
         return self.serve("fleet worker")
 
-    def announce(self) -> None:
+    def published_profile(self) -> Optional[dict[str, Any]]:
         """Its timings (its ``[profile] file``), for a coordinator whose fleet file has none."""
-        if self.cfg.profile is not None:
-            self.transport.publish_json(topics.profile(self.cfg.job, self.account), self.cfg.profile, retain=True)
+        return self.cfg.profile
 
     def work(self, rnd: Round, params: Params) -> None:
         r = rnd.round

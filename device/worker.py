@@ -14,10 +14,11 @@ profile, retained, and so joins a fleet whose file does not describe it (:mod:`h
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 
 from hiertrain.errors import ProtocolError
-from hiertrain.net import topics
 from hiertrain.fleetservice import FleetService
 from hiertrain.net.compress import sample_tensors
 from hiertrain.train.fleetroles import Round
@@ -33,12 +34,13 @@ class DeviceWorker(FleetService):
     def run(self) -> int:
         return self.serve(f"fleet device with {len(self.data)} samples")
 
-    def announce(self) -> None:
-        if self.cfg.profile is not None and self.cfg.fleet_join is not None:
-            self.transport.publish_json(topics.profile(self.cfg.job, self.account),
-                                        {**self.cfg.profile, "fleet": self.cfg.fleet_join}, retain=True)
-            print(f"{self.account}: published its profile to join ({self.cfg.fleet_join['samples']} samples per step)",
-                  flush=True)
+    def published_profile(self) -> Optional[dict[str, Any]]:
+        """Its timings and what it brings ([fleet] samples, rate_mbps, private), to join."""
+        if self.cfg.profile is None or self.cfg.fleet_join is None:
+            return None
+        print(f"{self.account}: publishes its profile to join ({self.cfg.fleet_join['samples']} samples per step)",
+              flush=True)
+        return {**self.cfg.profile, "fleet": self.cfg.fleet_join}
 
     def work(self, rnd: Round, params: Params) -> None:
         mb = next((m for m in rnd.members if m.name == self.account), None)

@@ -143,7 +143,14 @@ class FleetService:
                 raise
 
     def announce(self) -> None:
-        """Anything a worker publishes once connected (a device: its profile, to join)."""
+        """Once connected, a worker publishes its profile (retained), if it has one to give."""
+        profile = self.published_profile()
+        if profile is not None:
+            self.transport.publish_json(topics.profile(self.cfg.job, self.account), profile, retain=True)
+
+    def published_profile(self) -> Optional[dict[str, Any]]:
+        """What :meth:`announce` publishes: nothing, unless a worker says otherwise."""
+        return None
 
     def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
