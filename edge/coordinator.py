@@ -39,6 +39,7 @@ from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
+from hiertrain.planner import fleetfile as FF
 from hiertrain.train.roles import Params
 from hiertrain.schedule import Schedule
 from hiertrain.tierconfig import TierConfig
@@ -61,7 +62,7 @@ class Coordinator(FleetService):
         self.run_id = uuid.uuid4().hex[:8]
         self.transport.mailbox.follow(self.run_id)  # replies to an earlier coordinator's rounds are refused
         assert cfg.fleet_file is not None
-        file = F.read(cfg.fleet_file, units=self.units)
+        file = FF.read(cfg.fleet_file, units=self.units)
         if file.fleet.units != self.units:
             raise ConfigError(f"{cfg.fleet_file}: its profile has {file.fleet.units} units, the model "
                               f"{cfg.model} {self.units}")
@@ -80,7 +81,6 @@ class Coordinator(FleetService):
         if resume and cfg.checkpoint_dir is None:
             raise ConfigError(f"{cfg.path}: --resume needs a [checkpoint] dir to resume from")
         self.resume = resume  # from the newest checkpoint, its own or a collector's, once the fleet is here
-        self.first_step = 0
         if not resume:
             state.fresh(cfg.checkpoint_dir)
 
@@ -171,9 +171,7 @@ class Coordinator(FleetService):
             print(f"edge: fleet coordinator for the {len(self.roster.described)} devices in {self.cfg.fleet_file} "
                   f"{joins}; waiting for {self.cfg.fleet_devices} and the cloud", flush=True)
             self._wait_for_fleet()
-            if self.resume:
-                self.first_step = self._resume()
-            step, rnd_no = self.first_step, 0
+            step, rnd_no = self._resume() if self.resume else 0, 0
             logf = open(self.cfg.fleet_log, "a" if step else "w") if self.cfg.fleet_log else None
             try:
                 while step < self.cfg.iterations:
@@ -238,7 +236,7 @@ class Coordinator(FleetService):
     def _checkpoint(self, step: int) -> None:
         ck = state.snapshot(step, self.params, self.optimizer, self.version, self.offsets)
         state.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep, transport=self.transport,
-                   keeper=self.keeper, version=self.version)
+                   keeper=self.keeper)
 
     def _resume(self) -> int:
         """``--resume``: continue after the newest checkpoint (:func:`hiertrain.edge.state.newest`);

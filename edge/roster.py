@@ -29,12 +29,13 @@ from hiertrain import ACCOUNTS
 from hiertrain.errors import ConfigError, PlanError
 from hiertrain.net.transport import tally
 from hiertrain.planner import fleet as F
+from hiertrain.planner import fleetfile as FF
 
 log = logging.getLogger("hiertrain.edge")
 
 
 class Roster:
-    def __init__(self, file: F.FleetFile, *, batch: int, where: Any) -> None:
+    def __init__(self, file: FF.FleetFile, *, batch: int, where: Any) -> None:
         self.file, self.batch, self.where = file, batch, where
         total = sum(d.samples for d in file.fleet.devices)
         if total > batch:
@@ -73,7 +74,7 @@ class Roster:
             self._say(name, "profile", f"edge: {name} published a profile; it is planned from {self.where} instead")
             return
         try:
-            device = F.published_device(self.file.fleet, name, payload, self.file.overrides.get(name, {}),
+            device = FF.published_device(self.file.fleet, name, payload, self.file.overrides.get(name, {}),
                                         batch=self.batch)
         except PlanError as exc:
             self._refuse(name, exc)
@@ -92,7 +93,7 @@ class Roster:
             self._say("cloud", "profile", f"edge: the cloud published a profile; its timings come from {self.where}")
             return
         try:
-            cloud_s = F.published_cloud(self.file.fleet, payload)
+            cloud_s = FF.published_cloud(self.file.fleet, payload)
         except PlanError as exc:
             self._refuse("cloud", exc)
             return

@@ -25,12 +25,12 @@ def snapshot(step: int, params: dict, optimizer: Any, version: int, offsets: dic
                       {"fleet": {"version": version, "offsets": dict(offsets)}})
 
 
-def save(directory: Path, ck: Checkpoint, *, keep: int, transport: Any, keeper: Any, version: int) -> None:
+def save(directory: Path, ck: Checkpoint, *, keep: int, transport: Any, keeper: Any) -> None:
     """Write ``ck`` and push it to every collector online; our status announces it."""
     checkpoint.save(directory, ck, keep=keep)
     transport.status_extra["checkpoint_iteration"] = ck.iteration
     for dest in sorted(transport.collectors()):
-        keeper.push(ck, dest, version)
+        keeper.push(ck, dest, ck.schedule["fleet"]["version"])
 
 
 def fresh(directory: Optional[Path]) -> None:

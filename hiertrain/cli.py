@@ -238,8 +238,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_fleet(args: argparse.Namespace) -> int:
     from hiertrain.planner import fleet as F
+    from hiertrain.planner import fleetfile as FF
 
-    fl = F.load(args.file)
+    fl = FF.load(args.file)
     plan = F.solve(fl, budget_s=args.budget)
     others = {p: F.baseline(fl, p).iteration_s for p in F.POLICIES[1:]}
     if args.json:

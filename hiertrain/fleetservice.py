@@ -62,7 +62,8 @@ class FleetService:
             if held:  # a restarted collector still holds them
                 self.transport.status_extra["checkpoint_iteration"] = held[-1]
         self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
-                                     collect=cfg.checkpoint_collect, on_stored=self.announce_checkpoint)
+                                     collect=cfg.checkpoint_collect,
+                                     on_stored=lambda step: self.transport.announce(checkpoint_iteration=step))
         self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed
 
     @contextmanager
@@ -74,11 +75,6 @@ class FleetService:
                 yield
             finally:
                 self.keeper.stop()
-
-    def announce_checkpoint(self, step: int) -> None:
-        """Our status says which checkpoint we hold (written or collected)."""
-        self.transport.status_extra["checkpoint_iteration"] = step
-        self.transport.publish_status("online")
 
     def send(self, kind: str, dest: str, rnd: int, layer: int, tensors: dict[str, np.ndarray], **meta: Any) -> None:
         for name, t in tensors.items():

@@ -81,12 +81,7 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
                       train=train, every=every, dataset=dataset, data_path=data_path, bw_device_edge=bw_device_edge,
                       bw_edge_cloud=bw_edge_cloud)
     for tier in TIERS:
-        folder = root / tier
-        folder.mkdir(parents=True, exist_ok=True)
-        if model_file is not None:
-            shutil.copy2(model_file, folder / model)
-        for account in (tier, "planner") if tier == "edge" else (tier,):
-            shutil.copy2(bdir.credentials_file(account), folder / f"{account}.json")  # 0600, as written
+        folder = _machine(root / tier, bdir, tier, model_file, model)
         toml(folder / f"{tier}.toml", job, Path(f"{tier}.json"), {
             "train": train,
             "runtime": {"cache": "cache"},
@@ -102,6 +97,16 @@ def init(root: Path, *, job: str, host: str, port: int, bind: str, model: str, b
     return [root / t for t in TIERS]
 
 
+def _machine(folder: Path, bdir: Any, account: str, model_file: Optional[Path], model: str) -> Path:
+    """A machine's folder: its credentials (the edge's with the planner's), and the model file if it is one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if model_file is not None:
+        shutil.copy2(model_file, folder / model)
+    for creds in (account, "planner") if account == "edge" else (account,):
+        shutil.copy2(bdir.credentials_file(creds), folder / f"{creds}.json")  # 0600, as written
+    return folder
+
+
 def _fleet(root: Path, bdir: Any, names: list[str], *, job: str, host: str, port: int, model: str,
            model_file: Optional[Path], train: dict[str, Any], every: int, dataset: str, data_path: Optional[str],
            bw_device_edge: float, bw_edge_cloud: float) -> list[Path]:
@@ -110,11 +115,7 @@ def _fleet(root: Path, bdir: Any, names: list[str], *, job: str, host: str, port
     data = {"dataset": dataset, **({"path": data_path} if data_path else {})}
     folders = {"edge": root / "edge", "cloud": root / "cloud", **{n: root / n for n in names}}
     for account, folder in folders.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        if model_file is not None:
-            shutil.copy2(model_file, folder / model)
-        for creds in (account, "planner") if account == "edge" else (account,):
-            shutil.copy2(bdir.credentials_file(creds), folder / f"{creds}.json")  # 0600, as written
+        _machine(folder, bdir, account, model_file, model)
         tier = account if account in TIERS else "device"
         sections: dict[str, dict[str, Any]] = {"train": train, "runtime": {"cache": "cache"}}
         if tier == "edge":
@@ -148,6 +149,28 @@ cloud_mbps = {bw_edge_cloud:g}               # the edge-cloud link
     return list(folders.values())
 
 
+def _cloud_and_device(profile: str, model: str, device: str) -> str:
+    """The README's sections for the cloud server and the device(s): the same in both kinds of job."""
+    return f"""## 2. The cloud server, in `cloud/`
+
+```bash
+{profile} --tier cloud --out profile-cloud.json
+hiertrain cloud run --config cloud.toml
+```
+
+## 3. {device}
+
+```bash
+{profile} --tier device --out profile-device.json
+hiertrain device run --config device.toml
+```
+
+A device without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with graphs
+built on the edge server: there, `hiertrain segments build --model {model} --out segments-{model}`;
+copy `segments-{model}/` here and add `--segments segments-{model}` to the profile command. For
+training it fetches what it needs from the edge over MQTT by itself."""
+
+
 def fleet_readme(*, job: str, host: str, port: int, model: str, samples: int, names: list[str], iterations: int,
                  every: int) -> str:
     profile = f"hiertrain profile --model {model} --batch {samples}"
@@ -178,23 +201,7 @@ The coordinator plans once {len(names)} devices and the cloud have published the
 again whenever one joins or leaves; each plan version is on the schedule topic. It checkpoints
 every {every} steps in `edge/checkpoints/`; run it again with `--resume` to continue from the newest.
 
-## 2. The cloud server, in `cloud/`
-
-```bash
-{profile} --tier cloud --out profile-cloud.json
-hiertrain cloud run --config cloud.toml
-```
-
-## 3. Each device, in its folder (`device-1/` here)
-
-```bash
-{profile} --tier device --out profile-device.json
-hiertrain device run --config device.toml
-```
-
-A device without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with graphs
-built on the edge server: there, `hiertrain segments build --model {model} --out segments-{model}`;
-copy `segments-{model}/` here and add `--segments segments-{model}` to the profile command.
+{_cloud_and_device(profile, model, "Each device, in its folder (`device-1/` here)")}
 
 A device that comes later (enrolled with `hiertrain broker add-device --dir broker NAME` on the
 edge, its folder made like these) is planned in at the next step; the edge's `fleet.toml` may
@@ -241,24 +248,7 @@ hiertrain edge run --config edge.toml
 Each of the last three runs in a terminal of its own (or as a unit: `hiertrain planner
 install-service --config planner.toml`, and likewise for the edge).
 
-## 2. The cloud server, in `cloud/`
-
-```bash
-{profile} --tier cloud --out profile-cloud.json
-hiertrain cloud run --config cloud.toml
-```
-
-## 3. The device, in `device/`
-
-```bash
-{profile} --tier device --out profile-device.json
-hiertrain device run --config device.toml
-```
-
-A device without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with graphs
-built on the edge server: there, `hiertrain segments build --model {model} --out segments-{model}`;
-copy `segments-{model}/` here and add `--segments segments-{model}` to the profile command. For
-training it fetches what it needs from the edge over MQTT by itself.
+{_cloud_and_device(profile, model, "The device, in `device/`")}
 
 The device starts once the edge and the cloud are online, trains {iterations} iterations and then
 stops every tier. Run it again to train again (`--resume` continues from the newest checkpoint).

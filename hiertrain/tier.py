@@ -590,8 +590,7 @@ class TierService(Failover):
             self._pump_schedules(0.1)
 
     def _announce_checkpoint(self, iteration: int) -> None:
-        self.transport.status_extra["checkpoint_iteration"] = iteration
-        self.transport.publish_status("online")
+        self.transport.announce(checkpoint_iteration=iteration)
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         links = {}

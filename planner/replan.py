@@ -59,7 +59,6 @@ class PlannerState:
     window: int = 5            # measurements per link the estimate is the median of
     horizon: int = 100         # iterations over which moving the model to another tier must pay
     min_gain: float = 0.1      # a new placement must beat the current one by this much (relative), at today's rates
-    _held: bool = False        # the last plan made was held back for its small gain
     lead: int = 2
     profile: Optional[Profile] = None
     rates: dict[str, float] = field(default_factory=dict)
@@ -227,26 +226,26 @@ class PlannerState:
                 return f"{link} moved from {old:.3g} to {new:.3g} Mbit/s"
         return None
 
-    def _keep_current(self, profile: Profile, bw: Bandwidth, new: Schedule) -> Optional[str]:
-        """Why the current schedule should stay although a new plan was made, or None: the same
-        placement (republishing it would change nothing, also when an idle tier comes or goes), or
-        a new owner of the model whose one-off move (the weights over the link between the two
-        owners) would not pay back over ``horizon`` iterations (unless the work is on a lost tier)."""
+    def _keep_current(self, profile: Profile, bw: Bandwidth, new: Schedule) -> tuple[Optional[str], bool]:
+        """(Why the current schedule should stay although a new plan was made, or None; whether the
+        rates are to be judged again): the same placement (republishing it would change nothing, also
+        when an idle tier comes or goes), a gain below ``min_gain`` (judged again as the rates drift
+        on), or a new owner of the model whose one-off move (the weights over the link between the
+        two owners) would not pay back over ``horizon`` iterations (unless the work is on a lost tier)."""
         assert self.current is not None
         if placement(new) == placement(self.current):
-            return "the new plan places everything where it is"
+            return "the new plan places everything where it is", False
         if self.current.working & self.offline:  # the work must leave a lost tier, whatever moving costs
-            return None
+            return None, False
         old_s = iteration_time(profile, bw, self.current, cost_model=self.cost_model)
         new_s = iteration_time(profile, bw, new, cost_model=self.cost_model)
         if new_s > old_s * (1 - self.min_gain):  # the rates it was planned from are estimates: a small gain is noise
-            self._held = True  # judged again on the next measurement, against the rates the current one had
             return (f"the new plan would gain {1 - new_s / old_s:.1%} per iteration ({old_s:.3g} -> {new_s:.3g} s), "
-                    f"less than min_gain = {self.min_gain:g}")
+                    f"less than min_gain = {self.min_gain:g}"), True
         n = len(profile.layers)
         moves = handover(self.current.plan(units=n, batch=self.batch), new.plan(units=n, batch=self.batch))
         if not moves:
-            return None
+            return None, False
         moved = sorted(u for units in moves.values() for u in units)
         a, b = next(pair for pair, units in moves.items() if moved[0] in units)
         rate = {frozenset(("device", "edge")): bw.device_edge, frozenset(("edge", "cloud")): bw.edge_cloud,
@@ -254,8 +253,8 @@ class PlannerState:
         move_s = 8e-6 * sum(profile.layers[u - 1].param_bytes for u in moved) / rate
         if (old_s - new_s) * self.horizon < move_s:
             return (f"moving units {moved[0]}..{moved[-1]} from the {a} to the {b} would take {move_s:.3g} s, more "
-                    f"than {self.horizon} iterations gain ({old_s:.3g} -> {new_s:.3g} s each)")
-        return None
+                    f"than {self.horizon} iterations gain ({old_s:.3g} -> {new_s:.3g} s each)"), False
+        return None, False
 
     def on_schedule(self, payload: Any) -> Optional[Schedule]:
         """A schedule seen on the topic. If it is not ours and not older than ours (another or an
@@ -288,10 +287,9 @@ class PlannerState:
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
         schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
         schedule = replace(schedule, replica_every=replica_every(profile, bw, schedule))
-        self._held = False
-        keep = self._keep_current(profile, bw, schedule) if self.current is not None else None
+        keep, again = self._keep_current(profile, bw, schedule) if self.current is not None else (None, False)
         self.reprofiled.clear()  # what is planned with from now on, whether the plan is published or not
-        if not self._held:  # (a plan held back for its small gain: the rates drifting on are judged again)
+        if not again:  # (a plan held back for its small gain: the rates drifting on are judged again)
             self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)
         if keep:

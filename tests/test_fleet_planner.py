@@ -10,6 +10,7 @@ import pytest
 
 from hiertrain.errors import PlanError
 from hiertrain.planner import fleet as F
+from hiertrain.planner import fleetfile as FF
 from hiertrain.planner.fleet import random_fleet
 
 pytestmark = pytest.mark.unit
@@ -102,7 +103,7 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
             '[[device]]\nname = "pi3"\nprofile = "pi3.json"\nsamples = 16\nrate_mbps = 8\nprivate = true\n'
             '[[device]]\nname = "jetson"\nprofile = "jetson.json"\nsamples = 32\nrate_mbps = 15\n')
     (tmp_path / "fleet.toml").write_text(text)
-    fleet = F.load(tmp_path / "fleet.toml")
+    fleet = FF.load(tmp_path / "fleet.toml")
     assert [d.name for d in fleet.devices] == ["pi3", "jetson"] and fleet.devices[0].private
     assert fleet.devices[0].unit_s[0] == pytest.approx(6 * fleet.devices[1].unit_s[0])
     out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "fleet.toml"), "--json"],
@@ -114,15 +115,15 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
     assert all(t >= got["iteration_s"] * (1 - 1e-9) for t in got["baselines_s"].values())
     # a coordinator's file may leave the cloud's timings to the cloud, which publishes them
     (tmp_path / "edge-only.toml").write_text(text.replace('"servers.json"', '"edge.json"'))
-    file = F.read(tmp_path / "edge-only.toml")
+    file = FF.read(tmp_path / "edge-only.toml")
     assert not file.cloud_known and set(file.fleet.cloud_s) == {F.NO_CLOUD_S}
-    assert F.published_cloud(file.fleet, full.to_json()) == fleet.cloud_s
+    assert FF.published_cloud(file.fleet, full.to_json()) == fleet.cloud_s
     for payload, why in ((edge_only, "the cloud's profile has no cloud timings"),
                          ({**full.to_json(), "layers": [{**layer, "name": f"x{i}"} for i, layer in enumerate(full.to_json()["layers"])]},
                           "the cloud: its profile is of another model"),
                          ({"format": "nonsense"}, "the cloud's profile")):
         with pytest.raises(PlanError, match=why):
-            F.published_cloud(file.fleet, payload)
+            FF.published_cloud(file.fleet, payload)
 
     for bad, why in ((text.replace("samples = 16", "samples = 0"), "samples must be >= 1"),
                      (text.replace('rate_mbps = 8', 'rate_mbps = "fast"'), 'rate_mbps = \'fast\' is not a number'),
@@ -173,7 +174,7 @@ def test_a_fleet_that_could_never_start_is_refused_at_start(tmp_path):
                                    ("edge.json", 2, "has no cloud timings")):
         path = tmp_path / "fleet.toml"
         path.write_text(f'profile = "{servers}"\nmedium_mbps = 20\ncloud_mbps = 5\n{rows}')
-        roster = Roster(F.read(path), batch=16, where=path)
+        roster = Roster(FF.read(path), batch=16, where=path)
         with pytest.raises(ConfigError, match=why):
             roster.check(wait_for=wait_for, joins=False, config="edge.toml")
         roster.check(wait_for=wait_for, joins=True, config="edge.toml")  # joiners may bring what is missing

@@ -262,6 +262,11 @@ class Transport:
                                              "session": f"{self._nonce}:{self._connects}",
                                              "started": self._started}, retain=True)
 
+    def announce(self, **fields: Any) -> None:
+        """Add ``fields`` to our status and publish it (e.g. the newest checkpoint we hold)."""
+        self.status_extra.update(fields)
+        self.publish_status("online")
+
     def stop(self, *, state: str = "stopped", timeout: float = 5.0) -> None:
         """Flush what is queued, announce ``state`` and disconnect."""
         try:

@@ -326,7 +326,6 @@ class _Importer:
         self.x, self.y = x_info.name, y_info.name
         shapes = self._shapes()
         params, consts, active = self._classify(nodes, inits)
-        self._along_samples(active)  # (before the static reshapes rewrite the file's nodes)
         active = self._static_reshapes(active, consts)
         active = self._rewrite(active, params, consts, shapes)
         self._check(active, consts)
@@ -377,10 +376,21 @@ class _Importer:
         """A Reshape whose shape is computed from an activation's (``x.view(x.size(0), -1)``) gets it as
         a constant: evaluated at two batch sizes, an entry that follows the batch becomes 0 (copy the
         input's batch dimension), one that stays put is kept; the shape computation is then dead.
-        A Pad's computed pads that do not change with the batch become constants too."""
+        A Pad's computed pads that do not change with the batch become constants too, and a Softmax or
+        Split inside the model (attention's, its heads') is checked not to run along the batch (the axis
+        of its input that grows with it). One evaluation of the file serves all three."""
+        axis_ops = [n for n in nodes if n.op_type in _AXIS_OPS]
         pads = [n for n in nodes if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in consts]
         dynamic = [n for n in nodes if n.op_type == "Reshape" and n.input[1] not in consts]
-        at = self._at_two_batch_sizes([n.input[1] for n in pads + dynamic]) if pads or dynamic else []
+        wanted = [n.input[0] for n in axis_ops] + [n.input[1] for n in pads + dynamic]
+        at = self._at_two_batch_sizes(wanted) if wanted else []
+        for n, (two, three) in zip(axis_ops, at):
+            grows = [i for i, (a, b) in enumerate(zip(two.shape, three.shape)) if a != b]
+            axis = _attr(n, "axis", -1 if n.op_type == "Softmax" else 0) % max(1, two.ndim)
+            if len(grows) != 1 or axis == grows[0]:
+                self.problems.append(f"{n.op_type} (node {n.name or n.output[0]!r}) runs along the batch: each "
+                                     f"sample must stay apart")
+        at = at[len(axis_ops):]
         for n, (two, three) in zip(pads, at):  # torch writes F.pad's pads as a computation on constants
             if np.array_equal(two, three):
                 name = f"{n.name or n.output[0]}/static_pads"
@@ -424,19 +434,6 @@ class _Importer:
             raise _bad(self.path, f"onnxruntime cannot run it for 2 and 3 samples ({str(exc).splitlines()[0][:200]})"
                        ) from None
         return list(zip(two, three))
-
-    def _along_samples(self, nodes) -> None:
-        """A Softmax or Split inside the model (attention's, its heads') is exact as long as it does not
-        run along the batch: its input is evaluated at two batch sizes, and the axis that grows is it."""
-        ops = [n for n in nodes if n.op_type in _AXIS_OPS]
-        if not ops:
-            return
-        for n, (two, three) in zip(ops, self._at_two_batch_sizes([n.input[0] for n in ops])):
-            grows = [i for i, (a, b) in enumerate(zip(two.shape, three.shape)) if a != b]
-            axis = _attr(n, "axis", -1 if n.op_type == "Softmax" else 0) % max(1, two.ndim)
-            if len(grows) != 1 or axis == grows[0]:
-                self.problems.append(f"{n.op_type} (node {n.name or n.output[0]!r}) runs along the batch: each "
-                                     f"sample must stay apart")
 
     def _refuse(self) -> None:
         if self.problems:
@@ -537,7 +534,7 @@ class _Importer:
                 elif pads.reshape(-1)[0] or pads.reshape(-1)[pads.size // 2]:
                     self.problems.append(f"{where} pads the batch dimension: each sample must stay apart")
             elif n.op_type == "Softmax" and self.y not in n.output:
-                pass  # inside the model (attention): checked along the samples (_along_samples)
+                pass  # inside the model (attention): checked along the samples (_static_reshapes)
             elif n.op_type in REFUSED:
                 last = n.op_type in ("Softmax", "LogSoftmax") and self.y in n.output
                 self.problems.append(f"{where}: " + (REFUSED[n.op_type] if last or n.op_type not in (
