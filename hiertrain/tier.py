@@ -33,6 +33,7 @@ import numpy as np
 from hiertrain.clock import Clock, Follower
 from hiertrain.device.clock import DeviceClock
 from hiertrain.errors import Diverged, HiertrainError, PlanError, TierLost
+from hiertrain.exchanges import Exchange, exchanges, need, one, select
 from hiertrain.failover import Failover
 from hiertrain.holding import Holding
 from hiertrain.net import topics
@@ -175,16 +176,17 @@ class TierService:
         prev = self.history.get(i - 1, sched) if i > self.view.first else sched
         self._acquire(i, sched, prev, stats)
         out: dict[str, Any] = {"iteration": i, "schedule_version": sched.version}
+        xs = self._exchanges(sched)  # what this tier sends and takes in the step
         if sched.chain is not None:
             self.slice = None
-            out.update(self._as_stage(i, sched, mine, labels, stats))
+            out.update(self._as_stage(i, sched, xs, mine, labels, stats))
         else:
             out["role"] = role = sched.role_of(self.tier)
             if role == "o":
                 self.slice = None
-                out.update(self._as_owner(i, sched, mine, labels, stats))
-            elif sched.samples(role):
-                self._as_slice(i, sched, role, mine, stats)
+                out.update(self._as_owner(i, sched, xs, mine, labels, stats))
+            elif xs:
+                self._as_slice(i, sched, xs, mine, stats)
             else:
                 self.slice = None  # idle this iteration
         if self.holding.units:
@@ -218,48 +220,58 @@ class TierService:
             print(f"{self.tier}: iteration {i} loss {out['loss']:.4f} {out['iteration_s'] * 1e3:.0f} ms "
                   f"(schedule v{sched.version}, run {self.view.run_id})", flush=True)
 
-    def _as_slice(self, i: int, sched: Schedule, role: str, x: Optional[np.ndarray], stats: Stats) -> None:
-        cut, o = sched.cut(role), sched.tier_of("o")
-        weights = self._take("weights", o, i, cut, stats).tensors
+    # ------------------------------------------------------- the interpreter
+
+    def _take_x(self, x: Exchange, i: int, stats: Stats) -> Message:
+        return self._take(x.kind, x.peer, i, x.layer, stats)
+
+    def _send_x(self, x: Exchange, i: int, tensors: dict[str, np.ndarray], sched: Schedule, **meta: Any) -> None:
+        self._send(x.kind, x.peer, i, x.layer, tensors, sched.version, **meta)
+
+    def _as_slice(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x: Optional[np.ndarray],
+                  stats: Stats) -> None:
+        """s or l: the weights of units 1..cut from o, forward, activations to o, their gradient back,
+        backward, the parameter gradients to o."""
+        take_w = need(xs, "take", "weights")
+        weights, cut = self._take_x(take_w, i, stats).tensors, take_w.layer
         t0 = stats.mark()
         if self.slice is None or self.slice.cut != cut:
             self.slice = SliceRole(self.spec, self.runtime, cut, weights)
         else:
             self.slice.load(weights)
-        if x is None or len(x) != sched.samples(role):
-            raise PlanError(f"{self.tier}: got {0 if x is None else len(x)} samples, schedule says {sched.samples(role)}")
+        n = sched.samples(sched.role_of(self.tier))
+        if x is None or len(x) != n:
+            raise PlanError(f"{self.tier}: got {0 if x is None else len(x)} samples, schedule says {n}")
         act = self.slice.forward(x)
         stats.timed("forward", t0)
-        self._send("act", o, i, cut, {"x": act}, sched.version)
-        g = self._take("grad", o, i, cut, stats).tensors["x"]
+        self._send_x(need(xs, "send", "act"), i, {"x": act}, sched)
+        g = self._take_x(need(xs, "take", "grad"), i, stats).tensors["x"]
         t0 = stats.mark()
         grads = self.slice.backward(g)
         stats.timed("backward", t0)
-        self._send("wgrad", o, i, cut, grads, sched.version)
+        self._send_x(need(xs, "send", "wgrad"), i, grads, sched)
 
-    def _as_owner(self, i: int, sched: Schedule, x_o: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
-        spec, v = self.spec, sched.version
-        held = self.holding
+    def _as_owner(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x_o: Optional[np.ndarray], labels: Any,
+                  stats: Stats) -> dict[str, Any]:
+        """o: its own samples, s's and l's activations as they arrive, the loss, their gradients back
+        as soon as they exist, their parameter gradients, the update."""
+        spec, held = self.spec, self.holding
         assert held.optimizer is not None
         if self.owner is None or (self.owner.m_s, self.owner.m_l) != (sched.m_s, sched.m_l):
             self.owner = OwnerRole(spec, self.runtime, sched.m_s, sched.m_l, held.params, held.optimizer)
         if self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
-            self._send_weights(i, sched)
-        s, l = sched.tier_of("s"), sched.tier_of("l")
+            self._send_weights(i, sched, xs)
+        acts, grads = select(xs, "take", "act"), select(xs, "send", "grad")
         t0 = stats.mark()
         x_o = x_o if x_o is not None else np.zeros((0, *spec.input_shape), np.float32)
         res = self.owner.forward_backward(
             x_o, labels,
-            (lambda: self._take("act", s, i, sched.m_s, stats).tensors["x"]) if sched.b_s else None,
-            (lambda: self._take("act", l, i, sched.m_l, stats).tensors["x"]) if sched.b_l else None,
-            send_s=lambda g: self._send("grad", s, i, sched.m_s, {"x": g}, v),
-            send_l=lambda g: self._send("grad", l, i, sched.m_l, {"x": g}, v))
+            (lambda: self._take_x(acts["s"], i, stats).tensors["x"]) if "s" in acts else None,
+            (lambda: self._take_x(acts["l"], i, stats).tensors["x"]) if "l" in acts else None,
+            send_s=lambda g: self._send_x(grads["s"], i, {"x": g}, sched),
+            send_l=lambda g: self._send_x(grads["l"], i, {"x": g}, sched))
         stats.timed("forward_backward", t0)
-        remote = []
-        if sched.b_s:
-            remote.append(self._take("wgrad", s, i, sched.m_s, stats).tensors)
-        if sched.b_l:
-            remote.append(self._take("wgrad", l, i, sched.m_l, stats).tensors)
+        remote = [self._take_x(x, i, stats).tensors for x in select(xs, "take", "wgrad").values()]
         t0 = stats.mark()
         self.owner.step(*remote)
         held.params = self.owner.params
@@ -269,21 +281,21 @@ class TierService:
         self.state.replicate(i, sched)
         return {"loss": res.loss}
 
-    def _as_stage(self, i: int, sched: Schedule, x: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
+    def _as_stage(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x: Optional[np.ndarray], labels: Any,
+                  stats: Stats) -> dict[str, Any]:
         """One stage of a chain: forward, pass on, take the gradient, backward, own update."""
         chain = sched.chain
         assert chain is not None
         k = next((n for n, st in enumerate(chain) if st.tier == self.tier), None)
         if k is None:
             return {"role": "idle"}
-        st = chain[k]
-        held = self.holding
+        st, held = chain[k], self.holding
         assert held.optimizer is not None
         if self.stage is None or (self.stage.first, self.stage.last) != (st.first, st.last):
             self.stage = StageRole(self.spec, self.runtime, st.first, st.last, held.params, held.optimizer)
-        v, prev_tier = sched.version, chain[k - 1].tier if k else None
-        if k:
-            msg = self._take("act", prev_tier, i, st.first - 1, stats)
+        take_act = one(xs, "take", "act")
+        if take_act is not None:
+            msg = self._take_x(take_act, i, stats)
             x = dequantize(msg.tensors["q"], msg.meta["lo"], msg.meta["scale"]) if "q" in msg.tensors else msg.tensors["x"]
         t0 = stats.mark()
         out: dict[str, Any] = {"role": f"stage {k + 1} of {len(chain)}"}
@@ -295,27 +307,28 @@ class TierService:
             stats.timed("forward", t0)
             if sched.compress_bits:
                 q, lo, scale = quantize(y)
-                self._send("act", chain[k + 1].tier, i, st.last, {"q": q}, v, lo=lo, scale=scale)
+                self._send_x(need(xs, "send", "act"), i, {"q": q}, sched, lo=lo, scale=scale)
             else:
-                self._send("act", chain[k + 1].tier, i, st.last, {"x": y}, v)
-            g = self._take("grad", chain[k + 1].tier, i, st.last, stats).tensors["x"]
+                self._send_x(need(xs, "send", "act"), i, {"x": y}, sched)
+            g = self._take_x(need(xs, "take", "grad"), i, stats).tensors["x"]
             t0 = stats.mark()
             gx = self.stage.backward(g)
         stats.timed("backward_update", t0)
         held.params = self.stage.params
-        if k:
-            self._send("grad", prev_tier, i, st.first - 1, {"x": gx}, v)
+        if take_act is not None:
+            self._send_x(need(xs, "send", "grad"), i, {"x": gx}, sched)
         self.state.checkpoint(i, sched)  # after the gradient: off the critical path
         self.state.replicate(i, sched)
         return out
 
-    def _send_weights(self, i: int, sched: Schedule) -> None:
-        for role in ("s", "l"):
-            tier = sched.tier_of(role)
-            if sched.samples(role) and tier != self.tier:
-                cut = sched.cut(role)
-                self._send("weights", tier, i, cut, weights_of(self.spec, self.holding.params, cut), sched.version)
+    def _send_weights(self, i: int, sched: Schedule, xs: Optional[tuple[Exchange, ...]] = None) -> None:
+        """o: s's and l's weights of iteration ``i`` (units 1..their cut)."""
+        for x in select(xs if xs is not None else self._exchanges(sched), "send", "weights").values():
+            self._send_x(x, i, weights_of(self.spec, self.holding.params, x.layer), sched)
         self._weights_sent = i
+
+    def _exchanges(self, sched: Schedule) -> tuple[Exchange, ...]:
+        return exchanges(sched.plan(units=self.spec.n_units, batch=self.cfg.batch), self.tier)
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         links = {}
