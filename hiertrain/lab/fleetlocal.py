@@ -8,12 +8,7 @@ stopped by :meth:`FleetCluster.close` (processes by pid, the broker).
 from __future__ import annotations
 
 import json
-import queue
-import signal
-import subprocess
-import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -25,8 +20,8 @@ from hiertrain.net import topics
 from hiertrain.train import checkpoint, models
 from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError
-from hiertrain.lab.local import standby_broker, stop, toml
-from hiertrain.net.transport import Endpoint, Transport
+from hiertrain.lab.harness import Harness, standby_broker, toml
+from hiertrain.net.transport import Endpoint
 from hiertrain.schedule import Schedule
 
 JOB = "fleet"
@@ -69,7 +64,7 @@ def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[flo
     return out / "profile.json", devices
 
 
-class FleetCluster:
+class FleetCluster(Harness):
     def __init__(self, work: Path, devices: list[Spec], *, model: str = "lenet5", iterations: int = 12,
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
                  cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",
@@ -89,14 +84,11 @@ class FleetCluster:
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
-        self.work, self.model, self.job = work, model, JOB
+        super().__init__(work, JOB, network=network, launch=launch)
+        self.model = model
         self.specs = {d.name: d for d in (*devices, *extra)}
-        self.launch = launch or {}
-        self.stack = ExitStack()
-        self.procs: dict[str, subprocess.Popen] = {}
         work.mkdir(parents=True, exist_ok=True)
         self.bdir = bdir = BrokerDir(work / "broker")
-        self.network = network
         bdir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=JOB))
         for name in self.specs:
             bdir.add_device(name)  # before the broker starts: an embedded broker reads accounts once
@@ -151,10 +143,7 @@ class FleetCluster:
         watch_creds = replace(Endpoint.load(bdir.credentials_file("planner")), standby=addresses)
         if network:
             watch_creds = replace(watch_creds, host=host["root"])
-        self.watch = self.stack.enter_context(Transport(watch_creds, account="planner", job=JOB, observer=True))
-        for kind in ("telemetry", "status"):
-            self.watch.subscribe(topics.all_of_kind(JOB, kind))
-        self.watch.subscribe(topics.schedule(JOB))
+        self.open_watch(watch_creds)
         self.schedules: dict[int, Schedule] = {}  # version -> the plan the edge published on the schedule topic
         self.steps: dict[int, dict[str, Any]] = {}
         self.states: dict[str, Any] = {}  # account -> its newest status's state
@@ -190,33 +179,18 @@ class FleetCluster:
 
     # ------------------------------------------------------------------ processes
 
-    def _prefix(self, where: str) -> list[str]:
-        return self.network.prefix(where) if self.network is not None else []
-
     def start(self, *names: str, resume: bool = False) -> None:
         """Start the cloud, the edge and the devices named (``resume``: with ``--resume``, as systemd does)."""
         for name in names:
             tier = "edge" if name.startswith("edge") else "cloud" if name == "cloud" else "device"
-            with open(self.work / f"{name}.log", "a") as log:
-                self.procs[name] = subprocess.Popen(
-                    [*self._prefix(name), *self.launch.get(name, [sys.executable]), "-m", "hiertrain", tier, "run", "--config",
-                     str(self.configs[name]), *(["--resume"] if resume else [])],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
-            if name in self.quotas:
-                self.quotas[name].add(self.procs[name].pid)
+            self.spawn(name, [tier, "run", "--config", str(self.configs[name]), *(["--resume"] if resume else [])],
+                       where=name)
 
     def lose_edge_machine(self) -> None:
         """The edge machine gone for good: its coordinator and its broker killed (SIGKILL) at once."""
         self.kill("edge")
         self.broker.proc.kill()
         self.broker.proc.wait()
-
-    def pause(self, name: str) -> None:
-        """Freeze a device (SIGSTOP): online, but silent, as a hung process is."""
-        self.procs[name].send_signal(signal.SIGSTOP)
-
-    def resume(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGCONT)
 
     def wait_online(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -225,30 +199,15 @@ class FleetCluster:
                 raise ConfigError(f"{name} did not come online; its log:\n{self.log(name)[-3000:]}")
             self.pump(0.2)
 
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait()
-
-    def pump(self, timeout: float = 0.2) -> list[Any]:
-        out = []
-        try:
-            while True:
-                ev = self.watch.events.get(timeout=timeout)
-                out.append(ev)
-                timeout = 0.0
-                if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "status" \
-                        and isinstance(ev.payload, dict):
-                    self.states[ev.topic.account] = ev.payload.get("state")
-                if isinstance(ev.topic, topics.ScheduleTopic):
-                    sched = Schedule.from_json(ev.payload)
-                    self.schedules[sched.version] = sched
-                if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "telemetry" \
-                        and ev.topic.account == "edge" and "fleet" in ev.payload:
-                    self.steps[ev.payload["iteration"]] = ev.payload
-        except queue.Empty:
-            return out
+    def on_event(self, ev: Any) -> None:
+        if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "status" and isinstance(ev.payload, dict):
+            self.states[ev.topic.account] = ev.payload.get("state")
+        if isinstance(ev.topic, topics.ScheduleTopic):
+            sched = Schedule.from_json(ev.payload)
+            self.schedules[sched.version] = sched
+        if isinstance(ev.topic, topics.AccountTopic) and ev.topic.kind == "telemetry" \
+                and ev.topic.account == "edge" and "fleet" in ev.payload:
+            self.steps[ev.payload["iteration"]] = ev.payload
 
     def wait_step(self, step: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -269,16 +228,6 @@ class FleetCluster:
                 raise ConfigError(f"no step as awaited; edge log:\n{self.log('edge')[-3000:]}")
             self.pump(0.2)
 
-    def wait(self, names: tuple[str, ...], timeout: float = 120) -> dict[str, Optional[int]]:
-        deadline = time.monotonic() + timeout
-        codes: dict[str, Optional[int]] = {}
-        for name in names:
-            try:
-                codes[name] = self.procs[name].wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                codes[name] = None
-        return codes
-
     def plan_text(self, version: int) -> str:
         """How the edge's log states plan ``version``: its line and the devices' lines under it."""
         lines = self.log("edge").splitlines()
@@ -287,10 +236,6 @@ class FleetCluster:
             return f"plan v{version}"
         body = [line for line in lines[head + 1:] if line.startswith("  ")]
         return "\n".join([lines[head][len("edge: "):], *body[:sum(1 for _ in self.specs)]])
-
-    def log(self, name: str) -> str:
-        path = self.work / f"{name}.log"
-        return path.read_text() if path.exists() else ""
 
     # ------------------------------------------------------------------ results
 
@@ -323,16 +268,3 @@ class FleetCluster:
                 ys.append(y)
             losses.append(ref.step(np.concatenate(xs), np.concatenate(ys)))
         return losses, ref.params
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-        stop(list(self.procs.values()))
-        self.stack.close()
-
-    def __enter__(self) -> "FleetCluster":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

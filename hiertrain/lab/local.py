@@ -7,15 +7,9 @@ started here is stopped by :meth:`LocalCluster.close` (processes by pid, the bro
 
 from __future__ import annotations
 
-import json
-import queue
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -27,49 +21,13 @@ from hiertrain.net import topics
 from hiertrain.train import checkpoint, data, models
 from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError, HiertrainError
+from hiertrain.lab.harness import Harness, standby_broker, toml
 from hiertrain.net.transport import Endpoint, Transport
 
 JOB = "demo"
 
 
-def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]], *, host: Optional[str] = None,
-         standby: tuple[str, ...] = ()) -> Path:
-    lines = [f'job = "{job}"', "[broker]", f'credentials = "{creds}"'] + ([f'host = "{host}"'] if host else []) + \
-        ([f"standby = {json.dumps(list(standby))}"] if standby else [])
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def standby_broker(stack: Any, bdir: Any, where: Path) -> Any:
-    """A standby broker on loopback, started in ``stack``: a copy of ``bdir`` (the same accounts and
-    ACL, none of its data) on a port of its own, as an operator sets one up on a second machine."""
-    from hiertrain.broker.layout import BrokerDir
-    from hiertrain.broker.process import BrokerProcess, available_kind, free_port
-
-    standby = BrokerDir(where)
-    shutil.copytree(bdir.root, standby.root, ignore=shutil.ignore_patterns("data"))
-    standby.data.mkdir(exist_ok=True)
-    standby.with_port(free_port())
-    stack.enter_context(BrokerProcess(standby, kind=available_kind()))
-    return standby
-
-
-def stop(procs: Any, timeout: float = 10.0) -> None:
-    """Terminate the processes still running (SIGTERM, then SIGKILL after ``timeout``), in order."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-class LocalCluster:
+class LocalCluster(Harness):
     def __init__(self, work: Path, *, model: str = "lenet5", batch: int = 12, iterations: int = 30, lr: float = 0.05,
                  timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,
@@ -88,13 +46,10 @@ class LocalCluster:
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
-        self.work, self.model, self.batch, self.lr, self.job = work, model, batch, lr, job
+        super().__init__(work, job, network=network, launch=launch)  # network: a hiertrain.lab.testbed.Testbed
+        self.model, self.batch, self.lr = model, batch, lr
         self.iterations, self.timeout_s = iterations, timeout_s
-        self.stack = ExitStack()
-        self.procs: dict[str, subprocess.Popen] = {}
         self.broker = None
-        self.network = network  # a hiertrain.lab.testbed.Testbed: tiers and broker in its namespaces
-        self.launch = launch or {}
         host = {t: "127.0.0.1" for t in (*TIERS, "root")}
         if network is not None:
             from hiertrain.lab.testbed import BROKER_FOR
@@ -112,7 +67,6 @@ class LocalCluster:
                 raise ConfigError("a standby broker runs on loopback only, not in the testbed")
             self.standby_dir = standby_broker(self.stack, broker_dir, work / "standby-broker")
         addresses = (f"127.0.0.1:{self.standby_dir.settings().port}",) if standby else ()
-        self.quotas = {}
         for tier, cores in {**({"device": device_quota} if device_quota else {}), **(quotas or {})}.items():
             from hiertrain.lab.cgroup import CpuQuota
 
@@ -132,11 +86,7 @@ class LocalCluster:
                                 standby=addresses)
         # publishes schedules as the planner would, without a status: it is no planner (and holds no lease)
         self.planner = self.stack.enter_context(Transport(planner_creds, account="planner", job=job, observer=True))
-        self.watch = Transport(planner_creds, account="planner", job=job, observer=True)
-        for kind in ("telemetry", "status"):
-            self.watch.subscribe(topics.all_of_kind(job, kind))
-        self.watch.subscribe(topics.schedule(job))
-        self.stack.enter_context(self.watch)
+        self.open_watch(planner_creds)
         self.telemetry: list[tuple[str, dict[str, Any]]] = []
         self.status: list[tuple[str, dict[str, Any]]] = []
         self.schedules: list[dict[str, Any]] = []
@@ -148,25 +98,10 @@ class LocalCluster:
         self.planner.publish_json(topics.schedule(self.job), schedule, retain=True)
         self.planner.flush()
 
-    def _prefix(self, where: str) -> list[str]:
-        return self.network.prefix(where) if self.network is not None else []
-
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        where = name if name in TIERS else "edge"
-        with open(self.work / f"{name}.log", "a") as log:
-            python = self.launch.get(name, [sys.executable])
-            # in the job's own directory: a source checkout in the caller's directory must not
-            # shadow the hiertrain a tier's Python has installed
-            proc = subprocess.Popen([*self._prefix(where), *python, "-m", "hiertrain", *args], stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work)
-        self.procs[name] = proc
-        if name in self.quotas:
-            self.quotas[name].add(proc.pid)
-        return proc
-
     def start(self, *tiers: str, resume: bool = False) -> None:
         for tier in tiers or ("cloud", "edge", "device"):
-            self._spawn(tier, [tier, "run", "--config", str(self.configs[tier]), *(["--resume"] if resume else [])])
+            self.spawn(tier, [tier, "run", "--config", str(self.configs[tier]), *(["--resume"] if resume else [])],
+                       where=tier)
 
     def start_planner(self, profile: Path, *, bw_device_edge: float, bw_edge_cloud: float,
                       cost_model: str = "paper", on_standby: bool = False) -> None:
@@ -177,25 +112,15 @@ class LocalCluster:
             "planner": {"batch": self.batch, "profile": str(profile), "bw_device_edge": bw_device_edge,
                         "bw_edge_cloud": bw_edge_cloud, "cost_model": cost_model}},
             host="127.0.0.1" if on_standby else self.host["edge"])
-        self._spawn(name, ["planner", "run", "--config", str(cfg)])
+        self.spawn(name, ["planner", "run", "--config", str(cfg)], where="edge")
 
     # -------------------------------------------------------------------- watching
 
-    def pump(self, timeout: float = 0.2) -> list[Any]:
-        """Collect what the watcher received (waiting up to ``timeout`` for the first event)."""
-        got: list[Any] = []
-        wait: Optional[float] = timeout
-        while True:
-            try:
-                ev = self.watch.events.get(timeout=wait) if wait else self.watch.events.get_nowait()
-            except queue.Empty:
-                return got
-            wait = None
-            got.append(ev)
-            if isinstance(ev.topic, topics.ScheduleTopic):
-                self.schedules.append(ev.payload)
-            else:
-                (self.telemetry if ev.topic.kind == "telemetry" else self.status).append((ev.topic.account, ev.payload))
+    def on_event(self, ev: Any) -> None:
+        if isinstance(ev.topic, topics.ScheduleTopic):
+            self.schedules.append(ev.payload)
+        else:
+            (self.telemetry if ev.topic.kind == "telemetry" else self.status).append((ev.topic.account, ev.payload))
 
     def wait_iteration(self, iteration: int, timeout: float = 60) -> None:
         """Wait until worker_o (or a chain's last stage) has finished ``iteration``."""
@@ -222,19 +147,7 @@ class LocalCluster:
             self.pump()
 
     def wait(self, tiers: tuple[str, ...] = TIERS, timeout: float = 120) -> dict[str, Optional[int]]:
-        codes = {}
-        deadline = time.monotonic() + timeout
-        for tier in tiers:
-            try:
-                codes[tier] = self.procs[tier].wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                codes[tier] = None
-        self.pump(0.5)
-        return codes
-
-    def log(self, name: str) -> str:
-        path = self.work / f"{name}.log"
-        return path.read_text() if path.exists() else ""
+        return super().wait(tiers, timeout)
 
     def losses(self) -> dict[int, float]:
         return {p["iteration"]: p["loss"] for _, p in self.telemetry if "loss" in p}
@@ -277,16 +190,6 @@ class LocalCluster:
 
         cfg = tierconfig.load("device", self.configs["device"])
         return cfg.training_data(models.get(cfg.model))
-
-    def close(self) -> None:
-        stop(self.procs.values())
-        self.stack.close()
-
-    def __enter__(self) -> "LocalCluster":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def reports(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version: int, *, skip: int = 0
