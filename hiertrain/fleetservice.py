@@ -23,13 +23,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from hiertrain.net import topics
-from hiertrain.train import checkpoint, collect, models
-from hiertrain.errors import Diverged, HiertrainError, MissingMessage, ProtocolError, TierLost
+from hiertrain.train import checkpoint, models
+from hiertrain.errors import HiertrainError, MissingMessage, ProtocolError, TierLost
 from hiertrain.train.fleetroles import Part, Round
-from hiertrain.train.segments import Runtime
 from hiertrain.tierconfig import TierConfig
-from hiertrain.net.transport import Transport
-from hiertrain.net.validate import max_message_bytes, non_finite, validator
+from hiertrain.service import check_finite, keeper_for, open_service
 from hiertrain.net.wire import Message
 
 log = logging.getLogger("hiertrain.fleet")
@@ -42,28 +40,16 @@ class Abandoned(HiertrainError):
 
 class FleetService:
     def __init__(self, cfg: TierConfig, *, account: str, peers: Optional[frozenset[str]]) -> None:
-        from hiertrain.train import artifacts
-
         self.cfg, self.account = cfg, account
         self.spec = models.get(cfg.model)
         self.units = self.spec.n_units
-        self.transport = Transport(cfg.endpoint, account=account, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
-                                   validator=validator(self.spec, cfg.batch),
-                                   max_message_bytes=max_message_bytes(self.spec, cfg.batch),
-                                   expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)
+        self.transport, self.supply, self.runtime = open_service(cfg, self.spec, account=account, peers=peers)
         self.transport.subscribe(topics.all_of_kind(cfg.job, "status"))
-        self.supply = artifacts.Supply(self.transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
-        self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
-                               provider=self.supply.provider)
         self.part = Part(self.spec, self.runtime)
-        if cfg.checkpoint_collect:  # the coordinator's checkpoints come here too (a standby resumes from them)
-            self.transport.status_extra["collector"] = True
-            held = checkpoint.iterations(cfg.checkpoint_dir)
-            if held:  # a restarted collector still holds them
-                self.transport.status_extra["checkpoint_iteration"] = held[-1]
-        self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
-                                     collect=cfg.checkpoint_collect,
-                                     on_stored=lambda step: self.transport.announce(checkpoint_iteration=step))
+        self.keeper = keeper_for(cfg, self.transport, self.spec)
+        held = checkpoint.iterations(cfg.checkpoint_dir) if cfg.checkpoint_collect else []
+        if held:  # a restarted collector still holds the coordinator's checkpoints (a standby resumes from them)
+            self.transport.status_extra["checkpoint_iteration"] = held[-1]
         self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed
 
     @contextmanager
@@ -77,11 +63,7 @@ class FleetService:
                 self.keeper.stop()
 
     def send(self, kind: str, dest: str, rnd: int, layer: int, tensors: dict[str, np.ndarray], **meta: Any) -> None:
-        for name, t in tensors.items():
-            why = non_finite(f"{kind} {name} to {dest}", t)
-            if why:
-                raise Diverged(f"{self.account}: training diverged in round {rnd} ({why}); lower the learning "
-                                f"rate (now {self.cfg.optimizer.lr})")
+        check_finite(self.account, f"in round {rnd}", kind, dest, tensors, self.cfg.optimizer.lr)
         if self.run_id is not None:
             meta = {"run": self.run_id, **meta}
         self.transport.send(Message(kind, self.cfg.job, self.account, dest, rnd, layer, tensors, 0, meta))

@@ -20,8 +20,9 @@ from hiertrain.errors import PlanError
 from hiertrain.holding import Holding
 from hiertrain.runview import RunView
 from hiertrain.schedule import Schedule
+from hiertrain.service import keeper_for
 from hiertrain.tierconfig import TierConfig
-from hiertrain.train import checkpoint, collect
+from hiertrain.train import checkpoint
 
 REPLICA_HOLDER = "device"  # the data holder: it outlives any other tier's loss
 
@@ -31,11 +32,7 @@ class StateKeeper:
         self.cfg, self.view, self.holding, self.tier = cfg, view, holding, cfg.tier
         self.transport = view.transport
         self.spec = holding.spec
-        if cfg.checkpoint_collect:
-            self.transport.status_extra["collector"] = True
-        self.keeper = collect.Keeper(self.transport, self.spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep,
-                                     collect=cfg.checkpoint_collect,
-                                     on_stored=lambda it: self.transport.announce(checkpoint_iteration=it))
+        self.keeper = keeper_for(cfg, self.transport, self.spec)
         self.restored: Optional[checkpoint.Checkpoint] = None  # what a resumed run starts from
         self.completed = -1  # the newest iteration whose update we applied as the model's owner
 

@@ -38,16 +38,14 @@ from hiertrain.failover import Failover
 from hiertrain.holding import Holding
 from hiertrain.net import topics
 from hiertrain.net.compress import dequantize, quantize
-from hiertrain.net.transport import Transport
-from hiertrain.net.validate import max_message_bytes, non_finite, validator
 from hiertrain.net.wire import Message
 from hiertrain.runview import RunView
 from hiertrain.schedule import Schedule
+from hiertrain.service import check_finite, open_service
 from hiertrain.statekeeper import StateKeeper
 from hiertrain.tierconfig import TierConfig
-from hiertrain.train import artifacts, models
+from hiertrain.train import models
 from hiertrain.train.roles import OwnerRole, SliceRole, StageRole, weights_of
-from hiertrain.train.segments import Runtime
 
 log = logging.getLogger("hiertrain.tier")
 LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
@@ -82,15 +80,9 @@ class TierService:
     def __init__(self, cfg: TierConfig, *, resume: bool = False) -> None:
         self.cfg, self.tier, self.resume = cfg, cfg.tier, resume
         self.spec = models.get(cfg.model)
-        self.transport = Transport(cfg.endpoint, account=cfg.tier, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
-                                   validator=validator(self.spec, cfg.batch),
-                                   max_message_bytes=max_message_bytes(self.spec, cfg.batch),
-                                   expire_s=max(60.0, 2 * cfg.timeout_s))
+        self.transport, self.supply, self.runtime = open_service(cfg, self.spec, account=cfg.tier)
         self.view = RunView(self.transport, tier=cfg.tier, n_units=self.spec.n_units, batch=cfg.batch,
                             timeout_s=cfg.timeout_s)
-        self.supply = artifacts.Supply(self.transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
-        self.runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None,
-                               provider=self.supply.provider)
         self.holding = Holding(self.spec, cfg.tier, batch=cfg.batch, optimizer=cfg.optimizer, seed=cfg.seed)
         self.state = StateKeeper(cfg, self.view, self.holding)
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
@@ -114,11 +106,7 @@ class TierService:
 
     def _send(self, kind: str, dest: str, iteration: int, layer: int, tensors: dict[str, np.ndarray],
               version: int, *, bulk: bool = False, **meta: Any) -> None:
-        for name, t in tensors.items():  # the receiver would drop it and wait: fail here, naming the cause
-            why = non_finite(f"{kind} {name} to {dest}", t)
-            if why:
-                raise Diverged(f"{self.tier}: training diverged at iteration {iteration} ({why}); "
-                                f"lower the learning rate (now {self.cfg.optimizer.lr})")
+        check_finite(self.tier, f"at iteration {iteration}", kind, dest, tensors, self.cfg.optimizer.lr)
         self.transport.send(Message(kind, self.cfg.job, self.tier, dest, iteration, layer, tensors, version,
                                     {"run": self.view.run_id, **meta}), bulk=bulk)
 

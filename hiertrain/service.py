@@ -1,0 +1,54 @@
+"""What every service of a job opens the same way, the three-tier tiers (:mod:`hiertrain.tier`) and
+the fleet's (:mod:`hiertrain.fleetservice`): a connection under its account that refuses what a
+message of this model cannot be, the segments (built here or fetched from a builder), and the
+check that no tensor it sends is NaN or infinite (divergence ends the run where it happens,
+naming it, instead of a receiver dropping the message and waiting); and the checkpoint keeper
+(:class:`hiertrain.train.collect.Keeper`), a collector's flag in its status.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from hiertrain.errors import Diverged
+from hiertrain.net.transport import Transport
+from hiertrain.net.validate import max_message_bytes, non_finite, validator
+from hiertrain.tierconfig import TierConfig
+from hiertrain.train import artifacts, collect
+from hiertrain.train.models import ModelSpec
+from hiertrain.train.segments import Runtime
+
+
+class Opened(NamedTuple):
+    transport: Transport
+    supply: artifacts.Supply
+    runtime: Runtime
+
+
+def open_service(cfg: TierConfig, spec: ModelSpec, *, account: str,
+                 peers: Optional[frozenset[str]] = None) -> Opened:
+    transport = Transport(cfg.endpoint, account=account, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
+                          validator=validator(spec, cfg.batch), max_message_bytes=max_message_bytes(spec, cfg.batch),
+                          expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)
+    supply = artifacts.Supply(transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
+    runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None, provider=supply.provider)
+    return Opened(transport, supply, runtime)
+
+
+def check_finite(who: str, at: str, kind: str, dest: str, tensors: dict[str, np.ndarray], lr: float) -> None:
+    """Raise :class:`Diverged` if a tensor about to be sent is not finite (``at``: "at iteration 7", "in round 3")."""
+    for name, t in tensors.items():
+        why = non_finite(f"{kind} {name} to {dest}", t)
+        if why:
+            raise Diverged(f"{who}: training diverged {at} ({why}); lower the learning rate (now {lr})")
+
+
+def keeper_for(cfg: TierConfig, transport: Transport, spec: ModelSpec) -> collect.Keeper:
+    """The checkpoint keeper: it stores, collects (``[checkpoint] collect``, said in our status),
+    answers fetches and announces each checkpoint it stores."""
+    if cfg.checkpoint_collect:
+        transport.status_extra["collector"] = True
+    return collect.Keeper(transport, spec, cfg.checkpoint_dir, keep=cfg.checkpoint_keep, collect=cfg.checkpoint_collect,
+                          on_stored=lambda it: transport.announce(checkpoint_iteration=it))
