@@ -98,3 +98,19 @@ def test_a_chains_parts_are_written_and_held_once_they_cover_the_model(pair):
     assert edge.held is None
     cloud.push(part(state(15), names[:3]), "edge", version=1, op="replica")
     assert wait_for(lambda: edge.held is not None and edge.held.iteration == 15)
+
+
+def test_a_push_behind_what_the_collector_holds_sets_the_other_runs_checkpoints_aside(pair, caplog):
+    """A new run (its coordinator or worker_o started afresh) pushes iteration 4 to a collector that
+    holds an earlier run's 9 and 14: those go aside, so that nobody resumes the new run from them."""
+    (edge, cloud), stored, ck = pair
+    for it in (9, 14):
+        cloud.push(state(it), "edge", version=1)
+    assert wait_for(lambda: stored == [9, 14]), stored
+    cloud.push(state(4), "edge", version=1)
+    assert wait_for(lambda: stored == [9, 14, 4]), stored
+    assert checkpoint.iterations(ck) == [4]
+    (aside,) = [p for p in ck.iterdir() if p.name.startswith("superseded-")]
+    assert checkpoint.iterations(aside) == [9, 14]
+    assert "behind those held: they are another run's" in caplog.text
+    assert cloud.fetch(4, "edge", timeout=10).iteration == 4

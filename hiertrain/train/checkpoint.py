@@ -97,11 +97,12 @@ def save(directory: str | os.PathLike, ck: Checkpoint, *, keep: int = 3) -> Path
     return final
 
 
-def set_aside(directory: str | os.PathLike) -> Optional[Path]:
+def set_aside(directory: str | os.PathLike, *, after: int = -1) -> Optional[Path]:
     """A new run (not a resumed one) writing into ``directory``: move an earlier run's checkpoints into
     a ``superseded-<UTC time>`` folder beside them, so that they are neither taken for the new run's
-    nor pruned in its favour (the newest are kept by iteration). Returns that folder, if any moved."""
-    its = iterations(directory)
+    nor pruned in its favour (the newest are kept by iteration). Returns that folder, if any moved.
+    ``after``: only those of later iterations (a collector given an earlier one: another run's are ahead)."""
+    its = [it for it in iterations(directory) if it > after]
     if not its:
         return None
     aside = Path(directory) / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())

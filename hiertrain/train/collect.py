@@ -98,6 +98,10 @@ class Keeper:
         whole = self._merge("push", ck)
         if whole is None:
             return
+        ahead = checkpoint.set_aside(self.dir, after=whole.iteration)  # an earlier run's: never resumed from
+        if ahead is not None:
+            log.warning("%s: the checkpoint of iteration %d from %s is behind those held: they are another run's, "
+                        "moved to %s", self.transport.account, whole.iteration, sender or "itself", ahead)
         path = checkpoint.save(self.dir, whole, keep=self.keep)
         self.stored += 1
         log.info("%s: collected the checkpoint of iteration %d from %s in %s", self.transport.account,
