@@ -21,16 +21,17 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 
 from hiertrain import TIERS
 from hiertrain.net import topics
-from hiertrain.errors import ConfigError, TopicError, TransportError, WireError
-from hiertrain.net.mailbox import NEW_RUN, NOT_BACK, RESTARTED, Mailbox
+from hiertrain.errors import TopicError, TransportError, WireError
+from hiertrain.net.endpoint import Endpoint
+from hiertrain.net.mailbox import NOT_BACK, Mailbox
+from hiertrain.net.membership import Membership
 from hiertrain.net.wire import (DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, Reassembler, Refused,
                             encode_message)
 
@@ -53,50 +54,6 @@ RATE_EVERY = 4
 BULK_CHUNK_BYTES = 32 << 10
 SWITCH_AFTER_S = 5.0  # without a broker this long, try the next one (the standby, when configured)
 REJOIN_GRACE_S = 12.0  # after joining a broker without our session, peers not heard from by then are lost
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the broker is and who we are to it (one credentials file per account)."""
-
-    host: str
-    port: int
-    username: str
-    password: str
-    tls_ca: Optional[str] = None
-    max_packet_bytes: Optional[int] = None  # the broker's limit, when its credentials file says
-    job: Optional[str] = None               # the one job the account may serve, when bound
-    standby: tuple[str, ...] = ()           # "host:port" of standby brokers with the same accounts
-
-    def __post_init__(self) -> None:
-        if not self.host or not isinstance(self.port, int) or not 0 < self.port < 65536:
-            raise ConfigError(f"bad broker address {self.host!r}:{self.port!r}")
-        self.brokers()  # standby addresses checked here, once
-
-    def brokers(self) -> list[tuple[str, int]]:
-        """The broker, then its standbys, as (host, port)."""
-        out = [(self.host, self.port)]
-        for addr in self.standby:
-            host, _, port = str(addr).rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"bad standby broker address {addr!r}: expected host:port")
-            out.append((host, int(port)))
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Endpoint":
-        try:
-            data = json.loads(Path(path).read_text())
-            return cls(**{k: data[k] for k in ("host", "port", "username", "password")},
-                       tls_ca=data.get("tls_ca"), max_packet_bytes=data.get("max_packet_bytes"), job=data.get("job"),
-                       standby=tuple(data.get("standby", ())))
-        except FileNotFoundError:
-            raise ConfigError(f"credentials file {str(path)!r} does not exist") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"credentials file {str(path)!r} is not valid: {exc}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
 
 
 @dataclass(frozen=True)
@@ -132,7 +89,6 @@ class Transport:
         self.chunk_bytes = chunk_bytes
         self.validator = validator
         self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
-        self.errors: dict[str, str] = {}  # peer -> the error its newest "failed" status gave
         self.mailbox = Mailbox()
         self.events: "queue.Queue[Event]" = queue.Queue()
         # segments and checkpoints bypass the mailbox: they belong to no iteration. A checkpoint is a
@@ -166,21 +122,16 @@ class Transport:
         self._retained: dict[str, str] = {}
         self._last_json: dict[str, str] = {}
         self._connects = 0
-        self._sessions: dict[str, tuple[str, float]] = {}  # account -> (session, started) of its newest process
-        self._online: set[str] = set()  # peers whose newest status says online
-        self._builders: set[str] = set()  # peers whose status says they build segments for others
-        self._collectors: set[str] = set()  # ... that collect every checkpoint ([checkpoint] collect)
-        self._announced: dict[str, int] = {}  # peer -> the newest checkpoint its status announces
-        self._unheard: set[str] = set()  # peers to hear from again after joining a broker without our session
-        self._rejoin_deadline = 0.0
         self._joined: Optional[tuple[str, int]] = None  # the broker (host, port) we last connected to
         self._brokers = endpoint.brokers()
         self._broker = 0  # which of them we use
         self._down_since: Optional[float] = None
         self._ticked = 0.0
         self._status = None if observer else topics.status(job, account)
-        if not observer:
-            self._sessions[account] = (f"{self._nonce}:0", self._started)
+        self.members = Membership(self.account, lambda: self.mailbox, own=None if observer else
+                                  (f"{self._nonce}:0", self._started),
+                                  on_own_replaced=lambda: self.publish_status("online"), on_reconnected=self._resend_to)
+        self.errors = self.members.errors  # peer -> the error its newest "failed" status gave
         if observer:
             persistent = False
             client_id = client_id or f"hiertrain-{job}-{account}-observer-{os.getpid()}-{self._nonce}"
@@ -403,9 +354,9 @@ class Transport:
             self.mailbox.put(msg)
         with self._lock:
             self._recent.clear()  # never sent again: the abandoned attempt's frames
-            # peers still to reappear are the device's to judge now: it starts the next run knowing
-            # who is there, and a later "not back" here would abandon that run under it
-            self._unheard.clear()
+        # peers still to reappear are the device's to judge now: it starts the next run knowing
+        # who is there, and a later "not back" here would abandon that run under it
+        self.members.forget_unheard()
 
     def take(self, kind: str, sender: str, iteration: int, layer: int, timeout: float) -> Message:
         """The message ``kind`` from ``sender`` for (iteration, layer); see :meth:`Mailbox.take`."""
@@ -430,14 +381,10 @@ class Transport:
         self._down_since = None
         joined = (client._host, client._port)  # noqa: SLF001 - where this connection went (the switch sets them)
         if self._joined is not None and joined != self._joined:
-            with self._lock:  # a process seen on the old broker does not make one here stale: any other
-                seen = dict(self._sessions)  # is newer
-                self._sessions = {a: (sess, 0.0) for a, (sess, _) in seen.items()}
+            self.members.moved_broker()
         self._joined = joined
         if self._connects > 1 and not getattr(flags, "session_present", True):
-            with self._lock:  # every peer is to be heard from on this broker, else it is lost with the old one
-                self._unheard = set(self._online)
-                self._rejoin_deadline = time.monotonic() + REJOIN_GRACE_S
+            self.members.rejoined(REJOIN_GRACE_S)  # every peer to be heard from here, else lost with the old one
             self._republish(client)
         self._connected.set()
 
@@ -500,15 +447,9 @@ class Transport:
             self._broker, self._down_since = nxt, now
             log.warning("%s: no broker at %s:%d for %.0f s; trying %s:%d", self.account, old_host, old_port,
                         now - down, host, port)
-        with self._lock:
-            silent = sorted(self._unheard) if self._unheard and now > self._rejoin_deadline else []
-            if silent:
-                self._unheard = set()
-        for peer in silent:
+        for peer in self.members.not_back(now):
             log.warning("%s: the %s did not come back within %.0f s of our joining this broker", self.account,
                         peer, REJOIN_GRACE_S)
-            with self._lock:
-                self._online.discard(peer)
             self.mailbox.lose(peer, NOT_BACK)
             # as if its Last Will had reached us (it could not: it went down with the old broker)
             self.events.put(Event(topics.AccountTopic(self.job, peer, "status"), {"state": "offline", "why": NOT_BACK},
@@ -535,76 +476,24 @@ class Transport:
             if reason:
                 self._drop(reason, message.topic)
 
-    def _status_of(self, account: str, status: dict[str, Any], retained: bool) -> Optional[str]:
-        """Learn from a tier's status who is lost, back, or a new process; return why it is refused
-        if it comes from an earlier process than one already seen (a Last Will that fired after its
-        replacement started, a retained status a restarted broker kept from before)."""
-        session, started = status.get("session"), status.get("started")
-        if not (isinstance(session, str) and isinstance(started, (int, float))):
-            session, started = "", 0.0  # a status from before sessions were named: taken as it is
-        nonce = session.split(":")[0]
-        seen_session, seen_started = self._sessions.get(account, ("", 0.0))
-        other = bool(seen_session and nonce and nonce != seen_session.split(":")[0])  # not the process seen
-        earlier = other and started < seen_started
-        if account == self.account:
-            if earlier and not retained:  # the Last Will of an earlier process of ours replaced our status
-                self.publish_status("online")
-            return None
-        if earlier:
-            return f"stale status: from a process of {account!r} older than the one seen"
-        state = status.get("state")
-        if state == "failed" and isinstance(status.get("error"), str):
-            self.errors[account] = status["error"][:500]  # why it failed, in its own words (for logs)
-        with self._lock:
-            if not retained or session != seen_session:  # published on this broker (not kept from before)
-                self._unheard.discard(account)
-            (self._online.add if state == "online" else self._online.discard)(account)
-            for flag, peers in (("builder", self._builders), ("collector", self._collectors)):
-                (peers.add if state == "online" and status.get(flag) is True else peers.discard)(account)
-            it = status.get("checkpoint_iteration")
-            if type(it) is int and it >= 0:
-                self._announced[account] = it
-            else:
-                self._announced.pop(account, None)
-        if account == "device" and self.mailbox.run is not None and status.get("abandoned") == self.mailbox.run:
-            self.mailbox.lose("device", NEW_RUN)  # the device gave up the run we follow: so do we
-        if state == "online":
-            self._sessions[account] = (session, started)
-            if other:  # a newer process (an earlier one was refused above), and no Last Will said the old
-                # one went (it went down with the broker, or came back before its keepalive ran out):
-                # whatever the old one held is gone
-                log.warning("%s: the %s is back as a new process", self.account, account)
-                self.mailbox.lose(account, RESTARTED)
-            else:
-                self.mailbox.found(account)
-                if not retained and _reconnected(seen_session, session):  # to a broker that may have lost
-                    self._resend_to(account)  # what we sent it (not a new process: it starts afresh)
-        elif state in ("offline", "failed") and not retained:  # lost now, not before we came
-            self.mailbox.lose(account, state)
-        return None
-
     def _follows(self, account: str) -> bool:
         return account in self.peers if self.peers is not None else account not in ("planner", "observer")
 
     def online(self) -> set[str]:
         """The peers whose newest status says online."""
-        with self._lock:
-            return set(self._online)
+        return self.members.online()
 
     def builders(self) -> set[str]:
         """The online peers that build segments for others (:class:`hiertrain.train.artifacts.Supply`)."""
-        with self._lock:
-            return self._builders & self._online
+        return self.members.builders()
 
     def collectors(self) -> set[str]:
         """The online peers that collect every checkpoint (:mod:`hiertrain.train.collect`)."""
-        with self._lock:
-            return self._collectors & self._online
+        return self.members.collectors()
 
     def announced(self) -> dict[str, int]:
         """The online peers' newest checkpoints, as their statuses announce them."""
-        with self._lock:
-            return {a: it for a, it in self._announced.items() if a in self._online}
+        return self.members.announced()
 
     def _drop(self, reason: str, topic: str) -> None:
         """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
@@ -627,7 +516,7 @@ class Transport:
                 return f"malformed JSON: {exc}"
             if isinstance(parsed, topics.AccountTopic) and parsed.kind == "status" and self._follows(parsed.account) \
                     and isinstance(event.payload, dict):
-                stale = self._status_of(parsed.account, event.payload, retained)
+                stale = self.members.status_of(parsed.account, event.payload, retained)
                 if stale:
                     return stale
             self.events.put(event)
@@ -704,10 +593,3 @@ def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
     except (RuntimeError, ValueError):
         return False
     return _published(info)
-
-
-def _reconnected(seen: Any, session: Any) -> bool:
-    """Whether status ``session`` ("nonce:connects") is the same process as ``seen``, connected anew."""
-    if not (isinstance(seen, str) and isinstance(session, str)):
-        return False
-    return seen != session and seen.split(":")[0] == session.split(":")[0]
