@@ -40,6 +40,7 @@ from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetfile as FF
+from hiertrain.planner import fleetpolicies as FP
 from hiertrain.train.roles import Params
 from hiertrain.schedule import Schedule
 from hiertrain.tierconfig import TierConfig
@@ -109,7 +110,7 @@ class Coordinator(FleetService):
         if not cloud:
             why = "it is offline or was given up on" if self.roster.cloud_known else "its timings are unknown"
             print(f"edge: the fleet planner plans without the cloud: {why}", flush=True)
-        plan = F.choose(sub, pins=pins, policy=self.cfg.fleet_policy, cloud=cloud)
+        plan = FP.choose(sub, pins=pins, policy=self.cfg.fleet_policy, cloud=cloud)
         self.version = next_version(self.publisher, self.version)
         self.plan = plan
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())

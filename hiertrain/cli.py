@@ -239,10 +239,11 @@ def _plan(args: argparse.Namespace) -> int:
 def _plan_fleet(args: argparse.Namespace) -> int:
     from hiertrain.planner import fleet as F
     from hiertrain.planner import fleetfile as FF
+    from hiertrain.planner import fleetpolicies as FP
 
     fl = FF.load(args.file)
     plan = F.solve(fl, budget_s=args.budget)
-    others = {p: F.baseline(fl, p).iteration_s for p in F.POLICIES[1:]}
+    others = {p: FP.baseline(fl, p).iteration_s for p in FP.POLICIES[1:]}
     if args.json:
         print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
                           "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s}

@@ -159,7 +159,7 @@ def _check_limits(c: TierConfig, path: Any) -> None:
     if c.fleet and c.tier == "edge" and c.fleet_file is None:
         raise bad("[fleet] on the edge needs file = \"fleet.toml\": the devices it plans (hiertrain plan-fleet's file)")
     if c.fleet and c.tier == "edge":  # (the planner is the edge's: a device need not have it)
-        from hiertrain.planner.fleet import POLICIES
+        from hiertrain.planner.fleetpolicies import POLICIES
 
         if c.fleet_policy not in POLICIES:
             raise bad(f"[fleet] policy = {c.fleet_policy!r}: expected one of {', '.join(POLICIES)}")

@@ -26,9 +26,10 @@ medium, then the edge serves every device's suffix and the cloud its part (a con
 overlap between the phases).
 
 :func:`solve` finds the exact optimum over every device's path and the bandwidth shares;
-:func:`brute_force` checks it on small instances; :func:`edgesplit` is EdgeSplit's alternating
-algorithm (cuts given shares, shares given cuts); :func:`baseline` gives all-local, all-edge,
-all-cloud and per-device HierTrain, all timed by the same :func:`iteration_time`.
+:func:`brute_force` checks it on small instances. The baselines (EdgeSplit's alternating algorithm,
+all-local, all-edge, all-cloud, per-device HierTrain), all timed by the same :func:`iteration_time`,
+and the coordinator's choice are :mod:`hiertrain.planner.fleetpolicies`'; the step as the runtime
+runs it (the edge serving each device as it arrives) is :mod:`hiertrain.planner.fleetsim`'s.
 """
 
 from __future__ import annotations
@@ -186,84 +187,6 @@ def iteration_time(fleet: Fleet, chosen: Sequence[Path]) -> tuple[float, list[fl
     return tau + servers + sync, shares, {"devices_s": tau, "servers_s": servers, "cloud_sync_s": sync}
 
 
-def simulated_time(fleet: Fleet, chosen: Sequence[Path]) -> float:
-    """The step as the runtime runs it, in a fluid simulation. :func:`iteration_time` (what
-    :func:`solve` minimises exactly) starts the edge only once every device has sent, over
-    planned shares of the medium; here the edge starts on each device as it arrives, which is
-    where paths that send raw samples early gain while a slow device still computes:
-
-    each device receives its weights (P(1..m)), computes (C_d), and sends its activations or raw
-    samples; transfers in progress share the half-duplex medium R fairly, each capped by its radio;
-    the edge continues one device at a time in the order they arrive (e_d); then the device gets its
-    gradient and sends its parameter gradients. The cloud's part (X + K) follows the edge's last
-    device, and the devices on cloud paths finish after it.
-    """
-    u = fleet.units
-    edge_end, phases = 0.0, []
-    for d, p in zip(fleet.devices, chosen):
-        a = d.samples * fleet.act_bytes[p.m] * 8.0
-        pm = sum(fleet.param_bytes[:p.m]) * 8.0
-        post = (a if 0 < p.m < u else 0.0) + pm
-        e = d.samples * sum(fleet.edge_s[p.m:p.k]) if p.m < u else 0.0
-        phases.append([["tx", pm], ["cpu", d.samples * sum(d.unit_s[:p.m])], ["tx", a if p.m < u else 0.0],
-                       ["edge", e], ["tx", post]])
-    rate = [d.rate_mbps * MBIT for d in fleet.devices]
-    t, queue, serving, done = 0.0, [], None, [0.0] * len(phases)
-    cloud = [p.k < u for p in chosen]
-    while True:
-        for i, ph in enumerate(phases):      # skip empty phases; join the edge's queue on arrival
-            while ph and ph[0][1] <= 1e-15 and (ph[0][0] != "edge" or i not in queue):
-                ph.pop(0)
-                if not ph:
-                    done[i] = t
-            if ph and ph[0][0] == "edge" and i not in queue and serving != i:
-                queue.append(i)
-        if serving is None and queue:
-            serving = queue.pop(0)
-        tx = [i for i, ph in enumerate(phases) if ph and ph[0][0] == "tx"]
-        if not any(phases):
-            break
-        share = _water_fill([rate[i] for i in tx], fleet.medium_mbps * MBIT)
-        steps = [phases[i][0][1] / r for i, r in zip(tx, share)]
-        steps += [ph[0][1] for ph in phases if ph and ph[0][0] == "cpu"]
-        steps += [phases[serving][0][1]] if serving is not None else []
-        dt = min(steps)
-        t += dt
-        for i, r in zip(tx, share):
-            phases[i][0][1] -= r * dt
-        for ph in phases:
-            if ph and ph[0][0] == "cpu":
-                ph[0][1] -= dt
-        if serving is not None:
-            phases[serving][0][1] -= dt
-            if phases[serving][0][1] <= 1e-15:
-                phases[serving].pop(0)
-                edge_end = t
-                serving = None
-    kappa = min((p.k for p in chosen), default=u)
-    tail = sum(server_terms(fleet, d, p) - d.samples * sum(fleet.edge_s[p.m:p.k])
-               for d, p in zip(fleet.devices, chosen)) + cloud_sync(fleet, kappa)
-    return max([t if not c else 0.0 for t, c in zip(done, cloud)] + [edge_end + tail if any(cloud) else 0.0]
-               + [edge_end])
-
-
-def _water_fill(caps: Sequence[float], total: float) -> list[float]:
-    """Fair shares of ``total`` among transfers each capped at its own rate."""
-    out, left, todo = [0.0] * len(caps), total, sorted(range(len(caps)), key=lambda i: caps[i])
-    for n, i in enumerate(todo):
-        out[i] = min(caps[i], left / (len(todo) - n))
-        left -= out[i]
-    return out
-
-
-def refined(fleet: Fleet, plans: Sequence[FleetPlan]) -> FleetPlan:
-    """Of ``plans``, the one :func:`simulated_time` finds fastest, with that time as its prediction
-    (the conservative time is kept in ``parts``)."""
-    scored = [(simulated_time(fleet, p.paths), i, p) for i, p in enumerate(plans)]
-    t, _, best = min(scored)
-    return FleetPlan(best.policy, best.paths, best.shares_mbps, t, {**best.parts, "conservative_s": best.iteration_s})
-
-
 def plan_of(policy: str, fleet: Fleet, chosen: Sequence[Path]) -> FleetPlan:
     """The plan of given paths, timed, with the best shares of the medium."""
     t, shares, parts = iteration_time(fleet, chosen)
@@ -359,6 +282,8 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
     walk, deadlines on a coarse grid give a good plan early, which tightens both ends."""
     import time
 
+    from hiertrain.planner.fleetpolicies import baseline  # the baselines seed the walk (and one is this)
+
     if not fleet.devices:
         raise PlanError("a fleet needs at least one device")
     deadline = time.perf_counter() + budget_s
@@ -419,77 +344,6 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
     plan = plan_of("hiertrain", fleet, best[1])
     plan.parts["optimal"] = optimal
     return plan
-
-
-# --------------------------------------------------------------------------------- baselines
-
-POLICIES = ("hiertrain", "edgesplit", "all-local", "all-edge", "all-cloud", "per-device-hiertrain")
-
-
-def edgesplit(fleet: Fleet, *, rounds: int = 50) -> FleetPlan:
-    """EdgeSplit's alternating algorithm (device prefix, the rest on the edge; no cloud): with the
-    shares fixed, each device takes the cut that minimises the iteration given the others';
-    with the cuts fixed, the shares are re-balanced; until nothing changes."""
-    u = fleet.units
-    equal = fleet.medium_mbps / len(fleet.devices)
-    cuts = [max(1, u // 2) if d.private else u // 2 for d in fleet.devices]
-    shares = [equal] * len(fleet.devices)  # the first round: an equal split
-    for _ in range(rounds):
-        changed = False
-        for i, d in enumerate(fleet.devices):
-            def with_cut(m: int) -> float:
-                trial = [Path(c, u) for c in cuts]
-                trial[i] = Path(m, u)
-                terms = [device_terms(fleet, dd, p.m) for dd, p in zip(fleet.devices, trial)]
-                dev = max(c + (b / (min(s, dd.rate_mbps) * MBIT) if b else 0.0)
-                          for (c, b), s, dd in zip(terms, shares, fleet.devices))
-                return dev + sum(server_terms(fleet, dd, p) for dd, p in zip(fleet.devices, trial))
-
-            best_m = min(range(1 if d.private else 0, u + 1), key=lambda m: (with_cut(m), m != cuts[i]))
-            if best_m != cuts[i]:
-                cuts[i], changed = best_m, True
-        _, shares, _ = iteration_time(fleet, [Path(c, u) for c in cuts])
-        shares = [s if s > 0 else equal for s in shares]  # a device that sent nothing may start to
-        if not changed:
-            break
-    return plan_of("edgesplit", fleet, [Path(c, u) for c in cuts])
-
-
-def baseline(fleet: Fleet, policy: str) -> FleetPlan:
-    u = fleet.units
-    if policy == "hiertrain":
-        return solve(fleet)
-    if policy == "edgesplit":
-        return edgesplit(fleet)
-    if policy == "all-local":
-        return plan_of(policy, fleet, [Path(u, u)] * len(fleet.devices))
-    if policy == "all-edge":  # a private device keeps its first unit
-        return plan_of(policy, fleet, [Path(1 if d.private else 0, u) for d in fleet.devices])
-    if policy == "all-cloud":
-        return plan_of(policy, fleet, [Path(1, 1) if d.private else Path(0, 0) for d in fleet.devices])
-    if policy == "per-device-hiertrain":
-        # each device's best path as if it were alone with the edge and the cloud, then run together
-        chosen = []
-        for d in fleet.devices:
-            alone = Fleet(fleet.act_bytes, fleet.param_bytes, (d,), fleet.edge_s, fleet.cloud_s,
-                          min(fleet.medium_mbps, d.rate_mbps), fleet.cloud_mbps)
-            chosen.append(brute_force(alone).paths[0])  # one device: its paths, each timed
-        return plan_of(policy, fleet, chosen)
-    raise PlanError(f"unknown fleet policy {policy!r}; available: {', '.join(POLICIES)}")
-
-
-def choose(fleet: Fleet, *, pins: Optional[list[Path]], policy: str, cloud: bool) -> FleetPlan:
-    """The plan a coordinator runs: the pinned paths (while they fit: without the cloud every path
-    must end at the edge), else the exact optimum of the conservative model or the baseline
-    ``policy`` (without the cloud always the optimum), judged by the simulation."""
-    if pins is not None and (cloud or all(p.k == fleet.units for p in pins)):
-        plan = plan_of("pinned", fleet, pins)
-    elif policy == "hiertrain" or not cloud:
-        plan = refined(fleet, [solve(fleet, budget_s=0.5), *(baseline(fleet, p) for p in POLICIES[1:])])
-        plan = replace(plan, policy="hiertrain")
-    else:
-        plan = baseline(fleet, policy)
-    return plan if plan.parts.get("conservative_s") is not None else refined(fleet, [plan])
 
 
 # ------------------------------------------------------------------------------ the cloud gone

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hiertrain.planner import fleet as F
+from hiertrain.planner import fleetpolicies as FP
 
 SIZES = ((4, 8), (8, 12), (16, 20))
 BUDGET_S = 0.8  # the search's; with its seeds, under 1 s in all
@@ -34,7 +35,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             plan = F.solve(fleet, budget_s=BUDGET_S)
             solve_s = time.perf_counter() - t0
-            others = {p: F.baseline(fleet, p).iteration_s for p in F.POLICIES[1:]}
+            others = {p: FP.baseline(fleet, p).iteration_s for p in FP.POLICIES[1:]}
             rows.append({"devices": devices, "units": units, "seed": seed, "solve_s": round(solve_s, 3),
                          "optimal": plan.parts["optimal"], "iteration_s": plan.iteration_s,
                          "baselines_s": others,
@@ -43,7 +44,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "solve_s_max": max(r["solve_s"] for r in rows if (r["devices"], r["units"]) == (d, u)),
         "proved_optimal": sum(r["optimal"] for r in rows if (r["devices"], r["units"]) == (d, u)),
         "speedup_median": {p: statistics.median(r["speedup"][p] for r in rows if (r["devices"], r["units"]) == (d, u))
-                           for p in F.POLICIES[1:]},
+                           for p in FP.POLICIES[1:]},
         "never_worse": all(min(r["speedup"].values()) >= 1 - 1e-9 for r in rows if (r["devices"], r["units"]) == (d, u)),
     } for d, u in SIZES}
     result = {"bench": "fleet-planner", "budget_s": BUDGET_S,
@@ -59,6 +60,6 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     sizes = list(result["summary"])
     bars(path, [f"{s} (devices x units)" for s in sizes],
-         {p: [result["summary"][s]["speedup_median"][p] for s in sizes] for p in F.POLICIES[1:]},
+         {p: [result["summary"][s]["speedup_median"][p] for s in sizes] for p in FP.POLICIES[1:]},
          ylabel="baseline's time / hiertrain's (median)", log=True,
          title=f"fleet planner against the baselines, planned within {result['budget_s']:g} s")

@@ -32,7 +32,6 @@ import time
 from collections import Counter
 from typing import Any, Optional
 
-from hiertrain import MAX_BATCH
 from hiertrain.net import topics
 from hiertrain.config import Kind, ServiceConfig
 from hiertrain.errors import ConfigError, HiertrainError

@@ -11,6 +11,8 @@ import pytest
 from hiertrain.errors import PlanError
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetfile as FF
+from hiertrain.planner import fleetpolicies as FP
+from hiertrain.planner import fleetsim as FS
 from hiertrain.planner.fleet import random_fleet
 
 pytestmark = pytest.mark.unit
@@ -24,8 +26,8 @@ def test_the_planner_equals_brute_force_and_no_baseline_beats_it(seed):
         plan, truth = F.solve(fleet), F.brute_force(fleet)
         assert plan.parts["optimal"]
         assert plan.iteration_s == pytest.approx(truth.iteration_s, rel=1e-9)
-        for policy in F.POLICIES[1:]:
-            assert F.baseline(fleet, policy).iteration_s >= plan.iteration_s * (1 - 1e-9), policy
+        for policy in FP.POLICIES[1:]:
+            assert FP.baseline(fleet, policy).iteration_s >= plan.iteration_s * (1 - 1e-9), policy
         for d, p in zip(fleet.devices, plan.paths):
             assert not (d.private and p.m == 0)
 
@@ -37,7 +39,7 @@ def test_a_large_fleet_is_planned_within_its_budget_and_never_worse_than_edgespl
     t0 = time.perf_counter()
     plan = F.solve(fleet, budget_s=0.5)
     assert time.perf_counter() - t0 < 5  # the budget, and slack for a loaded machine; timed in `bench`
-    assert plan.iteration_s <= F.edgesplit(fleet).iteration_s
+    assert plan.iteration_s <= FP.edgesplit(fleet).iteration_s
     assert sum(plan.shares_mbps) <= fleet.medium_mbps * (1 + 1e-9)
 
 
@@ -76,7 +78,7 @@ def test_bad_fleets_and_paths_are_refused():
     with pytest.raises(PlanError, match="needs 4 activation sizes"):
         F.Fleet((1.0,), (1.0, 2.0, 3.0), (), (1.0,) * 3, (1.0,) * 3, 1.0, 1.0)
     with pytest.raises(PlanError, match="unknown fleet policy"):
-        F.baseline(fleet, "fedavg")
+        FP.baseline(fleet, "fedavg")
 
 
 def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_one_line(tmp_path):
@@ -145,14 +147,14 @@ def test_the_simulated_step_matches_hand_timing_and_credits_the_edge_starting_ea
     # units 1 on the device, 2 on the edge: weights down at the medium's 4 Mbit/s (below the radio's 8),
     # compute, activations up, the edge's unit, then the gradient down and the parameter gradients up
     by_hand = (8 * 2000 / 4e6 + 4 * 0.01 + 8 * 4 * 500 / 4e6 + 4 * 0.002 + 8 * (4 * 500 + 2000) / 4e6)
-    assert F.simulated_time(one, [F.Path(1, 2)]) == pytest.approx(by_hand)
+    assert FS.simulated_time(one, [F.Path(1, 2)]) == pytest.approx(by_hand)
     # a slow device and a device sending raw samples: the edge serves the raw samples while the slow
     # one computes, which the conservative model does not credit
     slow, raw = F.Device("pi3", 4, (1.0, 1.0), 8.0), F.Device("cam", 4, (1.0, 1.0), 8.0)
     two = F.Fleet(one.act_bytes, one.param_bytes, (slow, raw), (0.1, 0.1), one.cloud_s, 8.0, 2.0)
     paths = [F.Path(1, 2), F.Path(0, 2)]
-    assert F.simulated_time(two, paths) < F.iteration_time(two, paths)[0] - 0.5
-    best = F.refined(two, [F.plan_of("a", two, paths), F.plan_of("b", two, [F.Path(2, 2), F.Path(2, 2)])])
+    assert FS.simulated_time(two, paths) < F.iteration_time(two, paths)[0] - 0.5
+    best = FS.refined(two, [F.plan_of("a", two, paths), F.plan_of("b", two, [F.Path(2, 2), F.Path(2, 2)])])
     assert best.policy == "a" and best.parts["conservative_s"] == pytest.approx(F.iteration_time(two, paths)[0])
 
 
