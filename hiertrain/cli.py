@@ -1,25 +1,24 @@
 """The ``hiertrain`` command line: one console script, one subcommand per capability.
 
-Handlers import what they need lazily, so a device install without the solver or the plotting
-stack still runs the commands it has. Errors of hiertrain's own kind and bad arguments print one
-line on stderr and exit non-zero.
+The parser is here; what each command does is :mod:`hiertrain.commands`'. Errors of hiertrain's own
+kind and bad arguments print one line on stderr and exit non-zero; a command of an extra the
+install lacks names the extra.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from hiertrain import commands
 from hiertrain.errors import HiertrainError
 
 Handler = Callable[[argparse.Namespace], int]
 EXTRA_OF = {"onnx": "device", "onnxruntime": "device", "mip": "planner", "amqtt": "broker", "matplotlib": "bench",
             "PIL": "data"}  # the extra that brings a module the core install lacks
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + line
@@ -71,244 +70,6 @@ def _positive_float(text: str) -> float:
 
 # -------------------------------------------------------------------------------------- demo
 
-def _demo(args: argparse.Namespace) -> int:
-    from hiertrain import demo
-    from hiertrain.errors import ConfigError
-
-    if args.devices:
-        if args.data:
-            raise ConfigError("--data with --devices: a fleet demo trains shards of the synthetic set")
-        return demo.run_fleet(devices=args.devices, model=args.model, iterations=args.iterations, lr=args.lr,
-                              workdir=args.workdir, keep=args.keep, quotas=not args.no_quota)
-    return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                    bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
-                    device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep,
-                    data_path=args.data)
-
-
-def _init(args: argparse.Namespace) -> int:
-    from hiertrain import scaffold
-    from hiertrain.broker.layout import DEFAULT_PORT
-
-    root = Path(args.dir)
-    folders = scaffold.init(root, job=args.job or root.resolve().name, host=args.host, port=args.port or DEFAULT_PORT,
-                            bind=args.bind, model=args.model, batch=args.batch, iterations=args.iterations, lr=args.lr,
-                            dataset=args.data, data_path=args.data_path, bw_device_edge=args.bw_device_edge,
-                            bw_edge_cloud=args.bw_edge_cloud, force=args.force, devices=args.devices)
-    print(f"job files in {root}: {', '.join(f.name + '/' for f in folders)} (one folder per machine); "
-          f"what to run on each: {root / 'README.md'}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------ broker
-
-def _broker_init(args: argparse.Namespace) -> int:
-    from hiertrain.broker.layout import DEFAULT_PORT, BrokerDir, Settings
-
-    settings = Settings(host=args.host, port=args.port or DEFAULT_PORT, bind=args.bind,
-                        max_packet_bytes=args.max_packet_mb << 20, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key, tls_ca=args.tls_ca, job=args.job)
-    bdir = BrokerDir(args.dir)
-    bdir.init(settings, force=args.force)
-    from hiertrain.broker.mosquitto import write_config
-
-    write_config(bdir)
-    print(f"broker directory {bdir.root}: accounts {', '.join(sorted(p.stem for p in bdir.credentials.glob('*.json')))}; "
-          f"give each tier its file from {bdir.credentials}")
-    return 0
-
-
-def _broker_device(args: argparse.Namespace) -> int:
-    from hiertrain.broker import mosquitto
-    from hiertrain.broker.layout import BrokerDir
-
-    bdir = BrokerDir(args.dir)
-    if args.action == "add-device":
-        creds = bdir.add_device(args.name)
-        done = f"enrolled {args.name}: copy {creds} to the device (mode 0600)"
-    else:
-        bdir.remove_device(args.name)
-        done = f"removed {args.name}: its account and credentials are gone"
-    pid = mosquitto.reload(bdir)
-    print(f"{done}; " + (f"the running broker (pid {pid}) reloaded its accounts" if pid else
-                         "no Mosquitto runs for this directory: it reads the accounts when it starts "
-                         "(an embedded broker: restart it)"))
-    return 0
-
-
-def _broker_start(args: argparse.Namespace) -> int:
-    import os
-
-    from hiertrain.broker import embedded, mosquitto
-    from hiertrain.broker.layout import BrokerDir
-
-    bdir = BrokerDir(args.dir)
-    if args.embedded or mosquitto.executable() is None:
-        if not args.embedded:
-            print("hiertrain: mosquitto is not installed; running the embedded amqtt broker "
-                  "(for demos; install mosquitto for deployments)", file=sys.stderr)
-        return embedded.main(["--dir", str(bdir.root)] + (["--port", str(args.port)] if args.port else []))
-    mosquitto.write_config(bdir, args.port)
-    argv = mosquitto.command(bdir)
-    sys.stdout.flush()
-    os.execv(argv[0], argv)
-    return 1  # not reached
-
-
-def _broker_install_service(args: argparse.Namespace) -> int:
-    from hiertrain.broker.layout import BrokerDir
-    from hiertrain import systemd
-
-    bdir = BrokerDir(args.dir)
-    bdir.settings()  # fails clearly if not initialised
-    unit = systemd.install("broker", description="hiertrain MQTT broker (Mosquitto)",
-                           subcommand=["broker", "start", "--dir", str(bdir.root)], owned=bdir.root,
-                           unit_dir=Path(args.unit_dir), user=args.user)
-    print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------- schedule
-
-def _schedule_watch(args: argparse.Namespace) -> int:
-    from hiertrain import config
-    from hiertrain.watch import watch
-
-    return watch(config.load(args.config), count=args.count, timeout=args.timeout, as_json=args.json)
-
-
-# ----------------------------------------------------------------------------------- profile
-
-def _profile(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
-
-    from hiertrain.profile import Profile
-
-    join: Any = None
-    _terminate_like_ctrl_c()
-    if args.cpu_quota and not os.environ.get("HIERTRAIN_CGROUP"):
-        from hiertrain.lab.cgroup import CpuQuota
-
-        with CpuQuota(args.cpu_quota) as quota:  # run this same command again; it joins the group when ready
-            return subprocess.call([sys.executable, "-m", "hiertrain", *args.argv],
-                                   env={**os.environ, "HIERTRAIN_CGROUP": str(quota.path)})
-    if os.environ.get("HIERTRAIN_CGROUP"):
-        # start-up and graph building run at full speed; only the measurement runs under the quota
-        join = lambda: (Path(os.environ["HIERTRAIN_CGROUP"]) / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
-    from hiertrain.train import artifacts, profiler, segments
-
-    runtime = segments.Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
-        if args.segments else None
-    prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
-                            warmup=args.warmup, optimizer=args.optimizer, on_ready=join, runtime=runtime,
-                            note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None,
-                            sample_dtype=args.sample_dtype)
-    out = Path(args.out)
-    if args.merge and out.exists():
-        prof = Profile.load(out).merged(args.tier, prof)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
-    t = prof.tiers[args.tier]
-    print(f"{args.model} on {args.tier}: {prof.n_units} units, forward {sum(t.forward_s) * 1e3:.3f} ms/sample, "
-          f"backward {sum(t.backward_s) * 1e3:.3f} ms/sample, update {sum(t.update_s) * 1e3:.2f} ms -> {out}")
-    return 0
-
-
-# -------------------------------------------------------------------------------------- plan
-
-def _plan(args: argparse.Namespace) -> int:
-    from hiertrain.profile import Profile
-    from hiertrain.planner.baselines import plan
-    from hiertrain.planner.costmodel import Bandwidth
-
-    profile = Profile.load(args.profile[0])
-    for path in args.profile[1:]:
-        other = Profile.load(path)
-        for tier in other.tiers:
-            profile = profile.merged(tier, other)
-    schedule = plan(profile, Bandwidth(args.bw_device_edge, args.bw_edge_cloud), args.batch,
-                    policy=args.policy, cost_model=args.cost_model, solver_name=args.solver)
-    if args.json:
-        print(json.dumps(schedule.to_json()))
-    else:
-        print(f"{schedule.describe()} (solved in {schedule.solve_s * 1e3:.1f} ms)")
-    return 0
-
-
-def _plan_fleet(args: argparse.Namespace) -> int:
-    from hiertrain.planner import fleet as F
-    from hiertrain.planner import fleetfile as FF
-    from hiertrain.planner import fleetpolicies as FP
-
-    fl = FF.load(args.file)
-    plan = F.solve(fl, budget_s=args.budget)
-    others = {p: FP.baseline(fl, p).iteration_s for p in FP.POLICIES[1:]}
-    if args.json:
-        print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
-                          "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s}
-                                      for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
-                          "parts": plan.parts, "baselines_s": others}))
-        return 0
-    print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}):")
-    for line in F.describe(fl, plan):
-        print(f"  {line}")
-    print("baselines: " + ", ".join(f"{p} {t:.4f} s" for p, t in others.items()))
-    return 0
-
-
-# ------------------------------------------------------------------------- tiers and planner
-
-def _service_run(args: argparse.Namespace) -> int:
-    import importlib
-
-    if args.command == "planner":
-        from hiertrain import config
-        from hiertrain.planner.service import run as run_planner
-
-        return run_planner(config.load(args.config))
-    return importlib.import_module(f"hiertrain.{args.command}").run(args.config, resume=args.resume)
-
-
-def _service_install(args: argparse.Namespace) -> int:
-    from hiertrain import config, systemd
-
-    cfg = Path(args.config).resolve()
-    config.load(cfg)  # fails clearly on a bad file
-    resume = ["--resume"] if args.command != "planner" else []  # a restarted tier continues its run
-    unit = systemd.install(args.command, description=f"hiertrain {args.command} service",
-                           subcommand=[args.command, "run", "--config", str(cfg), *resume], owned=cfg,
-                           unit_dir=Path(args.unit_dir), user=args.user)
-    print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------- bench
-
-def _terminate_like_ctrl_c() -> None:
-    """SIGTERM cleans up like Ctrl-C does (namespaces, cgroups, processes we started)."""
-    import signal
-
-    def interrupt(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from hiertrain.bench import run
-
-    _terminate_like_ctrl_c()
-    result = run(args.which, args)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
-
-
-# ------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hiertrain", description=__doc__.splitlines()[0])
@@ -334,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="link rate the planner starts from (telemetry then measures the real one)")
     init.add_argument("--bw-edge-cloud", type=_positive_float, default=5.0, metavar="MBPS")
     init.add_argument("--force", action="store_true", help="write into a directory that is not empty")
-    init.set_defaults(handler=_init)
+    init.set_defaults(handler=commands.cmd_init)
 
     demo = sub.add_parser("demo", help="broker, planner, device, edge and cloud on this machine: a short run")
     demo.add_argument("--model", default="lenet5", type=_model, metavar="MODEL")
@@ -353,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-quota", action="store_true")
     demo.add_argument("--workdir", help="keep the run's files here (default: a temporary directory)")
     demo.add_argument("--keep", action="store_true", help="do not delete the work directory")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=commands.cmd_demo)
 
     broker = sub.add_parser("broker", help="the MQTT broker on the edge server").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -368,25 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--tls-key")
     init.add_argument("--tls-ca")
     init.add_argument("--force", action="store_true", help="replace existing accounts")
-    init.set_defaults(handler=_broker_init)
+    init.set_defaults(handler=commands.cmd_broker_init)
     start = broker.add_parser("start", help="run the broker in the foreground")
     start.add_argument("--dir", required=True)
     start.add_argument("--port", type=_port)
     start.add_argument("--embedded", action="store_true", help="run the pure-Python amqtt broker")
-    start.set_defaults(handler=_broker_start)
+    start.set_defaults(handler=commands.cmd_broker_start)
     add = broker.add_parser("add-device", help="enrol a device: its own account, credentials file and ACL lines")
     add.add_argument("name", help="the device's name (a-z 0-9 _ -), e.g. pi3-greenhouse")
     add.add_argument("--dir", required=True)
-    add.set_defaults(handler=_broker_device)
+    add.set_defaults(handler=commands.cmd_broker_device)
     rm = broker.add_parser("remove-device", help="withdraw an enrolled device's account")
     rm.add_argument("name")
     rm.add_argument("--dir", required=True)
-    rm.set_defaults(handler=_broker_device)
+    rm.set_defaults(handler=commands.cmd_broker_device)
     svc = broker.add_parser("install-service", help="write a systemd unit for the broker")
     svc.add_argument("--dir", required=True)
     svc.add_argument("--unit-dir", default="/etc/systemd/system")
     svc.add_argument("--user", help="the unprivileged user to run as (default: the directory's owner; never root)")
-    svc.set_defaults(handler=_broker_install_service)
+    svc.set_defaults(handler=commands.cmd_broker_install_service)
 
     schedule = sub.add_parser("schedule", help="the planner's schedule topic").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -395,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=_positive_int, help="exit after this many schedules")
     watch.add_argument("--timeout", type=_nonneg_float, help="exit 1 if nothing arrives for this long")
     watch.add_argument("--json", action="store_true", help="one JSON object per schedule instead of a table")
-    watch.set_defaults(handler=_schedule_watch)
+    watch.set_defaults(handler=commands.cmd_schedule_watch)
 
     prof = sub.add_parser("profile", help="measure a hiertrain-profile/1 for one tier on this machine")
     prof.add_argument("--model", required=True, type=_model, metavar="MODEL")
@@ -414,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     prof.add_argument("--sample-dtype", choices=["uint8", "float32"],
                       help="how the data stores a sample, so how it travels (default: uint8 for images, else float32)")
-    prof.set_defaults(handler=_profile)
+    prof.set_defaults(handler=commands.cmd_profile)
 
     segs = sub.add_parser("segments", help="built training segments (graphs) for runners without a builder"
                           ).add_subparsers(dest="action", required=True, parser_class=_Parser)
     sb = segs.add_parser("build", help="build every segment of a model into a directory with a manifest")
     sb.add_argument("--model", required=True, type=_model, metavar="MODEL")
     sb.add_argument("--out", required=True, help="directory to write (copy it to the device; [runtime] segments)")
-    sb.set_defaults(handler=_segments_build)
+    sb.set_defaults(handler=commands.cmd_segments_build)
 
     model = sub.add_parser("model", help="your own model: check an ONNX file, export trained weights into it"
                            ).add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -429,17 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("file", help="an ONNX classifier: one float input [N, ...], logits [N, classes] out")
     mi.add_argument("--json", action="store_true", help="print one JSON object")
     mi.add_argument("--no-check", action="store_true", help="skip building the training graph")
-    mi.set_defaults(handler=_model_import)
+    mi.set_defaults(handler=commands.cmd_model_import)
     me = model.add_parser("export", help="the ONNX file with a checkpoint's trained weights")
     me.add_argument("--model", required=True, type=_model, metavar="FILE.onnx")
     me.add_argument("--checkpoint", required=True, help="a checkpoint directory (the newest checkpoint in it)")
     me.add_argument("--out", required=True)
-    me.set_defaults(handler=_model_export)
+    me.set_defaults(handler=commands.cmd_model_export)
 
     ev = sub.add_parser("evaluate", help="held-out accuracy and loss of worker_o's newest checkpoint")
     ev.add_argument("--config", required=True, help="a tier config: its [train] model, [data] and [checkpoint] dir")
     ev.add_argument("--checkpoint", help="the checkpoint directory (default: the config's [checkpoint] dir)")
-    ev.set_defaults(handler=_evaluate)
+    ev.set_defaults(handler=commands.cmd_evaluate)
 
     plan = sub.add_parser("plan", help="one planning decision from a profile and bandwidths")
     plan.add_argument("--profile", required=True, action="append",
@@ -454,14 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--solver", default="exact", choices=["exact", "milp"],
                       help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
-    plan.set_defaults(handler=_plan)
+    plan.set_defaults(handler=commands.cmd_plan)
 
     pf = sub.add_parser("plan-fleet", help="plan many devices on one edge and a cloud (each device's units and "
                         "share of the medium), against EdgeSplit and the other baselines")
     pf.add_argument("file", help="a fleet file (TOML): the servers' profile, each device's profile, samples, radio")
     pf.add_argument("--budget", type=_positive_float, default=0.8, metavar="S", help="search time before settling")
     pf.add_argument("--json", action="store_true", help="print one JSON object")
-    pf.set_defaults(handler=_plan_fleet)
+    pf.set_defaults(handler=commands.cmd_plan_fleet)
 
     for name, what in (("device", "the edge device: data source and trainer"), ("edge", "the edge server's trainer"),
                        ("cloud", "the cloud trainer"), ("planner", "the planner: re-plans on telemetry")):
@@ -470,12 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--config", required=True)
         if name != "planner":
             run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-        run.set_defaults(handler=_service_run)
+        run.set_defaults(handler=commands.cmd_service_run)
         inst = svc.add_parser("install-service", help=f"write a systemd unit for the {name} service")
         inst.add_argument("--config", required=True)
         inst.add_argument("--unit-dir", default="/etc/systemd/system")
         inst.add_argument("--user", help="the unprivileged user to run as (default: the config's owner; never root)")
-        inst.set_defaults(handler=_service_install)
+        inst.set_defaults(handler=commands.cmd_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "samplecodec", "profile", "testbed",
@@ -506,32 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=_positive_int, default=4, help="fleet: devices (Pi 3, Pi 4, Jetson-class)")
     bench.add_argument("--medium", default="5,20,50", help="fleet: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
-    bench.set_defaults(handler=_bench)
+    bench.set_defaults(handler=commands.cmd_bench)
     return p
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from hiertrain import tierconfig
-    from hiertrain.train.evaluate import evaluate
-
-    r = evaluate(tierconfig.load("device", args.config), Path(args.checkpoint).resolve() if args.checkpoint else None)
-    print(f"accuracy {r.accuracy:.4f}, loss {r.loss:.4f} on {r.samples} held-out samples "
-          f"(checkpoint of iteration {r.iteration})")
-    return 0
-
-
-def _segments_build(args: argparse.Namespace) -> int:
-    import time
-
-    from hiertrain.train import artifacts, models
-
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    manifest = artifacts.build_dir(models.get(args.model), out)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"{len(manifest['segments'])} segments of {args.model} in {out} ({size / 1e6:.1f} MB, "
-          f"{time.perf_counter() - t0:.1f} s); copy the directory and set [runtime] segments = \"{out}\"")
-    return 0
 
 
 def _model(text: str) -> str:
@@ -545,38 +282,6 @@ def _model(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no model file {text}")
     return str(Path(text).resolve())
-
-
-def _model_import(args: argparse.Namespace) -> int:
-    from hiertrain.train import onnxmodel, segments
-
-    spec, found = onnxmodel.inspect(Path(args.file))
-    checked = onnxmodel.check_gradients(spec) if segments.can_build() and not args.no_check else None
-    if args.json:
-        print(json.dumps({"model": spec.name, "file": str(found.path), "input_shape": list(spec.input_shape),
-                          "classes": spec.classes, "cut_points": found.cut_points, "units": found.units,
-                          "parameters": found.original, "gradients_checked_s": checked}, indent=2))
-        return 0
-    print(f"{spec.name}: input {list(spec.input_shape)}, {spec.classes} classes, {found.nodes} nodes, "
-          f"{found.cut_points} cut points, {spec.n_units} units")
-    for i, u in enumerate(found.units, 1):
-        print(f"  {i:>3} {u['name']:<24} {u['params']:>10,} params  out {u['output']}  {' '.join(u['ops'])}")
-    print(f"gradients of every op built and lowered in {checked:.2f} s" if checked is not None else
-          "gradients not checked here (no onnxruntime-training builder" + (")" if not args.no_check else "; --no-check)"))
-    print(f'train it: [train] model = "{args.file}" in every tier\'s config, or hiertrain demo --model {args.file}')
-    return 0
-
-
-def _model_export(args: argparse.Namespace) -> int:
-    from hiertrain.train import checkpoint, models, onnxmodel
-
-    spec = models.get(args.model)
-    ck = checkpoint.load(Path(args.checkpoint), list(spec.param_shapes()))
-    if ck is None:
-        raise HiertrainError(f"no checkpoint of {spec.name} in {args.checkpoint}")
-    n = onnxmodel.export(Path(args.model), ck.params, Path(args.out))
-    print(f"wrote {args.out}: {args.model} with the {n} trained parameters of iteration {ck.iteration}")
-    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,317 @@
+"""What each ``hiertrain`` subcommand does, given its parsed arguments (the parser is :mod:`hiertrain.cli`).
+
+Handlers import what they need lazily, so a device install without the solver or the plotting
+stack still runs the commands it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hiertrain.errors import HiertrainError
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hiertrain import demo
+    from hiertrain.errors import ConfigError
+
+    if args.devices:
+        if args.data:
+            raise ConfigError("--data with --devices: a fleet demo trains shards of the synthetic set")
+        return demo.run_fleet(devices=args.devices, model=args.model, iterations=args.iterations, lr=args.lr,
+                              workdir=args.workdir, keep=args.keep, quotas=not args.no_quota)
+    return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
+                    bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
+                    device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep,
+                    data_path=args.data)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from hiertrain import scaffold
+    from hiertrain.broker.layout import DEFAULT_PORT
+
+    root = Path(args.dir)
+    folders = scaffold.init(root, job=args.job or root.resolve().name, host=args.host, port=args.port or DEFAULT_PORT,
+                            bind=args.bind, model=args.model, batch=args.batch, iterations=args.iterations, lr=args.lr,
+                            dataset=args.data, data_path=args.data_path, bw_device_edge=args.bw_device_edge,
+                            bw_edge_cloud=args.bw_edge_cloud, force=args.force, devices=args.devices)
+    print(f"job files in {root}: {', '.join(f.name + '/' for f in folders)} (one folder per machine); "
+          f"what to run on each: {root / 'README.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ broker
+
+
+def cmd_broker_init(args: argparse.Namespace) -> int:
+    from hiertrain.broker.layout import DEFAULT_PORT, BrokerDir, Settings
+
+    settings = Settings(host=args.host, port=args.port or DEFAULT_PORT, bind=args.bind,
+                        max_packet_bytes=args.max_packet_mb << 20, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, tls_ca=args.tls_ca, job=args.job)
+    bdir = BrokerDir(args.dir)
+    bdir.init(settings, force=args.force)
+    from hiertrain.broker.mosquitto import write_config
+
+    write_config(bdir)
+    print(f"broker directory {bdir.root}: accounts {', '.join(sorted(p.stem for p in bdir.credentials.glob('*.json')))}; "
+          f"give each tier its file from {bdir.credentials}")
+    return 0
+
+
+def cmd_broker_device(args: argparse.Namespace) -> int:
+    from hiertrain.broker import mosquitto
+    from hiertrain.broker.layout import BrokerDir
+
+    bdir = BrokerDir(args.dir)
+    if args.action == "add-device":
+        creds = bdir.add_device(args.name)
+        done = f"enrolled {args.name}: copy {creds} to the device (mode 0600)"
+    else:
+        bdir.remove_device(args.name)
+        done = f"removed {args.name}: its account and credentials are gone"
+    pid = mosquitto.reload(bdir)
+    print(f"{done}; " + (f"the running broker (pid {pid}) reloaded its accounts" if pid else
+                         "no Mosquitto runs for this directory: it reads the accounts when it starts "
+                         "(an embedded broker: restart it)"))
+    return 0
+
+
+def cmd_broker_start(args: argparse.Namespace) -> int:
+    import os
+
+    from hiertrain.broker import embedded, mosquitto
+    from hiertrain.broker.layout import BrokerDir
+
+    bdir = BrokerDir(args.dir)
+    if args.embedded or mosquitto.executable() is None:
+        if not args.embedded:
+            print("hiertrain: mosquitto is not installed; running the embedded amqtt broker "
+                  "(for demos; install mosquitto for deployments)", file=sys.stderr)
+        return embedded.main(["--dir", str(bdir.root)] + (["--port", str(args.port)] if args.port else []))
+    mosquitto.write_config(bdir, args.port)
+    argv = mosquitto.command(bdir)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+    return 1  # not reached
+
+
+def cmd_broker_install_service(args: argparse.Namespace) -> int:
+    from hiertrain.broker.layout import BrokerDir
+    from hiertrain import systemd
+
+    bdir = BrokerDir(args.dir)
+    bdir.settings()  # fails clearly if not initialised
+    unit = systemd.install("broker", description="hiertrain MQTT broker (Mosquitto)",
+                           subcommand=["broker", "start", "--dir", str(bdir.root)], owned=bdir.root,
+                           unit_dir=Path(args.unit_dir), user=args.user)
+    print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+
+def cmd_schedule_watch(args: argparse.Namespace) -> int:
+    from hiertrain import config
+    from hiertrain.watch import watch
+
+    return watch(config.load(args.config), count=args.count, timeout=args.timeout, as_json=args.json)
+
+
+# ----------------------------------------------------------------------------------- profile
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from hiertrain.profile import Profile
+
+    join: Any = None
+    _terminate_like_ctrl_c()
+    if args.cpu_quota and not os.environ.get("HIERTRAIN_CGROUP"):
+        from hiertrain.lab.cgroup import CpuQuota
+
+        with CpuQuota(args.cpu_quota) as quota:  # run this same command again; it joins the group when ready
+            return subprocess.call([sys.executable, "-m", "hiertrain", *args.argv],
+                                   env={**os.environ, "HIERTRAIN_CGROUP": str(quota.path)})
+    if os.environ.get("HIERTRAIN_CGROUP"):
+        # start-up and graph building run at full speed; only the measurement runs under the quota
+        join = lambda: (Path(os.environ["HIERTRAIN_CGROUP"]) / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
+    from hiertrain.train import artifacts, profiler, segments
+
+    runtime = segments.Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
+        if args.segments else None
+    prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
+                            warmup=args.warmup, optimizer=args.optimizer, on_ready=join, runtime=runtime,
+                            note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None,
+                            sample_dtype=args.sample_dtype)
+    out = Path(args.out)
+    if args.merge and out.exists():
+        prof = Profile.load(out).merged(args.tier, prof)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
+    t = prof.tiers[args.tier]
+    print(f"{args.model} on {args.tier}: {prof.n_units} units, forward {sum(t.forward_s) * 1e3:.3f} ms/sample, "
+          f"backward {sum(t.backward_s) * 1e3:.3f} ms/sample, update {sum(t.update_s) * 1e3:.2f} ms -> {out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hiertrain.profile import Profile
+    from hiertrain.planner.baselines import plan
+    from hiertrain.planner.costmodel import Bandwidth
+
+    profile = Profile.load(args.profile[0])
+    for path in args.profile[1:]:
+        other = Profile.load(path)
+        for tier in other.tiers:
+            profile = profile.merged(tier, other)
+    schedule = plan(profile, Bandwidth(args.bw_device_edge, args.bw_edge_cloud), args.batch,
+                    policy=args.policy, cost_model=args.cost_model, solver_name=args.solver)
+    if args.json:
+        print(json.dumps(schedule.to_json()))
+    else:
+        print(f"{schedule.describe()} (solved in {schedule.solve_s * 1e3:.1f} ms)")
+    return 0
+
+
+def cmd_plan_fleet(args: argparse.Namespace) -> int:
+    from hiertrain.planner import fleet as F
+    from hiertrain.planner import fleetfile as FF
+    from hiertrain.planner import fleetpolicies as FP
+
+    fl = FF.load(args.file)
+    plan = F.solve(fl, budget_s=args.budget)
+    others = {p: FP.baseline(fl, p).iteration_s for p in FP.POLICIES[1:]}
+    if args.json:
+        print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
+                          "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s}
+                                      for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
+                          "parts": plan.parts, "baselines_s": others}))
+        return 0
+    print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}):")
+    for line in F.describe(fl, plan):
+        print(f"  {line}")
+    print("baselines: " + ", ".join(f"{p} {t:.4f} s" for p, t in others.items()))
+    return 0
+
+
+# ------------------------------------------------------------------------- tiers and planner
+
+
+def cmd_service_run(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.command == "planner":
+        from hiertrain import config
+        from hiertrain.planner.service import run as run_planner
+
+        return run_planner(config.load(args.config))
+    return importlib.import_module(f"hiertrain.{args.command}").run(args.config, resume=args.resume)
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    from hiertrain import config, systemd
+
+    cfg = Path(args.config).resolve()
+    config.load(cfg)  # fails clearly on a bad file
+    resume = ["--resume"] if args.command != "planner" else []  # a restarted tier continues its run
+    unit = systemd.install(args.command, description=f"hiertrain {args.command} service",
+                           subcommand=[args.command, "run", "--config", str(cfg), *resume], owned=cfg,
+                           unit_dir=Path(args.unit_dir), user=args.user)
+    print(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- bench
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM cleans up like Ctrl-C does (namespaces, cgroups, processes we started)."""
+    import signal
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hiertrain.bench import run
+
+    _terminate_like_ctrl_c()
+    result = run(args.which, args)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hiertrain import tierconfig
+    from hiertrain.train.evaluate import evaluate
+
+    r = evaluate(tierconfig.load("device", args.config), Path(args.checkpoint).resolve() if args.checkpoint else None)
+    print(f"accuracy {r.accuracy:.4f}, loss {r.loss:.4f} on {r.samples} held-out samples "
+          f"(checkpoint of iteration {r.iteration})")
+    return 0
+
+
+def cmd_segments_build(args: argparse.Namespace) -> int:
+    import time
+
+    from hiertrain.train import artifacts, models
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    manifest = artifacts.build_dir(models.get(args.model), out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{len(manifest['segments'])} segments of {args.model} in {out} ({size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - t0:.1f} s); copy the directory and set [runtime] segments = \"{out}\"")
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from hiertrain.train import onnxmodel, segments
+
+    spec, found = onnxmodel.inspect(Path(args.file))
+    checked = onnxmodel.check_gradients(spec) if segments.can_build() and not args.no_check else None
+    if args.json:
+        print(json.dumps({"model": spec.name, "file": str(found.path), "input_shape": list(spec.input_shape),
+                          "classes": spec.classes, "cut_points": found.cut_points, "units": found.units,
+                          "parameters": found.original, "gradients_checked_s": checked}, indent=2))
+        return 0
+    print(f"{spec.name}: input {list(spec.input_shape)}, {spec.classes} classes, {found.nodes} nodes, "
+          f"{found.cut_points} cut points, {spec.n_units} units")
+    for i, u in enumerate(found.units, 1):
+        print(f"  {i:>3} {u['name']:<24} {u['params']:>10,} params  out {u['output']}  {' '.join(u['ops'])}")
+    print(f"gradients of every op built and lowered in {checked:.2f} s" if checked is not None else
+          "gradients not checked here (no onnxruntime-training builder" + (")" if not args.no_check else "; --no-check)"))
+    print(f'train it: [train] model = "{args.file}" in every tier\'s config, or hiertrain demo --model {args.file}')
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace) -> int:
+    from hiertrain.train import checkpoint, models, onnxmodel
+
+    spec = models.get(args.model)
+    ck = checkpoint.load(Path(args.checkpoint), list(spec.param_shapes()))
+    if ck is None:
+        raise HiertrainError(f"no checkpoint of {spec.name} in {args.checkpoint}")
+    n = onnxmodel.export(Path(args.model), ck.params, Path(args.out))
+    print(f"wrote {args.out}: {args.model} with the {n} trained parameters of iteration {ck.iteration}")
+    return 0
