@@ -27,7 +27,7 @@ from typing import Any
 
 from hiertrain import ACCOUNTS
 from hiertrain.errors import ConfigError, PlanError
-from hiertrain.net.transport import tally
+from hiertrain.net.inbound import tally
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetfile as FF
 

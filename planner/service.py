@@ -37,7 +37,8 @@ from hiertrain.config import Kind, ServiceConfig
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
-from hiertrain.net.transport import Transport, tally
+from hiertrain.net.inbound import tally
+from hiertrain.net.transport import Transport
 from hiertrain.planner.replan import LINKS, PlannerState
 
 log = logging.getLogger("hiertrain.planner")

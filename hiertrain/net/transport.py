@@ -20,28 +20,22 @@ import queue
 import socket
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 
 from hiertrain import TIERS
 from hiertrain.net import topics
-from hiertrain.errors import TopicError, TransportError, WireError
+from hiertrain.errors import TransportError
 from hiertrain.net.endpoint import Endpoint
+from hiertrain.net.inbound import MIN_RATE_BYTES, Event, Inbound
 from hiertrain.net.mailbox import NOT_BACK, Mailbox
 from hiertrain.net.membership import Membership
-from hiertrain.net.wire import (DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, Reassembler, Refused,
-                            encode_message)
+from hiertrain.net.wire import DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, encode_message
 
 log = logging.getLogger("hiertrain.net.transport")
 
 
-# A rate is measured only from a transfer this large and this long: small ones measured between
-# 30 and 11,500 Mbit/s on one unshaped link (timer resolution, thread scheduling), and re-planned.
-MIN_RATE_BYTES = 32 << 10
-MIN_RATE_SECONDS = 0.005
 # A message big enough to measure a rate from goes in at least this many frames (a rate is measured
 # between a message's first and last frame): uint8 samples of a small batch fit one 256 KB frame.
 # Only every RATE_EVERY-th iteration's messages are split so: each frame costs both ends a
@@ -54,15 +48,6 @@ RATE_EVERY = 4
 BULK_CHUNK_BYTES = 32 << 10
 SWITCH_AFTER_S = 5.0  # without a broker this long, try the next one (the standby, when configured)
 REJOIN_GRACE_S = 12.0  # after joining a broker without our session, peers not heard from by then are lost
-
-
-@dataclass(frozen=True)
-class Event:
-    """A JSON message from a non-tensor topic (schedule, status, telemetry, profile)."""
-
-    topic: topics.Topic
-    payload: Any
-    retained: bool
 
 
 class Transport:
@@ -90,19 +75,10 @@ class Transport:
         self.validator = validator
         self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
         self.mailbox = Mailbox()
-        self.events: "queue.Queue[Event]" = queue.Queue()
-        # segments and checkpoints bypass the mailbox: they belong to no iteration. A checkpoint is a
-        # whole model's state: a few wait at most (more are refused, counted, and the sender goes on)
-        self.service: dict[str, "queue.Queue[Optional[Message]]"] = {
-            k: queue.Queue(4 if k == "checkpoint" else 64) for k in topics.SERVICE_KINDS}
-        self.dropped: Counter[str] = Counter()
         self.sent_bytes = 0
-        self.received_bytes = 0
         self.sent_messages = 0      # MQTT publications, every frame and JSON message (telemetry: the data plane's cost)
         self.received_messages = 0
-        self._rates: dict[str, tuple[int, float]] = {}
         self._inbound: "queue.Queue[Optional[tuple[mqtt.MQTTMessage, float]]]" = queue.Queue()
-        self._reassembler = Reassembler(max_message_bytes=max_message_bytes, expire_s=expire_s)
         self._ids = itertools.count()
         self._nonce = os.urandom(4).hex()
         self._started = round(time.time(), 3)  # statuses say when this process began: the newest wins
@@ -132,6 +108,9 @@ class Transport:
                                   (f"{self._nonce}:0", self._started),
                                   on_own_replaced=lambda: self.publish_status("online"), on_reconnected=self._resend_to)
         self.errors = self.members.errors  # peer -> the error its newest "failed" status gave
+        self.inbound = Inbound(self.account, self.job, self.members, lambda: self.mailbox, follows=self._follows,
+                               validator=validator, max_message_bytes=max_message_bytes, expire_s=expire_s)
+        self.events, self.service, self.dropped = self.inbound.events, self.inbound.service, self.inbound.dropped
         if observer:
             persistent = False
             client_id = client_id or f"hiertrain-{job}-{account}-observer-{os.getpid()}-{self._nonce}"
@@ -364,9 +343,11 @@ class Transport:
 
     def take_rates(self) -> dict[str, float]:
         """Mbit/s at which multi-frame messages from each sender streamed in since the last call."""
-        with self._lock:
-            rates, self._rates = self._rates, {}
-        return {sender: 8 * b / t / 1e6 for sender, (b, t) in rates.items() if t > 0 and b > 0}
+        return self.inbound.take_rates()
+
+    @property
+    def received_bytes(self) -> int:
+        return self.inbound.received_bytes
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -469,12 +450,7 @@ class Transport:
             if item is None:
                 return
             message, at = item
-            try:
-                reason = self._handle(message.topic, message.payload, bool(message.retain), at)
-            except Exception as exc:  # never let one message stop the dispatcher
-                reason = f"unexpected {type(exc).__name__}: {exc}"
-            if reason:
-                self._drop(reason, message.topic)
+            self.inbound.handle(message.topic, message.payload, bool(message.retain), at)
 
     def _follows(self, account: str) -> bool:
         return account in self.peers if self.peers is not None else account not in ("planner", "observer")
@@ -495,89 +471,10 @@ class Transport:
         """The online peers' newest checkpoints, as their statuses announce them."""
         return self.members.announced()
 
-    def _drop(self, reason: str, topic: str) -> None:
-        """Count a refusal by its reason; log the 1st, 10th, 100th, ... of each reason (a flood of
-        junk must not become a flood of log lines)."""
-        kind, n, say = tally(self.dropped, reason)
-        if say:
-            log.warning("%s: dropped a message on %r: %s (%d so far for %s)", self.account, topic, reason, n, kind)
-
-    def _handle(self, topic: str, payload: bytes, retained: bool, at: float) -> Optional[str]:
-        try:
-            parsed = topics.parse(topic)
-        except TopicError as exc:
-            return f"bad topic: {exc}"
-        if parsed.job != self.job:
-            return f"wrong job: {parsed.job!r}"
-        if not isinstance(parsed, topics.TensorTopic):
-            try:
-                event = Event(parsed, json.loads(payload), retained)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return f"malformed JSON: {exc}"
-            if isinstance(parsed, topics.AccountTopic) and parsed.kind == "status" and self._follows(parsed.account) \
-                    and isinstance(event.payload, dict):
-                stale = self.members.status_of(parsed.account, event.payload, retained)
-                if stale:
-                    return stale
-            self.events.put(event)
-            return None
-        if parsed.dest != self.account:
-            return f"misrouted: addressed to {parsed.dest!r}"
-        if retained:  # a leftover (or planted) frame replayed by the broker on subscribe: never ours
-            return "retained: tensor frames are never taken from the broker's store"
-        duplicates, expired, evicted = (self._reassembler.duplicates, self._reassembler.expired,
-                                        self._reassembler.evicted)
-        try:
-            msg = self._reassembler.feed(payload, at=at)
-        except Refused as exc:
-            return str(exc)
-        except WireError as exc:
-            return f"malformed frame: {exc}"
-        finally:
-            for _ in range(self._reassembler.expired - expired):
-                self._drop("expired: an incomplete message outlived its expiry", topic)
-            for _ in range(self._reassembler.evicted - evicted):
-                self._drop("evicted: an incomplete message made room for newer ones", topic)
-        if msg is None:
-            return "duplicate: frame already received" if self._reassembler.duplicates > duplicates else None
-        if self._reassembler.last_span is not None:
-            nbytes, seconds = self._reassembler.last_span
-            self._reassembler.last_span = None
-        else:
-            nbytes, seconds = 0, 0.0
-        if nbytes >= MIN_RATE_BYTES and seconds >= MIN_RATE_SECONDS:  # smaller: timer and scheduler noise
-            with self._lock:
-                b, t = self._rates.get(msg.sender, (0, 0.0))
-                self._rates[msg.sender] = (b + nbytes, t + seconds)
-        if (msg.sender, msg.kind, msg.dest, msg.layer) != (parsed.sender, parsed.kind, parsed.dest, parsed.layer):
-            return f"unauthorized: frame says {msg.describe()} but came on {topic!r}"
-        if self.validator is not None:
-            reason = self.validator(msg)
-            if reason:
-                return f"{reason} ({msg.describe()})"
-        self.received_bytes += sum(a.nbytes for a in msg.tensors.values())
-        if msg.kind in self.service:
-            try:
-                self.service[msg.kind].put_nowait(msg)
-            except queue.Full:
-                return f"too many requests: {msg.kind} queue full"
-            return None
-        return self.mailbox.put(msg)
-
-
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # paho leaves Nagle on: small frames (acks, gradients) would wait ~40 ms for delayed ACKs.
     if hasattr(sock, "setsockopt"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def tally(counter: Counter[str], reason: str) -> tuple[str, int, bool]:
-    """Count a refusal under its reason (the text before the first colon); the flag says whether
-    to log it: the 1st, 10th, 100th and every 1000th, so a flood of junk is not a flood of lines."""
-    kind = reason.split(":")[0]
-    counter[kind] += 1
-    n = counter[kind]
-    return kind, n, n in (1, 10, 100) or n % 1000 == 0
 
 
 def _published(info: mqtt.MQTTMessageInfo) -> bool:
