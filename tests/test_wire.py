@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from hiertrain.net import wire
+from hiertrain.net import reassembly, wire
 from hiertrain.errors import WireError
 
 pytestmark = pytest.mark.unit
@@ -38,7 +38,7 @@ def test_encode_refuses_what_cannot_go_on_the_wire(bad):
 @settings(max_examples=400)
 @given(st.binary(max_size=300))
 def test_random_bytes_raise_only_wire_error(data):
-    for decode in (wire.decode_tensor, wire.decode_frame, lambda d: wire.Reassembler().feed(d)):
+    for decode in (wire.decode_tensor, wire.decode_frame, lambda d: reassembly.Reassembler().feed(d)):
         try:
             decode(data)
         except WireError:
@@ -89,7 +89,7 @@ def test_message_frames_reassemble_in_any_order(chunk):
     frames = wire.encode_message(msg, msg_id="n:1", chunk_bytes=chunk)
     assert all(len(f) <= chunk + 200 for f in frames)
     order = rng.permutation(len(frames))
-    r = wire.Reassembler()
+    r = reassembly.Reassembler()
     results = [r.feed(frames[i]) for i in order]
     out = results[-1]
     assert all(x is None for x in results[:-1]) and out is not None
@@ -103,7 +103,7 @@ def test_message_frames_reassemble_in_any_order(chunk):
 
 def test_duplicate_frames_and_messages_are_counted_not_delivered_twice():
     frames = wire.encode_message(_message(x=np.ones(3000, np.float32)), msg_id="n:2", chunk_bytes=4096)
-    r = wire.Reassembler()
+    r = reassembly.Reassembler()
     assert r.feed(frames[0]) is None and r.feed(frames[0]) is None
     assert r.feed(frames[1]) is None
     assert r.feed(frames[2]) is not None
@@ -115,14 +115,14 @@ def test_frames_that_disagree_with_their_message_are_refused():
     a = wire.encode_message(_message(x=np.ones(3000, np.float32)), msg_id="n:3", chunk_bytes=4096)
     b = wire.encode_message(wire.Message("act", "job", "device", "cloud", 8, 3, {"x": np.ones(3000, np.float32)}),
                             msg_id="n:3", chunk_bytes=4096)
-    r = wire.Reassembler()
+    r = reassembly.Reassembler()
     r.feed(a[0])
     with pytest.raises(WireError, match="disagrees"):
         r.feed(b[1])
 
 
 def test_partial_messages_are_evicted_past_the_memory_bound():
-    r = wire.Reassembler(max_pending_bytes=10_000)
+    r = reassembly.Reassembler(max_pending_bytes=10_000)
     for i in range(5):
         r.feed(wire.encode_message(_message(x=np.ones(3000, np.float32)), msg_id=f"n:{i}", chunk_bytes=4096)[0])
     assert r.evicted >= 3
@@ -141,7 +141,7 @@ def test_a_tampered_payload_is_refused():
     frames = wire.encode_message(_message(x=np.ones(10, np.float32)), msg_id="n:9")
     bad = frames[0][:-4] + b"\x01\x02\x03"  # shorter than its header announces
     with pytest.raises(WireError):
-        wire.Reassembler().feed(bad)
+        reassembly.Reassembler().feed(bad)
 
 
 def _first_frames(n, sender="device", size=4096):
@@ -150,7 +150,7 @@ def _first_frames(n, sender="device", size=4096):
 
 
 def test_a_flood_of_incomplete_messages_evicts_itself_and_memory_stays_bounded():
-    r = wire.Reassembler(max_pending_per_sender=8)
+    r = reassembly.Reassembler(max_pending_per_sender=8)
     for f in _first_frames(1000):
         assert r.feed(f) is None
     assert r.evicted == 992 and r.pending_bytes <= 8 * 1024 + 8 * 200
@@ -161,14 +161,14 @@ def test_a_flood_of_incomplete_messages_evicts_itself_and_memory_stays_bounded()
 
 
 def test_a_message_declaring_more_than_a_tier_accepts_is_refused_before_buffering():
-    r = wire.Reassembler(max_message_bytes=10_000)
-    with pytest.raises(wire.Refused, match="too large"):
+    r = reassembly.Reassembler(max_message_bytes=10_000)
+    with pytest.raises(reassembly.Refused, match="too large"):
         r.feed(_first_frames(1, size=40_000)[0])
     assert r.pending_bytes == 0
 
 
 def test_incomplete_messages_expire():
-    r = wire.Reassembler(expire_s=5)
+    r = reassembly.Reassembler(expire_s=5)
     frames = _first_frames(3)
     r.feed(frames[0], at=100.0)
     r.feed(frames[1], at=103.0)
@@ -177,7 +177,7 @@ def test_incomplete_messages_expire():
 
 
 def test_a_flood_evicts_its_own_messages_not_the_real_senders_in_flight_one():
-    r = wire.Reassembler(max_pending_per_sender=8)
+    r = reassembly.Reassembler(max_pending_per_sender=8)
     msg = wire.Message("samples", "t", "device", "edge", 2, 0, {"x": np.ones((4, 1024), np.float32)}, 1)
     for f in wire.encode_message(msg, msg_id="real:0", chunk_bytes=1024):  # the real stream completes messages
         r.feed(f)

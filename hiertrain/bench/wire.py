@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hiertrain.net import wire
+from hiertrain.net import reassembly, wire
 
 GOAL_GBPS = 1.0
 
@@ -28,7 +28,7 @@ def _rate(fn: Callable[[], Any], nbytes: int, *, count: int, repeat: int) -> flo
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mb << 20
     a = np.random.default_rng(0).random(size // 4, dtype=np.float32)
-    reassembler = wire.Reassembler()
+    reassembler = reassembly.Reassembler()
     ids = iter(range(1 << 60))
 
     def message(chunk: int) -> Callable[[], Any]:

@@ -22,7 +22,8 @@ from hiertrain.errors import TopicError, WireError
 from hiertrain.net import topics
 from hiertrain.net.mailbox import Mailbox
 from hiertrain.net.membership import Membership
-from hiertrain.net.wire import Message, Reassembler, Refused
+from hiertrain.net.reassembly import Reassembler, Refused
+from hiertrain.net.wire import Message
 
 log = logging.getLogger("hiertrain.net.transport")
 # A rate is measured only from a transfer this large and this long: small ones measured between
