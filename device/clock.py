@@ -78,6 +78,7 @@ class DeviceClock:
         abandoned = self.view.run_id
         self.sent.clear()
         self.local.clear()
+        self.stamped.clear()
         self.view.run_id = uuid.uuid4().hex[:8]
         self._await_survivors(abandoned, lost, at)
 

@@ -84,8 +84,8 @@ class Failover:
         if state is not None:
             extra["checkpoint_iteration"] = state.iteration
         extra["abandoned"] = abandoned
-        if exc.state not in (RESTARTED, NEW_RUN):  # gone, not back: for a planner that never saw it (a
-            extra["lost"] = sorted({*extra.get("lost", ()), exc.tier})  # standby's); it reads the device's
+        if self.tier == "device" and exc.state not in (RESTARTED, NEW_RUN):  # gone, not back: for a planner
+            extra["lost"] = sorted({*extra.get("lost", ()), exc.tier})  # that never saw it (a standby's)
         self.transport.publish_status("online")
         self.clock.abandon(exc.tier, at)
         start = self.clock.start(failed_over=True)

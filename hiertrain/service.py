@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from hiertrain import TIERS
 from hiertrain.errors import Diverged
 from hiertrain.net.transport import Transport
 from hiertrain.net.validate import max_message_bytes, non_finite, validator
@@ -28,7 +29,9 @@ class Opened(NamedTuple):
 
 
 def open_service(cfg: TierConfig, spec: ModelSpec, *, account: str,
-                 peers: Optional[frozenset[str]] = None) -> Opened:
+                 peers: Optional[frozenset[str]] = frozenset(TIERS)) -> Opened:
+    """``peers``: whose statuses count (see :class:`~hiertrain.net.transport.Transport`): the three tiers
+    unless said otherwise; a fleet's coordinator follows every enrolled device (``None``)."""
     transport = Transport(cfg.endpoint, account=account, job=cfg.job, chunk_bytes=cfg.chunk_bytes,
                           validator=validator(spec, cfg.batch), max_message_bytes=max_message_bytes(spec, cfg.batch),
                           expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)

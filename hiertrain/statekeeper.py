@@ -87,15 +87,15 @@ class StateKeeper:
             self.keeper.push(self.holding.snapshot(i, sched.to_json()), REPLICA_HOLDER, sched.version, op="replica")
 
     def vouched(self) -> Optional[checkpoint.Checkpoint]:
-        """The newest state this tier can hand on: its live state as the model's owner, else (the
-        data holder) the newest replica it got, else its newest checkpoint on disk."""
+        """The newest state this tier can hand on: its live state as the model's owner, else the
+        newer of the replica it holds (the data holder) and its newest checkpoint on disk (one it
+        saved or collected)."""
         if self.holding.optimizer is not None and self.completed >= 0 and self.holding.whole_model():
             return self.holding.snapshot(self.completed)
-        if self.keeper.held is not None:
-            return self.keeper.held
-        if self.cfg.checkpoint_dir:
-            return checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes()))
-        return None
+        disk = checkpoint.load(self.cfg.checkpoint_dir, list(self.spec.param_shapes())) \
+            if self.cfg.checkpoint_dir else None
+        held = [ck for ck in (self.keeper.held, disk) if ck is not None]
+        return max(held, key=lambda ck: ck.iteration) if held else None
 
     def resume_state(self, first: int, *, failed_over: bool) -> Optional[checkpoint.Checkpoint]:
         """What the owner of the model at the first iteration starts from: nothing (the initial
