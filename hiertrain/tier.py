@@ -93,6 +93,7 @@ class TierService:
         self.stage: Optional[StageRole] = None
         self.history: dict[int, Schedule] = {}  # iteration -> schedule it ran
         self._weights_sent = -1
+        self._xs: dict[int, tuple[Exchange, ...]] = {}  # schedule version -> this tier's exchanges
         self._shown_version, self._shown_at = -1, 0.0  # progress lines
 
     def _reset(self) -> None:
@@ -122,11 +123,13 @@ class TierService:
     def _acquire(self, i: int, sched: Schedule, prev: Schedule, stats: Stats) -> None:
         """Hold exactly the units ``sched`` gives us: at the run's first iteration from the initial
         weights or the state it resumes from, later from their previous owners."""
+        if self.holding.owned(sched, self.tier) == self.holding.units:
+            return  # nothing moves (most iterations)
         first = i == self.view.run_start()
-        if not first and i == self.view.first and self.holding.owned(sched, self.tier) - self.holding.units:
+        missing = self.holding.owned(sched, self.tier) - self.holding.units
+        if not first and i == self.view.first and missing:
             raise PlanError(f"{self.tier}: joined run {self.view.run_id} at iteration {i} as the owner of units "
-                            f"{sorted(self.holding.owned(sched, self.tier) - self.holding.units)}, but who held them "
-                            f"before is not known here; restart this tier")
+                            f"{sorted(missing)}, but who held them before is not known here; restart this tier")
 
         def take(tier: str) -> tuple[dict[str, np.ndarray], Optional[int]]:
             msg = self._take("weights", tier, i, 0, stats)
@@ -316,7 +319,10 @@ class TierService:
         self._weights_sent = i
 
     def _exchanges(self, sched: Schedule) -> tuple[Exchange, ...]:
-        return exchanges(sched.plan(units=self.spec.n_units, batch=self.cfg.batch), self.tier)
+        """This tier's exchanges under ``sched`` (a schedule version never changes: computed once)."""
+        if sched.version not in self._xs:
+            self._xs[sched.version] = exchanges(sched.plan(units=self.spec.n_units, batch=self.cfg.batch), self.tier)
+        return self._xs[sched.version]
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         links = {}

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
@@ -113,8 +114,6 @@ class Harness:
 
     def wait(self, names: tuple[str, ...], timeout: float = 120) -> dict[str, Optional[int]]:
         """Exit codes of the processes named (``None``: still running after ``timeout``)."""
-        import time
-
         codes: dict[str, Optional[int]] = {}
         deadline = time.monotonic() + timeout
         for name in names:
