@@ -118,3 +118,19 @@ def test_a_fleet_shares_one_medium_each_device_capped_by_its_radio():
         both = 2 * 2_000_000 * 8 / (time.monotonic() - t0) / 1e6
         assert 5.0 < both <= 10.5, both  # full duplex would carry ~20 Mbit/s, each direction its own 10
     assert _state() == before
+
+
+def test_an_address_an_earlier_run_left_behind_is_named_not_tripped_over():
+    """A testbed killed before its cleanup leaves its management address here; the next one says
+    which interface holds it (instead of a broker that seems to refuse connections) and leaves nothing."""
+    from hiertrain.errors import ConfigError
+
+    before = _state()
+    subprocess.run(["ip", "link", "add", "htstale0", "type", "veth", "peer", "name", "htstale1"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.223.9.1/24", "dev", "htstale0"], check=True)
+        with pytest.raises(ConfigError, match="already on interface htstale0"):
+            testbed.Testbed(bw_device_edge=8, bw_edge_cloud=2, tag="httest").up()
+    finally:
+        subprocess.run(["ip", "link", "del", "htstale0"], check=True)
+    assert _state() == before

@@ -20,7 +20,7 @@ from hiertrain.net import topics
 from hiertrain.train import checkpoint, models
 from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError
-from hiertrain.lab.harness import Harness, standby_broker, toml
+from hiertrain.lab.harness import Harness, standby_broker, toml, unwinding
 from hiertrain.net.transport import Endpoint
 from hiertrain.schedule import Schedule
 
@@ -65,6 +65,7 @@ def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[flo
 
 
 class FleetCluster(Harness):
+    @unwinding
     def __init__(self, work: Path, devices: list[Spec], *, model: str = "lenet5", iterations: int = 12,
                  lr: float = 0.05, timeout_s: float = 30.0, wait_for: Optional[int] = None, medium_mbps: float = 40.0,
                  cloud_mbps: float = 10.0, extra: tuple[Spec, ...] = (), optimizer: str = "sgd",

@@ -9,6 +9,7 @@ cleaning up (processes by pid, the broker, cgroups) are written here once.
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import shutil
@@ -59,6 +60,20 @@ def stop(procs: Any, timeout: float = 10.0) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def unwinding(init: Any) -> Any:
+    """For a harness's ``__init__``: if it fails half way (a broker that did not start, a watcher
+    that cannot connect), stop what it already started before the error goes up."""
+    @functools.wraps(init)
+    def wrapper(self: "Harness", *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if hasattr(self, "stack"):
+                self.close()
+            raise
+    return wrapper
 
 
 class Harness:

@@ -21,13 +21,14 @@ from hiertrain.net import topics
 from hiertrain.train import checkpoint, data, models
 from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError, HiertrainError
-from hiertrain.lab.harness import Harness, standby_broker, toml
+from hiertrain.lab.harness import Harness, standby_broker, toml, unwinding
 from hiertrain.net.transport import Endpoint, Transport
 
 JOB = "demo"
 
 
 class LocalCluster(Harness):
+    @unwinding
     def __init__(self, work: Path, *, model: str = "lenet5", batch: int = 12, iterations: int = 30, lr: float = 0.05,
                  timeout_s: float = 30.0, every: int = 0, chunk_kb: int = 256, job: str = JOB,
                  broker_dir: Any = None, threads: Optional[dict[str, int]] = None,

@@ -16,6 +16,7 @@ which the context manager calls also on Ctrl-C or failure.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -65,6 +66,14 @@ class _Namespaces:
 
     def _management(self, root_addr: str, edge_addr: str) -> None:
         """The unshaped link from this namespace (``root_addr``) to the edge's (``edge_addr``)."""
+        net = ipaddress.ip_network(f"{root_addr}/24", strict=False)
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+        for line in out.splitlines():  # "7: ht11143m0    inet 10.223.9.1/24 scope global ..."
+            ifname, addr = line.split()[1].split("@")[0], line.split()[3]
+            if ipaddress.ip_interface(addr).ip in net:
+                raise ConfigError(f"{addr} is already on interface {ifname} here, so this testbed's management link "
+                                  f"({net}) would not reach its edge: a testbed an earlier run left behind? "
+                                  f"Remove it: ip link del {ifname}; and its namespaces (ip netns list)")
         peer = f"{self.tag}m1"
         _run("ip", "link", "add", self._root_if, "type", "veth", "peer", "name", peer)
         _run("ip", "link", "set", peer, "netns", self.ns["edge"])

@@ -359,14 +359,18 @@ class Transport:
         for f in filters:
             client.subscribe(f, qos=1)
         self._connects += 1
-        self._down_since = None
+        dropped, self._down_since = self._down_since is not None, None
         joined = (client._host, client._port)  # noqa: SLF001 - where this connection went (the switch sets them)
         if self._joined is not None and joined != self._joined:
             self.members.moved_broker()
         self._joined = joined
         if self._connects > 1 and not getattr(flags, "session_present", True):
             self.members.rejoined(REJOIN_GRACE_S)  # every peer to be heard from here, else lost with the old one
-            self._republish(client)
+            self._republish(client, "the broker lost our session (restarted?)")
+        elif self._connects > 1 and dropped:
+            # Our session is there, but it may be the broker's last save (autosave_interval) after a
+            # crash, without what we published since: publish it again all the same.
+            self._republish(client, "back on the broker after losing it; it may have restarted from its last save")
         self._connected.set()
 
     def _send_again(self, client: mqtt.Client, to: Optional[str] = None) -> int:
@@ -386,9 +390,9 @@ class Transport:
         if self._send_again(self._client, to=peer):
             log.info("%s: %s announced a new session; sent it again what it may have lost", self.account, peer)
 
-    def _republish(self, client: mqtt.Client) -> None:
-        """The broker came back without our session (it crashed and lost what it held): publish
-        again what it may have lost. Receivers drop what they already have as duplicates."""
+    def _republish(self, client: mqtt.Client, why: str) -> None:
+        """The broker came back and may have lost what it held (it crashed): publish again what
+        it may have lost. Receivers drop what they already have as duplicates."""
         with self._bulk_lock:  # the recent frames we publish again below include them
             self._bulk.clear()
             self._bulk_info = None
@@ -399,8 +403,8 @@ class Transport:
                 client.publish(topic, text, qos=1, retain=True)
         self.publish_status("online")  # a new session: peers send us again what we may have lost
         recent = self._send_again(client)
-        log.warning("%s: the broker lost our session (restarted?); published again %d retained and %d recent "
-                    "messages", self.account, len(retained), recent)
+        log.warning("%s: %s; published again %d retained and %d recent messages", self.account, why, len(retained),
+                    recent)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
