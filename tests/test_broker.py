@@ -309,3 +309,26 @@ def test_devices_are_enrolled_and_withdrawn_on_a_running_mosquitto_each_with_its
         assert broker.proc.poll() is None
         done = cli("remove-device", "pi3")
         assert done.returncode == 1 and "no enrolled device 'pi3'" in done.stderr
+
+
+def test_a_harness_that_fails_half_way_stops_the_broker_it_started(tmp_path):
+    """LocalCluster starts its broker, then refuses a standby in a testbed: the error goes up and
+    the broker it had started is stopped (no Mosquitto left running on its directory)."""
+    from hiertrain.errors import ConfigError
+    from hiertrain.lab.local import LocalCluster
+
+    class Loopback:  # a network whose namespaces are this one
+        def prefix(self, where):
+            return []
+
+    with pytest.raises(ConfigError, match="standby broker runs on loopback only"):
+        LocalCluster(tmp_path, network=Loopback(), standby=True)
+    conf = str(tmp_path / "broker")
+    running = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                running.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    assert not [cmd for cmd in running if conf in cmd]
