@@ -123,10 +123,11 @@ class TierService:
     def _acquire(self, i: int, sched: Schedule, prev: Schedule, stats: Stats) -> None:
         """Hold exactly the units ``sched`` gives us: at the run's first iteration from the initial
         weights or the state it resumes from, later from their previous owners."""
-        if self.holding.owned(sched, self.tier) == self.holding.units:
+        owned = self.holding.owned(sched, self.tier)
+        if owned == self.holding.units:
             return  # nothing moves (most iterations)
         first = i == self.view.run_start()
-        missing = self.holding.owned(sched, self.tier) - self.holding.units
+        missing = owned - self.holding.units
         if not first and i == self.view.first and missing:
             raise PlanError(f"{self.tier}: joined run {self.view.run_id} at iteration {i} as the owner of units "
                             f"{sorted(missing)}, but who held them before is not known here; restart this tier")

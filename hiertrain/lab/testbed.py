@@ -69,7 +69,8 @@ class _Namespaces:
         net = ipaddress.ip_network(f"{root_addr}/24", strict=False)
         out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
         for line in out.splitlines():  # "7: ht11143m0    inet 10.223.9.1/24 scope global ..."
-            ifname, addr = line.split()[1].split("@")[0], line.split()[3]
+            fields = line.split()
+            ifname, addr = fields[1].split("@")[0], fields[3]
             if ipaddress.ip_interface(addr).ip in net:
                 raise ConfigError(f"{addr} is already on interface {ifname} here, so this testbed's management link "
                                   f"({net}) would not reach its edge: a testbed an earlier run left behind? "
