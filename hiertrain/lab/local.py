@@ -53,9 +53,7 @@ class LocalCluster(Harness):
         self.broker = None
         host = {t: "127.0.0.1" for t in (*TIERS, "root")}
         if network is not None:
-            from hiertrain.lab.testbed import BROKER_FOR
-
-            host = dict(BROKER_FOR)
+            host = dict(network.broker_for)
         if broker_dir is None:
             broker_dir = BrokerDir(work / "broker")
             broker_dir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=job))

@@ -3,7 +3,7 @@
 ::
 
     [device ns] 10.223.1.1 ==veth (tbf, device-edge rate)== 10.223.1.2 [edge ns] 10.223.2.1 ==veth (tbf, edge-cloud rate)== 10.223.2.2 [cloud ns]
-                                                                        10.223.9.2
+                                                                        10.223.9.2 (the first free 10.223.x.0/24)
                                                                            || veth (unshaped management link)
                                                                         10.223.9.1 [this namespace]
 
@@ -25,8 +25,6 @@ from typing import Any, Optional
 from hiertrain import TIERS
 from hiertrain.errors import ConfigError
 
-ADDRESS = {"device": "10.223.1.1", "cloud": "10.223.2.2", "root": "10.223.9.1"}
-BROKER_FOR = {"device": "10.223.1.2", "edge": "127.0.0.1", "cloud": "10.223.2.1", "root": "10.223.9.2"}
 LINKS = {"device_edge": ("device", "edge", "1"), "edge_cloud": ("edge", "cloud", "2")}
 
 
@@ -46,6 +44,16 @@ def _run(*argv: str) -> None:
         raise ConfigError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
 
 
+def _free_tag(letters: str) -> str:
+    """``letters`` and this process's id, made unique among the namespaces and links here (a
+    testbed killed before its cleanup, or one in another pid namespace, may hold the same)."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names += subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    base = f"{letters}{os.getpid() % 100000}"
+    return next(tag for tag in (base, *(f"{base}{c}" for c in "abcdefghijklmnopqrstuvwxyz"))
+                if f"{tag}-" not in names and f"{tag}m0" not in names)
+
+
 class _Namespaces:
     """What both testbeds share: the network namespaces they make, a management veth from this
     namespace into the edge's, token-bucket shaping, and removing all of it (also on failure)."""
@@ -55,6 +63,8 @@ class _Namespaces:
         if why:
             raise ConfigError(why)
         self.tag, self.ns = tag, names
+        self.address: dict[str, str] = {}  # where each side is reached; "root": this namespace's end
+        self.broker_for: dict[str, str] = {}  # where each side reaches the broker; "root": this namespace
         self._made: list[str] = []
         self._root_if = f"{tag}m0"
 
@@ -64,17 +74,20 @@ class _Namespaces:
             self._made.append(name)
             _run("ip", "-n", name, "link", "set", "lo", "up")
 
-    def _management(self, root_addr: str, edge_addr: str) -> None:
-        """The unshaped link from this namespace (``root_addr``) to the edge's (``edge_addr``)."""
-        net = ipaddress.ip_network(f"{root_addr}/24", strict=False)
+    def _management(self, prefix: str, taken: tuple[int, ...]) -> tuple[str, str]:
+        """The unshaped link from this namespace to the edge's, on the first /24 of ``prefix`` (from
+        ``prefix.9``, never one in ``taken``, the testbed's own) no interface here holds an address in:
+        a testbed killed before its cleanup, or another run's, leaves its own in use. Returns the
+        addresses (this namespace's, the edge's)."""
         out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
-        for line in out.splitlines():  # "7: ht11143m0    inet 10.223.9.1/24 scope global ..."
-            fields = line.split()
-            ifname, addr = fields[1].split("@")[0], fields[3]
-            if ipaddress.ip_interface(addr).ip in net:
-                raise ConfigError(f"{addr} is already on interface {ifname} here, so this testbed's management link "
-                                  f"({net}) would not reach its edge: a testbed an earlier run left behind? "
-                                  f"Remove it: ip link del {ifname}; and its namespaces (ip netns list)")
+        held = [ipaddress.ip_interface(line.split()[3]).ip for line in out.splitlines()]  # "7: ht1m0 inet 10.223.9.1/24 .."
+        free = [n for n in range(9, 255) if n not in taken
+                and not any(ip in ipaddress.ip_network(f"{prefix}.{n}.0/24") for ip in held)]
+        if not free:
+            raise ConfigError(f"every {prefix}.x.0/24 is held by an interface here: testbeds earlier runs "
+                              f"left behind? See ip -br addr, and remove them with ip link del")
+        third = free[0]
+        root_addr, edge_addr = f"{prefix}.{third}.1", f"{prefix}.{third}.2"
         peer = f"{self.tag}m1"
         _run("ip", "link", "add", self._root_if, "type", "veth", "peer", "name", peer)
         _run("ip", "link", "set", peer, "netns", self.ns["edge"])
@@ -82,6 +95,7 @@ class _Namespaces:
         _run("ip", "link", "set", self._root_if, "up")
         _run("ip", "-n", self.ns["edge"], "addr", "add", f"{edge_addr}/24", "dev", peer)
         _run("ip", "-n", self.ns["edge"], "link", "set", peer, "up")
+        return root_addr, edge_addr
 
     def _tbf(self, where: str, ifname: str, mbps: float, replace: bool) -> None:
         """Cap ``ifname``'s egress in namespace ``where`` at ``mbps`` (effective at once)."""
@@ -113,8 +127,10 @@ class _Namespaces:
 
 class Testbed(_Namespaces):
     def __init__(self, *, bw_device_edge: float, bw_edge_cloud: float, tag: Optional[str] = None) -> None:
-        tag = tag or f"ht{os.getpid() % 100000}"
+        tag = tag or _free_tag("ht")
         super().__init__(tag, {t: f"{tag}-{t}" for t in TIERS})
+        self.address = {"device": "10.223.1.1", "cloud": "10.223.2.2"}
+        self.broker_for = {"device": "10.223.1.2", "edge": "127.0.0.1", "cloud": "10.223.2.1"}
         self.rates = {"device_edge": bw_device_edge, "edge_cloud": bw_edge_cloud}
 
     def _if(self, link: str, side: int) -> str:
@@ -130,7 +146,7 @@ class Testbed(_Namespaces):
                     _run("ip", "link", "set", ifname, "netns", self.ns[tier])
                     _run("ip", "-n", self.ns[tier], "addr", "add", f"10.223.{net}.{host}/24", "dev", ifname)
                     _run("ip", "-n", self.ns[tier], "link", "set", ifname, "up")
-            self._management(ADDRESS["root"], BROKER_FOR["root"])
+            self.address["root"], self.broker_for["root"] = self._management("10.223", (1, 2))
             for link, mbps in self.rates.items():
                 self.shape(link, mbps, replace=False)
         except BaseException:
@@ -171,14 +187,13 @@ class FleetTestbed(_Namespaces):
         for name, mbps in {**devices, "medium": medium_mbps, "edge-cloud": bw_edge_cloud}.items():
             if not mbps > 0:
                 raise ConfigError(f"{name}: link rate must be > 0 Mbit/s, got {mbps}")
-        tag = tag or f"hf{os.getpid() % 100000}"
+        tag = tag or _free_tag("hf")
         super().__init__(tag, {"air": f"{tag}-air", "edge": f"{tag}-edge", "cloud": f"{tag}-cloud",
                                **{d: f"{tag}-d{i}" for i, d in enumerate(devices, 1)}})
         self.devices = dict(devices)
         self.address = {"edge": f"{FLEET_NET}.0.1", **{d: f"{FLEET_NET}.1.{i}" for i, d in enumerate(devices, 1)},
-                        "cloud": "10.225.2.2", "root": "10.225.9.1"}
-        self.broker_for = {**{d: f"{FLEET_NET}.0.1" for d in devices}, "edge": "127.0.0.1", "cloud": "10.225.2.1",
-                           "root": "10.225.9.2"}
+                        "cloud": "10.225.2.2"}
+        self.broker_for = {**{d: f"{FLEET_NET}.0.1" for d in devices}, "edge": "127.0.0.1", "cloud": "10.225.2.1"}
         self.medium_mbps, self.bw_edge_cloud = medium_mbps, bw_edge_cloud
 
     def up(self) -> "FleetTestbed":
@@ -190,7 +205,7 @@ class FleetTestbed(_Namespaces):
                 self._veth(f"{self.tag}d{i}a", d, f"{self.address[d]}/16", f"{self.tag}d{i}b", "air", None)
             self._veth(f"{self.tag}e0", "edge", f"{self.address['edge']}/16", f"{self.tag}e1", "air", None)
             self._veth(f"{self.tag}c0", "edge", "10.225.2.1/24", f"{self.tag}c1", "cloud", "10.225.2.2/24")
-            self._management(self.address["root"], self.broker_for["root"])
+            self.address["root"], self.broker_for["root"] = self._management("10.225", (2,))
             for d, mbps in self.devices.items():
                 self.shape_device(d, mbps, replace=False)
             self._half_duplex(f"{self.tag}e1", f"{self.tag}hd")
