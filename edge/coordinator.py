@@ -70,7 +70,7 @@ class Coordinator(FleetService):
         self.roster = Roster(file, batch=cfg.batch, where=cfg.fleet_file)
         self.roster.check(wait_for=cfg.fleet_devices, joins=cfg.fleet_planner is not None, config=cfg.path)
         self.params: Params = init_params(self.spec, cfg.seed)
-        self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes())
+        self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes(), momenta=self.spec.momentum)
         self.offsets: dict[str, int] = {}  # every device's place in its data
         self.cloud_excluded = False  # the cloud given up on, until it goes offline and comes back
         self._involved: set[str] = set()
@@ -251,7 +251,7 @@ class Coordinator(FleetService):
         offsets, version = state.fleet_of(ck, self.cfg.checkpoint_dir)
         self.params = dict(ck.params)
         self.optimizer = Optimizer(self.cfg.optimizer, self.spec.param_shapes(), step_count=ck.optimizer_step,
-                                   moments=ck.moments)
+                                   moments=ck.moments, momenta=self.spec.momentum)
         self.offsets.update(offsets)
         self.version = max(self.version, version)
         self.transport.status_extra["checkpoint_iteration"] = ck.iteration

@@ -80,7 +80,8 @@ class Holding:
         if set(params) != set(shapes):
             raise PlanError(f"{self.tier}: after handover the weights of units {sorted(need)} are incomplete")
         self.params, self.units = params, need
-        self.optimizer = Optimizer(self.optimizer_cfg, shapes, step_count=step, moments=moments) if shapes else None
+        self.optimizer = Optimizer(self.optimizer_cfg, shapes, step_count=step, moments=moments,
+                                   momenta=self.spec.momentum) if shapes else None
         return True
 
     def hand_over(self, sched: Schedule, nxt: Schedule) -> dict[str, tuple[Tensors, int]]:

@@ -189,9 +189,10 @@ def _refused(path, *parts):
 
 
 def test_what_cannot_be_trained_exactly_is_refused_naming_the_op_the_node_and_the_fix(tmp_path):
-    conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3))
+    conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.5),
+                            nn.Linear(64, 3))  # BatchNorm trains in training mode; Dropout's masks are random
     _refused(byo.export(conv_bn, (3, 4, 4), tmp_path / "bn.onnx", train=True),
-             "BatchNormalization", "/1/BatchNormalization", "training mode", "model.eval()")
+             "Dropout", "/3/Dropout", "training mode", "model.eval()", "TrainingMode.PRESERVE")
     _refused(byo.export(_flat(nn.Softplus()), (3, 4, 4), tmp_path / "sp.onnx"), "Softplus", "/2/Softplus", "no gradient")
     _refused(byo.export(nn.Sequential(_flat(nn.ReLU()), nn.Softmax(1)), (3, 4, 4), tmp_path / "sm.onnx"),
              "Softmax", "export the logits")

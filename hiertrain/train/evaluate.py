@@ -51,7 +51,7 @@ def evaluate(cfg: TierConfig, checkpoint_dir: Optional[Path] = None, *, batch: i
     ck = checkpoint.load(where, list(spec.param_shapes()))
     if ck is None:
         raise ConfigError(f"no checkpoint in {where} (worker_o writes one every [checkpoint] every iterations)")
-    graph, _ = models.segment_graph(spec, 1, spec.n_units)
+    graph, _ = models.segment_graph(spec, 1, spec.n_units, training=False)  # BatchNorm: its running statistics
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+from hiertrain.train import batchnorm
 from hiertrain.train.data import normalize
 from hiertrain.errors import PlanError, ProtocolError
 from hiertrain.train.models import ModelSpec
@@ -106,7 +107,8 @@ class Round:
 
 
 def scaled(grads: Mapping[str, np.ndarray], w: float) -> Params:
-    return {k: g * np.float32(w) for k, g in grads.items()}
+    """Gradients weighted by ``w``; BatchNorm buffers' sums are not gradients and add up unweighted."""
+    return {k: g if batchnorm.is_buffer(k) else g * np.float32(w) for k, g in grads.items()}
 
 
 def add_into(into: Params, grads: Mapping[str, np.ndarray]) -> None:

@@ -37,7 +37,7 @@ class InProcessHybrid:
         self.schedule = schedule.check(n_units=spec.n_units)
         params = dict(params) if params is not None else init_params(spec, seed)
         self.owner = OwnerRole(spec, self.runtime, schedule.m_s, schedule.m_l, params,
-                               Optimizer(optimizer, spec.param_shapes()))
+                               Optimizer(optimizer, spec.param_shapes(), momenta=spec.momentum))
         self.s = SliceRole(spec, self.runtime, schedule.m_s, self.owner.weights(schedule.m_s)) if schedule.b_s else None
         self.l = SliceRole(spec, self.runtime, schedule.m_l, self.owner.weights(schedule.m_l)) if schedule.b_l else None
 
@@ -72,7 +72,7 @@ class SingleProcess:
         self.spec = spec
         self.head = (runtime or Runtime()).head(spec, 1)
         self.params: Params = dict(params) if params is not None else init_params(spec, seed)
-        self.optimizer = Optimizer(optimizer, spec.param_shapes())
+        self.optimizer = Optimizer(optimizer, spec.param_shapes(), momenta=spec.momentum)
 
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         loss, _, _, grads = self.head.step(self.params, x, labels)

@@ -5,8 +5,9 @@ A unit is a function that appends ONNX nodes to a :class:`Builder`. Parameters a
 :func:`segment_graph` builds the forward graph of any unit range a..b with the parameters as graph
 inputs; :mod:`hiertrain.train.segments` turns it into training graphs.
 
-No BatchNormalization: its batch statistics would be per worker, and hybrid parallelism must
-equal single-process SGD (shared/DESIGN.md). ResNet and GoogLeNet are built without it.
+The zoo has no BatchNormalization (ResNet and GoogLeNet are built without it): hybrid parallelism
+is then exactly single-process SGD (shared/DESIGN.md). Imported models may train it
+(:mod:`hiertrain.train.batchnorm`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ Shape = tuple[int, ...]  # per sample: (C, H, W) or (F,)
 class Builder:
     """Appends nodes for one graph, tracking per-sample shapes and parameter shapes."""
 
-    def __init__(self) -> None:
+    def __init__(self, training: bool = True) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.params: dict[str, Shape] = {}
         self.unit = ""
         self._n = 0
+        self.training = training                 # BatchNorm: batch statistics (else the running ones)
+        self.outputs: list[str] = []             # extra graph outputs: BatchNorm buffers' sums
+        self.momenta: dict[str, float] = {}      # BatchNorm buffers' prefix -> PyTorch's momentum
 
     def _name(self, what: str) -> str:
         self._n += 1
@@ -113,17 +117,25 @@ class ModelSpec:
         raise PlanError(f"parameter {name!r} belongs to no unit of {self.name}")
 
     @functools.cached_property
-    def layout(self) -> tuple[tuple[Shape, ...], tuple[dict[str, Shape], ...]]:
-        """Per-sample shapes at every cut (index 0 = input) and each unit's parameter shapes."""
+    def layout(self) -> tuple[tuple[Shape, ...], tuple[dict[str, Shape], ...], dict[str, float]]:
+        """Per-sample shapes at every cut (index 0 = input), each unit's parameter shapes and the
+        BatchNorm momenta (:attr:`momentum`)."""
         shapes: list[Shape] = [self.input_shape]
         params: list[dict[str, Shape]] = []
+        momenta: dict[str, float] = {}
         for unit in self.units:
             b = Builder()
             b.unit = unit.name
             _, s = unit.fn(b, "x", shapes[-1])
             shapes.append(s)
             params.append(dict(b.params))
-        return tuple(shapes), tuple(params)
+            momenta.update(b.momenta)
+        return tuple(shapes), tuple(params), momenta
+
+    @property
+    def momentum(self) -> dict[str, float]:
+        """Every training-mode BatchNorm's buffer prefix and momentum (:mod:`hiertrain.train.batchnorm`)."""
+        return self.layout[2]
 
     def shape_at(self, cut: int) -> Shape:
         return self.layout[0][cut]
@@ -162,10 +174,13 @@ def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def segment_graph(spec: ModelSpec, first: int, last: int) -> tuple[onnx.ModelProto, dict[str, Shape]]:
-    """Forward graph of units first..last: input ``x`` [N, *shape], output ``y``; params as inputs."""
+def segment_graph(spec: ModelSpec, first: int, last: int, *, training: bool = True
+                  ) -> tuple[onnx.ModelProto, dict[str, Shape]]:
+    """Forward graph of units first..last: input ``x`` [N, *shape], output ``y``; params as inputs.
+    ``training``: BatchNorm normalises by the batch and the graph also outputs its buffers' sums
+    (``<buffer>_grad``); else by the running statistics (evaluation)."""
     spec.check_range(first, last)
-    b = Builder()
+    b = Builder(training)
     x, s = "x", spec.shape_at(first - 1)
     for unit in spec.units[first - 1:last]:
         b.unit = unit.name
@@ -174,7 +189,8 @@ def segment_graph(spec: ModelSpec, first: int, last: int) -> tuple[onnx.ModelPro
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *spec.shape_at(first - 1)])]
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(sh)) for n, sh in b.params.items()]
     graph = helper.make_graph(nodes, f"{spec.name}_{first}_{last}", inputs,
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *s])])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *s])]
+                              + [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in b.outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hiertrain")
     model.ir_version = IR_VERSION
     return model, dict(b.params)

@@ -22,9 +22,8 @@ like the zoo's:
 BatchNormalization: in inference mode (``model.eval()`` before exporting) its statistics are
 constants and its scale and bias train: the step is exactly single-process SGD whatever the split.
 (torch's exporter folds it into the Conv before it unless ``do_constant_folding=False``; the folded
-Conv's weights then train instead, exactly too.) In training mode its batch statistics would be computed per
-worker, over that worker's samples only, so the step would not equal single-process training: it is
-refused, with that fix named.
+Conv's weights then train instead, exactly too.) In training mode (``training=TrainingMode.TRAINING``)
+it normalises by the batch and keeps running statistics: :mod:`hiertrain.train.batchnorm`.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from hiertrain.errors import ConfigError
+from hiertrain.train import batchnorm
 from hiertrain.train.models import OPSET, Builder, ModelSpec, Shape, Unit
 
 # op -> the input slots where a float initializer is a trainable parameter
@@ -52,7 +52,7 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "Split": (),                    # not along the batch (_AXIS_OPS)
     "Pad": (),                      # constant mode, constant pads, the batch unpadded (TF-style "same")
     "ReduceMean": (), "Sqrt": (), "Reciprocal": (),
-    "BatchNormalization": (1, 2),   # inference mode only: rewritten into Sub/Mul/Add with constant statistics
+    "BatchNormalization": (1, 2),   # inference mode: constant statistics; training mode: batchnorm.py
     "Dropout": (),                  # inference mode only: an Identity
     "Erf": (),                      # torch's exact GELU: onnxruntime fuses it into Gelu
     "HardSigmoid": (), "HardSwish": (),  # rewritten into Mul/Add/Clip
@@ -297,6 +297,7 @@ class _Importer:
         self.model = model
         self.problems: list[str] = []
         self.origin: dict[str, str] = {}  # a rewritten node's name -> the file's node it replaces
+        self.synthetic: set[str] = set()  # parameters the file does not have (BatchNorm's batch counters)
 
     # -------------------------------------------------------------------- the graph's pieces
     def run(self) -> tuple[ModelSpec, Imported]:
@@ -359,6 +360,8 @@ class _Importer:
             if n.op_type in _PASS_THROUGH and any(o in wanted for o in n.output):
                 wanted.add(n.input[0])
             wanted.update(t for k, t in enumerate(n.input) if k in SUPPORTED.get(n.op_type, ()))
+            if n.op_type == "BatchNormalization" and _attr(n, "training_mode", 0):
+                wanted.update(n.input[3:5])  # its running statistics: buffers, kept with its unit
         params = {t: v for t, v in inits.items() if t in wanted and v.dtype == np.float32 and v.ndim >= 1}
         consts = {t: v for t, v in inits.items() if t not in params}
         active = []
@@ -470,7 +473,8 @@ class _Importer:
             ratio_ok = len(n.input) < 3 or not n.input[2] or (n.input[2] in consts and not consts[n.input[2]])
             if not ratio_ok or len([o for o in n.output if o]) > 1:
                 self.problems.append(f"Dropout (node {n.name!r}) in training mode: its random masks differ "
-                                     f"between workers; export with model.eval()")
+                                     f"between workers; export with model.eval(), or, to train BatchNorm, with "
+                                     f"model.train(), each nn.Dropout .eval() and training=TrainingMode.PRESERVE")
                 return
             out.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
         elif n.op_type == "Div":
@@ -483,13 +487,9 @@ class _Importer:
             out.append(helper.make_node("Mul", [n.input[0], name], [n.output[0]], name=n.name))
         elif n.op_type in _DECOMPOSE:
             out += _DECOMPOSE[n.op_type](n, consts, shapes)
+        elif n.op_type == "BatchNormalization" and _attr(n, "training_mode", 0):
+            out += self._batchnorm_training(n, params, shapes)
         elif n.op_type == "BatchNormalization":
-            if _attr(n, "training_mode", 0) or len([o for o in n.output if o]) > 1:
-                self.problems.append(
-                    f"BatchNormalization (node {n.name!r}) in training mode: each worker would normalise "
-                    f"over its own samples, so the step would not equal single-process training; export with "
-                    f"model.eval() (statistics frozen, scale and bias train exactly)")
-                return
             out += self._batchnorm(n, consts, shapes)
         else:
             out.append(n)
@@ -513,6 +513,20 @@ class _Importer:
             helper.make_node("Mul", [f"{base}.centred", f"{base}.inv_std"], [f"{base}.normed"], name=f"{base}/norm"),
         ] + _affine(n, f"{base}.normed", scale, bias, list(per_channel), consts)
 
+    def _batchnorm_training(self, n, params, shapes):
+        """A :func:`batchnorm.marker` node: its running statistics and a batch counter are buffers."""
+        x, scale, bias, mean, var = n.input
+        if not all(t in params for t in (scale, bias, mean, var)) or x not in shapes:
+            self.problems.append(f"BatchNormalization (node {n.name!r}) in training mode: its scale, bias and "
+                                 f"running statistics must be initializers of the file and its input's shape known")
+            return []
+        count = f"{n.name or n.output[0]}/num_batches_tracked"
+        params[count] = np.zeros(1, np.float32)
+        self.synthetic.add(count)
+        return [batchnorm.marker(x, scale, bias, (mean, var, count), n.output[0], name=n.name or n.output[0],
+                                 epsilon=_attr(n, "epsilon", 1e-5), momentum=1.0 - _attr(n, "momentum", 0.9),
+                                 rank=len(shapes[x]) + 1)]
+
     def _check(self, nodes, consts):
         """Every node trains exactly: an op of SUPPORTED, or a computation on shapes only (``Shape``
         of an activation and integer arithmetic on it, which has no gradient)."""
@@ -522,6 +536,8 @@ class _Importer:
             if n.op_type in _SHAPE_OPS or (n.op_type in _FOLDABLE and n.input
                                            and all(t in shape_valued or t in consts or not t for t in n.input)):
                 shape_valued.update(n.output)
+            elif n.domain == batchnorm.DOMAIN:
+                pass  # ours: a training-mode BatchNormalization
             elif n.domain not in ("", "ai.onnx"):
                 self.problems.append(f"{n.domain}.{where}: only standard ONNX ops can be trained here")
             elif n.op_type == "Pad":
@@ -615,10 +631,19 @@ class _Importer:
                 t for t in produced if any(t in n.input for g2 in groups[k + 1:] for n in g2))
             short: dict[str, str] = {}
             for n in grp:
+                if n.domain == batchnorm.DOMAIN:  # its buffers: <layer>.running_mean, ... (PyTorch's names)
+                    layer = re.sub(r"[^\w.]", "_", self._module(n) or n.name) or "bn"
+                    while f"{layer}.running_mean" in short.values():
+                        layer += "_"
+                    short.update(zip(n.input[3:6], batchnorm.buffers(layer)))
+                    for t in n.input[3:6]:
+                        initial[f"{name}.{short[t]}"] = params[t].astype(np.float32)
+                        if t not in self.synthetic:
+                            original[f"{name}.{short[t]}"] = t
                 for slot, t in enumerate(n.input):
                     if t in params and t not in short:
                         mod = self._module(n) or n.op_type.lower()
-                        s = t if re.fullmatch(r"[A-Za-z_][\w.]*", t) else f"{mod}.{('weight', 'bias')[slot - 1] if n.op_type in ('Conv', 'Gemm') and slot in (1, 2) else f'input{slot}'}"
+                        s = t if re.fullmatch(r"[A-Za-z_][\w.]*", t) else f"{mod}.{('weight', 'bias')[slot - 1] if n.op_type in ('Conv', 'Gemm', 'BatchNormalization') and slot in (1, 2) else f'input{slot}'}"
                         s = re.sub(r"[^\w.]", "_", s)
                         while s in short.values():
                             s += "_"
@@ -656,7 +681,15 @@ def _unit_fn(nodes, inp: str, out: str, consts, params, out_shape: Shape):
                 if t:
                     new.output[k] = rename.setdefault(t, f"{b.unit}/{t}")
             new.name = f"{b.unit}/{n.name or n.output[0]}"
-            b.nodes.append(new)
+            if new.domain != batchnorm.DOMAIN:
+                b.nodes.append(new)
+                continue
+            made: dict[str, np.ndarray] = {}
+            expanded, sums = batchnorm.expand(new, b.training, made)
+            b.nodes += [helper.make_node("Constant", [], [t], name=t, value=numpy_helper.from_array(v, t))
+                        for t, v in made.items()] + expanded
+            b.outputs += sums
+            b.momenta[new.input[3].rsplit(".", 1)[0]] = round(next(a.f for a in new.attribute if a.name == "momentum"), 6)
         return rename[out], out_shape
     return fn
 
@@ -672,7 +705,9 @@ def load(path: Path) -> ModelSpec:
 
 def export(path: Path, params: dict[str, np.ndarray], out: Path) -> int:
     """Write the model at ``path`` with its parameters replaced by ``params`` (a checkpoint of it) to
-    ``out``; returns how many initializers were replaced. The graph is the file's own, untouched."""
+    ``out``; returns how many initializers were replaced. The graph is the file's own, but for a
+    BatchNormalization trained in training mode: it is written in inference mode, normalising by the
+    running statistics training kept (PyTorch's ``model.eval()``)."""
     spec, found = inspect(Path(path))
     missing = sorted(set(found.original) - set(params))
     if missing:
@@ -681,6 +716,12 @@ def export(path: Path, params: dict[str, np.ndarray], out: Path) -> int:
     model = onnx.load(str(path))
     by_file = {found.original[k]: v for k, v in params.items() if k in found.original}
     g, n = model.graph, 0
+    for node in g.node:  # trained BatchNorm: the model as evaluated (its running statistics)
+        if node.op_type == "BatchNormalization" and _attr(node, "training_mode", 0):
+            for a in node.attribute:
+                if a.name == "training_mode":
+                    a.i = 0
+            del node.output[1:]
     for init in g.initializer:
         if init.name in by_file:
             init.CopyFrom(numpy_helper.from_array(by_file[init.name].astype(np.float32), init.name))

@@ -3,7 +3,9 @@
 worker_o holds the optimizer and its state. It sums its own parameter gradients with those s and
 l sent, then runs one step of this graph over every parameter: the update arithmetic happens
 inside ORT, the same way on every tier. The state (AdamW moments, step count) is numpy arrays
-that checkpoints save and that can move with their units.
+that checkpoints save and that can move with their units. BatchNorm's buffers are no parameters
+of the graph: their running statistics move by the sums that arrive in their gradients' place
+(:func:`hiertrain.train.batchnorm.update`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from hiertrain.errors import PlanError
+from hiertrain.train import batchnorm
 from hiertrain.train.models import IR_VERSION, OPSET, Shape
 from hiertrain.train.segments import session_options
 
@@ -82,20 +85,23 @@ def _graph(kind: str, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
 
 @dataclass
 class Optimizer:
-    """One optimizer over a fixed set of parameters (names and shapes)."""
+    """One optimizer over a fixed set of parameters (names and shapes); ``momenta``: the BatchNorm
+    layers among them (:attr:`hiertrain.train.models.ModelSpec.momentum`)."""
 
     config: OptimizerConfig
     shapes: Mapping[str, Shape]
     step_count: int = 0
     moments: dict[str, np.ndarray] = field(default_factory=dict)
+    momenta: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         so = session_options()
-        self.names = list(self.shapes)
-        self._session = ort.InferenceSession(_graph(self.config.kind, self.shapes).SerializeToString(), so,
-                                             providers=["CPUExecutionProvider"])
+        self.names = [n for n in self.shapes if not batchnorm.is_buffer(n)]
+        self._momenta = {p: m for p, m in self.momenta.items() if batchnorm.buffers(p)[0] in self.shapes}
+        self._session = ort.InferenceSession(_graph(self.config.kind, {n: self.shapes[n] for n in self.names})
+                                             .SerializeToString(), so, providers=["CPUExecutionProvider"])
         if self.config.kind == "adamw" and not self.moments:
-            for n, s in self.shapes.items():
+            for n, s in ((n, self.shapes[n]) for n in self.names):
                 self.moments[f"m:{n}"] = np.zeros(s, np.float32)
                 self.moments[f"v:{n}"] = np.zeros(s, np.float32)
 
@@ -116,7 +122,8 @@ class Optimizer:
                 feed[f"m{i}"], feed[f"v{i}"] = self.moments[f"m:{n}"], self.moments[f"v:{n}"]
         outs = self._session.run(None, feed)
         per = 1 if c.kind == "sgd" else 3
-        new = {}
+        new = {n: params[n] for n in self.shapes if batchnorm.is_buffer(n)}
+        new.update(batchnorm.update(params, grads, self._momenta))
         for i, n in enumerate(self.names):
             new[n] = outs[per * i]
             if c.kind == "adamw":

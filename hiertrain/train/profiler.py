@@ -71,7 +71,7 @@ def measure(model: str, batch: int, *, tier: str = "edge", threads: int = 0, rep
     for i in range(1, spec.n_units + 1):
         rt.segment(spec, i, i)
         if spec.param_shapes(i, i):
-            opts[i] = Optimizer(OptimizerConfig(optimizer), spec.param_shapes(i, i))
+            opts[i] = Optimizer(OptimizerConfig(optimizer), spec.param_shapes(i, i), momenta=spec.momentum)
     if on_ready is not None:
         on_ready()
     for i in range(1, spec.n_units + 1):

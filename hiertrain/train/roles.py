@@ -135,7 +135,8 @@ class OwnerRole:
             raise PlanError(f"cuts must satisfy 0 <= m_s <= m_l <= {spec.n_units} (m_s: {m_s}, m_l: {m_l})")
         self.spec, self.m_s, self.m_l = spec, m_s, m_l
         self.params: Params = dict(params)
-        self.optimizer = optimizer if isinstance(optimizer, Optimizer) else Optimizer(optimizer, spec.param_shapes())
+        self.optimizer = optimizer if isinstance(optimizer, Optimizer) else Optimizer(
+            optimizer, spec.param_shapes(), momenta=spec.momentum)
         self.seg1 = runtime.segment(spec, 1, m_s, input_grad=False) if m_s > 0 else None
         self.seg2 = runtime.segment(spec, m_s + 1, m_l, input_grad=m_s > 0) if m_l > m_s else None
         self.head = runtime.head(spec, m_l + 1)

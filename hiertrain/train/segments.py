@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from hiertrain.train import lowering
+from hiertrain.train import batchnorm, lowering
 from hiertrain.errors import PlanError, SegmentError
 from hiertrain.train.models import IR_VERSION, OPSET, ModelSpec, segment_graph
 
@@ -168,6 +168,21 @@ def _split(grad: onnx.ModelProto, bwd_outputs: list[str]) -> tuple[onnx.ModelPro
     return fwd, bwd, stash
 
 
+def _sums_with_gradients(grad: onnx.ModelProto, sums: list[str]) -> None:
+    """BatchNorm's sums, computed in the forward, are output with the gradients (a body segment's
+    backward): each is renamed where it is made and copied out by a node on the backward's side of
+    the split, so the forward stashes it."""
+    if not sums:
+        return
+    made = {t: f"{t}.sum" for t in sums}
+    for n in grad.graph.node:
+        for k, t in enumerate(n.output):
+            if t in made:
+                n.output[k] = made[t]
+    grad.graph.node.extend(helper.make_node("Identity", [made[t]], [t], name=f"{lowering.PREFIX}sums/{t}")
+                           for t in sums)
+
+
 @dataclass(frozen=True)
 class Built:
     """Paths and names of one built segment."""
@@ -250,7 +265,8 @@ def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool
                                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", spec.classes])]))
         params = {}
     g = fwd.graph
-    requires = set(params) | ({"x"} if input_grad else set())
+    sums = [o.name for o in g.output if o.name != "y"]  # BatchNorm buffers' sums: their "gradients"
+    requires = {p for p in params if not batchnorm.is_buffer(p)} | ({"x"} if input_grad else set())
     grads = [f"{p}_grad" for p in params] + (["x_grad"] if input_grad else [])
     if kind == "head":
         g.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))
@@ -262,10 +278,12 @@ def build(spec: ModelSpec, first: int, last: int, *, kind: str, input_grad: bool
         g.node.append(helper.make_node("ReduceSum", ["__ygy"], [LOSS], keepdims=0))
     del g.output[:]
     g.output.extend([helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
-                     helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+                     helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+                    + [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in sums])
     grad = _gradient_model(fwd, requires) if requires else fwd
     if lowered:
         grad = lowering.lower(grad, f"{spec.name} units {first}..{last}")
+    _sums_with_gradients(grad, sums)
     final, path = path, path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     path.mkdir(parents=True, exist_ok=True)  # build aside, then rename: other processes may share the cache
     if kind == "head":

@@ -1,0 +1,160 @@
+"""BatchNorm in training mode, against PyTorch: one worker with the whole batch trains exactly as
+``model.train()``; a split normalises per worker as DistributedDataParallel does, while the running
+statistics are the whole batch's; evaluation and ``model export`` use the running statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import byo
+from hiertrain.schedule import Schedule
+from hiertrain.train import evaluate, models, onnxmodel
+from hiertrain.train.hybrid import InProcessHybrid, SingleProcess
+from hiertrain.train.optim import OptimizerConfig
+from hiertrain.train.segments import Runtime
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+pytestmark = pytest.mark.unit
+LR = 0.1
+
+
+def net():
+    """BatchNorm2d after convolutions, BatchNorm1d after a linear layer; 7 units."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    byo._stats(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    return Runtime(root=tmp_path_factory.mktemp("segments"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    m = net()
+    path = byo.export(m, (3, 4, 4), tmp_path_factory.mktemp("bn") / "bn.onnx", train=True)
+    return m.state_dict(), path  # (exporting in training mode ran a batch through it: the file's statistics)
+
+
+def _torch(state):
+    m = net()
+    m.load_state_dict(state)
+    return m
+
+
+def _batches(n, size):
+    rng = np.random.default_rng(1)
+    return [(rng.standard_normal((size, 3, 4, 4)).astype(np.float32) * 2 + 0.5, rng.integers(0, 3, size))
+            for _ in range(n)]
+
+
+def _ours(params, spec):
+    """Our parameters by PyTorch's names (the file's initializers, and the batch counters)."""
+    found = onnxmodel.inspect(spec.source)[1]
+    out = {found.original[k]: v for k, v in params.items() if k in found.original}
+    out.update({k.split(".", 1)[1]: v for k, v in params.items() if k.endswith("num_batches_tracked")})
+    return out
+
+
+def _close(ours, m):
+    for k, v in m.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        np.testing.assert_allclose(ours[k], v.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_one_worker_trains_batchnorm_exactly_as_pytorch_in_training_mode(exported, runtime, tmp_path):
+    state, path = exported
+    m = _torch(state)
+    spec = models.get(str(path))
+    assert len(spec.momentum) == 3 and spec.momentum[next(p for p in spec.momentum if p.startswith("layer4"))] == 0.3
+    ours = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=LR), runtime=runtime)
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    m.train()
+    for step, (x, y) in enumerate(_batches(4, 6)):
+        loss = ours.step(x, y)
+        opt.zero_grad()
+        expected = nn.functional.cross_entropy(m(torch.from_numpy(x)), torch.from_numpy(y))
+        expected.backward()
+        opt.step()
+        assert loss == pytest.approx(expected.item(), rel=1e-5), f"step {step}"
+    mine = _ours(ours.params, spec)
+    _close(mine, m)
+    assert all(mine[k][0] == 4 for k in mine if k.endswith("num_batches_tracked"))
+
+    # evaluation uses the running statistics, as model.eval() does; so does the exported file
+    m.eval()
+    x = _batches(1, 5)[0][0]
+    expected = m(torch.from_numpy(x)).detach().numpy()
+    graph, _ = models.segment_graph(spec, 1, spec.n_units, training=False)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": x, **ours.params})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert onnxmodel.export(path, ours.params, tmp_path / "trained.onnx") == 4 * 2 + 3 * 4  # weights, statistics
+    got = ort.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _per_group_step(m, opt, x, y, schedule, unit_of):
+    """PyTorch with a split's statistics: each BatchNorm normalises over the samples of each worker
+    that runs its unit (o, s, l alone up to m_s; o with s up to m_l; all after), and its running
+    statistics move by the whole batch's."""
+    cuts = [0, schedule.b_o, schedule.b_o + schedule.b_s, schedule.batch]
+    h = [torch.from_numpy(x[a:b]) for a, b in zip(cuts, cuts[1:])]  # o, s, l
+    for j, layer in enumerate(m):
+        unit = unit_of(j)
+        together = [[0], [1], [2]] if unit <= schedule.m_s else [[0, 1], [2]] if unit <= schedule.m_l else [[0, 1, 2]]
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            whole = torch.cat(h).detach()
+            axes = [0, *range(2, whole.dim())]
+            n = whole.numel() / whole.shape[1]
+            with torch.no_grad():
+                layer.running_mean.mul_(1 - layer.momentum).add_(layer.momentum * whole.mean(axes))
+                layer.running_var.mul_(1 - layer.momentum).add_(layer.momentum * whole.var(axes, unbiased=False)
+                                                                 * n / (n - 1))
+        out = [None, None, None]
+        for grp in together:
+            rows = [h[g] for g in grp if len(h[g])]
+            if not rows:
+                continue
+            sizes = [len(h[g]) for g in grp]
+            both = torch.cat(rows) if len(rows) > 1 else rows[0]
+            if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                res = nn.functional.batch_norm(both, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+            else:
+                res = layer(both)
+            for g, part in zip(grp, torch.split(res, sizes)):
+                out[g] = part
+        h = [o if o is not None else hh for o, hh in zip(out, h)]
+    loss = nn.functional.cross_entropy(torch.cat(h), torch.from_numpy(y))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("m_s,m_l", [(2, 5), (1, 7), (4, 4)])
+def test_a_split_normalises_per_worker_and_keeps_the_whole_batchs_running_statistics(exported, runtime, m_s, m_l):
+    state, path = exported
+    m = _torch(state)
+    spec = models.get(str(path))
+    starts = [int(u.name[len("layer"):]) for u in spec.units]  # a unit is named after its first module
+
+    def unit_of(j):
+        return sum(1 for s in starts if s <= j)
+
+    schedule = Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=m_s, m_l=m_l, b_o=3, b_s=2, b_l=3)
+    ours = InProcessHybrid(spec, schedule, optimizer=OptimizerConfig("sgd", lr=LR), runtime=runtime)
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    m.train()
+    for step, (x, y) in enumerate(_batches(3, 8)):
+        assert ours.step(x, y) == pytest.approx(_per_group_step(m, opt, x, y, schedule, unit_of), rel=1e-5), step
+    _close(_ours(ours.params, spec), m)
