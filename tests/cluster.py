@@ -25,10 +25,12 @@ def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+", repl
     return replace(sched, replica_every=replica_every).versioned(version, effective).to_json()
 
 
-def equals_single_process(cluster: LocalCluster, iterations: int) -> tuple[dict[int, float], dict[str, Any]]:
+def equals_single_process(cluster: LocalCluster, iterations: int, plan: Any = None
+                          ) -> tuple[dict[int, float], dict[str, Any]]:
     """Every iteration 0..n-1 finished once, each loss within 1e-4 of single-process training on the
-    same batches; returns the run's losses and the reference weights."""
-    ref_losses, ref_params = reference(cluster, iterations)
+    same batches (with a ``plan``, of its hybrid iteration in one process); returns the run's losses
+    and the reference weights."""
+    ref_losses, ref_params = reference(cluster, iterations, None if plan is None else Schedule.from_json(plan))
     losses = cluster.losses()
     assert sorted(losses) == list(range(iterations))  # none lost, none done twice
     assert max(abs(losses[i] - ref_losses[i]) / ref_losses[i] for i in range(iterations)) < 1e-4

@@ -9,7 +9,7 @@ import pytest
 
 import byo
 from hiertrain.schedule import Schedule
-from hiertrain.train import evaluate, models, onnxmodel
+from hiertrain.train import models, onnxmodel
 from hiertrain.train.hybrid import InProcessHybrid, SingleProcess
 from hiertrain.train.optim import OptimizerConfig
 from hiertrain.train.segments import Runtime
@@ -66,7 +66,7 @@ def _close(ours, m):
     for k, v in m.state_dict().items():
         if k.endswith("num_batches_tracked"):
             continue
-        np.testing.assert_allclose(ours[k], v.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(ours[k], v.numpy(), rtol=1e-4, atol=1e-7, err_msg=k)
 
 
 def test_one_worker_trains_batchnorm_exactly_as_pytorch_in_training_mode(exported, runtime, tmp_path):
@@ -92,12 +92,9 @@ def test_one_worker_trains_batchnorm_exactly_as_pytorch_in_training_mode(exporte
     m.eval()
     x = _batches(1, 5)[0][0]
     expected = m(torch.from_numpy(x)).detach().numpy()
-    graph, _ = models.segment_graph(spec, 1, spec.n_units, training=False)
+    np.testing.assert_allclose(ours.predict(x), expected, rtol=1e-4, atol=1e-5)
     import onnxruntime as ort
 
-    got = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        ["y"], {"x": x, **ours.params})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert onnxmodel.export(path, ours.params, tmp_path / "trained.onnx") == 4 * 2 + 3 * 4  # weights, statistics
     got = ort.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,8 @@ UNITS = {"lenet5": 7, "alexnet": 8, "alexnet-small": 8, "vgg16": 16, "vgg19": 19
 def test_every_model_is_a_chain_of_named_units(name):
     spec = models.get(name)
     assert spec.n_units == UNITS[name]
-    shapes, params = spec.layout
+    shapes, params, momenta = spec.layout
+    assert momenta == {}  # the zoo has no BatchNorm
     assert shapes[0] == spec.input_shape and shapes[-1] == (spec.classes,)
     for i, unit_params in enumerate(params, 1):
         for p in unit_params:

@@ -23,6 +23,7 @@ from hiertrain.lab.emulation import THREADS
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.lab.harness import Harness, standby_broker, toml, unwinding
 from hiertrain.net.transport import Endpoint, Transport
+from hiertrain.schedule import Schedule
 
 JOB = "demo"
 
@@ -203,12 +204,21 @@ def consecutive(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[s
     return [(a, b) for a, b in zip(rows, rows[1:]) if b["iteration"] == a["iteration"] + 1]
 
 
-def reference(cluster: LocalCluster, iterations: int) -> tuple[list[float], dict[str, np.ndarray]]:
-    """Single-process training (SGD, the cluster's rate) on the batches the device draws."""
-    from hiertrain.train.hybrid import SingleProcess
+def reference(cluster: LocalCluster, iterations: int, schedule: Optional[Schedule] = None
+              ) -> tuple[list[float], dict[str, np.ndarray]]:
+    """Single-process training (SGD, the cluster's rate) on the batches the device draws; with a
+    ``schedule``, its hybrid iteration in one process (what a model with BatchNorm in training mode
+    equals: its statistics are per worker), on one thread as the slices' tiers run: statistics of a
+    few samples amplify the rounding of the order their sums are taken in (threads=0 parts from the
+    run by 8e-6 in 3 steps of a MobileNet, one thread by 1e-8)."""
+    from hiertrain.train.hybrid import InProcessHybrid, SingleProcess
     from hiertrain.train.optim import OptimizerConfig
+    from hiertrain.train.segments import Runtime
 
-    ref = SingleProcess(models.get(cluster.model), optimizer=OptimizerConfig("sgd", lr=cluster.lr))
+    opt = OptimizerConfig("sgd", lr=cluster.lr)
+    spec = models.get(cluster.model)
+    ref = SingleProcess(spec, optimizer=opt) if schedule is None else InProcessHybrid(
+        spec, schedule, optimizer=opt, runtime=Runtime(threads=1))
     ds = cluster.dataset()
     losses = [ref.step(*ds.batch(i, cluster.batch, seed=0)) for i in range(iterations)]
     return losses, ref.params

@@ -42,7 +42,7 @@ def held_out(cfg: TierConfig, spec: models.ModelSpec) -> data.Dataset:
 
 
 def evaluate(cfg: TierConfig, checkpoint_dir: Optional[Path] = None, *, batch: int = 256) -> Result:
-    import onnxruntime as ort
+    from hiertrain.train.segments import Predictor
 
     spec = models.get(cfg.model)
     where = checkpoint_dir or cfg.checkpoint_dir
@@ -51,15 +51,12 @@ def evaluate(cfg: TierConfig, checkpoint_dir: Optional[Path] = None, *, batch: i
     ck = checkpoint.load(where, list(spec.param_shapes()))
     if ck is None:
         raise ConfigError(f"no checkpoint in {where} (worker_o writes one every [checkpoint] every iterations)")
-    graph, _ = models.segment_graph(spec, 1, spec.n_units, training=False)  # BatchNorm: its running statistics
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    predict = Predictor(spec)  # BatchNorm by its running statistics
     ds = held_out(cfg, spec)
     correct, total_loss = 0, 0.0
     for start in range(0, len(ds), batch):
         x, y = ds.take(np.arange(start, min(start + batch, len(ds))))
-        logits = sess.run(["y"], {"x": x, **ck.params})[0].astype(np.float64)
+        logits = predict(ck.params, x).astype(np.float64)
         shifted = logits - logits.max(1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
         total_loss -= float(logp[np.arange(len(y)), y].sum())

@@ -15,7 +15,7 @@ from hiertrain.train.models import ModelSpec, init_params
 from hiertrain.train.optim import Optimizer, OptimizerConfig
 from hiertrain.train.roles import OwnerRole, Params, SliceRole
 from hiertrain.schedule import Schedule
-from hiertrain.train.segments import Runtime
+from hiertrain.train.segments import Predictor, Runtime
 
 
 def split_batch(schedule: Schedule, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,6 +71,7 @@ class SingleProcess:
                  seed: int = 0) -> None:
         self.spec = spec
         self.head = (runtime or Runtime()).head(spec, 1)
+        self._predict: Optional[Predictor] = None
         self.params: Params = dict(params) if params is not None else init_params(spec, seed)
         self.optimizer = Optimizer(optimizer, spec.param_shapes(), momenta=spec.momentum)
 
@@ -80,5 +81,7 @@ class SingleProcess:
         return loss
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        _, logits, _, _ = self.head.step(self.params, x, np.zeros(len(x), np.int64))
-        return logits
+        """Logits in evaluation mode (BatchNorm by its running statistics)."""
+        if self._predict is None:
+            self._predict = Predictor(self.spec)
+        return self._predict(self.params, x)

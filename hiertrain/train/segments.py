@@ -369,6 +369,20 @@ class Segment:
         return (outs[-1] if self.built.input_grad else None), grads
 
 
+class Predictor:
+    """The whole model in evaluation mode (BatchNorm by its running statistics): logits of samples."""
+
+    def __init__(self, spec: ModelSpec, *, threads: int = 0) -> None:
+        graph, _ = segment_graph(spec, 1, spec.n_units, training=False)
+        self._sess = ort.InferenceSession(graph.SerializeToString(), session_options(threads),
+                                          providers=["CPUExecutionProvider"])
+        self._inputs = [i.name for i in self._sess.get_inputs()]
+
+    def __call__(self, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        feed = {**params, "x": x}
+        return self._sess.run(["y"], {k: feed[k] for k in self._inputs})[0]
+
+
 class Runtime:
     """Builds segments on demand and keeps their sessions; one per process (or per emulated tier).
 
