@@ -155,3 +155,28 @@ def test_a_split_normalises_per_worker_and_keeps_the_whole_batchs_running_statis
     for step, (x, y) in enumerate(_batches(3, 8)):
         assert ours.step(x, y) == pytest.approx(_per_group_step(m, opt, x, y, schedule, unit_of), rel=1e-5), step
     _close(_ours(ours.params, spec), m)
+
+
+def test_a_fleets_running_statistics_are_the_whole_rounds_whatever_the_members_paths(exported, runtime):
+    """The first BatchNorm's input does not depend on how the batch is split (no BatchNorm before
+    it), so its running statistics after a round equal one worker's on the whole batch: the sums
+    reach the edge unweighted from the device's, the edge's and the cloud's parts alike."""
+    from hiertrain.train.fleetroles import InProcessFleet, Member, Round
+    from hiertrain.train.optim import Optimizer
+
+    _, path = exported
+    spec = models.get(str(path))
+    one = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=LR), runtime=runtime)
+    fleet = InProcessFleet(spec, runtime, one.params, Optimizer(OptimizerConfig("sgd", lr=LR), spec.param_shapes(),
+                                                                momenta=spec.momentum))
+    members = (Member("pi0", 3, 0, 0, 7), Member("pi1", 2, 0, 2, 4), Member("pi2", 3, 0, 7, 7), Member("pi3", 2, 0, 1, 3))
+    x, y = _batches(1, 10)[0]
+    starts = np.cumsum([0] + [mb.n for mb in members])
+    fleet.step(Round(0, 0, 1, spec.n_units, members),
+               {mb.name: (x[a:b], y[a:b]) for mb, a, b in zip(members, starts, starts[1:])})
+    one.step(x, y)
+    first = next(p for p in spec.momentum if p.startswith("layer1."))
+    for name in (f"{first}.running_mean", f"{first}.running_var", f"{first}.num_batches_tracked"):
+        np.testing.assert_allclose(fleet.params[name], one.params[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    later = next(p for p in spec.momentum if p.startswith("layer8."))  # after per-member normalisation
+    assert not np.allclose(fleet.params[f"{later}.running_mean"], one.params[f"{later}.running_mean"], rtol=1e-5)
