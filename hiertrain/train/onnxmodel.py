@@ -645,7 +645,7 @@ class _Importer:
                         mod = self._module(n) or n.op_type.lower()
                         s = t if re.fullmatch(r"[A-Za-z_][\w.]*", t) else f"{mod}.{('weight', 'bias')[slot - 1] if n.op_type in ('Conv', 'Gemm', 'BatchNormalization') and slot in (1, 2) else f'input{slot}'}"
                         s = re.sub(r"[^\w.]", "_", s)
-                        while s in short.values():
+                        while s in short.values() or batchnorm.is_buffer(s):  # (those names are BatchNorm's)
                             s += "_"
                         short[t] = s
                         initial[f"{name}.{s}"] = params[t].astype(np.float32)
