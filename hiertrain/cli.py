@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "samplecodec", "profile", "testbed",
-                                         "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet"])
+                                         "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet",
+                                         "families"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule; failover: iterations per run")
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=_positive_int, default=4, help="fleet: devices (Pi 3, Pi 4, Jetson-class)")
     bench.add_argument("--medium", default="5,20,50", help="fleet: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
+    bench.add_argument("--data", help="families: an .npz of images (x [N, C, H, W], y) to train each family on")
+    bench.add_argument("--families", default="resnet,mobilenetv2,efficientnet,regnety,convnext,vit",
+                       help="families: which architectures")
+    bench.add_argument("--lr", type=_positive_float, default=0.05, help="families: SGD learning rate")
     bench.set_defaults(handler=commands.cmd_bench)
     return p
 

@@ -23,6 +23,7 @@ BENCHES = {
     "planner": "hiertrain.planner.bench",
     "fleet-planner": "hiertrain.planner.fleetbench",
     "fleet": "hiertrain.bench.fleet",
+    "families": "hiertrain.bench.families",
 }
 
 
