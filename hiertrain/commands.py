@@ -299,6 +299,9 @@ def cmd_model_import(args: argparse.Namespace) -> int:
           f"{found.cut_points} cut points, {spec.n_units} units")
     for i, u in enumerate(found.units, 1):
         print(f"  {i:>3} {u['name']:<24} {u['params']:>10,} params  out {u['output']}  {' '.join(u['ops'])}")
+    if spec.momentum:
+        print(f"BatchNorm in training mode: {len(spec.momentum)} layers normalise by their batch (per worker where "
+              f"a split divides it) and keep running statistics for evaluation and model export")
     print(f"gradients of every op built and lowered in {checked:.2f} s" if checked is not None else
           "gradients not checked here (no onnxruntime-training builder" + (")" if not args.no_check else "; --no-check)"))
     print(f'train it: [train] model = "{args.file}" in every tier\'s config, or hiertrain demo --model {args.file}')

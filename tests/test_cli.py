@@ -24,6 +24,9 @@ def run(*args, timeout=120):
     (["nonsense"], "invalid choice"),
     (["schedule", "watch", "--config", "/nonexistent.toml"], "does not exist"),
     (["bench", "wire", "--count", "0"], "must be at least 1"),
+    (["bench", "families"], "--data FILE.npz"),
+    (["bench", "families", "--data", "x.csv"], "--data FILE.npz"),
+    (["bench", "families", "--data", "/nonexistent.npz"], "cannot read /nonexistent.npz"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, needle):
     r = run(*args)

@@ -195,9 +195,28 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     replans = [(path, rp) for path in sorted(d.glob("replan-*.json")) for rp in [_load(path)] if rp]
     for path, rp in replans:
         lines += replan_section(rp, path.with_suffix(".png").name)
+    fam = _load(d / "families.json")
+    if fam:
+        lines += families_section(fam)
     (d / "REPORT.md").write_text("\n".join(lines) + "\n")
     return {"bench": "report", "path": str(d / "REPORT.md"), "models": [r["model"] for r in testbeds],
-            "edgecores": bool(cores), "replan": bool(replans)}
+            "edgecores": bool(cores), "replan": bool(replans), "families": bool(fam)}
+
+
+def families_section(fam: dict[str, Any]) -> list[str]:
+    """``bench families``: the architectures users bring, from scratch, BatchNorm in training mode."""
+    out = ["## The models users bring, trained from scratch (`bench families`)", "",
+           f"On {Path(fam['data']).name} ({fam['samples']} samples {fam['shape']}, {fam['classes']} classes; a fifth "
+           f"held out), {fam['iterations']} iterations of batch {fam['batch']}, SGD at {fam['lr']}, by `hiertrain demo` "
+           f"(Mosquitto, profile, planner, three tiers on one machine). BatchNorm in training mode.", "",
+           "| family | units | cut points | BatchNorm layers | params | accuracy before | after | ms/iteration "
+           "| schedules | plan | ops |", "|---" * 11 + "|"]
+    for r in fam["rows"]:
+        out.append(f"| {r['family']} | {r['units']} | {r['cut_points']} | {r['batchnorm_layers']} | {r['params']} | "
+                   f"{_fmt(r.get('accuracy_before'))} | {_fmt(r.get('accuracy_after'))} | "
+                   f"{_fmt(r.get('ms_per_iteration'), 1)} | {r['schedules']} | {r.get('plan', '-')} | "
+                   f"{', '.join(r['ops'])} |")
+    return out + [""]
 
 
 def replan_section(rp: dict[str, Any], png: str) -> list[str]:

@@ -655,7 +655,7 @@ class _Importer:
                                              tuple((t, s, tuple(params[t].shape)) for t, s in short.items()),
                                              tuple(shapes[out]) if out != self.y else (classes,))))
             info.append({"name": name, "ops": [n.op_type for n in grp], "nodes": len(grp),
-                         "params": int(sum(params[t].size for t in short)), "output": list(shapes.get(out, [classes]))})
+                         "params": int(sum(params[t].size for t, s in short.items() if not batchnorm.is_buffer(s))), "output": list(shapes.get(out, [classes]))})
             boundary = out
         spec = ModelSpec(self.name, input_shape, classes, tuple(units), initial=initial, source=str(self.path))
         return spec, Imported(self.path, self.name, input_shape, classes, info, n_cuts, sum(len(g) for g in groups),
