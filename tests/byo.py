@@ -17,23 +17,22 @@ import numpy as np
 def export(module, sample_shape, path: Path, *, train: bool = False, dynamic: bool = True, fold: bool = True,
            batchnorm: bool = False) -> Path:
     """As the README says: ``train``, the whole model in training mode; ``batchnorm``, BatchNorm in
-    training mode and Dropout in inference mode (what trains BatchNorm from scratch here)."""
+    training mode and Dropout in inference mode (what trains BatchNorm from scratch here: the
+    export ``bench families`` makes)."""
     import torch
-    import torch.nn as nn
 
-    module.train(train or batchnorm)
-    mode = torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL
     if batchnorm:
-        for m in module.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-        mode = torch.onnx.TrainingMode.PRESERVE
+        from hiertrain.bench.families import export as export_training_batchnorm
+
+        return export_training_batchnorm(module, sample_shape, path)
+    module.train(train)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.randn(2, *sample_shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None,
-                          training=mode, do_constant_folding=fold and not (train or batchnorm))
+                          training=torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL,
+                          do_constant_folding=fold and not train)
     return path
 
 
