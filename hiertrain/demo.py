@@ -52,7 +52,6 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
     from hiertrain.lab import cgroup
     from hiertrain.train import data, models
     from hiertrain.lab.emulation import profile_tiers
-    from hiertrain.train.hybrid import SingleProcess
     from hiertrain.lab.local import LocalCluster
 
     spec = models.get(model)  # a model file that cannot be trained, or data that does not fit: before starting
@@ -82,7 +81,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         cluster.start()
         _say(f"services: {', '.join(f'{n} (pid {p.pid})' for n, p in cluster.procs.items())}; logs in {work}")
 
-        before = _accuracy(SingleProcess(spec, params=models.init_params(spec, 0)), holdout)
+        before = _accuracy(spec, models.init_params(spec, 0), holdout)
         times, seen = _follow(cluster, iterations, timeout_s)
         return _ending(cluster, cluster.wait(timeout=timeout_s), cluster.final_checkpoint, spec, holdout, before,
                        times, iterations, "iteration", f"; schedules seen: {seen}")
@@ -91,7 +90,6 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
 def _ending(cluster: Any, codes: dict[str, Optional[int]], final: Any, spec: Any, holdout: Any, before: float,
             times: list[float], iterations: int, unit: str, extra: str = "") -> int:
     """A demo's last lines: the logs of what failed, or the times and the accuracy; its exit code."""
-    from hiertrain.train.hybrid import SingleProcess
 
     failed = {n: c for n, c in codes.items() if c != 0}
     if failed:
@@ -100,7 +98,7 @@ def _ending(cluster: Any, codes: dict[str, Optional[int]], final: Any, spec: Any
         _say(f"demo failed: {failed}")
         return 1
     ck = final()
-    after = _accuracy(SingleProcess(spec, params=ck.params), holdout) if ck else float("nan")
+    after = _accuracy(spec, ck.params, holdout) if ck else float("nan")
     steady = times[len(times) // 4:] or times
     _say(f"{unit}s: {len(times)}; median {1e3 * float(np.median(steady)):.1f} ms/{unit} (after warm-up){extra}")
     _say(f"accuracy on {len(holdout)} held-out samples: {before:.3f} before, {after:.3f} after")
@@ -140,9 +138,12 @@ def _follow(cluster: Any, iterations: int, timeout_s: float) -> tuple[list[float
     return times, seen
 
 
-def _accuracy(model: Any, ds: Any) -> float:
+def _accuracy(spec: Any, params: Any, ds: Any) -> float:
+    """Held-out accuracy in evaluation mode (no training graph is built for it)."""
+    from hiertrain.train.segments import Predictor
+
     x, y = ds.take(np.arange(len(ds)))
-    return float((model.predict(x).argmax(1) == y).mean())
+    return float((Predictor(spec)(params, x).argmax(1) == y).mean())
 
 
 # ------------------------------------------------------------------------------------------ fleet
@@ -172,7 +173,6 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
     from hiertrain.lab import cgroup
     from hiertrain.train import data, models
     from hiertrain.lab.fleetlocal import FleetCluster
-    from hiertrain.train.hybrid import SingleProcess
 
     spec = models.get(model)
     why_not = cgroup.available()
@@ -192,7 +192,7 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
         _say(f"broker: {c.broker.kind} on 127.0.0.1:{c.broker.port}; devices enrolled with their own accounts; "
              f"logs in {work}")
         c.start("cloud", "edge", *(s.name for s in specs))
-        before = _accuracy(SingleProcess(spec, params=models.init_params(spec, 0)), holdout)
+        before = _accuracy(spec, models.init_params(spec, 0), holdout)
         shown, last = -1, time.monotonic()
         while len(c.steps) < iterations and time.monotonic() - last < timeout_s and c.procs["edge"].poll() is None:
             if c.pump(0.5):
