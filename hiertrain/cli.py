@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hiertrain import commands
+from hiertrain.bench.families import RECIPES as FAMILIES
 from hiertrain.errors import HiertrainError
+
+OPTIMIZERS = ("sgd", "adamw")  # hiertrain.train.optim.KINDS, which needs onnx: the CLI's parser does not
 
 Handler = Callable[[argparse.Namespace], int]
 EXTRA_OF = {"onnx": "device", "onnxruntime": "device", "mip": "planner", "amqtt": "broker", "matplotlib": "bench",
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=_positive_int, default=40)
     demo.add_argument("--batch", type=_batch, default=32)
     demo.add_argument("--lr", type=_positive_float, default=0.05)
+    demo.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="sgd (the paper's) or adamw")
     demo.add_argument("--bw-device-edge", type=_positive_float, default=5.0, metavar="MBPS",
                       help="link rate the planner starts from (telemetry then measures the real one)")
     demo.add_argument("--bw-edge-cloud", type=_positive_float, default=1.5, metavar="MBPS")
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with")
     prof.add_argument("--repeat", type=_positive_int, default=7)
     prof.add_argument("--warmup", type=_positive_int, default=2)
-    prof.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    prof.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     prof.add_argument("--sample-dtype", choices=["uint8", "float32"],
                       help="how the data stores a sample, so how it travels (default: uint8 for images, else float32)")
     prof.set_defaults(handler=commands.cmd_profile)
@@ -269,9 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--medium", default="5,20,50", help="fleet: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.add_argument("--data", help="families: an .npz of images (x [N, C, H, W], y) to train each family on")
-    bench.add_argument("--families", default="resnet,mobilenetv2,efficientnet,regnety,convnext,vit",
+    bench.add_argument("--families", default=",".join(FAMILIES),
                        help="families: which architectures")
-    bench.add_argument("--lr", type=_positive_float, default=0.05, help="families: SGD learning rate")
+    bench.add_argument("--optimizer", default="recipe", choices=("recipe", *OPTIMIZERS),
+                       help="families: every family's (default: each its published recipe's)")
+    bench.add_argument("--lr", type=_positive_float,
+                       help="families: the learning rate (default: 0.05 for sgd, 0.005 for adamw)")
     bench.set_defaults(handler=commands.cmd_bench)
     return p
 

@@ -23,11 +23,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.data:
             raise ConfigError("--data with --devices: a fleet demo trains shards of the synthetic set")
         return demo.run_fleet(devices=args.devices, model=args.model, iterations=args.iterations, lr=args.lr,
-                              workdir=args.workdir, keep=args.keep, quotas=not args.no_quota)
+                              optimizer=args.optimizer, workdir=args.workdir, keep=args.keep, quotas=not args.no_quota)
     return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
                     bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
                     device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep,
-                    data_path=args.data)
+                    data_path=args.data, optimizer=args.optimizer)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

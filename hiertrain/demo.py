@@ -46,8 +46,8 @@ def _user_data(path: str, spec: Any) -> tuple[dict[str, Any], Any]:
 def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: float = 0.05,
         bw_device_edge: float = 5.0, bw_edge_cloud: float = 1.5, device_quota: Optional[float] = 0.15,
         workdir: Optional[str] = None, keep: bool = False, timeout_s: float = 120.0,
-        data_path: Optional[str] = None) -> int:
-    """``data_path``: the user's data (an .npz, a .csv, or a folder of class folders) instead of the
+        data_path: Optional[str] = None, optimizer: str = "sgd") -> int:
+    """``optimizer``: "sgd" (the paper's) or "adamw". ``data_path``: the user's data (an .npz, a .csv, or a folder of class folders) instead of the
     synthetic set; a fifth of it (at most 512 samples) is held out for the accuracy figures."""
     from hiertrain.lab import cgroup
     from hiertrain.train import data, models
@@ -68,7 +68,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         stack.callback(lambda: None if keep else shutil.rmtree(work, ignore_errors=True))
         cluster = stack.enter_context(LocalCluster(work, model=model, batch=batch, iterations=iterations, lr=lr,
                                                    timeout_s=timeout_s, every=iterations, device_quota=quota,
-                                                   **own))
+                                                   optimizer=optimizer, **own))
         assert cluster.broker is not None
         _say(f"broker: {cluster.broker.kind} on 127.0.0.1:{cluster.broker.port} (pid {cluster.broker.pid})"
              + ("" if cluster.broker.kind == "mosquitto" else
@@ -165,7 +165,7 @@ def fleet_specs(devices: int, *, quotas: bool) -> list[Any]:
     return out
 
 
-def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: float = 0.05,
+def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: float = 0.05, optimizer: str = "sgd",
               medium_mbps: float = 20.0, cloud_mbps: float = 5.0, workdir: Optional[str] = None, keep: bool = False,
               timeout_s: float = 120.0, quotas: bool = True) -> int:
     """``hiertrain demo --devices N``: a fleet on this machine. N enrolled devices (own accounts and
@@ -187,7 +187,7 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
         if not (quotas and why_not is None):
             _say(f"device emulation: no CPU quotas ({why_not or 'disabled'}): every device is as fast as one core")
         _say("profiling the edge, the cloud and each device class ...")
-        c = stack.enter_context(FleetCluster(work, specs, model=model, iterations=iterations, lr=lr,
+        c = stack.enter_context(FleetCluster(work, specs, model=model, iterations=iterations, lr=lr, optimizer=optimizer,
                                              timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps))
         _say(f"broker: {c.broker.kind} on 127.0.0.1:{c.broker.port}; devices enrolled with their own accounts; "
              f"logs in {work}")

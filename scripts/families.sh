@@ -16,5 +16,5 @@ d = load_digits()
 x = np.kron(d.images[:, None] / 16.0, np.ones((1, 1, 2, 2))).astype(np.float32)
 np.savez(sys.argv[1], x=x, y=d.target.astype(np.int64))
 PY
-.venv/bin/hiertrain bench families --data "$tmp/digits16.npz" --count 150 --batch 32 --lr 0.05 --out "$R/families.json" >/dev/null
+.venv/bin/hiertrain bench families --data "$tmp/digits16.npz" --count 150 --batch 32 --out "$R/families.json" >/dev/null
 .venv/bin/hiertrain bench report --results "$R" >/dev/null

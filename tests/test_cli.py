@@ -27,12 +27,21 @@ def run(*args, timeout=120):
     (["bench", "families"], "--data FILE.npz"),
     (["bench", "families", "--data", "x.csv"], "--data FILE.npz"),
     (["bench", "families", "--data", "/nonexistent.npz"], "cannot read /nonexistent.npz"),
+    (["bench", "families", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["demo", "--optimizer", "adam"], "invalid choice: 'adam'"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, needle):
     r = run(*args)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_the_parsers_optimizers_are_the_trainers():
+    from hiertrain.cli import OPTIMIZERS
+    from hiertrain.train.optim import KINDS
+
+    assert OPTIMIZERS == KINDS
 
 
 def test_broker_init_and_install_service(tmp_path):

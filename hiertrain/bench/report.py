@@ -207,12 +207,14 @@ def families_section(fam: dict[str, Any]) -> list[str]:
     """``bench families``: the architectures users bring, from scratch, BatchNorm in training mode."""
     out = ["## The models users bring, trained from scratch (`bench families`)", "",
            f"On {Path(fam['data']).name} ({fam['samples']} samples {fam['shape']}, {fam['classes']} classes; a fifth "
-           f"held out), {fam['iterations']} iterations of batch {fam['batch']}, SGD at {fam['lr']}, by `hiertrain demo` "
-           f"(Mosquitto, profile, planner, three tiers on one machine). BatchNorm in training mode.", "",
-           "| family | units | cut points | BatchNorm layers | params | accuracy before | after | ms/iteration "
-           "| schedules | plan | ops |", "|---" * 11 + "|"]
+           f"held out), {fam['iterations']} iterations of batch {fam['batch']}, by `hiertrain demo` "
+           f"(Mosquitto, profile, planner, three tiers on one machine), each family with its recipe's optimizer. "
+           f"BatchNorm in training mode.", "",
+           "| family | optimizer | units | cut points | BatchNorm layers | params | accuracy before | after | ms/iteration "
+           "| schedules | plan | ops |", "|---" * 12 + "|"]
     for r in fam["rows"]:
-        out.append(f"| {r['family']} | {r['units']} | {r['cut_points']} | {r['batchnorm_layers']} | {r['params']} | "
+        opt = f"{r['optimizer']} {r['lr']}" if "optimizer" in r else f"sgd {fam.get('lr')}"
+        out.append(f"| {r['family']} | {opt} | {r['units']} | {r['cut_points']} | {r['batchnorm_layers']} | {r['params']} | "
                    f"{_fmt(r.get('accuracy_before'))} | {_fmt(r.get('accuracy_after'))} | "
                    f"{_fmt(r.get('ms_per_iteration'), 1)} | {r['schedules']} | {r.get('plan', '-')} | "
                    f"{', '.join(r['ops'])} |")

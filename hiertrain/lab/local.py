@@ -36,7 +36,7 @@ class LocalCluster(Harness):
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
                  network: Any = None, launch: Optional[dict[str, list[str]]] = None,
                  collector: Optional[str] = None, standby: bool = False,
-                 data: Optional[dict[str, Any]] = None, holdout: int = 0) -> None:
+                 data: Optional[dict[str, Any]] = None, holdout: int = 0, optimizer: str = "sgd") -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
         another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own.
         ``every``: worker_o checkpoints every so many iterations into ``ck-<tier>`` of whichever
@@ -49,7 +49,7 @@ class LocalCluster(Harness):
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
         super().__init__(work, job, network=network, launch=launch)  # network: a hiertrain.lab.testbed.Testbed
-        self.model, self.batch, self.lr = model, batch, lr
+        self.model, self.batch, self.lr, self.optimizer = model, batch, lr, optimizer
         self.iterations, self.timeout_s = iterations, timeout_s
         self.broker = None
         host = {t: "127.0.0.1" for t in (*TIERS, "root")}
@@ -74,7 +74,8 @@ class LocalCluster(Harness):
         threads = {**THREADS, **(threads or {})}
         self.host = host
         self.configs = {t: toml(work / f"{t}.toml", job, broker_dir.credentials_file(t), {
-            "train": {"model": model, "batch": batch, "lr": lr, "iterations": iterations, "timeout_s": timeout_s},
+            "train": {"model": model, "batch": batch, "lr": lr, "optimizer": optimizer, "iterations": iterations,
+                      "timeout_s": timeout_s},
             "runtime": {"threads": threads[t], "cache": str(work / (f"cache-{t}" if t in self.launch else "cache")),
                         "chunk_kb": chunk_kb},
             **({"checkpoint": {"every": every, **({"dir": str(work / f"ck-{t}")} if collector in (None, t) else {}),
@@ -206,7 +207,7 @@ def consecutive(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[s
 
 def reference(cluster: LocalCluster, iterations: int, schedule: Optional[Schedule] = None
               ) -> tuple[list[float], dict[str, np.ndarray]]:
-    """Single-process training (SGD, the cluster's rate) on the batches the device draws; with a
+    """Single-process training (the cluster's optimizer and rate) on the batches the device draws; with a
     ``schedule``, its hybrid iteration in one process (what a model with BatchNorm in training mode
     equals: its statistics are per worker), on one thread as the slices' tiers run: statistics of a
     few samples amplify the rounding of the order their sums are taken in (threads=0 parts from the
@@ -215,7 +216,7 @@ def reference(cluster: LocalCluster, iterations: int, schedule: Optional[Schedul
     from hiertrain.train.optim import OptimizerConfig
     from hiertrain.train.segments import Runtime
 
-    opt = OptimizerConfig("sgd", lr=cluster.lr)
+    opt = OptimizerConfig(cluster.optimizer, lr=cluster.lr)
     spec = models.get(cluster.model)
     ref = SingleProcess(spec, optimizer=opt) if schedule is None else InProcessHybrid(
         spec, schedule, optimizer=opt, runtime=Runtime(threads=1))
