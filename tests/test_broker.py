@@ -318,6 +318,8 @@ def test_a_harness_that_fails_half_way_stops_the_broker_it_started(tmp_path):
     from hiertrain.lab.local import LocalCluster
 
     class Loopback:  # a network whose namespaces are this one
+        broker_for = {"device": "127.0.0.1", "edge": "127.0.0.1", "cloud": "127.0.0.1", "root": "127.0.0.1"}
+
         def prefix(self, where):
             return []
 
