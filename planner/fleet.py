@@ -38,11 +38,12 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from hiertrain.errors import PlanError
+from hiertrain.power import PowerModel
 
 MBIT = 1e6
 
@@ -54,6 +55,8 @@ class Device:
     unit_s: tuple[float, ...]          # seconds per sample, forward + backward, of each unit on it
     rate_mbps: float                   # the most its radio carries (r_d)
     private: bool = False              # its raw samples never leave it (m >= 1)
+    power: Optional[PowerModel] = None  # what it draws (default: hiertrain.power's pi4)
+    budget_j: Optional[float] = None   # the most joules it may spend in a step (planner.energy)
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,20 @@ def paths(fleet: Fleet, d: Device, *, min_k: int = 0) -> list[Path]:
     return [Path(m, k) for m in range(1 if d.private else 0, u + 1) for k in range(max(m, min_k), u + 1)]
 
 
+def device_bytes(fleet: Fleet, d: Device, m: int) -> tuple[float, float]:
+    """(bytes up, bytes down) over a device's link when it trains units 1..m: its activations at the
+    cut up and their gradient down (raw samples up alone for m = 0, nothing for m = U), the gradients
+    of its units up and their new weights down."""
+    u = fleet.units
+    act = d.samples * fleet.act_bytes[m]
+    params = sum(fleet.param_bytes[:m])
+    return (act if m < u else 0.0) + params, (act if 0 < m < u else 0.0) + params
+
+
 def device_terms(fleet: Fleet, d: Device, m: int) -> tuple[float, float]:
     """(compute seconds, bits over its link) of a device training units 1..m."""
-    u = fleet.units
-    dirs = 0 if m == u else 1 if m == 0 else 2
     compute = d.samples * sum(d.unit_s[:m])
-    bits = 8.0 * (d.samples * fleet.act_bytes[m] * dirs + 2.0 * sum(fleet.param_bytes[:m]))
-    return compute, bits
+    return compute, 8.0 * sum(device_bytes(fleet, d, m))
 
 
 def server_terms(fleet: Fleet, d: Device, p: Path) -> float:
@@ -195,14 +205,20 @@ def plan_of(policy: str, fleet: Fleet, chosen: Sequence[Path]) -> FleetPlan:
 
 # ------------------------------------------------------------------------------------ exact
 
-def brute_force(fleet: Fleet) -> FleetPlan:
+Allow = Callable[[Device, Path], bool]
+"""Which paths a device may take besides what :func:`paths` allows (an energy budget's)."""
+
+
+def brute_force(fleet: Fleet, *, allow: Optional[Allow] = None) -> FleetPlan:
     """Every combination of paths (small fleets only: the tests' reference)."""
     best = None
-    for chosen in itertools.product(*(paths(fleet, d) for d in fleet.devices)):
+    for chosen in itertools.product(*([p for p in paths(fleet, d) if allow is None or allow(d, p)]
+                                      for d in fleet.devices)):
         t = iteration_time(fleet, chosen)[0]
         if best is None or t < best[0] - 1e-15:
             best = (t, chosen)
-    assert best is not None
+    if best is None:
+        raise PlanError("no path of some device is allowed")
     return plan_of("brute-force", fleet, best[1])
 
 
@@ -215,9 +231,11 @@ class _Options:
     g: np.ndarray
 
 
-def _options(fleet: Fleet, d: Device, kappa: int) -> _Options:
-    """The device's paths with k >= kappa, less the dominated ones (no better in C, V and g)."""
-    ps = paths(fleet, d, min_k=kappa)
+def _options(fleet: Fleet, d: Device, kappa: int, allow: Optional[Allow] = None) -> _Options:
+    """The device's (allowed) paths with k >= kappa, less the dominated ones (no better in C, V and g)."""
+    ps = [p for p in paths(fleet, d, min_k=kappa) if allow is None or allow(d, p)]
+    if not ps:
+        return _Options([], np.zeros(0), np.zeros(0), np.zeros(0))
     terms = np.array([(*device_terms(fleet, d, p.m), server_terms(fleet, d, p)) for p in ps])
     keep = []
     order = np.lexsort((terms[:, 1], terms[:, 0], terms[:, 2]))
@@ -268,7 +286,7 @@ def _cheapest_within(fleet: Fleet, opts: list[_Options], tau: float,
     return float(front_g.min()), picks[::-1]
 
 
-def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
+def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None) -> FleetPlan:
     """The exact optimum of :func:`iteration_time` over every device's path and the shares, or,
     when the search outgrows ``budget_s``, the best plan found (``parts["optimal"]`` says which);
     never worse than any baseline of :data:`POLICIES`, which seed it.
@@ -279,7 +297,8 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
     walked down from infinity: each step takes the least-G assignment that fits below its
     predecessor's own tau, the only place a better plan can be; the walk ends when nothing fits, or
     when even the shortest device phase plus that G cannot beat the best plan (exact). Before the
-    walk, deadlines on a coarse grid give a good plan early, which tightens both ends."""
+    walk, deadlines on a coarse grid give a good plan early, which tightens both ends. ``allow``
+    restricts each device's paths (the baselines that take another are not seeds)."""
     import time
 
     from hiertrain.planner.fleetpolicies import baseline  # the baselines seed the walk (and one is this)
@@ -293,11 +312,13 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8) -> FleetPlan:
             seed = baseline(fleet, policy)
         except PlanError:
             continue
+        if allow is not None and not all(allow(d, p) for d, p in zip(fleet.devices, seed.paths)):
+            continue
         if math.isfinite(seed.iteration_s) and (best is None or seed.iteration_s < best[0]):
             best = (seed.iteration_s, list(seed.paths))
     branches = []
     for kappa in range(fleet.units + 1):
-        opts = [_options(fleet, d, kappa) for d in fleet.devices]
+        opts = [_options(fleet, d, kappa, allow) for d in fleet.devices]
         if any(not len(o.paths) for o in opts):
             continue
         floor = max(float(np.min(o.compute)) for o in opts)  # no device phase is shorter

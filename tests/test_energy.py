@@ -1,0 +1,362 @@
+"""Energy: the power model against hand arithmetic, the readers against recorded outputs of their
+interfaces, the plan accounting against its array form, and the energy planners against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+
+from hiertrain import TIERS
+from hiertrain.errors import ConfigError, PlanError
+from hiertrain.meters import Jetson, Meter, Pmic, Rapl, detect, pmic_watts
+from hiertrain.plan import Group, Plan, Stage
+from hiertrain.power import CLASSES, PowerModel, joules, power_of, with_overrides
+from hiertrain.schedule import Schedule
+from hiertrain.planner import energy as E
+from hiertrain.planner import fleet as F
+from hiertrain.planner.baselines import _chains, chain_schedule
+from hiertrain.planner.costmodel import Bandwidth, iteration_time, tables
+from synthetic import random_profile
+
+pytestmark = pytest.mark.unit
+
+# `vcgencmd pmic_read_adc` on a Raspberry Pi 5 (firmware 2024-05), idle at the desktop
+PMIC_OUTPUT = """\
+ 3V7_WL_SW_A current(0)=0.00390372A
+   3V3_SYS_A current(1)=0.05171500A
+   1V8_SYS_A current(2)=0.17665020A
+  DDR_VDD2_A current(3)=0.02049600A
+  DDR_VDDQ_A current(4)=0.00000000A
+   1V1_SYS_A current(5)=0.18495350A
+   0V8_SYS_A current(6)=0.37174350A
+  VDD_CORE_A current(7)=0.67651600A
+   3V3_DAC_A current(17)=0.00007320A
+   3V3_ADC_A current(18)=0.00030500A
+   0V8_AON_A current(16)=0.00454020A
+      HDMI_A current(22)=0.02079520A
+ 3V7_WL_SW_V volt(8)=3.74426400V
+   3V3_SYS_V volt(9)=3.31216000V
+   1V8_SYS_V volt(10)=1.79940000V
+  DDR_VDD2_V volt(11)=1.11256800V
+  DDR_VDDQ_V volt(12)=0.60470800V
+   1V1_SYS_V volt(13)=1.10490400V
+   0V8_SYS_V volt(14)=0.80060940V
+  VDD_CORE_V volt(15)=0.72266000V
+   3V3_DAC_V volt(20)=3.31151900V
+   3V3_ADC_V volt(21)=3.30969000V
+   0V8_AON_V volt(19)=0.80000000V
+      HDMI_V volt(23)=5.16180000V
+     EXT5V_V volt(24)=5.15052000V
+      BATT_V volt(25)=0.00000000V
+"""
+
+# jtop().power on a Jetson Orin Nano (jetson-stats 4.2), mW and mV
+JTOP_POWER = {
+    "rail": {"VDD_IN": {"online": True, "type": "INA3221", "status": "ok", "volt": 5072, "curr": 1312,
+                        "warn": 32760, "crit": 32760, "power": 6654, "avg": 6620},
+             "VDD_CPU_GPU_CV": {"online": True, "type": "INA3221", "status": "ok", "volt": 5064, "curr": 400,
+                                "warn": 32760, "crit": 32760, "power": 2025, "avg": 2010}},
+    "tot": {"volt": 5072, "curr": 1312, "warn": 32760, "crit": 32760, "power": 6654, "avg": 6620,
+            "name": "VDD_IN", "online": True, "type": "INA3221", "status": "ok"},
+}
+
+
+# ------------------------------------------------------------------------ the model
+
+def test_joules_by_hand():
+    pi = PowerModel(idle_w=2.0, busy_w=6.0, tx_nj_per_bit=100.0, rx_nj_per_bit=50.0)
+    # 1.5 s step, 0.5 s of it computing, 10 kB sent, 20 kB received
+    assert joules(pi, 1.5, 0.5, 10_000, 20_000) == pytest.approx(2.0 * 1.5 + 4.0 * 0.5 + 8e-9 * (100 * 1e4 + 50 * 2e4))
+    assert joules(pi, 1.5, 0.5, 10_000, 20_000) == pytest.approx(5.016)
+
+
+def test_power_models_from_classes_tables_and_a_fleet_files_overrides():
+    assert power_of("pi4") == CLASSES["pi4"]
+    custom = power_of({"class": "pi3", "busy_w": 6.0})
+    assert (custom.idle_w, custom.busy_w, custom.name) == (1.9, 6.0, "pi3*")
+    assert power_of({"idle_w": 1, "busy_w": 2, "tx_nj_per_bit": 3, "rx_nj_per_bit": 4}).busy_w == 2
+    classes = with_overrides({"pi4": {"idle_w": 3.0}, "solar-node": {"idle_w": 0.5, "busy_w": 2.5,
+                                                                     "tx_nj_per_bit": 50, "rx_nj_per_bit": 20}},
+                             where="fleet.toml:")
+    assert classes["pi4"].idle_w == 3.0 and classes["pi4"].busy_w == 6.4 and classes["solar-node"].busy_w == 2.5
+    for bad, match in [("pi9", "unknown device class 'pi9'"), ({"class": "pi4", "watts": 3}, "unknown key 'watts'"),
+                       ({"idle_w": 1.0}, "without a class it needs busy_w"), ({"class": "pi4", "busy_w": "7"}, "not a number"),
+                       ({"class": "pi4", "busy_w": 1.0}, "below idle_w"), (3, "expected a device class")]:
+        with pytest.raises(ConfigError, match=match):
+            power_of(bad)
+
+
+# ----------------------------------------------------------------------- the readers
+
+def _zone(root, name, uj, max_uj, sub=False):
+    z = root / name
+    z.mkdir()
+    (z / "name").write_text("core\n" if sub else "package-0\n")
+    (z / "energy_uj").write_text(f"{uj}\n")
+    (z / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return z
+
+
+def test_rapl_sums_the_packages_and_undoes_a_wrap(tmp_path):
+    a = _zone(tmp_path, "intel-rapl:0", 262_143_000_000, 262_143_328_850)
+    b = _zone(tmp_path, "intel-rapl:1", 5_000_000, 262_143_328_850)
+    _zone(tmp_path, "intel-rapl:0:0", 1_000, 262_143_328_850, sub=True)  # a part of package 0: not added again
+    rapl = Rapl(tmp_path)
+    assert [z.name for z in rapl.zones] == ["intel-rapl:0", "intel-rapl:1"]
+    (a / "energy_uj").write_text("1000000\n")   # wrapped: 328_850 + 1 up to the top, then 1 J
+    (b / "energy_uj").write_text("7500000\n")   # 2.5 J
+    assert rapl.read() == pytest.approx((328_851 + 1_000_000 + 2_500_000) * 1e-6)
+    with pytest.raises(ConfigError, match="no RAPL zones"):
+        Rapl(tmp_path / "none")
+
+
+def test_the_pi5_pmic_reading_is_the_rails_volts_times_amps():
+    rails = {}
+    for line in PMIC_OUTPUT.splitlines():
+        name, value = line.split("=")
+        rail, kind = name.split()[0].rsplit("_", 1)
+        rails.setdefault(rail, {})[kind] = float(value[:-1])
+    expected = sum(v["A"] * v["V"] for v in rails.values() if "A" in v)
+    assert pmic_watts(PMIC_OUTPUT) == pytest.approx(expected)
+    assert 1.5 < expected < 1.8  # (about 1.6 W: the rails after the 5 V input, idle)
+    assert Pmic(run=lambda: PMIC_OUTPUT).read() == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="no rail"):
+        pmic_watts("error=1 error_msg=\"Command not registered\"\n")
+
+
+def test_jetson_stats_total_power_in_watts():
+    class Handle:
+        power = JTOP_POWER
+
+    assert Jetson(Handle()).read() == pytest.approx(6.654)
+    Handle.power = {"rail": {}}
+    with pytest.raises(ConfigError, match="no total power"):
+        Jetson(Handle())
+
+
+def test_detect_on_this_machine_falls_back_to_the_model_and_refuses_what_it_lacks():
+    assert detect("model") is None
+    if not any((p / "energy_uj").exists() for p in E_powercap()):
+        assert detect("auto") is None or detect("auto").source in ("pmic", "jetson")
+        with pytest.raises(ConfigError, match="energy source rapl: not available here"):
+            detect("rapl")
+    with pytest.raises(ConfigError, match="unknown energy source 'battery'"):
+        detect("battery")
+
+
+def E_powercap():
+    from hiertrain.meters import POWERCAP
+
+    return list(POWERCAP.glob("intel-rapl:*")) if POWERCAP.exists() else []
+
+
+def test_a_meter_counts_each_steps_joules_from_the_model_or_a_reader():
+    pi = PowerModel(2.0, 6.0, 100.0, 50.0, "pi")
+    m = Meter(pi)
+    first = m.step(1.0, 0.25, 1000, 0)
+    assert first == {"joules": pytest.approx(2.0 + 1.0 + 8e-9 * 1e5, abs=1e-6), "joules_total": first["joules"],
+                     "source": "model:pi"}
+    second = m.step(1.0, 0.0, 1000, 2000)  # only what changed since: 2 kB received
+    assert second["joules"] == pytest.approx(2.0 + 8e-9 * 50 * 2000, abs=1e-6)
+    assert m.step(2.0, 5.0, 1000, 2000)["joules"] == pytest.approx(2 * 6.0)  # busy no longer than the step
+
+    class Watts:
+        source, cumulative, now = "pmic", False, 4.0
+
+        def read(self):
+            return self.now
+
+    w = Watts()
+    meter = Meter(pi, w)
+    w.now = 6.0
+    assert meter.step(2.0, 0.0, 0, 0) == {"joules": pytest.approx(10.0), "joules_total": pytest.approx(10.0),
+                                          "source": "pmic"}
+
+
+# ---------------------------------------------------------------- the plan's accounting
+
+def test_usage_of_a_fleet_step_by_hand():
+    """One device trains unit 1 of 3, the edge unit 2, the cloud unit 3 (owner: the edge)."""
+    plan = Plan(3, (Group("pi", "pi", 4, (Stage("pi", 1, 1), Stage("edge", 2, 2), Stage("cloud", 3, 3))),),
+                ("edge",) * 3, "edge")
+    costs = E.Costs({"pi": [1.0, 2.0, 3.0], "edge": [0.1, 0.2, 0.3], "cloud": [0.01, 0.02, 0.03]},
+                    {"edge": [0.5, 0.5, 0.5]}, [100.0, 10.0, 20.0, 30.0], [1000.0, 2000.0, 3000.0])
+    use = E.usage(plan, costs)
+    # the device: 4 samples x 1 s; 4 x 10 B activations up + 1000 B gradients up, as much down (gradient, weights)
+    assert (use["pi"].busy_s, use["pi"].sent, use["pi"].received) == (4.0, 1040.0, 1040.0)
+    # the cloud: 4 x 0.03 s; 4 x 20 B in, gradient out, the weights of unit 3 in, its gradient out
+    assert use["cloud"].busy_s == pytest.approx(0.12)
+    assert (use["cloud"].sent, use["cloud"].received) == (3080.0, 3080.0)
+    # the edge: 4 x 0.2 s + three updates; everything above crosses its interface once
+    assert use["edge"].busy_s == pytest.approx(0.8 + 1.5)
+    assert (use["edge"].sent, use["edge"].received) == (1040.0 + 3080.0, 1040.0 + 3080.0)
+
+
+def test_device_to_cloud_traffic_crosses_the_edge_twice():
+    plan = Plan(2, (Group("c", "device", 3, (Stage("device", 1, 1), Stage("cloud", 2, 2))),), ("device", "cloud"))
+    costs = E.Costs({"device": [1.0, 1.0], "cloud": [1.0, 1.0]}, {}, [8.0, 4.0, 2.0], [0.0, 0.0])
+    use = E.usage(plan, costs)
+    assert (use["device"].sent, use["cloud"].received, use["edge"].received, use["edge"].sent) == (12, 12, 24, 24)
+    assert use["edge"].busy_s == 0
+
+
+def _schedules(n, batch):
+    """Every O/S/L schedule of n units and a batch (small instances only)."""
+    for o, s, l in itertools.permutations(TIERS):
+        for m_s in range(n + 1):
+            for m_l in range(m_s, n + 1):
+                for b_s in range(batch + 1):
+                    for b_l in range(batch + 1 - b_s):
+                        if (b_s and not m_s) or (b_l and not m_l):
+                            continue
+                        yield Schedule(mapping={"o": o, "s": s, "l": l}, m_s=m_s, m_l=m_l,
+                                       b_o=batch - b_s - b_l, b_s=b_s, b_l=b_l)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_array_accounting_is_the_plan_models(seed):
+    rng = np.random.default_rng(seed)
+    profile = random_profile(rng, 4)
+    tab = tables(profile, Bandwidth(8.0, 3.0))
+    costs = E.Costs.of_profile(profile)
+    scheds = list(_schedules(4, 3))
+    for s in random.Random(seed).sample(scheds, 60):
+        idx = [TIERS.index(s.mapping[r]) for r in ("o", "s", "l")]
+        busy, sent, recv = E.osl_usage(tab, *idx, s.m_s, s.m_l, s.b_o, s.b_s, s.b_l)
+        use = E.usage(s.plan(units=4, batch=3), costs, TIERS)
+        for i, t in enumerate(TIERS):
+            assert (busy[i], sent[i], recv[i]) == pytest.approx((use[t].busy_s, use[t].sent, use[t].received),
+                                                                rel=1e-12, abs=1e-12), (s, t)
+
+
+# ---------------------------------------------------------------- the three-tier planner
+
+def _everything(profile, bw, batch, powers):
+    """(seconds, joules per tier) of every schedule of HierTrain's space: O/S/L and chains."""
+    n = profile.n_units
+    out = []
+    for s in _schedules(n, batch):
+        t = iteration_time(profile, bw, s)
+        if math.isfinite(t):
+            out.append((t, E.schedule_joules(profile, bw, replace_t(s, t), powers=powers)))
+    tiers, cuts, _ = _chains("jointdnn+", n)
+    for c in cuts:
+        s = chain_schedule(tiers, c, n, batch, policy="hiertrain")
+        t = iteration_time(profile, bw, s)
+        out.append((t, E.schedule_joules(profile, bw, replace_t(s, t), powers=powers)))
+    return out
+
+
+def replace_t(s, t):
+    from dataclasses import replace
+
+    return replace(s, iteration_s=t)
+
+
+def _random_powers(rng):
+    return {"device": PowerModel(rng.uniform(0.5, 3), rng.uniform(3.5, 10), rng.uniform(10, 500), rng.uniform(10, 300)),
+            "edge": PowerModel(rng.uniform(5, 60), rng.uniform(60, 200), 2.0, 2.0),
+            "cloud": PowerModel(rng.uniform(5, 60), rng.uniform(60, 200), 2.0, 2.0)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_energy_plans_equal_brute_force(seed):
+    rng = random.Random(seed)
+    for trial in range(3):
+        profile = random_profile(np.random.default_rng(100 * seed + trial), rng.randint(2, 3))
+        bw = Bandwidth(rng.uniform(0.5, 20), rng.uniform(0.5, 20))
+        batch, powers = rng.randint(2, 4), _random_powers(rng)
+        every = _everything(profile, bw, batch, powers)
+        quickest = min(t for t, _ in every)
+        deadline = quickest * rng.uniform(1.0, 3.0)
+        within = [(t, j) for t, j in every if t <= deadline * (1 + 1e-12)]
+
+        got = E.plan_three_tier(profile, bw, batch, E.Goal("energy", deadline_s=deadline), powers=powers)
+        assert got.joules["device"] == pytest.approx(min(j["device"] for _, j in within), rel=1e-9)
+        assert got.schedule.iteration_s <= deadline * (1 + 1e-12)
+
+        got = E.plan_three_tier(profile, bw, batch, E.Goal("energy", deadline_s=deadline, scope="all"), powers=powers)
+        assert sum(got.joules.values()) == pytest.approx(min(sum(j.values()) for _, j in within), rel=1e-9)
+
+        budget = rng.uniform(min(j["device"] for _, j in every), max(j["device"] for _, j in every))
+        got = E.plan_three_tier(profile, bw, batch, E.Goal("budget", budget_j={"device": budget}), powers=powers)
+        assert got.schedule.iteration_s == pytest.approx(min(t for t, j in every if j["device"] <= budget), rel=1e-9)
+        assert got.joules["device"] <= budget * (1 + 1e-9)
+
+        got = E.plan_three_tier(profile, bw, batch, E.Goal("time"), powers=powers)
+        assert got.schedule.iteration_s == pytest.approx(quickest, rel=1e-9)
+
+
+def test_an_unmeetable_budget_or_deadline_is_one_clear_line():
+    profile = random_profile(np.random.default_rng(3), 3)
+    bw = Bandwidth(5.0, 5.0)
+    with pytest.raises(PlanError, match=r"^no plan meets the device's budget of 0.001 J per step: the least it can "
+                                        r"spend is [0-9.]+ J per step$"):
+        E.plan_three_tier(profile, bw, 8, E.Goal("budget", budget_j={"device": 0.001}))
+    with pytest.raises(PlanError, match=r"^no plan meets the deadline of 1e-06 s per step: the quickest takes"):
+        E.plan_three_tier(profile, bw, 8, E.Goal("energy", deadline_s=1e-6))
+    for kwargs, match in [({"objective": "cheap"}, "unknown objective"), ({"objective": "budget"}, "needs a budget"),
+                          ({"deadline_s": 0.0}, "deadline must be > 0"),
+                          ({"objective": "budget", "budget_j": {"device": -1.0}}, "positive number of joules")]:
+        with pytest.raises(PlanError, match=match):
+            E.Goal(**kwargs)
+
+
+# ------------------------------------------------------------------------ the fleet
+
+def _with_power(fleet, rng):
+    from dataclasses import replace
+
+    devices = []
+    for d in fleet.devices:
+        p = PowerModel(rng.uniform(0.5, 3), rng.uniform(3.5, 10), rng.uniform(10, 500), rng.uniform(10, 300))
+        devices.append(replace(d, power=p))
+    return replace(fleet, devices=tuple(devices))
+
+
+def _every_fleet_plan(fleet):
+    """(seconds, joules per machine) of every combination of paths."""
+    out = []
+    for chosen in itertools.product(*(F.paths(fleet, d) for d in fleet.devices)):
+        plan = F.plan_of("x", fleet, chosen)
+        out.append((plan.iteration_s, E.fleet_joules(fleet, plan)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_budgeted_fleet_plan_equals_brute_force(seed):
+    rng = random.Random(seed)
+    checked = 0
+    for _ in range(12):
+        fleet = _with_power(F.random_fleet(rng, rng.randint(1, 3), rng.randint(1, 3)), rng)
+        every = _every_fleet_plan(fleet)
+        # each budget somewhere between the least and the most that device spends in some plan
+        budgets = {d.name: rng.uniform(min(j[d.name] for _, j in every), max(j[d.name] for _, j in every))
+                   for d in fleet.devices if rng.random() < 0.8}
+        truth = min((t for t, j in every if all(j[n] <= b * (1 + 1e-12) for n, b in budgets.items())), default=math.inf)
+        if not math.isfinite(truth):
+            with pytest.raises(PlanError, match="no plan meets"):
+                E.fleet_budget(fleet, budgets)
+            continue
+        plan = E.fleet_budget(fleet, budgets)
+        assert plan.parts["optimal"]
+        assert plan.iteration_s == pytest.approx(truth, rel=1e-9)
+        joule = E.fleet_joules(fleet, plan)
+        assert all(joule[n] <= b * (1 + 1e-9) for n, b in budgets.items())
+        checked += 1
+    assert checked >= 4
+
+
+def test_fleet_joules_are_the_plan_models():
+    rng = random.Random(5)
+    fleet = _with_power(F.random_fleet(rng, 3, 4), rng)
+    plan = F.solve(fleet)
+    joule = E.fleet_joules(fleet, plan)
+    for d, p in zip(fleet.devices, plan.paths):
+        by_terms = d.power.idle_w * plan.iteration_s + E.device_dynamic(fleet, d, p.m)
+        assert joule[d.name] == pytest.approx(by_terms, rel=1e-12)
+    assert joule["edge"] > CLASSES["server"].idle_w * plan.iteration_s * (1 - 1e-12)
