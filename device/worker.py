@@ -9,7 +9,8 @@ it then takes the gradient at its cut and sends its parameter gradients. With m 
 own loss.
 
 With a ``[profile] file`` (and ``[fleet] samples``, ``rate_mbps``, ``private``) it publishes its
-profile, retained, and so joins a fleet whose file does not describe it (:mod:`hiertrain.edge.roster`).
+profile, retained, and so joins a fleet whose file does not describe it (:mod:`hiertrain.edge.roster`),
+with its power model and energy budget (``[energy]``); a budget that changes is published again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Optional
 import numpy as np
 
 from hiertrain.errors import ProtocolError
+from hiertrain.meters import EnergyConfig
+from hiertrain.power import CLASSES, KEYS
 from hiertrain.fleetservice import FleetService
 from hiertrain.net.compress import sample_tensors
 from hiertrain.train.fleetroles import Round
@@ -28,6 +31,7 @@ from hiertrain.tierconfig import TierConfig
 class DeviceWorker(FleetService):
     def __init__(self, cfg: TierConfig) -> None:
         super().__init__(cfg, account=cfg.endpoint.username, peers=frozenset({"edge"}))
+        self.budget: Optional[float] = None  # the energy budget it last published
         self.data = cfg.training_data(self.spec)
         self.transport.status_extra.update(fleet=True, samples=len(self.data))
 
@@ -35,12 +39,26 @@ class DeviceWorker(FleetService):
         return self.serve(f"fleet device with {len(self.data)} samples")
 
     def published_profile(self) -> Optional[dict[str, Any]]:
-        """Its timings and what it brings ([fleet] samples, rate_mbps, private), to join."""
+        """Its timings and what it brings ([fleet] samples, rate_mbps, private; [energy] its power model
+        and budget), to join."""
         if self.cfg.profile is None or self.cfg.fleet_join is None:
             return None
-        print(f"{self.account}: publishes its profile to join ({self.cfg.fleet_join['samples']} samples per step)",
-              flush=True)
-        return {**self.cfg.profile, "fleet": self.cfg.fleet_join}
+        energy = self.cfg.energy or EnergyConfig()
+        self.budget = energy.budget_now()
+        p = energy.power
+        power = {"class": p.name} if CLASSES.get(p.name) == p else {k: getattr(p, k) for k in KEYS}
+        tiers = {t: ({**v, "power": power} if t == "device" else v) for t, v in self.cfg.profile["tiers"].items()}
+        said = {**self.cfg.fleet_join, **({"budget_j": self.budget} if self.budget else {})}
+        budget = f", a budget of {self.budget:g} J per step" if self.budget else ""
+        print(f"{self.account}: publishes its profile to join ({said['samples']} samples per step{budget})", flush=True)
+        return {**self.cfg.profile, "tiers": tiers, "fleet": said}
+
+    def after_round(self) -> None:
+        """A budget that changed (its battery fell below [energy] low_pct, or came back) is published
+        with the profile: the edge re-plans the fleet from the next step."""
+        if self.cfg.profile is not None and self.cfg.fleet_join is not None and \
+                (self.cfg.energy or EnergyConfig()).budget_now() != self.budget:
+            self.announce()
 
     def work(self, rnd: Round, params: Params) -> None:
         mb = next((m for m in rnd.members if m.name == self.account), None)

@@ -28,6 +28,7 @@ import math
 import time
 import uuid
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -38,6 +39,7 @@ from hiertrain.train.fleetroles import Member, Round, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
+from hiertrain.planner import energy as E
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetfile as FF
 from hiertrain.planner import fleetpolicies as FP
@@ -78,6 +80,7 @@ class Coordinator(FleetService):
         self.paths: dict[str, F.Path] = {}
         self.version = 0
         self.plan: Optional[F.FleetPlan] = None
+        self.planned_fleet: Optional[F.Fleet] = None  # the fleet self.plan was made for
         self.publisher: Optional[PlanPublisher] = None
         if resume and cfg.checkpoint_dir is None:
             raise ConfigError(f"{cfg.path}: --resume needs a [checkpoint] dir to resume from")
@@ -112,7 +115,7 @@ class Coordinator(FleetService):
             print(f"edge: the fleet planner plans without the cloud: {why}", flush=True)
         plan = FP.choose(sub, pins=pins, policy=self.cfg.fleet_policy, cloud=cloud)
         self.version = next_version(self.publisher, self.version)
-        self.plan = plan
+        self.plan, self.planned_fleet = plan, sub
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())
         for name in set(names) | ({"cloud"} if cloud else set()) - planned:  # (re)joined: its past statuses are past
             self.transport.mailbox.forget(name)
@@ -232,7 +235,13 @@ class Coordinator(FleetService):
         self.transport.publish_json(topics.telemetry(self.cfg.job, "edge"), {
             "iteration": rnd.step, "loss": loss, "iteration_s": seconds, "role": "coordinator",
             "schedule_version": rnd.version, "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,
-            "fleet": row["members"]})
+            "fleet": row["members"], "energy": self._joules(seconds)})
+
+    def _joules(self, seconds: float) -> dict[str, Any]:
+        """Every machine's joules in a step of ``seconds`` under the plan, modeled (the devices' power
+        models; the edge's and the cloud's a server's): the devices measure none of their own here."""
+        joules = E.fleet_joules(self.planned_fleet, replace(self.plan, iteration_s=seconds))
+        return {"joules": {k: round(v, 6) for k, v in joules.items()}, "source": "model"}
 
     def _checkpoint(self, step: int) -> None:
         ck = state.snapshot(step, self.params, self.optimizer, self.version, self.offsets)

@@ -75,18 +75,21 @@ class Roster:
             return
         try:
             device = FF.published_device(self.file.fleet, name, payload, self.file.overrides.get(name, {}),
-                                        batch=self.batch)
+                                        batch=self.batch, classes=self.file.classes)
         except PlanError as exc:
             self._refuse(name, exc)
             if self.devices.pop(name, None) is not None:  # what it said before no longer holds
                 self.revision += 1
             return
         if self.devices.get(name) != device:
+            verb = "joins with its own profile" if name not in self.devices else "publishes a new profile"
             self.devices[name] = device
             self.revision += 1
             self._named = {said for said in self._named if said[0] != name}
-            print(f"edge: {name} joins with its own profile: {device.samples} samples per step, radio "
-                  f"{device.rate_mbps:g} Mbit/s{', private' if device.private else ''}", flush=True)
+            energy = (f", power {device.power.name}" if device.power else "") + \
+                (f", budget {device.budget_j:g} J per step" if device.budget_j else "")
+            print(f"edge: {name} {verb}: {device.samples} samples per step, radio "
+                  f"{device.rate_mbps:g} Mbit/s{', private' if device.private else ''}{energy}", flush=True)
 
     def _on_cloud(self, payload: Any) -> None:
         if self.file.cloud_known:

@@ -218,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cost-model", default="paper", choices=["paper", "calibrated"])
     plan.add_argument("--solver", default="exact", choices=["exact", "milp"],
                       help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
+    plan.add_argument("--objective", default="time", choices=["time", "energy", "budget"],
+                      help="time: the least seconds per step (default); energy: the least joules within --deadline; "
+                           "budget: the least seconds with the device within --energy-budget")
+    plan.add_argument("--deadline", type=_positive_float, metavar="S", help="energy: the most seconds per step")
+    plan.add_argument("--energy-budget", type=_positive_float, metavar="J",
+                      help="budget: the most joules the device may spend per step")
+    plan.add_argument("--energy-scope", default="devices", choices=["devices", "all"],
+                      help="energy: minimise the device's joules (default) or every machine's")
+    plan.add_argument("--power", action="append", default=[], metavar="TIER=CLASS",
+                      help="a tier's power model: pi3, pi4, pi5, jetson or server (default: the profile's "
+                           "\"power\", else device=pi4, edge and cloud server); repeat per tier")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(handler=commands.cmd_plan)
 
@@ -225,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "share of the medium), against EdgeSplit and the other baselines")
     pf.add_argument("file", help="a fleet file (TOML): the servers' profile, each device's profile, samples, radio")
     pf.add_argument("--budget", type=_positive_float, default=0.8, metavar="S", help="search time before settling")
+    pf.add_argument("--energy-budget", type=_positive_float, metavar="J",
+                    help="every device's most joules per step (beside the fleet file's budget_j)")
     pf.add_argument("--json", action="store_true", help="print one JSON object")
     pf.set_defaults(handler=commands.cmd_plan_fleet)
 

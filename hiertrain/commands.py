@@ -166,7 +166,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hiertrain import TIERS
+    from hiertrain.errors import ConfigError
     from hiertrain.profile import Profile
+    from hiertrain.planner import energy as E
     from hiertrain.planner.baselines import plan
     from hiertrain.planner.costmodel import Bandwidth
 
@@ -175,33 +180,76 @@ def cmd_plan(args: argparse.Namespace) -> int:
         other = Profile.load(path)
         for tier in other.tiers:
             profile = profile.merged(tier, other)
-    schedule = plan(profile, Bandwidth(args.bw_device_edge, args.bw_edge_cloud), args.batch,
-                    policy=args.policy, cost_model=args.cost_model, solver_name=args.solver)
+    overrides = {}
+    for item in args.power:
+        tier, _, cls = item.partition("=")
+        if tier not in TIERS or not cls:
+            raise ConfigError(f"--power {item!r}: expected TIER=CLASS with TIER one of {', '.join(TIERS)}")
+        overrides[tier] = cls
+    powers = E.tier_powers(profile, overrides)
+    bw = Bandwidth(args.bw_device_edge, args.bw_edge_cloud)
+    if args.objective == "energy" and args.energy_budget is not None or args.objective == "budget" and args.deadline:
+        raise ConfigError("--deadline goes with --objective energy, --energy-budget with --objective budget")
+    if args.objective == "budget" and args.energy_budget is None:
+        raise ConfigError("--objective budget needs --energy-budget J (the device's joules per step)")
+    if args.objective == "time":
+        schedule = plan(profile, bw, args.batch, policy=args.policy, cost_model=args.cost_model,
+                        solver_name=args.solver)
+        joules = E.schedule_joules(profile, bw, schedule, cost_model=args.cost_model, powers=powers)
+    else:
+        if args.policy != "hiertrain" or args.solver != "exact":
+            raise ConfigError(f"--objective {args.objective} searches HierTrain's space itself (no --policy or --solver)")
+        goal = E.Goal(args.objective, deadline_s=args.deadline or float("inf"),
+                      budget_j={"device": args.energy_budget} if args.energy_budget else {}, scope=args.energy_scope)
+        found = E.plan_three_tier(profile, bw, args.batch, goal, cost_model=args.cost_model, powers=powers)
+        schedule, joules = found.schedule, found.joules
+    schedule = replace(schedule, extra={**schedule.extra, "objective": args.objective,
+                                        "joules": {t: round(j, 6) for t, j in joules.items()}})
     if args.json:
         print(json.dumps(schedule.to_json()))
     else:
-        print(f"{schedule.describe()} (solved in {schedule.solve_s * 1e3:.1f} ms)")
+        spent = ", ".join(f"{t} {j:.3g} J" for t, j in joules.items())
+        print(f"{schedule.describe()}; per step {spent} (solved in {schedule.solve_s * 1e3:.1f} ms)")
     return 0
 
 
 def cmd_plan_fleet(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hiertrain.planner import energy as E
     from hiertrain.planner import fleet as F
     from hiertrain.planner import fleetfile as FF
     from hiertrain.planner import fleetpolicies as FP
 
     fl = FF.load(args.file)
-    plan = F.solve(fl, budget_s=args.budget)
-    others = {p: FP.baseline(fl, p).iteration_s for p in FP.POLICIES[1:]}
+    if args.energy_budget is not None:
+        fl = replace(fl, devices=tuple(replace(d, budget_j=d.budget_j or args.energy_budget) for d in fl.devices))
+    budgeted = any(d.budget_j for d in fl.devices)
+    plan = E.fleet_budget(fl, budget_s=args.budget) if budgeted else F.solve(fl, budget_s=args.budget)
+    others = {p: FP.baseline(fl, p) for p in FP.POLICIES[1:]}
+    joules = E.fleet_joules(fl, plan)
     if args.json:
         print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
-                          "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s}
+                          "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s,
+                                       "joules": joules[d.name], "budget_j": d.budget_j}
                                       for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
-                          "parts": plan.parts, "baselines_s": others}))
+                          "joules": joules, "parts": plan.parts,
+                          "baselines_s": {p: b.iteration_s for p, b in others.items()},
+                          "baselines_joules": {p: E.fleet_joules(fl, b) for p, b in others.items()}}))
         return 0
-    print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}):")
-    for line in F.describe(fl, plan):
-        print(f"  {line}")
-    print("baselines: " + ", ".join(f"{p} {t:.4f} s" for p, t in others.items()))
+    print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}"
+          f"{', within every energy budget' if budgeted else ''}):")
+    for d, line in zip(fl.devices, F.describe(fl, plan)):
+        budget = f" (budget {d.budget_j:g} J)" if d.budget_j else ""
+        print(f"  {line}; {joules[d.name]:.3g} J per step{budget}")
+    print(f"  edge {joules['edge']:.3g} J, cloud {joules['cloud']:.3g} J per step")
+
+    def devices_j(p: F.FleetPlan) -> float:
+        j = E.fleet_joules(fl, p)
+        return sum(j[d.name] for d in fl.devices)
+
+    print("baselines: " + ", ".join(f"{p} {b.iteration_s:.4f} s ({devices_j(b):.3g} J on the devices)"
+                                    for p, b in others.items()))
     return 0
 
 

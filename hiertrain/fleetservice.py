@@ -116,6 +116,7 @@ class FleetService:
                     except ProtocolError as exc:
                         log.warning("%s: refused round %d: %s", self.account, rnd.round, exc)
                     done = rnd.round
+                    self.after_round()
             except HiertrainError as exc:
                 self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
                 raise
@@ -132,6 +133,9 @@ class FleetService:
 
     def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+    def after_round(self) -> None:
+        """What a worker does between rounds: nothing, unless it says otherwise."""
 
     def _edge_lost(self, lost: TierLost) -> int:
         """The coordinator went away mid-run, or is back as a new process: drop the old run and wait

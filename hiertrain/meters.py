@@ -18,14 +18,16 @@ computed, the bytes it sent and received). :func:`detect` finds the reader a mac
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from hiertrain.errors import ConfigError
-from hiertrain.power import PowerModel, joules
+from hiertrain.power import DEFAULT_CLASS, KEYS, PowerModel, joules, power_of
 
 POWERCAP = Path("/sys/class/powercap")
 SOURCES = ("auto", "model", "rapl", "pmic", "jetson")
@@ -170,3 +172,48 @@ class Meter:
             self.last = now
         self.total_j += j
         return {"joules": round(j, 6), "joules_total": round(self.total_j, 6), "source": self.source}
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    """A tier's ``[energy]`` table: where its joules come from, its power model, and (a device) its
+    budget per step, lowered to ``low_budget_j`` while its battery is below ``low_pct`` percent."""
+
+    source: str = "auto"
+    power: PowerModel = power_of(DEFAULT_CLASS["device"])
+    budget_j: Optional[float] = None
+    battery: Optional[Path] = None
+    low_pct: float = 20.0
+    low_budget_j: Optional[float] = None
+
+    @classmethod
+    def of(cls, table: dict[str, Any], *, tier: str, resolve: Callable[[str], Path] = Path) -> "EnergyConfig":
+        source = table.get("source", "auto")
+        if source not in SOURCES:
+            raise ConfigError(f"source = {source!r} is not one of {', '.join(SOURCES)}")
+        spec = {"class": table.get("power", DEFAULT_CLASS.get(tier, DEFAULT_CLASS["device"])),
+                **{k: table[k] for k in KEYS if k in table}}
+        power = power_of(spec, where="power")
+        for key in ("budget_j", "low_budget_j"):
+            if key in table and not 0 < table[key] < math.inf:
+                raise ConfigError(f"{key} = {table[key]} must be a positive number of joules per step")
+        if not 0 <= table.get("low_pct", 20.0) <= 100:
+            raise ConfigError(f"low_pct = {table['low_pct']} is not a percentage")
+        if ("battery" in table) != ("low_budget_j" in table):
+            raise ConfigError("battery and low_budget_j go together (the budget while the battery is low)")
+        return cls(source, power, table.get("budget_j"), resolve(table["battery"]) if "battery" in table else None,
+                   table.get("low_pct", 20.0), table.get("low_budget_j"))
+
+    def meter(self) -> Meter:
+        return Meter(self.power, detect(self.source))
+
+    def budget_now(self) -> Optional[float]:
+        """The budget in force: ``low_budget_j`` while the battery reads below ``low_pct`` (an unreadable
+        battery counts as not low), else ``budget_j``."""
+        if self.battery is not None and self.low_budget_j is not None:
+            try:
+                if float(self.battery.read_text().strip()) < self.low_pct:
+                    return self.low_budget_j
+            except (OSError, ValueError):
+                pass
+        return self.budget_j

@@ -32,6 +32,7 @@ import numpy as np
 
 from hiertrain.clock import Clock, Follower
 from hiertrain.device.clock import DeviceClock
+from hiertrain.meters import EnergyConfig
 from hiertrain.errors import Diverged, HiertrainError, PlanError, TierLost
 from hiertrain.exchanges import Exchange, exchanges, need, one, select
 from hiertrain.failover import Failover
@@ -85,6 +86,8 @@ class TierService:
                             timeout_s=cfg.timeout_s)
         self.holding = Holding(self.spec, cfg.tier, batch=cfg.batch, optimizer=cfg.optimizer, seed=cfg.seed)
         self.state = StateKeeper(cfg, self.view, self.holding)
+        self.energy = cfg.energy or EnergyConfig()
+        self.meter = self.energy.meter()  # joules per step in telemetry
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
             if cfg.tier == "device" else Follower(self.view, timeout_s=cfg.timeout_s)
         self.failover = Failover(self.view, self.clock, self.state, reset=self._reset)
@@ -192,6 +195,8 @@ class TierService:
         out["wait_s"] = stats.wait_s
         out["phases"] = stats.phases
         out["cpu_s"], out["compute_cpu_s"] = stats.cpu_s(), stats.compute_cpu_s
+        out["energy"] = self.meter.step(out["iteration_s"], sum(stats.phases.values()), self.transport.sent_bytes,
+                                        self.transport.received_bytes)  # this step's joules, and their source
         if self.clock.reports_always or stats.phases or "loss" in out or i % IDLE_TELEMETRY_EVERY == 0 \
                 or sched.version != self._shown_version:
             self._telemetry(out)
@@ -335,6 +340,9 @@ class TierService:
                    "bytes_received": self.transport.received_bytes,
                    "messages_sent": self.transport.sent_messages, "messages_received": self.transport.received_messages,
                    "dropped": dict(self.transport.dropped)}
+        budget = self.energy.budget_now() if self.tier == "device" else None
+        if budget is not None:
+            payload["budget_j"] = budget
         self.transport.publish_json(topics.telemetry(self.cfg.job, self.tier), payload)
 
     # ---------------------------------------------------------------------- run

@@ -41,6 +41,14 @@
     samples = 8                   # a device's: with [profile] file, it publishes its profile and joins on its
     rate_mbps = 10                # own with this many samples per step, over a radio of this rate,
     private = true                # its raw samples never leaving it (the fleet file may override each)
+    [energy]                      # joules per step in telemetry, and a device's energy budget
+    source = "auto"               # rapl, pmic (Pi 5), jetson (jetson-stats), model, or auto: the first there
+    power = "pi4"                 # the power model's device class (pi3, pi4, pi5, jetson, server; default by
+    busy_w = 6.8                  # tier) and any of its figures: idle_w, busy_w, tx_nj_per_bit, rx_nj_per_bit
+    budget_j = 5.0                # a device's: the most joules it may spend per step (the planner keeps to it)
+    battery = "/sys/class/power_supply/BAT0/capacity"  # a device's: below low_pct percent,
+    low_pct = 20                  # its budget becomes low_budget_j (re-planned within two steps)
+    low_budget_j = 2.0
 """
 
 from __future__ import annotations
@@ -91,6 +99,7 @@ class TierConfig:
     fleet_policy: str = "hiertrain"     # the edge's: the fleet planner, or a baseline (plan-fleet lists them)
     fleet_planner: Optional[Endpoint] = None  # the edge's: the planner's account, to publish plans on the schedule topic
     fleet_join: Optional[dict[str, Any]] = None  # a device's: what it says of itself when it publishes its profile
+    energy: Optional[Any] = None        # the [energy] table: hiertrain.meters.EnergyConfig
 
     def load_data(self, spec: Any) -> Any:
         """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
@@ -127,6 +136,15 @@ def _profile(path: Path, tier: str) -> dict[str, Any]:
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 FRAME_HEADER_BYTES = 4096  # room for a frame's routing header and MQTT's own beside the chunk
+
+
+def _energy(cfg: Any, tier: str, table: dict[str, Any]) -> Any:
+    from hiertrain.meters import EnergyConfig
+
+    try:
+        return EnergyConfig.of(table, tier=tier, resolve=cfg.resolve)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.path}: [energy] {exc}") from None
 
 
 def _check_limits(c: TierConfig, path: Any) -> None:
@@ -217,6 +235,8 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "profile": {"file": str},
     "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str,
               "samples": int, "rate_mbps": float, "private": bool},
+    "energy": {"source": str, "power": str, "idle_w": float, "busy_w": float, "tx_nj_per_bit": float,
+               "rx_nj_per_bit": float, "budget_j": float, "battery": str, "low_pct": float, "low_budget_j": float},
 }
 """A tier config's tables and their keys: anything else is refused at load, naming it."""
 
@@ -225,7 +245,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
     if tier not in TIERS:
         raise ConfigError(f"unknown tier {tier!r}")
     cfg = config.load(path).only_tables(TABLES)
-    train, rt, ck, data, ev, prof, fleet = (cfg.table(name, keys) for name, keys in TABLES.items())
+    train, rt, ck, data, ev, prof, fleet, energy = (cfg.table(name, keys) for name, keys in TABLES.items())
 
     try:
         optimizer = OptimizerConfig(train.get("optimizer", "sgd"), lr=train.get("lr", 0.05),
@@ -255,6 +275,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         fleet_policy=fleet.get("policy", "hiertrain"),
         fleet_planner=_planner(cfg, fleet["planner"]) if "planner" in fleet else None,
         fleet_join={k: fleet[k] for k in ("samples", "rate_mbps", "private") if k in fleet} or None,
+        energy=_energy(cfg, tier, energy),
     )
     _check_limits(out, cfg.path)
     from hiertrain.train import models

@@ -333,6 +333,12 @@ def fleet_joules(fleet: F.Fleet, plan: F.FleetPlan) -> dict[str, float]:
     return energies(usage(model, Costs.of_fleet(fleet), ("edge", "cloud")), plan.iteration_s, fleet_powers(fleet))
 
 
+def within_budgets(fleet: F.Fleet, plan: F.FleetPlan) -> bool:
+    """Whether every device with a ``budget_j`` spends no more in a step of ``plan``."""
+    joule = fleet_joules(fleet, plan)
+    return all(joule[d.name] <= d.budget_j * (1 + 1e-9) for d in fleet.devices if d.budget_j)
+
+
 def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, *, budget_s: float = 0.8,
                  exact_reference: bool = False) -> F.FleetPlan:
     """The least seconds per step with every device within its joules per step (``budgets``, default

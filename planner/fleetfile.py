@@ -15,11 +15,11 @@ from hiertrain.errors import PlanError
 from hiertrain.planner.fleet import NO_CLOUD_S, Device, Fleet, Path
 
 
-def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bool]], *, medium_mbps: float,
+def from_profiles(servers: Any, devices: Sequence[tuple], *, medium_mbps: float,
                   cloud_mbps: float, need_cloud: bool = True) -> Fleet:
     """A fleet from hiertrain-profile/1 profiles: ``servers`` holds the edge's and the cloud's timings
-    (and the model's layers), each device ``(name, its profile, samples, radio Mbit/s, private)``
-    its own device timings (``hiertrain profile --tier device`` on that device). Without
+    (and the model's layers), each device ``(name, its profile, samples, radio Mbit/s, private[, power
+    model, joules budget])`` its own device timings (``hiertrain profile --tier device`` on that device). Without
     ``need_cloud`` the cloud's timings may be missing (it publishes its own): the fleet is then
     planned as one without a cloud (:func:`without_cloud`)."""
     for tier in ("edge", "cloud") if need_cloud else ("edge",):
@@ -30,8 +30,7 @@ def from_profiles(servers: Any, devices: Sequence[tuple[str, Any, int, float, bo
     cloud = servers.tiers.get("cloud")
     return Fleet(act_bytes=(servers.sample_bytes, *(layer.output_bytes for layer in servers.layers)),
                  param_bytes=tuple(layer.param_bytes for layer in servers.layers),
-                 devices=tuple(device_of(name, prof, layers, samples, rate, private)
-                               for name, prof, samples, rate, private in devices),
+                 devices=tuple(device_of(row[0], row[1], layers, *row[2:]) for row in devices),
                  edge_s=_per_unit(servers.tiers["edge"]),
                  cloud_s=_per_unit(cloud) if cloud is not None else (NO_CLOUD_S,) * len(layers),
                  medium_mbps=medium_mbps, cloud_mbps=cloud_mbps, layers=layers)
@@ -50,14 +49,26 @@ def _same_model(who: str, prof: Any, layers: Sequence[str]) -> None:
                         f"{theirs}, the fleet's {ours}")
 
 
-def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: float, private: bool) -> Device:
+def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: float, private: bool,
+              power: Any = None, budget_j: Optional[float] = None) -> Device:
     """A device from its own profile (``hiertrain profile --tier device`` on it), checked against the
-    model's layers."""
+    model's layers; its power model ``power`` (a :class:`~hiertrain.power.PowerModel`), else its
+    profile's ``power`` object, else the default class's."""
+    from hiertrain.errors import ConfigError
+    from hiertrain.power import power_of
+
     _same_model(f"device {name}", prof, layers)
     times = prof.tiers.get("device")
     if times is None or not times.can_train:
         raise PlanError(f"device {name}: its profile has no device timings")
-    return Device(name, samples, _per_unit(times), rate, private)
+    if power is None and times.extra.get("power") is not None:
+        try:
+            power = power_of(times.extra["power"], where=f"device {name}'s profile: power")
+        except ConfigError as exc:
+            raise PlanError(str(exc)) from None
+    if budget_j is not None and not budget_j > 0:
+        raise PlanError(f"device {name}: budget_j = {budget_j} must be > 0 joules per step")
+    return Device(name, samples, _per_unit(times), rate, private, power, budget_j)
 
 
 def published_cloud(fleet: Fleet, payload: Any) -> tuple[float, ...]:
@@ -73,12 +84,15 @@ def published_cloud(fleet: Fleet, payload: Any) -> tuple[float, ...]:
     return _per_unit(times)
 
 
-JOIN_KEYS = {"samples": int, "rate_mbps": float, "private": bool}
+JOIN_KEYS = {"samples": int, "rate_mbps": float, "private": bool, "power": str, "budget_j": float}
 """What a device says of itself beside its timings when it publishes its profile to join (its
-profile's ``"fleet"`` object), and what a fleet file's ``[[device]]`` may override of it."""
+profile's ``"fleet"`` object), and what a fleet file's ``[[device]]`` may override of it: ``power``
+names its device class (:data:`hiertrain.power.CLASSES` or the fleet file's ``[power.<class>]``),
+``budget_j`` the most joules it may spend in a step (publishing a new one re-plans the fleet)."""
 
 
-def published_device(fleet: Fleet, name: str, payload: Any, override: dict[str, Any], *, batch: int) -> Device:
+def published_device(fleet: Fleet, name: str, payload: Any, override: dict[str, Any], *, batch: int,
+                     classes: Any = None) -> Device:
     """A device from the profile it published (``hiertrain/<job>/<name>/profile``: hiertrain-profile/1
     with a ``"fleet"`` object of :data:`JOIN_KEYS`), the fleet file's ``override`` for it applied (the
     operator's word wins: privacy, radio rate). :class:`PlanError`, saying why, for anything else."""
@@ -100,7 +114,21 @@ def published_device(fleet: Fleet, name: str, payload: Any, override: dict[str, 
     if not 1 <= samples <= batch or not 0 < rate < math.inf:
         raise PlanError(f"device {name}'s profile: fleet samples = {samples} is not in 1..{batch} (the step's "
                         f"batch) or rate_mbps = {rate} is not > 0")
-    return device_of(name, prof, fleet.layers, samples, rate, said.get("private", False))
+    return device_of(name, prof, fleet.layers, samples, rate, said.get("private", False),
+                     _power(said.get("power"), classes, f"device {name}"), said.get("budget_j"))
+
+
+def _power(cls: Optional[str], classes: Any, who: str) -> Any:
+    """The power model of a class name (None: none given), as a :class:`PlanError` if unknown."""
+    from hiertrain.errors import ConfigError
+    from hiertrain.power import CLASSES, power_of
+
+    if cls is None:
+        return None
+    try:
+        return power_of(cls, classes=classes or CLASSES, where=f"{who}: power")
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -112,10 +140,11 @@ class FleetFile:
     overrides: dict[str, dict[str, Any]]
     pins: dict[str, Path]
     cloud_known: bool = True  # the servers' profile has the cloud's timings (else the cloud publishes them)
+    classes: Any = None       # the power classes, the file's [power.<class>] applied (hiertrain.power)
 
 
 DEVICE_KEYS = {"name": str, "profile": str, **JOIN_KEYS, "path": list}
-FILE_KEYS = {"profile": str, "medium_mbps": float, "cloud_mbps": float, "device": list}
+FILE_KEYS = {"profile": str, "medium_mbps": float, "cloud_mbps": float, "device": list, "power": "any"}
 
 
 def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
@@ -131,9 +160,13 @@ def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
         rate_mbps = 8                     # its radio
         private = true                    # its raw samples never leave it (default false)
         path = [2, 4]                     # optional: pinned (units 1..2 on it, 3..4 on the edge)
+        power = "pi3"                     # optional: its device class (default pi4), for its joules
+        budget_j = 4.0                    # optional: the most joules it may spend per step
         [[device]]                        # one that publishes its own profile: only what the operator
-        name = "pi7"                      # overrides (samples, rate_mbps, private, path)
+        name = "pi7"                      # overrides (samples, rate_mbps, private, power, budget_j, path)
         private = true
+        [power.pi3]                       # optional: a device class's figures (hiertrain.power), or a new class
+        busy_w = 5.5
 
     ``[[device]]`` tables are optional: a device that publishes its profile joins on its own.
     """
@@ -143,8 +176,13 @@ def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
     from hiertrain.errors import ConfigError
     from hiertrain.profile import Profile
 
+    from hiertrain.power import with_overrides
+
     path = FilePath(path)
     raw = typed(read_toml(path, "fleet file"), FILE_KEYS, where=f"{path}:")
+    if not isinstance(raw.get("power", {}), dict):
+        raise ConfigError(f"{path}: power must be tables [power.<class>]")
+    classes = with_overrides(raw.get("power", {}), where=f"{path}:")
 
     def need(table: dict, key: str, where: str) -> Any:
         if key not in table:
@@ -175,14 +213,18 @@ def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
             pins[name] = Path(*p)
         overrides[name] = {key: v for key, v in d.items() if key in JOIN_KEYS}
         if "profile" in d:
+            try:
+                power = _power(d.get("power"), classes, f"{path}: device {name}")
+            except PlanError as exc:
+                raise ConfigError(str(exc)) from None
             rows.append((name, profile(d["profile"]), need(d, "samples", where), need(d, "rate_mbps", where),
-                         d.get("private", False)))
+                         d.get("private", False), power, d.get("budget_j")))
     if pins and len(pins) != len(overrides):
         raise ConfigError(f"{path}: pin a path on every [[device]] or on none")
     servers = profile(need(raw, "profile", "the fleet"))
     fleet = from_profiles(servers, rows, medium_mbps=need(raw, "medium_mbps", "the fleet"),
                           cloud_mbps=need(raw, "cloud_mbps", "the fleet"), need_cloud=False)
-    return FleetFile(fleet, overrides, pins, cloud_known="cloud" in servers.tiers)
+    return FleetFile(fleet, overrides, pins, cloud_known="cloud" in servers.tiers, classes=classes)
 
 
 def load(path: Any) -> Fleet:

@@ -7,7 +7,10 @@ decides when a new schedule is due:
 - when a link's smoothed rate moves more than ``hysteresis`` (relative) away from the rate the
   current schedule was planned with; noise inside the band never re-plans (no flapping); a
   measurement more than twice the band away is a step change and replaces the estimate at once;
-- when a tier goes offline (it is planned around: no samples, no compute) or comes back.
+- when a tier goes offline (it is planned around: no samples, no compute) or comes back;
+- when the device reports another energy budget (``budget_j`` in its telemetry, joules per step: a
+  battery running low): the plan is then the fastest within it (:mod:`hiertrain.planner.energy`), or
+  the least-energy one if none is, and a plan over the budget is always replaced.
 
 A new plan is published only when it pays: it must place something differently, beat the current
 schedule at today's rates by ``min_gain`` (the rates are estimates, and a split of a sample or two
@@ -22,6 +25,7 @@ every iteration with the version it runs, so all tiers switch at the same iterat
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -30,6 +34,7 @@ from hiertrain.errors import PlanError
 from hiertrain.profile import Profile
 from hiertrain.plan import handover
 from hiertrain.schedule import Schedule
+from hiertrain.planner import energy as E
 from hiertrain.planner.baselines import plan
 from hiertrain.planner.costmodel import TCP_EFFICIENCY, Bandwidth, iteration_time, replica_every
 
@@ -74,6 +79,8 @@ class PlannerState:
     run: Optional[str] = None  # the device's current run
     samples: dict[str, list[float]] = field(default_factory=dict)  # recent measurements per link
     reprofiled: set[str] = field(default_factory=set)  # tiers whose new profile is not planned with yet
+    budget_j: Optional[float] = None  # the device's energy budget per step, as it last reported it
+    planned_budget: Optional[float] = None
 
     # ---------------------------------------------------------------- inputs
 
@@ -151,6 +158,13 @@ class PlannerState:
             self.on_rate(link, mbps)
         if it is not None:
             self._on_iteration(account, it)
+        budget = payload.get("budget_j")
+        if budget is not None:
+            if account != "device":
+                raise PlanError(f"unauthorized: {account} reported an energy budget; only the device has one")
+            if type(budget) not in (int, float) or not 0 < budget < math.inf:
+                raise PlanError(f"malformed: budget_j = {budget!r} from the device is not a positive number of joules")
+            self.budget_j = float(budget)
         version = payload.get("schedule_version")
         if type(version) is int and 0 <= version <= MAX_VERSION:
             self.version = max(self.version, version)  # a planner taking over (a standby) numbers on from there
@@ -220,6 +234,9 @@ class PlannerState:
             return f"tiers offline changed to {sorted(self.offline) or 'none'}"
         if self.reprofiled:
             return f"new profile of the {', '.join(sorted(self.reprofiled))}"
+        if self.budget_j != self.planned_budget:
+            return f"the device's energy budget is now {self.budget_j:g} J per step" if self.budget_j else \
+                "the device's energy budget was lifted"
         for link in LINKS:
             old, new = self.planned_rates[link], self.rates[link]
             if abs(new / old - 1) > self.hysteresis:
@@ -237,6 +254,9 @@ class PlannerState:
             return "the new plan places everything where it is", False
         if self.current.working & self.offline:  # the work must leave a lost tier, whatever moving costs
             return None, False
+        if self.budget_j is not None and E.schedule_joules(profile, bw, self.current, cost_model=self.cost_model
+                                                           )["device"] > self.budget_j * (1 + 1e-9):
+            return None, False  # the current plan spends more than the device may
         old_s = iteration_time(profile, bw, self.current, cost_model=self.cost_model)
         new_s = iteration_time(profile, bw, new, cost_model=self.cost_model)
         if new_s > old_s * (1 - self.min_gain):  # the rates it was planned from are estimates: a small gain is noise
@@ -255,6 +275,17 @@ class PlannerState:
             return (f"moving units {moved[0]}..{moved[-1]} from the {a} to the {b} would take {move_s:.3g} s, more "
                     f"than {self.horizon} iterations gain ({old_s:.3g} -> {new_s:.3g} s each)"), False
         return None, False
+
+    def _budgeted(self, profile: Profile, bw: Bandwidth) -> Schedule:
+        """The fastest schedule within the device's budget, or (none is) the one that spends least."""
+        goal = E.Goal("budget", budget_j={"device": self.budget_j})
+        try:
+            found = E.plan_three_tier(profile, bw, self.batch, goal, cost_model=self.cost_model)
+        except PlanError as exc:
+            log.warning("%s; planning the schedule that spends least", exc)
+            found = E.plan_three_tier(profile, bw, self.batch, E.Goal("energy"), cost_model=self.cost_model)
+        return replace(found.schedule, extra={**found.schedule.extra, "budget_j": self.budget_j,
+                                              "joules": {t: round(j, 6) for t, j in found.joules.items()}})
 
     def on_schedule(self, payload: Any) -> Optional[Schedule]:
         """A schedule seen on the topic. If it is not ours and not older than ours (another or an
@@ -285,13 +316,15 @@ class PlannerState:
             self.planned_offline = frozenset(self.offline)
             return None
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
-        schedule = self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
+        schedule = self._budgeted(profile, bw) if self.budget_j is not None else \
+            self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
         schedule = replace(schedule, replica_every=replica_every(profile, bw, schedule))
         keep, again = self._keep_current(profile, bw, schedule) if self.current is not None else (None, False)
         self.reprofiled.clear()  # what is planned with from now on, whether the plan is published or not
         if not again:  # (a plan held back for its small gain: the rates drifting on are judged again)
             self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)
+        self.planned_budget = self.budget_j
         if keep:
             log.info("not re-planning (%s): %s", why, keep)
             return None

@@ -360,3 +360,67 @@ def test_fleet_joules_are_the_plan_models():
         by_terms = d.power.idle_w * plan.iteration_s + E.device_dynamic(fleet, d, p.m)
         assert joule[d.name] == pytest.approx(by_terms, rel=1e-12)
     assert joule["edge"] > CLASSES["server"].idle_w * plan.iteration_s * (1 - 1e-12)
+
+
+def test_a_fleet_file_sets_power_classes_and_budgets_and_a_device_publishing_a_lower_budget_is_replanned(tmp_path):
+    """A fleet file's [power.<class>] and [[device]] power / budget_j; a device that publishes its profile
+    with a new budget_j changes the roster (the coordinator re-plans at its next step) and the plan it
+    gets keeps to the budget; a bad class or budget is one line."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from hiertrain.edge.roster import Roster
+    from hiertrain.planner import fleetfile as FF
+    from hiertrain.planner import fleetpolicies as FP
+    from hiertrain.profile import Profile
+
+    full = Profile.load(ROOT / "bench" / "profiles" / "lenet5.json").to_json()
+    (tmp_path / "servers.json").write_text(json.dumps(full))
+    text = ('profile = "servers.json"\nmedium_mbps = 20\ncloud_mbps = 5\n[power.pi3]\nbusy_w = 5.5\n'
+            '[[device]]\nname = "pi1"\nprofile = "servers.json"\nsamples = 8\nrate_mbps = 10\npower = "pi3"\n'
+            '[power.hungry]\nidle_w = 1.0\nbusy_w = 40.0\ntx_nj_per_bit = 10.0\nrx_nj_per_bit = 10.0\n'
+            '[[device]]\nname = "pi2"\npower = "hungry"\n')
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    file = FF.read(path)
+    assert file.fleet.devices[0].power == PowerModel(1.9, 5.5, 283.0, 137.0, "pi3")
+    roster = Roster(file, batch=16, where=path)
+    fleet_object = {"samples": 4, "rate_mbps": 8.0}
+    roster.on_profile("pi2", {**full, "fleet": fleet_object})
+    assert roster.devices["pi2"].power.name == "hungry" and roster.devices["pi2"].budget_j is None
+    fleet = roster.fleet_of(["pi1", "pi2"])
+    fastest = FP.choose(fleet, pins=None, policy="hiertrain", cloud=True)
+    least = min(j["pi2"] for _, j in _every_fleet_plan(fleet))
+    spent = E.fleet_joules(fleet, F.plan_of("x", fleet, fastest.paths))["pi2"]  # (budgets: the conservative step)
+    assert least < spent  # the fastest plan is not the one that spends least on pi2
+    revision = roster.revision
+    budget = least + 0.5 * (spent - least)
+    roster.on_profile("pi2", {**full, "fleet": {**fleet_object, "budget_j": budget}})  # its battery fell low
+    assert roster.revision == revision + 1 and roster.devices["pi2"].budget_j == budget
+    fleet = roster.fleet_of(["pi1", "pi2"])
+    kept = FP.choose(fleet, pins=None, policy="hiertrain", cloud=True)
+    if spent > budget:
+        assert kept.paths != fastest.paths
+    assert kept.policy == "hiertrain-budget" and E.within_budgets(fleet, F.plan_of("x", fleet, kept.paths))
+    roster.on_profile("pi2", {**full, "fleet": {**fleet_object, "budget_j": -1.0}})
+    assert "budget_j = -1.0 must be > 0" in roster._reasons["pi2"] and "pi2" not in roster.devices
+
+    out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(path), "--energy-budget", "50",
+                          "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["devices"][0]["budget_j"] == 50 and got["devices"][0]["joules"] <= 50
+    assert set(got["joules"]) == {"pi1", "edge", "cloud"} and set(got["baselines_joules"]) == set(FP.POLICIES[1:])
+    for bad, why in ((text.replace('power = "pi3"', 'power = "pi9"'), "unknown device class 'pi9'"),
+                     (text.replace("busy_w = 5.5", "busy_w = 0.5"), "below idle_w"),
+                     (text.replace('power = "pi3"', 'budget_j = -2.0'), "budget_j = -2.0 must be > 0")):
+        (tmp_path / "bad.toml").write_text(bad)
+        out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "bad.toml")],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 1 and why in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(path), "--energy-budget", "0.001"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1 and "no plan meets pi1's budget of 0.001 J per step" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

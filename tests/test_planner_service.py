@@ -10,6 +10,7 @@ from hiertrain.net import topics
 from hiertrain.schedule import Schedule, ScheduleFeed, Stage
 from hiertrain.planner.costmodel import TCP_EFFICIENCY
 from hiertrain.profile import Profile
+from hiertrain.errors import PlanError
 from hiertrain.planner.replan import PlannerState
 
 from conftest import PYTHON, ROOT
@@ -308,3 +309,44 @@ def test_the_replica_interval_keeps_replicas_within_their_share_of_the_device_li
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
     sched = s.decide()
     assert sched.replica_every == replica_every(s.profile, Bandwidth(5, 5), sched)
+
+
+def _hungry_device_profile(seed=3):
+    """A device as fast as the edge but drawing 30 W busy: the fastest plans compute on it."""
+    from dataclasses import replace
+
+    p = random_profile(np.random.default_rng(seed), 5)
+    device = replace(p.tiers["edge"], extra={"power": {"class": "pi4", "busy_w": 30.0}})
+    return Profile(p.model, p.sample_bytes, p.layers, {**p.tiers, "device": device}, p.extra)
+
+
+@pytest.mark.unit
+def test_a_device_whose_energy_budget_drops_is_replanned_within_two_steps():
+    from hiertrain.planner import energy as E
+    from hiertrain.planner.costmodel import Bandwidth
+
+    s = PlannerState(batch=32, hysteresis=0.2, lead=2, profile=_hungry_device_profile())
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    first = s.decide()
+    bw = Bandwidth(5, 5)
+    spent = E.schedule_joules(s.profile, bw, first)["device"]
+    least = E.plan_three_tier(s.profile, bw, 32, E.Goal("energy")).joules["device"]
+    assert least < 0.5 * spent  # the fastest plan is the hungry one
+    budget = (least + spent) / 2
+    s.on_telemetry("device", {"iteration": 40, "budget_j": budget})  # its battery fell low at step 40
+    new = s.decide()
+    assert new.version == 2 and new.effective_iteration == 42  # in effect two steps on
+    assert E.schedule_joules(s.profile, bw, new)["device"] <= budget * (1 + 1e-9)
+    assert new.to_json()["budget_j"] == budget and new.to_json()["joules"]["device"] <= budget * (1 + 1e-9)
+    best = E.plan_three_tier(s.profile, bw, 32, E.Goal("budget", budget_j={"device": budget}))
+    assert new.iteration_s == pytest.approx(best.schedule.iteration_s)
+    s.on_telemetry("device", {"iteration": 41, "budget_j": budget})  # the same budget again: nothing new
+    assert s.decide() is None
+    s.on_telemetry("device", {"iteration": 50, "budget_j": least / 10})  # cannot be met: the least-energy plan
+    third = s.decide()
+    assert third.version == 3 and third.to_json()["joules"]["device"] == pytest.approx(least)
+    for account, payload, why in (("edge", {"budget_j": 3.0}, "only the device has one"),
+                                  ("device", {"budget_j": -1}, "not a positive number"),
+                                  ("device", {"budget_j": "lots"}, "not a positive number")):
+        with pytest.raises(PlanError, match=why):
+            s.on_telemetry(account, payload)
