@@ -52,7 +52,8 @@ def placement(s: Schedule) -> dict[str, Any]:
     """What a schedule decides, without its version, timing and prediction (and the groups that only
     restate its placement)."""
     return {k: v for k, v in s.to_json().items() if k not in ("version", "effective_iteration", "iteration_s",
-                                                                "solve_s", "replica_every", "groups")}
+                                                                "solve_s", "replica_every", "groups", "objective",
+                                                                "joules", "budget_j")}
 
 
 @dataclass

@@ -424,3 +424,53 @@ def test_a_fleet_file_sets_power_classes_and_budgets_and_a_device_publishing_a_l
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 1 and "no plan meets pi1's budget of 0.001 J per step" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_every_tiers_telemetry_carries_its_joules_and_a_low_battery_replans_within_two_steps(cluster, tmp_path):
+    """A real job on Mosquitto with the planner service: each tier reports each step's joules (modeled:
+    no RAPL here) at no less than its idle draw; the device (as fast as the edge, but drawing 40 W
+    busy, on a wire) has a budget of 50 J per step until its battery file reads below 20 %, then
+    0.055 J: the planner moves its work off it, in effect two steps after the report, within the budget."""
+    import json
+    from dataclasses import replace
+
+    from conftest import ROOT
+    from hiertrain.profile import Profile
+
+    full = Profile.load(ROOT / "bench" / "profiles" / "lenet5.json")
+    hungry = {"class": "pi4", "busy_w": 40.0, "tx_nj_per_bit": 10.0, "rx_nj_per_bit": 10.0}
+    device = replace(full.tiers["edge"], extra={"power": hungry})
+    profile = tmp_path / "hungry.json"
+    profile.write_text(json.dumps(Profile(full.model, full.sample_bytes, full.layers,
+                                          {**full.tiers, "device": device}).to_json()))
+    battery = tmp_path / "capacity"
+    battery.write_text("80\n")
+    c = cluster(iterations=400, timeout_s=30, batch=16, energy={
+        "device": {"power": "pi4", "busy_w": 40.0, "tx_nj_per_bit": 10.0, "rx_nj_per_bit": 10.0, "budget_j": 50.0,
+                   "battery": str(battery), "low_pct": 20.0, "low_budget_j": 0.055},
+        "edge": {"power": "server"}, "cloud": {"power": "server", "idle_w": 30.0}})
+    c.start_planner(profile, bw_device_edge=100.0, bw_edge_cloud=100.0)
+    c.start()
+    c.wait_iteration(8)
+    battery.write_text("15\n")  # the battery falls low
+    codes = c.wait(timeout=180)
+    assert codes == {"device": 0, "edge": 0, "cloud": 0}, {t: c.log(t)[-2000:] for t in TIERS}
+    idle = {"device": 2.7, "edge": 50.0, "cloud": 30.0}
+    for tier in TIERS:
+        steps = [p for a, p in c.telemetry if a == tier and "energy" in p]
+        assert steps, tier
+        for p in steps:
+            e = p["energy"]
+            assert e["source"] == {"device": "model:pi4*", "edge": "model:server", "cloud": "model:server*"}[tier], e
+            assert e["joules"] >= idle[tier] * p["iteration_s"] - 1e-6, (tier, p)  # (rounded to the microjoule)
+    low = min(p["iteration"] for a, p in c.telemetry if a == "device" and p.get("budget_j") == 0.055)
+    budgeted = [s for s in c.schedules if s.get("budget_j") == 0.055]
+    assert budgeted, c.schedules
+    # in effect two steps after the newest step the planner heard of: the device's report of step `low`,
+    # or an edge's of step low + 1 that overtook it (the device had begun low + 1 before publishing)
+    assert budgeted[0]["effective_iteration"] <= low + 1 + 2
+    assert budgeted[0]["joules"]["device"] <= 0.055 and "device" not in budgeted[0]["mapping"]["o"]
+    last = next(s for s in c.schedules if s["version"] == c.versions()[399])  # (re-planned on measured rates too)
+    assert last["budget_j"] == 0.055 and last["joules"]["device"] <= 0.055  # kept to the budget to the end
+    assert c.schedules[0]["mapping"]["o"] == "device"  # before: the device trained everything

@@ -36,7 +36,8 @@ class LocalCluster(Harness):
                  device_quota: Optional[float] = None, quotas: Optional[dict[str, float]] = None,
                  network: Any = None, launch: Optional[dict[str, list[str]]] = None,
                  collector: Optional[str] = None, standby: bool = False,
-                 data: Optional[dict[str, Any]] = None, holdout: int = 0, optimizer: str = "sgd") -> None:
+                 data: Optional[dict[str, Any]] = None, holdout: int = 0, optimizer: str = "sgd",
+                 energy: Optional[dict[str, dict[str, Any]]] = None) -> None:
         """``launch``: per tier, the command that runs Python there (default this interpreter), e.g.
         another virtualenv's or an emulated arm64 machine's; such a tier gets a cache of its own.
         ``every``: worker_o checkpoints every so many iterations into ``ck-<tier>`` of whichever
@@ -44,7 +45,7 @@ class LocalCluster(Harness):
         ``standby``: a standby broker (a copy of the broker directory, on loopback) that the tiers and
         this cluster's own watch move to when theirs is gone (:attr:`standby_dir`).
         ``data``: the device's ``[data]`` section (default: the synthetic set), ``holdout`` its
-        ``[eval] holdout`` (samples it never trains on)."""
+        ``[eval] holdout`` (samples it never trains on). ``energy``: per tier, its ``[energy]`` table."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
 
@@ -81,7 +82,8 @@ class LocalCluster(Harness):
             **({"checkpoint": {"every": every, **({"dir": str(work / f"ck-{t}")} if collector in (None, t) else {}),
                                **({"collect": True} if collector == t else {})}} if every else {}),
             **({"data": data} if data and t == "device" else {}),
-            **({"eval": {"holdout": holdout}} if holdout and t == "device" else {})},
+            **({"eval": {"holdout": holdout}} if holdout and t == "device" else {}),
+            **({"energy": energy[t]} if energy and t in energy else {})},
             host=host[t], standby=addresses) for t in TIERS}
         planner_creds = replace(Endpoint.load(broker_dir.credentials_file("planner")), host=host["root"],
                                 standby=addresses)
