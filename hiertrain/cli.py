@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
     bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "samplecodec", "profile", "testbed",
                                          "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet",
-                                         "families"])
+                                         "families", "energy"])
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule; failover: iterations per run")
@@ -278,12 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--testbed", action="store_true",
                        help="failover: run each job in the testbed's namespaces, links shaped to --bw-device-edge (root)")
     bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
-                                                      "calibrated profile and quotas from")
+                                                      "calibrated profile and quotas from; energy: a bench fleet "
+                                                      "JSON whose measured seconds to add")
     bench.add_argument("--link", choices=["edge_cloud", "device_edge"], default="edge_cloud",
                        help="replan: the link whose rate changes (--points before,after)")
     bench.add_argument("--cores", default="1,2,3,4", help="edgecores: emulated edge cores")
-    bench.add_argument("--devices", type=_positive_int, default=4, help="fleet: devices (Pi 3, Pi 4, Jetson-class)")
-    bench.add_argument("--medium", default="5,20,50", help="fleet: rates of the shared device-edge medium, Mbit/s")
+    bench.add_argument("--devices", type=_positive_int, default=4, help="fleet, energy: devices (Pi 3, Pi 4, Jetson-class)")
+    bench.add_argument("--medium", default="5,20,50", help="fleet, energy: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.add_argument("--data", help="families: an .npz of images (x [N, C, H, W], y) to train each family on")
     bench.add_argument("--families", default=",".join(FAMILIES),

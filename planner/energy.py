@@ -378,3 +378,43 @@ def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, 
             break
         floor = t
     raise PlanError("the budgeted fleet plan did not settle")  # pragma: no cover
+
+
+MAX_CUT_VECTORS = 100_000
+
+
+def fleet_energy(fleet: F.Fleet, deadline_s: float = math.inf, *, budget_s: float = 0.8) -> F.FleetPlan:
+    """The plan of least device joules per step no slower than ``deadline_s``, exact: a device's joules
+    depend on its cut m and on the step's seconds T (its idle draw), so for each choice of every
+    device's cut the fastest plan with those cuts is the least-energy one (an exact fleet solve over
+    the edge/cloud splits), and the choices are visited by a lower bound (their dynamic joules plus
+    the idle draw over the fastest step of all) until none can beat the best. Exponential in the
+    devices: up to :data:`MAX_CUT_VECTORS` choices of cuts (five devices of nine units)."""
+    import itertools
+
+    cuts = [list(range(1 if d.private else 0, fleet.units + 1)) for d in fleet.devices]
+    if math.prod(len(c) for c in cuts) > MAX_CUT_VECTORS:
+        raise PlanError(f"minimum energy over {len(fleet.devices)} devices of {fleet.units} units is "
+                        f"{math.prod(len(c) for c in cuts)} choices of cuts, more than {MAX_CUT_VECTORS}; "
+                        f"plan with a budget per device instead (fleet_budget)")
+    fastest = F.solve(fleet, budget_s=budget_s)
+    if fastest.iteration_s > deadline_s * (1 + 1e-12):
+        raise PlanError(f"no plan meets the deadline of {deadline_s:g} s per step: the quickest takes "
+                        f"{fastest.iteration_s:.4g} s")
+    idle = sum((d.power or CLASSES[DEFAULT_CLASS["device"]]).idle_w for d in fleet.devices)
+    dyn = [[device_dynamic(fleet, d, m) for m in range(fleet.units + 1)] for d in fleet.devices]
+    choices = sorted(itertools.product(*cuts), key=lambda ms: sum(dyn[i][m] for i, m in enumerate(ms)))
+    best, best_j, optimal = fastest, sum(dyn[i][p.m] for i, p in enumerate(fastest.paths)) + idle * fastest.iteration_s, True
+    for ms in choices:
+        bound = sum(dyn[i][m] for i, m in enumerate(ms)) + idle * fastest.iteration_s
+        if bound >= best_j * (1 - 1e-12):
+            break  # sorted by their dynamic joules: every later choice is bounded higher
+        want = dict(zip((d.name for d in fleet.devices), ms))
+        plan = F.solve(fleet, budget_s=budget_s, allow=lambda d, p, want=want: p.m == want[d.name])
+        optimal &= bool(plan.parts.get("optimal", True))
+        j = sum(dyn[i][m] for i, m in enumerate(ms)) + idle * plan.iteration_s
+        if plan.iteration_s <= deadline_s * (1 + 1e-12) and j < best_j:
+            best, best_j = plan, j
+    best = replace(best, policy="hiertrain-energy")
+    best.parts["optimal"] = optimal
+    return best

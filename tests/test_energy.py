@@ -474,3 +474,21 @@ def test_every_tiers_telemetry_carries_its_joules_and_a_low_battery_replans_with
     last = next(s for s in c.schedules if s["version"] == c.versions()[399])  # (re-planned on measured rates too)
     assert last["budget_j"] == 0.055 and last["joules"]["device"] <= 0.055  # kept to the budget to the end
     assert c.schedules[0]["mapping"]["o"] == "device"  # before: the device trained everything
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_least_energy_fleet_plan_within_a_deadline_equals_brute_force(seed):
+    rng = random.Random(seed)
+    for _ in range(6):
+        fleet = _with_power(F.random_fleet(rng, rng.randint(1, 3), rng.randint(1, 3)), rng)
+        every = [(t, sum(j[d.name] for d in fleet.devices)) for t, j in _every_fleet_plan(fleet)]
+        deadline = min(t for t, _ in every) * rng.uniform(1.0, 2.0)
+        plan = E.fleet_energy(fleet, deadline)
+        joule = E.fleet_joules(fleet, plan)
+        assert plan.parts["optimal"] and plan.iteration_s <= deadline * (1 + 1e-9)
+        assert sum(joule[d.name] for d in fleet.devices) == pytest.approx(
+            min(j for t, j in every if t <= deadline * (1 + 1e-12)), rel=1e-9)
+    with pytest.raises(PlanError, match="^no plan meets the deadline of 1e-09 s per step: the quickest takes"):
+        E.fleet_energy(fleet, 1e-9)
+    with pytest.raises(PlanError, match="plan with a budget per device instead"):
+        E.fleet_energy(F.random_fleet(rng, 8, 6), 1.0)

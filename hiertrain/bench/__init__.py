@@ -24,6 +24,7 @@ BENCHES = {
     "fleet-planner": "hiertrain.planner.fleetbench",
     "fleet": "hiertrain.bench.fleet",
     "families": "hiertrain.bench.families",
+    "energy": "hiertrain.bench.energy",
 }
 
 

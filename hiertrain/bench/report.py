@@ -198,9 +198,38 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     fam = _load(d / "families.json")
     if fam:
         lines += families_section(fam)
+    energy = _load(d / "energy.json")
+    if energy:
+        lines += energy_section(energy, "energy.png")
     (d / "REPORT.md").write_text("\n".join(lines) + "\n")
     return {"bench": "report", "path": str(d / "REPORT.md"), "models": [r["model"] for r in testbeds],
-            "edgecores": bool(cores), "replan": bool(replans), "families": bool(fam)}
+            "edgecores": bool(cores), "replan": bool(replans), "families": bool(fam), "energy": bool(energy)}
+
+
+def energy_section(en: dict[str, Any], png: str) -> list[str]:
+    """``bench energy``: the fleet testbed's time/energy front and what the energy plans save (pure)."""
+    who = ", ".join(f"{d['name']} ({d['power']['name']}, {d['samples']} samples, {d['radio_mbps']:g} Mbit/s)"
+                    for d in en["devices"])
+    out = ["## Energy on the fleet testbed (`bench energy`)", "", f"![energy]({png})", "",
+           f"{en['model']}, devices {who}; device timings {en['device_timings']}; joules from the power model "
+           f"(`hiertrain/power.py`), seconds from the cost model"
+           + (f", and, marked measured, from `{Path(en['measured_from']).name}`'s runs on the testbed" if en.get("measured_from") else "")
+           + ".", "",
+           "| medium Mbit/s | front: seconds / devices' joules per step | at EdgeSplit's deadline | at per-device HierTrain's "
+           "| budgeted (no device above) | measured: policy seconds / joules |", "|---" * 6 + "|"]
+    for r in en["rows"]:
+        front = "; ".join(f"{_fmt(p['seconds'])} s / {_fmt(p['devices_j'])} J" for p in r["front"])
+        saves = []
+        for policy in ("edgesplit", "per-device-hiertrain"):
+            s = r["saving_at_equal_deadline"].get(policy)
+            saves.append("-" if s is None else f"{_fmt(s['theirs_j'])} -> {_fmt(s['ours']['devices_j'])} J "
+                                               f"({s['saving']:.1%} less) within {_fmt(s['deadline_s'])} s")
+        b = r.get("budgeted", {})
+        budget = b.get("error") or f"{_fmt(b.get('budget_j'))} J: {_fmt(b.get('seconds'))} s, {_fmt(b.get('devices_j'))} J"
+        measured = "; ".join(f"{p} {_fmt(v['measured']['seconds'])} s / {_fmt(v['measured']['devices_j'])} J"
+                             for p, v in r["policies"].items() if "measured" in v) or "-"
+        out.append(f"| {r['medium_mbps']:g} | {front} | {saves[0]} | {saves[1]} | {budget} | {measured} |")
+    return out + [""]
 
 
 def families_section(fam: dict[str, Any]) -> list[str]:
