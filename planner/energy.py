@@ -312,6 +312,11 @@ def schedule_joules(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost
 
 # ------------------------------------------------------------------------ the fleet
 
+def power_of_device(d: F.Device) -> PowerModel:
+    """A fleet device's power model (the default class's when it names none)."""
+    return d.power or CLASSES[DEFAULT_CLASS["device"]]
+
+
 def fleet_powers(fleet: F.Fleet, classes: Mapping[str, PowerModel] = CLASSES) -> dict[str, PowerModel]:
     """The edge's, the cloud's and every device's power model (a device's from its ``power``)."""
     return {"edge": classes["server"], "cloud": classes["server"],
@@ -320,7 +325,7 @@ def fleet_powers(fleet: F.Fleet, classes: Mapping[str, PowerModel] = CLASSES) ->
 
 def device_dynamic(fleet: F.Fleet, d: F.Device, m: int) -> float:
     """A device's joules per step above its idle draw when it trains units 1..m (compute and radio)."""
-    p = d.power or CLASSES[DEFAULT_CLASS["device"]]
+    p = power_of_device(d)
     compute, _ = F.device_terms(fleet, d, m)
     up, down = F.device_bytes(fleet, d, m)
     return float(joules(p, 0.0, compute, up, down))
@@ -351,7 +356,7 @@ def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, 
     if not budgets:
         return F.brute_force(fleet) if exact_reference else F.solve(fleet, budget_s=budget_s)
     Goal("budget", budget_j=budgets)  # validates them
-    idle = {d.name: (d.power or CLASSES[DEFAULT_CLASS["device"]]).idle_w for d in fleet.devices}
+    idle = {d.name: power_of_device(d).idle_w for d in fleet.devices}
     dyn = {(d.name, m): device_dynamic(fleet, d, m) for d in fleet.devices for m in range(fleet.units + 1)}
     floor, optimal = 0.0, True
     for _ in range(10_000):
@@ -401,7 +406,7 @@ def fleet_energy(fleet: F.Fleet, deadline_s: float = math.inf, *, budget_s: floa
     if fastest.iteration_s > deadline_s * (1 + 1e-12):
         raise PlanError(f"no plan meets the deadline of {deadline_s:g} s per step: the quickest takes "
                         f"{fastest.iteration_s:.4g} s")
-    idle = sum((d.power or CLASSES[DEFAULT_CLASS["device"]]).idle_w for d in fleet.devices)
+    idle = sum(power_of_device(d).idle_w for d in fleet.devices)
     dyn = [[device_dynamic(fleet, d, m) for m in range(fleet.units + 1)] for d in fleet.devices]
     choices = sorted(itertools.product(*cuts), key=lambda ms: sum(dyn[i][m] for i, m in enumerate(ms)))
     best, best_j, optimal = fastest, sum(dyn[i][p.m] for i, p in enumerate(fastest.paths)) + idle * fastest.iteration_s, True
