@@ -148,12 +148,15 @@ def _pmic() -> Reader:
 
 
 class Meter:
-    """Joules per step of one tier: from ``reader`` when there is one, else from ``model``."""
+    """Joules per step of one tier: from ``reader`` when there is one, else from ``model``. A power
+    reading (a subprocess on a Pi 5) is taken once per ``every_s`` seconds of steps, not every step:
+    the steps between are charged the last reading."""
 
-    def __init__(self, model: PowerModel, reader: Optional[Reader] = None) -> None:
-        self.model, self.reader = model, reader
+    def __init__(self, model: PowerModel, reader: Optional[Reader] = None, *, every_s: float = 1.0) -> None:
+        self.model, self.reader, self.every_s = model, reader, every_s
         self.sent = self.received = 0
         self.total_j = 0.0
+        self.unread_s = 0.0  # step seconds since the last power reading
         self.last = reader.read() if reader is not None else 0.0
 
     @property
@@ -166,10 +169,16 @@ class Meter:
         self.sent, self.received = sent_total, received_total
         if self.reader is None:
             j = float(joules(self.model, step_s, min(busy_s, step_s), sent, received))
-        else:
+        elif self.reader.cumulative:
             now = self.reader.read()
-            j = now - self.last if self.reader.cumulative else 0.5 * (now + self.last) * step_s
-            self.last = now
+            j, self.last = now - self.last, now
+        else:
+            self.unread_s += step_s
+            if self.unread_s < self.every_s:
+                j = self.last * step_s
+            else:
+                now = self.reader.read()
+                j, self.last, self.unread_s = 0.5 * (now + self.last) * step_s, now, 0.0
         self.total_j += j
         return {"joules": round(j, 6), "joules_total": round(self.total_j, 6), "source": self.source}
 

@@ -317,10 +317,9 @@ def power_of_device(d: F.Device) -> PowerModel:
     return d.power or CLASSES[DEFAULT_CLASS["device"]]
 
 
-def fleet_powers(fleet: F.Fleet, classes: Mapping[str, PowerModel] = CLASSES) -> dict[str, PowerModel]:
+def fleet_powers(fleet: F.Fleet) -> dict[str, PowerModel]:
     """The edge's, the cloud's and every device's power model (a device's from its ``power``)."""
-    return {"edge": classes["server"], "cloud": classes["server"],
-            **{d.name: d.power or classes[DEFAULT_CLASS["device"]] for d in fleet.devices}}
+    return {"edge": CLASSES["server"], "cloud": CLASSES["server"], **{d.name: power_of_device(d) for d in fleet.devices}}
 
 
 def device_dynamic(fleet: F.Fleet, d: F.Device, m: int) -> float:
@@ -344,17 +343,16 @@ def within_budgets(fleet: F.Fleet, plan: F.FleetPlan) -> bool:
     return all(joule[d.name] <= d.budget_j * (1 + 1e-9) for d in fleet.devices if d.budget_j)
 
 
-def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, *, budget_s: float = 0.8,
-                 exact_reference: bool = False) -> F.FleetPlan:
+def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, *, budget_s: float = 0.8
+                 ) -> F.FleetPlan:
     """The least seconds per step with every device within its joules per step (``budgets``, default
-    each device's own ``budget_j``); see the module docstring. ``exact_reference``: brute force
-    instead of the fleet solver (tests)."""
+    each device's own ``budget_j``); see the module docstring."""
     budgets = dict(budgets if budgets is not None else {d.name: d.budget_j for d in fleet.devices if d.budget_j})
     unknown = set(budgets) - {d.name for d in fleet.devices}
     if unknown:
         raise PlanError(f"budgets for devices not in the fleet: {', '.join(sorted(unknown))}")
     if not budgets:
-        return F.brute_force(fleet) if exact_reference else F.solve(fleet, budget_s=budget_s)
+        return F.solve(fleet, budget_s=budget_s)
     Goal("budget", budget_j=budgets)  # validates them
     idle = {d.name: power_of_device(d).idle_w for d in fleet.devices}
     dyn = {(d.name, m): device_dynamic(fleet, d, m) for d in fleet.devices for m in range(fleet.units + 1)}
@@ -371,7 +369,7 @@ def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, 
             raise PlanError(f"no plan meets {n}'s budget of {budgets[n]:g} J per step: it spends at least "
                             f"{least[n] + idle[n] * floor:.4g} J in a step of {floor:.4g} s (the shortest "
                             f"the other budgets allow)")
-        plan = F.brute_force(fleet, allow=allow) if exact_reference else F.solve(fleet, budget_s=budget_s, allow=allow)
+        plan = F.solve(fleet, budget_s=budget_s, allow=allow)
         optimal &= bool(plan.parts.get("optimal", True))
         t = plan.iteration_s
         if all(dyn[d.name, p.m] + idle[d.name] * t <= budgets[d.name] * (1 + 1e-12)
