@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from hiertrain.errors import ProtocolError
 from hiertrain.fleetservice import FleetService
-from hiertrain.train.fleetroles import Round, add_into
+from hiertrain.train.fleetroles import Round
+from hiertrain.train.part import add_into
 from hiertrain.train.roles import Params
 from hiertrain.tierconfig import TierConfig
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from hiertrain.net import topics
 from hiertrain.errors import ConfigError, Diverged, MissingMessage, SegmentError, TierLost
-from hiertrain.train.fleetroles import Member, Round, add_into, rows
+from hiertrain.train.fleetroles import Member, Round
+from hiertrain.train.part import add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer

@@ -25,7 +25,8 @@ import numpy as np
 from hiertrain.net import topics
 from hiertrain.train import checkpoint, models
 from hiertrain.errors import HiertrainError, MissingMessage, ProtocolError, TierLost
-from hiertrain.train.fleetroles import Part, Round
+from hiertrain.train.fleetroles import Round
+from hiertrain.train.part import Part
 from hiertrain.tierconfig import TierConfig
 from hiertrain.service import check_finite, keeper_for, open_service
 from hiertrain.net.wire import Message

@@ -122,6 +122,14 @@ class Plan:
         trained = {u for g in self.groups for st in g.stages if st.tier == account for u in st.units}
         return frozenset(trained) - self.owned(account)
 
+    def arrives_from(self, sender: str, receiver: str) -> str:
+        """Whom a message from ``sender`` reaches ``receiver`` from: the sender itself, except in a plan
+        driven by an account that holds no samples (a fleet's edge), through which every message passes."""
+        hub = self.driver
+        if hub in (sender, receiver) or any(g.source == hub for g in self.groups):
+            return sender
+        return hub
+
     def describe(self) -> list[str]:
         """Lines for people: each group's samples and chain, then who owns what."""
         lines = []

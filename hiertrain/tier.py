@@ -46,7 +46,8 @@ from hiertrain.service import check_finite, open_service
 from hiertrain.statekeeper import StateKeeper
 from hiertrain.tierconfig import TierConfig
 from hiertrain.train import models
-from hiertrain.train.roles import OwnerRole, SliceRole, StageRole, weights_of
+from hiertrain.train.part import Part, add_into
+from hiertrain.train.roles import SliceRole, StageRole, weights_of
 
 log = logging.getLogger("hiertrain.tier")
 LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
@@ -91,7 +92,7 @@ class TierService:
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
             if cfg.tier == "device" else Follower(self.view, timeout_s=cfg.timeout_s)
         self.failover = Failover(self.view, self.clock, self.state, reset=self._reset)
-        self.owner: Optional[OwnerRole] = None
+        self.part = Part(self.spec, self.runtime)  # o's compute
         self.slice: Optional[SliceRole] = None
         self.stage: Optional[StageRole] = None
         self.history: dict[int, Schedule] = {}  # iteration -> schedule it ran
@@ -102,7 +103,7 @@ class TierService:
     def _reset(self) -> None:
         """A failover abandons the attempt: nothing computed in it is kept (the state keeper has the state)."""
         self.holding.clear()
-        self.owner = self.slice = self.stage = None
+        self.slice = self.stage = None
         self.history.clear()
         self._weights_sent = -1
 
@@ -142,7 +143,7 @@ class TierService:
 
         start = (lambda: self.state.resume_state(i, failed_over=self.failover.count > 0)) if first else None
         if self.holding.acquire(sched, prev, start=start, take=take):
-            self.owner = self.stage = None
+            self.stage = None
 
     def _end(self, i: int, sched: Schedule) -> None:
         """After our update in iteration ``i``: pass on what the next iteration needs from us (the
@@ -250,33 +251,37 @@ class TierService:
 
     def _as_owner(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x_o: Optional[np.ndarray], labels: Any,
                   stats: Stats) -> dict[str, Any]:
-        """o: its own samples, s's and l's activations as they arrive, the loss, their gradients back
-        as soon as they exist, their parameter gradients, the update."""
-        spec, held = self.spec, self.holding
+        """o: each sample group in turn (its own samples, then s's and l's activations at their cuts), its
+        loss weighted by its share of the batch and the gradient at its cut back at once; s's and l's
+        parameter gradients; the update (:mod:`hiertrain.train.reference` does the same in one process)."""
+        held = self.holding
         assert held.optimizer is not None
-        if self.owner is None or (self.owner.m_s, self.owner.m_l) != (sched.m_s, sched.m_l):
-            self.owner = OwnerRole(spec, self.runtime, sched.m_s, sched.m_l, held.params, held.optimizer)
         if self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
             self._send_weights(i, sched, xs)
-        acts, grads = select(xs, "take", "act"), select(xs, "send", "grad")
+        plan = sched.plan(units=self.spec.n_units, batch=self.cfg.batch)
+        acts, grads_back = select(xs, "take", "act"), select(xs, "send", "grad")
+        P, grads, loss, start = held.params, {}, 0.0, 0
+        y = labels() if callable(labels) else labels
+        for g in plan.groups:
+            y_g, start, w = y[start:start + g.samples], start + g.samples, g.samples / plan.batch
+            x, first = (self._take_x(acts[g.name], i, stats).tensors["x"], acts[g.name].layer + 1) \
+                if g.name in acts else (x_o, 1)
+            t0 = stats.mark()
+            part_loss, g_in, g_params = self.part.loss(P, first, x, y_g, w)
+            stats.timed("forward_backward", t0)
+            loss += w * part_loss
+            add_into(grads, g_params)
+            if g.name in grads_back:
+                self._send_x(grads_back[g.name], i, {"x": g_in}, sched)
+        for x in select(xs, "take", "wgrad").values():
+            add_into(grads, self._take_x(x, i, stats).tensors)  # (the validator refused unknown parameters)
         t0 = stats.mark()
-        x_o = x_o if x_o is not None else np.zeros((0, *spec.input_shape), np.float32)
-        res = self.owner.forward_backward(
-            x_o, labels,
-            (lambda: self._take_x(acts["s"], i, stats).tensors["x"]) if "s" in acts else None,
-            (lambda: self._take_x(acts["l"], i, stats).tensors["x"]) if "l" in acts else None,
-            send_s=lambda g: self._send_x(grads["s"], i, {"x": g}, sched),
-            send_l=lambda g: self._send_x(grads["l"], i, {"x": g}, sched))
-        stats.timed("forward_backward", t0)
-        remote = [self._take_x(x, i, stats).tensors for x in select(xs, "take", "wgrad").values()]
-        t0 = stats.mark()
-        self.owner.step(*remote)
-        held.params = self.owner.params
+        held.params = held.optimizer.step(P, grads)
         self.state.completed = i
         stats.timed("update", t0)
         self.state.checkpoint(i, sched)
         self.state.replicate(i, sched)
-        return {"loss": res.loss}
+        return {"loss": loss}
 
     def _as_stage(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x: Optional[np.ndarray], labels: Any,
                   stats: Stats) -> dict[str, Any]:

@@ -3,7 +3,7 @@ import pytest
 
 from hiertrain.train import data, models
 from hiertrain.errors import ConfigError
-from hiertrain.train.hybrid import SingleProcess
+from hiertrain.train.reference import SingleProcess
 from hiertrain.train.optim import OptimizerConfig
 from hiertrain.train.segments import Runtime
 

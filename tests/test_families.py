@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hiertrain.train import models, onnxmodel
-from hiertrain.train.hybrid import SingleProcess
+from hiertrain.train.reference import SingleProcess
 from hiertrain.train.optim import OptimizerConfig
 from hiertrain.train.segments import Runtime
 

@@ -9,9 +9,9 @@ import pytest
 
 from hiertrain.train import data, models
 from hiertrain.errors import PlanError, ProtocolError
-from hiertrain.train.fleetroles import InProcessFleet, Member, Round
-from hiertrain.train.hybrid import SingleProcess
-from hiertrain.train.optim import Optimizer, OptimizerConfig
+from hiertrain.train.fleetroles import Member, Round
+from hiertrain.train.reference import InProcessPlan, SingleProcess
+from hiertrain.train.optim import OptimizerConfig
 from hiertrain.train.segments import Runtime
 
 pytestmark = pytest.mark.unit
@@ -32,7 +32,7 @@ def assert_round_is_sgd(runtime, paths, optimizer, steps=3):
     names = [f"pi{i}" for i in range(len(paths))]
     ds = shards(spec, names)
     ref = SingleProcess(spec, optimizer=optimizer, runtime=runtime)
-    fleet = InProcessFleet(spec, runtime, ref.params, Optimizer(optimizer, spec.param_shapes()))
+    fleet = InProcessPlan(spec, optimizer=optimizer, runtime=runtime, params=ref.params)
     offsets = dict.fromkeys(names, 0)
     for step in range(steps):
         members = tuple(Member(n, 3 + i, offsets[n], m, k) for i, (n, (m, k)) in enumerate(zip(names, paths)))
@@ -40,7 +40,8 @@ def assert_round_is_sgd(runtime, paths, optimizer, steps=3):
         batches = {mb.name: ds[mb.name].take_raw(np.arange(mb.offset, mb.offset + mb.n)) for mb in members}
         x = np.concatenate([data.normalize(batches[n][0]) for n in names])
         y = np.concatenate([batches[n][1] for n in names])
-        expected, got = ref.step(x, y), fleet.step(rnd, batches)
+        raw = np.concatenate([batches[n][0] for n in names])
+        expected, got = ref.step(x, y), fleet.step(rnd.plan(), raw, y)
         assert got == pytest.approx(expected, rel=1e-4)
         for mb in members:
             offsets[mb.name] += mb.n

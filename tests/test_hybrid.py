@@ -1,4 +1,5 @@
-"""The transparency test: HierTrain's hybrid iteration equals single-process ORT training."""
+"""The transparency test: any plan's step (HierTrain's O/S/L groups, a layer chain) run by the one
+in-process reference equals single-process ORT training; a fleet's is in test_fleet_roles."""
 
 import itertools
 
@@ -7,8 +8,9 @@ import pytest
 
 from hiertrain.train import data, models
 from hiertrain.errors import PlanError
-from hiertrain.train.hybrid import InProcessHybrid, SingleProcess, split_batch
+from hiertrain.train.reference import InProcessPlan, SingleProcess, split
 from hiertrain.train.optim import OptimizerConfig
+from hiertrain.plan import Stage
 from hiertrain.schedule import Schedule
 from hiertrain.train.segments import Runtime
 
@@ -31,12 +33,17 @@ def global_rel(a, b):
     return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in b) / sum(np.sum(b[k] ** 2) for k in b)))
 
 
-def assert_transparent(spec, schedule, optimizer, runtime, iterations):
-    bs = batches(spec, schedule.batch, iterations)
+def plan_of(spec, schedule, batch=None):
+    return schedule.check(n_units=spec.n_units).plan(units=spec.n_units, batch=batch or schedule.batch)
+
+
+def assert_transparent(spec, schedule, optimizer, runtime, iterations, batch=None):
+    plan = plan_of(spec, schedule, batch)
+    bs = batches(spec, plan.batch, iterations)
     ref = SingleProcess(spec, optimizer=optimizer, runtime=runtime)
-    hyb = InProcessHybrid(spec, schedule, optimizer=optimizer, runtime=runtime)
+    hyb = InProcessPlan(spec, optimizer=optimizer, runtime=runtime)
     for x, y in bs:
-        expected, got = ref.step(x, y), hyb.step(x, y)
+        expected, got = ref.step(x, y), hyb.step(plan, x, y)
         assert got == pytest.approx(expected, rel=1e-4)
     assert global_rel(hyb.params, ref.params) < 1e-4
     for k in ref.params:  # and tensor by tensor, against the tensor's scale
@@ -63,6 +70,21 @@ def test_lenet5_hybrid_equals_single_process_over_50_iterations(runtime, corner,
     assert_transparent(spec, schedule, optimizer, runtime, 50)
 
 
+CHAINS = {
+    "two-stage": (("device", 1, 3), ("cloud", 4, 7)),
+    "three-stage": (("device", 1, 2), ("edge", 3, 5), ("cloud", 6, 7)),
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_lenet5_layer_chain_equals_single_process(runtime, chain):
+    stages = CHAINS[chain]
+    schedule = Schedule(mapping={"o": "cloud", "s": "device", "l": "edge"}, m_s=0, m_l=0, b_o=12, b_s=0, b_l=0,
+                        policy="jointdnn+", chain=tuple(Stage(*st) for st in stages))
+    assert_transparent(models.get("lenet5"), schedule, OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01), runtime,
+                       20, batch=12)
+
+
 @pytest.mark.parametrize("mapping", MAPPINGS, ids=lambda m: "o={o},s={s},l={l}".format(**m))
 def test_lenet5_every_mapping(runtime, mapping):
     schedule = Schedule(mapping=mapping, **CORNERS["three-way"])
@@ -78,11 +100,12 @@ def assert_transparent_each_step(spec, schedule, optimizer, runtime, iterations)
     note), so comparing two 50-iteration trajectories tests the hardware's rounding, not us.
     Comparing step by step tests every iteration exactly and does not compound.
     """
-    hyb = InProcessHybrid(spec, schedule, optimizer=optimizer, runtime=runtime)
+    plan = plan_of(spec, schedule)
+    hyb = InProcessPlan(spec, optimizer=optimizer, runtime=runtime)
     for x, y in batches(spec, schedule.batch, iterations):
         ref = SingleProcess(spec, optimizer=optimizer, runtime=runtime, params=hyb.params)
-        ref.optimizer.step_count, ref.optimizer.moments = hyb.owner.optimizer.step_count, dict(hyb.owner.optimizer.moments)
-        expected, got = ref.step(x, y), hyb.step(x, y)
+        ref.optimizer.step_count, ref.optimizer.moments = hyb.optimizer.step_count, dict(hyb.optimizer.moments)
+        expected, got = ref.step(x, y), hyb.step(plan, x, y)
         assert got == pytest.approx(expected, rel=1e-5)
         assert global_rel(hyb.params, ref.params) < 1e-5
 
@@ -104,9 +127,9 @@ def test_alexnet_full_size_three_way_split(runtime):
 
 
 def test_a_split_that_does_not_sum_to_the_batch_is_refused(runtime):
-    schedule = Schedule(mapping=MAPPINGS[0], **CORNERS["three-way"])
-    with pytest.raises(ValueError, match="batch of 10 samples for a schedule of B = 12"):
-        split_batch(schedule, np.zeros((10, 3, 32, 32), np.float32))
+    spec = models.get("lenet5")
+    plan = plan_of(spec, Schedule(mapping=MAPPINGS[0], **CORNERS["three-way"]))
+    with pytest.raises(ValueError, match="10 samples and 10 labels for a plan of B = 12"):
+        split(plan, np.zeros((10, 3, 32, 32), np.float32), np.zeros(10, np.int64))
     with pytest.raises(PlanError, match="beyond the model's 7 units"):
-        InProcessHybrid(models.get("lenet5"), Schedule(mapping=MAPPINGS[0], m_s=2, m_l=9, b_o=4, b_s=4, b_l=4),
-                        runtime=runtime)
+        plan_of(spec, Schedule(mapping=MAPPINGS[0], m_s=2, m_l=9, b_o=4, b_s=4, b_l=4))

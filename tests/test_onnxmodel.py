@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 import byo
 from hiertrain.train import data, models, onnxmodel
 from hiertrain.errors import ConfigError
-from hiertrain.train.hybrid import SingleProcess
+from hiertrain.train.reference import SingleProcess
 from hiertrain.train.optim import OptimizerConfig
 
 torch = pytest.importorskip("torch")

@@ -151,7 +151,7 @@ def test_a_plain_onnxruntime_device_trains_in_a_hybrid(device_venv, mosquitto, b
                          "--checkpoint", str(tmp_path / f"ck-{o}")], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     from hiertrain.train import data, models
-    from hiertrain.train.hybrid import SingleProcess
+    from hiertrain.train.reference import SingleProcess
 
     spec = models.get("lenet5")
     ds = data.synthetic_split(spec.input_shape, spec.classes)[1]

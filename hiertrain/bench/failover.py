@@ -119,7 +119,7 @@ def rounding_control(c: Any, count: int, at: int) -> float:
     import numpy as np
 
     from hiertrain.train import models
-    from hiertrain.train.hybrid import SingleProcess
+    from hiertrain.train.reference import SingleProcess
     from hiertrain.lab.local import rel
     from hiertrain.train.optim import OptimizerConfig
 

@@ -141,13 +141,13 @@ def _torch_model(name: str):
 
 def step_vs_pytorch(repeat: int, name: str = "lenet5", batch: int = 64) -> dict[str, Any]:
     """One training step (forward, backward, SGD) of the whole model: hiertrain's worker_o path
-    (:class:`~hiertrain.train.hybrid.SingleProcess`) against PyTorch on the same CPU. PyTorch runs in a
+    (:class:`~hiertrain.train.reference.SingleProcess`) against PyTorch on the same CPU. PyTorch runs in a
     process of its own: its OpenMP threads keep spinning after a step and would slow ORT's next one."""
     import json
     import subprocess
     import sys
 
-    from hiertrain.train.hybrid import SingleProcess
+    from hiertrain.train.reference import SingleProcess
 
     spec = models.get(name)
     model = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=0.01), runtime=segments.Runtime())

@@ -254,7 +254,7 @@ class FleetCluster(Harness):
         """Single-process training over exactly the samples the step log names, in its order:
         (losses per step, final parameters)."""
         from hiertrain.train import data
-        from hiertrain.train.hybrid import SingleProcess
+        from hiertrain.train.reference import SingleProcess
 
         spec = models.get(self.model)
         edge_cfg = tierconfig.load("edge", self.configs["edge"])

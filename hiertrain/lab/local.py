@@ -210,21 +210,24 @@ def consecutive(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[s
 def reference(cluster: LocalCluster, iterations: int, schedule: Optional[Schedule] = None
               ) -> tuple[list[float], dict[str, np.ndarray]]:
     """Single-process training (the cluster's optimizer and rate) on the batches the device draws; with a
-    ``schedule``, its hybrid iteration in one process (what a model with BatchNorm in training mode
-    equals: its statistics are per worker), on one thread as the slices' tiers run: statistics of a
+    ``schedule``, its step in one process (:class:`~hiertrain.train.reference.InProcessPlan`: what a model
+    with BatchNorm in training mode equals, its statistics per worker), on one thread as the slices' tiers run: statistics of a
     few samples amplify the rounding of the order their sums are taken in (threads=0 parts from the
     run by 8e-6 in 3 steps of a MobileNet, one thread by 1e-8)."""
-    from hiertrain.train.hybrid import InProcessHybrid, SingleProcess
+    from hiertrain.train.reference import InProcessPlan, SingleProcess
     from hiertrain.train.optim import OptimizerConfig
     from hiertrain.train.segments import Runtime
 
     opt = OptimizerConfig(cluster.optimizer, lr=cluster.lr)
     spec = models.get(cluster.model)
-    ref = SingleProcess(spec, optimizer=opt) if schedule is None else InProcessHybrid(
-        spec, schedule, optimizer=opt, runtime=Runtime(threads=1))
     ds = cluster.dataset()
-    losses = [ref.step(*ds.batch(i, cluster.batch, seed=0)) for i in range(iterations)]
-    return losses, ref.params
+    if schedule is None:
+        ref = SingleProcess(spec, optimizer=opt)
+        losses = [ref.step(*ds.batch(i, cluster.batch, seed=0)) for i in range(iterations)]
+        return losses, ref.params
+    plan, ours = schedule.plan(units=spec.n_units, batch=cluster.batch), InProcessPlan(
+        spec, optimizer=opt, runtime=Runtime(threads=1))
+    return [ours.step(plan, *ds.batch(i, cluster.batch, seed=0)) for i in range(iterations)], ours.params
 
 
 def rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
