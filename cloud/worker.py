@@ -14,8 +14,7 @@ from typing import Any, Optional
 from hiertrain.errors import ProtocolError
 from hiertrain.fleetservice import FleetService
 from hiertrain.train.fleetroles import Round
-from hiertrain.train.part import add_into
-from hiertrain.train.roles import Params
+from hiertrain.train.part import Params, add_into
 from hiertrain.tierconfig import TierConfig
 
 

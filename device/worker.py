@@ -25,7 +25,7 @@ from hiertrain.power import CLASSES, KEYS
 from hiertrain.fleetservice import FleetService
 from hiertrain.net.compress import sample_tensors
 from hiertrain.train.fleetroles import Round
-from hiertrain.train.roles import Params
+from hiertrain.train.part import Params
 from hiertrain.tierconfig import TierConfig
 
 class DeviceWorker(FleetService):

@@ -36,7 +36,7 @@ import numpy as np
 from hiertrain.net import topics
 from hiertrain.errors import ConfigError, Diverged, MissingMessage, SegmentError, TierLost
 from hiertrain.train.fleetroles import Member, Round
-from hiertrain.train.part import add_into, rows
+from hiertrain.train.part import Params, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
@@ -44,7 +44,6 @@ from hiertrain.planner import energy as E
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetfile as FF
 from hiertrain.planner import fleetpolicies as FP
-from hiertrain.train.roles import Params
 from hiertrain.schedule import Schedule
 from hiertrain.tierconfig import TierConfig
 from hiertrain.edge.publisher import PlanPublisher, fleet_schedule, next_version

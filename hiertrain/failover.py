@@ -41,8 +41,8 @@ from hiertrain.statekeeper import StateKeeper
 
 class Failover:
     """Carries a tier service on without a lost tier. It works through the service's run view,
-    clock and state keeper, and ``reset()``: the service drops what it computes with (its roles,
-    the units it held, the iterations it ran) when an attempt is abandoned."""
+    clock and state keeper, and ``reset()``: the service drops what it computed with (the units it
+    held, the iterations it ran) when an attempt is abandoned."""
 
     def __init__(self, view: RunView, clock: Clock, state: StateKeeper, *, reset: Callable[[], None]) -> None:
         self.view, self.clock, self.state, self.reset = view, clock, state, reset

@@ -7,14 +7,16 @@ drives the iterations (:mod:`hiertrain.clock`: the device, with the data, in
 and their handover (:mod:`hiertrain.holding`); checkpoints, replicas and resuming
 (:mod:`hiertrain.statekeeper`); carrying on without a lost tier (:mod:`hiertrain.failover`).
 
-Per iteration and role (paper IV-B; :mod:`hiertrain.train.roles` does the compute):
-- s / l: take the weights of units 1..cut from o, forward, send the activations at the cut to o,
-  take their gradient, backward, send the parameter gradients;
-- o: forward its samples (while s's and l's activations travel), continue theirs, loss, backward,
-  send s's and l's gradients as soon as they exist, take their parameter gradients, step the
-  optimizer, send the next iteration's s and l their weights; checkpoint every K iterations;
-- a stage of a layer chain (JointDNN, JointDNN+, JALAD): forward its units on all samples, pass
-  the activations on (8-bit for JALAD), take the gradient, backward, update its own units.
+One interpreter for every role (:meth:`TierService._step`): the plan model's sample groups
+(:mod:`hiertrain.plan`) and this tier's exchanges in them (:func:`hiertrain.exchanges.exchanges`), the
+compute of each group's part written once (:class:`hiertrain.train.part.Part`). Per group it computes
+on, in plan order: the weights of units it does not own from their owner, its units on the group's
+samples or on the activations it takes, then the group's loss if it is its own (weighted by the
+group's share of the batch), else the activations on (8-bit for JALAD) and their gradient back; the
+gradient at its input back; parameter gradients to the units' owner. An owner (worker_o; a chain's
+stage, of its own units) then takes the others' parameter gradients, steps its optimizer and sends
+the next iteration's replicas their weights; checkpoints every K iterations. HierTrain's o, s and l
+(paper IV-B) and the stages of a layer chain (JointDNN, JointDNN+, JALAD) are such plans.
 
 Every wait has a timeout that names the tier, iteration and message; the service then stops
 with status ``failed`` and its last checkpoint intact.
@@ -33,8 +35,8 @@ import numpy as np
 from hiertrain.clock import Clock, Follower
 from hiertrain.device.clock import DeviceClock
 from hiertrain.meters import EnergyConfig
-from hiertrain.errors import Diverged, HiertrainError, PlanError, TierLost
-from hiertrain.exchanges import Exchange, exchanges, need, one, select
+from hiertrain.errors import Diverged, HiertrainError, PlanError, ProtocolError, TierLost
+from hiertrain.exchanges import Exchange, exchanges, select
 from hiertrain.failover import Failover
 from hiertrain.holding import Holding
 from hiertrain.net import topics
@@ -47,7 +49,6 @@ from hiertrain.statekeeper import StateKeeper
 from hiertrain.tierconfig import TierConfig
 from hiertrain.train import models
 from hiertrain.train.part import Part, add_into
-from hiertrain.train.roles import SliceRole, StageRole, weights_of
 
 log = logging.getLogger("hiertrain.tier")
 LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
@@ -92,9 +93,7 @@ class TierService:
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
             if cfg.tier == "device" else Follower(self.view, timeout_s=cfg.timeout_s)
         self.failover = Failover(self.view, self.clock, self.state, reset=self._reset)
-        self.part = Part(self.spec, self.runtime)  # o's compute
-        self.slice: Optional[SliceRole] = None
-        self.stage: Optional[StageRole] = None
+        self.part = Part(self.spec, self.runtime)  # what this tier computes of a sample group
         self.history: dict[int, Schedule] = {}  # iteration -> schedule it ran
         self._weights_sent = -1
         self._xs: dict[int, tuple[Exchange, ...]] = {}  # schedule version -> this tier's exchanges
@@ -103,7 +102,6 @@ class TierService:
     def _reset(self) -> None:
         """A failover abandons the attempt: nothing computed in it is kept (the state keeper has the state)."""
         self.holding.clear()
-        self.slice = self.stage = None
         self.history.clear()
         self._weights_sent = -1
 
@@ -142,8 +140,7 @@ class TierService:
             return msg.tensors, None if step is None else int(step)
 
         start = (lambda: self.state.resume_state(i, failed_over=self.failover.count > 0)) if first else None
-        if self.holding.acquire(sched, prev, start=start, take=take):
-            self.stage = None
+        self.holding.acquire(sched, prev, start=start, take=take)
 
     def _end(self, i: int, sched: Schedule) -> None:
         """After our update in iteration ``i``: pass on what the next iteration needs from us (the
@@ -172,19 +169,8 @@ class TierService:
         prev = self.history.get(i - 1, sched) if i > self.view.first else sched
         self._acquire(i, sched, prev, stats)
         out: dict[str, Any] = {"iteration": i, "schedule_version": sched.version}
-        xs = self._exchanges(sched)  # what this tier sends and takes in the step
-        if sched.chain is not None:
-            self.slice = None
-            out.update(self._as_stage(i, sched, xs, mine, labels, stats))
-        else:
-            out["role"] = role = sched.role_of(self.tier)
-            if role == "o":
-                self.slice = None
-                out.update(self._as_owner(i, sched, xs, mine, labels, stats))
-            elif xs:
-                self._as_slice(i, sched, xs, mine, stats)
-            else:
-                self.slice = None  # idle this iteration
+        out["role"] = self._role(sched)
+        out.update(self._step(i, sched, mine, labels, stats))
         if self.holding.units:
             self._end(i, sched)
         if "loss" in out:
@@ -226,107 +212,93 @@ class TierService:
     def _send_x(self, x: Exchange, i: int, tensors: dict[str, np.ndarray], sched: Schedule, **meta: Any) -> None:
         self._send(x.kind, x.peer, i, x.layer, tensors, sched.version, **meta)
 
-    def _as_slice(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x: Optional[np.ndarray],
-                  stats: Stats) -> None:
-        """s or l: the weights of units 1..cut from o, forward, activations to o, their gradient back,
-        backward, the parameter gradients to o."""
-        take_w = need(xs, "take", "weights")
-        weights, cut = self._take_x(take_w, i, stats).tensors, take_w.layer
-        t0 = stats.mark()
-        if self.slice is None or self.slice.cut != cut:
-            self.slice = SliceRole(self.spec, self.runtime, cut, weights)
-        else:
-            self.slice.load(weights)
-        n = sched.samples(sched.role_of(self.tier))
-        if x is None or len(x) != n:
-            raise PlanError(f"{self.tier}: got {0 if x is None else len(x)} samples, schedule says {n}")
-        act = self.slice.forward(x)
-        stats.timed("forward", t0)
-        self._send_x(need(xs, "send", "act"), i, {"x": act}, sched)
-        g = self._take_x(need(xs, "take", "grad"), i, stats).tensors["x"]
-        t0 = stats.mark()
-        grads = self.slice.backward(g)
-        stats.timed("backward", t0)
-        self._send_x(need(xs, "send", "wgrad"), i, grads, sched)
+    def _role(self, sched: Schedule) -> str:
+        """What a person reads this tier does under ``sched``: o, s or l, a chain's stage k of n, or idle."""
+        if sched.chain is None:
+            return sched.role_of(self.tier)
+        k = next((n for n, st in enumerate(sched.chain) if st.tier == self.tier), None)
+        return "idle" if k is None else f"stage {k + 1} of {len(sched.chain)}"
 
-    def _as_owner(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x_o: Optional[np.ndarray], labels: Any,
-                  stats: Stats) -> dict[str, Any]:
-        """o: each sample group in turn (its own samples, then s's and l's activations at their cuts), its
-        loss weighted by its share of the batch and the gradient at its cut back at once; s's and l's
-        parameter gradients; the update (:mod:`hiertrain.train.reference` does the same in one process)."""
-        held = self.holding
-        assert held.optimizer is not None
-        if self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
+    def _step(self, i: int, sched: Schedule, mine: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
+        """This tier's part of step ``i``, whatever the plan makes it (worker_o, s or l, a chain's stage):
+        every sample group it computes on, in plan order (its units of the group on the group's samples or
+        the activations it takes, then the loss if it is the group's, else the activations on and their
+        gradient back), the gradient at its input back, the parameter gradients of units it does not own to
+        their owner; as an owner, the others' parameter gradients and the update. The exchanges are
+        :func:`hiertrain.exchanges.exchanges`'; :mod:`hiertrain.train.reference` does the same in one process."""
+        plan, held, U = sched.plan(units=self.spec.n_units, batch=self.cfg.batch), self.holding, self.spec.n_units
+        xs = self._exchanges(sched)
+        owner = bool(plan.owned(self.tier))
+        if owner and self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
             self._send_weights(i, sched, xs)
-        plan = sched.plan(units=self.spec.n_units, batch=self.cfg.batch)
-        acts, grads_back = select(xs, "take", "act"), select(xs, "send", "grad")
-        P, grads, loss, start = held.params, {}, 0.0, 0
-        y = labels() if callable(labels) else labels
+        weights, acts_in, acts_out = select(xs, "take", "weights"), select(xs, "take", "act"), select(xs, "send", "act")
+        grads_in, grads_out, wgrads = select(xs, "take", "grad"), select(xs, "send", "grad"), select(xs, "send", "wgrad")
+        out: dict[str, Any] = {}
+        grads: dict[str, np.ndarray] = {}
+        end = 0
         for g in plan.groups:
-            y_g, start, w = y[start:start + g.samples], start + g.samples, g.samples / plan.batch
-            x, first = (self._take_x(acts[g.name], i, stats).tensors["x"], acts[g.name].layer + 1) \
-                if g.name in acts else (x_o, 1)
+            start, end = end, end + g.samples  # the group's rows of the batch
+            st = g.stage_of(self.tier)
+            if st is None and g.loss != self.tier:
+                continue
+            first, last = (st.first, st.last) if st is not None else (U + 1, U)
+            P = {**held.params, **self._take_x(weights[g.name], i, stats).tensors} if g.name in weights else held.params
+            x = self._activations(self._take_x(acts_in[g.name], i, stats)) if g.name in acts_in else mine
+            if x is None or len(x) != g.samples:
+                raise ProtocolError(f"{self.tier}: got {0 if x is None else len(x)} rows of group {g.name} at unit "
+                                    f"{first} in iteration {i}, schedule v{sched.version} says {g.samples}")
             t0 = stats.mark()
-            part_loss, g_in, g_params = self.part.loss(P, first, x, y_g, w)
-            stats.timed("forward_backward", t0)
-            loss += w * part_loss
-            add_into(grads, g_params)
-            if g.name in grads_back:
-                self._send_x(grads_back[g.name], i, {"x": g_in}, sched)
-        for x in select(xs, "take", "wgrad").values():
-            add_into(grads, self._take_x(x, i, stats).tensors)  # (the validator refused unknown parameters)
-        t0 = stats.mark()
-        held.params = held.optimizer.step(P, grads)
-        self.state.completed = i
-        stats.timed("update", t0)
-        self.state.checkpoint(i, sched)
-        self.state.replicate(i, sched)
-        return {"loss": loss}
-
-    def _as_stage(self, i: int, sched: Schedule, xs: tuple[Exchange, ...], x: Optional[np.ndarray], labels: Any,
-                  stats: Stats) -> dict[str, Any]:
-        """One stage of a chain: forward, pass on, take the gradient, backward, own update."""
-        chain = sched.chain
-        assert chain is not None
-        k = next((n for n, st in enumerate(chain) if st.tier == self.tier), None)
-        if k is None:
-            return {"role": "idle"}
-        st, held = chain[k], self.holding
-        assert held.optimizer is not None
-        if self.stage is None or (self.stage.first, self.stage.last) != (st.first, st.last):
-            self.stage = StageRole(self.spec, self.runtime, st.first, st.last, held.params, held.optimizer)
-        take_act = one(xs, "take", "act")
-        if take_act is not None:
-            msg = self._take_x(take_act, i, stats)
-            x = dequantize(msg.tensors["q"], msg.meta["lo"], msg.meta["scale"]) if "q" in msg.tensors else msg.tensors["x"]
-        t0 = stats.mark()
-        out: dict[str, Any] = {"role": f"stage {k + 1} of {len(chain)}"}
-        if self.stage.is_last:
-            loss, gx = self.stage.head(x, labels() if callable(labels) else labels)
-            out["loss"] = loss
-        else:
-            y = self.stage.forward(x)
-            stats.timed("forward", t0)
-            if sched.compress_bits:
-                q, lo, scale = quantize(y)
-                self._send_x(need(xs, "send", "act"), i, {"q": q}, sched, lo=lo, scale=scale)
+            if g.loss == self.tier and last == U:
+                w = g.samples / plan.batch
+                y = labels() if callable(labels) else labels
+                if len(y) != plan.batch:
+                    raise ProtocolError(f"{self.tier}: got {len(y)} labels in iteration {i}, schedule v{sched.version} "
+                                        f"says {plan.batch}")
+                part_loss, g_in, g_params = self.part.loss(P, first, x, y[start:end], w)
+                stats.timed("forward_backward", t0)
+                out["loss"] = out.get("loss", 0.0) + w * part_loss
             else:
-                self._send_x(need(xs, "send", "act"), i, {"x": y}, sched)
-            g = self._take_x(need(xs, "take", "grad"), i, stats).tensors["x"]
+                y_out, stash = self.part.forward(P, first, last, x)
+                stats.timed("forward", t0)
+                self._send_activations(acts_out[g.name], i, y_out, sched)
+                g_out = self._take_x(grads_in[g.name], i, stats).tensors["x"]
+                t0 = stats.mark()
+                g_in, g_params = self.part.backward(P, first, last, stash, g_out)
+                stats.timed("backward", t0)
+            if g.name in grads_out:
+                self._send_x(grads_out[g.name], i, {"x": g_in}, sched)
+            if g.name in wgrads:
+                self._send_x(wgrads[g.name], i, g_params, sched)
+            else:
+                add_into(grads, g_params)
+        if owner:
+            for x in select(xs, "take", "wgrad").values():  # (the validator refused unknown parameters)
+                add_into(grads, self._take_x(x, i, stats).tensors)
             t0 = stats.mark()
-            gx = self.stage.backward(g)
-        stats.timed("backward_update", t0)
-        held.params = self.stage.params
-        if take_act is not None:
-            self._send_x(need(xs, "send", "grad"), i, {"x": gx}, sched)
-        self.state.checkpoint(i, sched)  # after the gradient: off the critical path
-        self.state.replicate(i, sched)
+            held.params = held.optimizer.step(held.params, grads)
+            if len(plan.owned(self.tier)) == U:  # the model's owner
+                self.state.completed = i
+            stats.timed("update", t0)
+            self.state.checkpoint(i, sched)  # after the gradients went back: off the critical path
+            self.state.replicate(i, sched)
         return out
+
+    @staticmethod
+    def _activations(msg: Message) -> np.ndarray:
+        """A cut's activations as sent: float32, or 8-bit (JALAD)."""
+        return dequantize(msg.tensors["q"], msg.meta["lo"], msg.meta["scale"]) if "q" in msg.tensors else msg.tensors["x"]
+
+    def _send_activations(self, x: Exchange, i: int, y: np.ndarray, sched: Schedule) -> None:
+        if sched.compress_bits:
+            q, lo, scale = quantize(y)
+            self._send_x(x, i, {"q": q}, sched, lo=lo, scale=scale)
+        else:
+            self._send_x(x, i, {"x": y}, sched)
 
     def _send_weights(self, i: int, sched: Schedule, xs: Optional[tuple[Exchange, ...]] = None) -> None:
         """o: s's and l's weights of iteration ``i`` (units 1..their cut)."""
         for x in select(xs if xs is not None else self._exchanges(sched), "send", "weights").values():
-            self._send_x(x, i, weights_of(self.spec, self.holding.params, x.layer), sched)
+            self._send_x(x, i, self.part.weights(self.holding.params, 1, x.layer), sched)
         self._weights_sent = i
 
     def _exchanges(self, sched: Schedule) -> tuple[Exchange, ...]:

@@ -66,7 +66,8 @@ def _close(ours, m):
     for k, v in m.state_dict().items():
         if k.endswith("num_batches_tracked"):
             continue
-        np.testing.assert_allclose(ours[k], v.numpy(), rtol=1e-4, atol=1e-7, err_msg=k)
+        ref = v.numpy()  # against the tensor's scale too: an element near 0 holds only the sums' rounding
+        np.testing.assert_allclose(ours[k], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max() + 1e-7, err_msg=k)
 
 
 def test_one_worker_trains_batchnorm_exactly_as_pytorch_in_training_mode(exported, runtime, tmp_path):

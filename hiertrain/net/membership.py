@@ -39,6 +39,7 @@ class Membership:
         self._collectors: set[str] = set()  # ... that collect every checkpoint ([checkpoint] collect)
         self._announced: dict[str, int] = {}  # peer -> the newest checkpoint its status announces
         self._unheard: set[str] = set()  # peers to hear from again after joining a broker without our session
+        self._run_without: tuple[Any, frozenset[str]] = (None, frozenset())  # the device's run, the tiers it lost
         self._rejoin_deadline = 0.0
 
     # ------------------------------------------------------------------ views
@@ -82,6 +83,12 @@ class Membership:
             self._online -= set(silent)
         return silent
 
+    def run_without(self, run: Optional[str], peer: str) -> bool:
+        """Whether the device started ``run`` without ``peer`` (its status lists it lost): a run that
+        never waits for it."""
+        with self._lock:
+            return run is not None and self._run_without[0] == run and peer in self._run_without[1]
+
     def forget_unheard(self) -> None:
         with self._lock:
             self._unheard.clear()
@@ -113,6 +120,8 @@ class Membership:
             (self._online.add if state == "online" else self._online.discard)(account)
             for flag, peers in (("builder", self._builders), ("collector", self._collectors)):
                 (peers.add if state == "online" and status.get(flag) is True else peers.discard)(account)
+            if account == "device" and isinstance(status.get("lost"), list):
+                self._run_without = (status.get("run"), frozenset(t for t in status["lost"] if isinstance(t, str)))
             it = status.get("checkpoint_iteration")
             if type(it) is int and it >= 0:
                 self._announced[account] = it

@@ -11,7 +11,6 @@ Anything malformed, unauthorized or duplicate is dropped with a logged reason an
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 import logging
@@ -31,6 +30,7 @@ from hiertrain.net.endpoint import Endpoint
 from hiertrain.net.inbound import MIN_RATE_BYTES, Event, Inbound
 from hiertrain.net.mailbox import NOT_BACK, Mailbox
 from hiertrain.net.membership import Membership
+from hiertrain.net.outbound import Outbound
 from hiertrain.net.wire import DEFAULT_CHUNK_BYTES, MAX_TENSOR_BYTES, MIN_CHUNK_BYTES, Message, encode_message
 
 log = logging.getLogger("hiertrain.net.transport")
@@ -75,8 +75,6 @@ class Transport:
         self.validator = validator
         self.status_extra: dict[str, Any] = {}  # merged into every status we publish (e.g. a checkpoint)
         self.mailbox = Mailbox()
-        self.sent_bytes = 0
-        self.sent_messages = 0      # MQTT publications, every frame and JSON message (telemetry: the data plane's cost)
         self.received_messages = 0
         self._inbound: "queue.Queue[Optional[tuple[mqtt.MQTTMessage, float]]]" = queue.Queue()
         self._ids = itertools.count()
@@ -85,18 +83,7 @@ class Transport:
         self._filters: set[str] = set()
         self._connected = threading.Event()
         self._refused: Optional[str] = None
-        self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
-        self._bulk: "collections.deque[tuple[str, bytes]]" = collections.deque()  # bulk frames not yet published
-        self._bulk_info: Optional[mqtt.MQTTMessageInfo] = None  # the bulk frame the broker has not acknowledged
-        self._bulk_lock = threading.Lock()
-        self._bulk_kick = False
-        self._acked = -1  # the newest message id the broker acknowledged
-        # what to publish again if the broker comes back without our session (it crashed): the
-        # frames of recent iterations, and the last retained payload of each topic we retain
-        self._recent: "collections.deque[tuple[int, str, list[bytes]]]" = collections.deque()
-        self._retained: dict[str, str] = {}
-        self._last_json: dict[str, str] = {}
         self._connects = 0
         self._joined: Optional[tuple[str, int]] = None  # the broker (host, port) we last connected to
         self._brokers = endpoint.brokers()
@@ -121,12 +108,13 @@ class Transport:
         if self._status:
             self._client.will_set(self._status, json.dumps({"state": "offline", "session": f"{self._nonce}:will",
                                                             "started": self._started}), qos=1, retain=True)
+        self.outbound = Outbound(self._client, account=self.account)  # what leaves
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)
         self._client.max_queued_messages_set(0)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.on_publish = self._on_published
+        self._client.on_publish = self.outbound.on_published
         self._client.on_socket_open = _no_delay
         self._keepalive = keepalive
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"hiertrain-{account}-dispatch",
@@ -236,92 +224,29 @@ class Transport:
         if bulk:
             chunk = min(chunk, BULK_CHUNK_BYTES)
         frames = encode_message(msg, msg_id=f"{self._nonce}:{next(self._ids)}", chunk_bytes=chunk)
-        topic = msg.topic
-        n = sum(len(frame) for frame in frames)
-        if msg.kind not in self.service:
-            with self._lock:
-                self._recent.append((msg.iteration, topic, frames))
-        if bulk:
-            with self._bulk_lock:
-                self._bulk.extend((topic, frame) for frame in frames)
-            self._pump_bulk()
-        else:
-            for frame in frames:
-                self._publish(topic, frame)
-        self.sent_bytes += n
-        return n
-
-    def _pump_bulk(self, *, wait: bool = True) -> None:
-        """Publish the next bulk frame if the broker acknowledged the previous one."""
-        self._bulk_kick = True
-        while self._bulk_kick:  # set again by a caller that found the lock taken: its holder looks again
-            if not self._bulk_lock.acquire(blocking=wait):
-                return
-            try:
-                self._bulk_kick = False
-                last = self._bulk_info
-                if self._bulk and (last is None or last.mid == self._acked or _published(last)):
-                    self._bulk_info = self._publish(*self._bulk.popleft())
-            finally:
-                self._bulk_lock.release()
-
-    def _on_published(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        # paho calls this holding the lock its publish() takes: a thread holding ours may be
-        # waiting in publish() for it, and then publishes the next frame itself
-        # (and before it marks the message published: the mid says which one the broker acknowledged)
-        self._acked = mid
-        if self._bulk:
-            self._pump_bulk(wait=False)
+        return self.outbound.frames(msg.topic, frames, iteration=msg.iteration, keep=msg.kind not in self.service,
+                                    bulk=bulk)
 
     def publish_json(self, topic: str, payload: Any, *, retain: bool = False) -> None:
-        text = json.dumps(payload, separators=(",", ":"))
-        with self._lock:  # the last of each topic, retained or not (telemetry: a loss someone waits for)
-            (self._retained if retain else self._last_json)[topic] = text
-        self._publish(topic, text, retain=retain)
+        self.outbound.publish_json(topic, payload, retain=retain)
 
-    def _publish(self, topic: str, payload: Any, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        """QoS 1; while disconnected paho queues it and sends it on reconnection."""
-        try:
-            info = self._client.publish(topic, payload, qos=1, retain=retain)
-            self.sent_messages += 1
-        except (RuntimeError, ValueError, OSError) as exc:  # paho's own failures, in one line
-            raise TransportError(f"{self.account}: cannot publish on {topic!r}: {exc}") from None
-        self._track(info)
-        return info
+    @property
+    def sent_bytes(self) -> int:
+        return self.outbound.sent_bytes
+
+    @property
+    def sent_messages(self) -> int:
+        return self.outbound.sent_messages
 
     def advance(self, iteration: int) -> None:
         """The owner moved on to ``iteration``: older messages are stale, and frames of iterations
         before ``iteration - 1`` need no resending after a broker crash."""
         self.mailbox.advance(iteration)
-        with self._lock:
-            while self._recent and self._recent[0][0] < iteration - 1:
-                self._recent.popleft()
-
-    def _track(self, info: mqtt.MQTTMessageInfo) -> None:
-        if info.rc == mqtt.MQTT_ERR_NO_CONN:
-            return  # queued by paho for the reconnection (and kept in _recent should the broker lose it)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}")
-        with self._lock:
-            self._pending = [p for p in self._pending if not _published(p)]
-            self._pending.append(info)
+        self.outbound.trim(iteration)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until the broker acknowledged everything published so far (bulk frames included)."""
-        deadline = time.monotonic() + timeout
-        while self._bulk:
-            if time.monotonic() > deadline:
-                raise TransportError(f"{len(self._bulk)} bulk frame(s) of {self.account!r} still queued after "
-                                     f"{timeout:g} s: the broker did not acknowledge the ones before")
-            self._pump_bulk()
-            time.sleep(0.005)
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for info in pending:
-            left = deadline - time.monotonic()
-            if not _published(info) and (left <= 0 or not _wait_published(info, left)):
-                raise TransportError(f"the broker did not acknowledge {len(pending)} publication(s) "
-                                     f"of {self.account!r} within {timeout:g} s")
+        self.outbound.flush(timeout)
 
     # -------------------------------------------------------------- receiving
 
@@ -331,8 +256,7 @@ class Transport:
         self.mailbox = Mailbox(window=old.window, retired=old.retired | {retire})
         for msg in old.parked.values():  # the device's new run, which the old mailbox did not follow
             self.mailbox.put(msg)
-        with self._lock:
-            self._recent.clear()  # never sent again: the abandoned attempt's frames
+        self.outbound.forget_recent()  # never sent again: the abandoned attempt's frames
         # peers still to reappear are the device's to judge now: it starts the next run knowing
         # who is there, and a later "not back" here would abandon that run under it
         self.members.forget_unheard()
@@ -373,37 +297,17 @@ class Transport:
             self._republish(client, "back on the broker after losing it; it may have restarted from its last save")
         self._connected.set()
 
-    def _send_again(self, client: mqtt.Client, to: Optional[str] = None) -> int:
-        """Publish again our last telemetry and the frames of recent iterations (those addressed to
-        ``to``, or all); return how many messages."""
-        with self._lock:
-            recent = [(topic, frames) for _, topic, frames in self._recent if to is None or topic.split("/")[4] == to]
-            last = dict(self._last_json)
-        for topic, text in last.items():
-            client.publish(topic, text, qos=1)
-        for topic, frames in recent:
-            for frame in frames:
-                client.publish(topic, frame, qos=1)
-        return len(recent)
-
     def _resend_to(self, peer: str) -> None:
-        if self._send_again(self._client, to=peer):
+        if self.outbound.send_again(self._client, to=peer):
             log.info("%s: %s announced a new session; sent it again what it may have lost", self.account, peer)
 
     def _republish(self, client: mqtt.Client, why: str) -> None:
         """The broker came back and may have lost what it held (it crashed): publish again what
         it may have lost. Receivers drop what they already have as duplicates."""
-        with self._bulk_lock:  # the recent frames we publish again below include them
-            self._bulk.clear()
-            self._bulk_info = None
-        with self._lock:
-            retained = dict(self._retained)
-        for topic, text in retained.items():
-            if topic != self._status:
-                client.publish(topic, text, qos=1, retain=True)
+        retained = self.outbound.republish_retained(client, but=self._status)
         self.publish_status("online")  # a new session: peers send us again what we may have lost
-        recent = self._send_again(client)
-        log.warning("%s: %s; published again %d retained and %d recent messages", self.account, why, len(retained),
+        recent = self.outbound.send_again(client)
+        log.warning("%s: %s; published again %d retained and %d recent messages", self.account, why, retained,
                     recent)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -421,8 +325,8 @@ class Transport:
         if now - self._ticked < 0.5:
             return
         self._ticked = now
-        if self._bulk:
-            self._pump_bulk()  # should an acknowledgement have gone missing
+        if self.outbound.bulk_waiting:
+            self.outbound.pump_bulk()  # should an acknowledgement have gone missing
         down = self._down_since
         if down is not None and len(self._brokers) > 1 and now - down > SWITCH_AFTER_S:
             nxt = (self._broker + 1) % len(self._brokers)
@@ -433,6 +337,8 @@ class Transport:
             log.warning("%s: no broker at %s:%d for %.0f s; trying %s:%d", self.account, old_host, old_port,
                         now - down, host, port)
         for peer in self.members.not_back(now):
+            if self.members.run_without(self.mailbox.run, peer):  # the run we follow was started without it
+                continue
             log.warning("%s: the %s did not come back within %.0f s of our joining this broker", self.account,
                         peer, REJOIN_GRACE_S)
             self.mailbox.lose(peer, NOT_BACK)
@@ -479,18 +385,3 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # paho leaves Nagle on: small frames (acks, gradients) would wait ~40 ms for delayed ACKs.
     if hasattr(sock, "setsockopt"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _published(info: mqtt.MQTTMessageInfo) -> bool:
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):  # paho raises for a message whose connection went away
-        return True  # nothing to wait for: resent on reconnection, or by us if the broker lost it
-
-
-def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
-    try:
-        info.wait_for_publish(timeout)
-    except (RuntimeError, ValueError):
-        return False
-    return _published(info)

@@ -2,7 +2,7 @@
 
 A message that fails is dropped with the reason (logged and counted by the transport), so a
 later valid message with the same key can still be delivered: wrong shapes, wrong dtypes,
-non-finite values, unknown parameters and out-of-range labels never reach the roles.
+non-finite values, unknown parameters and out-of-range labels never reach the compute.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _labels(y: Optional[np.ndarray], classes: int) -> Optional[str]:
 
 
 def validator(spec: ModelSpec, batch: int = 0) -> Validator:
-    """Why a message may not reach the roles, as "kind: detail" (the transport counts refusals by
+    """Why a message may not reach the compute, as "kind: detail" (the transport counts refusals by
     kind, so a kind never holds what a sender chooses), or ``None``.
     ``batch``: the job's; compressed samples are accepted (and decoded, in place, to ``x``) only
     when it is given, and never inflate past it."""

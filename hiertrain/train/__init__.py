@@ -1,1 +1,1 @@
-"""The training runtime: models, segments, optimizers, the roles, data and checkpoints."""
+"""The training runtime: models, segments, optimizers, a group's compute and the in-process reference, data and checkpoints."""

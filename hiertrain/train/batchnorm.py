@@ -2,9 +2,10 @@
 
 A BatchNormalization layer in training mode (``torch.onnx.export(..., training=TRAINING)``)
 normalises with the statistics of the samples that pass through it, as PyTorch's ``model.train()``
-does. Where one worker runs a layer on the whole batch (a single process, worker_o's head after the
-last cut) the step is exactly PyTorch's. Where the batch is split (worker_s's and worker_l's slices,
-the fleet's devices), each worker normalises over its own samples: what PyTorch's
+does. Where one worker holds the whole batch (a single process, a layer chain) the step is exactly
+PyTorch's. Where the batch is split into sample groups (worker_o's, worker_s's and worker_l's
+samples, the fleet's devices), each group's samples are normalised on their own wherever they are
+computed (:mod:`hiertrain.train.reference` says which rows run together): what PyTorch's
 DistributedDataParallel does by default (SyncBatchNorm is its opt-in), equal to it run with those
 groups of samples.
 

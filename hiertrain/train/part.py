@@ -16,8 +16,9 @@ import numpy as np
 from hiertrain.train import batchnorm
 from hiertrain.train.data import normalize
 from hiertrain.train.models import ModelSpec
-from hiertrain.train.roles import Params
 from hiertrain.train.segments import Runtime
+
+Params = dict[str, np.ndarray]
 
 
 def scaled(grads: Mapping[str, np.ndarray], w: float) -> Params:
@@ -31,7 +32,7 @@ def add_into(into: Params, grads: Mapping[str, np.ndarray]) -> None:
 
 
 class Part:
-    """What one tier computes in a round; segments are built (or fetched) once per unit range."""
+    """What one account computes of a sample group; segments are built (or fetched) once per unit range."""
 
     def __init__(self, spec: ModelSpec, runtime: Runtime) -> None:
         self.spec, self.runtime = spec, runtime

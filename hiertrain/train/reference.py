@@ -8,8 +8,8 @@ in training mode sees other rows together.
 
 **Which rows run together** (what BatchNorm's batch statistics see), written once here for every
 job kind: a group's rows run on their own, except that groups entering an account at the same unit,
-from the same sender, with the rest of their chain in common arrive in one message and run as one
-batch from there (a fleet's members cut at the same unit, at the cloud). Each loss is the mean over
+from the same sender, with the rest of their chain in common run as one batch from there, in plan
+order (a fleet's members cut at the same unit reach the cloud from the edge in one message). Each loss is the mean over
 its rows weighted by ``rows / B``, so the gradients add up to those of the mean loss over the
 step's ``B`` samples, and the step is one optimizer step on them.
 """
@@ -24,8 +24,7 @@ import numpy as np
 from hiertrain.plan import Group, Plan
 from hiertrain.train.models import ModelSpec, init_params
 from hiertrain.train.optim import Optimizer, OptimizerConfig
-from hiertrain.train.part import Part, add_into, rows
-from hiertrain.train.roles import Params
+from hiertrain.train.part import Params, Part, add_into, rows
 from hiertrain.train.segments import Predictor, Runtime
 
 
@@ -49,7 +48,8 @@ class _Rows:
     """Rows on their way along a chain (one group's, or several groups' that run as one batch from an
     entry on): their activations at the next stage's input, and the computation that made them."""
 
-    sizes: tuple[int, ...]                     # per group, in plan order
+    groups: tuple[int, ...]                    # the groups' indices in the plan, ascending
+    rows: int
     sender: str                                # who computed them (for the first stage: the data's source)
     stages: tuple[tuple[str, int, int], ...]  # what is left of the chain
     h: np.ndarray
@@ -86,7 +86,7 @@ class InProcessPlan:
             raise ValueError(f"a plan of {plan.units} units for a model of {self.spec.n_units}")
         P, part, B = self.params, self.part, plan.batch
         batches = split(plan, x, y)
-        active = [_Rows((g.samples,), g.source, chain(plan, g), *batches[g.name]) for g in plan.groups]
+        active = [_Rows((j,), g.samples, g.source, chain(plan, g), *batches[g.name]) for j, g in enumerate(plan.groups)]
         runs: list[_Run] = []
         loss = 0.0
         while active:  # forward: the earliest entry first, so every group reaching an entry is there
@@ -97,6 +97,7 @@ class InProcessPlan:
                 entering.setdefault((account, plan.arrives_from(r.sender, account), r.stages), []).append(r)
             active = [r for r in active if r.stages[0][1] != first]
             for (account, _, stages), inputs in entering.items():
+                inputs.sort(key=lambda r: r.groups)  # plan order, however they got here
                 run = _Run(inputs, stages[0])
                 runs.append(run)
                 h, labels = rows(r.h for r in inputs), rows(r.y for r in inputs)
@@ -107,20 +108,20 @@ class InProcessPlan:
                     loss += w * part_loss
                 else:
                     out, run.stash = part.forward(P, a, b, h)
-                    active.append(_Rows(sum((r.sizes for r in inputs), ()), account, stages[1:], out, labels, run))
+                    active.append(_Rows(sum((r.groups for r in inputs), ()), len(labels), account, stages[1:], out,
+                                        labels, run))
         for run in reversed(runs):  # backward: a run's consumer ran after it
             g_in = run.g_in
             if run.g_out is not None:
                 g_in, run.grads = part.backward(P, run.stage[1], run.stage[2], run.stash, run.g_out)
             start = 0
             for r in run.inputs:
-                n = sum(r.sizes)
                 if r.made_by is not None and g_in is not None:
-                    r.made_by.g_out = g_in[start:start + n]
-                start += n
+                    r.made_by.g_out = g_in[start:start + r.rows]
+                start += r.rows
         grads: Params = {}
-        for run in sorted(runs, key=lambda r: r.g_in is None and r.stash is not None):  # as a runtime's owner
-            add_into(grads, run.grads or {})  # sums them: the losses' first, then the others', in forward order
+        for run in sorted(runs, key=lambda r: r.stash is not None):  # as the three-tier owner sums them: the
+            add_into(grads, run.grads or {})  # losses' first, then the others', in forward order
         self.params = self.optimizer.step(P, grads)
         return loss
 
