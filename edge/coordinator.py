@@ -244,26 +244,19 @@ class Coordinator(FleetService):
         return {"joules": {k: round(v, 6) for k, v in joules.items()}, "source": "model"}
 
     def _checkpoint(self, step: int) -> None:
-        ck = state.snapshot(step, self.params, self.optimizer, self.version, self.offsets)
-        state.save(self.cfg.checkpoint_dir, ck, keep=self.cfg.checkpoint_keep, transport=self.transport,
-                   keeper=self.keeper)
+        state.save(self.cfg.checkpoint_dir, state.snapshot(step, self.params, self.optimizer, self.version, self.offsets),
+                   keep=self.cfg.checkpoint_keep, transport=self.transport, keeper=self.keeper)
 
     def _resume(self) -> int:
-        """``--resume``: continue after the newest checkpoint (:func:`hiertrain.edge.state.newest`);
-        none: from step 0."""
-        ck = state.newest(self.cfg.checkpoint_dir, list(self.spec.param_shapes()), keep=self.cfg.checkpoint_keep,
-                          transport=self.transport, keeper=self.keeper, timeout=self.cfg.timeout_s)
-        if ck is None:
-            print(f"edge: no checkpoint in {self.cfg.checkpoint_dir} or announced to resume from: starting at step 0",
-                  flush=True)
+        """``--resume``: continue after the newest checkpoint (:func:`hiertrain.edge.state.resumed`); none:
+        from step 0."""
+        found = state.resumed(self.cfg, self.spec, transport=self.transport, keeper=self.keeper)
+        if found is None:
             return 0
-        offsets, version = state.fleet_of(ck, self.cfg.checkpoint_dir)
+        ck, self.optimizer, offsets, version = found
         self.params = dict(ck.params)
-        self.optimizer = Optimizer(self.cfg.optimizer, self.spec.param_shapes(), step_count=ck.optimizer_step,
-                                   moments=ck.moments, momenta=self.spec.momentum)
         self.offsets.update(offsets)
         self.version = max(self.version, version)
-        self.transport.status_extra["checkpoint_iteration"] = ck.iteration
         print(f"edge: resuming after the checkpoint of step {ck.iteration} (run {self.run_id})", flush=True)
         return ck.iteration + 1
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from hiertrain.errors import ConfigError, PlanError
 from hiertrain.train import checkpoint
 from hiertrain.train.checkpoint import Checkpoint
+from hiertrain.train.optim import Optimizer
 
 
 def snapshot(step: int, params: dict, optimizer: Any, version: int, offsets: dict[str, int]) -> Checkpoint:
@@ -67,3 +68,18 @@ def fleet_of(ck: Checkpoint, where: Any) -> tuple[dict[str, int], int]:
     offsets = {n: o for n, o in fleet["offsets"].items() if isinstance(n, str) and type(o) is int and o >= 0}
     version = fleet.get("version", 0)
     return offsets, version if type(version) is int else 0
+
+
+def resumed(cfg: Any, spec: Any, *, transport: Any, keeper: Any) -> Optional[tuple[Checkpoint, Optimizer, dict[str, int], int]]:
+    """What ``--resume`` continues from: the newest checkpoint (:func:`newest`), the optimizer it holds,
+    every device's offset and the plan version; ``None`` (said in a line) when there is none."""
+    ck = newest(cfg.checkpoint_dir, list(spec.param_shapes()), keep=cfg.checkpoint_keep, transport=transport,
+                keeper=keeper, timeout=cfg.timeout_s)
+    if ck is None:
+        print(f"edge: no checkpoint in {cfg.checkpoint_dir} or announced to resume from: starting at step 0", flush=True)
+        return None
+    offsets, version = fleet_of(ck, cfg.checkpoint_dir)
+    optimizer = Optimizer(cfg.optimizer, spec.param_shapes(), step_count=ck.optimizer_step, moments=ck.moments,
+                          momenta=spec.momentum)
+    transport.status_extra["checkpoint_iteration"] = ck.iteration
+    return ck, optimizer, offsets, version

@@ -143,9 +143,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if os.environ.get("HIERTRAIN_CGROUP"):
         # start-up and graph building run at full speed; only the measurement runs under the quota
         join = lambda: (Path(os.environ["HIERTRAIN_CGROUP"]) / "cgroup.procs").write_text(str(os.getpid()))  # noqa: E731
-    from hiertrain.train import artifacts, profiler, segments
+    from hiertrain.train import artifacts, profiler
+    from hiertrain.train.runtime import Runtime
 
-    runtime = segments.Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
+    runtime = Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
         if args.segments else None
     prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
                             warmup=args.warmup, optimizer=args.optimizer, on_ready=join, runtime=runtime,

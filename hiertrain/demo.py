@@ -140,7 +140,7 @@ def _follow(cluster: Any, iterations: int, timeout_s: float) -> tuple[list[float
 
 def _accuracy(spec: Any, params: Any, ds: Any) -> float:
     """Held-out accuracy in evaluation mode (no training graph is built for it)."""
-    from hiertrain.train.segments import Predictor
+    from hiertrain.train.runtime import Predictor
 
     x, y = ds.take(np.arange(len(ds)))
     return float((Predictor(spec)(params, x).argmax(1) == y).mean())

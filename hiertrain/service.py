@@ -19,7 +19,7 @@ from hiertrain.net.validate import max_message_bytes, non_finite, validator
 from hiertrain.tierconfig import TierConfig
 from hiertrain.train import artifacts, collect
 from hiertrain.train.models import ModelSpec
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 
 class Opened(NamedTuple):

@@ -12,7 +12,7 @@ from hiertrain.schedule import Schedule
 from hiertrain.train import models, onnxmodel
 from hiertrain.train.reference import InProcessPlan, SingleProcess
 from hiertrain.train.optim import OptimizerConfig
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -154,7 +154,6 @@ def test_a_fleets_running_statistics_are_the_whole_rounds_whatever_the_members_p
     fleet = InProcessPlan(spec, optimizer=OptimizerConfig("sgd", lr=LR), runtime=runtime, params=one.params)
     members = (Member("pi0", 3, 0, 0, 7), Member("pi1", 2, 0, 2, 4), Member("pi2", 3, 0, 7, 7), Member("pi3", 2, 0, 1, 3))
     x, y = _batches(1, 10)[0]
-    starts = np.cumsum([0] + [mb.n for mb in members])
     fleet.step(Round(0, 0, 1, spec.n_units, members).plan(), x, y)
     one.step(x, y)
     first = next(p for p in spec.momentum if p.startswith("layer1."))

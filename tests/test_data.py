@@ -5,7 +5,7 @@ from hiertrain.train import data, models
 from hiertrain.errors import ConfigError
 from hiertrain.train.reference import SingleProcess
 from hiertrain.train.optim import OptimizerConfig
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 pytestmark = pytest.mark.unit
 

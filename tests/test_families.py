@@ -13,7 +13,7 @@ import pytest
 from hiertrain.train import models, onnxmodel
 from hiertrain.train.reference import SingleProcess
 from hiertrain.train.optim import OptimizerConfig
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 torch = pytest.importorskip("torch")
 from hiertrain.bench.families import RATES, RECIPES, export, families  # noqa: E402 (needs torch)

@@ -12,7 +12,7 @@ from hiertrain.errors import PlanError, ProtocolError
 from hiertrain.train.fleetroles import Member, Round
 from hiertrain.train.reference import InProcessPlan, SingleProcess
 from hiertrain.train.optim import OptimizerConfig
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 pytestmark = pytest.mark.unit
 U = 7  # LeNet-5's units

@@ -12,7 +12,7 @@ from hiertrain.train.reference import InProcessPlan, SingleProcess, split
 from hiertrain.train.optim import OptimizerConfig
 from hiertrain.plan import Stage
 from hiertrain.schedule import Schedule
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 pytestmark = pytest.mark.unit
 TIERS = ("device", "edge", "cloud")

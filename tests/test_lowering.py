@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from hiertrain.train import lowering, models, segments
+from hiertrain.train.runtime import Segment
 from hiertrain.errors import PlanError
 
 pytestmark = pytest.mark.unit
@@ -202,9 +203,9 @@ def test_lowered_segments_equal_the_training_kernels(name, tmp_path):
     labels = rng.integers(0, spec.classes, n)
     runs = {}
     for lowered in (True, False):
-        body = segments.Segment(segments.build(spec, 1, cut, kind="body", input_grad=False, root=tmp_path,
+        body = Segment(segments.build(spec, 1, cut, kind="body", input_grad=False, root=tmp_path,
                                                lowered=lowered))
-        head = segments.Segment(segments.build(spec, cut + 1, spec.n_units, kind="head", input_grad=True,
+        head = Segment(segments.build(spec, cut + 1, spec.n_units, kind="head", input_grad=True,
                                                root=tmp_path, lowered=lowered))
         y, stash = body.forward(params, x)
         loss, _, gy, head_grads = head.step(params, y, labels)

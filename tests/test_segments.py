@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hiertrain.train import models, segments
+from hiertrain.train.runtime import Runtime
 from hiertrain.errors import PlanError
 
 pytestmark = pytest.mark.unit
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    return segments.Runtime(root=tmp_path_factory.mktemp("segments"))
+    return Runtime(root=tmp_path_factory.mktemp("segments"))
 
 
 def _inputs(spec, first, last, batch, seed=0):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hiertrain.train import profiler
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hiertrain.train import models, segments
+from hiertrain.train.runtime import Runtime, Segment
 from hiertrain.train.optim import OptimizerConfig
 
 CASES = [("lenet5", 1, 5, 64), ("alexnet-small", 1, 5, 16), ("alexnet", 1, 5, 8), ("alexnet", 3, 7, 8),
@@ -61,7 +62,7 @@ def build_times() -> dict[str, Any]:
 
 def recompute(repeat: int) -> list[dict[str, Any]]:
     rows = []
-    rt = segments.Runtime()
+    rt = Runtime()
     for name, a, b, batch in CASES:
         spec = models.get(name)
         params = models.init_params(spec)
@@ -90,7 +91,7 @@ def lowering_cost(repeat: int) -> list[dict[str, Any]]:
             rng = np.random.default_rng(0)
             x = rng.random((batch, *spec.shape_at(a - 1)), dtype=np.float32)
             gy = rng.standard_normal((batch, *spec.shape_at(b))).astype(np.float32)
-            segs = {k: segments.Segment(segments.build(spec, a, b, kind="body", input_grad=a > 1, root=Path(d),
+            segs = {k: Segment(segments.build(spec, a, b, kind="body", input_grad=a > 1, root=Path(d),
                                                        lowered=k == "lowered")) for k in ("kernels", "lowered")}
             stash = {k: seg.forward(params, x)[1] for k, seg in segs.items()}
             t = _interleaved({k: (lambda k=k: segs[k].backward(params, stash[k], gy)) for k in segs}, repeat)
@@ -150,7 +151,7 @@ def step_vs_pytorch(repeat: int, name: str = "lenet5", batch: int = 64) -> dict[
     from hiertrain.train.reference import SingleProcess
 
     spec = models.get(name)
-    model = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=0.01), runtime=segments.Runtime())
+    model = SingleProcess(spec, optimizer=OptimizerConfig("sgd", lr=0.01), runtime=Runtime())
     rng = np.random.default_rng(0)
     x = rng.random((batch, *spec.input_shape), dtype=np.float32)
     y = rng.integers(0, spec.classes, batch).astype(np.int64)

@@ -216,7 +216,7 @@ def reference(cluster: LocalCluster, iterations: int, schedule: Optional[Schedul
     run by 8e-6 in 3 steps of a MobileNet, one thread by 1e-8)."""
     from hiertrain.train.reference import InProcessPlan, SingleProcess
     from hiertrain.train.optim import OptimizerConfig
-    from hiertrain.train.segments import Runtime
+    from hiertrain.train.runtime import Runtime
 
     opt = OptimizerConfig(cluster.optimizer, lr=cluster.lr)
     spec = models.get(cluster.model)

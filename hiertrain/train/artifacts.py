@@ -150,7 +150,7 @@ def from_dir(directory: Path, key: str, root: Path) -> Optional[Path]:
 
 
 def provider(directory: Optional[Path], fetch: Optional["Fetcher"]):
-    """A :class:`~hiertrain.train.segments.Runtime` provider: the artifact directory first, then a builder."""
+    """A :class:`~hiertrain.train.runtime.Runtime` provider: the artifact directory first, then a builder."""
     def get(spec: ModelSpec, first: int, last: int, kind: str, input_grad: bool, root: Path) -> Path:
         req = Request.of(spec, first, last, kind, input_grad)
         if directory is not None:

@@ -42,7 +42,7 @@ def held_out(cfg: TierConfig, spec: models.ModelSpec) -> data.Dataset:
 
 
 def evaluate(cfg: TierConfig, checkpoint_dir: Optional[Path] = None, *, batch: int = 256) -> Result:
-    from hiertrain.train.segments import Predictor
+    from hiertrain.train.runtime import Predictor
 
     spec = models.get(cfg.model)
     where = checkpoint_dir or cfg.checkpoint_dir

@@ -16,7 +16,7 @@ import numpy as np
 from hiertrain.train import batchnorm
 from hiertrain.train.data import normalize
 from hiertrain.train.models import ModelSpec
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 Params = dict[str, np.ndarray]
 

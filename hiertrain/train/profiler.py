@@ -19,7 +19,7 @@ import numpy as np
 from hiertrain.train import models
 from hiertrain.train.optim import Optimizer, OptimizerConfig
 from hiertrain.profile import FORMAT, Profile
-from hiertrain.train.segments import Runtime
+from hiertrain.train.runtime import Runtime
 
 
 ROUND_S = 0.02  # each timed round lasts at least this long (many CPU-quota periods)

@@ -25,7 +25,7 @@ from hiertrain.plan import Group, Plan
 from hiertrain.train.models import ModelSpec, init_params
 from hiertrain.train.optim import Optimizer, OptimizerConfig
 from hiertrain.train.part import Params, Part, add_into, rows
-from hiertrain.train.segments import Predictor, Runtime
+from hiertrain.train.runtime import Predictor, Runtime
 
 
 def split(plan: Plan, x: np.ndarray, y: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
