@@ -40,8 +40,8 @@ from hiertrain.train.part import Params, add_into, rows
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
-from hiertrain.planner import energy as E
 from hiertrain.planner import fleet as F
+from hiertrain.planner import fleetenergy as FE
 from hiertrain.planner import fleetfile as FF
 from hiertrain.planner import fleetpolicies as FP
 from hiertrain.schedule import Schedule
@@ -240,7 +240,7 @@ class Coordinator(FleetService):
     def _joules(self, seconds: float) -> dict[str, Any]:
         """Every machine's joules in a step of ``seconds`` under the plan, modeled (the devices' power
         models; the edge's and the cloud's a server's): the devices measure none of their own here."""
-        joules = E.fleet_joules(self.planned_fleet, replace(self.plan, iteration_s=seconds))
+        joules = FE.fleet_joules(self.planned_fleet, replace(self.plan, iteration_s=seconds))
         return {"joules": {k: round(v, 6) for k, v in joules.items()}, "source": "model"}
 
     def _checkpoint(self, step: int) -> None:

@@ -217,7 +217,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_plan_fleet(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from hiertrain.planner import energy as E
+    from hiertrain.planner import fleetenergy as FE
     from hiertrain.planner import fleet as F
     from hiertrain.planner import fleetfile as FF
     from hiertrain.planner import fleetpolicies as FP
@@ -226,9 +226,9 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
     if args.energy_budget is not None:
         fl = replace(fl, devices=tuple(replace(d, budget_j=d.budget_j or args.energy_budget) for d in fl.devices))
     budgeted = any(d.budget_j for d in fl.devices)
-    plan = E.fleet_budget(fl, budget_s=args.budget) if budgeted else F.solve(fl, budget_s=args.budget)
+    plan = FE.fleet_budget(fl, budget_s=args.budget) if budgeted else F.solve(fl, budget_s=args.budget)
     others = {p: FP.baseline(fl, p) for p in FP.POLICIES[1:]}
-    joules = E.fleet_joules(fl, plan)
+    joules = FE.fleet_joules(fl, plan)
     if args.json:
         print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
                           "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s,
@@ -236,7 +236,7 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
                                       for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
                           "joules": joules, "parts": plan.parts,
                           "baselines_s": {p: b.iteration_s for p, b in others.items()},
-                          "baselines_joules": {p: E.fleet_joules(fl, b) for p, b in others.items()}}))
+                          "baselines_joules": {p: FE.fleet_joules(fl, b) for p, b in others.items()}}))
         return 0
     print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}"
           f"{', within every energy budget' if budgeted else ''}):")
@@ -246,7 +246,7 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
     print(f"  edge {joules['edge']:.3g} J, cloud {joules['cloud']:.3g} J per step")
 
     def devices_j(p: F.FleetPlan) -> float:
-        j = E.fleet_joules(fl, p)
+        j = FE.fleet_joules(fl, p)
         return sum(j[d.name] for d in fl.devices)
 
     print("baselines: " + ", ".join(f"{p} {b.iteration_s:.4f} s ({devices_j(b):.3g} J on the devices)"

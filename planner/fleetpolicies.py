@@ -71,13 +71,13 @@ def choose(fleet: Fleet, *, pins: Optional[list[Path]], policy: str, cloud: bool
     """The plan a coordinator runs: the pinned paths (while they fit: without the cloud every path
     must end at the edge), else the exact optimum of the conservative model or the baseline
     ``policy`` (without the cloud always the optimum), judged by the simulation; with devices that have
-    an energy budget, the fastest plan within the budgets (:func:`hiertrain.planner.energy.fleet_budget`)."""
+    an energy budget, the fastest plan within the budgets (:func:`hiertrain.planner.fleetenergy.fleet_budget`)."""
     if pins is not None and (cloud or all(p.k == fleet.units for p in pins)):
         plan = plan_of("pinned", fleet, pins)
     elif any(d.budget_j for d in fleet.devices) and (policy == "hiertrain" or not cloud):
         # devices with an energy budget: the fastest plan within every budget, or a baseline's if the
         # step as the runtime runs it is shorter and it keeps the budgets too
-        from hiertrain.planner.energy import fleet_budget, within_budgets
+        from hiertrain.planner.fleetenergy import fleet_budget, within_budgets
 
         others = [b for b in (baseline(fleet, p) for p in POLICIES[1:]) if within_budgets(fleet, b)]
         plan = replace(refined(fleet, [fleet_budget(fleet, budget_s=0.5), *others]), policy="hiertrain-budget")

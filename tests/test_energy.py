@@ -17,6 +17,7 @@ from hiertrain.plan import Group, Plan, Stage
 from hiertrain.power import CLASSES, PowerModel, joules, power_of, with_overrides
 from hiertrain.schedule import Schedule
 from hiertrain.planner import energy as E
+from hiertrain.planner import fleetenergy as FE
 from hiertrain.planner import fleet as F
 from hiertrain.planner.baselines import _chains, chain_schedule
 from hiertrain.planner.costmodel import Bandwidth, iteration_time, tables
@@ -323,7 +324,7 @@ def _every_fleet_plan(fleet):
     out = []
     for chosen in itertools.product(*(F.paths(fleet, d) for d in fleet.devices)):
         plan = F.plan_of("x", fleet, chosen)
-        out.append((plan.iteration_s, E.fleet_joules(fleet, plan)))
+        out.append((plan.iteration_s, FE.fleet_joules(fleet, plan)))
     return out
 
 
@@ -340,12 +341,12 @@ def test_the_budgeted_fleet_plan_equals_brute_force(seed):
         truth = min((t for t, j in every if all(j[n] <= b * (1 + 1e-12) for n, b in budgets.items())), default=math.inf)
         if not math.isfinite(truth):
             with pytest.raises(PlanError, match="no plan meets"):
-                E.fleet_budget(fleet, budgets)
+                FE.fleet_budget(fleet, budgets)
             continue
-        plan = E.fleet_budget(fleet, budgets)
+        plan = FE.fleet_budget(fleet, budgets)
         assert plan.parts["optimal"]
         assert plan.iteration_s == pytest.approx(truth, rel=1e-9)
-        joule = E.fleet_joules(fleet, plan)
+        joule = FE.fleet_joules(fleet, plan)
         assert all(joule[n] <= b * (1 + 1e-9) for n, b in budgets.items())
         checked += 1
     assert checked >= 4
@@ -355,9 +356,9 @@ def test_fleet_joules_are_the_plan_models():
     rng = random.Random(5)
     fleet = _with_power(F.random_fleet(rng, 3, 4), rng)
     plan = F.solve(fleet)
-    joule = E.fleet_joules(fleet, plan)
+    joule = FE.fleet_joules(fleet, plan)
     for d, p in zip(fleet.devices, plan.paths):
-        by_terms = d.power.idle_w * plan.iteration_s + E.device_dynamic(fleet, d, p.m)
+        by_terms = d.power.idle_w * plan.iteration_s + FE.device_dynamic(fleet, d, p.m)
         assert joule[d.name] == pytest.approx(by_terms, rel=1e-12)
     assert joule["edge"] > CLASSES["server"].idle_w * plan.iteration_s * (1 - 1e-12)
 
@@ -393,7 +394,7 @@ def test_a_fleet_file_sets_power_classes_and_budgets_and_a_device_publishing_a_l
     fleet = roster.fleet_of(["pi1", "pi2"])
     fastest = FP.choose(fleet, pins=None, policy="hiertrain", cloud=True)
     least = min(j["pi2"] for _, j in _every_fleet_plan(fleet))
-    spent = E.fleet_joules(fleet, F.plan_of("x", fleet, fastest.paths))["pi2"]  # (budgets: the conservative step)
+    spent = FE.fleet_joules(fleet, F.plan_of("x", fleet, fastest.paths))["pi2"]  # (budgets: the conservative step)
     assert least < spent  # the fastest plan is not the one that spends least on pi2
     revision = roster.revision
     budget = least + 0.5 * (spent - least)
@@ -403,7 +404,7 @@ def test_a_fleet_file_sets_power_classes_and_budgets_and_a_device_publishing_a_l
     kept = FP.choose(fleet, pins=None, policy="hiertrain", cloud=True)
     if spent > budget:
         assert kept.paths != fastest.paths
-    assert kept.policy == "hiertrain-budget" and E.within_budgets(fleet, F.plan_of("x", fleet, kept.paths))
+    assert kept.policy == "hiertrain-budget" and FE.within_budgets(fleet, F.plan_of("x", fleet, kept.paths))
     roster.on_profile("pi2", {**full, "fleet": {**fleet_object, "budget_j": -1.0}})
     assert "budget_j = -1.0 must be > 0" in roster._reasons["pi2"] and "pi2" not in roster.devices
 
@@ -483,12 +484,12 @@ def test_the_least_energy_fleet_plan_within_a_deadline_equals_brute_force(seed):
         fleet = _with_power(F.random_fleet(rng, rng.randint(1, 3), rng.randint(1, 3)), rng)
         every = [(t, sum(j[d.name] for d in fleet.devices)) for t, j in _every_fleet_plan(fleet)]
         deadline = min(t for t, _ in every) * rng.uniform(1.0, 2.0)
-        plan = E.fleet_energy(fleet, deadline)
-        joule = E.fleet_joules(fleet, plan)
+        plan = FE.fleet_energy(fleet, deadline)
+        joule = FE.fleet_joules(fleet, plan)
         assert plan.parts["optimal"] and plan.iteration_s <= deadline * (1 + 1e-9)
         assert sum(joule[d.name] for d in fleet.devices) == pytest.approx(
             min(j for t, j in every if t <= deadline * (1 + 1e-12)), rel=1e-9)
     with pytest.raises(PlanError, match="^no plan meets the deadline of 1e-09 s per step: the quickest takes"):
-        E.fleet_energy(fleet, 1e-9)
+        FE.fleet_energy(fleet, 1e-9)
     with pytest.raises(PlanError, match="plan with a budget per device instead"):
-        E.fleet_energy(F.random_fleet(rng, 8, 6), 1.0)
+        FE.fleet_energy(F.random_fleet(rng, 8, 6), 1.0)

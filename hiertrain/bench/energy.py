@@ -6,10 +6,10 @@ testbed measures them (each device class under its CPU quota, where cgroups can 
 device drawing its class's power (:data:`hiertrain.power.CLASSES`). At each medium rate:
 
 - **the Pareto front** of plans: for deadlines swept from the fastest plan's seconds to those of the
-  plan that spends least, the plan of least device joules within each (:func:`hiertrain.planner.energy.fleet_energy`,
+  plan that spends least, the plan of least device joules within each (:func:`hiertrain.planner.fleetenergy.fleet_energy`,
   exact), its seconds and the devices' joules per step;
 - **a budgeted plan**: the fastest with no device above a budget halfway between the most one device
-  spends in the fastest plan and in the least-energy one (:func:`~hiertrain.planner.energy.fleet_budget`);
+  spends in the fastest plan and in the least-energy one (:func:`~hiertrain.planner.fleetenergy.fleet_budget`);
 - **every policy's plan** (the time-optimal one, EdgeSplit's, per-device HierTrain, all-edge, all-cloud,
   all-local), predicted seconds and modeled joules; with ``--from`` a ``bench fleet`` JSON of the same
   testbed, also each policy's *measured* seconds there and its joules at those seconds;
@@ -57,7 +57,7 @@ def testbed_fleet(model: str, devices: int, medium_mbps: float, cloud_mbps: floa
 
 def devices_j(fleet: Any, plan: Any) -> tuple[float, float]:
     """(the devices' joules per step, the most any one device spends)."""
-    from hiertrain.planner.energy import fleet_joules
+    from hiertrain.planner.fleetenergy import fleet_joules
 
     j = fleet_joules(fleet, plan)
     per = [j[d.name] for d in fleet.devices]
@@ -75,7 +75,7 @@ def front(fleet: Any) -> list[dict[str, Any]]:
     """The time/energy Pareto front: the least-energy plan within each of :data:`SWEEP` deadlines from
     the fastest plan's seconds to those of the plan that spends least (exact), dominated ones dropped."""
     from hiertrain.planner import fleet as F
-    from hiertrain.planner.energy import fleet_energy
+    from hiertrain.planner.fleetenergy import fleet_energy
 
     fastest, thrifty = F.solve(fleet), fleet_energy(fleet)
     points = []
@@ -91,7 +91,7 @@ def front(fleet: Any) -> list[dict[str, Any]]:
 
 def budgeted(fleet: Any, budget_j: float) -> dict[str, Any]:
     """The fastest plan with no device above ``budget_j`` per step."""
-    from hiertrain.planner.energy import fleet_budget
+    from hiertrain.planner.fleetenergy import fleet_budget
 
     return {"budget_j": budget_j, **_point(fleet, fleet_budget(fleet, {d.name: budget_j for d in fleet.devices}))}
 
@@ -100,7 +100,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.errors import PlanError
     from hiertrain.planner import fleet as F
     from hiertrain.planner import fleetpolicies as FP
-    from hiertrain.planner.energy import fleet_energy
+    from hiertrain.planner.fleetenergy import fleet_energy
 
     points = [float(p) for p in args.medium.split(",")]
     measured = json.loads(Path(args.source).read_text()) if args.source else None
