@@ -32,15 +32,18 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, numpy_helper, shape_inference
 
 from hiertrain.errors import ConfigError
 from hiertrain.train import batchnorm
-from hiertrain.train.models import OPSET, Builder, ModelSpec, Shape, Unit
+from hiertrain.train.cutpoints import common, cut_points, sanitize, unit_fn, unit_groups
+from hiertrain.train.folding import attr, constant_value, fold, static
+from hiertrain.train.models import OPSET, ModelSpec, Shape, Unit
+from hiertrain.train.opset import converted
+from hiertrain.train.rewrite import rewrite
 
 # op -> the input slots where a float initializer is a trainable parameter
 SUPPORTED: dict[str, tuple[int, ...]] = {
@@ -49,7 +52,7 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "Relu": (), "LeakyRelu": (), "Sigmoid": (), "Tanh": (), "Clip": (),
     "MaxPool": (), "AveragePool": (), "GlobalAveragePool": (),
     "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (), "Unsqueeze": (), "Squeeze": (),
-    "Split": (),                    # not along the batch (_AXIS_OPS)
+    "Split": (),                    # not along the batch (folding.AXIS_OPS)
     "Pad": (),                      # constant mode, constant pads, the batch unpadded (TF-style "same")
     "ReduceMean": (), "Sqrt": (), "Reciprocal": (),
     "BatchNormalization": (1, 2),   # inference mode: constant statistics; training mode: batchnorm.py
@@ -58,8 +61,6 @@ SUPPORTED: dict[str, tuple[int, ...]] = {
     "HardSigmoid": (), "HardSwish": (),  # rewritten into Mul/Add/Clip
     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),  # rewritten into ReduceMean arithmetic
 }
-
-_AXIS_OPS = ("Softmax", "Split")  # exact unless they run along the batch: checked on the file
 
 REFUSED: dict[str, str] = {
     "LSTM": "recurrent layers are not split into units; train a convolutional or MLP model",
@@ -87,135 +88,6 @@ _FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Resha
              "Div", "Identity", "Sqrt", "Neg", "Transpose", "Constant"}
 
 
-def _hard_sigmoid(n, x, out, alpha, beta, consts):
-    base = f"{n.name or n.output[0]}/hs"
-    consts[f"{base}.alpha"], consts[f"{base}.beta"] = np.float32(alpha), np.float32(beta)
-    consts[f"{base}.lo"], consts[f"{base}.hi"] = np.float32(0), np.float32(1)
-    return [helper.make_node("Mul", [x, f"{base}.alpha"], [f"{base}.ax"], name=f"{base}/mul"),
-            helper.make_node("Add", [f"{base}.ax", f"{base}.beta"], [f"{base}.axb"], name=f"{base}/add"),
-            helper.make_node("Clip", [f"{base}.axb", f"{base}.lo", f"{base}.hi"], [out], name=f"{base}/clip")]
-
-
-def _rw_hard_sigmoid(n, consts, shapes):
-    return _hard_sigmoid(n, n.input[0], n.output[0], _attr(n, "alpha", 0.2), _attr(n, "beta", 0.5), consts)
-
-
-def _rw_hard_swish(n, consts, shapes):
-    gate = f"{n.name or n.output[0]}/gate"
-    return _hard_sigmoid(n, n.input[0], gate, 1 / 6, 0.5, consts) + [
-        helper.make_node("Mul", [n.input[0], gate], [n.output[0]], name=f"{n.name or n.output[0]}/mul")]
-
-
-def _normalise(n, x, axes, eps, consts) -> tuple[list[onnx.NodeProto], str]:
-    """(x - mean) / sqrt(var + eps) over ``axes``, in ops with gradients."""
-    base = f"{n.name or n.output[0]}/norm"
-    consts[f"{base}.eps"] = np.float32(eps)
-    return [helper.make_node("ReduceMean", [x], [f"{base}.mean"], axes=axes, name=f"{base}/mean"),
-            helper.make_node("Sub", [x, f"{base}.mean"], [f"{base}.d"], name=f"{base}/sub"),
-            helper.make_node("Mul", [f"{base}.d", f"{base}.d"], [f"{base}.d2"], name=f"{base}/sq"),
-            helper.make_node("ReduceMean", [f"{base}.d2"], [f"{base}.var"], axes=axes, name=f"{base}/var"),
-            helper.make_node("Add", [f"{base}.var", f"{base}.eps"], [f"{base}.vare"], name=f"{base}/eps"),
-            helper.make_node("Sqrt", [f"{base}.vare"], [f"{base}.std"], name=f"{base}/std"),
-            helper.make_node("Reciprocal", [f"{base}.std"], [f"{base}.inv"], name=f"{base}/inv"),
-            helper.make_node("Mul", [f"{base}.d", f"{base}.inv"], [f"{base}.y"], name=f"{base}/div")], f"{base}.y"
-
-
-def _affine(n, y, scale, bias, shape, consts) -> list[onnx.NodeProto]:
-    base = f"{n.name or n.output[0]}/affine"
-    nodes, s, b = [], scale, bias
-    if shape is not None:
-        consts[f"{base}.shape"] = np.array(shape, np.int64)
-        s, b = f"{base}.scale", f"{base}.bias"
-        nodes += [helper.make_node("Reshape", [scale, f"{base}.shape"], [s], name=f"{base}/scale_shape"),
-                  helper.make_node("Reshape", [bias, f"{base}.shape"], [b], name=f"{base}/bias_shape")]
-    return nodes + [helper.make_node("Mul", [y, s], [f"{base}.ys"], name=f"{base}/mul"),
-                    helper.make_node("Add", [f"{base}.ys", b], [n.output[0]], name=f"{base}/add")]
-
-
-def _rank(n, shapes) -> int:
-    """The rank of a node's input, batch dimension included; refused in one line when unknown."""
-    shape = shapes.get(n.input[0])
-    if shape is None:
-        raise ConfigError(f"{n.op_type} node {n.name or n.output[0]!r}: the shape of its input {n.input[0]!r} is "
-                          f"not known per sample (its batch dimension is lost before it); export with a symbolic "
-                          f"batch dimension that every op keeps")
-    return len(shape) + 1
-
-
-def _rw_layer_norm(n, consts, shapes):
-    axis = _attr(n, "axis", -1)
-    # normalised over the last dimensions: a negative axis needs no rank (ReduceMean takes negative axes)
-    axes = list(range(axis, 0)) if axis < 0 else list(range(axis, _rank(n, shapes)))
-    nodes, y = _normalise(n, n.input[0], axes, _attr(n, "epsilon", 1e-5), consts)
-    if len(n.input) < 3 or not n.input[2]:
-        consts[f"{n.name}/zero_bias"] = np.float32(0)
-        return nodes + _affine(n, y, n.input[1], f"{n.name}/zero_bias", None, consts)
-    return nodes + _affine(n, y, n.input[1], n.input[2], None, consts)
-
-
-def _rw_instance_norm(n, consts, shapes):
-    rank = _rank(n, shapes)
-    nodes, y = _normalise(n, n.input[0], list(range(2, rank)), _attr(n, "epsilon", 1e-5), consts)
-    return nodes + _affine(n, y, n.input[1], n.input[2], [-1, *([1] * (rank - 2))], consts)
-
-
-_DECOMPOSE = {"HardSigmoid": _rw_hard_sigmoid, "HardSwish": _rw_hard_swish, "LayerNormalization": _rw_layer_norm,
-              "InstanceNormalization": _rw_instance_norm}
-
-
-def _common(paths: list[str]) -> str:
-    """The longest dotted prefix of module paths: ``1.a``, ``1.b`` -> ``1``."""
-    split = [p.split(".") for p in paths]
-    out = []
-    for parts in zip(*split):
-        if len(set(parts)) > 1:
-            break
-        out.append(parts[0])
-    return ".".join(out)
-
-
-CONVERT_TIMEOUT_S = 300
-
-
-def _converted(model: "onnx.ModelProto", opset: int) -> "onnx.ModelProto | str":
-    """``model`` converted to ``opset`` by onnx's version converter, or why not. The converter runs
-    in a child process: some of its adapters crash the interpreter (ReduceMax 18 -> 17 does, in
-    onnx 1.17), which must not take the caller with it."""
-    import multiprocessing
-
-    parent, child = multiprocessing.get_context("fork").Pipe(duplex=False)
-    proc = multiprocessing.get_context("fork").Process(target=_convert_in_child, args=(model.SerializeToString(),
-                                                                                        opset, child), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(CONVERT_TIMEOUT_S):
-            proc.kill()
-            proc.join()
-            return f"onnx's version converter took more than {CONVERT_TIMEOUT_S} s"
-        kind, payload = parent.recv()
-    except EOFError:
-        proc.join()
-        return f"onnx's version converter crashed (exit {proc.exitcode})"
-    proc.join()
-    if kind == "error":
-        return payload
-    return onnx.load_from_string(payload)
-
-
-def _convert_in_child(raw: bytes, opset: int, out: Any) -> None:
-    import faulthandler
-
-    faulthandler.disable()  # a crash here is reported by the parent, in one line
-    try:
-        from onnx import version_converter
-
-        converted = version_converter.convert_version(onnx.load_from_string(raw), opset)
-        out.send(("ok", converted.SerializeToString()))
-    except Exception as exc:  # noqa: BLE001 - any failure is one line in the parent
-        out.send(("error", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
-
-
 def _bad(path: Path, what: str) -> ConfigError:
     return ConfigError(f"{path}: {what}")
 
@@ -234,45 +106,6 @@ class Imported:
     original: dict[str, str] = field(default_factory=dict)  # our parameter name -> the file's initializer
 
 
-def _sanitize(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", s).strip("_") or "unit"
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray:
-    a = node.attribute[0]
-    if a.name == "value":
-        return numpy_helper.to_array(a.t)
-    value = helper.get_attribute_value(a)
-    dtype = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
-             "value_ints": np.int64}.get(a.name)  # (value_string and sparse values are not numbers)
-    if dtype is None:
-        raise ConfigError(f"Constant node {node.name!r}: attribute {a.name} is not supported")
-    return np.array(value, dtype)
-
-
-def _fold(node: onnx.NodeProto, values: list[Optional[np.ndarray]]) -> list[np.ndarray]:
-    """Evaluate a node whose inputs are all constants (a shape computation, a scalar); None for an
-    optional input left out."""
-    from onnx.reference import ReferenceEvaluator
-
-    names = [f"i{k}" if v is not None else "" for k, v in enumerate(values)]
-    n = helper.make_node(node.op_type, names, [f"o{k}" for k in range(len(node.output))])
-    n.attribute.extend(node.attribute)
-    given = [(nm, v) for nm, v in zip(names, values) if v is not None]
-    g = helper.make_graph([n], "fold", [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype),
-                                                                      list(v.shape)) for nm, v in given],
-                          [helper.make_empty_tensor_value_info(f"o{k}") for k in range(len(node.output))])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    return list(ReferenceEvaluator(m).run(None, dict(given)))
-
-
 class _Importer:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -286,10 +119,10 @@ class _Importer:
         except Exception as exc:  # noqa: BLE001 - any parse or check failure is one line
             raise _bad(path, f"not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
         self.digest = hashlib.sha256(raw).hexdigest()
-        self.name = f"{_sanitize(path.stem)[:40]}-{self.digest[:8]}"
+        self.name = f"{sanitize(path.stem)[:40]}-{self.digest[:8]}"
         opset = {o.domain: o.version for o in model.opset_import}
         if opset.get("", opset.get("ai.onnx", 0)) != OPSET:
-            why = _converted(model, OPSET)
+            why = converted(model, OPSET)
             if isinstance(why, str):
                 raise _bad(path, f"opset {opset.get('')} could not be converted to {OPSET} ({why}); "
                                  f"export with opset_version={OPSET}")
@@ -327,7 +160,8 @@ class _Importer:
         self.x, self.y = x_info.name, y_info.name
         shapes = self._shapes()
         params, consts, active = self._classify(nodes, inits)
-        active = self._static_reshapes(active, consts)
+        active = static(active, consts, model=self.model, x=self.x, y=self.y, input_shape=self.input_shape,
+                        path=self.path, problems=self.problems)
         active = self._rewrite(active, params, consts, shapes)
         self._check(active, consts)
         self._refuse()
@@ -337,8 +171,8 @@ class _Importer:
         classes = ys[0]
         if classes < 2:
             raise _bad(self.path, f"its output has {classes} class; a classifier needs at least 2")
-        cuts = self._cuts(active, params, shapes)
-        groups = self._units(active, params, cuts)
+        cuts = cut_points(active, params, shapes, x=self.x, y=self.y)
+        groups = unit_groups(active, params, cuts)
         return self._spec(groups, params, consts, shapes, self.input_shape, classes, len(cuts))
 
     def _classify(self, nodes, inits):
@@ -360,83 +194,20 @@ class _Importer:
             if n.op_type in _PASS_THROUGH and any(o in wanted for o in n.output):
                 wanted.add(n.input[0])
             wanted.update(t for k, t in enumerate(n.input) if k in SUPPORTED.get(n.op_type, ()))
-            if n.op_type == "BatchNormalization" and _attr(n, "training_mode", 0):
+            if n.op_type == "BatchNormalization" and attr(n, "training_mode", 0):
                 wanted.update(n.input[3:5])  # its running statistics: buffers, kept with its unit
         params = {t: v for t, v in inits.items() if t in wanted and v.dtype == np.float32 and v.ndim >= 1}
         consts = {t: v for t, v in inits.items() if t not in params}
         active = []
         for n in nodes:
             if n.op_type == "Constant":
-                consts[n.output[0]] = _constant_value(n)
+                consts[n.output[0]] = constant_value(n)
             elif (n.input and all(t in consts or not t for t in n.input) and n.op_type in _FOLDABLE):
-                for o, v in zip(n.output, _fold(n, [consts[t] if t else None for t in n.input])):
+                for o, v in zip(n.output, fold(n, [consts[t] if t else None for t in n.input])):
                     consts[o] = v
             else:
                 active.append(n)
         return params, consts, active
-
-    def _static_reshapes(self, nodes, consts):
-        """A Reshape whose shape is computed from an activation's (``x.view(x.size(0), -1)``) gets it as
-        a constant: evaluated at two batch sizes, an entry that follows the batch becomes 0 (copy the
-        input's batch dimension), one that stays put is kept; the shape computation is then dead.
-        A Pad's computed pads that do not change with the batch become constants too, and a Softmax or
-        Split inside the model (attention's, its heads') is checked not to run along the batch (the axis
-        of its input that grows with it). One evaluation of the file serves all three."""
-        axis_ops = [n for n in nodes if n.op_type in _AXIS_OPS]
-        pads = [n for n in nodes if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in consts]
-        dynamic = [n for n in nodes if n.op_type == "Reshape" and n.input[1] not in consts]
-        wanted = [n.input[0] for n in axis_ops] + [n.input[1] for n in pads + dynamic]
-        at = self._at_two_batch_sizes(wanted) if wanted else []
-        for n, (two, three) in zip(axis_ops, at):
-            grows = [i for i, (a, b) in enumerate(zip(two.shape, three.shape)) if a != b]
-            axis = _attr(n, "axis", -1 if n.op_type == "Softmax" else 0) % max(1, two.ndim)
-            if len(grows) != 1 or axis == grows[0]:
-                self.problems.append(f"{n.op_type} (node {n.name or n.output[0]!r}) runs along the batch: each "
-                                     f"sample must stay apart")
-        at = at[len(axis_ops):]
-        for n, (two, three) in zip(pads, at):  # torch writes F.pad's pads as a computation on constants
-            if np.array_equal(two, three):
-                name = f"{n.name or n.output[0]}/static_pads"
-                consts[name] = np.asarray(two, np.int64)
-                n.input[1] = name
-        if dynamic:
-            for n, (two, three) in zip(dynamic, at[len(pads):]):
-                two, three = two.reshape(-1), three.reshape(-1)
-                fixed = []
-                for i, (a, b) in enumerate(zip(two, three)):
-                    if a == b:
-                        fixed.append(int(a))
-                    elif i == 0 and (a, b) == (2, 3) and not _attr(n, "allowzero", 0):
-                        fixed.append(0)
-                    else:
-                        self.problems.append(f"Reshape (node {n.name!r}) mixes the batch into dimension {i}: each "
-                                             f"sample must stay apart")
-                        fixed.append(int(a))
-                name = f"{n.name or n.output[0]}/static_shape"
-                consts[name] = np.array(fixed, np.int64)
-                n.input[1] = name
-        needed, kept = {self.y}, []
-        for n in reversed(nodes):  # dead code: shape computations nobody reads any more
-            if any(o in needed for o in n.output):
-                kept.append(n)
-                needed.update(t for t in n.input if t)
-        return kept[::-1]
-
-    def _at_two_batch_sizes(self, tensors: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The file's ``tensors`` evaluated for batches of 2 and of 3 samples (zeros)."""
-        import onnxruntime as ort
-
-        m = onnx.ModelProto()
-        m.CopyFrom(self.model)
-        del m.graph.output[:]
-        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
-        try:
-            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-            two, three = (sess.run(None, {self.x: np.zeros((b, *self.input_shape), np.float32)}) for b in (2, 3))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are one line here
-            raise _bad(self.path, f"onnxruntime cannot run it for 2 and 3 samples ({str(exc).splitlines()[0][:200]})"
-                       ) from None
-        return list(zip(two, three))
 
     def _refuse(self) -> None:
         if self.problems:
@@ -445,12 +216,12 @@ class _Importer:
 
     def _rewrite(self, nodes, params, consts, shapes):
         """Inference-mode BatchNormalization into constant-statistics arithmetic, Dropout into Identity,
-        division by a constant into a multiplication, and the ops in _DECOMPOSE into ops with
+        division by a constant into a multiplication, and the ops in :data:`hiertrain.train.rewrite.DECOMPOSE` into ops with
         gradients; each new node remembers the node it came from (:meth:`_module`)."""
         out: list[onnx.NodeProto] = []
         for n in nodes:
             before = len(out)
-            self._rewrite_one(n, out, params, consts, shapes)
+            rewrite(n, out, params, consts, shapes, self.problems, self.synthetic)
             for m in out[before:]:
                 self.origin[m.name] = n.name
         return out
@@ -468,65 +239,6 @@ class _Importer:
             prev = p
         return path
 
-    def _rewrite_one(self, n, out, params, consts, shapes):
-        if n.op_type == "Dropout":
-            ratio_ok = len(n.input) < 3 or not n.input[2] or (n.input[2] in consts and not consts[n.input[2]])
-            if not ratio_ok or len([o for o in n.output if o]) > 1:
-                self.problems.append(f"Dropout (node {n.name!r}) in training mode: its random masks differ "
-                                     f"between workers; export with model.eval(), or, to train BatchNorm, with "
-                                     f"model.train(), each nn.Dropout .eval() and training=TrainingMode.PRESERVE")
-                return
-            out.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
-        elif n.op_type == "Div":
-            if n.input[1] not in consts:
-                self.problems.append(f"Div (node {n.name!r}) divides by an activation; only division by a "
-                                     f"constant is trained here")
-                return
-            name = f"{n.name or n.output[0]}/reciprocal"
-            consts[name] = (1.0 / consts[n.input[1]].astype(np.float64)).astype(consts[n.input[1]].dtype)
-            out.append(helper.make_node("Mul", [n.input[0], name], [n.output[0]], name=n.name))
-        elif n.op_type in _DECOMPOSE:
-            out += _DECOMPOSE[n.op_type](n, consts, shapes)
-        elif n.op_type == "BatchNormalization" and _attr(n, "training_mode", 0):
-            out += self._batchnorm_training(n, params, shapes)
-        elif n.op_type == "BatchNormalization":
-            out += self._batchnorm(n, consts, shapes)
-        else:
-            out.append(n)
-
-    def _batchnorm(self, n, consts, shapes):
-        """y = (x - mean) * (1 / sqrt(var + eps)) * scale + bias, the statistics constants shaped
-        [C, 1, ..., 1] for the input's rank; the scale and bias stay parameters (the nodes between
-        are never cut points: their tensors have no inferred shape)."""
-        x, scale, bias, mean, var = n.input
-        if mean not in consts or var not in consts or x not in shapes:
-            self.problems.append(f"BatchNormalization (node {n.name!r}): its running mean and variance must be "
-                                 f"constants of the file and its input's shape known")
-            return []
-        eps = float(_attr(n, "epsilon", 1e-5))
-        per_channel = (-1, *([1] * (len(shapes[x]) - 1)))
-        base = f"{n.name or n.output[0]}/bn"
-        consts[f"{base}.mean"] = consts[mean].astype(np.float32).reshape(per_channel)
-        consts[f"{base}.inv_std"] = (1.0 / np.sqrt(consts[var].astype(np.float64) + eps)).astype(np.float32).reshape(per_channel)
-        return [
-            helper.make_node("Sub", [x, f"{base}.mean"], [f"{base}.centred"], name=f"{base}/sub"),
-            helper.make_node("Mul", [f"{base}.centred", f"{base}.inv_std"], [f"{base}.normed"], name=f"{base}/norm"),
-        ] + _affine(n, f"{base}.normed", scale, bias, list(per_channel), consts)
-
-    def _batchnorm_training(self, n, params, shapes):
-        """A :func:`batchnorm.marker` node: its running statistics and a batch counter are buffers."""
-        x, scale, bias, mean, var = n.input
-        if not all(t in params for t in (scale, bias, mean, var)) or x not in shapes:
-            self.problems.append(f"BatchNormalization (node {n.name!r}) in training mode: its scale, bias and "
-                                 f"running statistics must be initializers of the file and its input's shape known")
-            return []
-        count = f"{n.name or n.output[0]}/num_batches_tracked"
-        params[count] = np.zeros(1, np.float32)
-        self.synthetic.add(count)
-        return [batchnorm.marker(x, scale, bias, (mean, var, count), n.output[0], name=n.name or n.output[0],
-                                 epsilon=_attr(n, "epsilon", 1e-5), momentum=1.0 - _attr(n, "momentum", 0.9),
-                                 rank=len(shapes[x]) + 1)]
-
     def _check(self, nodes, consts):
         """Every node trains exactly: an op of SUPPORTED, or a computation on shapes only (``Shape``
         of an activation and integer arithmetic on it, which has no gradient)."""
@@ -542,7 +254,7 @@ class _Importer:
                 self.problems.append(f"{n.domain}.{where}: only standard ONNX ops can be trained here")
             elif n.op_type == "Pad":
                 pads = consts.get(n.input[1]) if len(n.input) > 1 else None
-                mode = _attr(n, "mode", b"constant")
+                mode = attr(n, "mode", b"constant")
                 mode = mode.decode() if isinstance(mode, bytes) else mode
                 if mode != "constant" or pads is None or len(n.input) > 3 and n.input[3]:
                     self.problems.append(f"{where}: only constant padding by constant pads trains here (this one: "
@@ -550,7 +262,7 @@ class _Importer:
                 elif pads.reshape(-1)[0] or pads.reshape(-1)[pads.size // 2]:
                     self.problems.append(f"{where} pads the batch dimension: each sample must stay apart")
             elif n.op_type == "Softmax" and self.y not in n.output:
-                pass  # inside the model (attention): checked along the samples (_static_reshapes)
+                pass  # inside the model (attention): checked along the samples (folding.static)
             elif n.op_type in REFUSED:
                 last = n.op_type in ("Softmax", "LogSoftmax") and self.y in n.output
                 self.problems.append(f"{where}: " + (REFUSED[n.op_type] if last or n.op_type not in (
@@ -574,52 +286,14 @@ class _Importer:
                 out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
         return out
 
-    def _cuts(self, nodes, params, shapes) -> list[int]:
-        """Positions i (a cut before nodes[i]) where one activation [N, ...] crosses and no parameter."""
-        produced_at = {self.x: -1}
-        for i, n in enumerate(nodes):
-            for o in n.output:
-                produced_at[o] = i
-        last_use: dict[str, int] = {self.y: len(nodes)}
-        first_use_param: dict[str, int] = {}
-        last_use_param: dict[str, int] = {}
-        for i, n in enumerate(nodes):
-            for t in n.input:
-                if t in produced_at:
-                    last_use[t] = max(last_use.get(t, -1), i)
-                if t in params:
-                    first_use_param.setdefault(t, i)
-                    last_use_param[t] = i
-        cuts = []
-        for i in range(1, len(nodes)):
-            live = [t for t, p in produced_at.items() if p < i and last_use.get(t, -1) >= i]
-            if len(live) != 1 or any(first_use_param[p] < i <= last_use_param[p] for p in first_use_param):
-                continue
-            s = shapes.get(live[0])
-            if s and all(isinstance(d, int) and d > 0 for d in s):
-                cuts.append(i)
-        return cuts
-
-    def _units(self, nodes, params, cuts) -> list[list[onnx.NodeProto]]:
-        bounds = [0, *cuts, len(nodes)]
-        groups = [nodes[a:b] for a, b in zip(bounds, bounds[1:])]
-        merged: list[list[onnx.NodeProto]] = []
-        for grp in groups:
-            has = any(t in params for n in grp for t in n.input)
-            if merged and (not has or not any(t in params for n in merged[-1] for t in n.input)):
-                merged[-1] = merged[-1] + grp
-            else:
-                merged.append(list(grp))
-        return merged
-
     def _spec(self, groups, params, consts, shapes, input_shape, classes, n_cuts) -> tuple[ModelSpec, Imported]:
         names: list[str] = []
         units, initial, original, info = [], {}, {}, []
         boundary = self.x
         for k, grp in enumerate(groups):
             owner = next((n for n in grp if any(t in params for t in n.input)), grp[0])
-            module = _common([self._module(n) for n in grp if any(t in params for t in n.input)] or [self._module(owner)])
-            base = _sanitize(module) if module else f"{owner.op_type.lower()}{k + 1}"
+            module = common([self._module(n) for n in grp if any(t in params for t in n.input)] or [self._module(owner)])
+            base = sanitize(module) if module else f"{owner.op_type.lower()}{k + 1}"
             base = f"layer{base}" if base[0].isdigit() else base
             name, j = base, 1
             while name in names:
@@ -651,7 +325,7 @@ class _Importer:
                         initial[f"{name}.{s}"] = params[t].astype(np.float32)
                         original[f"{name}.{s}"] = t
             used_consts = sorted({t for n in grp for t in n.input if t in consts})
-            units.append(Unit(name, _unit_fn(tuple(grp), boundary, out, tuple((t, consts[t]) for t in used_consts),
+            units.append(Unit(name, unit_fn(tuple(grp), boundary, out, tuple((t, consts[t]) for t in used_consts),
                                              tuple((t, s, tuple(params[t].shape)) for t, s in short.items()),
                                              tuple(shapes[out]) if out != self.y else (classes,))))
             info.append({"name": name, "ops": [n.op_type for n in grp], "nodes": len(grp),
@@ -660,38 +334,6 @@ class _Importer:
         spec = ModelSpec(self.name, input_shape, classes, tuple(units), initial=initial, source=str(self.path))
         return spec, Imported(self.path, self.name, input_shape, classes, info, n_cuts, sum(len(g) for g in groups),
                               original)
-
-
-def _unit_fn(nodes, inp: str, out: str, consts, params, out_shape: Shape):
-    def fn(b: Builder, x: str, s: Shape) -> tuple[str, Shape]:
-        rename = {inp: x}
-        for t, value in consts:
-            rename[t] = f"{b.unit}/const/{t}"
-            b.nodes.append(helper.make_node("Constant", [], [rename[t]], name=rename[t],
-                                            value=numpy_helper.from_array(np.asarray(value), rename[t])))
-        for t, short, shape in params:
-            rename[t] = b._param(short, shape)
-        for n in nodes:
-            new = onnx.NodeProto()
-            new.CopyFrom(n)
-            for k, t in enumerate(n.input):
-                if t:
-                    new.input[k] = rename.setdefault(t, f"{b.unit}/{t}")
-            for k, t in enumerate(n.output):
-                if t:
-                    new.output[k] = rename.setdefault(t, f"{b.unit}/{t}")
-            new.name = f"{b.unit}/{n.name or n.output[0]}"
-            if new.domain != batchnorm.DOMAIN:
-                b.nodes.append(new)
-                continue
-            made: dict[str, np.ndarray] = {}
-            expanded, sums = batchnorm.expand(new, b.training, made)
-            b.nodes += [helper.make_node("Constant", [], [t], name=t, value=numpy_helper.from_array(v, t))
-                        for t, v in made.items()] + expanded
-            b.outputs += sums
-            b.momenta[new.input[3].rsplit(".", 1)[0]] = round(next(a.f for a in new.attribute if a.name == "momentum"), 6)
-        return rename[out], out_shape
-    return fn
 
 
 def inspect(path: Path) -> tuple[ModelSpec, Imported]:
@@ -717,7 +359,7 @@ def export(path: Path, params: dict[str, np.ndarray], out: Path) -> int:
     by_file = {found.original[k]: v for k, v in params.items() if k in found.original}
     g, n = model.graph, 0
     for node in g.node:  # trained BatchNorm: the model as evaluated (its running statistics)
-        if node.op_type == "BatchNormalization" and _attr(node, "training_mode", 0):
+        if node.op_type == "BatchNormalization" and attr(node, "training_mode", 0):
             for a in node.attribute:
                 if a.name == "training_mode":
                     a.i = 0
