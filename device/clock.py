@@ -58,8 +58,10 @@ class DeviceClock:
         start = self.state.newest_announced() + 1 if self.resume or failed_over else 0
         # pace the run by the tiers here now (one that joins later, from its first report on)
         self.view.reached = {t: start - 1 for t in self.transport.online() & set(TIERS) - {"device"}}
-        # a new run: the planner restarts its iteration count there; tiers and logs name it
-        self.transport.status_extra.update(run=self.view.run_id, start_iteration=start)
+        # a new run: the planner restarts its iteration count there; tiers and logs name it, and the
+        # tiers not here as it starts, which it never waits for (a follower then abandons it for none)
+        self.transport.status_extra.update(run=self.view.run_id, start_iteration=start,
+                                           run_without=sorted(set(OTHERS) - self.transport.online()))
         self.transport.publish_status("online")
         return start
 

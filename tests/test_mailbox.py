@@ -104,3 +104,23 @@ def test_a_tier_back_as_a_new_process_stays_lost_until_the_next_run():
         box.check_lost("x")
     box.follow("r2")  # nothing of the new run was exchanged with the old process
     box.check_lost("x")
+
+
+def test_a_tier_the_device_started_the_followed_run_without_is_no_reason_to_abandon_it():
+    """The failover race: the device, not hearing the edge on a standby broker, starts a run without
+    it; a follower already in that run must not abandon it when its own grace timer expires for the
+    edge (it did once: the device then waited forever for the cloud's weights)."""
+    from hiertrain.net.membership import Membership
+
+    box = Mailbox()
+    members = Membership("cloud", lambda: box, own=("c0:1", 1.0), on_own_replaced=lambda: None,
+                         on_reconnected=lambda peer: None)
+    box.follow("run2")
+    members.status_of("device", {"state": "online", "run": "run2", "run_without": ["edge"], "lost": ["edge"],
+                                 "session": "d0:2", "started": 1.0}, retained=False)
+    assert members.run_without(box.run, "edge") and not members.run_without(box.run, "cloud")
+    assert not members.run_without("run1", "edge")  # a run started with the edge still waits for it
+    # the edge came back and a later run has it again, though the device still lists it lost once
+    members.status_of("device", {"state": "online", "run": "run3", "run_without": [], "lost": ["edge"],
+                                 "session": "d0:3", "started": 1.0}, retained=False)
+    assert not members.run_without("run3", "edge")

@@ -63,6 +63,14 @@ def test_a_fleet_is_a_group_per_member_owned_by_the_edge_which_drives():
         "owners: edge 1..7"]
 
 
+def test_in_a_fleet_every_message_reaches_its_receiver_from_the_edge_and_in_a_three_tier_job_from_its_sender():
+    fleet = for_fleet([("pi1", 4, 2, 5), ("pi4", 5, 1, 1)], units=U)
+    assert fleet.arrives_from("pi4", "cloud") == "edge" and fleet.arrives_from("cloud", "pi4") == "edge"
+    assert fleet.arrives_from("pi1", "edge") == "pi1" and fleet.arrives_from("edge", "cloud") == "edge"
+    three = from_schedule(osl(), units=U, batch=32)
+    assert three.arrives_from("device", "cloud") == "device" and three.arrives_from("edge", "cloud") == "edge"
+
+
 def test_handover_names_the_units_that_change_owner():
     a = from_schedule(osl(), units=U, batch=32)
     b = from_schedule(osl(chain=(Stage("device", 1, 2), Stage("edge", 3, 5), Stage("cloud", 6, 7))), units=U, batch=32)

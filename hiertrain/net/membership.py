@@ -84,8 +84,8 @@ class Membership:
         return silent
 
     def run_without(self, run: Optional[str], peer: str) -> bool:
-        """Whether the device started ``run`` without ``peer`` (its status lists it lost): a run that
-        never waits for it."""
+        """Whether the device started ``run`` without ``peer`` (its status says so: the peer was not
+        online when the run began), a run that never waits for it."""
         with self._lock:
             return run is not None and self._run_without[0] == run and peer in self._run_without[1]
 
@@ -120,8 +120,8 @@ class Membership:
             (self._online.add if state == "online" else self._online.discard)(account)
             for flag, peers in (("builder", self._builders), ("collector", self._collectors)):
                 (peers.add if state == "online" and status.get(flag) is True else peers.discard)(account)
-            if account == "device" and isinstance(status.get("lost"), list):
-                self._run_without = (status.get("run"), frozenset(t for t in status["lost"] if isinstance(t, str)))
+            if account == "device" and isinstance(status.get("run_without"), list):
+                self._run_without = (status.get("run"), frozenset(t for t in status["run_without"] if isinstance(t, str)))
             it = status.get("checkpoint_iteration")
             if type(it) is int and it >= 0:
                 self._announced[account] = it
