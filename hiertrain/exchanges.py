@@ -3,40 +3,49 @@ and takes, keyed as they travel (kind, peer, layer).
 
 Along each sample group's chain of stages (:mod:`hiertrain.plan`):
 
+- the group's **samples** go from its data source to its first stage, when that is another account
+  (keyed by layer 0);
 - a stage that trains units it does not own takes their **weights** from their owner before the
   step (keyed by the stage's last unit) and sends their parameter gradients back (**wgrad**);
 - the activations at a stage's end go to the next stage (**act**, keyed by the stage's last unit)
   and their gradient comes back (**grad**); the last stage's output goes to the group's loss
   account when that is another (keyed by the last unit, U).
 
-A step does them in four phases (weights, act, grad, wgrad), each in group order. This is the
-three-tier runtime's protocol (:mod:`hiertrain.tier`: HierTrain's O/S/L groups, a layer chain; the
-samples are the clock's, :mod:`hiertrain.clock`). A fleet's messages all pass through its edge, which
-relays and batches them (:mod:`hiertrain.edge.coordinator`).
+In a plan whose driver holds no samples (a fleet's edge) every message passes through the driver
+(:meth:`hiertrain.plan.Plan.arrives_from`): a device's activations for the cloud go to the edge,
+which sends them on. Messages of several groups with the same key are one message, their rows in
+group order (a fleet's members cut at the same unit reach the cloud together; the cloud's weights
+and parameter gradients are one message each).
+
+A step does them in five phases (samples, weights, act, grad, wgrad), each in group order. The
+three-tier runtime interprets them (:meth:`hiertrain.tier.TierService._step`; there the clock sends
+the samples, :mod:`hiertrain.clock`); a fleet's services send and take these keys
+(``edge/coordinator.py``, ``device/worker.py``, ``cloud/worker.py``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
-from hiertrain.errors import PlanError
 from hiertrain.plan import Plan
 
-PHASES = ("weights", "act", "grad", "wgrad")
+PHASES = ("samples", "weights", "act", "grad", "wgrad")
 
 
 class Exchange(NamedTuple):
-    op: str      # "send" or "take"
-    kind: str    # one of PHASES
+    op: str                  # "send" or "take"
+    kind: str                # one of PHASES
     peer: str
     layer: int
-    group: str   # the sample group it belongs to
+    groups: tuple[str, ...]  # the sample groups whose rows (or units) it carries, in plan order
 
 
 def _messages(plan: Plan) -> list[tuple[str, str, str, int, str]]:
-    """Every message of a step: (kind, sender, receiver, layer, group)."""
+    """Every message of a step: (kind, sender, receiver, layer, group), relayed where the plan says."""
     out = []
     for g in plan.groups:
+        if g.source != g.stages[0].tier:
+            out.append(("samples", g.source, g.stages[0].tier, 0, g.name))
         for j, st in enumerate(g.stages):
             owners = sorted({plan.owners[u - 1] for u in st.units} - {st.tier})
             for owner in owners:
@@ -47,38 +56,28 @@ def _messages(plan: Plan) -> list[tuple[str, str, str, int, str]]:
         last = g.stages[-1].tier
         if g.loss != last:
             out += [("act", last, g.loss, plan.units, g.name), ("grad", g.loss, last, plan.units, g.name)]
-    return out
+    relayed = []
+    for kind, sender, receiver, layer, group in out:
+        hop = plan.arrives_from(sender, receiver)
+        relayed += [(kind, sender, hop, layer, group), (kind, hop, receiver, layer, group)] if hop != sender \
+            else [(kind, sender, receiver, layer, group)]
+    return relayed
 
 
 def exchanges(plan: Plan, account: str) -> tuple[Exchange, ...]:
-    """What ``account`` sends and takes in one step of ``plan``, phase by phase, in group order."""
-    mine = []
+    """What ``account`` sends and takes in one step of ``plan``, phase by phase, in group order; the
+    same key in several groups is one exchange carrying them all."""
+    mine: dict[tuple[str, str, str, int], list[str]] = {}
     for kind, sender, receiver, layer, group in _messages(plan):
-        if sender == receiver:
+        if sender == receiver or account not in (sender, receiver):
             continue
-        if sender == account:
-            mine.append(Exchange("send", kind, receiver, layer, group))
-        elif receiver == account:
-            mine.append(Exchange("take", kind, sender, layer, group))
-    return tuple(sorted(mine, key=lambda x: PHASES.index(x.kind)))  # stable: group order within a phase
+        key = ("send", kind, receiver, layer) if sender == account else ("take", kind, sender, layer)
+        if group not in mine.setdefault(key, []):
+            mine[key].append(group)
+    xs = [Exchange(*key, tuple(groups)) for key, groups in mine.items()]
+    return tuple(sorted(xs, key=lambda x: PHASES.index(x.kind)))  # stable: group order within a phase
 
 
 def select(xs: tuple[Exchange, ...], op: str, kind: str) -> dict[str, Exchange]:
-    """The exchanges of one op and kind, by group."""
-    return {x.group: x for x in xs if x.op == op and x.kind == kind}
-
-
-def one(xs: tuple[Exchange, ...], op: str, kind: str) -> Optional[Exchange]:
-    """The exchange of one op and kind where a step has at most one (a slice's, a chain stage's)."""
-    found = [x for x in xs if x.op == op and x.kind == kind]
-    if len(found) > 1:
-        raise PlanError(f"{len(found)} exchanges ({op} {kind}) where one was expected: {found}")
-    return found[0] if found else None
-
-
-def need(xs: tuple[Exchange, ...], op: str, kind: str) -> Exchange:
-    """:func:`one`, where the step cannot do without it."""
-    x = one(xs, op, kind)
-    if x is None:
-        raise PlanError(f"the plan gives this step no {kind} to {op} (it has: {[(x.op, x.kind) for x in xs]})")
-    return x
+    """The exchanges of one op and kind, by each group they carry."""
+    return {g: x for x in xs if x.op == op and x.kind == kind for g in x.groups}
