@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from hiertrain.errors import ProtocolError
+from hiertrain.exchanges import exchanges
 from hiertrain.meters import EnergyConfig
 from hiertrain.power import CLASSES, KEYS
 from hiertrain.fleetservice import FleetService
@@ -61,23 +62,28 @@ class DeviceWorker(FleetService):
             self.announce()
 
     def work(self, rnd: Round, params: Params) -> None:
+        """Its exchanges in the round's plan (:func:`hiertrain.exchanges.exchanges`): its raw samples up
+        (m = 0), or units 1..m, the activations at m up, their gradient back and the parameter gradients;
+        with m = U its own loss and parameter gradients. Its labels ride with the rows it sends."""
         mb = next((m for m in rnd.members if m.name == self.account), None)
         if mb is None:
             raise ProtocolError(f"the edge sent weights of round {rnd.round}, whose members do not include "
                                 f"{self.account}")
+        xs, r = exchanges(rnd.plan(), self.account), rnd.round
         x, y = self.data.take_raw((mb.offset + np.arange(mb.n)) % len(self.data))
-        r, U = rnd.round, self.units
-        if mb.m == U:
+        up = next((e for e in xs if e.op == "send" and e.kind in ("samples", "act")), None)
+        if up is not None and up.kind == "samples":
+            tensors, codec = sample_tensors(x, self.cfg.compress_samples)
+            self.send("samples", up.peer, r, up.layer, {**tensors, "y": y}, **codec)
+            return
+        wgrad = next(e for e in xs if e.op == "send" and e.kind == "wgrad")
+        if up is None:  # all its units here: its own loss
             w = rnd.weight(mb.n)
             loss, _, grads = self.part.loss(params, 1, x, y, w)
-            self.send("wgrad", "edge", r, U, grads, loss=w * loss)
+            self.send("wgrad", wgrad.peer, r, wgrad.layer, grads, loss=w * loss)
             return
-        if mb.m == 0:
-            tensors, codec = sample_tensors(x, self.cfg.compress_samples)
-            self.send("samples", "edge", r, 0, {**tensors, "y": y}, **codec)
-            return
-        h, stash = self.part.forward(params, 1, mb.m, x)
-        self.send("act", "edge", r, mb.m, {"x": h, "y": y})
-        g = self.take("grad", "edge", r, mb.m).tensors["x"]
-        _, grads = self.part.backward(params, 1, mb.m, stash, g)
-        self.send("wgrad", "edge", r, mb.m, grads)
+        h, stash = self.part.forward(params, 1, up.layer, x)
+        self.send("act", up.peer, r, up.layer, {"x": h, "y": y})
+        g = self.take("grad", up.peer, r, up.layer).tensors["x"]
+        _, grads = self.part.backward(params, 1, up.layer, stash, g)
+        self.send("wgrad", wgrad.peer, r, wgrad.layer, grads)
