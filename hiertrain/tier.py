@@ -37,6 +37,7 @@ from hiertrain.device.clock import DeviceClock
 from hiertrain.meters import EnergyConfig
 from hiertrain.errors import Diverged, HiertrainError, PlanError, ProtocolError, TierLost
 from hiertrain.exchanges import Exchange, exchanges, select
+from hiertrain.plan import Plan
 from hiertrain.failover import Failover
 from hiertrain.holding import Holding
 from hiertrain.net import topics
@@ -96,7 +97,7 @@ class TierService:
         self.part = Part(self.spec, self.runtime)  # what this tier computes of a sample group
         self.history: dict[int, Schedule] = {}  # iteration -> schedule it ran
         self._weights_sent = -1
-        self._xs: dict[int, tuple[Exchange, ...]] = {}  # schedule version -> this tier's exchanges
+        self._plans: dict[int, tuple[Plan, tuple[Exchange, ...]]] = {}  # schedule version -> its plan, our exchanges
         self._shown_version, self._shown_at = -1, 0.0  # progress lines
 
     def _reset(self) -> None:
@@ -226,11 +227,10 @@ class TierService:
         gradient back), the gradient at its input back, the parameter gradients of units it does not own to
         their owner; as an owner, the others' parameter gradients and the update. The exchanges are
         :func:`hiertrain.exchanges.exchanges`'; :mod:`hiertrain.train.reference` does the same in one process."""
-        plan, held, U = sched.plan(units=self.spec.n_units, batch=self.cfg.batch), self.holding, self.spec.n_units
-        xs = self._exchanges(sched)
+        (plan, xs), held, U = self._plan(sched), self.holding, self.spec.n_units
         owner = bool(plan.owned(self.tier))
         if owner and self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
-            self._send_weights(i, sched, xs)
+            self._send_weights(i, sched)
         weights, acts_in, acts_out = select(xs, "take", "weights"), select(xs, "take", "act"), select(xs, "send", "act")
         grads_in, grads_out, wgrads = select(xs, "take", "grad"), select(xs, "send", "grad"), select(xs, "send", "wgrad")
         out: dict[str, Any] = {}
@@ -295,17 +295,19 @@ class TierService:
         else:
             self._send_x(x, i, {"x": y}, sched)
 
-    def _send_weights(self, i: int, sched: Schedule, xs: Optional[tuple[Exchange, ...]] = None) -> None:
+    def _send_weights(self, i: int, sched: Schedule) -> None:
         """o: s's and l's weights of iteration ``i`` (units 1..their cut)."""
-        for x in select(xs if xs is not None else self._exchanges(sched), "send", "weights").values():
+        for x in select(self._plan(sched)[1], "send", "weights").values():
             self._send_x(x, i, self.part.weights(self.holding.params, 1, x.layer), sched)
         self._weights_sent = i
 
-    def _exchanges(self, sched: Schedule) -> tuple[Exchange, ...]:
-        """This tier's exchanges under ``sched`` (a schedule version never changes: computed once)."""
-        if sched.version not in self._xs:
-            self._xs[sched.version] = exchanges(sched.plan(units=self.spec.n_units, batch=self.cfg.batch), self.tier)
-        return self._xs[sched.version]
+    def _plan(self, sched: Schedule) -> tuple[Plan, tuple[Exchange, ...]]:
+        """``sched`` in the plan model and this tier's exchanges under it (a schedule version never
+        changes: computed once, not every iteration)."""
+        if sched.version not in self._plans:
+            plan = sched.plan(units=self.spec.n_units, batch=self.cfg.batch)
+            self._plans[sched.version] = plan, exchanges(plan, self.tier)
+        return self._plans[sched.version]
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         links = {}
