@@ -1,21 +1,19 @@
 """The cloud in a fleet: units k+1..U of every member whose path reaches it, one cut at a time.
 
-Its exchanges in each round are those of the round's plan (:func:`hiertrain.exchanges.exchanges`):
-the weights of units kappa+1..U from the edge, then for each cut k (ascending) the rows the edge sends
-for all members cut there (concatenated in member order, raw samples for k = 0) with their labels.
-It computes the loss over those rows (weighted by their share of the round's samples), sends the
-gradient at k back to the edge, and finally its parameter gradients with its share of the loss.
+It runs its part of each round's plan (:func:`hiertrain.interpreter.step`): with the weights of
+units kappa+1..U the round came with, for each cut k the rows the edge sends for all members cut
+there (one message, in member order, raw samples for k = 0) with their labels, as one batch: the
+loss over them (weighted by their share of the round's samples), the gradient at k back to the edge,
+and finally its parameter gradients with its share of the loss.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from hiertrain.errors import ProtocolError
-from hiertrain.exchanges import exchanges, select
-from hiertrain.fleetservice import FleetService
+from hiertrain.fleetservice import FleetService, run_step
 from hiertrain.train.fleetroles import Round
-from hiertrain.train.part import Params, add_into
+from hiertrain.train.part import Params
 from hiertrain.tierconfig import TierConfig
 
 
@@ -31,22 +29,5 @@ class CloudWorker(FleetService):
         return self.cfg.profile
 
     def work(self, rnd: Round, params: Params) -> None:
-        """Its exchanges in the round's plan (:func:`hiertrain.exchanges.exchanges`), cut by cut."""
-        r, xs = rnd.round, exchanges(rnd.plan(), self.account)
-        back = select(xs, "send", "grad")
-        grads: Params = {}
-        loss = 0.0
-        for x in sorted((x for x in xs if x.op == "take" and x.kind in ("samples", "act")), key=lambda x: x.layer):
-            t = self.take(x.kind, x.peer, r, x.layer).tensors
-            rows = sum(rnd.member(g).n for g in x.groups)
-            if any(k not in t or len(t[k]) != rows for k in ("x", "y")):
-                raise ProtocolError(f"the edge sent cut {x.layer}'s rows of round {r} without {rows} rows and as many "
-                                    f"labels (for {', '.join(x.groups)})")
-            w = rnd.weight(rows)
-            part_loss, gk, g = self.part.loss(params, x.layer + 1, t["x"], t["y"], w)
-            loss += w * part_loss
-            add_into(grads, g)
-            if x.groups[0] in back:
-                self.send("grad", x.peer, r, x.layer, {"x": gk})
-        wgrad = next(x for x in xs if x.op == "send" and x.kind == "wgrad")
-        self.send("wgrad", wgrad.peer, r, wgrad.layer, grads, loss=loss)
+        """Its part of the round's plan (:func:`hiertrain.interpreter.step`), with the weights the round came with."""
+        run_step(self, rnd, params)

@@ -20,10 +20,9 @@ from typing import Any, Optional
 import numpy as np
 
 from hiertrain.errors import ProtocolError
-from hiertrain.exchanges import exchanges
 from hiertrain.meters import EnergyConfig
 from hiertrain.power import CLASSES, KEYS
-from hiertrain.fleetservice import FleetService
+from hiertrain.fleetservice import FleetService, run_step
 from hiertrain.net.compress import sample_tensors
 from hiertrain.train.fleetroles import Round
 from hiertrain.train.part import Params
@@ -62,28 +61,16 @@ class DeviceWorker(FleetService):
             self.announce()
 
     def work(self, rnd: Round, params: Params) -> None:
-        """Its exchanges in the round's plan (:func:`hiertrain.exchanges.exchanges`): its raw samples up
-        (m = 0), or units 1..m, the activations at m up, their gradient back and the parameter gradients;
-        with m = U its own loss and parameter gradients. Its labels ride with the rows it sends."""
+        """Its part of the round's plan: its raw samples up (m = 0), else :func:`hiertrain.interpreter.step`
+        on its own rows (units 1..m, the activations at m up with its labels, their gradient back and the
+        parameter gradients; with m = U its own loss)."""
         mb = next((m for m in rnd.members if m.name == self.account), None)
         if mb is None:
             raise ProtocolError(f"the edge sent weights of round {rnd.round}, whose members do not include "
                                 f"{self.account}")
-        xs, r = exchanges(rnd.plan(), self.account), rnd.round
         x, y = self.data.take_raw((mb.offset + np.arange(mb.n)) % len(self.data))
-        up = next((e for e in xs if e.op == "send" and e.kind in ("samples", "act")), None)
-        if up is not None and up.kind == "samples":
+        if mb.m == 0:  # the data source's samples (the clock's to send, as a three-tier device's)
             tensors, codec = sample_tensors(x, self.cfg.compress_samples)
-            self.send("samples", up.peer, r, up.layer, {**tensors, "y": y}, **codec)
+            self.send("samples", "edge", rnd.round, 0, {**tensors, "y": y}, **codec)
             return
-        wgrad = next(e for e in xs if e.op == "send" and e.kind == "wgrad")
-        if up is None:  # all its units here: its own loss
-            w = rnd.weight(mb.n)
-            loss, _, grads = self.part.loss(params, 1, x, y, w)
-            self.send("wgrad", wgrad.peer, r, wgrad.layer, grads, loss=w * loss)
-            return
-        h, stash = self.part.forward(params, 1, up.layer, x)
-        self.send("act", up.peer, r, up.layer, {"x": h, "y": y})
-        g = self.take("grad", up.peer, r, up.layer).tensors["x"]
-        _, grads = self.part.backward(params, 1, up.layer, stash, g)
-        self.send("wgrad", wgrad.peer, r, wgrad.layer, grads)
+        run_step(self, rnd, params, local={self.account: x}, labels=lambda g: y)

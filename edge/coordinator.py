@@ -7,9 +7,10 @@
 - **Clock.** A round is one attempt at one SGD step; the coordinator starts it by sending every
   member the weights of its units 1..m (the cloud those of units kappa+1..U) with the round: who
   trains which samples (their offsets in each device's data are kept here) along which path.
-- **Owner.** The edge owns every parameter and the optimizer: it trains each member's units
-  m+1..k, the loss of members whose k = U, sums every gradient and steps
-  (:mod:`hiertrain.train.fleetroles`).
+- **Owner.** The edge owns every parameter and the optimizer: it runs its part of the round's plan
+  with the interpreter every service runs (:func:`hiertrain.interpreter.step`): each member's units
+  m+1..k as its rows arrive, the loss of members whose k = U, a cut's rows on to the cloud in one
+  message, the gradients back; then it steps on the sum of every gradient.
 - **Leaving.** A member that goes offline (or is silent for ``timeout_s``) before it has sent
   everything makes the coordinator give the round up: no step is applied, the device is planned out,
   and the same step is **redone** by the members left, on the same samples. A step is therefore
@@ -24,19 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any, Optional
-
-import numpy as np
+from typing import Any, Optional, Sequence
 
 from hiertrain.net import topics
-from hiertrain.errors import ConfigError, Diverged, MissingMessage, SegmentError, TierLost
+from hiertrain import interpreter
+from hiertrain.errors import ConfigError, MissingMessage, ProtocolError, TierLost
+from hiertrain.exchanges import Exchange, exchanges
+from hiertrain.net.wire import Message
 from hiertrain.train.fleetroles import Member, Round
-from hiertrain.train.part import Params, add_into, rows
+from hiertrain.train.part import Params
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
@@ -54,8 +55,10 @@ log = logging.getLogger("hiertrain.edge")
 
 
 class Redo(Exception):
-    def __init__(self, who: str, why: str) -> None:
-        super().__init__(f"{who} {why}")
+    """The round is given up: ``who`` went, fell silent or broke the protocol (the message says which)."""
+
+    def __init__(self, who: str, message: str) -> None:
+        super().__init__(message)
         self.who = who
 
 
@@ -275,126 +278,69 @@ class Coordinator(FleetService):
                 self._check_alive(rnd, deadline, kind, sender)
 
     def round(self, rnd: Round) -> float:
+        """One attempt at step ``rnd.step``: every member (and the cloud) gets its weights with the round,
+        then the edge runs its part of the round's plan (:func:`hiertrain.interpreter.step`: each member's
+        units m+1..k as its rows arrive, the loss of those with k = U, a cut's rows on to the cloud, the
+        gradients back) and steps. A member or the cloud that sends what the plan does not say, goes, or
+        falls silent makes it a :class:`Redo` without them."""
         P, part, U, r = self.params, self.part, self.units, rnd.round
-        cloud = rnd.kappa < U
-        self._involved = {mb.name for mb in rnd.members} | ({"cloud"} if cloud else set())
+        plan = rnd.plan()
+        self._involved = {mb.name for mb in rnd.members} | ({"cloud"} if rnd.kappa < U else set())
         self.transport.advance(r)  # what is left of earlier rounds is dropped, and so is anything far ahead
         meta = rnd.to_meta()
         for mb in rnd.members:
             self.send("weights", mb.name, r, mb.m, part.weights(P, 1, mb.m), **meta)
-        if cloud:
+        if rnd.kappa < U:
             self.send("weights", "cloud", r, U, part.weights(P, rnd.kappa + 1, U), **meta)
-        grads: Params = {}
-        loss = 0.0
-        groups = dict(rnd.cloud_groups())
-        left = {k: len(g) for k, g in groups.items()}
-        at_cut: dict[str, tuple[np.ndarray, Any]] = {}
-        labels: dict[str, np.ndarray] = {}
-        for mb in self.arrivals(rnd):                          # forward, each member as its input arrives
-            x, y = self.rows_of(mb, "samples" if mb.m == 0 else "act", r)
-            labels[mb.name] = y
-            if mb.k == U:
-                w = rnd.weight(mb.n)
-                try:
-                    part_loss, gm, g = part.loss(P, mb.m + 1, x, y, w)
-                except SegmentError as exc:
-                    raise SegmentError(f"edge: step {rnd.step}, training {mb.name}'s samples "
-                                       f"{mb.offset}..{mb.offset + mb.n - 1}: {exc}") from None
-                self._finite(rnd, part_loss, f"the loss of {mb.name}'s samples {mb.offset}..{mb.offset + mb.n - 1}")
-                loss += w * part_loss
-                add_into(grads, g)
-                if mb.m:
-                    self.send("grad", mb.name, r, mb.m, {"x": gm})
-                continue
-            at_cut[mb.name] = part.forward(P, mb.m + 1, mb.k, x)
-            left[mb.k] -= 1
-            if not left[mb.k]:                                 # the cut's last member: on to the cloud
-                self._to_cloud(r, mb.k, [at_cut[o.name][0] for o in groups[mb.k]],
-                               rows([labels[o.name] for o in groups[mb.k]]))
-        for k, group in groups.items():                        # the cloud's gradients, back down
-            gk = self.take("grad", "cloud", r, k).tensors["x"] if k > 0 else None
-            start = 0
-            for mb in group:
-                _, stash = at_cut[mb.name]
-                if gk is not None:  # (k = 0: the cloud trained all of it)
-                    gm, g = part.backward(P, mb.m + 1, mb.k, stash, gk[start:start + mb.n])
-                    add_into(grads, g)
-                    if mb.m:
-                        self.send("grad", mb.name, r, mb.m, {"x": gm})
-                start += mb.n
-        if cloud:
-            msg = self.take("wgrad", "cloud", r, U)
-            add_into(grads, msg.tensors)
-            part_loss = float(msg.meta.get("loss", math.nan))
-            self._finite(rnd, part_loss, "the cloud's loss of " + ", ".join(
-                f"{mb.name}'s samples" for _, group in groups.items() for mb in group))
-            loss += part_loss
-        for mb in rnd.members:                                 # the devices' parameter gradients
-            if mb.m:
-                msg = self.take("wgrad", mb.name, r, mb.m)
-                add_into(grads, msg.tensors)
-                if mb.m == U:
-                    part_loss = float(msg.meta.get("loss", math.nan))
-                    self._finite(rnd, part_loss, f"the loss {mb.name} computed on its samples "
-                                                 f"{mb.offset}..{mb.offset + mb.n - 1}")
-                    loss += part_loss
-        self.params = self.optimizer.step(P, grads)
-        return loss
 
-    def _finite(self, rnd: Round, loss: float, what: str) -> None:
-        """A loss that is not finite ends the run, naming whose samples gave it (the devices' own
-        sends are checked where they leave)."""
-        if not math.isfinite(loss):
-            raise Diverged(f"edge: training diverged in step {rnd.step}: {what} is {loss}; lower the learning "
-                           f"rate (now {self.cfg.optimizer.lr}) or check that device's data")
+        def samples_of(names: Any) -> str:
+            return ", ".join(f"{mb.name}'s samples {mb.offset}..{mb.offset + mb.n - 1}" for mb in map(rnd.member, names))
 
-    def arrivals(self, rnd: Round) -> Any:
-        """The members whose input the edge continues (m < U), each as soon as its activations (or
-        samples) are here: the edge works on a fast device's while a slow one still computes."""
-        waiting = {("samples" if mb.m == 0 else "act", rnd.round, mb.m, mb.name): mb for mb in rnd.members
-                   if mb.m < self.units}
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while waiting:
-            try:
-                key = self.transport.mailbox.wait_any(list(waiting), POLL_S)
-            except TierLost as lost:
-                self._lost(lost)
-                continue
-            if key is not None:
-                yield waiting.pop(key)
-                deadline = time.monotonic() + self.cfg.timeout_s
-                continue
-            self._check_alive(rnd.round, deadline, "activations", next(iter(waiting))[3])
+        try:
+            done = interpreter.step(plan, "edge", exchanges(plan, "edge"), part, P, _EdgeIo(self, r), at=f"step {rnd.step}",
+                                    lr=self.cfg.optimizer.lr, describe=samples_of)
+        except ProtocolError as exc:
+            if not exc.sender:
+                raise
+            raise Redo(exc.sender, str(exc)) from None
+        self.params = self.optimizer.step(P, done.grads)
+        return 0.0 if done.loss is None else done.loss
 
     def _lost(self, lost: TierLost) -> None:
         if lost.tier in self._involved:
-            raise Redo(lost.tier, f"went {lost.state}") from lost
+            raise Redo(lost.tier, f"{lost.tier} went {lost.state}") from lost
         self.transport.mailbox.forget(lost.tier)  # not in this round: planned out at the next
 
     def _check_alive(self, rnd: int, deadline: float, what: str, sender: str) -> None:
         gone = sorted(self._involved - self.transport.online())
         if gone:
-            raise Redo(gone[0], "went offline")
+            raise Redo(gone[0], f"{gone[0]} went offline")
         if time.monotonic() > deadline:
-            raise Redo(sender, f"sent no {what} in round {rnd} for {self.cfg.timeout_s:g} s")
+            raise Redo(sender, f"{sender} sent no {what} in round {rnd} for {self.cfg.timeout_s:g} s")
 
-    def rows_of(self, mb: Member, kind: str, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """A member's input rows and labels (they travel together), each one per sample it trains in
-        this round: a member that sends another count is faulty (or hostile), and the round is redone
-        without it."""
-        t = self.take(kind, mb.name, r, mb.m).tensors
-        for name, what in (("x", kind), ("y", "labels")):
-            n = len(t[name]) if name in t else 0
-            if n != mb.n:
-                raise Redo(mb.name, f"sent {n} rows of {what} for its {mb.n} samples")
-        return t["x"], t["y"]
 
-    def _to_cloud(self, r: int, k: int, parts: list[np.ndarray], labels: np.ndarray) -> None:
-        if k == 0:  # raw samples: as stored if they all are, else as the model's input
-            from hiertrain.train.data import normalize
+class _EdgeIo:
+    """The edge's exchanges in round ``r``: waits that give the round up when a member goes or falls silent."""
 
-            same = len({p.dtype for p in parts}) == 1
-            self.send("samples", "cloud", r, 0, {"x": rows(parts if same else [normalize(p) for p in parts]),
-                                                 "y": labels})
-        else:
-            self.send("act", "cloud", r, k, {"x": rows(parts), "y": labels})
+    def __init__(self, edge: Coordinator, r: int) -> None:
+        self.edge, self.r = edge, r
+
+    def take(self, x: Exchange) -> Message:
+        return self.edge.take(x.kind, x.peer, self.r, x.layer)
+
+    def first(self, xs: Sequence[Exchange]) -> Exchange:
+        """The first of ``xs`` to arrive: the edge works on a fast device's rows while a slow one still computes."""
+        keys = [(x.kind, self.r, x.layer, x.peer) for x in xs]
+        deadline = time.monotonic() + self.edge.cfg.timeout_s
+        while True:
+            try:
+                key = self.edge.transport.mailbox.wait_any(keys, POLL_S)
+            except TierLost as lost:
+                self.edge._lost(lost)
+                continue
+            if key is not None:
+                return xs[keys.index(key)]
+            self.edge._check_alive(self.r, deadline, xs[0].kind, xs[0].peer)
+
+    def send(self, x: Exchange, tensors: Params, **meta: Any) -> None:
+        self.edge.send(x.kind, x.peer, self.r, x.layer, tensors, **meta)

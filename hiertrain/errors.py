@@ -66,7 +66,12 @@ class Diverged(HiertrainError):
 
 class ProtocolError(HiertrainError):
     """A peer sent what the protocol does not allow at this point (rows without their labels, a
-    malformed request or round): the message is refused and named, the service carries on."""
+    malformed request or round): the message is refused and named, the service carries on. ``sender``
+    names the peer at fault, where one is."""
+
+    def __init__(self, message: str, *, sender: str = "") -> None:
+        super().__init__(message)
+        self.sender = sender
 
 
 class SegmentError(HiertrainError):

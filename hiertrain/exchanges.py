@@ -17,10 +17,9 @@ which sends them on. Messages of several groups with the same key are one messag
 group order (a fleet's members cut at the same unit reach the cloud together; the cloud's weights
 and parameter gradients are one message each).
 
-A step does them in five phases (samples, weights, act, grad, wgrad), each in group order. The
-three-tier runtime interprets them (:meth:`hiertrain.tier.TierService._step`; there the clock sends
-the samples, :mod:`hiertrain.clock`); a fleet's services send and take these keys
-(``edge/coordinator.py``, ``device/worker.py``, ``cloud/worker.py``).
+A step does them in five phases (samples, weights, act, grad, wgrad), each in group order. Every
+service runs them with :func:`hiertrain.interpreter.step` (the samples are the clock's to send: the
+three-tier device's, :mod:`hiertrain.clock`; a fleet device's own).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the fleet's services share: a connection under their account, the segments, sends and waits.
 
 The coordinator (``edge/coordinator.py``) drives; the workers (``device/worker.py``,
-``cloud/worker.py``) wait for a round's weights, do their part of it (:mod:`hiertrain.train.fleetroles`)
+``cloud/worker.py``) wait for a round's weights, run their part of its plan (:func:`run_step`)
 and wait again. A worker gives a round up as soon as the coordinator starts a newer one (a member
 left and the step is redone without it), so nobody waits out a timeout for a message that will
 never come.
@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from hiertrain import interpreter
+from hiertrain.exchanges import Exchange, exchanges
 from hiertrain.net import topics
 from hiertrain.train import checkpoint, models
 from hiertrain.errors import HiertrainError, MissingMessage, ProtocolError, TierLost
@@ -30,6 +32,7 @@ from hiertrain.train.part import Part
 from hiertrain.tierconfig import TierConfig
 from hiertrain.service import check_finite, keeper_for, open_service
 from hiertrain.net.wire import Message
+
 
 log = logging.getLogger("hiertrain.fleet")
 POLL_S = 0.2
@@ -179,3 +182,31 @@ class FleetService:
 
     def _layer_of(self, rnd: int) -> int:
         return next(k[2] for k in self.transport.mailbox.pending() if k[:2] == ("weights", rnd) and k[3] == "edge")
+
+
+def run_step(worker: FleetService, rnd: Round, params: dict[str, np.ndarray], **kw: Any) -> None:
+    """A worker's part of round ``rnd``'s plan (:func:`hiertrain.interpreter.step`), with the weights the
+    round came with; its waits give the round up once the coordinator moves on (:meth:`FleetService.take`)."""
+    r, plan = rnd.round, rnd.plan()
+
+    class _Io:
+        def take(self, x: Exchange) -> Message:
+            return worker.take(x.kind, x.peer, r, x.layer)
+
+        def first(self, xs: Sequence[Exchange]) -> Exchange:
+            keys = [(x.kind, r, x.layer, x.peer) for x in xs]
+            deadline = time.monotonic() + 3 * worker.cfg.timeout_s
+            while time.monotonic() < deadline:
+                key = worker.transport.mailbox.wait_any(keys, POLL_S)
+                if key is not None:
+                    return xs[keys.index(key)]
+                if worker.newer_round(r):
+                    raise Abandoned(f"round {r} was given up for a newer one")
+            return xs[0]  # (its take says what is missing)
+
+        def send(self, x: Exchange, tensors: dict[str, np.ndarray], **meta: Any) -> None:
+            worker.send(x.kind, x.peer, r, x.layer, tensors, **meta)
+
+    interpreter.step(plan, worker.account, exchanges(plan, worker.account), worker.part, {}, _Io(), replicas=params,
+                     at=f"round {r}", lr=worker.cfg.optimizer.lr,
+                     describe=lambda names: ", ".join(f"{n}'s samples" for n in names), **kw)

@@ -112,6 +112,15 @@ class Plan:
         """The accounts that compute or own units in a step (the others are idle)."""
         return frozenset(a for g in self.groups for a in g.accounts) | frozenset(self.owners)
 
+    def start_of(self, name: str) -> int:
+        """Where group ``name``'s rows start in the step's batch (the groups' samples in plan order)."""
+        start = 0
+        for g in self.groups:
+            if g.name == name:
+                return start
+            start += g.samples
+        raise PlanError(f"no sample group {name!r} in the plan")
+
     def owned(self, account: str) -> frozenset[int]:
         """The units whose weights and optimizer state ``account`` holds."""
         return frozenset(u for u, o in enumerate(self.owners, 1) if o == account)

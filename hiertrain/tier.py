@@ -7,16 +7,13 @@ drives the iterations (:mod:`hiertrain.clock`: the device, with the data, in
 and their handover (:mod:`hiertrain.holding`); checkpoints, replicas and resuming
 (:mod:`hiertrain.statekeeper`); carrying on without a lost tier (:mod:`hiertrain.failover`).
 
-One interpreter for every role (:meth:`TierService._step`): the plan model's sample groups
-(:mod:`hiertrain.plan`) and this tier's exchanges in them (:func:`hiertrain.exchanges.exchanges`), the
-compute of each group's part written once (:class:`hiertrain.train.part.Part`). Per group it computes
-on, in plan order: the weights of units it does not own from their owner, its units on the group's
-samples or on the activations it takes, then the group's loss if it is its own (weighted by the
-group's share of the batch), else the activations on (8-bit for JALAD) and their gradient back; the
-gradient at its input back; parameter gradients to the units' owner. An owner (worker_o; a chain's
-stage, of its own units) then takes the others' parameter gradients, steps its optimizer and sends
-the next iteration's replicas their weights; checkpoints every K iterations. HierTrain's o, s and l
-(paper IV-B) and the stages of a layer chain (JointDNN, JointDNN+, JALAD) are such plans.
+Every role runs the one interpreter (:func:`hiertrain.interpreter.step`, which a fleet's services
+run too) on the plan model's sample groups (:mod:`hiertrain.plan`) and this tier's exchanges in them
+(:func:`hiertrain.exchanges.exchanges`): the clock's samples are the rows of the groups it starts,
+the clock's labels those of the losses it computes. An owner (worker_o; a chain's stage, of its own
+units) then steps its optimizer with the gradients the interpreter summed and sends the next
+iteration's replicas their weights; checkpoints every K iterations. HierTrain's o, s and l (paper
+IV-B) and the stages of a layer chain (JointDNN, JointDNN+, JALAD) are such plans.
 
 Every wait has a timeout that names the tier, iteration and message; the service then stops
 with status ``failed`` and its last checkpoint intact.
@@ -27,8 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -36,12 +32,13 @@ from hiertrain.clock import Clock, Follower
 from hiertrain.device.clock import DeviceClock
 from hiertrain.meters import EnergyConfig
 from hiertrain.errors import Diverged, HiertrainError, PlanError, ProtocolError, TierLost
-from hiertrain.exchanges import Exchange, exchanges, select
-from hiertrain.plan import Plan
+from hiertrain import interpreter
+from hiertrain.exchanges import Exchange, exchanges
+from hiertrain.interpreter import Io, Stats
+from hiertrain.plan import Group, Plan
 from hiertrain.failover import Failover
 from hiertrain.holding import Holding
 from hiertrain.net import topics
-from hiertrain.net.compress import dequantize, quantize
 from hiertrain.net.wire import Message
 from hiertrain.runview import RunView
 from hiertrain.schedule import Schedule
@@ -49,35 +46,13 @@ from hiertrain.service import check_finite, open_service
 from hiertrain.statekeeper import StateKeeper
 from hiertrain.tierconfig import TierConfig
 from hiertrain.train import models
-from hiertrain.train.part import Part, add_into
+from hiertrain.train.part import Part
 
 log = logging.getLogger("hiertrain.tier")
 LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
            frozenset(("device", "cloud")): "device_cloud"}  # through the edge: the slower link's rate
 
 IDLE_TELEMETRY_EVERY = 2  # the device paces idle tiers by their reports, allowing them window / 2 of lag
-
-
-@dataclass
-class Stats:
-    """One iteration's telemetry: phase times and traffic."""
-
-    wait_s: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-    compute_cpu_s: float = 0.0  # CPU seconds of this thread inside the phases (the rest is framework)
-    cpu0: float = field(default_factory=time.process_time)
-
-    @staticmethod
-    def mark() -> tuple[float, float]:
-        return time.perf_counter(), time.thread_time()
-
-    def timed(self, phase: str, t0: tuple[float, float]) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0[0]
-        self.compute_cpu_s += time.thread_time() - t0[1]
-
-    def cpu_s(self) -> float:
-        """CPU seconds of the whole process (every thread) since the iteration began."""
-        return time.process_time() - self.cpu0
 
 
 class TierService:
@@ -207,11 +182,24 @@ class TierService:
 
     # ------------------------------------------------------- the interpreter
 
-    def _take_x(self, x: Exchange, i: int, stats: Stats) -> Message:
-        return self._take(x.kind, x.peer, i, x.layer, stats)
+    def _io(self, i: int, sched: Schedule, stats: Stats) -> Io:
+        """This tier's exchanges in iteration ``i`` over MQTT (every wait counted in ``stats``)."""
+        tier = self
 
-    def _send_x(self, x: Exchange, i: int, tensors: dict[str, np.ndarray], sched: Schedule, **meta: Any) -> None:
-        self._send(x.kind, x.peer, i, x.layer, tensors, sched.version, **meta)
+        class _Io:
+            def take(self, x: Exchange) -> Message:
+                return tier._take(x.kind, x.peer, i, x.layer, stats)
+
+            def first(self, xs: Sequence[Exchange]) -> Exchange:
+                t0 = time.perf_counter()
+                key = tier.transport.mailbox.wait_any([(x.kind, i, x.layer, x.peer) for x in xs], tier.cfg.timeout_s)
+                stats.wait_s += time.perf_counter() - t0
+                return xs[0] if key is None else next(x for x in xs if (x.kind, i, x.layer, x.peer) == key)
+
+            def send(self, x: Exchange, tensors: dict[str, np.ndarray], **meta: Any) -> None:
+                tier._send(x.kind, x.peer, i, x.layer, tensors, sched.version, **meta)
+
+        return _Io()
 
     def _role(self, sched: Schedule) -> str:
         """What a person reads this tier does under ``sched``: o, s or l, a chain's stage k of n, or idle."""
@@ -222,83 +210,41 @@ class TierService:
 
     def _step(self, i: int, sched: Schedule, mine: Optional[np.ndarray], labels: Any, stats: Stats) -> dict[str, Any]:
         """This tier's part of step ``i``, whatever the plan makes it (worker_o, s or l, a chain's stage):
-        every sample group it computes on, in plan order (its units of the group on the group's samples or
-        the activations it takes, then the loss if it is the group's, else the activations on and their
-        gradient back), the gradient at its input back, the parameter gradients of units it does not own to
-        their owner; as an owner, the others' parameter gradients and the update. The exchanges are
-        :func:`hiertrain.exchanges.exchanges`'; :mod:`hiertrain.train.reference` does the same in one process."""
-        (plan, xs), held, U = self._plan(sched), self.holding, self.spec.n_units
+        :func:`hiertrain.interpreter.step` on its exchanges, the clock's samples as the rows of the groups
+        it starts; as an owner, the update, checkpoint and replicas after."""
+        (plan, xs), held = self._plan(sched), self.holding
         owner = bool(plan.owned(self.tier))
         if owner and self._weights_sent != i:  # first iteration, or we just became o: s and l wait for their weights
             self._send_weights(i, sched)
-        weights, acts_in, acts_out = select(xs, "take", "weights"), select(xs, "take", "act"), select(xs, "send", "act")
-        grads_in, grads_out, wgrads = select(xs, "take", "grad"), select(xs, "send", "grad"), select(xs, "send", "wgrad")
-        out: dict[str, Any] = {}
-        grads: dict[str, np.ndarray] = {}
-        end = 0
-        for g in plan.groups:
-            start, end = end, end + g.samples  # the group's rows of the batch
-            st = g.stage_of(self.tier)
-            if st is None and g.loss != self.tier:
-                continue
-            first, last = (st.first, st.last) if st is not None else (U + 1, U)
-            P = {**held.params, **self._take_x(weights[g.name], i, stats).tensors} if g.name in weights else held.params
-            x = self._activations(self._take_x(acts_in[g.name], i, stats)) if g.name in acts_in else mine
-            if x is None or len(x) != g.samples:
-                raise ProtocolError(f"{self.tier}: got {0 if x is None else len(x)} rows of group {g.name} at unit "
-                                    f"{first} in iteration {i}, schedule v{sched.version} says {g.samples}")
-            t0 = stats.mark()
-            if g.loss == self.tier and last == U:
-                w = g.samples / plan.batch
-                y = labels() if callable(labels) else labels
-                if len(y) != plan.batch:
-                    raise ProtocolError(f"{self.tier}: got {len(y)} labels in iteration {i}, schedule v{sched.version} "
-                                        f"says {plan.batch}")
-                part_loss, g_in, g_params = self.part.loss(P, first, x, y[start:end], w)
-                stats.timed("forward_backward", t0)
-                out["loss"] = out.get("loss", 0.0) + w * part_loss
-            else:
-                y_out, stash = self.part.forward(P, first, last, x)
-                stats.timed("forward", t0)
-                self._send_activations(acts_out[g.name], i, y_out, sched)
-                g_out = self._take_x(grads_in[g.name], i, stats).tensors["x"]
-                t0 = stats.mark()
-                g_in, g_params = self.part.backward(P, first, last, stash, g_out)
-                stats.timed("backward", t0)
-            if g.name in grads_out:
-                self._send_x(grads_out[g.name], i, {"x": g_in}, sched)
-            if g.name in wgrads:
-                self._send_x(wgrads[g.name], i, g_params, sched)
-            else:
-                add_into(grads, g_params)
+        starts = {g.name: mine for g in plan.groups if (st := g.stage_of(self.tier)) is not None and st.first == 1}
+        done = interpreter.step(plan, self.tier, xs, self.part, held.params, self._io(i, sched, stats), local=starts,
+                                labels=lambda g: self._labels(plan, g, labels, i, sched), stats=stats,
+                                at=f"iteration {i}", lr=self.cfg.optimizer.lr)
+        out: dict[str, Any] = {} if done.loss is None else {"loss": done.loss}
         if owner:
-            for x in select(xs, "take", "wgrad").values():  # (the validator refused unknown parameters)
-                add_into(grads, self._take_x(x, i, stats).tensors)
             t0 = stats.mark()
-            held.params = held.optimizer.step(held.params, grads)
-            if len(plan.owned(self.tier)) == U:  # the model's owner
+            held.params = held.optimizer.step(held.params, done.grads)
+            if len(plan.owned(self.tier)) == self.spec.n_units:  # the model's owner
                 self.state.completed = i
             stats.timed("update", t0)
             self.state.checkpoint(i, sched)  # after the gradients went back: off the critical path
             self.state.replicate(i, sched)
         return out
 
-    @staticmethod
-    def _activations(msg: Message) -> np.ndarray:
-        """A cut's activations as sent: float32, or 8-bit (JALAD)."""
-        return dequantize(msg.tensors["q"], msg.meta["lo"], msg.meta["scale"]) if "q" in msg.tensors else msg.tensors["x"]
-
-    def _send_activations(self, x: Exchange, i: int, y: np.ndarray, sched: Schedule) -> None:
-        if sched.compress_bits:
-            q, lo, scale = quantize(y)
-            self._send_x(x, i, {"q": q}, sched, lo=lo, scale=scale)
-        else:
-            self._send_x(x, i, {"x": y}, sched)
+    def _labels(self, plan: Plan, g: Group, labels: Any, i: int, sched: Schedule) -> np.ndarray:
+        """Group ``g``'s labels, from the batch's the clock has."""
+        y = labels() if callable(labels) else labels
+        if len(y) != plan.batch:
+            raise ProtocolError(f"{self.tier}: got {len(y)} labels in iteration {i}, schedule v{sched.version} "
+                                f"says {plan.batch}")
+        start = plan.start_of(g.name)
+        return y[start:start + g.samples]
 
     def _send_weights(self, i: int, sched: Schedule) -> None:
         """o: s's and l's weights of iteration ``i`` (units 1..their cut)."""
-        for x in select(self._plan(sched)[1], "send", "weights").values():
-            self._send_x(x, i, self.part.weights(self.holding.params, 1, x.layer), sched)
+        plan, xs = self._plan(sched)
+        interpreter.send_weights(plan, xs, self.part, self.holding.params,
+                                 lambda x, tensors: self._send(x.kind, x.peer, i, x.layer, tensors, sched.version))
         self._weights_sent = i
 
     def _plan(self, sched: Schedule) -> tuple[Plan, tuple[Exchange, ...]]:

@@ -90,27 +90,3 @@ def test_a_round_travels_as_meta_and_bad_ones_are_refused():
     with pytest.raises(ProtocolError, match="not a fleet round: member a: n = 0"):
         Round.from_meta({**rnd.to_meta(), "members_name": ["a"], "members_n": [0], "members_offset": [0],
                          "members_m": [1], "members_k": [1]})
-
-
-def test_the_edge_redoes_a_round_without_a_member_whose_rows_and_labels_disagree():
-    """Labels ride with a member's rows; one missing or miscounted makes the round be redone without it."""
-    from types import SimpleNamespace
-
-    from edge.coordinator import Coordinator, Redo
-    from hiertrain.net.wire import Message
-
-    mb = Member("pi2", 4, 0, 0, U)
-    x, y = np.zeros((4, 1, 28, 28), np.uint8), np.arange(4, dtype=np.int64)
-
-    def edge_receiving(tensors):
-        return SimpleNamespace(take=lambda kind, sender, r, layer: Message(kind, "t", sender, "edge", r, layer, tensors))
-
-    got = Coordinator.rows_of(edge_receiving({"x": x, "y": y}), mb, "samples", 3)
-    assert got[0] is x and got[1] is y
-    for tensors, why in [({"x": x}, "sent 0 rows of labels for its 4 samples"),
-                         ({"x": x, "y": y[:3]}, "sent 3 rows of labels for its 4 samples"),
-                         ({"y": y}, "sent 0 rows of samples for its 4 samples"),
-                         ({"x": x[:3], "y": y}, "sent 3 rows of samples for its 4 samples")]:
-        with pytest.raises(Redo, match=why) as caught:
-            Coordinator.rows_of(edge_receiving(tensors), mb, "samples", 3)
-        assert caught.value.who == "pi2"
