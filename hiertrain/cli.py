@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=_positive_int, default=4, help="fleet, energy: devices (Pi 3, Pi 4, Jetson-class)")
     bench.add_argument("--medium", default="5,20,50", help="fleet, energy: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
+    bench.add_argument("--readme", default="README.md", help="report: the README whose benchmark table it rewrites")
+    bench.add_argument("--check", action="store_true", help="exit 1 when the benchmark misses its goal")
     bench.add_argument("--data", help="families: an .npz of images (x [N, C, H, W], y) to train each family on")
     bench.add_argument("--families", default=",".join(FAMILIES),
                        help="families: which architectures")

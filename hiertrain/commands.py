@@ -304,6 +304,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
+    missed = [k for k, v in result.items() if k.startswith("meets_goal") and v is False]
+    if args.check and missed:
+        print(f"hiertrain: bench {args.which}: goal not met ({', '.join(missed)} is false)", file=sys.stderr)
+        return 1
     return 0
 
 

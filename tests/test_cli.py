@@ -98,6 +98,21 @@ def test_bench_wire_reports_its_goal(tmp_path):
     assert data["bench"] == "wire" and data["tensor_roundtrip_gbps"] > 0 and "meets_goal" in data
 
 
+def test_bench_check_exits_1_naming_the_goal_a_benchmark_missed(monkeypatch, capsys):
+    import argparse
+
+    from hiertrain import bench, commands
+
+    for result, code in (({"bench": "x", "meets_goal": True}, 0), ({"bench": "x", "meets_goal": False}, 1),
+                         ({"bench": "x", "meets_goals": False}, 1), ({"bench": "x"}, 0)):
+        monkeypatch.setattr(bench, "run", lambda which, args, result=result: result)
+        assert commands.cmd_bench(argparse.Namespace(which="x", out=None, check=True)) == code
+        err = capsys.readouterr().err
+        assert (err.strip() == "hiertrain: bench x: goal not met (" + next(iter(k for k in result if k.startswith("meets"))) +
+                " is false)") if code else not err
+        assert commands.cmd_bench(argparse.Namespace(which="x", out=None, check=False)) == 0
+
+
 def test_bench_planner_reruns_table_ii_from_the_committed_profiles(tmp_path):
     out = tmp_path / "planner.json"
     r = run("bench", "planner", "--repeat", "2", "--out", str(out))

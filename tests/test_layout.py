@@ -18,3 +18,15 @@ def test_every_module_is_on_the_readme_map():
     modules = [f"{d}/{p.name}" for d in FOLDERS for p in sorted((ROOT / d).glob("*.py"))
                if not p.stem.startswith("_") and p.stem not in named]
     assert modules == [], f"add them to README's map: {modules}"
+
+
+def test_the_readmes_benchmark_figures_are_the_committed_jsons():
+    """Every figure of the README's benchmark table is generated from bench/results/*.json: a result
+    re-run and committed without `hiertrain bench report`, or a figure typed by hand, fails here."""
+    from hiertrain.bench import readme
+
+    text = (ROOT / "README.md").read_text()
+    assert readme.section(text, ROOT / "bench" / "results") == text, \
+        "README.md's benchmark table differs from bench/results/*.json: run `hiertrain bench report`"
+    rows = text[text.index(readme.BEGIN):text.index(readme.END)].count("\n| `hiertrain bench")
+    assert rows == sum((ROOT / "bench" / "results" / name).exists() for _, name, _ in readme.ROWS) >= 10

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from hiertrain.bench import readme
+
 from hiertrain.bench.plot import axes
 
 # The paper's headline claims (section VI-D), to set beside ours.
@@ -202,7 +204,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if energy:
         lines += energy_section(energy, "energy.png")
     (d / "REPORT.md").write_text("\n".join(lines) + "\n")
-    return {"bench": "report", "path": str(d / "REPORT.md"), "models": [r["model"] for r in testbeds],
+    readme_path = Path(args.readme) if getattr(args, "readme", None) else None
+    changed = readme.update(readme_path, d) if readme_path is not None and readme_path.exists() else None
+    return {"bench": "report", "path": str(d / "REPORT.md"), "readme_changed": changed, "models": [r["model"] for r in testbeds],
             "edgecores": bool(cores), "replan": bool(replans), "families": bool(fam), "energy": bool(energy)}
 
 

@@ -182,4 +182,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "step": (steps := [step_vs_pytorch(max(args.repeat, 20), m, 64) for m in ("lenet5", "alexnet-small")]),
         "step_ratio_max": max(r.get("ratio", 0) for r in steps),
         "goal_step_ratio": 1.0,
+        "meets_goal": max(r["split_ratio"] for r in rec) <= 1.05 and max(r["ratio"] for r in low) <= 1.05
+        and max(r.get("ratio", 0) for r in steps) <= 1.0,
     }
