@@ -20,7 +20,7 @@ import numpy as np
 
 from hiertrain import TIERS
 from hiertrain.clock import Begun
-from hiertrain.errors import MissingMessage
+from hiertrain.errors import MissingMessage, PlanError
 from hiertrain.net import topics
 from hiertrain.net.compress import pack_samples, sample_tensors
 from hiertrain.runview import RunView
@@ -47,6 +47,7 @@ class DeviceClock:
         self.local: dict[int, tuple[Schedule, np.ndarray, np.ndarray]] = {}  # iteration -> our part
         self.stamped: dict[int, Schedule] = {}  # iteration -> the schedule it runs (the last few)
         self.end_at = 0  # the run stops here (set once: a failover does not move it)
+        self.without: frozenset[str] = frozenset()  # lost tiers no planner planned around: the fallback's
 
     # ------------------------------------------------------------------ the run
 
@@ -101,11 +102,36 @@ class DeviceClock:
                              if view.followed.get(t) == abandoned and view.abandoned.get(t) != abandoned)
             if plan_ok and not waiting:
                 break
+            if time.monotonic() > deadline and not waiting and newest is not None and self._fall_back(newest, alive):
+                break
             if time.monotonic() > deadline:
                 what = "a schedule without the lost tier" if not plan_ok else f"the {waiting[0]} to fail over"
                 raise MissingMessage(kind=what, sender="planner" if not plan_ok else waiting[0], iteration=at,
                                      layer=0, timeout=self.cfg.timeout_s)
         view.before_run = set(view.schedules)  # the newest schedule applies from the new run's start
+
+    def _fall_back(self, newest: Schedule, alive: set[str]) -> bool:
+        """No planner planned around the lost tiers in ``timeout_s``: the run goes on under the schedule
+        every survivor computes itself (:meth:`hiertrain.schedule.Schedule.without`), named in each samples
+        message, until a planner's schedule needs none of them. Whether there is one."""
+        lost = frozenset(newest.working - alive)
+        try:
+            fallback = newest.without(lost)
+        except PlanError:
+            return False
+        self.without = lost
+        print(f"device: no schedule without the {', '.join(sorted(lost))} came in {self.cfg.timeout_s:g} s (is the "
+              f"planner running?): carrying on under one the survivors compute themselves: {fallback.describe()}",
+              flush=True)
+        return True
+
+    def _schedule(self, iteration: int) -> tuple[Schedule, dict[str, Any]]:
+        """The schedule ``iteration`` runs, and what its samples messages say of it: the planner's in effect,
+        or its fallback without lost tiers it still needs."""
+        sched = self.view.in_effect(iteration)
+        if self.without & sched.working:
+            return sched.without(self.without), {"without": sorted(self.without)}
+        return sched, {}
 
     # --------------------------------------------------------------- iterations
 
@@ -135,7 +161,8 @@ class DeviceClock:
             for tier in OTHERS:
                 self.send("samples", tier, iteration, 0, {}, 0, stop=True)
             return
-        sched = self.stamped[iteration] = self.view.in_effect(iteration)
+        sched, said = self._schedule(iteration)
+        self.stamped[iteration] = sched
         x, y = self.dataset.batch_raw(iteration, self.cfg.batch, seed=self.cfg.seed)  # uint8 images travel as such
         if sched.chain is None:
             parts = dict(zip("osl", np.split(x, [sched.b_o, sched.b_o + sched.b_s])))
@@ -148,7 +175,8 @@ class DeviceClock:
             tensors, codec = sample_tensors(share[tier], self.cfg.compress_samples)
             if tier == labels_to:
                 tensors["y"] = y
-            self.send("samples", tier, iteration, 0, tensors, sched.version, bulk=ahead and bool(tensors), **codec)
+            self.send("samples", tier, iteration, 0, tensors, sched.version, bulk=ahead and bool(tensors), **codec,
+                      **said)
         self.local[iteration] = (sched, normalize(share["device"]), y)
 
     def _wait_done(self, iteration: int) -> None:

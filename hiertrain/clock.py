@@ -22,7 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import numpy as np
 
-from hiertrain.errors import PlanError
+from hiertrain import TIERS
+from hiertrain.errors import PlanError, ProtocolError
 from hiertrain.runview import RunView
 from hiertrain.schedule import Schedule
 from hiertrain.train.data import normalize
@@ -71,7 +72,7 @@ class Follower:
         go = take("samples", "device", i, 0)
         if go.meta.get("stop"):
             return None
-        sched = self.view.version(go.schedule_version, i)
+        sched = self._schedule(go, i)
         x = normalize(go.tensors["x"]) if "x" in go.tensors else None
         return Begun(sched, x, lambda: self._labels(go))
 
@@ -83,7 +84,19 @@ class Follower:
 
     def schedule_of(self, i: int) -> Optional[Schedule]:
         go = self.transport.mailbox.peek("samples", "device", i, 0, timeout=self.timeout_s)
-        return None if go.meta.get("stop") else self.view.version(go.schedule_version, i)
+        return None if go.meta.get("stop") else self._schedule(go, i)
+
+    def _schedule(self, go: Message, i: int) -> Schedule:
+        """The schedule the device stamped iteration ``i`` with: a planner's version, or its fallback
+        without the tiers the samples name (:meth:`hiertrain.schedule.Schedule.without`, the same here
+        as on the device)."""
+        sched = self.view.version(go.schedule_version, i)
+        without = go.meta.get("without")
+        if without is None:
+            return sched
+        if not isinstance(without, list) or not set(without) <= set(TIERS) - {"device"}:
+            raise ProtocolError(f"{self.view.tier}: the device's samples of iteration {i} name {without!r} as lost tiers")
+        return sched.without(frozenset(without))
 
     def abandon(self, lost: str, at: int) -> None:
         pass  # the device starts the next run; we follow it from its first samples

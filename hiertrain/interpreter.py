@@ -249,10 +249,8 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
             g = b.groups[0]
             forward(b, local.get(g.name), rows([labels(g)]) if ride(g) and labels is not None else None, account)
     first_of = {g.name: j for j, g in enumerate(plan.groups)}
-    waiting = sorted({b.entry for b in batches if b.entry is not None}, key=lambda x: first_of[x.groups[0]])
-    while waiting:
-        x = io.first(waiting) if len(waiting) > 1 else waiting[0]
-        waiting.remove(x)
+    for x in _as_they_arrive(io, sorted({b.entry for b in batches if b.entry is not None},
+                                        key=lambda x: first_of[x.groups[0]])):
         h = _rows_in(x, io.take(x), plan, at, describe, ride=any(ride(g) for g in plan.groups if g.name in x.groups))
         where = _slices(plan, x)
         for b in (b for b in batches if b.entry == x):
@@ -260,12 +258,9 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
             forward(b, rows(h[0][s] for s in sl), None if h[1] is None else rows(h[1][s] for s in sl), x.peer)
     # backward: each gradient as it arrives
     takes = select(tuple(xs), "take", "grad")
-    waiting = sorted({takes[g.name] for b in batches if not b.loss for g in b.groups if g.name in takes},
-                     key=lambda x: first_of[x.groups[0]])
     got: dict[str, np.ndarray] = {}
-    while waiting:
-        x = io.first(waiting) if len(waiting) > 1 else waiting[0]
-        waiting.remove(x)
+    for x in _as_they_arrive(io, sorted({takes[g.name] for b in batches if not b.loss for g in b.groups
+                                         if g.name in takes}, key=lambda x: first_of[x.groups[0]])):
         g_all = io.take(x).tensors.get("x")
         n = sum(s.stop - s.start for s in _slices(plan, x).values())
         if g_all is None or len(g_all) != n:
@@ -286,13 +281,8 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
     for b in sorted(mine, key=lambda b: (not b.loss, b.order)):
         add_into(grads, b.grads or {})
     losses = [b.loss_value for b in sorted(batches, key=lambda b: b.order) if b.loss]
-    taken = [x for x in dict.fromkeys(x for x in xs if x.op == "take" and x.kind == "wgrad")]
-    msgs = {}
-    waiting = list(taken)
-    while waiting:
-        x = io.first(waiting) if len(waiting) > 1 else waiting[0]
-        waiting.remove(x)
-        msgs[x] = io.take(x)
+    taken = list(dict.fromkeys(x for x in xs if x.op == "take" and x.kind == "wgrad"))
+    msgs = {x: io.take(x) for x in _as_they_arrive(io, taken)}  # summed below in exchange order
     for x in taken:
         add_into(grads, msgs[x].tensors)
         if "loss" in msgs[x].meta:
@@ -303,6 +293,15 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
                                + (f"; lower the learning rate (now {lr})" if lr is not None else ""))
             losses.append(value)
     return Outcome(sum(losses) if losses else None, grads)
+
+
+def _as_they_arrive(io: Io, xs: Sequence[Exchange]) -> Any:
+    """``xs``, each as its message is here (the one left last without waiting for it to be first)."""
+    waiting = list(xs)
+    while waiting:
+        x = io.first(waiting) if len(waiting) > 1 else waiting[0]
+        waiting.remove(x)
+        yield x
 
 
 def _rows_in(x: Exchange, msg: Message, plan: Plan, at: str, describe: Callable[[Sequence[str]], str], *,

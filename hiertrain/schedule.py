@@ -90,6 +90,30 @@ class Schedule:
         """This decision in the plan model."""
         return self.groups if self.groups is not None else from_schedule(self, units=units, batch=batch)
 
+    def without(self, lost: "frozenset[str] | set[str]") -> "Schedule":
+        """The schedule the survivors compute themselves when no planner answers after ``lost`` went
+        (issue 28), the same on every tier: a lost slice worker's samples go to the owner o; a lost o's
+        role goes to the device, whose own role passes to the lost tier (and its samples to o). The
+        cuts and the other survivors' shares stay, so the step is still one exact SGD step. A layer
+        chain has none (its stages own their units)."""
+        lost = frozenset(lost) & self.working
+        if not lost:
+            return self
+        if self.chain is not None or self.is_fleet or "device" in lost:
+            raise PlanError(f"schedule v{self.version} has no fallback without {', '.join(sorted(lost))}")
+        mapping = dict(self.mapping)
+        if mapping["o"] in lost:
+            mine = self.role_of("device")
+            mapping["o"], mapping[mine] = "device", mapping["o"]
+        b = {"o": self.b_o, "s": self.b_s, "l": self.b_l}
+        if mapping != dict(self.mapping):  # the device is o now: what it trained as s or l too
+            b["o"], b[self.role_of("device")] = b["o"] + b[self.role_of("device")], 0
+        for role in ("s", "l"):
+            if mapping[role] in lost:
+                b["o"], b[role] = b["o"] + b[role], 0
+        return replace(self, mapping=mapping, b_o=b["o"], b_s=b["s"], b_l=b["l"], groups=None,
+                       policy=f"fallback without {', '.join(sorted(lost))}", iteration_s=math.nan)
+
     def with_groups(self, *, units: int, batch: int) -> "Schedule":
         return replace(self, groups=from_schedule(self, units=units, batch=batch))
 

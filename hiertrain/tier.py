@@ -72,8 +72,9 @@ class TierService:
         self.part = Part(self.spec, self.runtime)  # what this tier computes of a sample group
         self.history: dict[int, Schedule] = {}  # iteration -> schedule it ran
         self._weights_sent = -1
-        self._plans: dict[int, tuple[Plan, tuple[Exchange, ...]]] = {}  # schedule version -> its plan, our exchanges
-        self._shown_version, self._shown_at = -1, 0.0  # progress lines
+        self._plans: dict[tuple[int, str], tuple[Plan, tuple[Exchange, ...]]] = {}  # schedule -> its plan, our exchanges
+        self._shown_version: tuple[int, str] = (-1, "")  # progress lines
+        self._shown_at = 0.0
 
     def _reset(self) -> None:
         """A failover abandons the attempt: nothing computed in it is kept (the state keeper has the state)."""
@@ -161,7 +162,7 @@ class TierService:
         out["energy"] = self.meter.step(out["iteration_s"], sum(stats.phases.values()), self.transport.sent_bytes,
                                         self.transport.received_bytes)  # this step's joules, and their source
         if self.clock.reports_always or stats.phases or "loss" in out or i % IDLE_TELEMETRY_EVERY == 0 \
-                or sched.version != self._shown_version:
+                or (sched.version, sched.policy) != self._shown_version:
             self._telemetry(out)
         self._progress(i, sched, out)
         return out
@@ -169,8 +170,8 @@ class TierService:
     def _progress(self, i: int, sched: Schedule, out: dict[str, Any]) -> None:
         """What a person watching the service wants: a line whenever this tier starts a schedule,
         and from whoever computes the loss a line per iteration (at most one a second, and the last)."""
-        if sched.version != self._shown_version:
-            self._shown_version = sched.version
+        if (sched.version, sched.policy) != self._shown_version:
+            self._shown_version = (sched.version, sched.policy)
             print(f"{self.tier}: schedule v{sched.version} from iteration {i}: {out.get('role', 'idle')} "
                   f"({sched.describe()})", flush=True)
         now = time.monotonic()
@@ -250,10 +251,11 @@ class TierService:
     def _plan(self, sched: Schedule) -> tuple[Plan, tuple[Exchange, ...]]:
         """``sched`` in the plan model and this tier's exchanges under it (a schedule version never
         changes: computed once, not every iteration)."""
-        if sched.version not in self._plans:
+        key = (sched.version, sched.policy)  # (a fallback shares its planner version's number)
+        if key not in self._plans:
             plan = sched.plan(units=self.spec.n_units, batch=self.cfg.batch)
-            self._plans[sched.version] = plan, exchanges(plan, self.tier)
-        return self._plans[sched.version]
+            self._plans[key] = plan, exchanges(plan, self.tier)
+        return self._plans[key]
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         links = {}

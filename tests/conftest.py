@@ -65,3 +65,22 @@ def cluster(mosquitto: BrokerProcess, broker_dir: BrokerDir, tmp_path: Path) -> 
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture(autouse=True)
+def _markers_mean_what_they_say(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked ``unit`` runs no ORT session and starts no process (those are ``compute``,
+    ``protocol`` or ``integration`` tests): the marker is enforced, not just declared."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import subprocess
+
+    import onnxruntime
+
+    def refuse(what: str) -> Callable[..., None]:
+        def refused(*args: object, **kw: object) -> None:
+            raise AssertionError(f"a test marked unit {what}: mark it compute (ORT) or integration (processes)")
+        return refused
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse("runs an ORT session"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))

@@ -67,6 +67,28 @@ def test_worker_o_lost_training_continues_from_the_replica_and_equals_an_uninter
     check_exact(c, 30)
 
 
+@pytest.mark.parametrize("lost,first", [
+    ("cloud", schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1, replica_every=K)),
+    ("edge", schedule("cloud", "edge", "device", 2, 5, 4, 4, 4, version=1, replica_every=K)),
+], ids=["worker_o-lost", "slice-worker-lost"])
+def test_without_a_planner_the_survivors_fall_back_to_a_schedule_they_compute_and_finish_exact(cluster, lost, first):
+    """No planner answers when a tier is lost (issue 28): after timeout_s the device carries on under the
+    schedule every survivor computes itself (a lost worker_o's work to the device, a lost slice
+    worker's samples to o), named in each samples message, and the run equals an uninterrupted one."""
+    c = cluster(iterations=30, every=30, timeout_s=8)
+    c.publish(first)
+    c.start()
+    c.wait_iteration(13)
+    c.procs[lost].send_signal(signal.SIGKILL)
+    survivor = ({"edge", "cloud"} - {lost}).pop()
+    codes = c.wait(("device", survivor), timeout=120)
+    assert set(codes.values()) == {0}, dump(c)
+    assert f"device: no schedule without the {lost} came in 8 s" in c.log("device"), dump(c)
+    assert f"(fallback without {lost}: o=" in c.log(survivor), dump(c)
+    assert len(c.redone()) <= K
+    check_exact(c, 30)
+
+
 def test_a_chain_stage_lost_training_continues_from_the_stages_replicas(cluster):
     """A layer chain device -> edge -> cloud: every stage replicates its units to the device every
     K iterations; the cloud (the last stage) is lost and the chain goes on as device -> edge."""
@@ -163,8 +185,10 @@ def test_the_edge_machine_lost_for_good_the_others_move_to_the_standby_broker_an
 
 
 def test_without_a_schedule_that_avoids_the_lost_tier_the_run_ends_saying_why(cluster):
-    c = cluster(iterations=200, every=5, timeout_s=8)
-    c.publish(schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1))
+    """A layer chain has no fallback the survivors could compute (its stages own their units): without a
+    planner to plan around the lost stage, the run ends, saying why, its checkpoints intact."""
+    c = cluster(iterations=200, every=5, timeout_s=8, collector="device")
+    c.publish(chain(("device", "edge", "cloud"), (2, 5), version=1))
     c.start()
     c.wait_iteration(12)
     c.procs["edge"].send_signal(signal.SIGKILL)  # and no planner to plan around it
@@ -172,6 +196,7 @@ def test_without_a_schedule_that_avoids_the_lost_tier_the_run_ends_saying_why(cl
     assert codes["device"] not in (0, None) and codes["cloud"] not in (0, None), dump(c)
     assert "device: the edge is offline" in c.log("device"), dump(c)
     assert "no 'a schedule without the lost tier' from tier 'planner'" in c.log("device"), dump(c)
+    assert "carrying on under one the survivors compute" not in c.log("device")
     assert "tier 'device' is failed" in c.log("cloud"), dump(c)
     ck = c.final_checkpoint()
     assert ck is not None and ck.iteration % 5 == 4 and ck.iteration >= 9

@@ -25,7 +25,7 @@ from hiertrain.train.part import Part
 from hiertrain.train.reference import InProcessPlan, split
 from hiertrain.train.runtime import Runtime
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 U = 7  # LeNet-5's units
 
 
