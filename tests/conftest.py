@@ -67,6 +67,17 @@ def cluster(mosquitto: BrokerProcess, broker_dir: BrokerDir, tmp_path: Path) -> 
         c.close()
 
 
+HEAVIER = ("compute", "process", "protocol", "integration")  # pyproject.toml's markers, beyond unit
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``unit`` is the default: a test says what more it needs (ORT, a process, a broker, several processes)."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in HEAVIER):
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(autouse=True)
 def _markers_mean_what_they_say(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A test marked ``unit`` runs no ORT session and starts no process (those are ``compute``,

@@ -16,7 +16,7 @@ from hiertrain.train.runtime import Runtime
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 LR = 0.1
 
 

@@ -48,13 +48,11 @@ def next_event(transport, kind, timeout=5.0, account=None):
     return None
 
 
-@pytest.mark.unit
 def test_password_hash_is_mosquitto_format_and_verifies():
     h = password_hash("secret", salt=b"0123456789ab")
     assert h.startswith("$7$101$") and password_matches("secret", h) and not password_matches("other", h)
 
 
-@pytest.mark.unit
 def test_init_writes_accounts_acl_and_private_credentials(broker_dir):
     assert set(read_password_file(broker_dir.passwd)) == {"device", "edge", "cloud", "planner", "observer"}
     acl = broker_dir.acl.read_text()
@@ -311,6 +309,7 @@ def test_devices_are_enrolled_and_withdrawn_on_a_running_mosquitto_each_with_its
         assert done.returncode == 1 and "no enrolled device 'pi3'" in done.stderr
 
 
+@pytest.mark.process
 def test_a_harness_that_fails_half_way_stops_the_broker_it_started(tmp_path):
     """LocalCluster starts its broker, then refuses a standby in a testbed: the error goes up and
     the broker it had started is stopped (no Mosquitto left running on its directory)."""

@@ -11,6 +11,7 @@ from conftest import PYTHON, ROOT
 from hiertrain.net import topics
 
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]
+pytestmark = pytest.mark.process
 
 
 def run(*args, timeout=120):

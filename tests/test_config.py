@@ -6,7 +6,6 @@ import pytest
 from hiertrain import config, tierconfig
 from hiertrain.errors import ConfigError
 
-pytestmark = pytest.mark.unit
 
 GOOD = '[train]\nmodel = "lenet5"\nbatch = 16\nlr = 1\niterations = 5\n[checkpoint]\ndir = "ck"\nevery = 2\n'
 

@@ -7,7 +7,6 @@ from hiertrain.train.reference import SingleProcess
 from hiertrain.train.optim import OptimizerConfig
 from hiertrain.train.runtime import Runtime
 
-pytestmark = pytest.mark.unit
 
 
 def test_cifar10_binary_files_are_read(tmp_path):
@@ -59,6 +58,7 @@ def test_batches_are_deterministic_and_cover_an_epoch():
     np.testing.assert_array_equal(np.concatenate(a), ds.labels[idx])
 
 
+@pytest.mark.compute
 def test_the_synthetic_set_is_learnable(tmp_path):
     spec = models.get("lenet5")
     train, held = data.synthetic(spec.input_shape, 10, n=2048, seed=0).split(256)

@@ -9,7 +9,6 @@ from hiertrain.lab import emulation
 from hiertrain.bench import report
 from hiertrain.errors import ConfigError
 
-pytestmark = pytest.mark.unit
 
 
 def test_quotas_turn_probe_timings_into_the_target_ratios():

@@ -23,7 +23,6 @@ from hiertrain.planner.baselines import _chains, chain_schedule
 from hiertrain.planner.costmodel import Bandwidth, iteration_time, tables
 from synthetic import random_profile
 
-pytestmark = pytest.mark.unit
 
 # `vcgencmd pmic_read_adc` on a Raspberry Pi 5 (firmware 2024-05), idle at the desktop
 PMIC_OUTPUT = """\
@@ -363,6 +362,7 @@ def test_fleet_joules_are_the_plan_models():
     assert joule["edge"] > CLASSES["server"].idle_w * plan.iteration_s * (1 - 1e-12)
 
 
+@pytest.mark.process
 def test_a_fleet_file_sets_power_classes_and_budgets_and_a_device_publishing_a_lower_budget_is_replanned(tmp_path):
     """A fleet file's [power.<class>] and [[device]] power / budget_j; a device that publishes its profile
     with a new budget_j changes the roster (the coordinator re-plans at its next step) and the plan it

@@ -1,13 +1,11 @@
 """The exchanges of one step (hiertrain.exchanges): a pure function of the plan and the account,
 asserted exactly; the three-tier runtime sends and takes these keys and no others."""
 
-import pytest
 
 from hiertrain.exchanges import Exchange, exchanges, select
 from hiertrain.plan import Stage, from_schedule
 from hiertrain.schedule import Schedule
 
-pytestmark = pytest.mark.unit
 U = 7
 
 

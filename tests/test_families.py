@@ -18,7 +18,7 @@ from hiertrain.train.runtime import Runtime
 torch = pytest.importorskip("torch")
 from hiertrain.bench.families import RATES, RECIPES, export, families  # noqa: E402 (needs torch)
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 FAMILIES = families(1, 10)
 
 

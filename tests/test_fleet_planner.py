@@ -15,7 +15,6 @@ from hiertrain.planner import fleetpolicies as FP
 from hiertrain.planner import fleetsim as FS
 from hiertrain.planner.fleet import random_fleet
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -81,6 +80,7 @@ def test_bad_fleets_and_paths_are_refused():
         FP.baseline(fleet, "fedavg")
 
 
+@pytest.mark.process
 def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_one_line(tmp_path):
     """`hiertrain plan-fleet FILE`: the servers' profile, each device's own, samples and radio."""
     import json

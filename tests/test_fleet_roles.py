@@ -14,7 +14,7 @@ from hiertrain.train.reference import InProcessPlan, SingleProcess
 from hiertrain.train.optim import OptimizerConfig
 from hiertrain.train.runtime import Runtime
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 U = 7  # LeNet-5's units
 
 

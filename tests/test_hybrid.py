@@ -14,7 +14,7 @@ from hiertrain.plan import Stage
 from hiertrain.schedule import Schedule
 from hiertrain.train.runtime import Runtime
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 TIERS = ("device", "edge", "cloud")
 MAPPINGS = [dict(zip("osl", p)) for p in itertools.permutations(TIERS)]
 

@@ -4,9 +4,7 @@ finds the device's code in device/, the edge's in edge/, and nothing is left off
 import re
 from pathlib import Path
 
-import pytest
 
-pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("hiertrain", "hiertrain/net", "hiertrain/train", "hiertrain/lab", "broker", "planner", "device", "edge",
            "cloud")  # bench/: its benchmarks are listed by the CLI (`hiertrain bench --help`)

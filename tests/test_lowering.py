@@ -12,7 +12,7 @@ from hiertrain.train import lowering, models, segments
 from hiertrain.train.runtime import Segment
 from hiertrain.errors import PlanError
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 MS = "com.microsoft"
 
 

@@ -8,7 +8,6 @@ from hiertrain.errors import MissingMessage, TierLost
 from hiertrain.net.mailbox import NEW_RUN, PARKED, RESTARTED, Mailbox
 from hiertrain.net.wire import Message
 
-pytestmark = pytest.mark.unit
 
 
 def msg(iteration, layer=2, sender="device", kind="act"):

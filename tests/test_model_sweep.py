@@ -14,7 +14,7 @@ import pytest
 from hiertrain.errors import HiertrainError
 from hiertrain.train import onnxmodel, segments
 
-pytestmark = [pytest.mark.unit, pytest.mark.slow]
+pytestmark = [pytest.mark.compute, pytest.mark.slow]
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
@@ -41,6 +41,7 @@ def test_every_onnx_test_model_is_accepted_or_refused_in_one_line():
             onnxmodel.check_gradients(spec)
 
 
+@pytest.mark.process
 def test_a_model_that_crashes_onnxs_version_converter_is_refused_in_one_line():
     """onnx 1.17's converter segfaults on ReduceMax 18 -> 17: it runs in a child process."""
     f = DATA / "node" / "test_reduce_max_default_axes_keepdim_example" / "model.onnx"

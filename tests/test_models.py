@@ -7,7 +7,6 @@ import pytest
 from hiertrain.train import models
 from hiertrain.errors import PlanError
 
-pytestmark = pytest.mark.unit
 
 UNITS = {"lenet5": 7, "alexnet": 8, "alexnet-small": 8, "vgg16": 16, "vgg19": 19, "resnet34": 18, "googlenet": 12}
 

@@ -19,7 +19,7 @@ from hiertrain.train.optim import OptimizerConfig
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 
 
 class Residual(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 from hiertrain.errors import PlanError
 from hiertrain.train.optim import Optimizer, OptimizerConfig
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 SHAPES = {"a": (3, 4), "b": (5,)}
 
 

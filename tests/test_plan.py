@@ -9,7 +9,6 @@ from hiertrain.errors import PlanError
 from hiertrain.plan import Group, Plan, Stage, for_fleet, from_schedule, handover, paths
 from hiertrain.schedule import Schedule, ScheduleFeed
 
-pytestmark = pytest.mark.unit
 U = 7
 
 

@@ -17,7 +17,6 @@ from hiertrain.planner.costmodel import Bandwidth, chain_time, evaluate, iterati
 from conftest import PYTHON, ROOT
 from synthetic import random_profile
 
-pytestmark = pytest.mark.unit
 
 
 def brute_force(profile, bw, batch, cost_model="paper"):
@@ -266,6 +265,7 @@ def run_plan(*args):
     return subprocess.run([PYTHON, "-m", "hiertrain", "plan", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.process
 def test_plan_cli_prints_exactly_one_json_object(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(random_profile(np.random.default_rng(2), 6).to_json()))
@@ -283,6 +283,7 @@ def test_plan_cli_prints_exactly_one_json_object(tmp_path):
     ({"--profile": "/nonexistent.json"}, "does not exist"),
     ({"--profile": "BAD"}, "layers"),
 ])
+@pytest.mark.process
 def test_plan_cli_bad_input_one_line(tmp_path, change, needle):
     good = tmp_path / "p.json"
     good.write_text(json.dumps(random_profile(np.random.default_rng(2), 3).to_json()))

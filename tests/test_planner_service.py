@@ -23,7 +23,6 @@ def state(**kw):
     return s
 
 
-@pytest.mark.unit
 def test_first_schedule_needs_profiles_and_both_rates():
     s = PlannerState(batch=32)
     assert s.decide() is None
@@ -36,7 +35,6 @@ def test_first_schedule_needs_profiles_and_both_rates():
     assert s.decide() is None
 
 
-@pytest.mark.unit
 def test_noise_inside_the_band_never_replans_and_a_real_change_does():
     s = state()
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
@@ -53,7 +51,6 @@ def test_noise_inside_the_band_never_replans_and_a_real_change_does():
     assert s.planned_rates["edge_cloud"] == pytest.approx(1.5 / TCP_EFFICIENCY)
 
 
-@pytest.mark.unit
 def test_a_link_swinging_past_the_band_does_not_make_plans_thrash_and_a_big_change_still_replans():
     """The thrash the MobileNetV2 demo showed: rates that swing past the band every few iterations
     make plans alternate whose predicted times differ by a few percent. A new placement is published
@@ -77,7 +74,6 @@ def test_a_link_swinging_past_the_band_does_not_make_plans_thrash_and_a_big_chan
     assert len(slow) >= 2 and slow[-1].effective_iteration >= 150
 
 
-@pytest.mark.unit
 def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
     s = state()
     s.on_telemetry("cloud", {"iteration": 1, "links": {"device_cloud": 1.0}})  # nothing known yet: ignored
@@ -92,7 +88,6 @@ def test_a_device_cloud_rate_is_attributed_to_the_slower_link():
     assert s.rates["device_edge"] == pytest.approx(1 / TCP_EFFICIENCY) and s.rates["edge_cloud"] == 20
 
 
-@pytest.mark.unit
 def test_rate_outliers_never_move_the_estimate_and_identical_plans_are_not_republished():
     s = state()
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
@@ -108,7 +103,6 @@ def test_rate_outliers_never_move_the_estimate_and_identical_plans_are_not_repub
     assert first is not None and published == []
 
 
-@pytest.mark.unit
 def test_an_offline_tier_is_planned_around():
     s = state()
     s.on_rate("device_edge", 50), s.on_rate("edge_cloud", 0.5)  # tempting to use the edge
@@ -122,7 +116,6 @@ def test_an_offline_tier_is_planned_around():
     assert s.decide().version == 3
 
 
-@pytest.mark.unit
 def test_an_idle_tier_coming_and_going_republishes_nothing():
     s = state()
     s.on_rate("device_edge", 0.01), s.on_rate("edge_cloud", 0.01)
@@ -134,7 +127,6 @@ def test_an_idle_tier_coming_and_going_republishes_nothing():
         assert s.decide() is None
 
 
-@pytest.mark.unit
 def test_another_planners_newer_schedule_bumps_our_version():
     s = state()
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
@@ -145,7 +137,6 @@ def test_another_planners_newer_schedule_bumps_our_version():
     assert again.version == 6
 
 
-@pytest.mark.unit
 def test_a_standby_planner_numbers_on_from_the_tiers_and_plans_without_a_tier_the_device_lost():
     """Next to a standby broker the planner never saw the edge, and no schedule is retained there:
     the tiers' telemetry says which version they run, the device's status which tiers it lost."""
@@ -162,7 +153,6 @@ def test_a_standby_planner_numbers_on_from_the_tiers_and_plans_without_a_tier_th
     assert "edge" in s.decide().working
 
 
-@pytest.mark.unit
 def test_a_tier_the_planner_saw_online_is_not_made_offline_by_the_devices_list():
     s = state()
     s.on_rate("device_edge", 50), s.on_rate("edge_cloud", 0.5)
@@ -172,7 +162,6 @@ def test_a_tier_the_planner_saw_online_is_not_made_offline_by_the_devices_list()
     assert "edge" in s.decide().working
 
 
-@pytest.mark.unit
 def test_subscribers_ignore_older_or_repeated_versions():
     s = state()
     s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
@@ -280,7 +269,6 @@ def test_a_planner_says_what_it_waits_for_and_a_second_one_waits_for_the_first(m
                 p.wait(20)
 
 
-@pytest.mark.unit
 def test_the_replica_interval_keeps_replicas_within_their_share_of_the_device_link():
     from dataclasses import replace
 
@@ -320,7 +308,6 @@ def _hungry_device_profile(seed=3):
     return Profile(p.model, p.sample_bytes, p.layers, {**p.tiers, "device": device}, p.extra)
 
 
-@pytest.mark.unit
 def test_a_device_whose_energy_budget_drops_is_replanned_within_two_steps():
     from hiertrain.planner import energy as E
     from hiertrain.planner.costmodel import Bandwidth

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------- artifacts
 
-@pytest.mark.unit
+@pytest.mark.compute
 def test_a_segment_directory_is_verified_and_a_tampered_file_refused(tmp_path):
     spec = models.get("lenet5")
     manifest = artifacts.build_dir(spec, tmp_path / "segs")
@@ -48,7 +48,6 @@ def test_a_segment_directory_is_verified_and_a_tampered_file_refused(tmp_path):
     assert not (tmp_path / "cache" / k).exists()
 
 
-@pytest.mark.unit
 def test_keys_name_what_a_segment_computes():
     a, b = models.get("alexnet"), models.get("alexnet-small")
     assert segments.key(a, 1, 3, "body", False) != segments.key(b, 1, 3, "body", False)  # same names, other graph

@@ -9,7 +9,7 @@ from hiertrain.lab import cgroup
 from hiertrain.train import profiler
 from hiertrain.profile import Profile
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.process
 
 
 def run(*args):

@@ -65,7 +65,7 @@ def commands(readme: str, section: str) -> list[str]:
     return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_init_writes_a_folder_per_machine_with_private_credentials_and_valid_configs(tmp_path):
     done = init(tmp_path, "--job", "greenhouse", "--batch", "16", "--iterations", "50")
     assert done.returncode == 0, done.stderr
@@ -83,13 +83,13 @@ def test_init_writes_a_folder_per_machine_with_private_credentials_and_valid_con
     assert again.returncode != 0 and "is not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("args,why", [
     (["--job", "a/b"], "--job"),
     (["--data", "cifar10"], "needs --data-path"),
     (["--data", "mnist"], "not one of"),
     (["--batch", "0"], "batch"),
 ])
+@pytest.mark.process
 def test_init_refuses_what_cannot_work_in_one_line(tmp_path, args, why):
     done = init(tmp_path, *args)
     assert done.returncode != 0 and why in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -133,7 +133,7 @@ def test_the_readme_init_writes_trains_the_job_when_followed_line_by_line(tmp_pa
         me.close()
 
 
-@pytest.mark.unit
+@pytest.mark.process
 def test_init_writes_a_fleet_with_an_account_and_folder_per_device(tmp_path):
     done = init(tmp_path, "--job", "orchard", "--devices", "3", "--batch", "12", "--iterations", "50")
     assert done.returncode == 0, done.stderr

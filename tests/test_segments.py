@@ -9,7 +9,7 @@ from hiertrain.train import models, segments
 from hiertrain.train.runtime import Runtime
 from hiertrain.errors import PlanError
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.compute
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from hiertrain import ACCOUNTS, TIERS
 from hiertrain.net import topics
 from hiertrain.errors import TopicError
 
-pytestmark = pytest.mark.unit
 
 jobs = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 

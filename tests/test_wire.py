@@ -7,7 +7,6 @@ from hypothesis.extra import numpy as hnp
 from hiertrain.net import reassembly, wire
 from hiertrain.errors import WireError
 
-pytestmark = pytest.mark.unit
 
 DTYPES = ["float32", "float16", "int64", "int32", "uint8"]
 arrays = st.sampled_from(DTYPES).flatmap(
