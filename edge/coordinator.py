@@ -330,7 +330,7 @@ class _EdgeIo:
 
     def first(self, xs: Sequence[Exchange]) -> Exchange:
         """The first of ``xs`` to arrive: the edge works on a fast device's rows while a slow one still computes."""
-        keys = [(x.kind, self.r, x.layer, x.peer) for x in xs]
+        keys = [x.key(self.r) for x in xs]
         deadline = time.monotonic() + self.edge.cfg.timeout_s
         while True:
             try:

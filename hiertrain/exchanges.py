@@ -38,6 +38,10 @@ class Exchange(NamedTuple):
     layer: int
     groups: tuple[str, ...]  # the sample groups whose rows (or units) it carries, in plan order
 
+    def key(self, step: int) -> tuple[str, int, int, str]:
+        """The mailbox's key of this exchange's message in ``step`` (kind, step, layer, sender)."""
+        return self.kind, step, self.layer, self.peer
+
 
 def _messages(plan: Plan) -> list[tuple[str, str, str, int, str]]:
     """Every message of a step: (kind, sender, receiver, layer, group), relayed where the plan says."""

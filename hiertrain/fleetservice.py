@@ -194,7 +194,7 @@ def run_step(worker: FleetService, rnd: Round, params: dict[str, np.ndarray], **
             return worker.take(x.kind, x.peer, r, x.layer)
 
         def first(self, xs: Sequence[Exchange]) -> Exchange:
-            keys = [(x.kind, r, x.layer, x.peer) for x in xs]
+            keys = [x.key(r) for x in xs]
             deadline = time.monotonic() + 3 * worker.cfg.timeout_s
             while time.monotonic() < deadline:
                 key = worker.transport.mailbox.wait_any(keys, POLL_S)

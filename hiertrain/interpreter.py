@@ -261,12 +261,12 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
     got: dict[str, np.ndarray] = {}
     for x in _as_they_arrive(io, sorted({takes[g.name] for b in batches if not b.loss for g in b.groups
                                          if g.name in takes}, key=lambda x: first_of[x.groups[0]])):
-        g_all = io.take(x).tensors.get("x")
-        n = sum(s.stop - s.start for s in _slices(plan, x).values())
+        g_all, where = io.take(x).tensors.get("x"), _slices(plan, x)
+        n = sum(s.stop - s.start for s in where.values())
         if g_all is None or len(g_all) != n:
             raise ProtocolError(f"{x.peer} sent {0 if g_all is None else len(g_all)} rows of gradient for the {n} "
                                 f"samples of {describe(x.groups)} at {at}", sender=x.peer)
-        for name, s in _slices(plan, x).items():
+        for name, s in where.items():
             got[name] = g_all[s]
         for b in batches:
             if b.loss or b.grads is not None or any(g.name not in got for g in b.groups):

@@ -193,9 +193,10 @@ class TierService:
 
             def first(self, xs: Sequence[Exchange]) -> Exchange:
                 t0 = time.perf_counter()
-                key = tier.transport.mailbox.wait_any([(x.kind, i, x.layer, x.peer) for x in xs], tier.cfg.timeout_s)
+                keys = [x.key(i) for x in xs]
+                key = tier.transport.mailbox.wait_any(keys, tier.cfg.timeout_s)
                 stats.wait_s += time.perf_counter() - t0
-                return xs[0] if key is None else next(x for x in xs if (x.kind, i, x.layer, x.peer) == key)
+                return xs[0] if key is None else xs[keys.index(key)]
 
             def send(self, x: Exchange, tensors: dict[str, np.ndarray], **meta: Any) -> None:
                 tier._send(x.kind, x.peer, i, x.layer, tensors, sched.version, **meta)
