@@ -52,7 +52,8 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
     from hiertrain.lab import cgroup
     from hiertrain.train import data, models
     from hiertrain.lab.emulation import profile_tiers
-    from hiertrain.lab.local import LocalCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
 
     spec = models.get(model)  # a model file that cannot be trained, or data that does not fit: before starting
     if data_path is not None:
@@ -66,9 +67,9 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
     quota = device_quota if device_quota and why_not is None else None
     with ExitStack() as stack:
         stack.callback(lambda: None if keep else shutil.rmtree(work, ignore_errors=True))
-        cluster = stack.enter_context(LocalCluster(work, model=model, batch=batch, iterations=iterations, lr=lr,
-                                                   timeout_s=timeout_s, every=iterations, device_quota=quota,
-                                                   optimizer=optimizer, **own))
+        cluster = stack.enter_context(Cluster(work, ThreeTier(
+            model=model, batch=batch, iterations=iterations, lr=lr, timeout_s=timeout_s, every=iterations,
+            optimizer=optimizer, **own), quotas={"device": quota} if quota else None))
         assert cluster.broker is not None
         _say(f"broker: {cluster.broker.kind} on 127.0.0.1:{cluster.broker.port} (pid {cluster.broker.pid})"
              + ("" if cluster.broker.kind == "mosquitto" else
@@ -83,11 +84,11 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
 
         before = _accuracy(spec, models.init_params(spec, 0), holdout)
         times, seen = _follow(cluster, iterations, timeout_s)
-        return _ending(cluster, cluster.wait(timeout=timeout_s), cluster.final_checkpoint, spec, holdout, before,
-                       times, iterations, "iteration", f"; schedules seen: {seen}")
+        return _ending(cluster, cluster.wait(timeout=timeout_s), spec, holdout, before, times, iterations,
+                       "iteration", f"; schedules seen: {seen}")
 
 
-def _ending(cluster: Any, codes: dict[str, Optional[int]], final: Any, spec: Any, holdout: Any, before: float,
+def _ending(cluster: Any, codes: dict[str, Optional[int]], spec: Any, holdout: Any, before: float,
             times: list[float], iterations: int, unit: str, extra: str = "") -> int:
     """A demo's last lines: the logs of what failed, or the times and the accuracy; its exit code."""
 
@@ -97,7 +98,7 @@ def _ending(cluster: Any, codes: dict[str, Optional[int]], final: Any, spec: Any
             _say(f"--- {n} log (tail) ---\n" + "".join(cluster.log(n).splitlines(True)[-15:]))
         _say(f"demo failed: {failed}")
         return 1
-    ck = final()
+    ck = cluster.final_checkpoint()
     after = _accuracy(spec, ck.params, holdout) if ck else float("nan")
     steady = times[len(times) // 4:] or times
     _say(f"{unit}s: {len(times)}; median {1e3 * float(np.median(steady)):.1f} ms/{unit} (after warm-up){extra}")
@@ -155,7 +156,7 @@ def fleet_specs(devices: int, *, quotas: bool) -> list[Any]:
     """``devices`` heterogeneous devices: Pi 3-, Pi 4- and Jetson-class in turn (CPU quotas where they
     can be set), each with its samples per step and radio; the first is private (its raw samples
     never leave it)."""
-    from hiertrain.lab.fleetlocal import Spec
+    from hiertrain.lab.jobs import Spec
 
     out = []
     for i in range(devices):
@@ -172,7 +173,8 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
     data shards), the edge's coordinator planning them with the fleet planner, the cloud worker."""
     from hiertrain.lab import cgroup
     from hiertrain.train import data, models
-    from hiertrain.lab.fleetlocal import FleetCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import Fleet
 
     spec = models.get(model)
     why_not = cgroup.available()
@@ -187,8 +189,8 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
         if not (quotas and why_not is None):
             _say(f"device emulation: no CPU quotas ({why_not or 'disabled'}): every device is as fast as one core")
         _say("profiling the edge, the cloud and each device class ...")
-        c = stack.enter_context(FleetCluster(work, specs, model=model, iterations=iterations, lr=lr, optimizer=optimizer,
-                                             timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps))
+        c = stack.enter_context(Cluster(work, Fleet(specs, model=model, iterations=iterations, lr=lr, optimizer=optimizer,
+                                                    timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps)))
         _say(f"broker: {c.broker.kind} on 127.0.0.1:{c.broker.port}; devices enrolled with their own accounts; "
              f"logs in {work}")
         c.start("cloud", "edge", *(s.name for s in specs))
@@ -200,10 +202,20 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
             for step in sorted(k for k in c.steps if k > shown):
                 row = c.steps[step]
                 if step == 0 or row["schedule_version"] != c.steps[step - 1]["schedule_version"]:
-                    _say(c.plan_text(row["schedule_version"]))
+                    _say(_plan_text(c, row["schedule_version"]))
                 _say(f"step {step:4d}  loss {row['loss']:.4f}  {1e3 * row['iteration_s']:7.1f} ms  "
                      f"({len(row['fleet'])} devices, plan v{row['schedule_version']})")
                 shown = step
         codes = c.wait(("edge", "cloud", *(s.name for s in specs)), timeout=timeout_s)
-        return _ending(c, codes, c.final, spec, holdout, before, [c.steps[k]["iteration_s"] for k in sorted(c.steps)],
+        return _ending(c, codes, spec, holdout, before, [c.steps[k]["iteration_s"] for k in sorted(c.steps)],
                        iterations, "step")
+
+
+def _plan_text(c: Any, version: int) -> str:
+    """How the edge's log states plan ``version``: its line and the devices' lines under it."""
+    lines = c.log("edge").splitlines()
+    head = next((i for i, line in enumerate(lines) if line.startswith(f"edge: plan v{version} ")), None)
+    if head is None:
+        return f"plan v{version}"
+    body = [line for line in lines[head + 1:] if line.startswith("  ")]
+    return "\n".join([lines[head][len("edge: "):], *body[:len(c.job.specs)]])

@@ -30,7 +30,7 @@ from typing import Any, Optional
 from hiertrain import MAX_BATCH, MODEL_NAMES, TIERS
 from hiertrain.net import topics
 from hiertrain.errors import ConfigError
-from hiertrain.lab.harness import toml
+from hiertrain.lab.cluster import toml
 
 DATASETS = ("synthetic", "cifar10", "tiny-imagenet", "npz", "images", "csv")  # "python": entry = ... by hand
 OWN_DATA = ("npz", "images", "csv")  # no test split of their own: the first HOLDOUT samples (shuffled) are held out

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hiertrain.lab.local import LocalCluster, reference, rel  # noqa: F401 (the tests' helpers)
+from hiertrain.lab.cluster import Cluster
+from hiertrain.lab.replay import reference, rel
+
+__all__ = ["chain", "dump", "equals_single_process", "reference", "rel", "schedule"]
 from hiertrain.schedule import Schedule
 
 
@@ -25,7 +28,7 @@ def chain(tiers, cuts, *, version, effective=0, bits=0, policy="jointdnn+", repl
     return replace(sched, replica_every=replica_every).versioned(version, effective).to_json()
 
 
-def equals_single_process(cluster: LocalCluster, iterations: int, plan: Any = None
+def equals_single_process(cluster: Cluster, iterations: int, plan: Any = None
                           ) -> tuple[dict[int, float], dict[str, Any]]:
     """Every iteration 0..n-1 finished once, each loss within 1e-4 of single-process training on the
     same batches (with a ``plan``, of its hybrid iteration in one process); returns the run's losses
@@ -39,5 +42,5 @@ def equals_single_process(cluster: LocalCluster, iterations: int, plan: Any = No
     return losses, ref_params
 
 
-def dump(cluster: LocalCluster) -> str:
+def dump(cluster: Cluster) -> str:
     return "\n".join(f"--- {t}\n{cluster.log(t)[-3000:]}" for t in cluster.procs) + json.dumps(cluster.status[-6:])

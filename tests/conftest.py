@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -52,13 +52,15 @@ def connect(broker_dir: BrokerDir) -> Iterator[Callable[..., Transport]]:
 
 @pytest.fixture
 def cluster(mosquitto: BrokerProcess, broker_dir: BrokerDir, tmp_path: Path) -> Iterator[Callable[..., object]]:
-    """cluster(**options) -> a LocalCluster of job ``t`` on the test's Mosquitto, closed after the test."""
-    from hiertrain.lab.local import LocalCluster
+    """cluster(**options) -> a three-tier job ``t`` (:class:`~hiertrain.lab.jobs.ThreeTier` of the
+    options) on the test's Mosquitto (``standby``: and a standby broker), closed after the test."""
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
 
-    made: list[LocalCluster] = []
+    made: list[Cluster] = []
 
-    def make(**kw: object) -> LocalCluster:
-        c = LocalCluster(tmp_path, broker_dir=broker_dir, job="t", chunk_kb=16, **kw)
+    def make(*, standby: bool = False, **kw: Any) -> Cluster:
+        c = Cluster(tmp_path, ThreeTier(name="t", chunk_kb=16, **kw), broker_dir=broker_dir, standby=standby)
         made.append(c)
         return c
 

@@ -311,10 +311,11 @@ def test_devices_are_enrolled_and_withdrawn_on_a_running_mosquitto_each_with_its
 
 @pytest.mark.process
 def test_a_harness_that_fails_half_way_stops_the_broker_it_started(tmp_path):
-    """LocalCluster starts its broker, then refuses a standby in a testbed: the error goes up and
+    """The harness starts its broker, then refuses a standby in a testbed: the error goes up and
     the broker it had started is stopped (no Mosquitto left running on its directory)."""
     from hiertrain.errors import ConfigError
-    from hiertrain.lab.local import LocalCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
 
     class Loopback:  # a network whose namespaces are this one
         broker_for = {"device": "127.0.0.1", "edge": "127.0.0.1", "cloud": "127.0.0.1", "root": "127.0.0.1"}
@@ -323,7 +324,7 @@ def test_a_harness_that_fails_half_way_stops_the_broker_it_started(tmp_path):
             return []
 
     with pytest.raises(ConfigError, match="standby broker runs on loopback only"):
-        LocalCluster(tmp_path, network=Loopback(), standby=True)
+        Cluster(tmp_path, ThreeTier(), network=Loopback(), standby=True)
     conf = str(tmp_path / "broker")
     running = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -12,6 +12,7 @@ import pytest
 
 import byo
 from cluster import dump, equals_single_process, rel, schedule
+from hiertrain.lab.replay import dataset
 from hiertrain.train import models
 
 torch = pytest.importorskip("torch")
@@ -68,7 +69,7 @@ def test_a_users_model_and_data_train_across_three_tiers_equal_to_single_process
                            "--checkpoint", str(ck_dir), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     spec = models.get(str(user[model]))
-    x, _ = c.dataset().take(np.arange(10))
+    x, _ = dataset(c).take(np.arange(10))
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, SingleProcess(spec, params=ck.params).predict(x), rtol=1e-4, atol=1e-5)
 

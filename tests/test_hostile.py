@@ -23,7 +23,8 @@ from hiertrain.broker.process import BrokerProcess, free_port
 from hiertrain.net import topics, wire
 from hiertrain.train import checkpoint
 from hiertrain.bench.hostile import flood, raw_client, rss_mb
-from hiertrain.lab.local import LocalCluster
+from hiertrain.lab.cluster import Cluster
+from hiertrain.lab.jobs import ThreeTier
 from hiertrain.schedule import Schedule
 from hiertrain.net.transport import Endpoint, Transport
 
@@ -61,7 +62,7 @@ def _schedules(watch, timeout):
 
 
 def _cluster(tmp_path, bdir, **kw):
-    return LocalCluster(tmp_path, broker_dir=bdir, job=JOB, chunk_kb=16, **kw)
+    return Cluster(tmp_path, ThreeTier(name=JOB, chunk_kb=16, **kw), broker_dir=bdir)
 
 
 # 1 -------------------------------------------------------------------------------- telemetry

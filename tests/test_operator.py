@@ -17,7 +17,7 @@ import pytest
 from conftest import PYTHON, ROOT
 from hiertrain.train import checkpoint
 from hiertrain.broker.process import free_port
-from hiertrain.lab.harness import stop
+from hiertrain.lab.cluster import stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]

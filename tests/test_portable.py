@@ -24,8 +24,9 @@ from cluster import dump, reference, rel, schedule
 from hiertrain.lab import arm64
 from hiertrain.train import artifacts, models, segments
 from hiertrain.errors import ArtifactError
-from hiertrain.lab.fleetlocal import FleetCluster, Spec
-from hiertrain.lab.local import LocalCluster
+from hiertrain.lab.cluster import Cluster
+from hiertrain.lab.jobs import Fleet, Spec, ThreeTier
+from hiertrain.lab.replay import replay, step_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,8 +110,8 @@ def device_venv(wheel, tmp_path_factory) -> Path:
 
 
 def _runner_run(tmp_path, broker_dir, launch, name, iterations, plan=None, **own):
-    c = LocalCluster(tmp_path, broker_dir=broker_dir, job="portable", chunk_kb=64, iterations=iterations,
-                     every=iterations, timeout_s=120, launch={"device": launch}, **own)
+    c = Cluster(tmp_path, ThreeTier(name="portable", chunk_kb=64, iterations=iterations, every=iterations, timeout_s=120,
+                                    **own), broker_dir=broker_dir, launch={"device": launch})
     try:
         c.publish(plan or SCHEDULES[name])
         c.start()
@@ -126,7 +127,7 @@ def _runner_run(tmp_path, broker_dir, launch, name, iterations, plan=None, **own
         log = c.log("device")
         assert "no gradient builder" in log, log
         c.reference_params = ref_params
-        cache = tmp_path / "cache-device" / "segments" / models.get(c.model).name
+        cache = tmp_path / "cache-device" / "segments" / models.get(c.job.model).name
         assert any(cache.iterdir()), "the device fetched no segments"
         return c
     finally:
@@ -199,19 +200,19 @@ def _fleet_with_a_runner(tmp_path, python, iterations):
     1-2 of every step, fetching them from the edge over MQTT; pi2 sends raw samples. Every step
     equals single-process SGD over the samples the step log names."""
     devices = [Spec("pi1", 4, path=(2, 5), joins=True), Spec("pi2", 4, path=(0, 7))]
-    with FleetCluster(tmp_path, devices, iterations=iterations, timeout_s=120, launch={"pi1": python}) as c:
+    with Cluster(tmp_path, Fleet(devices, iterations=iterations, timeout_s=120), launch={"pi1": python}) as c:
         c.start("cloud", "edge", "pi1", "pi2")
         codes = c.wait(("edge", "cloud", "pi1", "pi2"), timeout=900)
         assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
         assert "no gradient builder" in c.log("pi1") and "builds its segments" in c.log("edge"), c.log("pi1")
         cache = tmp_path / "cache-pi1" / "segments" / "lenet5"
         assert any(cache.iterdir()), "pi1 fetched no segments"
-        log = c.step_log()
+        log = step_log(c)
         assert [row["step"] for row in log] == list(range(iterations))
         assert all({m[0] for m in row["members"]} == {"pi1", "pi2"} for row in log), log
-        losses, params = c.replay()
+        losses, params = replay(c)
         np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
-        assert rel(c.final().params, params) < 1e-4
+        assert rel(c.final_checkpoint().params, params) < 1e-4
 
 
 @pytest.mark.integration

@@ -19,7 +19,7 @@ from hiertrain import config
 from hiertrain.train import checkpoint
 from hiertrain.broker.layout import BrokerDir
 from hiertrain.broker.process import free_port
-from hiertrain.lab.harness import stop
+from hiertrain.lab.cluster import stop
 
 HIERTRAIN = [PYTHON, "-m", "hiertrain"]
 

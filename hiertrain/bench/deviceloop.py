@@ -40,7 +40,7 @@ def schedules() -> list[Schedule]:
 
 def _per_iteration(rows: list[dict[str, Any]], key: str) -> Optional[float]:
     """Median increase of a cumulative counter between consecutive reports one iteration apart."""
-    from hiertrain.lab.local import consecutive
+    from hiertrain.lab.replay import consecutive
 
     steps = [b[key] - a[key] for a, b in consecutive(rows) if key in a]
     return statistics.median(steps) if steps else None
@@ -48,7 +48,7 @@ def _per_iteration(rows: list[dict[str, Any]], key: str) -> Optional[float]:
 
 def summarize(telemetry: list[tuple[str, dict[str, Any]]], version: int, skip: int) -> dict[str, Any]:
     """The device's figures for the iterations of schedule ``version`` (after ``skip`` of them)."""
-    from hiertrain.lab.local import reports
+    from hiertrain.lab.replay import reports
 
     dev = reports(telemetry, "device", version, skip=skip)
     if len(dev) < 3:
@@ -75,12 +75,13 @@ def summarize(telemetry: list[tuple[str, dict[str, Any]]], version: int, skip: i
 
 
 def run_job(quota: Optional[float], count: int) -> dict[str, Any]:
-    from hiertrain.lab.local import LocalCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
 
     plans = schedules()
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-") as d:
-        with LocalCluster(Path(d), batch=BATCH, iterations=count * len(plans), timeout_s=120,
-                          device_quota=quota) as c:
+        with Cluster(Path(d), ThreeTier(batch=BATCH, iterations=count * len(plans), timeout_s=120),
+                     quotas={"device": quota} if quota else None) as c:
             c.publish(plans[0].versioned(1, 0).to_json())
             c.start()
             for k, sched in enumerate(plans[1:], 2):

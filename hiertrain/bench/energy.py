@@ -41,7 +41,7 @@ def testbed_fleet(model: str, devices: int, medium_mbps: float, cloud_mbps: floa
     device timings were had (measured under CPU quotas, or not: no cgroups here)."""
     from hiertrain.demo import fleet_specs
     from hiertrain.lab import cgroup
-    from hiertrain.lab.fleetlocal import measure_profiles
+    from hiertrain.lab.jobs import measure_profiles
     from hiertrain.planner import fleetfile as FF
     from hiertrain.power import CLASSES
     from hiertrain.profile import Profile

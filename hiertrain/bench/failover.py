@@ -54,13 +54,15 @@ def slowed_profile(source: Path, out: Path, factors: dict[str, float]) -> Path:
 
 def scenario(work: Path, profile: Path, *, victim_role: str, count: int, bw: float, network: Any = None
              ) -> dict[str, Any]:
-    from hiertrain.lab.local import LocalCluster, reference, rel
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
+    from hiertrain.lab.replay import reference, rel
     from hiertrain.schedule import Schedule
 
     kill_at = 2 * count // 3
     machine = victim_role == "edge_machine"
-    with LocalCluster(work, model="lenet5", batch=16, iterations=count, timeout_s=60, every=count, lr=LR,
-                      standby=machine, network=network) as c:
+    with Cluster(work, ThreeTier(model="lenet5", batch=16, iterations=count, timeout_s=60, every=count, lr=LR),
+                 standby=machine, network=network) as c:
         c.start_planner(profile, bw_device_edge=bw, bw_edge_cloud=bw)
         if machine:  # a second planner next to the standby broker, idle until the tiers come
             c.start_planner(profile, bw_device_edge=bw, bw_edge_cloud=bw, on_standby=True)
@@ -120,18 +122,18 @@ def rounding_control(c: Any, count: int, at: int) -> float:
 
     from hiertrain.train import models
     from hiertrain.train.reference import SingleProcess
-    from hiertrain.lab.local import rel
+    from hiertrain.lab.replay import dataset, rel
     from hiertrain.train.optim import OptimizerConfig
 
     finals = []
     for perturb in (False, True):
-        m = SingleProcess(models.get(c.model), optimizer=OptimizerConfig("sgd", lr=c.lr))
-        ds, rng = c.dataset(), np.random.default_rng(1)
+        m = SingleProcess(models.get(c.job.model), optimizer=OptimizerConfig("sgd", lr=c.job.lr))
+        ds, rng = dataset(c), np.random.default_rng(1)
         for i in range(count):
             if perturb and i == at:
                 for v in m.params.values():
                     v *= (1 + 1e-7 * rng.standard_normal(v.shape)).astype(np.float32)
-            m.step(*ds.batch(i, c.batch, seed=0))
+            m.step(*ds.batch(i, c.job.batch, seed=0))
         finals.append({k: v.copy() for k, v in m.params.items()})
     return rel(finals[1], finals[0])
 

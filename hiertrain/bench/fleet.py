@@ -25,7 +25,9 @@ CLOUD_MBPS = 5.0
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.demo import fleet_specs
-    from hiertrain.lab.fleetlocal import FleetCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import Fleet
+    from hiertrain.lab.replay import step_log
     from hiertrain.lab.testbed import FleetTestbed
 
     devices = args.devices or 4
@@ -36,19 +38,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-fleet-") as tmp, \
             FleetTestbed({s.name: s.rate_mbps for s in specs}, medium_mbps=points[0], bw_edge_cloud=CLOUD_MBPS) as net, \
-            FleetCluster(Path(tmp), specs, model=args.model, iterations=count, timeout_s=120, network=net,
-                         medium_mbps=points[0], cloud_mbps=CLOUD_MBPS) as c:
+            Cluster(Path(tmp), Fleet(specs, model=args.model, iterations=count, timeout_s=120, medium_mbps=points[0],
+                                     cloud_mbps=CLOUD_MBPS), network=net) as c:
         for medium in points:
             net.shape_medium(medium)
-            c.describe(medium, CLOUD_MBPS)
+            c.job.describe(medium, CLOUD_MBPS)
             for policy in POLICIES:
-                c.rerun(policy)
+                c.job.rerun(c, policy)
                 c.start("cloud", "edge", *names)
                 codes = c.wait(("edge", "cloud", *names), timeout=600)
                 if any(codes.values()):
                     raise RuntimeError(f"{policy} at {medium} Mbit/s: exit codes {codes}; edge log:\n"
                                        + c.log("edge")[-2000:])
-                log = c.step_log()
+                log = step_log(c)
                 measured = statistics.median(r["seconds"] for r in log[WARMUP:])
                 row = {"medium_mbps": medium, "policy": policy, "measured_s": measured,
                        "predicted_s": log[0]["predicted_s"],

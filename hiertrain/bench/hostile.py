@@ -92,9 +92,10 @@ def _three_way() -> dict[str, Any]:
 
 
 def _cluster(work: Path, bdir, **kw):
-    from hiertrain.lab.local import LocalCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
 
-    c = LocalCluster(work, broker_dir=bdir, job=JOB, chunk_kb=16, **kw)
+    c = Cluster(work, ThreeTier(name=JOB, chunk_kb=16, **kw), broker_dir=bdir)
     c.publish(_three_way())
     c.start()
     return c

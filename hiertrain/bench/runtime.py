@@ -1,6 +1,6 @@
 """``hiertrain bench runtime``: measured iteration times over MQTT against the cost model's prediction.
 
-A :class:`~hiertrain.lab.local.LocalCluster` runs LeNet-5 with emulated tiers (cloud: all cores, edge:
+A :class:`~hiertrain.lab.cluster.Cluster` runs LeNet-5 with emulated tiers (cloud: all cores, edge:
 one core, device: one core under a CPU quota as root), profiled first exactly like the demo. One
 run walks through several schedules (a new one every ``--count`` iterations). For each, the
 measured time per iteration (interval between worker_o finishing consecutive iterations, median
@@ -39,7 +39,8 @@ def _schedules(profile: Profile, batch: int, bw: Any) -> list[Schedule]:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.lab.emulation import profile_tiers
-    from hiertrain.lab.local import LocalCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
     from hiertrain.planner.costmodel import Bandwidth, iteration_time
 
     batch, per = 32, args.count
@@ -50,7 +51,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                              quotas={"device": quota} if quota else {}))
         loopback = Bandwidth(1000.0, 1000.0)
         plans = _schedules(profile, batch, loopback)
-        with LocalCluster(work, batch=batch, iterations=per * len(plans), timeout_s=60, device_quota=quota) as c:
+        with Cluster(work, ThreeTier(batch=batch, iterations=per * len(plans), timeout_s=60),
+                     quotas={"device": quota} if quota else None) as c:
             c.publish(plans[0].versioned(1, 0).to_json())
             c.start()
             for k, sched in enumerate(plans[1:], 2):

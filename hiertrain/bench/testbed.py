@@ -109,11 +109,12 @@ def emulated_job(work: Path, *, model: str, batch: int, quotas: dict[str, float]
     """The testbed's namespaces and shaped links, and one training job in them under the tiers'
     quotas: (testbed, cluster); everything is removed when the block ends."""
     from hiertrain.lab import testbed
-    from hiertrain.lab.local import LocalCluster
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import ThreeTier
 
     with testbed.Testbed(bw_device_edge=bw_device_edge, bw_edge_cloud=bw_edge_cloud) as net, \
-            LocalCluster(work, model=model, batch=batch, iterations=100_000, timeout_s=600, lr=learning_rate(model),
-                         chunk_kb=CHUNK_KB, network=net, quotas=quotas) as cluster:
+            Cluster(work, ThreeTier(model=model, batch=batch, iterations=100_000, timeout_s=600, lr=learning_rate(model),
+                                    chunk_kb=CHUNK_KB), network=net, quotas=quotas) as cluster:
         yield net, cluster
 
 
@@ -157,7 +158,7 @@ def message_cost(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version
     telemetry (CPU of every thread less compute, over the messages it sent and received)."""
     import statistics
 
-    from hiertrain.lab.local import consecutive, reports
+    from hiertrain.lab.replay import consecutive, reports
 
     rows = [p for p in reports(telemetry, tier, version, skip=skip) if "cpu_s" in p]
     cpu, stretch = [], []
