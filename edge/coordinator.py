@@ -39,6 +39,7 @@ from hiertrain.net.wire import Message
 from hiertrain.train.fleetroles import Member, Round
 from hiertrain.train.part import Params
 from hiertrain.fleetservice import POLL_S, FleetService
+from hiertrain.service import transport_figures
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
@@ -238,7 +239,7 @@ class Coordinator(FleetService):
         self.transport.publish_json(topics.telemetry(self.cfg.job, "edge"), {
             "iteration": rnd.step, "loss": loss, "iteration_s": seconds, "role": "coordinator",
             "schedule_version": rnd.version, "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,
-            "fleet": row["members"], "energy": self._joules(seconds)})
+            "fleet": row["members"], "energy": self._joules(seconds), **transport_figures(self.transport, "edge")})
 
     def _joules(self, seconds: float) -> dict[str, Any]:
         """Every machine's joules in a step of ``seconds`` under the plan, modeled (the devices' power

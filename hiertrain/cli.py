@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-quota", action="store_true")
     demo.add_argument("--workdir", help="keep the run's files here (default: a temporary directory)")
     demo.add_argument("--keep", action="store_true", help="do not delete the work directory")
+    demo.add_argument("--dashboard", type=_port, nargs="?", const=8080, metavar="PORT",
+                      help="serve the live dashboard on localhost while the demo runs (default port 8080)")
     demo.set_defaults(handler=commands.cmd_demo)
 
     broker = sub.add_parser("broker", help="the MQTT broker on the edge server").add_subparsers(
@@ -161,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--timeout", type=_nonneg_float, help="exit 1 if nothing arrives for this long")
     watch.add_argument("--json", action="store_true", help="one JSON object per schedule instead of a table")
     watch.set_defaults(handler=commands.cmd_schedule_watch)
+
+    board = sub.add_parser("dashboard", help="a job, its plan and every device, live in a browser (read-only)")
+    board.add_argument("--config", required=True, help="a config with the observer's credentials (never a tier's)")
+    board.add_argument("--port", type=_port, default=8080)
+    board.add_argument("--bind", default="127.0.0.1", help="the address to serve on (default: localhost only; "
+                       "any other needs --cert and --key, and asks for the observer's password)")
+    board.add_argument("--cert", type=Path, help="TLS certificate (PEM)")
+    board.add_argument("--key", type=Path, help="TLS private key (PEM)")
+    board.set_defaults(handler=commands.cmd_dashboard)
 
     prof = sub.add_parser("profile", help="measure a hiertrain-profile/1 for one tier on this machine")
     prof.add_argument("--model", required=True, type=_model, metavar="MODEL")

@@ -23,11 +23,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.data:
             raise ConfigError("--data with --devices: a fleet demo trains shards of the synthetic set")
         return demo.run_fleet(devices=args.devices, model=args.model, iterations=args.iterations, lr=args.lr,
-                              optimizer=args.optimizer, workdir=args.workdir, keep=args.keep, quotas=not args.no_quota)
+                              optimizer=args.optimizer, workdir=args.workdir, keep=args.keep, quotas=not args.no_quota,
+                              dashboard=args.dashboard)
     return demo.run(model=args.model, iterations=args.iterations, batch=args.batch, lr=args.lr,
                     bw_device_edge=args.bw_device_edge, bw_edge_cloud=args.bw_edge_cloud,
                     device_quota=None if args.no_quota else args.device_quota, workdir=args.workdir, keep=args.keep,
-                    data_path=args.data, optimizer=args.optimizer)
+                    data_path=args.data, optimizer=args.optimizer, dashboard=args.dashboard)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -121,6 +122,14 @@ def cmd_schedule_watch(args: argparse.Namespace) -> int:
     from hiertrain.watch import watch
 
     return watch(config.load(args.config), count=args.count, timeout=args.timeout, as_json=args.json)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from hiertrain import config
+    from hiertrain.dashboard.server import serve
+
+    _terminate_like_ctrl_c()
+    return serve(config.load(args.config), port=args.port, bind=args.bind, cert=args.cert, key=args.key)
 
 
 # ----------------------------------------------------------------------------------- profile

@@ -46,7 +46,7 @@ def _user_data(path: str, spec: Any) -> tuple[dict[str, Any], Any]:
 def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: float = 0.05,
         bw_device_edge: float = 5.0, bw_edge_cloud: float = 1.5, device_quota: Optional[float] = 0.15,
         workdir: Optional[str] = None, keep: bool = False, timeout_s: float = 120.0,
-        data_path: Optional[str] = None, optimizer: str = "sgd") -> int:
+        data_path: Optional[str] = None, optimizer: str = "sgd", dashboard: Optional[int] = None) -> int:
     """``optimizer``: "sgd" (the paper's) or "adamw". ``data_path``: the user's data (an .npz, a .csv, or a folder of class folders) instead of the
     synthetic set; a fifth of it (at most 512 samples) is held out for the accuracy figures."""
     from hiertrain.lab import cgroup
@@ -78,6 +78,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         if not quota:
             _say(f"device emulation: one core, no CPU quota ({why_not or 'disabled'})")
         _say(_describe_profile(profile))
+        _dashboard(cluster, dashboard)
         cluster.start_planner(profile, bw_device_edge=bw_device_edge, bw_edge_cloud=bw_edge_cloud)
         cluster.start()
         _say(f"services: {', '.join(f'{n} (pid {p.pid})' for n, p in cluster.procs.items())}; logs in {work}")
@@ -168,7 +169,7 @@ def fleet_specs(devices: int, *, quotas: bool) -> list[Any]:
 
 def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: float = 0.05, optimizer: str = "sgd",
               medium_mbps: float = 20.0, cloud_mbps: float = 5.0, workdir: Optional[str] = None, keep: bool = False,
-              timeout_s: float = 120.0, quotas: bool = True) -> int:
+              timeout_s: float = 120.0, quotas: bool = True, dashboard: Optional[int] = None) -> int:
     """``hiertrain demo --devices N``: a fleet on this machine. N enrolled devices (own accounts and
     data shards), the edge's coordinator planning them with the fleet planner, the cloud worker."""
     from hiertrain.lab import cgroup
@@ -193,6 +194,7 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
                                                     timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps)))
         _say(f"broker: {c.broker.kind} on 127.0.0.1:{c.broker.port}; devices enrolled with their own accounts; "
              f"logs in {work}")
+        _dashboard(c, dashboard)
         c.start("cloud", "edge", *(s.name for s in specs))
         before = _accuracy(spec, models.init_params(spec, 0), holdout)
         shown, last = -1, time.monotonic()
@@ -209,6 +211,11 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
         codes = c.wait(("edge", "cloud", *(s.name for s in specs)), timeout=timeout_s)
         return _ending(c, codes, spec, holdout, before, [c.steps[k]["iteration_s"] for k in sorted(c.steps)],
                        iterations, "step")
+
+
+def _dashboard(cluster: Any, port: Optional[int]) -> None:
+    if port is not None:
+        _say(f"dashboard: {cluster.start_dashboard(port)} (live while the demo runs; read-only, as the observer)")
 
 
 def _plan_text(c: Any, version: int) -> str:

@@ -30,7 +30,7 @@ from hiertrain.errors import HiertrainError, MissingMessage, ProtocolError, Tier
 from hiertrain.train.fleetroles import Round
 from hiertrain.train.part import Part
 from hiertrain.tierconfig import TierConfig
-from hiertrain.service import check_finite, keeper_for, open_service
+from hiertrain.service import check_finite, keeper_for, open_service, tier_of, transport_figures
 from hiertrain.net.wire import Message
 
 
@@ -112,6 +112,7 @@ class FleetService:
                     rnd, params = got
                     try:
                         self.work(rnd, params)
+                        self.report(rnd)
                     except TierLost as lost:
                         done = self._edge_lost(lost)
                         continue
@@ -124,6 +125,12 @@ class FleetService:
             except HiertrainError as exc:
                 self.transport.status_extra["error"] = str(exc)  # the status on the way out says why
                 raise
+
+    def report(self, rnd: Round) -> None:
+        """After its part of a round, the worker's telemetry: the step, its plan, its links and refusals."""
+        self.transport.publish_json(topics.telemetry(self.cfg.job, self.account), {
+            "iteration": rnd.step, "round": rnd.round, "schedule_version": rnd.version,
+            "role": f"{tier_of(self.account)} worker", **transport_figures(self.transport, self.account)})
 
     def announce(self) -> None:
         """Once connected, a worker publishes its profile (retained), if it has one to give."""

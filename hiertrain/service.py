@@ -8,7 +8,8 @@ naming it, instead of a receiver dropping the message and waiting); and the chec
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import time
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -38,6 +39,29 @@ def open_service(cfg: TierConfig, spec: ModelSpec, *, account: str,
     supply = artifacts.Supply(transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
     runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None, provider=supply.provider)
     return Opened(transport, supply, runtime)
+
+
+LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
+           frozenset(("device", "cloud")): "device_cloud"}  # through the edge: the slower link's rate
+
+
+def tier_of(account: str) -> str:
+    """The tier an account is on: a fleet's devices have names of their own, a standby edge ``edge-*``."""
+    return account if account in TIERS else "edge" if account.startswith("edge") else "device"
+
+
+def transport_figures(transport: Transport, account: str) -> dict[str, Any]:
+    """What every service's telemetry says of its transport: each link's rate measured on what it
+    received since the last report (Mbit/s, payload), bytes and messages both ways, and the messages
+    it refused, by reason."""
+    links = {}
+    for sender, mbps in transport.take_rates().items():
+        link = LINK_OF.get(frozenset((tier_of(sender), tier_of(account))))
+        if link:
+            links[link] = round(mbps, 3)
+    return {"t": time.time(), "links": links, "bytes_sent": transport.sent_bytes,
+            "bytes_received": transport.received_bytes, "messages_sent": transport.sent_messages,
+            "messages_received": transport.received_messages, "dropped": dict(transport.dropped)}
 
 
 def check_finite(who: str, at: str, kind: str, dest: str, tensors: dict[str, np.ndarray], lr: float) -> None:

@@ -42,15 +42,13 @@ from hiertrain.net import topics
 from hiertrain.net.wire import Message
 from hiertrain.runview import RunView
 from hiertrain.schedule import Schedule
-from hiertrain.service import check_finite, open_service
+from hiertrain.service import check_finite, open_service, transport_figures
 from hiertrain.statekeeper import StateKeeper
 from hiertrain.tierconfig import TierConfig
 from hiertrain.train import models
 from hiertrain.train.part import Part
 
 log = logging.getLogger("hiertrain.tier")
-LINK_OF = {frozenset(("device", "edge")): "device_edge", frozenset(("edge", "cloud")): "edge_cloud",
-           frozenset(("device", "cloud")): "device_cloud"}  # through the edge: the slower link's rate
 
 IDLE_TELEMETRY_EVERY = 2  # the device paces idle tiers by their reports, allowing them window / 2 of lag
 
@@ -259,15 +257,7 @@ class TierService:
         return self._plans[key]
 
     def _telemetry(self, out: dict[str, Any]) -> None:
-        links = {}
-        for sender, mbps in self.transport.take_rates().items():
-            link = LINK_OF.get(frozenset((sender, self.tier)))
-            if link:
-                links[link] = round(mbps, 3)
-        payload = {**out, "run": self.view.run_id, "t": time.time(), "links": links, "bytes_sent": self.transport.sent_bytes,
-                   "bytes_received": self.transport.received_bytes,
-                   "messages_sent": self.transport.sent_messages, "messages_received": self.transport.received_messages,
-                   "dropped": dict(self.transport.dropped)}
+        payload = {**out, "run": self.view.run_id, **transport_figures(self.transport, self.tier)}
         budget = self.energy.budget_now() if self.tier == "device" else None
         if budget is not None:
             payload["budget_j"] = budget

@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Mosquitto (the broker); debootstrap and qemu-user-static for the test suite's emulated arm64 device.
+# Mosquitto (the broker); debootstrap and qemu-user-static for the test suite's emulated arm64 device;
+# chromium for the test that opens the dashboard's page.
 need=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto mosquitto-clients"
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
 command -v qemu-aarch64-static >/dev/null 2>&1 || need="$need qemu-user-static"
+command -v chromium >/dev/null 2>&1 || need="$need chromium"  # the dashboard's page, tested headless
 if [ -n "$need" ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   if command -v apt-get >/dev/null 2>&1; then

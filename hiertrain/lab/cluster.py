@@ -183,6 +183,19 @@ class Cluster:
             host="127.0.0.1" if on_standby else self.host.get("edge"))
         self.spawn(name, ["planner", "run", "--config", str(cfg)], where="edge")
 
+    def start_dashboard(self, port: int, timeout: float = 60) -> str:
+        """``hiertrain dashboard`` on the observer's account, as process ``dashboard``: its address."""
+        observer = toml(self.work / "observer.toml", self.job.name, self.bdir.credentials_file("observer"), {},
+                        host=self.host.get("root"))
+        self.spawn("dashboard", ["dashboard", "--config", str(observer), "--port", str(port)], where="edge")
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + timeout
+        while f"dashboard: {url}" not in self.log("dashboard"):
+            if time.monotonic() > deadline or self.procs["dashboard"].poll() is not None:
+                raise HiertrainError(f"the dashboard did not start: {self.log('dashboard')[-1000:]}")
+            time.sleep(0.1)
+        return url
+
     def publish(self, schedule: dict[str, Any]) -> None:
         """Publish a schedule as the planner would (retained), with the planner's credentials: the
         watcher holds no lease and sends no status, so it is no planner."""
