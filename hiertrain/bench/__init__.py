@@ -25,6 +25,7 @@ BENCHES = {
     "fleet": "hiertrain.bench.fleet",
     "families": "hiertrain.bench.families",
     "energy": "hiertrain.bench.energy",
+    "dashboard": "hiertrain.bench.dashboard",
 }
 
 

@@ -158,6 +158,15 @@ def energy(r: dict[str, Any]) -> str:
 
 
 # (command, JSON file, row) in the README's order
+def dashboard(r: dict[str, Any]) -> str:
+    rows = "; ".join(f"{x['hours']:g} h: {x['messages']} messages at {x['us_per_message']:.0f} us each, state "
+                     f"{x['state_mb']:.2f} MB, a poll {x['poll_kb']:.0f} KB" for x in r["rows"])
+    g = r["goals"]
+    return (f"the dashboard's state for a {r['devices']}-device fleet at {r['steps_per_s']:g} steps/s: {rows}; the page "
+            f"drawn in headless Chromium in {r['page_s']:.1f} s, {r['devices_drawn']}/{r['devices']} devices; goals "
+            f"< {g['state_mb']:g} MB, < {g['poll_kb']:g} KB, < {g['page_s']:g} s{_goal(r.get('meets_goal'))}")
+
+
 ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench wire", "wire.json", wire),
     ("hiertrain bench transport", "transport.json", transport),
@@ -175,6 +184,7 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench edgecores", "edgecores-alexnet.json", edgecores),
     ("hiertrain bench families --data digits16.npz --count 150", "families.json", families),
     ("hiertrain bench energy --from bench/results/fleet.json", "energy.json", energy),
+    ("hiertrain bench dashboard", "dashboard.json", dashboard),
 ]
 
 
