@@ -40,6 +40,7 @@ from hiertrain.train.fleetroles import Member, Round
 from hiertrain.train.part import Params
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.service import transport_figures
+from hiertrain.train.evaluate import scorer
 from hiertrain.train.models import init_params
 from hiertrain.train.optim import Optimizer
 from hiertrain.planner import fleet as F
@@ -76,6 +77,7 @@ class Coordinator(FleetService):
         self.roster = Roster(file, batch=cfg.batch, where=cfg.fleet_file)
         self.roster.check(wait_for=cfg.fleet_devices, joins=cfg.fleet_planner is not None, config=cfg.path)
         self.params: Params = init_params(self.spec, cfg.seed)
+        self.scorer = scorer(cfg, self.spec)  # [eval] every: held-out accuracy in the telemetry
         self.optimizer = Optimizer(cfg.optimizer, self.spec.param_shapes(), momenta=self.spec.momentum)
         self.offsets: dict[str, int] = {}  # every device's place in its data
         self.cloud_excluded = False  # the cloud given up on, until it goes offline and comes back
@@ -236,10 +238,12 @@ class Coordinator(FleetService):
         if logf:
             logf.write(json.dumps(row) + "\n")
             logf.flush()
+        accuracy = self.scorer(rnd.step, self.params) if self.scorer else None
         self.transport.publish_json(topics.telemetry(self.cfg.job, "edge"), {
             "iteration": rnd.step, "loss": loss, "iteration_s": seconds, "role": "coordinator",
             "schedule_version": rnd.version, "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,
-            "fleet": row["members"], "energy": self._joules(seconds), **transport_figures(self.transport, "edge")})
+            "fleet": row["members"], "energy": self._joules(seconds), **transport_figures(self.transport, "edge"),
+            **({"accuracy": accuracy} if accuracy is not None else {})})
 
     def _joules(self, seconds: float) -> dict[str, Any]:
         """Every machine's joules in a step of ``seconds`` under the plan, modeled (the devices' power

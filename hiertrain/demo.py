@@ -24,6 +24,8 @@ from hiertrain.net import topics
 from hiertrain.errors import ConfigError
 from hiertrain.schedule import Schedule
 
+EVAL_EVERY = 10  # the model's owner scores its weights on the held-out samples every 10 steps (the dashboard's curve)
+
 
 def _say(text: str) -> None:
     print(text, flush=True)
@@ -69,7 +71,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         stack.callback(lambda: None if keep else shutil.rmtree(work, ignore_errors=True))
         cluster = stack.enter_context(Cluster(work, ThreeTier(
             model=model, batch=batch, iterations=iterations, lr=lr, timeout_s=timeout_s, every=iterations,
-            optimizer=optimizer, **own), quotas={"device": quota} if quota else None))
+            optimizer=optimizer, eval_every=0 if own else EVAL_EVERY, **own), quotas={"device": quota} if quota else None))
         assert cluster.broker is not None
         _say(f"broker: {cluster.broker.kind} on 127.0.0.1:{cluster.broker.port} (pid {cluster.broker.pid})"
              + ("" if cluster.broker.kind == "mosquitto" else
@@ -191,7 +193,8 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
             _say(f"device emulation: no CPU quotas ({why_not or 'disabled'}): every device is as fast as one core")
         _say("profiling the edge, the cloud and each device class ...")
         c = stack.enter_context(Cluster(work, Fleet(specs, model=model, iterations=iterations, lr=lr, optimizer=optimizer,
-                                                    timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps)))
+                                                    timeout_s=timeout_s, medium_mbps=medium_mbps, cloud_mbps=cloud_mbps,
+                                                    eval_every=EVAL_EVERY)))
         _say(f"broker: {c.broker.kind} on 127.0.0.1:{c.broker.port}; devices enrolled with their own accounts; "
              f"logs in {work}")
         _dashboard(c, dashboard)

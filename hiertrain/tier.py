@@ -46,6 +46,7 @@ from hiertrain.service import check_finite, open_service, transport_figures
 from hiertrain.statekeeper import StateKeeper
 from hiertrain.tierconfig import TierConfig
 from hiertrain.train import models
+from hiertrain.train.evaluate import scorer
 from hiertrain.train.part import Part
 
 log = logging.getLogger("hiertrain.tier")
@@ -62,6 +63,7 @@ class TierService:
                             timeout_s=cfg.timeout_s)
         self.holding = Holding(self.spec, cfg.tier, batch=cfg.batch, optimizer=cfg.optimizer, seed=cfg.seed)
         self.state = StateKeeper(cfg, self.view, self.holding)
+        self.scorer = scorer(cfg, self.spec)  # [eval] every: the model's owner scores its weights
         self.energy = cfg.energy or EnergyConfig()
         self.meter = self.energy.meter()  # joules per step in telemetry
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
@@ -226,6 +228,9 @@ class TierService:
             held.params = held.optimizer.step(held.params, done.grads)
             if len(plan.owned(self.tier)) == self.spec.n_units:  # the model's owner
                 self.state.completed = i
+                accuracy = self.scorer(i, held.params) if self.scorer else None
+                if accuracy is not None:
+                    out["accuracy"] = accuracy
             stats.timed("update", t0)
             self.state.checkpoint(i, sched)  # after the gradients went back: off the critical path
             self.state.replicate(i, sched)

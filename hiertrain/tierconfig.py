@@ -90,6 +90,7 @@ class TierConfig:
     data_shard: Optional[tuple[int, int]] = None  # (i, n): this device trains every n-th sample from i
     compress_samples: bool = False  # uint8 samples travel losslessly compressed (hiertrain.net.compress)
     holdout: int = 0
+    eval_every: int = 0  # the model's owner scores its weights on held-out samples every N steps, in telemetry
     profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
     path: Optional[Path] = None
     fleet: bool = False                 # a [fleet] table: many enrolled devices, the clock at the edge
@@ -160,6 +161,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"timeout_s = {c.timeout_s} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     if c.holdout < 0:
         raise bad(f"[eval] holdout = {c.holdout} must be >= 0")
+    if c.eval_every < 0:
+        raise bad(f"[eval] every = {c.eval_every} must be >= 0 (0: never)")
     if c.threads < 0:
         raise bad(f"[runtime] threads = {c.threads} must be >= 0 (0: all cores)")
     if c.chunk_bytes < 1 << 10:
@@ -231,7 +234,7 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "runtime": {"threads": int, "cache": str, "segments": str, "chunk_kb": int},
     "checkpoint": {"dir": str, "every": int, "keep": int, "collect": bool},
     "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
-    "eval": {"holdout": int},
+    "eval": {"holdout": int, "every": int},
     "profile": {"file": str},
     "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str,
               "samples": int, "rate_mbps": float, "private": bool},
@@ -267,7 +270,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         data_path=str(cfg.resolve(data["path"])) if "path" in data else None,
         data_entry=data.get("entry"), data_label=data.get("label"),
         data_shard=_shard(data.get("shard"), cfg.path), compress_samples=data.get("compress", False),
-        holdout=ev.get("holdout", 0), path=cfg.path,
+        holdout=ev.get("holdout", 0), eval_every=ev.get("every", 0), path=cfg.path,
         profile=_profile(cfg.resolve(prof["file"]), tier) if "file" in prof else None,
         fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(fleet["file"]) if "file" in fleet else None,
         fleet_devices=fleet.get("devices", 1),

@@ -33,7 +33,8 @@ def test_the_board_follows_statuses_steps_plans_and_refusals_and_names_each_as_a
     b.offer("edge", "status", {"state": "online"}, 1.0)
     b.offer("", "schedule", _fleet_schedule(1, [("pi1", 4, 2)]), 2.0)
     b.offer("edge", "telemetry", {"iteration": 0, "loss": 2.3, "iteration_s": 0.02, "predicted_s": 0.01,
-                                  "schedule_version": 1, "fleet": [["pi1", 0, 4, 2, 7]], "role": "coordinator"}, 3.0)
+                                  "schedule_version": 1, "fleet": [["pi1", 0, 4, 2, 7]], "role": "coordinator",
+                                  "accuracy": 0.25}, 3.0)
     b.offer("pi1", "telemetry", {"iteration": 0, "dropped": {"malformed": 2}, "links": {"device-edge": 9.5}}, 3.0)
     b.offer("", "schedule", _fleet_schedule(1, [("pi1", 4, 2)]), 3.5)  # the retained copy again: no event
     b.offer("pi1", "status", {"state": "offline"}, 4.0)
@@ -46,7 +47,7 @@ def test_the_board_follows_statuses_steps_plans_and_refusals_and_names_each_as_a
     assert (pi1["state"], pi1["refused"], pi1["kind"], pi1["links"]) == ("offline", 2, "device", {"device-edge": 9.5})
     assert [e["kind"] for e in s["events"]] == ["join", "join", "replan", "refusal", "leave"]
     assert s["steps"] == [{"step": 0, "t": 3.0, "loss": 2.3, "seconds": 0.02, "predicted": 0.01, "version": 1,
-                           "devices": 1}]
+                           "devices": 1, "accuracy": 0.25}]
     json.dumps(s, allow_nan=False)
 
 
@@ -124,7 +125,7 @@ def test_the_page_in_chromium_shows_the_fleet_live_and_a_lost_device(tmp_path):
     from hiertrain.lab.jobs import Fleet, Spec
 
     devices = [Spec("pi1", 4, path=(2, 5)), Spec("pi2", 4, path=(0, 7)), Spec("pi3", 3, path=(7, 7))]
-    with Cluster(tmp_path, Fleet(devices, iterations=100_000, timeout_s=30)) as c:
+    with Cluster(tmp_path, Fleet(devices, iterations=100_000, timeout_s=30, eval_every=5)) as c:
         url = c.start_dashboard(free_port())
         c.start()
         c.wait_iteration(3)
@@ -135,7 +136,9 @@ def test_the_page_in_chromium_shows_the_fleet_live_and_a_lost_device(tmp_path):
         c.wait_iteration(_step(first) + 5)
         _page(url, shot=tmp_path / "dashboard.png")
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-        assert _step(_page(url)) > _step(first) >= 3
+        later = _page(url)
+        assert _step(later) > _step(first) >= 3
+        assert "<path" in later.split('id="accuracy"')[1].split("</svg>")[0]  # the edge scores every 5 steps
         c.kill("pi3")                                       # its Last Will: the page shows it gone
         deadline = time.monotonic() + 60
         while _states(_page(url)).get("pi3") == "online":

@@ -162,7 +162,8 @@ class Board:
             point = {"step": p["iteration"], "t": t, "loss": _num(p["loss"]), "seconds": _num(p.get("iteration_s")),
                      "predicted": _num(p.get("predicted_s", self._predicted(p.get("schedule_version")))),
                      "version": p.get("schedule_version"),
-                     "devices": len(members) if isinstance(members, list) else None}
+                     "devices": len(members) if isinstance(members, list) else None,
+                     "accuracy": _num(p.get("accuracy"))}
             self.last_step = p["iteration"]
             self.steps.add(point)
 

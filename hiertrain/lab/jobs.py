@@ -44,6 +44,7 @@ class ThreeTier:
     data: Optional[dict[str, Any]] = None
     holdout: int = 0
     energy: Optional[dict[str, dict[str, Any]]] = None
+    eval_every: int = 0      # the model's owner (whichever tier) scores held-out accuracy every N iterations
     driver = "device"
 
     def accounts(self) -> tuple[str, ...]:
@@ -74,7 +75,9 @@ class ThreeTier:
                                    **({"dir": str(cluster.work / f"ck-{t}")} if self.collector in (None, t) else {}),
                                    **({"collect": True} if self.collector == t else {})}} if self.every else {}),
                 **({"data": self.data} if self.data and t == "device" else {}),
-                **({"eval": {"holdout": self.holdout}} if self.holdout and t == "device" else {}),
+                **({"eval": {**({"holdout": self.holdout} if self.holdout and t == "device" else {}),
+                             **({"every": self.eval_every} if self.eval_every else {})}}
+                   if self.eval_every or (self.holdout and t == "device") else {}),
                 **({"energy": self.energy[t]} if self.energy and t in self.energy else {})}
 
         return {t: cluster.config(t, t, sections(t)) for t in TIERS}
@@ -140,6 +143,7 @@ class Fleet:
     policy: str = "hiertrain"
     checkpoint_every: int = 0
     cloud_publishes: bool = False
+    eval_every: int = 0      # the edge scores held-out accuracy every N steps
     driver = "edge"
 
     def __post_init__(self) -> None:
@@ -201,7 +205,8 @@ class Fleet:
                       "devices": self.wait_for or len(self.devices), "policy": policy,
                       "planner": str(broker.credentials_file("planner"))},
             "checkpoint": {"dir": str(checkpoints or self.checkpoints),
-                           "every": self.checkpoint_every or self.iterations}}), broker=broker)
+                           "every": self.checkpoint_every or self.iterations},
+            **({"eval": {"every": self.eval_every}} if self.eval_every else {})}), broker=broker)
 
     def describe(self, medium_mbps: float, cloud_mbps: float) -> None:
         """(Re)write the fleet file the edge plans from: the rates, and every device."""

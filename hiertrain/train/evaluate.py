@@ -41,6 +41,29 @@ def held_out(cfg: TierConfig, spec: models.ModelSpec) -> data.Dataset:
                       f"then trains without its first N samples)")
 
 
+class Scorer:
+    """The model's owner scoring its weights as it trains (``[eval] every = N``): held-out accuracy
+    every N steps, for its telemetry (the dashboard's curve), on at most ``limit`` held-out samples."""
+
+    def __init__(self, cfg: TierConfig, spec: models.ModelSpec, *, limit: int = 512) -> None:
+        from hiertrain.train.runtime import Predictor
+
+        self.every = cfg.eval_every
+        ds = held_out(cfg, spec)
+        self.x, self.y = ds.take(np.arange(min(limit, len(ds))))
+        self.predict = Predictor(spec)  # BatchNorm by its running statistics
+
+    def __call__(self, step: int, params: dict[str, np.ndarray]) -> Optional[float]:
+        """The accuracy after ``step`` if it is one to score (every N-th), else ``None``."""
+        if (step + 1) % self.every:
+            return None
+        return float((self.predict(params, self.x).argmax(1) == self.y).mean())
+
+
+def scorer(cfg: TierConfig, spec: models.ModelSpec) -> Optional[Scorer]:
+    return Scorer(cfg, spec) if cfg.eval_every else None
+
+
 def evaluate(cfg: TierConfig, checkpoint_dir: Optional[Path] = None, *, batch: int = 256) -> Result:
     from hiertrain.train.runtime import Predictor
 
