@@ -85,6 +85,7 @@ class Coordinator(FleetService):
         self.planned: tuple[tuple[str, ...], bool, int] = ((), False, -1)  # devices, cloud, roster revision
         self.paths: dict[str, F.Path] = {}
         self.version = 0
+        self.reason = ""  # why the current plan was made
         self.plan: Optional[F.FleetPlan] = None
         self.planned_fleet: Optional[F.Fleet] = None  # the fleet self.plan was made for
         self.publisher: Optional[PlanPublisher] = None
@@ -109,6 +110,7 @@ class Coordinator(FleetService):
     def replan(self, names: list[str], cloud: bool, step: int = 0) -> None:
         """Plan ``names`` (with the cloud, or without it when it is gone) as a new plan version, in
         effect from ``step``, and publish it on the schedule topic."""
+        self.reason = self._why(names, cloud)
         sub = self.roster.fleet_of(names)
         if not cloud:
             sub = F.without_cloud(sub)
@@ -137,7 +139,18 @@ class Coordinator(FleetService):
         """The current plan as the schedule topic carries it: the plan model, versioned."""
         assert self.plan is not None
         return fleet_schedule(self.plan, [(n, self.samples(n), self.paths[n]) for n in self.planned[0]],
-                              units=self.units, version=self.version, step=step, cloud=self.planned[1])
+                              units=self.units, version=self.version, step=step, cloud=self.planned[1],
+                              reason=self.reason)
+
+    def _why(self, names: list[str], cloud: bool) -> str:
+        """Why the fleet is (re)planned, for the schedule topic: who joined or left, the cloud, a profile."""
+        before, had_cloud, _ = self.planned
+        if not before:
+            return "first plan"
+        joined, left = sorted(set(names) - set(before)), sorted(set(before) - set(names))
+        why = ([f"{', '.join(joined)} joined"] if joined else []) + ([f"{', '.join(left)} left"] if left else []) + \
+            (["the cloud is back"] if cloud and not had_cloud else ["the cloud is gone"] if had_cloud and not cloud else [])
+        return "; ".join(why) or "a device's profile changed"
 
     def samples(self, name: str) -> int:
         return self.roster.devices[name].samples

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hiertrain.net import topics
 from hiertrain.errors import ConfigError
 from hiertrain.schedule import Schedule
 
@@ -86,7 +85,7 @@ def run(*, model: str = "lenet5", iterations: int = 40, batch: int = 32, lr: flo
         _say(f"services: {', '.join(f'{n} (pid {p.pid})' for n, p in cluster.procs.items())}; logs in {work}")
 
         before = _accuracy(spec, models.init_params(spec, 0), holdout)
-        times, seen = _follow(cluster, iterations, timeout_s)
+        times, seen = _follow(cluster, iterations, timeout_s, "iteration", lambda v: _schedule_text(cluster, v))
         return _ending(cluster, cluster.wait(timeout=timeout_s), spec, holdout, before, times, iterations,
                        "iteration", f"; schedules seen: {seen}")
 
@@ -117,29 +116,36 @@ def _describe_profile(path: Path) -> str:
     return f"profile ({p.model}, {p.n_units} units): " + ", ".join(parts)
 
 
-def _follow(cluster: Any, iterations: int, timeout_s: float) -> tuple[list[float], list[int]]:
+def _follow(cluster: Any, iterations: int, timeout_s: float, unit: str, plan_text: Any) -> tuple[list[float], list[int]]:
+    """Print each plan as its first step runs (``plan_text(version)``) and a line per step, until
+    ``iterations`` steps, the process driving the clock ended, or ``timeout_s`` of silence: (the steps'
+    seconds, the plan versions seen)."""
     times: list[float] = []
     seen: list[int] = []
-    last = time.monotonic()
+    shown, last = -1, time.monotonic()
     while len(times) < iterations:
-        events = cluster.pump(1.0)
-        if not events:
-            if cluster.procs["device"].poll() is not None or time.monotonic() - last > timeout_s:
-                break
-            continue
-        last = time.monotonic()
-        for ev in events:
-            if isinstance(ev.topic, topics.ScheduleTopic):
-                s = ev.payload
-                seen.append(s.get("version"))
-                _say(f"schedule v{s.get('version')} from iteration {s.get('effective_iteration')}: "
-                     + Schedule.from_json(s).describe())
-            elif ev.topic.kind == "telemetry" and "loss" in ev.payload:  # from worker_o or a chain's last stage
-                p = ev.payload
-                times.append(p["iteration_s"])
-                _say(f"iteration {p['iteration']:4d}  loss {p['loss']:.4f}  {1e3 * p['iteration_s']:7.1f} ms  "
-                     f"({p['role']} on {ev.topic.account}, schedule v{p['schedule_version']})")
+        if cluster.pump(0.5):
+            last = time.monotonic()
+        elif cluster.procs[cluster.job.driver].poll() is not None or time.monotonic() - last > timeout_s:
+            break
+        for step in sorted(k for k in cluster.steps if k > shown):
+            p = cluster.steps[step]
+            if p["schedule_version"] not in seen:
+                seen.append(p["schedule_version"])
+                _say(plan_text(p["schedule_version"]))
+            times.append(p["iteration_s"])
+            who = f"{len(p['fleet'])} devices, plan" if "fleet" in p else f"{p['role']} on {p['account']}, schedule"
+            _say(f"{unit} {step:4d}  loss {p['loss']:.4f}  {1e3 * p['iteration_s']:7.1f} ms  "
+                 f"({who} v{p['schedule_version']})")
+            shown = step
     return times, seen
+
+
+def _schedule_text(cluster: Any, version: int) -> str:
+    """A three-tier schedule as the demo states it: as it came on the schedule topic."""
+    s = next((Schedule.from_json(p) for p in reversed(cluster.schedules) if p.get("version") == version), None)
+    return f"schedule v{version}" if s is None else \
+        f"schedule v{version} from iteration {s.effective_iteration}: {s.describe()}"
 
 
 def _accuracy(spec: Any, params: Any, ds: Any) -> float:
@@ -200,20 +206,8 @@ def run_fleet(*, devices: int, model: str = "lenet5", iterations: int = 40, lr: 
         _dashboard(c, dashboard)
         c.start("cloud", "edge", *(s.name for s in specs))
         before = _accuracy(spec, models.init_params(spec, 0), holdout)
-        shown, last = -1, time.monotonic()
-        while len(c.steps) < iterations and time.monotonic() - last < timeout_s and c.procs["edge"].poll() is None:
-            if c.pump(0.5):
-                last = time.monotonic()
-            for step in sorted(k for k in c.steps if k > shown):
-                row = c.steps[step]
-                if step == 0 or row["schedule_version"] != c.steps[step - 1]["schedule_version"]:
-                    _say(_plan_text(c, row["schedule_version"]))
-                _say(f"step {step:4d}  loss {row['loss']:.4f}  {1e3 * row['iteration_s']:7.1f} ms  "
-                     f"({len(row['fleet'])} devices, plan v{row['schedule_version']})")
-                shown = step
-        codes = c.wait(("edge", "cloud", *(s.name for s in specs)), timeout=timeout_s)
-        return _ending(c, codes, spec, holdout, before, [c.steps[k]["iteration_s"] for k in sorted(c.steps)],
-                       iterations, "step")
+        times, _ = _follow(c, iterations, timeout_s, "step", lambda v: _plan_text(c, v))
+        return _ending(c, c.wait(timeout=timeout_s), spec, holdout, before, times, iterations, "step")
 
 
 def _dashboard(cluster: Any, port: Optional[int]) -> None:

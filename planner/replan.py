@@ -333,6 +333,7 @@ class PlannerState:
         # the first schedule applies at once; later ones leave the tiers `lead` iterations to get it
         schedule = schedule.versioned(self.version, self.iteration + (self.lead if self.current else 0))
         schedule = schedule.with_groups(units=profile.n_units, batch=self.batch)  # the plan model, for every reader
+        schedule = replace(schedule, extra={**schedule.extra, "reason": why})  # for whoever watches the topic
         self.current = schedule
         log.info("schedule version %d (%s): %s", self.version, why, schedule.to_json())
         return schedule

@@ -38,14 +38,16 @@ def test_the_board_follows_statuses_steps_plans_and_refusals_and_names_each_as_a
     b.offer("pi1", "telemetry", {"iteration": 0, "dropped": {"malformed": 2}, "links": {"device-edge": 9.5}}, 3.0)
     b.offer("", "schedule", _fleet_schedule(1, [("pi1", 4, 2)]), 3.5)  # the retained copy again: no event
     b.offer("pi1", "status", {"state": "offline"}, 4.0)
+    b.offer("", "schedule", {**_fleet_schedule(2, [("pi2", 4, 2)]), "reason": "pi1 left"}, 4.2)
     b.offer("edge", "telemetry", {"iteration": 1, "loss": float("nan"), "iteration_s": 0.02}, 4.5)  # diverged
     s = b.snapshot()
-    assert s["step"] == 1 and s["schedule"]["version"] == 1 and s["steps"][-1]["loss"] is None
+    assert s["step"] == 1 and s["schedule"]["version"] == 2 and s["steps"][-1]["loss"] is None
     s["steps"].pop()
-    assert s["plan"]["groups"] == [{"name": "pi1", "samples": 4, "stages": [["pi1", 1, 2], ["edge", 3, 7]]}]
+    assert s["plan"]["groups"] == [{"name": "pi2", "samples": 4, "stages": [["pi2", 1, 2], ["edge", 3, 7]]}]
     pi1 = next(a for a in s["accounts"] if a["name"] == "pi1")
     assert (pi1["state"], pi1["refused"], pi1["kind"], pi1["links"]) == ("offline", 2, "device", {"device-edge": 9.5})
-    assert [e["kind"] for e in s["events"]] == ["join", "join", "replan", "refusal", "leave"]
+    assert [e["kind"] for e in s["events"]] == ["join", "join", "replan", "refusal", "leave", "failover"]
+    assert s["events"][-1]["text"] == "plan v2 from step 0: hiertrain, pi1 left (was v1)"
     assert s["steps"] == [{"step": 0, "t": 3.0, "loss": 2.3, "seconds": 0.02, "predicted": 0.01, "version": 1,
                            "devices": 1, "accuracy": 0.25}]
     json.dumps(s, allow_nan=False)

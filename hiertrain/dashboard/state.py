@@ -173,8 +173,9 @@ class Board:
             return  # a retained copy again, or an older one
         old = self.schedule
         self.schedule, self.plan, self.versions = p, drawing(s), self.versions + 1
-        why = p.get("reason") or (f"without {', '.join(p['without'])}" if p.get("without") else "")
-        kind = "failover" if p.get("without") else "replan"
+        why = str(p.get("reason") or "")
+        lost = any(w in why for w in ("offline", "gone", "left"))  # the planners' reasons when a tier or device is lost
+        kind = "failover" if lost else "replan"
         was = f" (was v{old.get('version')})" if old else ""
         self._event(t, kind, f"plan v{s.version} from step {s.effective_iteration}: {s.policy}"
                     + (f", {why}" if why else "") + was)

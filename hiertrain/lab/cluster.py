@@ -284,7 +284,7 @@ class Cluster:
         elif ev.topic.kind == "telemetry":
             self.telemetry.append((ev.topic.account, ev.payload))
             if "loss" in ev.payload:
-                self.steps[ev.payload["iteration"]] = ev.payload
+                self.steps[ev.payload["iteration"]] = {**ev.payload, "account": ev.topic.account}
         else:
             self.status.append((ev.topic.account, ev.payload))
             if isinstance(ev.payload, dict):
