@@ -39,7 +39,7 @@ class ThreeTier:
     timeout_s: float = 30.0
     every: int = 0
     chunk_kb: int = 256
-    threads: dict[str, int] = field(default_factory=dict)
+    threads: Optional[dict[str, int]] = None
     collector: Optional[str] = None
     data: Optional[dict[str, Any]] = None
     holdout: int = 0
@@ -63,7 +63,7 @@ class ThreeTier:
         return ("edge", "planner")
 
     def write(self, cluster: "Cluster") -> dict[str, Path]:
-        threads = {**THREADS, **self.threads}
+        threads = {**THREADS, **(self.threads or {})}
         train = {"model": self.model, "batch": self.batch, "lr": self.lr, "optimizer": self.optimizer,
                  "iterations": self.iterations, "timeout_s": self.timeout_s}
 
