@@ -35,6 +35,7 @@ def config_text(bdir: BrokerDir, settings: Settings) -> str:
         "max_queued_messages 100000",
         "max_inflight_messages 0",
         "set_tcp_nodelay true",
+        "sys_interval 2",  # $SYS/broker/# (the observer's to read): the broker's load, fresh every 2 s
         # Stay the user who started us (mosquitto would otherwise switch from root to "mosquitto",
         # which cannot read the private files of this directory).
         f"user {pwd.getpwuid(os.getuid()).pw_name}",

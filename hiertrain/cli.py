@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hiertrain import commands
+from hiertrain.bench import BENCHES
 from hiertrain.bench.families import RECIPES as FAMILIES
 from hiertrain.errors import HiertrainError
 
@@ -267,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         inst.set_defaults(handler=commands.cmd_service_install)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout, --out to keep it)")
-    bench.add_argument("which", choices=["wire", "transport", "segments", "planner", "runtime", "deviceloop", "samplecodec", "profile", "testbed",
-                                         "replan", "edgecores", "report", "hostile", "failover", "fleet-planner", "fleet",
-                                         "families", "energy", "dashboard"])
+    bench.add_argument("which", choices=list(BENCHES))
     bench.add_argument("--out", help="write the JSON here (and a PNG beside it where there is a figure)")
     bench.add_argument("--size-mb", type=_positive_int, default=4, help="wire/transport: tensor size")
     bench.add_argument("--count", type=_positive_int, default=40, help="wire/transport: messages per run; runtime: iterations per schedule; failover: iterations per run")
@@ -294,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--link", choices=["edge_cloud", "device_edge"], default="edge_cloud",
                        help="replan: the link whose rate changes (--points before,after)")
     bench.add_argument("--cores", default="1,2,3,4", help="edgecores: emulated edge cores")
-    bench.add_argument("--devices", type=_positive_int, default=4, help="fleet, energy: devices (Pi 3, Pi 4, Jetson-class)")
+    bench.add_argument("--devices", type=_positive_int, default=4, help="fleet, energy: devices (Pi 3, Pi 4, Jetson-class); broker: clients and fleet devices")
+    bench.add_argument("--edges", type=_positive_int, help="fleet-planner: plan --devices over this many edge servers (at scale)")
     bench.add_argument("--medium", default="5,20,50", help="fleet, energy: rates of the shared device-edge medium, Mbit/s")
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.add_argument("--readme", default="README.md", help="report: the README whose benchmark table it rewrites")

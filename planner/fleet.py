@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
@@ -231,32 +232,77 @@ class _Options:
     g: np.ndarray
 
 
-def _options(fleet: Fleet, d: Device, kappa: int, allow: Optional[Allow] = None) -> _Options:
-    """The device's (allowed) paths with k >= kappa, less the dominated ones (no better in C, V and g)."""
-    ps = [p for p in paths(fleet, d, min_k=kappa) if allow is None or allow(d, p)]
-    if not ps:
+def terms_table(fleet: Fleet, d: Device, allow: Optional[Allow] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`device_terms` and :func:`server_terms` of every path of a device at once, from prefix
+    sums: ``(C[m], V[m], g[m, k])``, g infinite where ``k < m``, m is not the device's to take or
+    ``allow`` refuses the path."""
+    u, n = fleet.units, d.samples
+    act = np.asarray(fleet.act_bytes, dtype=float)
+    params = np.concatenate(([0.0], np.cumsum(fleet.param_bytes)))
+    ms = np.arange(u + 1)
+    compute = n * np.concatenate(([0.0], np.cumsum(d.unit_s)))
+    up = np.where(ms < u, n * act, 0.0) + params
+    down = np.where((ms > 0) & (ms < u), n * act, 0.0) + params
+    edge = np.concatenate(([0.0], np.cumsum(fleet.edge_s)))
+    cloud = np.concatenate(([0.0], np.cumsum(fleet.cloud_s)))
+    dirs = np.where(ms == u, 0.0, np.where(ms == 0, 1.0, 2.0))
+    by_k = n * (cloud[u] - cloud) + 8.0 * dirs * n * act / (fleet.cloud_mbps * MBIT)
+    g = n * (edge[None, :] - edge[:, None]) + by_k[None, :]
+    g[np.tril_indices(u + 1, -1)] = np.inf
+    if d.private:
+        g[0, :] = np.inf
+    if allow is not None:
+        for m, k in zip(*np.nonzero(np.isfinite(g))):
+            if not allow(d, Path(int(m), int(k))):
+                g[m, k] = np.inf
+    return compute, 8.0 * (up + down), g
+
+
+def _options(fleet: Fleet, d: Device, kappa: int,
+             table: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> _Options:
+    """The device's paths in ``table`` (default: all it may take) with k >= kappa, less the dominated
+    ones (no better in C, V and g). C and V depend on m alone, so of each m only its least-g k can be
+    undominated."""
+    compute, bits, g = table if table is not None else terms_table(fleet, d)
+    g = g[:, kappa:]
+    best_k = np.argmin(g, axis=1)
+    best_g = g[np.arange(len(g)), best_k]
+    ms = np.flatnonzero(np.isfinite(best_g))
+    if not len(ms):
         return _Options([], np.zeros(0), np.zeros(0), np.zeros(0))
-    terms = np.array([(*device_terms(fleet, d, p.m), server_terms(fleet, d, p)) for p in ps])
-    keep = []
-    order = np.lexsort((terms[:, 1], terms[:, 0], terms[:, 2]))
-    for i in order:
-        c, v, g = terms[i]
-        if not any(terms[j, 0] <= c and terms[j, 1] <= v and terms[j, 2] <= g for j in keep):
-            keep.append(i)
-    keep.sort()
-    return _Options([ps[i] for i in keep], terms[keep, 0], terms[keep, 1], terms[keep, 2])
+    c, v, gg = compute[ms], bits[ms], best_g[ms]
+    order = np.lexsort((v, c, gg))  # a path is dominated iff one before it in this order is no worse
+    c, v, gg, ms = c[order], v[order], gg[order], ms[order]
+    no_worse = (c[None, :] <= c[:, None]) & (v[None, :] <= v[:, None]) & (gg[None, :] <= gg[:, None])
+    keep = ~np.any(np.tril(no_worse, -1), axis=1)
+    keep_at = np.flatnonzero(keep)[np.argsort(ms[keep])]
+    return _Options([Path(int(ms[i]), int(best_k[ms[i]]) + kappa) for i in keep_at],
+                    c[keep_at], v[keep_at], gg[keep_at])
 
 
-def _cheapest_within(fleet: Fleet, opts: list[_Options], tau: float,
-                     cap: float = math.inf) -> Optional[tuple[float, list[int]]]:
+FRONT = 512
+"""Beyond 2 * FRONT (bandwidth, g) pairs after a device, the knapsack keeps two of each 1/FRONT of the
+medium (the cheapest and the leanest; what it finds still fits) and is no longer exact."""
+
+
+class _OutOfTime(Exception):
+    """The search's budget is spent (:func:`solve` keeps the best plan found)."""
+
+
+def _cheapest_within(fleet: Fleet, opts: list[_Options], tau: float, cap: float = math.inf, *,
+                     deadline: float = math.inf, front: int = FRONT) -> Optional[tuple[float, list[int], bool]]:
     """The least total g over one option per device whose bandwidth at device-phase deadline tau
-    fits the medium (a multiple-choice knapsack, solved exactly over Pareto fronts of
-    (bandwidth, g)); None if nothing fits, or nothing costs less than ``cap``."""
+    fits the medium (a multiple-choice knapsack over Pareto fronts of (bandwidth, g), exact while
+    they stay within ``front`` pairs): (g, the picks, exact), or None if nothing fits, or nothing
+    costs less than ``cap``. Raises :class:`_OutOfTime` past ``deadline`` (perf_counter)."""
     total = fleet.medium_mbps * (1 + 1e-12)
+    exact = True
     rest = np.cumsum([float(o.g.min()) for o in opts][::-1])[::-1].tolist() + [0.0]  # least g still to add
     front_b, front_g = np.zeros(1), np.zeros(1)
     back: list[tuple[np.ndarray, np.ndarray]] = []
     for n, (d, o) in enumerate(zip(fleet.devices, opts)):
+        if time.perf_counter() > deadline:
+            raise _OutOfTime
         with np.errstate(divide="ignore", invalid="ignore"):
             slack = tau - o.compute
             beta = np.where(o.bits > 0, o.bits / MBIT / slack, 0.0)
@@ -276,14 +322,21 @@ def _cheapest_within(fleet: Fleet, opts: list[_Options], tau: float,
         b, g, parent, choice = b[order], g[order], parent[order], choice[order]
         best_b = np.minimum.accumulate(b)
         keep = np.concatenate(([True], b[1:] < best_b[:-1]))
-        front_b, front_g = b[keep], g[keep]
-        back.append((parent[keep], choice[keep]))
+        b, g, parent, choice = b[keep], g[keep], parent[keep], choice[keep]
+        if len(b) > 2 * front:  # thin: of each 1/front of the medium, its cheapest pair and its leanest
+            bucket = np.floor(b * (front / total))
+            edge = bucket[1:] != bucket[:-1]  # b falls along the front
+            keep = np.concatenate(([True], edge)) | np.concatenate((edge, [True]))
+            b, g, parent, choice = b[keep], g[keep], parent[keep], choice[keep]
+            exact = False
+        front_b, front_g = b, g
+        back.append((parent, choice))
     i = int(np.argmin(front_g))
     picks = []
     for parent, choice in reversed(back):
         picks.append(int(choice[i]))
         i = int(parent[i])
-    return float(front_g.min()), picks[::-1]
+    return float(front_g.min()), picks[::-1], exact
 
 
 def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None) -> FleetPlan:
@@ -296,11 +349,10 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
     knapsack on the medium (:func:`_cheapest_within`), and G only grows as tau shrinks. So tau is
     walked down from infinity: each step takes the least-G assignment that fits below its
     predecessor's own tau, the only place a better plan can be; the walk ends when nothing fits, or
-    when even the shortest device phase plus that G cannot beat the best plan (exact). Before the
-    walk, deadlines on a coarse grid give a good plan early, which tightens both ends. ``allow``
-    restricts each device's paths (the baselines that take another are not seeds)."""
-    import time
-
+    when even the shortest device phase plus that G cannot beat the best plan (exact). Before any
+    walk, deadlines on a coarse grid in every branch give a good plan early, which tightens both ends
+    (and is what a short budget returns). ``allow`` restricts each device's paths (the baselines that
+    take another are not seeds)."""
     from hiertrain.planner.fleetpolicies import baseline  # the baselines seed the walk (and one is this)
 
     if not fleet.devices:
@@ -317,8 +369,9 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
         if math.isfinite(seed.iteration_s) and (best is None or seed.iteration_s < best[0]):
             best = (seed.iteration_s, list(seed.paths))
     branches = []
+    tables = [terms_table(fleet, d, allow) for d in fleet.devices]
     for kappa in range(fleet.units + 1):
-        opts = [_options(fleet, d, kappa, allow) for d in fleet.devices]
+        opts = [_options(fleet, d, kappa, t) for d, t in zip(fleet.devices, tables)]
         if any(not len(o.paths) for o in opts):
             continue
         floor = max(float(np.min(o.compute)) for o in opts)  # no device phase is shorter
@@ -328,11 +381,12 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
 
     def settle(opts, tau, floor, sync):
         """The least-G assignment within deadline tau (None if none fits or can pay); keeps the best."""
-        nonlocal best
-        found = _cheapest_within(fleet, opts, tau, best[0] - floor - sync if best else math.inf)
+        nonlocal best, optimal
+        found = _cheapest_within(fleet, opts, tau, best[0] - floor - sync if best else math.inf, deadline=deadline)
         if found is None:
             return None
-        g, picks = found
+        g, picks, exact = found
+        optimal &= exact
         chosen = [o.paths[i] for o, i in zip(opts, picks)]
         t, _, parts = iteration_time(fleet, chosen)
         if best is None or t < best[0]:
@@ -340,26 +394,27 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
         return g, parts["devices_s"]
 
     optimal = True
-    for bound, _, opts, floor, sync in branches:
-        if best is not None and bound >= best[0]:
-            break
-        if time.perf_counter() > deadline:
-            optimal = False
-            break
-        top = settle(opts, math.inf, floor, sync)
-        if top is None:
-            continue
-        for tau in np.geomspace(max(floor, 1e-9), max(top[1], 2e-9), 12)[1:-1]:
-            settle(opts, float(tau), floor, sync)
-        tau = top[1]
-        while tau > 0:
-            if time.perf_counter() > deadline:
-                optimal = False
+    try:
+        walks = []  # first every branch's coarse grid (a good plan early, whatever the budget), then the walks
+        for bound, _, opts, floor, sync in branches:
+            if best is not None and bound >= best[0]:
                 break
-            got = settle(opts, tau * (1 - 1e-9), floor, sync)
-            if got is None or floor + got[0] + sync >= best[0]:
-                break  # nothing fits below, or a shorter deadline only costs more than the best
-            tau = got[1]
+            top = settle(opts, math.inf, floor, sync)
+            if top is None:
+                continue
+            for tau in np.geomspace(max(floor, 1e-9), max(top[1], 2e-9), 12)[1:-1]:
+                settle(opts, float(tau), floor, sync)
+            walks.append((bound, opts, floor, sync, top[1]))
+        for bound, opts, floor, sync, tau in walks:
+            if bound >= best[0]:
+                continue
+            while tau > 0:
+                got = settle(opts, tau * (1 - 1e-9), floor, sync)
+                if got is None or floor + got[0] + sync >= best[0]:
+                    break  # nothing fits below, or a shorter deadline only costs more than the best
+                tau = got[1]
+    except _OutOfTime:
+        optimal = False
     if best is None:
         raise PlanError("no plan fits the medium (every device's path needs more than its radio carries)")
     plan = plan_of("hiertrain", fleet, best[1])

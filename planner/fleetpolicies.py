@@ -8,8 +8,10 @@ from dataclasses import replace
 from typing import Optional
 
 from hiertrain.errors import PlanError
-from hiertrain.planner.fleet import (MBIT, Fleet, FleetPlan, Path, brute_force, device_terms, iteration_time,
-                                     plan_of, server_terms, solve)
+import numpy as np
+
+from hiertrain.planner.fleet import (MBIT, Device, Fleet, FleetPlan, Path, cloud_sync, iteration_time, plan_of, solve,
+                                     terms_table)
 from hiertrain.planner.fleetsim import refined
 
 POLICIES = ("hiertrain", "edgesplit", "all-local", "all-edge", "all-cloud", "per-device-hiertrain")
@@ -21,27 +23,47 @@ def edgesplit(fleet: Fleet, *, rounds: int = 50) -> FleetPlan:
     with the cuts fixed, the shares are re-balanced; until nothing changes."""
     u = fleet.units
     equal = fleet.medium_mbps / len(fleet.devices)
+    tables = [terms_table(fleet, d) for d in fleet.devices]
     cuts = [max(1, u // 2) if d.private else u // 2 for d in fleet.devices]
     shares = [equal] * len(fleet.devices)  # the first round: an equal split
+
+    def device_s(i: int, ms: np.ndarray) -> np.ndarray:
+        """Device i's phase at cuts ms over its share: compute, then its bits."""
+        compute, bits, _ = tables[i]
+        rate = min(shares[i], fleet.devices[i].rate_mbps) * MBIT
+        return compute[ms] + np.where(bits[ms] > 0, bits[ms] / rate, 0.0)
+
     for _ in range(rounds):
         changed = False
+        devs = np.array([device_s(i, np.array([c]))[0] for i, c in enumerate(cuts)])
+        servers = np.array([t[2][c, u] for t, c in zip(tables, cuts)])
         for i, d in enumerate(fleet.devices):
-            def with_cut(m: int) -> float:
-                trial = [Path(c, u) for c in cuts]
-                trial[i] = Path(m, u)
-                terms = [device_terms(fleet, dd, p.m) for dd, p in zip(fleet.devices, trial)]
-                dev = max(c + (b / (min(s, dd.rate_mbps) * MBIT) if b else 0.0)
-                          for (c, b), s, dd in zip(terms, shares, fleet.devices))
-                return dev + sum(server_terms(fleet, dd, p) for dd, p in zip(fleet.devices, trial))
-
-            best_m = min(range(1 if d.private else 0, u + 1), key=lambda m: (with_cut(m), m != cuts[i]))
+            # the iteration with device i at each cut, the others' as they are: max of the device
+            # phases, plus every device's seconds on the edge
+            ms = np.arange(1 if d.private else 0, u + 1)
+            own = device_s(i, ms)
+            others = max(np.delete(devs, i), default=0.0)
+            total = np.maximum(others, own) + (servers.sum() - servers[i]) + tables[i][2][ms, u]
+            ties = ms[total == total.min()]
+            best_m = cuts[i] if cuts[i] in ties else int(ties[0])  # a tie keeps the cut it has
             if best_m != cuts[i]:
                 cuts[i], changed = best_m, True
+                devs[i], servers[i] = own[best_m - ms[0]], tables[i][2][best_m, u]
         _, shares, _ = iteration_time(fleet, [Path(c, u) for c in cuts])
         shares = [s if s > 0 else equal for s in shares]  # a device that sent nothing may start to
         if not changed:
             break
     return plan_of("edgesplit", fleet, [Path(c, u) for c in cuts])
+
+
+def alone(fleet: Fleet, d: Device) -> Path:
+    """A device's best path as if it were alone with the edge and the cloud (the first of equals)."""
+    compute, bits, g = terms_table(fleet, d)
+    rate = min(fleet.medium_mbps, d.rate_mbps) * MBIT
+    sync = np.array([cloud_sync(fleet, k) for k in range(fleet.units + 1)])
+    t = (compute + np.where(bits > 0, bits / rate, 0.0))[:, None] + g + sync[None, :]
+    m, k = np.unravel_index(int(np.argmin(t)), t.shape)  # row-major: paths' order, m then k
+    return Path(int(m), int(k))
 
 
 def baseline(fleet: Fleet, policy: str) -> FleetPlan:
@@ -58,12 +80,7 @@ def baseline(fleet: Fleet, policy: str) -> FleetPlan:
         return plan_of(policy, fleet, [Path(1, 1) if d.private else Path(0, 0) for d in fleet.devices])
     if policy == "per-device-hiertrain":
         # each device's best path as if it were alone with the edge and the cloud, then run together
-        chosen = []
-        for d in fleet.devices:
-            alone = Fleet(fleet.act_bytes, fleet.param_bytes, (d,), fleet.edge_s, fleet.cloud_s,
-                          min(fleet.medium_mbps, d.rate_mbps), fleet.cloud_mbps)
-            chosen.append(brute_force(alone).paths[0])  # one device: its paths, each timed
-        return plan_of(policy, fleet, chosen)
+        return plan_of(policy, fleet, [alone(fleet, d) for d in fleet.devices])
     raise PlanError(f"unknown fleet policy {policy!r}; available: {', '.join(POLICIES)}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from hiertrain.errors import PlanError
@@ -31,15 +32,45 @@ def test_the_planner_equals_brute_force_and_no_baseline_beats_it(seed):
             assert not (d.private and p.m == 0)
 
 
-def test_a_large_fleet_is_planned_within_its_budget_and_never_worse_than_edgesplit():
+@pytest.mark.parametrize("devices", [16, 100])
+def test_a_large_fleet_is_planned_within_its_budget_and_never_worse_than_a_baseline(devices):
     import time
 
-    fleet = random_fleet(random.Random(7), 16, 20)
+    fleet = random_fleet(random.Random(7), devices, 20)
     t0 = time.perf_counter()
     plan = F.solve(fleet, budget_s=0.5)
     assert time.perf_counter() - t0 < 5  # the budget, and slack for a loaded machine; timed in `bench`
-    assert plan.iteration_s <= FP.edgesplit(fleet).iteration_s
+    for policy in FP.POLICIES[1:]:
+        assert plan.iteration_s <= FP.baseline(fleet, policy).iteration_s * (1 + 1e-12), policy
     assert sum(plan.shares_mbps) <= fleet.medium_mbps * (1 + 1e-9)
+    assert plan.parts["optimal"] is False  # this one outgrows its budget, and says so
+
+
+def test_the_knapsack_thinned_to_a_few_pairs_still_finds_a_plan_that_fits():
+    fleet = random_fleet(random.Random(11), 12, 10)
+    opts = [F._options(fleet, d, 0) for d in fleet.devices]
+    tau = 1.5 * F.solve(fleet, budget_s=5).parts["devices_s"]  # a deadline the medium is tight at
+    full = F._cheapest_within(fleet, opts, tau)
+    thin = F._cheapest_within(fleet, opts, tau, front=1)
+    assert full[2] and not thin[2] and thin[0] > full[0]  # exact, then not: dearer, and it says so
+    chosen = [o.paths[i] for o, i in zip(opts, thin[1])]
+    assert F.iteration_time(fleet, chosen)[2]["devices_s"] <= tau * (1 + 1e-9)  # fits the medium by tau
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_vectorised_terms_equal_the_written_ones(seed):
+    rng = random.Random(seed)
+    fleet = random_fleet(rng, 3, rng.randint(1, 9))
+    for d in fleet.devices:
+        compute, bits, g = F.terms_table(fleet, d)
+        allowed = set(F.paths(fleet, d))
+        for m in range(fleet.units + 1):
+            for k in range(fleet.units + 1):
+                if F.Path(m, k) not in allowed:
+                    assert g[m, k] == np.inf
+                    continue
+                assert (compute[m], bits[m]) == pytest.approx(F.device_terms(fleet, d, m), rel=1e-12)
+                assert g[m, k] == pytest.approx(F.server_terms(fleet, d, F.Path(m, k)), rel=1e-12)
 
 
 def test_shares_fill_the_medium_so_every_busy_device_finishes_together():

@@ -26,6 +26,7 @@ BENCHES = {
     "families": "hiertrain.bench.families",
     "energy": "hiertrain.bench.energy",
     "dashboard": "hiertrain.bench.dashboard",
+    "broker": "hiertrain.bench.broker",
 }
 
 

@@ -157,7 +157,26 @@ def energy(r: dict[str, Any]) -> str:
             "devices' joules per step: " + "; ".join(out) + " ![](bench/results/energy.png)")
 
 
-# (command, JSON file, row) in the README's order
+def fleet_planner_scale(r: dict[str, Any]) -> str:
+    g, d = r["growth"], r["deployment"]
+    rows = "; ".join(f"{n} devices on an edge: planned in <= {v['solve_s_max']:.2f} s, {_x(v['speedup_over_edgesplit'])} "
+                     f"over EdgeSplit, <= {v['gap_to_long_max'] * 100:.1f} % over a {r['long_s']:g} s search"
+                     + ("" if v["never_worse"] else ", **worse than a baseline somewhere**") for n, v in g.items())
+    return (f"{rows}; {d['devices']} devices over {d['edges']} edge servers: each edge planned in <= {d['plan_s_max']:.2f} s, "
+            f"{d['medium_mb_per_step_total']:.0f} MB a step on the media, {d['wan_mb_per_step_total']:.0f} MB to the "
+            f"cloud (not modelled: the cloud the edges share){_goal(r.get('meets_goal'))} ![](bench/results/fleet-planner-scale.png)")
+
+
+def broker(r: dict[str, Any]) -> str:
+    caps = ", ".join(f"{c['bytes'] >> 10} KB: {c['broker_us_per_message']:.0f} us a message, one core "
+                     f"{c['one_core_messages_per_s']:.0f} msg/s ({c['one_core_mb_s']:.0f} MB/s)" for c in r["capacity"])
+    f, p = r["fleet"], r["fleet"]["per_device_step"]
+    return (f"one Mosquitto's CPU per delivered message from {r['clients']} clients (its $SYS counters): {caps}; a "
+            f"{f['devices']}-device LeNet-5 fleet at {f['steps_per_s']:.0f} steps/s: {p['messages_in'] + p['messages_out']:.1f} "
+            f"messages and {p['kb_in'] + p['kb_out']:.0f} KB through it per device-step, so one core carries "
+            f"~{r['device_steps_per_s']['one_core']:.0f} device-steps/s")
+
+
 def dashboard(r: dict[str, Any]) -> str:
     rows = "; ".join(f"{x['hours']:g} h: {x['messages']} messages at {x['us_per_message']:.0f} us each, state "
                      f"{x['state_mb']:.2f} MB, a poll {x['poll_kb']:.0f} KB" for x in r["rows"])
@@ -167,11 +186,13 @@ def dashboard(r: dict[str, Any]) -> str:
             f"< {g['state_mb']:g} MB, < {g['poll_kb']:g} KB, < {g['page_s']:g} s{_goal(r.get('meets_goal'))}")
 
 
+# (command, JSON file, row) in the README's order
 ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench wire", "wire.json", wire),
     ("hiertrain bench transport", "transport.json", transport),
     ("hiertrain bench planner --milp", "planner.json", planner),
     ("hiertrain bench fleet-planner", "fleet-planner.json", fleet_planner),
+    ("hiertrain bench fleet-planner --edges 20 --devices 1000", "fleet-planner-scale.json", fleet_planner_scale),
     ("hiertrain bench fleet --devices 4 --medium 5,20,50 --count 12", "fleet.json", fleet),
     ("hiertrain bench segments", "segments.json", segments),
     ("hiertrain bench profile", "profile.json", profile),
@@ -185,6 +206,7 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench families --data digits16.npz --count 150", "families.json", families),
     ("hiertrain bench energy --from bench/results/fleet.json", "energy.json", energy),
     ("hiertrain bench dashboard", "dashboard.json", dashboard),
+    ("hiertrain bench broker", "broker.json", broker),
 ]
 
 

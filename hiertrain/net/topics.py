@@ -188,13 +188,18 @@ def writable_by(account: str, job: str = "+") -> list[str]:
     return own + [f"{ROOT}/{job}/schedule"] if account == "planner" else own
 
 
+BROKER_COUNTERS = "$SYS/broker/#"  # Mosquitto's counters, every ``sys_interval`` s (broker/mosquitto.py)
+
+
 def readable_by(account: str, job: str = "+") -> list[str]:
     """The topic filters ``account`` may read: what its role needs, nothing else (a tier never
     sees another tier's samples, activations or weights); an enrolled device reads as the device."""
     validate_account(account, enrolled=True)
     job = job if job == "+" else validate_job(job)
     common = [f"{ROOT}/{job}/schedule", f"{ROOT}/{job}/+/status", f"{ROOT}/{job}/+/telemetry"]
-    if account in ("planner", "observer"):  # the observer: everything but tensors
+    if account == "observer":  # everything but tensors, and the broker's own counters (its load)
+        return common + [f"{ROOT}/{job}/+/profile", BROKER_COUNTERS]
+    if account == "planner":
         return common + [f"{ROOT}/{job}/+/profile"]
     return common + [f"{ROOT}/{job}/+/+/{account}/+"]  # its inbox
 
