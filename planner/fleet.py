@@ -223,15 +223,6 @@ def brute_force(fleet: Fleet, *, allow: Optional[Allow] = None) -> FleetPlan:
     return plan_of("brute-force", fleet, best[1])
 
 
-@dataclass
-class _Options:
-    """One device's paths as arrays: compute C, bits V, additive server seconds g."""
-    paths: list[Path]
-    compute: np.ndarray
-    bits: np.ndarray
-    g: np.ndarray
-
-
 def terms_table(fleet: Fleet, d: Device, allow: Optional[Allow] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`device_terms` and :func:`server_terms` of every path of a device at once, from prefix
     sums: ``(C[m], V[m], g[m, k])``, g infinite where ``k < m``, m is not the device's to take or
@@ -258,87 +249,6 @@ def terms_table(fleet: Fleet, d: Device, allow: Optional[Allow] = None) -> tuple
     return compute, 8.0 * (up + down), g
 
 
-def _options(fleet: Fleet, d: Device, kappa: int,
-             table: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> _Options:
-    """The device's paths in ``table`` (default: all it may take) with k >= kappa, less the dominated
-    ones (no better in C, V and g). C and V depend on m alone, so of each m only its least-g k can be
-    undominated."""
-    compute, bits, g = table if table is not None else terms_table(fleet, d)
-    g = g[:, kappa:]
-    best_k = np.argmin(g, axis=1)
-    best_g = g[np.arange(len(g)), best_k]
-    ms = np.flatnonzero(np.isfinite(best_g))
-    if not len(ms):
-        return _Options([], np.zeros(0), np.zeros(0), np.zeros(0))
-    c, v, gg = compute[ms], bits[ms], best_g[ms]
-    order = np.lexsort((v, c, gg))  # a path is dominated iff one before it in this order is no worse
-    c, v, gg, ms = c[order], v[order], gg[order], ms[order]
-    no_worse = (c[None, :] <= c[:, None]) & (v[None, :] <= v[:, None]) & (gg[None, :] <= gg[:, None])
-    keep = ~np.any(np.tril(no_worse, -1), axis=1)
-    keep_at = np.flatnonzero(keep)[np.argsort(ms[keep])]
-    return _Options([Path(int(ms[i]), int(best_k[ms[i]]) + kappa) for i in keep_at],
-                    c[keep_at], v[keep_at], gg[keep_at])
-
-
-FRONT = 512
-"""Beyond 2 * FRONT (bandwidth, g) pairs after a device, the knapsack keeps two of each 1/FRONT of the
-medium (the cheapest and the leanest; what it finds still fits) and is no longer exact."""
-
-
-class _OutOfTime(Exception):
-    """The search's budget is spent (:func:`solve` keeps the best plan found)."""
-
-
-def _cheapest_within(fleet: Fleet, opts: list[_Options], tau: float, cap: float = math.inf, *,
-                     deadline: float = math.inf, front: int = FRONT) -> Optional[tuple[float, list[int], bool]]:
-    """The least total g over one option per device whose bandwidth at device-phase deadline tau
-    fits the medium (a multiple-choice knapsack over Pareto fronts of (bandwidth, g), exact while
-    they stay within ``front`` pairs): (g, the picks, exact), or None if nothing fits, or nothing
-    costs less than ``cap``. Raises :class:`_OutOfTime` past ``deadline`` (perf_counter)."""
-    total = fleet.medium_mbps * (1 + 1e-12)
-    exact = True
-    rest = np.cumsum([float(o.g.min()) for o in opts][::-1])[::-1].tolist() + [0.0]  # least g still to add
-    front_b, front_g = np.zeros(1), np.zeros(1)
-    back: list[tuple[np.ndarray, np.ndarray]] = []
-    for n, (d, o) in enumerate(zip(fleet.devices, opts)):
-        if time.perf_counter() > deadline:
-            raise _OutOfTime
-        with np.errstate(divide="ignore", invalid="ignore"):
-            slack = tau - o.compute
-            beta = np.where(o.bits > 0, o.bits / MBIT / slack, 0.0)
-        ok = (slack >= -1e-15 * max(1.0, abs(tau))) & ((o.bits == 0) | ((slack > 0) & (beta <= d.rate_mbps * (1 + 1e-12))))
-        idx = np.flatnonzero(ok)
-        if not len(idx):
-            return None
-        b = (front_b[:, None] + beta[idx][None, :]).ravel()
-        g = (front_g[:, None] + o.g[idx][None, :]).ravel()
-        parent = np.repeat(np.arange(len(front_b)), len(idx))
-        choice = np.tile(idx, len(front_b))
-        fits = (b <= total) & (g + rest[n + 1] < cap)
-        b, g, parent, choice = b[fits], g[fits], parent[fits], choice[fits]
-        if not len(b):
-            return None
-        order = np.lexsort((b, g))  # by g, then bandwidth: keep those needing less than every cheaper one
-        b, g, parent, choice = b[order], g[order], parent[order], choice[order]
-        best_b = np.minimum.accumulate(b)
-        keep = np.concatenate(([True], b[1:] < best_b[:-1]))
-        b, g, parent, choice = b[keep], g[keep], parent[keep], choice[keep]
-        if len(b) > 2 * front:  # thin: of each 1/front of the medium, its cheapest pair and its leanest
-            bucket = np.floor(b * (front / total))
-            edge = bucket[1:] != bucket[:-1]  # b falls along the front
-            keep = np.concatenate(([True], edge)) | np.concatenate((edge, [True]))
-            b, g, parent, choice = b[keep], g[keep], parent[keep], choice[keep]
-            exact = False
-        front_b, front_g = b, g
-        back.append((parent, choice))
-    i = int(np.argmin(front_g))
-    picks = []
-    for parent, choice in reversed(back):
-        picks.append(int(choice[i]))
-        i = int(parent[i])
-    return float(front_g.min()), picks[::-1], exact
-
-
 def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None) -> FleetPlan:
     """The exact optimum of :func:`iteration_time` over every device's path and the shares, or,
     when the search outgrows ``budget_s``, the best plan found (``parts["optimal"]`` says which);
@@ -346,13 +256,14 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
 
     For each kappa (the first unit the cloud may train), T = tau + G + sync(kappa): tau the device
     phase, G the additive server seconds. For a deadline tau the least G is a multiple-choice
-    knapsack on the medium (:func:`_cheapest_within`), and G only grows as tau shrinks. So tau is
+    knapsack on the medium (:func:`hiertrain.planner.fleetknapsack.cheapest_within`), and G only grows as tau shrinks. So tau is
     walked down from infinity: each step takes the least-G assignment that fits below its
     predecessor's own tau, the only place a better plan can be; the walk ends when nothing fits, or
     when even the shortest device phase plus that G cannot beat the best plan (exact). Before any
     walk, deadlines on a coarse grid in every branch give a good plan early, which tightens both ends
     (and is what a short budget returns). ``allow`` restricts each device's paths (the baselines that
     take another are not seeds)."""
+    from hiertrain.planner.fleetknapsack import OutOfTime, cheapest_within, options
     from hiertrain.planner.fleetpolicies import baseline  # the baselines seed the walk (and one is this)
 
     if not fleet.devices:
@@ -371,7 +282,7 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
     branches = []
     tables = [terms_table(fleet, d, allow) for d in fleet.devices]
     for kappa in range(fleet.units + 1):
-        opts = [_options(fleet, d, kappa, t) for d, t in zip(fleet.devices, tables)]
+        opts = [options(fleet, d, kappa, t) for d, t in zip(fleet.devices, tables)]
         if any(not len(o.paths) for o in opts):
             continue
         floor = max(float(np.min(o.compute)) for o in opts)  # no device phase is shorter
@@ -382,7 +293,7 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
     def settle(opts, tau, floor, sync):
         """The least-G assignment within deadline tau (None if none fits or can pay); keeps the best."""
         nonlocal best, optimal
-        found = _cheapest_within(fleet, opts, tau, best[0] - floor - sync if best else math.inf, deadline=deadline)
+        found = cheapest_within(fleet, opts, tau, best[0] - floor - sync if best else math.inf, deadline=deadline)
         if found is None:
             return None
         g, picks, exact = found
@@ -413,7 +324,7 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
                 if got is None or floor + got[0] + sync >= best[0]:
                     break  # nothing fits below, or a shorter deadline only costs more than the best
                 tau = got[1]
-    except _OutOfTime:
+    except OutOfTime:
         optimal = False
     if best is None:
         raise PlanError("no plan fits the medium (every device's path needs more than its radio carries)")

@@ -24,19 +24,14 @@ def test_the_observer_reads_the_brokers_counters_and_they_count_a_capacity_run(m
 
 @pytest.mark.protocol
 def test_a_device_account_cannot_read_the_brokers_counters(mosquitto, broker_dir):
-    import paho.mqtt.client as mqtt
-
+    from hiertrain.bench.transport import raw_client
     from hiertrain.net.topics import BROKER_COUNTERS
-    from hiertrain.net.transport import Endpoint
 
-    ep = Endpoint.load(broker_dir.credentials_file("device"))
     got: list[str] = []
     subscribed = threading.Event()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="nosy-device")
-    c.username_pw_set(ep.username, ep.password)
+    c = raw_client(broker_dir.credentials_file("device"), "nosy-device")
     c.on_message = lambda client, userdata, msg: got.append(msg.topic)
     c.on_subscribe = lambda *a: subscribed.set()
-    c.connect(ep.host, ep.port)
     c.subscribe(BROKER_COUNTERS)
     c.loop_start()
     counters = B.Counters(broker_dir.credentials_file("observer"))

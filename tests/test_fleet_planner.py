@@ -12,6 +12,7 @@ import pytest
 from hiertrain.errors import PlanError
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetfile as FF
+from hiertrain.planner import fleetknapsack as K
 from hiertrain.planner import fleetpolicies as FP
 from hiertrain.planner import fleetsim as FS
 from hiertrain.planner.fleet import random_fleet
@@ -48,10 +49,10 @@ def test_a_large_fleet_is_planned_within_its_budget_and_never_worse_than_a_basel
 
 def test_the_knapsack_thinned_to_a_few_pairs_still_finds_a_plan_that_fits():
     fleet = random_fleet(random.Random(11), 12, 10)
-    opts = [F._options(fleet, d, 0) for d in fleet.devices]
+    opts = [K.options(fleet, d, 0) for d in fleet.devices]
     tau = 1.5 * F.solve(fleet, budget_s=5).parts["devices_s"]  # a deadline the medium is tight at
-    full = F._cheapest_within(fleet, opts, tau)
-    thin = F._cheapest_within(fleet, opts, tau, front=1)
+    full = K.cheapest_within(fleet, opts, tau)
+    thin = K.cheapest_within(fleet, opts, tau, front=1)
     assert full[2] and not thin[2] and thin[0] > full[0]  # exact, then not: dearer, and it says so
     chosen = [o.paths[i] for o, i in zip(opts, thin[1])]
     assert F.iteration_time(fleet, chosen)[2]["devices_s"] <= tau * (1 + 1e-9)  # fits the medium by tau

@@ -25,7 +25,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+from hiertrain.bench.transport import raw_client
 
 SIZES = (1 << 10, 16 << 10, 256 << 10)  # a small tensor, a mid-sized one, a full chunk (chunk_kb = 256)
 MESSAGES, VOLUME = 20000, 128 << 20     # at most, per size
@@ -40,20 +42,14 @@ class Counters:
     changes every cycle), so the values as the next cycle's uptime arrives are that whole cycle's."""
 
     def __init__(self, creds: str | Path) -> None:
-        import paho.mqtt.client as mqtt
-
         from hiertrain.net.topics import BROKER_COUNTERS
-        from hiertrain.net.transport import Endpoint
 
-        ep = Endpoint.load(creds)
         self.values: dict[str, float] = {}
         self.ticks = 0
         self.at_tick: dict[str, float] = {}  # the values as the newest cycle began
         self.cond = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-counters-{os.getpid()}")
-        self.client.username_pw_set(ep.username, ep.password)
+        self.client = raw_client(creds, f"bench-counters-{os.getpid()}")
         self.client.on_message = self._on_message
-        self.client.connect(ep.host, ep.port)
         self.client.subscribe(BROKER_COUNTERS, qos=0)
         self.client.loop_start()
 
@@ -97,18 +93,10 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 def worker(side: str, creds: str, clients: int, count: int, size: int) -> dict[str, Any]:
     """``pub``: ``clients`` device clients, ``count`` QoS-1 messages each; ``sub``: the edge's side,
     counting every arrival (run as ``python -m hiertrain.bench.broker``)."""
-    import paho.mqtt.client as mqtt
-
     from hiertrain.net import topics
-    from hiertrain.net.transport import Endpoint
-
-    ep = Endpoint.load(creds)
 
     def client(i: int) -> Any:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{side}-{os.getpid()}-{i}")
-        c.username_pw_set(ep.username, ep.password)
-        c.connect(ep.host, ep.port)
-        return c
+        return raw_client(creds, f"bench-{side}-{os.getpid()}-{i}")
 
     topic = topics.tensor(JOB, "device", "act", "cloud", 1)
     if side == "sub":

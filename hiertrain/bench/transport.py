@@ -25,7 +25,8 @@ JOB = "bench"
 GOAL_OVERHEAD = 0.05
 
 
-def _raw_client(creds: str, client_id: str) -> Any:
+def raw_client(creds: Any, client_id: str) -> Any:
+    """A plain paho client logged in with an account's credentials file, connected (not looping)."""
     import paho.mqtt.client as mqtt
 
     from hiertrain.net.transport import Endpoint
@@ -52,7 +53,7 @@ def worker(side: str, mode: str, creds: str, count: int, size: int) -> dict[str,
                 last[0] = time.time()
                 done.set()
 
-        client = _raw_client(creds, f"bench-raw-sub-{os.getpid()}")
+        client = raw_client(creds, f"bench-raw-sub-{os.getpid()}")
         client.on_message = on_message
         client.subscribe(topic, qos=1)
         client.loop_start()
@@ -62,7 +63,7 @@ def worker(side: str, mode: str, creds: str, count: int, size: int) -> dict[str,
         client.loop_stop()
         return {"t_last": last[0]}
     if mode == "raw":
-        client = _raw_client(creds, f"bench-raw-pub-{os.getpid()}")
+        client = raw_client(creds, f"bench-raw-pub-{os.getpid()}")
         client.loop_start()
         payload = os.urandom(size)
         t0 = time.time()
