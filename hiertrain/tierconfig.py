@@ -30,6 +30,8 @@
     shard = [0, 4]                # a fleet device's part: every 4th sample from the 1st (emulating devices that share a set)
     [eval]                        # `hiertrain evaluate`: where the data set has no test split,
     holdout = 256                 # its first N samples, which the device then never trains on
+    every = 10                    # the model's owner: held-out accuracy every N steps, in its telemetry
+    samples = 128                 # ... on at most this many held-out samples (default 512)
     [profile]                     # published (retained) for the planner
     file = "profile-device.json"
     [fleet]                       # a fleet: enrolled devices (credentials from `broker add-device NAME`),
@@ -91,6 +93,7 @@ class TierConfig:
     compress_samples: bool = False  # uint8 samples travel losslessly compressed (hiertrain.net.compress)
     holdout: int = 0
     eval_every: int = 0  # the model's owner scores its weights on held-out samples every N steps, in telemetry
+    eval_samples: int = 512  # ... on at most this many
     profile: Optional[dict[str, Any]] = None  # this tier's hiertrain-profile/1, published for the planner
     path: Optional[Path] = None
     fleet: bool = False                 # a [fleet] table: many enrolled devices, the clock at the edge
@@ -163,6 +166,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"[eval] holdout = {c.holdout} must be >= 0")
     if c.eval_every < 0:
         raise bad(f"[eval] every = {c.eval_every} must be >= 0 (0: never)")
+    if c.eval_samples < 1:
+        raise bad(f"[eval] samples = {c.eval_samples} must be >= 1")
     if c.threads < 0:
         raise bad(f"[runtime] threads = {c.threads} must be >= 0 (0: all cores)")
     if c.chunk_bytes < 1 << 10:
@@ -234,7 +239,7 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "runtime": {"threads": int, "cache": str, "segments": str, "chunk_kb": int},
     "checkpoint": {"dir": str, "every": int, "keep": int, "collect": bool},
     "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
-    "eval": {"holdout": int, "every": int},
+    "eval": {"holdout": int, "every": int, "samples": int},
     "profile": {"file": str},
     "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str,
               "samples": int, "rate_mbps": float, "private": bool},
@@ -270,7 +275,8 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         data_path=str(cfg.resolve(data["path"])) if "path" in data else None,
         data_entry=data.get("entry"), data_label=data.get("label"),
         data_shard=_shard(data.get("shard"), cfg.path), compress_samples=data.get("compress", False),
-        holdout=ev.get("holdout", 0), eval_every=ev.get("every", 0), path=cfg.path,
+        holdout=ev.get("holdout", 0), eval_every=ev.get("every", 0),
+        eval_samples=ev.get("samples", 512), path=cfg.path,
         profile=_profile(cfg.resolve(prof["file"]), tier) if "file" in prof else None,
         fleet="fleet" in cfg.raw, fleet_file=cfg.resolve(fleet["file"]) if "file" in fleet else None,
         fleet_devices=fleet.get("devices", 1),

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hiertrain.errors import ConfigError
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetpolicies as FP
 
@@ -116,7 +117,9 @@ def _planned(fleet: F.Fleet, long_s: float = 0.0) -> dict[str, Any]:
 
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     edges = args.edges
-    per = max(1, args.devices // edges)
+    if args.devices < edges:
+        raise ConfigError(f"--devices {args.devices} over --edges {edges}: every edge needs at least one device")
+    sizes = [args.devices // edges + (e < args.devices % edges) for e in range(edges)]
     growth = []
     for n in PER_EDGE:
         for seed in range(args.repeat):
@@ -125,8 +128,8 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
                   f"{growth[-1]['iteration_s']:.3f} s/step, {100 * growth[-1]['gap_to_long']:.1f}% over a "
                   f"{LONG_S:g} s search", flush=True)
     sites = []
-    for e in range(edges):
-        sites.append(_planned(F.random_fleet(random.Random(9000 + e), per, SCALE_UNITS)))
+    for e, n in enumerate(sizes):
+        sites.append(_planned(F.random_fleet(random.Random(9000 + e), n, SCALE_UNITS)))
     goal = [r for r in growth if r["devices"] == GOAL_DEVICES]
     by_n = {str(n): {k: statistics.median(r[k] for r in growth if r["devices"] == n) for k in
                      ("solve_s", "iteration_s", "simulated_s")}
@@ -141,7 +144,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     result = {"bench": "fleet-planner-scale", "budget_s": BUDGET_S, "long_s": LONG_S, "units": SCALE_UNITS,
               "repeat": args.repeat,
               "growth": by_n, "deployment": {
-                  "devices": per * edges, "edges": edges, "per_edge": per,
+                  "devices": sum(sizes), "edges": edges, "per_edge": sizes[0] if len(set(sizes)) == 1 else sizes,
                   "plan_s_max": max(r["solve_s"] for r in sites), "plan_s_total": sum(r["solve_s"] for r in sites),
                   "step_s_median": statistics.median(r["iteration_s"] for r in sites),
                   "step_s_max": max(r["iteration_s"] for r in sites),

@@ -45,6 +45,7 @@ class ThreeTier:
     holdout: int = 0
     energy: Optional[dict[str, dict[str, Any]]] = None
     eval_every: int = 0      # the model's owner (whichever tier) scores held-out accuracy every N iterations
+    eval_samples: int = 512  # on this many held-out samples
     driver = "device"
 
     def accounts(self) -> tuple[str, ...]:
@@ -76,7 +77,7 @@ class ThreeTier:
                                    **({"collect": True} if self.collector == t else {})}} if self.every else {}),
                 **({"data": self.data} if self.data and t == "device" else {}),
                 **({"eval": {**({"holdout": self.holdout} if self.holdout and t == "device" else {}),
-                             **({"every": self.eval_every} if self.eval_every else {})}}
+                             **({"every": self.eval_every, "samples": self.eval_samples} if self.eval_every else {})}}
                    if self.eval_every or (self.holdout and t == "device") else {}),
                 **({"energy": self.energy[t]} if self.energy and t in self.energy else {})}
 
@@ -144,6 +145,7 @@ class Fleet:
     checkpoint_every: int = 0
     cloud_publishes: bool = False
     eval_every: int = 0      # the edge scores held-out accuracy every N steps
+    eval_samples: int = 512  # on this many held-out samples
     driver = "edge"
 
     def __post_init__(self) -> None:
@@ -206,7 +208,8 @@ class Fleet:
                       "planner": str(broker.credentials_file("planner"))},
             "checkpoint": {"dir": str(checkpoints or self.checkpoints),
                            "every": self.checkpoint_every or self.iterations},
-            **({"eval": {"every": self.eval_every}} if self.eval_every else {})}), broker=broker)
+            **({"eval": {"every": self.eval_every, "samples": self.eval_samples}} if self.eval_every else {})}),
+            broker=broker)
 
     def describe(self, medium_mbps: float, cloud_mbps: float) -> None:
         """(Re)write the fleet file the edge plans from: the rates, and every device."""

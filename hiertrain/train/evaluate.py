@@ -43,14 +43,15 @@ def held_out(cfg: TierConfig, spec: models.ModelSpec) -> data.Dataset:
 
 class Scorer:
     """The model's owner scoring its weights as it trains (``[eval] every = N``): held-out accuracy
-    every N steps, for its telemetry (the dashboard's curve), on at most ``limit`` held-out samples."""
+    every N steps, for its telemetry (the dashboard's curve), on at most ``[eval] samples`` held-out
+    samples (on a Pi, each score costs it a forward pass over them)."""
 
-    def __init__(self, cfg: TierConfig, spec: models.ModelSpec, *, limit: int = 512) -> None:
+    def __init__(self, cfg: TierConfig, spec: models.ModelSpec) -> None:
         from hiertrain.train.runtime import Predictor
 
         self.every = cfg.eval_every
         ds = held_out(cfg, spec)
-        self.x, self.y = ds.take(np.arange(min(limit, len(ds))))
+        self.x, self.y = ds.take(np.arange(min(cfg.eval_samples, len(ds))))
         self.predict = Predictor(spec)  # BatchNorm by its running statistics
 
     def __call__(self, step: int, params: dict[str, np.ndarray]) -> Optional[float]:
