@@ -3,15 +3,17 @@
 Two measurements, both read from Mosquitto's own ``$SYS/broker/#`` counters (the observer's to read)
 and the broker process's CPU time (``/proc/<pid>/stat``):
 
-- *capacity*: ``--devices`` device clients in one process publish at QoS 1, as fast as they can, to one subscriber (the edge's fan-in), for each payload size of a step (a
-  small tensor, a mid-sized one, a full 256 KB chunk). The broker's CPU per message delivered gives
+- *capacity*: ``--devices`` device clients in one process publish at QoS 1, as fast as they can, to
+  one subscriber (the edge's fan-in), for each payload size of a step (a small tensor, a mid-sized
+  one, a full 256 KB chunk). The broker's CPU per message delivered gives
   what one core of it carries when it is the bottleneck; on this 2-core machine the Python clients
   are, so the delivered rate is a floor and the CPU-bound figure the ceiling.
 - *a real fleet*: a fleet of ``--devices`` devices (LeNet-5, the planner's plan) trains over the
-  broker; the counters between two steps give messages and bytes per device per step.
+  broker; the counters over ``WINDOW_S`` of its training give messages and bytes per device-step.
 
-Dividing the first by the second: the devices one Mosquitto core carries at a step rate, by message
-count and by bytes; the smaller is the operator's cue to split the fleet over edge servers.
+The first, fitted as the broker's CPU per delivery (a fixed part and a part per byte), prices the
+second: the device-steps per second one Mosquitto core carries, the operator's cue to split a fleet
+over edge servers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hiertrain.bench.transport import raw_client
 
@@ -108,11 +112,14 @@ def worker(side: str, creds: str, clients: int, count: int, size: int) -> dict[s
                 last[0] = time.time()
                 done.set()
 
+        subscribed = threading.Event()
         c = client(0)
         c.on_message = on_message
+        c.on_subscribe = lambda *a: subscribed.set()
         c.subscribe(topic, qos=1)
         c.loop_start()
-        time.sleep(0.3)  # the SUBACK back before saying ready
+        if not subscribed.wait(30):
+            raise RuntimeError("the broker never acknowledged the subscription")
         print("ready", flush=True)
         done.wait(600)
         c.loop_stop()
@@ -221,20 +228,20 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 counters.close()
         fleet = fleet_step(Path(d) / "fleet", clients, WINDOW_S)
+    # the broker's CPU per delivery, a + b * bytes, fitted over the sizes; a device-step's deliveries
+    # (each message in goes out once) and bytes then cost what they add up to
+    b, a = np.polyfit([r["bytes"] for r in rows], [r["broker_us_per_message"] for r in rows], 1)
+    a, b = max(a, 0.0), max(b, 0.0)
     p = fleet["per_device_step"]
-    small, chunk = rows[0], rows[-1]
-    msgs = p["messages_in"] + p["messages_out"]
-    kb = p["kb_in"] + p["kb_out"]
-    # a device-step's messages cost at most the small-message rate; its bytes at most the chunk's
-    by_messages = small["one_core_messages_per_s"] * 2 / msgs if msgs else None  # in + out per delivery
-    by_bytes = chunk["one_core_mb_s"] * 2e3 / kb if kb else None
-    device_steps = min(x for x in (by_messages, by_bytes) if x)
-    print(f"a fleet of {fleet['devices']} (LeNet-5): {msgs:.1f} messages, {kb:.0f} KB through the broker per "
-          f"device-step: one core carries ~{device_steps:.0f} device-steps/s", flush=True)
+    deliveries, nbytes = (p["messages_in"] + p["messages_out"]) / 2, (p["kb_in"] + p["kb_out"]) * 1e3 / 2
+    cost_us = deliveries * a + nbytes * b
+    device_steps = 1e6 / cost_us
+    print(f"a fleet of {fleet['devices']} (LeNet-5): {deliveries:.1f} deliveries, {nbytes / 1e3:.0f} KB through the "
+          f"broker per device-step, {cost_us:.0f} us of its CPU: one core carries ~{device_steps:.0f} device-steps/s",
+          flush=True)
     return {"bench": "broker", "clients": clients, "capacity": rows, "fleet": fleet,
-            "device_steps_per_s": {"by_messages": round(by_messages, 1) if by_messages else None,
-                                   "by_bytes": round(by_bytes, 1) if by_bytes else None,
-                                   "one_core": round(device_steps, 1)},
+            "cpu_model": {"us_per_delivery": round(a, 2), "us_per_kb": round(b * 1e3, 3)},
+            "device_step_us": round(cost_us, 1), "device_steps_per_s": round(device_steps, 0),
             "note": "capacity from the broker's CPU per message with the clients on the same 2 cores; "
                     "one Mosquitto is single-threaded: one core is its ceiling"}
 

@@ -171,10 +171,12 @@ def broker(r: dict[str, Any]) -> str:
     caps = ", ".join(f"{c['bytes'] >> 10} KB: {c['broker_us_per_message']:.0f} us a message, one core "
                      f"{c['one_core_messages_per_s']:.0f} msg/s ({c['one_core_mb_s']:.0f} MB/s)" for c in r["capacity"])
     f, p = r["fleet"], r["fleet"]["per_device_step"]
-    return (f"one Mosquitto's CPU per delivered message from {r['clients']} clients (its $SYS counters): {caps}; a "
-            f"{f['devices']}-device LeNet-5 fleet at {f['steps_per_s']:.0f} steps/s: {p['messages_in'] + p['messages_out']:.1f} "
-            f"messages and {p['kb_in'] + p['kb_out']:.0f} KB through it per device-step, so one core carries "
-            f"~{r['device_steps_per_s']['one_core']:.0f} device-steps/s")
+    m = r["cpu_model"]
+    return (f"one Mosquitto's CPU per delivered message from {r['clients']} clients: {caps} (fitted: "
+            f"{m['us_per_delivery']:.0f} us + {m['us_per_kb']:.2f} us/KB); a {f['devices']}-device LeNet-5 fleet at "
+            f"{f['steps_per_s']:.0f} steps/s, counted by its $SYS counters: {p['messages_in']:.1f} messages and "
+            f"{p['kb_in']:.0f} KB into it per device-step, {r['device_step_us']:.0f} us of its CPU, so one core "
+            f"carries ~{r['device_steps_per_s']:.0f} device-steps/s")
 
 
 def dashboard(r: dict[str, Any]) -> str:
