@@ -141,20 +141,29 @@ def device_terms(fleet: Fleet, d: Device, m: int) -> tuple[float, float]:
     return compute, 8.0 * sum(device_bytes(fleet, d, m))
 
 
+def cloud_bytes(fleet: Fleet, d: Device, k: int) -> float:
+    """Bytes of a device's rows over the edge-cloud link when the cloud trains units k+1..U: the
+    activations at k up and their gradient down, raw samples up alone (k = 0), nothing (k = U)."""
+    dirs = 0 if k == fleet.units else 1 if k == 0 else 2
+    return dirs * d.samples * fleet.act_bytes[k]
+
+
 def server_terms(fleet: Fleet, d: Device, p: Path) -> float:
     """Seconds this device's path adds to the edge and the cloud (compute, and its activations
     over the edge-cloud link), all additive over devices."""
-    u = fleet.units
     edge = d.samples * sum(fleet.edge_s[p.m:p.k])
     cloud = d.samples * sum(fleet.cloud_s[p.k:])
-    dirs = 0 if p.k == u else 1 if p.k == 0 else 2  # raw samples go up and nothing comes back
-    link = 8.0 * dirs * d.samples * fleet.act_bytes[p.k] / (fleet.cloud_mbps * MBIT)
-    return edge + cloud + link
+    return edge + cloud + 8.0 * cloud_bytes(fleet, d, p.k) / (fleet.cloud_mbps * MBIT)
+
+
+def sync_bytes(fleet: Fleet, kappa: int) -> float:
+    """Bytes of the cloud's gradients of units kappa+1..U to the edge and their new weights back."""
+    return 2 * sum(fleet.param_bytes[kappa:])
 
 
 def cloud_sync(fleet: Fleet, kappa: int) -> float:
-    """Seconds to send the cloud's gradients of units kappa+1..U to the edge and the weights back."""
-    return 8.0 * 2 * sum(fleet.param_bytes[kappa:]) / (fleet.cloud_mbps * MBIT)
+    """Seconds of :func:`sync_bytes` over the edge-cloud link."""
+    return 8.0 * sync_bytes(fleet, kappa) / (fleet.cloud_mbps * MBIT)
 
 
 def allocate(compute: Sequence[float], bits: Sequence[float], caps: Sequence[float],
@@ -236,8 +245,8 @@ def terms_table(fleet: Fleet, d: Device, allow: Optional[Allow] = None) -> tuple
     down = np.where((ms > 0) & (ms < u), n * act, 0.0) + params
     edge = np.concatenate(([0.0], np.cumsum(fleet.edge_s)))
     cloud = np.concatenate(([0.0], np.cumsum(fleet.cloud_s)))
-    dirs = np.where(ms == u, 0.0, np.where(ms == 0, 1.0, 2.0))
-    by_k = n * (cloud[u] - cloud) + 8.0 * dirs * n * act / (fleet.cloud_mbps * MBIT)
+    link = np.array([cloud_bytes(fleet, d, k) for k in range(u + 1)])
+    by_k = n * (cloud[u] - cloud) + 8.0 * link / (fleet.cloud_mbps * MBIT)
     g = n * (edge[None, :] - edge[:, None]) + by_k[None, :]
     g[np.tril_indices(u + 1, -1)] = np.inf
     if d.private:

@@ -83,12 +83,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def link_bytes(fleet: F.Fleet, paths: list[F.Path]) -> dict[str, float]:
     """Bytes per step on the shared device-edge medium and on the edge-cloud link under ``paths``."""
-    u = fleet.units
     medium = sum(sum(F.device_bytes(fleet, d, p.m)) for d, p in zip(fleet.devices, paths))
-    wan = sum((0 if p.k == u else 1 if p.k == 0 else 2) * d.samples * fleet.act_bytes[p.k]
-              for d, p in zip(fleet.devices, paths))
-    kappa = min((p.k for p in paths), default=u)
-    return {"device_edge": medium, "edge_cloud": wan + 2 * sum(fleet.param_bytes[kappa:])}
+    wan = sum(F.cloud_bytes(fleet, d, p.k) for d, p in zip(fleet.devices, paths))
+    return {"device_edge": medium, "edge_cloud": wan + F.sync_bytes(fleet, min((p.k for p in paths), default=fleet.units))}
 
 
 def _planned(fleet: F.Fleet, long_s: float = 0.0) -> dict[str, Any]:
@@ -131,16 +128,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     for e, n in enumerate(sizes):
         sites.append(_planned(F.random_fleet(random.Random(9000 + e), n, SCALE_UNITS)))
     goal = [r for r in growth if r["devices"] == GOAL_DEVICES]
-    by_n = {str(n): {k: statistics.median(r[k] for r in growth if r["devices"] == n) for k in
-                     ("solve_s", "iteration_s", "simulated_s")}
-            | {"solve_s_max": max(r["solve_s"] for r in growth if r["devices"] == n),
-               "medium_mb": statistics.median(r["bytes"]["device_edge"] for r in growth if r["devices"] == n) / 1e6,
-               "wan_mb": statistics.median(r["bytes"]["edge_cloud"] for r in growth if r["devices"] == n) / 1e6,
-               "never_worse": all(r["never_worse"] for r in growth if r["devices"] == n),
-               "gap_to_long_max": max(r["gap_to_long"] for r in growth if r["devices"] == n),
-               "optimal": sum(r["optimal"] for r in growth if r["devices"] == n),
-               "speedup_over_edgesplit": statistics.median(r["baselines_s"]["edgesplit"] / r["iteration_s"]
-                                                           for r in growth if r["devices"] == n)} for n in PER_EDGE}
+    by_n = {str(n): _growth_row([r for r in growth if r["devices"] == n]) for n in PER_EDGE}
     result = {"bench": "fleet-planner-scale", "budget_s": BUDGET_S, "long_s": LONG_S, "units": SCALE_UNITS,
               "repeat": args.repeat,
               "growth": by_n, "deployment": {
@@ -158,6 +146,19 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         _plot_scale(result, Path(args.out).with_suffix(".png"))
     return result
+
+
+def _growth_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of one fleet size over its seeds."""
+    med = statistics.median
+    return {**{k: med(r[k] for r in rows) for k in ("solve_s", "iteration_s", "simulated_s")},
+            "solve_s_max": max(r["solve_s"] for r in rows),
+            "medium_mb": med(r["bytes"]["device_edge"] for r in rows) / 1e6,
+            "wan_mb": med(r["bytes"]["edge_cloud"] for r in rows) / 1e6,
+            "never_worse": all(r["never_worse"] for r in rows),
+            "gap_to_long_max": max(r["gap_to_long"] for r in rows),
+            "optimal": sum(r["optimal"] for r in rows),
+            "speedup_over_edgesplit": med(r["baselines_s"]["edgesplit"] / r["iteration_s"] for r in rows)}
 
 
 def _plot_scale(result: dict[str, Any], path: Path) -> None:
