@@ -101,6 +101,29 @@ class ConvNeXtBlock(nn.Module):  # after torchvision's CNBlock: 7x7 depthwise, c
         return x + (self.mlp(self.norm(self.dw(x).permute(0, 2, 3, 1))) * self.gamma).permute(0, 3, 1, 2)
 
 
+class Pieces(nn.Module):  # Slice and Gather of activations at constant positions: a window, a stride, a list, one
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(16 + 32 + 32 + 16, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        parts = [h[:, :, 1:3, 1:3], h[..., ::2], h[:, [0, 3]], h[:, 1]]
+        return self.fc(torch.cat([p.flatten(1) for p in parts], 1))
+
+
+class ClassToken(nn.Module):  # transformers' ViT: a token broadcast to the batch, prepended, read back out
+    def __init__(self):
+        super().__init__()
+        self.patch, self.cls = nn.Conv2d(3, 8, 2, 2), nn.Parameter(torch.zeros(1, 1, 8))
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1)
+        return self.fc(self.norm(t + t.mean(1, keepdim=True))[:, 0])
+
+
 def _flat(*layers):
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), *layers, nn.Linear(16, 3))
 
@@ -131,6 +154,10 @@ CASES = {
                                                         nn.ReLU(), nn.ConstantPad2d(1, 0.5), nn.Flatten(),
                                                         nn.Linear(64, 3)),
     "transpose view": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ViewFlatten(), nn.Linear(64, 3)),
+    "slice and gather of activations": Pieces,
+    "class token: expand to the batch": ClassToken,
+    "padding same (auto_pad), even kernel": lambda: nn.Sequential(nn.Conv2d(3, 4, 4, padding="same"), nn.ReLU(),
+                                                                 nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
     "depthwise batchnorm2d": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6),
                                                             nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU(),
                                                             nn.Flatten(), nn.Linear(96, 3)),
@@ -161,6 +188,24 @@ def test_an_imported_model_trains_as_pytorch_trains_it(case, tmp_path):
         assert loss == pytest.approx(expected.item(), rel=1e-5, abs=1e-6), f"step {step}"
     x = rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(ours.predict(x), m(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_relu6_and_hardtanh_at_their_bounds_pass_no_gradient_as_pytorch(tmp_path):
+    """Units that are exactly 0 (a dead channel, normalised to 0) sit on ReLU6's lower bound: PyTorch's
+    gradient there is 0, onnxruntime's Clip gradient passes dY; the import keeps PyTorch's."""
+    for act in (nn.ReLU6(), nn.Hardtanh(0.0, 1.0)):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), act, nn.Linear(16, 3))
+        with torch.no_grad():
+            m[1].weight[:4], m[1].bias[:4] = 0.0, 0.0  # four units exactly at the bound for every sample
+        ours = SingleProcess(models.get(str(byo.export(m, (3, 4, 4), tmp_path / "clip.onnx"))),
+                             optimizer=OptimizerConfig("sgd", lr=1.0))
+        x, y = np.random.default_rng(0).standard_normal((6, 3, 4, 4)).astype(np.float32), np.arange(6) % 3
+        ours.step(x, y)
+        nn.functional.cross_entropy(m(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        stepped = m[1].weight.detach().numpy() - m[1].weight.grad.numpy()
+        np.testing.assert_allclose(ours.params[next(k for k in ours.params if k.endswith("1.weight"))], stepped,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_units_are_cut_between_blocks_named_after_modules_and_start_from_the_file(tmp_path):
@@ -201,15 +246,15 @@ def test_what_cannot_be_trained_exactly_is_refused_naming_the_op_the_node_and_th
     _refused(byo.export(reflect, (3, 4, 4), tmp_path / "reflect.onnx"), "Pad", "only constant padding", "'reflect'")
 
 
-    class FirstFeatures(nn.Module):  # a Slice of an activation: no exact gradient here, refused up front
+    class DropsASample(nn.Module):  # a Slice along the batch: samples would not stay apart
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(10, 3)
+            self.fc = nn.Linear(48, 3)
 
         def forward(self, x):
-            return self.fc(x.flatten(1)[:, :10])
+            return self.fc(x.flatten(1)[1:])
 
-    _refused(byo.export(FirstFeatures(), (3, 4, 4), tmp_path / "slice.onnx"), "Slice", "not among the ops")
+    _refused(byo.export(DropsASample(), (3, 4, 4), tmp_path / "slice.onnx"), "Slice", "a sample's own dimensions")
 
     class Rnn(nn.Module):
         def __init__(self):

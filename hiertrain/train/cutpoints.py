@@ -72,7 +72,10 @@ def unit_groups(nodes, params, cuts) -> list[list[onnx.NodeProto]]:
 
 
 
-def unit_fn(nodes, inp: str, out: str, consts, params, out_shape: Shape):
+def unit_fn(nodes, inp: str, out: str, consts, params, out_shape: Shape, known=()):
+    """``known``: (tensor, per-sample shape) of the unit's tensors as the importer knows them, given to the
+    graph as value_info: ONNX inference cannot tell some (a ViT's class token broadcast to a batch
+    computed from a shape), and lowering a gradient needs them."""
     def fn(b: Builder, x: str, s: Shape) -> tuple[str, Shape]:
         rename = {inp: x}
         for t, value in consts:
@@ -100,5 +103,7 @@ def unit_fn(nodes, inp: str, out: str, consts, params, out_shape: Shape):
                         for t, v in made.items()] + expanded
             b.outputs += sums
             b.momenta[new.input[3].rsplit(".", 1)[0]] = round(next(a.f for a in new.attribute if a.name == "momentum"), 6)
+        b.known += [helper.make_tensor_value_info(rename[t], onnx.TensorProto.FLOAT, ["N", *shape])
+                    for t, shape in known if t in rename and t != out]
         return rename[out], out_shape
     return fn

@@ -72,7 +72,7 @@ def static(nodes: list[onnx.NodeProto], consts: dict, *, model: onnx.ModelProto,
     pads = [n for n in nodes if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in consts]
     dynamic = [n for n in nodes if n.op_type == "Reshape" and n.input[1] not in consts]
     wanted = [n.input[0] for n in axis_ops] + [n.input[1] for n in pads + dynamic]
-    at = _at_two_batch_sizes(model, x, input_shape, path, wanted) if wanted else []
+    at = at_two_batch_sizes(model, x, input_shape, path, wanted) if wanted else []
     for n, (two, three) in zip(axis_ops, at):
         grows = [i for i, (a, b) in enumerate(zip(two.shape, three.shape)) if a != b]
         axis = attr(n, "axis", -1 if n.op_type == "Softmax" else 0) % max(1, two.ndim)
@@ -108,7 +108,7 @@ def static(nodes: list[onnx.NodeProto], consts: dict, *, model: onnx.ModelProto,
             needed.update(t for t in n.input if t)
     return kept[::-1]
 
-def _at_two_batch_sizes(model: onnx.ModelProto, x: str, input_shape: tuple, path: Path, tensors: list[str]
+def at_two_batch_sizes(model: onnx.ModelProto, x: str, input_shape: tuple, path: Path, tensors: list[str]
                         ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The file's ``tensors`` evaluated for batches of 2 and of 3 samples (zeros)."""
     import onnxruntime as ort

@@ -84,10 +84,12 @@ class _Lowerer:
         g = self.model.graph
         std = [n for n in nodes if _standard(n)]
         m = helper.make_model(helper.make_graph(std, "infer", list(g.input), list(g.output),
-                                                list(g.initializer) + self.inits),
+                                                list(g.initializer) + self.inits, value_info=list(g.value_info)),
                               opset_imports=[helper.make_opsetid("", OPSET)])
         m.ir_version = self.model.ir_version
         inf = shape_inference.infer_shapes(m)
+        for t in [*g.initializer, *self.inits]:  # (not graph inputs since IR 4: their shapes are their dims)
+            self.shapes[t.name] = list(t.dims)
         for v in [*inf.graph.value_info, *inf.graph.input, *inf.graph.output]:
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
                 self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None

@@ -42,6 +42,7 @@ class Builder:
         self.training = training                 # BatchNorm: batch statistics (else the running ones)
         self.outputs: list[str] = []             # extra graph outputs: BatchNorm buffers' sums
         self.momenta: dict[str, float] = {}      # BatchNorm buffers' prefix -> PyTorch's momentum
+        self.known: list[onnx.ValueInfoProto] = []  # shapes ONNX cannot infer (an imported file's, measured)
 
     def _name(self, what: str) -> str:
         self._n += 1
@@ -190,7 +191,8 @@ def segment_graph(spec: ModelSpec, first: int, last: int, *, training: bool = Tr
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(sh)) for n, sh in b.params.items()]
     graph = helper.make_graph(nodes, f"{spec.name}_{first}_{last}", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *s])]
-                              + [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in b.outputs])
+                              + [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in b.outputs],
+                              value_info=b.known)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hiertrain")
     model.ir_version = IR_VERSION
     return model, dict(b.params)

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from hiertrain.errors import ConfigError
 from hiertrain.train import batchnorm
 from hiertrain.train.cutpoints import common, cut_points, sanitize, unit_fn, unit_groups
-from hiertrain.train.folding import attr, constant_value, fold, static
+from hiertrain.train.folding import at_two_batch_sizes, attr, constant_value, fold, static
 from hiertrain.train.models import OPSET, ModelSpec, Shape, Unit
 from hiertrain.train.opset import converted
 from hiertrain.train.rewrite import rewrite
@@ -48,8 +48,11 @@ from hiertrain.train.rewrite import rewrite
 # op -> the input slots where a float initializer is a trainable parameter
 SUPPORTED: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (),  # by a constant only: rewritten into a Mul
-    "Relu": (), "LeakyRelu": (), "Sigmoid": (), "Tanh": (), "Clip": (),
+    "Add": (0, 1), "Sub": (0, 1), "Expand": (0,),  # rewritten into an Add of zeros
+    "Gather": (), "Slice": (),      # of an activation at constant positions: a 0/1 selection (rewrite.py)
+    "Mul": (0, 1), "Div": (),  # by a constant only: rewritten into a Mul
+    "Relu": (), "LeakyRelu": (), "Sigmoid": (), "Tanh": (), "Clip": (),  # Clip rewritten into Where (rewrite.py)
+    "Where": (), "Greater": (), "Less": (), "GreaterOrEqual": (), "LessOrEqual": (), "And": (), "Not": (),
     "MaxPool": (), "AveragePool": (), "GlobalAveragePool": (),
     "Flatten": (), "Reshape": (), "Transpose": (), "Concat": (), "Identity": (), "Unsqueeze": (), "Squeeze": (),
     "Split": (),                    # not along the batch (folding.AXIS_OPS)
@@ -84,8 +87,20 @@ REFUSED: dict[str, str] = {
 _PASS_THROUGH = {"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten"}
 # ops whose value never depends on an activation's values (only on its shape): no gradient flows
 _SHAPE_OPS = {"Shape", "Size", "ConstantOfShape"}
-_FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Slice", "Add", "Sub", "Mul",
-             "Div", "Identity", "Sqrt", "Neg", "Transpose", "Constant"}
+# a node whose inputs are all constants is evaluated once at import, whatever its op (transformers'
+# models compute TF-style pads and interpolation checks with Shape, Equal, Where, ConstantOfShape...),
+# except the ops that draw random numbers
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+           "Dropout"}
+
+
+def _folded(n: onnx.NodeProto, consts: dict) -> list | None:
+    """A node of constants evaluated, or None when the reference evaluator cannot (the node is then
+    checked as any other: supported, or refused in one line)."""
+    try:
+        return fold(n, [consts[t] if t else None for t in n.input])
+    except Exception:  # noqa: BLE001 - an op or attribute the evaluator lacks: not folded, judged later
+        return None
 
 
 def _bad(path: Path, what: str) -> ConfigError:
@@ -130,6 +145,7 @@ class _Importer:
         self.model = model
         self.problems: list[str] = []
         self.origin: dict[str, str] = {}  # a rewritten node's name -> the file's node it replaces
+        self.origin_op: dict[str, str] = {}  # ... and that node's op
         self.synthetic: set[str] = set()  # parameters the file does not have (BatchNorm's batch counters)
 
     # -------------------------------------------------------------------- the graph's pieces
@@ -156,12 +172,12 @@ class _Importer:
         if len(ydims):
             ydims[0].Clear()
             ydims[0].dim_param = "N"
-        nodes = list(g.node)
+        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]  # (the file stays as it is)
         self.x, self.y = x_info.name, y_info.name
-        shapes = self._shapes()
         params, consts, active = self._classify(nodes, inits)
         active = static(active, consts, model=self.model, x=self.x, y=self.y, input_shape=self.input_shape,
                         path=self.path, problems=self.problems)
+        shapes = self._shapes(active, {**consts, **params})
         active = self._rewrite(active, params, consts, shapes)
         self._check(active, consts)
         self._refuse()
@@ -202,9 +218,9 @@ class _Importer:
         for n in nodes:
             if n.op_type == "Constant":
                 consts[n.output[0]] = constant_value(n)
-            elif (n.input and all(t in consts or not t for t in n.input) and n.op_type in _FOLDABLE):
-                for o, v in zip(n.output, fold(n, [consts[t] if t else None for t in n.input])):
-                    consts[o] = v
+            elif (n.input and all(t in consts or not t for t in n.input) and n.op_type not in _RANDOM
+                  and (values := _folded(n, consts)) is not None):
+                consts.update(zip(n.output, values))
             else:
                 active.append(n)
         return params, consts, active
@@ -224,7 +240,18 @@ class _Importer:
             rewrite(n, out, params, consts, shapes, self.problems, self.synthetic)
             for m in out[before:]:
                 self.origin[m.name] = n.name
+                self.origin_op[m.name] = n.op_type
         return out
+
+    def _file_ops(self, nodes: list[onnx.NodeProto]) -> list[str]:
+        """The ops of the file's nodes behind ``nodes`` (a Clip, not the Where it became), in order."""
+        seen, ops = set(), []
+        for n in nodes:
+            origin = self.origin.get(n.name, n.name)
+            if origin not in seen:
+                seen.add(origin)
+                ops.append(self.origin_op.get(n.name, n.op_type))
+        return ops
 
     def _module(self, node: onnx.NodeProto) -> str:
         """The module a node belongs to, from torch's scoped node names: ``/features/features.3/Conv``
@@ -245,7 +272,7 @@ class _Importer:
         shape_valued: set[str] = set()
         for n in nodes:
             where = f"{n.op_type} (node {n.name or n.output[0]!r})"
-            if n.op_type in _SHAPE_OPS or (n.op_type in _FOLDABLE and n.input
+            if n.op_type in _SHAPE_OPS or (n.op_type not in _RANDOM and n.input
                                            and all(t in shape_valued or t in consts or not t for t in n.input)):
                 shape_valued.update(n.output)
             elif n.domain == batchnorm.DOMAIN:
@@ -276,14 +303,31 @@ class _Importer:
                 self.problems.append(f"{where} fixes the batch dimension to {int(consts[n.input[1]].reshape(-1)[0])}: "
                                      f"export with torch.flatten(x, 1) or x.reshape(x.shape[0], -1)")
 
-    def _shapes(self) -> dict[str, list]:
-        """Per-sample shapes of the file's tensors (ONNX shape inference, batch dimension N)."""
-        inferred = shape_inference.infer_shapes(self.model, strict_mode=False)
+    def _shapes(self, active: list[onnx.NodeProto], values: dict[str, np.ndarray]) -> dict[str, list]:
+        """Per-sample shapes of the activations (ONNX shape inference, batch dimension N), inferred on
+        the graph with its constants folded: a Pad whose pads the file computes (transformers' TF-style
+        padding) then has a known output shape. What inference cannot tell (an Expand to a shape computed
+        from the batch: a ViT's class token) is measured: the file run at two batch sizes."""
+        g = self.model.graph
+        used = {t for n in active for t in n.input if t in values}
+        graph = helper.make_graph(active, g.name, [i for i in g.input if i.name == self.x],
+                                  list(g.output), [numpy_helper.from_array(np.asarray(values[t]), t) for t in sorted(used)])
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
         out: dict[str, list] = {}
         for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
             dims = v.type.tensor_type.shape.dim
             if len(dims) and dims[0].dim_param == "N":
                 out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        unknown = [o for n in active for o in n.output
+                   if o and o not in values and (o not in out or None in out[o]) and n.op_type not in _SHAPE_OPS]
+        try:
+            measured = at_two_batch_sizes(self.model, self.x, self.input_shape, self.path, unknown) if unknown else []
+        except ConfigError:
+            measured = []  # a file that does not run at two batch sizes: its refusal says why (_check)
+        for o, (two, three) in zip(unknown, measured):
+            if two.ndim and two.shape[:1] == (2,) and three.shape == (3, *two.shape[1:]):
+                out[o] = list(two.shape[1:])
         return out
 
     def _spec(self, groups, params, consts, shapes, input_shape, classes, n_cuts) -> tuple[ModelSpec, Imported]:
@@ -327,8 +371,10 @@ class _Importer:
             used_consts = sorted({t for n in grp for t in n.input if t in consts})
             units.append(Unit(name, unit_fn(tuple(grp), boundary, out, tuple((t, consts[t]) for t in used_consts),
                                              tuple((t, s, tuple(params[t].shape)) for t, s in short.items()),
-                                             tuple(shapes[out]) if out != self.y else (classes,))))
-            info.append({"name": name, "ops": [n.op_type for n in grp], "nodes": len(grp),
+                                             tuple(shapes[out]) if out != self.y else (classes,),
+                                             tuple((t, tuple(shapes[t])) for n in grp for t in n.output
+                                                   if t in shapes and all(isinstance(d, int) for d in shapes[t])))))
+            info.append({"name": name, "ops": self._file_ops(grp), "nodes": len(grp),
                          "params": int(sum(params[t].size for t, s in short.items() if not batchnorm.is_buffer(s))), "output": list(shapes.get(out, [classes]))})
             boundary = out
         spec = ModelSpec(self.name, input_shape, classes, tuple(units), initial=initial, source=str(self.path))

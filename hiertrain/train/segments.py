@@ -34,7 +34,7 @@ from typing import Optional
 
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, shape_inference
 
 from hiertrain.train import batchnorm, lowering
 from hiertrain.errors import PlanError
@@ -78,6 +78,9 @@ def _gradient_model(model: onnx.ModelProto, requires: set[str]) -> onnx.ModelPro
     from onnxruntime.capi._pybind_state import GradientGraphBuilder, get_optimized_model
 
     so = session_options()
+    # every tensor's shape written into the graph first: onnxruntime's optimizer leaves some uninferred
+    # (behind a Where), and a gradient whose shapes are not static lowers to no standard op
+    model = shape_inference.infer_shapes(model)
     optimized = get_optimized_model(model.SerializeToString(), requires, so)
     builder = GradientGraphBuilder(optimized, {LOSS}, requires, LOSS, so)
     builder.build()
