@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence
 
 from hiertrain import commands
 from hiertrain.bench import BENCHES
-from hiertrain.bench.families import RECIPES as FAMILIES
 from hiertrain.errors import HiertrainError
 
 OPTIMIZERS = ("sgd", "adamw")  # hiertrain.train.optim.KINDS, which needs onnx: the CLI's parser does not
@@ -300,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--readme", default="README.md", help="report: the README whose benchmark table it rewrites")
     bench.add_argument("--check", action="store_true", help="exit 1 when the benchmark misses its goal")
     bench.add_argument("--data", help="families: an .npz of images (x [N, C, H, W], y) to train each family on")
-    bench.add_argument("--families", default=",".join(FAMILIES),
-                       help="families: which architectures")
+    bench.add_argument("--library", default="written", choices=("written", "transformers"),
+                       help="families: the hand-written families (after torchvision's and timm's code) or Hugging "
+                            "Face transformers' own models (needs transformers)")
+    bench.add_argument("--families", default="", help="families: which architectures (default: the library's all)")
     bench.add_argument("--optimizer", default="recipe", choices=("recipe", *OPTIMIZERS),
                        help="families: every family's (default: each its published recipe's)")
     bench.add_argument("--lr", type=_positive_float,

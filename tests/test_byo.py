@@ -16,6 +16,9 @@ from hiertrain.lab.replay import dataset
 from hiertrain.train import models
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from hiertrain.bench import hubmodels  # noqa: E402 (needs transformers)
+
 pytestmark = pytest.mark.integration
 
 
@@ -27,7 +30,9 @@ def user(tmp_path_factory):
     return {"mobile": byo.export(byo.mobilenet(), (3, 32, 32), root / "mobilenet.onnx"),
             "mlp": byo.export(byo.mlp(), (8,), root / "mlp.onnx"),
             "mobile-bn": byo.export(byo.mobilenet(), (3, 32, 32), root / "mobilenet-bn.onnx", batchnorm=True),
-            "images": byo.image_folder(root / "images"), "csv": byo.table(root / "table.csv")}
+            "images": byo.image_folder(root / "images"), "csv": byo.table(root / "table.csv"),
+            # Hugging Face's own ViT: a class token broadcast to the batch, attention, GELU, x[:, 0]
+            "hf-vit": byo.export(hubmodels.families(3, 4, 32)["hf-vit"](), (3, 32, 32), root / "hf-vit.onnx")}
 
 
 RUNS = {
@@ -35,6 +40,9 @@ RUNS = {
     "mobilenet on images": ("mobile", "images", schedule("cloud", "device", "edge", 2, 5, 4, 4, 4, version=1), 0.05, 25),
     # 5 units: o on the device, s 1..1 on the edge, l 1..3 on the cloud
     "mlp on csv": ("mlp", "csv", schedule("device", "edge", "cloud", 1, 3, 2, 6, 4, version=1), 0.05, 25),
+    # 8 units: s trains units 1..3 on the device (the class token's), l 1..6 on the edge, o all on the cloud
+    "transformers vit on images": ("hf-vit", "images", schedule("cloud", "device", "edge", 3, 6, 4, 4, 4, version=1),
+                                   0.05, 25),
     # BatchNorm in training mode: each worker's samples normalised on their own, so held to the split in one
     # process, every tier on one thread as the reference is. Statistics of a few samples (1x1 after the
     # pooling) amplify rounding chaotically: a ReLU that flips on one ulp parts the two by 5e-6 in

@@ -205,8 +205,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     shape, classes = tuple(ds.images.shape[1:]), ds.classes
     if len(shape) != 3:
         raise ConfigError(f"{args.data}: bench families needs images [C, H, W], not samples of shape {list(shape)}")
-    wanted = [f for f in args.families.split(",") if f]
-    built = families(shape[0], classes)
+    if args.library == "transformers":
+        from hiertrain.bench import hubmodels
+
+        if shape[1] != shape[2]:
+            raise ConfigError(f"{args.data}: transformers' models take square images, not {shape[1]}x{shape[2]}")
+        try:
+            built, recipes = hubmodels.families(shape[0], classes, shape[1]), hubmodels.RECIPES
+        except ImportError:
+            raise ConfigError("bench families --library transformers needs transformers (pip install "
+                              "'hiertrain[test]')") from None
+    else:
+        built, recipes = families(shape[0], classes), RECIPES
+    wanted = [f for f in args.families.split(",") if f] or list(built)
     unknown = sorted(set(wanted) - set(built))
     if unknown:
         raise ConfigError(f"unknown families {unknown}; available: {', '.join(built)}")
@@ -216,7 +227,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(0)
             path = export(built[name](), shape, Path(d) / f"{name}.onnx")
             spec, found = onnxmodel.inspect(path)
-            optimizer = args.optimizer if args.optimizer != "recipe" else RECIPES[name]
+            optimizer = args.optimizer if args.optimizer != "recipe" else recipes[name]
             lr = args.lr or RATES[optimizer]
             printed = io.StringIO()
             with redirect_stdout(printed):
@@ -229,5 +240,5 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"{row.get('ms_per_iteration')} ms/iteration, {row['schedules']} schedules", file=sys.stderr,
                   flush=True)
             rows.append(row)
-    return {"bench": "families", "data": str(args.data), "samples": len(ds), "shape": list(shape), "classes": classes,
+    return {"bench": "families", "library": args.library, "data": str(args.data), "samples": len(ds), "shape": list(shape), "classes": classes,
             "iterations": args.count, "batch": args.batch, "rows": rows}

@@ -143,7 +143,8 @@ def edgecores(r: dict[str, Any]) -> str:
 def families(r: dict[str, Any]) -> str:
     rows = ", ".join(f"{x['family']} {x['accuracy_before']:.2f} -> {x['accuracy_after']:.2f}"
                      + ("" if x["exit"] == 0 else " (failed)") for x in r["rows"])
-    return (f"model families trained from scratch across the tiers on {r['samples']} digits, {r['iterations']} "
+    which = "transformers' own models" if r.get("library") == "transformers" else "model families"
+    return (f"{which} trained from scratch across the tiers on {r['samples']} digits, {r['iterations']} "
             f"iterations, held-out accuracy before -> after: {rows} (table in `bench/results/REPORT.md`)")
 
 
@@ -206,6 +207,8 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench replan", "replan-lenet5.json", replan),
     ("hiertrain bench edgecores", "edgecores-alexnet.json", edgecores),
     ("hiertrain bench families --data digits16.npz --count 150", "families.json", families),
+    ("hiertrain bench families --library transformers --data digits16.npz --count 150", "families-transformers.json",
+     families),
     ("hiertrain bench energy --from bench/results/fleet.json", "energy.json", energy),
     ("hiertrain bench dashboard", "dashboard.json", dashboard),
     ("hiertrain bench broker", "broker.json", broker),

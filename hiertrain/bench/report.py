@@ -200,6 +200,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     fam = _load(d / "families.json")
     if fam:
         lines += families_section(fam)
+    hub = _load(d / "families-transformers.json")
+    if hub:
+        lines += families_section(hub)
     energy = _load(d / "energy.json")
     if energy:
         lines += energy_section(energy, "energy.png")
@@ -207,7 +210,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     readme_path = Path(args.readme) if getattr(args, "readme", None) else None
     changed = readme.update(readme_path, d) if readme_path is not None and readme_path.exists() else None
     return {"bench": "report", "path": str(d / "REPORT.md"), "readme_changed": changed, "models": [r["model"] for r in testbeds],
-            "edgecores": bool(cores), "replan": bool(replans), "families": bool(fam), "energy": bool(energy)}
+            "edgecores": bool(cores), "replan": bool(replans), "families": bool(fam), "transformers": bool(hub),
+            "energy": bool(energy)}
 
 
 def energy_section(en: dict[str, Any], png: str) -> list[str]:
@@ -238,7 +242,10 @@ def energy_section(en: dict[str, Any], png: str) -> list[str]:
 
 def families_section(fam: dict[str, Any]) -> list[str]:
     """``bench families``: the architectures users bring, from scratch, BatchNorm in training mode."""
-    out = ["## The models users bring, trained from scratch (`bench families`)", "",
+    library = fam.get("library", "written")
+    title = ("Hugging Face transformers' own models" if library == "transformers"
+             else "The models users bring, written after torchvision's and timm's code")
+    out = [f"## {title}, trained from scratch (`bench families --library {library}`)", "",
            f"On {Path(fam['data']).name} ({fam['samples']} samples {fam['shape']}, {fam['classes']} classes; a fifth "
            f"held out), {fam['iterations']} iterations of batch {fam['batch']}, by `hiertrain demo` "
            f"(Mosquitto, profile, planner, three tiers on one machine), each family with its recipe's optimizer. "
