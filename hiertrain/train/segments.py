@@ -155,9 +155,12 @@ def _split(grad: onnx.ModelProto, bwd_outputs: list[str]) -> tuple[onnx.ModelPro
     sess = ort.InferenceSession(fwd.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
     types = {o.name: (_ELEM[o.type], [d if isinstance(d, int) else f"{o.name}_{i}" for i, d in enumerate(o.shape)])
              for o in sess.get_outputs()}
+    # (a shape the graph states wins: ORT reports an output it could not infer as a scalar)
+    stated = {v.name: v for v in g.value_info if v.type.tensor_type.HasField("shape")
+              and len(v.type.tensor_type.shape.dim)}
     bwd = _model(helper.make_graph(
         bwd_nodes, "backward",
-        [helper.make_tensor_value_info(t, *types[t]) for t in stash if t in types]
+        [stated[t] if t in stated else helper.make_tensor_value_info(t, *types[t]) for t in stash if t in types]
         + [inputs[n] for n in inputs if n in bwd_used and n not in types],
         [typed.get(o) or helper.make_empty_tensor_value_info(o) for o in bwd_outputs],
         [inits[n] for n in inits if n in bwd_used],
