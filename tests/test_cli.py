@@ -29,6 +29,7 @@ def run(*args, timeout=120):
     (["bench", "families", "--data", "x.csv"], "--data FILE.npz"),
     (["bench", "families", "--data", "/nonexistent.npz"], "cannot read /nonexistent.npz"),
     (["bench", "families", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["bench", "families", "--library", "timm"], "invalid choice: 'timm'"),
     (["demo", "--optimizer", "adam"], "invalid choice: 'adam'"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, needle):

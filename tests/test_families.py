@@ -92,3 +92,20 @@ def trains_as_pytorch(m, shape, kind, runtime, steps=3, predict=True):
     x = rng.standard_normal((4, *shape)).astype(np.float32)
     np.testing.assert_allclose(ours.predict(x), m(torch.from_numpy(x)).detach().numpy(), rtol=1e-3, atol=1e-4)
     return path
+
+
+def test_a_family_that_does_not_train_is_a_row_of_the_report_saying_why():
+    from hiertrain.bench import readme, report
+
+    fam = {"library": "transformers", "data": "digits16.npz", "samples": 1797, "shape": [1, 16, 16], "classes": 10,
+           "iterations": 150, "batch": 32,
+           "rows": [{"family": "hf-efficientnet", "exit": 1, "error": "Kernel size can't be greater than actual input size"},
+                    {"family": "hf-vit", "optimizer": "adamw", "lr": 0.005, "units": 8, "cut_points": 9,
+                     "batchnorm_layers": 0, "params": 18000, "exit": 0, "accuracy_before": 0.1, "accuracy_after": 0.8,
+                     "ms_per_iteration": 12.0, "schedules": 1, "plan": "o=edge", "ops": ["Conv"]}]}
+    lines = report.families_section(fam)
+    assert lines[0].startswith("## Hugging Face transformers' own models")
+    bad = next(x for x in lines if x.startswith("| hf-efficientnet"))
+    header = next(x for x in lines if x.startswith("| family"))
+    assert "not trained: Kernel size" in bad and bad.count("|") == header.count("|")
+    assert readme.families(fam).startswith("transformers' own models") and "hf-efficientnet not trained" in readme.families(fam)

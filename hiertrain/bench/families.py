@@ -225,8 +225,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hiertrain-families-") as d:
         for name in wanted:
             torch.manual_seed(0)
-            path = export(built[name](), shape, Path(d) / f"{name}.onnx")
-            spec, found = onnxmodel.inspect(path)
+            try:
+                path = export(built[name](), shape, Path(d) / f"{name}.onnx")
+                spec, found = onnxmodel.inspect(path)
+            except Exception as exc:  # noqa: BLE001 - PyTorch's own refusal (a kernel wider than the map), or ours
+                why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                print(f"{name}: not trained: {why}", file=sys.stderr, flush=True)
+                rows.append({"family": name, "exit": 1, "error": why})
+                continue
             optimizer = args.optimizer if args.optimizer != "recipe" else recipes[name]
             lr = args.lr or RATES[optimizer]
             printed = io.StringIO()

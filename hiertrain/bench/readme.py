@@ -141,7 +141,8 @@ def edgecores(r: dict[str, Any]) -> str:
 
 
 def families(r: dict[str, Any]) -> str:
-    rows = ", ".join(f"{x['family']} {x['accuracy_before']:.2f} -> {x['accuracy_after']:.2f}"
+    rows = ", ".join(f"{x['family']} not trained" if "error" in x else
+                     f"{x['family']} {x['accuracy_before']:.2f} -> {x['accuracy_after']:.2f}"
                      + ("" if x["exit"] == 0 else " (failed)") for x in r["rows"])
     which = "transformers' own models" if r.get("library") == "transformers" else "model families"
     return (f"{which} trained from scratch across the tiers on {r['samples']} digits, {r['iterations']} "
@@ -207,7 +208,7 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench replan", "replan-lenet5.json", replan),
     ("hiertrain bench edgecores", "edgecores-alexnet.json", edgecores),
     ("hiertrain bench families --data digits16.npz --count 150", "families.json", families),
-    ("hiertrain bench families --library transformers --data digits16.npz --count 150", "families-transformers.json",
+    ("hiertrain bench families --library transformers --data digits32.npz --count 150", "families-transformers.json",
      families),
     ("hiertrain bench energy --from bench/results/fleet.json", "energy.json", energy),
     ("hiertrain bench dashboard", "dashboard.json", dashboard),

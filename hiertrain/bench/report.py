@@ -253,6 +253,9 @@ def families_section(fam: dict[str, Any]) -> list[str]:
            "| family | optimizer | units | cut points | BatchNorm layers | params | accuracy before | after | ms/iteration "
            "| schedules | plan | ops |", "|---" * 12 + "|"]
     for r in fam["rows"]:
+        if "error" in r:
+            out.append(f"| {r['family']} | not trained: {r['error']} |" + " |" * 10)
+            continue
         opt = f"{r['optimizer']} {r['lr']}" if "optimizer" in r else f"sgd {fam.get('lr')}"
         out.append(f"| {r['family']} | {opt} | {r['units']} | {r['cut_points']} | {r['batchnorm_layers']} | {r['params']} | "
                    f"{_fmt(r.get('accuracy_before'))} | {_fmt(r.get('accuracy_after'))} | "
