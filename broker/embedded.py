@@ -122,6 +122,9 @@ async def serve(bdir: BrokerDir, port: int) -> None:
 def command(bdir: BrokerDir, port: Optional[int] = None) -> list[str]:
     """The command line that runs the embedded broker for ``bdir`` as a child process."""
     settings = bdir.with_port(port)
+    if settings.bridge:
+        raise BrokerError(f"{bdir.root} bridges its site to the cloud's broker: that takes Mosquitto (apt-get install "
+                          f"-y mosquitto); the embedded broker has no bridge")
     return [sys.executable, "-m", "hiertrain.broker.embedded", "--dir", str(bdir.root), "--port", str(settings.port)]
 
 

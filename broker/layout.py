@@ -47,6 +47,10 @@ class Settings:
     tls_key: Optional[str] = None
     tls_ca: Optional[str] = None
     job: Optional[str] = None  # the one job the accounts serve (None: any job, for trusted jobs only)
+    # a hierarchical job's edge site: this broker bridges its site's sync topics to the cloud's broker,
+    # connecting with the credentials file `broker add-site` wrote there (bridge-<site>.json)
+    site: Optional[str] = None
+    bridge: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.job is not None:
@@ -54,6 +58,8 @@ class Settings:
                 topics.validate_job(self.job)
             except topics.TopicError as exc:
                 raise BrokerError(str(exc)) from None
+        if self.bridge is not None:
+            self.bridge_endpoint()  # checked here, once
         if not 0 < self.port < 65536:
             raise BrokerError(f"port {self.port} is not in 1..65535")
         if self.max_packet_bytes < 1 << 20 or self.max_packet_bytes > 268_435_455:
@@ -64,6 +70,25 @@ class Settings:
         for path in filter(None, tls):
             if not Path(path).is_file():
                 raise BrokerError(f"TLS file {path!r} does not exist")
+
+
+    def bridge_endpoint(self) -> Endpoint:
+        """The cloud's broker and this site's bridge account on it; :class:`BrokerError` in one line."""
+        from hiertrain.errors import ConfigError
+
+        if self.job is None or self.site is None:
+            raise BrokerError("a bridge belongs to one job's edge site: the broker needs --job and --site")
+        try:
+            topics.validate_site(self.site)
+            endpoint = Endpoint.load(self.bridge)
+        except (topics.TopicError, ConfigError, OSError) as exc:
+            raise BrokerError(f"bridge credentials {self.bridge}: {exc}") from None
+        want = f"{topics.BRIDGE}{self.site}"
+        if endpoint.username != want or endpoint.job != self.job:
+            raise BrokerError(f"bridge credentials {self.bridge} are {endpoint.username!r} for job {endpoint.job!r}, "
+                              f"not {want!r} for job {self.job!r}: run `hiertrain broker add-site --site {self.site}` "
+                              f"on the cloud's broker and use the file it writes")
+        return endpoint
 
 
 def password_hash(password: str, *, salt: Optional[bytes] = None) -> str:
@@ -121,11 +146,12 @@ class BrokerDir:
         """The enrolled devices (``add-device``): the password file's accounts beyond the fixed ones."""
         return sorted(a for a in read_password_file(self.passwd) if a not in ACCOUNTS)
 
-    def add_device(self, name: str) -> Path:
+    def add_device(self, name: str, *, account: bool = False) -> Path:
         """Enrol a device: its own account and credentials file, and its lines in the ACL (it publishes
-        only under its own name and reads what the device reads). Returns the credentials file."""
+        only under its own name and reads what the device reads). Returns the credentials file.
+        ``account``: ``name`` is another enrolled account (a site's bridge), already validated."""
         try:
-            topics.validate_device_name(name)
+            account or topics.validate_device_name(name)
         except topics.TopicError as exc:
             raise BrokerError(str(exc)) from None
         settings = self.settings()
@@ -138,6 +164,18 @@ class BrokerDir:
         self._write_credentials(name, password, settings)
         self.acl.write_text(acl_text(settings.job, self.devices()))
         return self.credentials_file(name)
+
+    def add_site(self, site: str) -> Path:
+        """On the cloud's broker of a hierarchical job: an edge site's bridge account (``bridge-<site>``),
+        which may publish only its site's model and read only the average. Returns its credentials
+        file, which the site's broker bridges with (``broker bridge``)."""
+        try:
+            topics.validate_site(site)
+        except topics.TopicError as exc:
+            raise BrokerError(str(exc)) from None
+        if self.settings().job is None:
+            raise BrokerError(f"{self.root} serves any job: a site's bridge needs a broker bound to one (init --job)")
+        return self.add_device(f"{topics.BRIDGE}{site}", account=True)
 
     def remove_device(self, name: str) -> None:
         """Withdraw a device's account, ACL lines and credentials file."""

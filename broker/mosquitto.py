@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from hiertrain.broker.layout import BrokerDir, Settings
+from hiertrain.broker.layout import BrokerDir, Settings, _write_private
 from hiertrain.errors import BrokerError
+from hiertrain.net import topics
 
 READY = " running"
 PID_FILE = "mosquitto.pid"  # "mosquitto version 2.0.11 running", logged once every listener is open
@@ -51,12 +52,38 @@ def config_text(bdir: BrokerDir, settings: Settings) -> str:
     ]
     if settings.tls_cert:
         lines += [f"certfile {settings.tls_cert}", f"keyfile {settings.tls_key}", f"cafile {settings.tls_ca}"]
+    if settings.bridge:
+        lines += ["", *bridge_text(settings)]
     return "\n".join(lines) + "\n"
+
+
+def bridge_text(settings: Settings) -> list[str]:
+    """Mosquitto's own bridge from an edge site's broker to the cloud's: it carries this site's model
+    out and the average in, and nothing else (every other topic stays on the site); it logs in as
+    the site's bridge account, which the cloud's ACL holds to those two topics; TLS when the
+    credentials name a CA."""
+    to = settings.bridge_endpoint()
+    prefix = f"{topics.ROOT}/{settings.job}/"
+    lines = [f"connection hiertrain-{settings.job}-{settings.site}",
+             f"address {to.host}:{to.port}",
+             f"remote_username {to.username}",
+             f"remote_password {to.password}",
+             f"remote_clientid hiertrain-bridge-{settings.job}-{settings.site}",
+             "bridge_protocol_version mqttv311",
+             "cleansession false",   # queued both ways across a WAN outage
+             "notifications false",  # no $SYS state topics: the cloud's ACL would refuse them anyway
+             "try_private true",
+             "restart_timeout 1 10",
+             f"topic sync/up/{settings.site} out 1 {prefix} {prefix}",
+             f"topic sync/down in 1 {prefix} {prefix}"]
+    if to.tls_ca:
+        lines.append(f"bridge_cafile {to.tls_ca}")
+    return lines
 
 
 def write_config(bdir: BrokerDir, port: Optional[int] = None) -> Settings:
     settings = bdir.with_port(port)
-    bdir.conf.write_text(config_text(bdir, settings))
+    _write_private(bdir.conf, config_text(bdir, settings))  # (a bridge's password is in it)
     return settings
 
 

@@ -149,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.add_argument("--dir", required=True)
     rm.set_defaults(handler=commands.cmd_broker_device)
+    site = broker.add_parser("add-site", help="on the cloud's broker of a hierarchical job: an edge site's bridge "
+                                              "account, which carries only the site's model up and the average down")
+    site.add_argument("--site", required=True, help="the edge site's name (a-z 0-9 _ -), e.g. lab1")
+    site.add_argument("--dir", required=True)
+    site.set_defaults(handler=commands.cmd_broker_site)
+    bridge = broker.add_parser("bridge", help="on an edge site's broker: bridge its sync topics to the cloud's broker")
+    bridge.add_argument("--site", required=True, help="this site's name, as add-site was given it")
+    bridge.add_argument("--to", required=True, type=Path, help="the credentials file add-site wrote "
+                        "(bridge-<site>.json, from the cloud's broker directory)")
+    bridge.add_argument("--dir", required=True)
+    bridge.set_defaults(handler=commands.cmd_broker_site)
     svc = broker.add_parser("install-service", help="write a systemd unit for the broker")
     svc.add_argument("--dir", required=True)
     svc.add_argument("--unit-dir", default="/etc/systemd/system")

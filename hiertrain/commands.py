@@ -82,6 +82,30 @@ def cmd_broker_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_site(args: argparse.Namespace) -> int:
+    """``broker add-site`` (the cloud's broker) and ``broker bridge`` (a site's broker)."""
+    from dataclasses import replace
+
+    from hiertrain.broker import mosquitto
+    from hiertrain.broker.layout import BrokerDir
+
+    bdir = BrokerDir(args.dir)
+    if args.action == "add-site":
+        creds = bdir.add_site(args.site)
+        pid = mosquitto.reload(bdir)
+        print(f"site {args.site}: its bridge account is in {creds}; copy it to the site's edge server (mode 0600) "
+              f"and run `hiertrain broker bridge --site {args.site} --to <that file> --dir <its broker>` there"
+              + (f"; the running broker (pid {pid}) reloaded its accounts" if pid else ""))
+        return 0
+    settings = replace(bdir.settings(), site=args.site, bridge=str(args.to.resolve()))  # (checked: one line)
+    bdir.save(settings)
+    mosquitto.write_config(bdir)
+    to = settings.bridge_endpoint()
+    print(f"site {args.site} of job {settings.job}: its broker bridges sync/up/{args.site} out and sync/down in to "
+          f"{to.host}:{to.port} as {to.username}; (re)start it (`hiertrain broker start --dir {bdir.root}`)")
+    return 0
+
+
 def cmd_broker_start(args: argparse.Namespace) -> int:
     import os
 

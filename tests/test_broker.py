@@ -334,3 +334,92 @@ def test_a_harness_that_fails_half_way_stops_the_broker_it_started(tmp_path):
         except OSError:
             pass
     assert not [cmd for cmd in running if conf in cmd]
+
+
+@pytest.mark.integration
+def test_an_edge_sites_broker_bridges_only_its_sync_topics_to_the_clouds(tmp_path):
+    """A hierarchical job's brokers, as an operator sets them up: `broker add-site` on the cloud's,
+    `broker bridge` on the site's, Mosquitto's own bridge between them. The site's model goes up and
+    the average comes down; the site's telemetry, a tier's inbox, another site's topic and a device's
+    forged model stay on the site; a device's account cannot log in to the cloud's broker."""
+    from hiertrain.broker.layout import BrokerDir
+    from hiertrain.broker.process import free_port
+
+    def cli(bdir, *args):
+        return subprocess.run([PYTHON, "-m", "hiertrain", "broker", *args, "--dir", str(bdir.root)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    cloud, site = BrokerDir(tmp_path / "cloud"), BrokerDir(tmp_path / "lab1")
+    for bdir in (cloud, site):
+        bdir.init(Settings(port=free_port(), bind="127.0.0.1", job="farm"))
+    done = cli(cloud, "add-site", "--site", "lab1")
+    assert done.returncode == 0, done.stderr
+    creds = cloud.credentials_file("bridge-lab1")
+    assert oct(os.stat(creds).st_mode & 0o777) == "0o600"
+    for args, why in ((("--site", "lab2", "--to", str(creds)), "not 'bridge-lab2'"),
+                      (("--site", "lab1", "--to", str(tmp_path / "none.json")), "bridge credentials"),
+                      (("--site", "Lab 1", "--to", str(creds)), "bad site name")):
+        done = cli(site, "bridge", *args)
+        assert done.returncode == 1 and why in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert cli(site, "bridge", "--site", "lab1", "--to", str(creds)).returncode == 0
+    conf = site.conf.read_text()
+    assert "remote_username bridge-lab1" in conf and oct(os.stat(site.conf).st_mode & 0o777) == "0o600"
+    assert [line for line in conf.splitlines() if line.startswith("topic ")] == [  # the two topics, nothing else
+        "topic sync/up/lab1 out 1 hiertrain/farm/ hiertrain/farm/", "topic sync/down in 1 hiertrain/farm/ hiertrain/farm/"]
+    site.add_device("pi1")
+
+    with BrokerProcess(cloud, kind="mosquitto") as cb, BrokerProcess(site, kind="mosquitto"):
+        deadline = time.monotonic() + 15  # the bridge logs in on its own: the cloud's broker says when
+        while not any("hiertrain-bridge-farm-lab1" in line for line in cb.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("hiertrain-bridge-farm-lab1" in line for line in cb.log), list(cb.log)[-5:]
+        got: queue.Queue = queue.Queue()
+        subscribed: queue.Queue = queue.Queue()
+
+        def listen(bdir, account, filters):
+            client, rc = raw_client(bdir, account)
+            assert not rc.is_failure
+            client.on_message = lambda c, u, m: got.put((account, m.topic, m.payload))
+            client.on_subscribe = lambda c, u, mid, codes, p: subscribed.put(mid)
+            client.subscribe([(f, 1) for f in filters])
+            subscribed.get(timeout=10)
+            return client
+
+        averager = listen(cloud, "cloud", ["hiertrain/farm/#"])  # reads the sites' models, telemetry, its inbox
+        edge = listen(site, "edge", ["hiertrain/farm/#"])         # reads the average, telemetry, its inbox
+        pi1, _ = raw_client(site, "pi1")
+        for client, topic, payload in ((edge, "hiertrain/farm/edge/telemetry", b"{}"),
+                                       (edge, "hiertrain/farm/edge/act/cloud/1", b"activations"),
+                                       (edge, "hiertrain/farm/sync/up/lab2", b"another site's"),
+                                       (pi1, "hiertrain/farm/sync/up/lab1", b"forged by a device"),
+                                       (edge, "hiertrain/farm/sync/up/lab1", b"lab1's model")):
+            client.publish(topic, payload, qos=1).wait_for_publish(5)
+        # one bridge connection, in order: whatever crossed did so before the site's model
+        crossed = []
+        while not crossed or crossed[-1][2] != b"lab1's model":
+            crossed.append(got.get(timeout=10))
+        assert [m for m in crossed if m[0] == "cloud"] == [("cloud", "hiertrain/farm/sync/up/lab1", b"lab1's model")]
+        # and the cloud's ACL holds the bridge account to that one topic (a stolen bridge password injects nothing)
+        thief, _ = raw_client(cloud, "bridge-lab1")
+        for topic, payload in (("hiertrain/farm/edge/telemetry", b"{}"), ("hiertrain/farm/sync/up/lab2", b"x"),
+                               ("hiertrain/farm/sync/down", b"forged average"), ("hiertrain/farm/sync/up/lab1", b"end")):
+            thief.publish(topic, payload, qos=1).wait_for_publish(5)
+        stolen = [got.get(timeout=10)]
+        while stolen[-1][2] != b"end":
+            stolen.append(got.get(timeout=10))
+        assert [m for m in stolen if m[0] == "cloud"] == [("cloud", "hiertrain/farm/sync/up/lab1", b"end")]
+        assert not [m for m in stolen if m[0] == "edge"]  # no forged average reached the site
+        thief.loop_stop()
+        thief.disconnect()
+
+        for topic, payload in (("hiertrain/farm/cloud/telemetry", b"{}"), ("hiertrain/farm/sync/down", b"average")):
+            averager.publish(topic, payload, qos=1, retain=topic.endswith("down")).wait_for_publish(5)
+        came = []
+        while not came or came[-1][2] != b"average":
+            came.append(got.get(timeout=10))
+        assert [m for m in came if m[0] == "edge"] == [("edge", "hiertrain/farm/sync/down", b"average")]
+        for c in (averager, edge, pi1):
+            c.loop_stop()
+            c.disconnect()
+        _, rc = raw_client(cloud, "pi1", Endpoint.load(site.credentials_file("pi1")).password)
+        assert rc.is_failure  # a device has no account on the cloud's broker

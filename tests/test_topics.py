@@ -66,3 +66,20 @@ def test_each_account_writes_only_its_own_topics():
         assert any(topic_matches(f, topics.schedule("j")) for f in allowed) == (account == "planner")
         for other in set(ACCOUNTS) - {account}:
             assert not any(topic_matches(f, topics.status("j", other)) for f in allowed)
+
+
+def test_a_sites_bridge_account_and_the_sync_topics():
+    from hiertrain.broker.embedded import topic_matches
+
+    assert topics.writable_by("bridge-lab1", "farm") == ["hiertrain/farm/sync/up/lab1"]
+    assert topics.readable_by("bridge-lab1", "farm") == ["hiertrain/farm/sync/down"]
+    assert any(topic_matches(f, topics.sync_up("farm", "lab1")) for f in topics.writable_by("edge", "farm"))
+    assert any(topic_matches(f, topics.sync_down("farm")) for f in topics.writable_by("cloud", "farm"))
+    for account in ("device", "planner", "observer", "pi3"):
+        assert not any(topic_matches(f, t) for f in topics.writable_by(account, "farm")
+                       for t in (topics.sync_up("farm", "lab1"), topics.sync_down("farm")))
+    for bad in ("sync", "bridge-lab1"):  # a device cannot take a site's bridge or the sync topics' name
+        with pytest.raises(TopicError):
+            topics.validate_device_name(bad)
+    with pytest.raises(TopicError):
+        topics.validate_site("Lab 1")

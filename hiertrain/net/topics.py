@@ -8,6 +8,10 @@
     hiertrain/<job>/<account>/profile                     retained JSON hiertrain-profile/1 (a tier's, or a
                                                           fleet device's to join: with a "fleet" object)
     hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.net.wire)
+    hiertrain/<job>/sync/up/<site>                        a hierarchical job: an edge site's model for the
+    hiertrain/<job>/sync/down                             cloud's average, and the average (retained); the
+                                                          only topics a bridge between an edge site's
+                                                          broker and the cloud's carries (broker.mosquitto)
 
 ``<kind>`` is one of :data:`TENSOR_KINDS` or :data:`SERVICE_KINDS` (``segreq``/``segment``: a
 built segment asked of and sent by a builder tier, :mod:`hiertrain.train.artifacts`; ``checkpoint``:
@@ -58,17 +62,39 @@ _DEVICE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 
 def validate_device_name(name: object) -> str:
     """An enrolled device's account name (``broker add-device``): its own topics are under it."""
-    if not isinstance(name, str) or not _DEVICE.match(name) or name in ACCOUNTS or name == "schedule":
+    if (not isinstance(name, str) or not _DEVICE.match(name) or name in ACCOUNTS or name in ("schedule", "sync")
+            or name.startswith(BRIDGE)):
         raise TopicError(f"bad device name {name!r}: use 1-32 characters from a-z 0-9 _ - starting with a "
-                         f"letter, other than {', '.join(ACCOUNTS)}")
+                         f"letter, other than {', '.join(ACCOUNTS)}, sync, and not starting with {BRIDGE}")
     return name
+
+
+BRIDGE = "bridge-"  # an edge site's bridge account on the cloud's broker: bridge-<site>
+
+
+def validate_site(site: object) -> str:
+    """An edge site's name in a hierarchical job (its bridge account is ``bridge-<site>``)."""
+    if not isinstance(site, str) or not _DEVICE.match(site) or len(site) > 32 - len(BRIDGE):
+        raise TopicError(f"bad site name {site!r}: use 1-{32 - len(BRIDGE)} characters from a-z 0-9 _ - "
+                         f"starting with a letter")
+    return site
+
+
+def sync_up(job: str, site: str) -> str:
+    """Where edge site ``site`` publishes its model for the cloud's average (bridged out)."""
+    return f"{ROOT}/{validate_job(job)}/sync/up/{validate_site(site) if site != '+' else site}"
+
+
+def sync_down(job: str) -> str:
+    """Where the cloud publishes the average, retained (bridged in to every site)."""
+    return f"{ROOT}/{validate_job(job) if job != '+' else job}/sync/down"
 
 
 def validate_account(account: object, *, enrolled: bool = False) -> str:
     """One of the job's fixed accounts, or (``enrolled``) an enrolled device's name."""
     if account in ACCOUNTS:
         return account  # type: ignore[return-value]
-    if enrolled and isinstance(account, str) and _DEVICE.match(account) and account != "schedule":
+    if enrolled and isinstance(account, str) and _DEVICE.match(account) and account not in ("schedule", "sync"):
         return account
     raise TopicError(f"bad account {account!r}: expected one of {', '.join(ACCOUNTS)}"
                      + (" or an enrolled device's name" if enrolled else ""))
@@ -184,7 +210,13 @@ def writable_by(account: str, job: str = "+") -> list[str]:
     job = job if job == "+" else validate_job(job)
     if account == "observer":
         return []
+    if account.startswith(BRIDGE):  # an edge site's bridge, on the cloud's broker: its site's model only
+        return [f"{ROOT}/{job}/sync/up/{validate_site(account[len(BRIDGE):])}"]
     own = [f"{ROOT}/{job}/{account}/#"]
+    if account == "edge":  # a site's coordinator: its model up, for the cloud's average
+        return own + [f"{ROOT}/{job}/sync/up/+"]
+    if account == "cloud":  # the averager: the average down
+        return own + [sync_down(job)]
     return own + [f"{ROOT}/{job}/schedule"] if account == "planner" else own
 
 
@@ -201,7 +233,14 @@ def readable_by(account: str, job: str = "+") -> list[str]:
         return common + [f"{ROOT}/{job}/+/profile", BROKER_COUNTERS]
     if account == "planner":
         return common + [f"{ROOT}/{job}/+/profile"]
-    return common + [f"{ROOT}/{job}/+/+/{account}/+"]  # its inbox
+    if account.startswith(BRIDGE):
+        return [sync_down(job)]
+    inbox = common + [f"{ROOT}/{job}/+/+/{account}/+"]
+    if account == "edge":
+        return inbox + [sync_down(job)]
+    if account == "cloud":
+        return inbox + [f"{ROOT}/{job}/sync/up/+"]
+    return inbox
 
 
 def parse(topic: str) -> Topic:
