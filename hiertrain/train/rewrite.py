@@ -270,8 +270,12 @@ def rewrite(n, out, params, consts, shapes, problems, synthetic):
         out.append(helper.make_node("Mul", [n.input[0], name], [n.output[0]], name=n.name))
     elif n.op_type in DECOMPOSE:
         out += DECOMPOSE[n.op_type](n, consts, shapes)
-    elif n.op_type == "Expand":
+    elif n.op_type == "Expand" and n.output[0] in shapes:
         out += _expand(n, consts, shapes)
+    elif n.op_type == "Expand" and n.input[0] in shapes:
+        problems.append(f"Expand (node {n.name!r}): the shape it broadcasts an activation to is not known per sample")
+    elif n.op_type == "Expand":
+        out.append(n)  # of a shape computation: no gradient
     elif n.op_type in ("Conv", "AveragePool", "MaxPool") and attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         explicit = _explicit_pads(n, shapes, params, problems)  # (padding="same": its gradient lowers with explicit pads)
         if explicit is not None:
