@@ -269,8 +269,8 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
     walked down from infinity: each step takes the least-G assignment that fits below its
     predecessor's own tau, the only place a better plan can be; the walk ends when nothing fits, or
     when even the shortest device phase plus that G cannot beat the best plan (exact). Before any
-    walk, deadlines on a coarse grid in every branch give a good plan early, which tightens both ends
-    (and is what a short budget returns). ``allow`` restricts each device's paths (the baselines that
+    walk, deadlines on a coarse grid in every branch, then a finer one around each branch's best, give
+    a good plan early, which tightens both ends (and is what a short budget returns). ``allow`` restricts each device's paths (the baselines that
     take another are not seeds)."""
     from hiertrain.planner.fleetknapsack import OutOfTime, cheapest_within, options
     from hiertrain.planner.fleetpolicies import baseline  # the baselines seed the walk (and one is this)
@@ -311,20 +311,32 @@ def solve(fleet: Fleet, *, budget_s: float = 0.8, allow: Optional[Allow] = None)
         t, _, parts = iteration_time(fleet, chosen)
         if best is None or t < best[0]:
             best = (t, chosen)
-        return g, parts["devices_s"]
+        return g, parts["devices_s"], t
+
+    def grid(opts, taus, floor, sync):
+        """settle at each deadline of ``taus``; (seconds, deadline) of the branch's best among them."""
+        found = [(got[2], float(tau)) for tau in taus for got in [settle(opts, float(tau), floor, sync)] if got]
+        return min(found, default=(math.inf, math.inf))
 
     optimal = True
     try:
-        walks = []  # first every branch's coarse grid (a good plan early, whatever the budget), then the walks
-        for bound, _, opts, floor, sync in branches:
+        walks, near = [], []  # first every branch's coarse grid (a good plan early, whatever the budget), then
+        for bound, _, opts, floor, sync in branches:  # a finer grid around each branch's best, then the walks
             if best is not None and bound >= best[0]:
                 break
             top = settle(opts, math.inf, floor, sync)
             if top is None:
                 continue
-            for tau in np.geomspace(max(floor, 1e-9), max(top[1], 2e-9), 12)[1:-1]:
-                settle(opts, float(tau), floor, sync)
+            taus = np.geomspace(max(floor, 1e-9), max(top[1], 2e-9), 12)
+            t, tau = grid(opts, taus[1:-1], floor, sync)
+            if math.isfinite(t):
+                near.append((t, tau, taus, opts, floor, sync))
             walks.append((bound, opts, floor, sync, top[1]))
+        for t, tau, taus, opts, floor, sync in sorted(near, key=lambda n: n[0]):
+            for _ in range(3):  # around the branch's best, each round a tenth of the last one's span
+                i = int(np.searchsorted(taus, tau))
+                taus = np.geomspace(taus[max(i - 1, 0)], taus[min(i + 1, len(taus) - 1)], 10)
+                t, tau = min((t, tau), grid(opts, taus[1:-1], floor, sync))
         for bound, opts, floor, sync, tau in walks:
             if bound >= best[0]:
                 continue
