@@ -146,18 +146,21 @@ class BrokerDir:
         """The enrolled devices (``add-device``): the password file's accounts beyond the fixed ones."""
         return sorted(a for a in read_password_file(self.passwd) if a not in ACCOUNTS)
 
-    def add_device(self, name: str, *, account: bool = False) -> Path:
+    def add_device(self, name: str) -> Path:
         """Enrol a device: its own account and credentials file, and its lines in the ACL (it publishes
-        only under its own name and reads what the device reads). Returns the credentials file.
-        ``account``: ``name`` is another enrolled account (a site's bridge), already validated."""
+        only under its own name and reads what the device reads). Returns the credentials file."""
         try:
-            account or topics.validate_device_name(name)
+            topics.validate_device_name(name)
         except topics.TopicError as exc:
             raise BrokerError(str(exc)) from None
+        return self._enrol(name)
+
+    def _enrol(self, name: str) -> Path:
+        """An account beyond the fixed ones (a device, a site's bridge): password, credentials, ACL."""
         settings = self.settings()
         users = read_password_file(self.passwd)
         if name in users:
-            raise BrokerError(f"device {name!r} is already enrolled in {self.root} (remove-device it first to "
+            raise BrokerError(f"{name!r} is already enrolled in {self.root} (remove-device it first to "
                               f"give it new credentials)")
         password = secrets.token_urlsafe(18)
         _write_private(self.passwd, "".join(f"{a}:{h}\n" for a, h in {**users, name: password_hash(password)}.items()))
@@ -175,7 +178,7 @@ class BrokerDir:
             raise BrokerError(str(exc)) from None
         if self.settings().job is None:
             raise BrokerError(f"{self.root} serves any job: a site's bridge needs a broker bound to one (init --job)")
-        return self.add_device(f"{topics.BRIDGE}{site}", account=True)
+        return self._enrol(f"{topics.BRIDGE}{site}")
 
     def remove_device(self, name: str) -> None:
         """Withdraw a device's account, ACL lines and credentials file."""

@@ -90,8 +90,7 @@ _SHAPE_OPS = {"Shape", "Size", "ConstantOfShape"}
 # a node whose inputs are all constants is evaluated once at import, whatever its op (transformers'
 # models compute TF-style pads and interpolation checks with Shape, Equal, Where, ConstantOfShape...),
 # except the ops that draw random numbers
-_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-           "Dropout"}
+_RANDOM = {op for op, why in REFUSED.items() if why.startswith("random ops")} | {"Multinomial", "Dropout"}
 
 
 def _folded(n: onnx.NodeProto, consts: dict) -> list | None:
