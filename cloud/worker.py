@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from hiertrain.fleetservice import FleetService, run_step
 from hiertrain.train.fleetroles import Round
-from hiertrain.train.part import Params
+from hiertrain.net.wire import Message
 from hiertrain.tierconfig import TierConfig
 
 
@@ -28,6 +28,6 @@ class CloudWorker(FleetService):
         """Its timings (its ``[profile] file``), for a coordinator whose fleet file has none."""
         return self.cfg.profile
 
-    def work(self, rnd: Round, params: Params) -> None:
+    def work(self, rnd: Round, msg: Message) -> None:
         """Its part of the round's plan (:func:`hiertrain.interpreter.step`), with the weights the round came with."""
-        run_step(self, rnd, params)
+        run_step(self, rnd, dict(msg.tensors))

@@ -8,6 +8,11 @@ samples, m = 0, losslessly compressed with ``[data] compress = true``) with its 
 it then takes the gradient at its cut and sends its parameter gradients. With m = U it computes its
 own loss.
 
+In periodic sync (:mod:`hiertrain.train.periodic`) it keeps its own copy of units 1..m: the edge
+sends it a fresh copy (weights, optimizer moments and the optimizer) only when a window starts, it
+joins or its m changes; it steps the copy itself on the gradient of the mean loss over its own rows,
+and uploads it when a round ends the window.
+
 With a ``[profile] file`` (and ``[fleet] samples``, ``rate_mbps``, ``private``) it publishes its
 profile, retained, and so joins a fleet whose file does not describe it (:mod:`hiertrain.edge.roster`),
 with its power model and energy budget (``[energy]``); a budget that changes is published again.
@@ -24,14 +29,16 @@ from hiertrain.meters import EnergyConfig
 from hiertrain.power import CLASSES, KEYS
 from hiertrain.fleetservice import FleetService, run_step
 from hiertrain.net.compress import sample_tensors
-from hiertrain.train.fleetroles import Round
-from hiertrain.train.part import Params
+from hiertrain.net.wire import Message
+from hiertrain.train import periodic
+from hiertrain.train.fleetroles import Member, Round
 from hiertrain.tierconfig import TierConfig
 
 class DeviceWorker(FleetService):
     def __init__(self, cfg: TierConfig) -> None:
         super().__init__(cfg, account=cfg.endpoint.username, peers=frozenset({"edge"}))
         self.budget: Optional[float] = None  # the energy budget it last published
+        self.copy: Optional[periodic.Replica] = None  # periodic sync: its own copy of units 1..m
         self.data = cfg.training_data(self.spec)
         self.transport.status_extra.update(fleet=True, samples=len(self.data))
 
@@ -60,10 +67,10 @@ class DeviceWorker(FleetService):
                 (self.cfg.energy or EnergyConfig()).budget_now() != self.budget:
             self.announce()
 
-    def work(self, rnd: Round, params: Params) -> None:
+    def work(self, rnd: Round, msg: Message) -> None:
         """Its part of the round's plan: its raw samples up (m = 0), else :func:`hiertrain.interpreter.step`
         on its own rows (units 1..m, the activations at m up with its labels, their gradient back and the
-        parameter gradients; with m = U its own loss)."""
+        parameter gradients; with m = U its own loss). In periodic sync, on its own copy (:meth:`_local`)."""
         mb = next((m for m in rnd.members if m.name == self.account), None)
         if mb is None:
             raise ProtocolError(f"the edge sent weights of round {rnd.round}, whose members do not include "
@@ -73,4 +80,23 @@ class DeviceWorker(FleetService):
             tensors, codec = sample_tensors(x, self.cfg.compress_samples)
             self.send("samples", "edge", rnd.round, 0, {**tensors, "y": y}, **codec)
             return
-        run_step(self, rnd, params, local={self.account: x}, labels=lambda g: y)
+        if rnd.every:
+            self._local(rnd, mb, msg, x, y)
+            return
+        run_step(self, rnd, dict(msg.tensors), local={self.account: x}, labels=lambda g: y)
+
+    def _local(self, rnd: Round, mb: Member, msg: Message, x: np.ndarray, y: np.ndarray) -> None:
+        """Periodic sync: a fresh copy if the edge sent one (else its own, its pending step kept or, the
+        step redone, rolled back), the round's step on it, and the copy up when the round ends a window."""
+        if msg.tensors:
+            config, steps = periodic.opt_from(msg.meta.get("sync_opt"))
+            periodic.check_copy(self.spec, "the edge", mb.m, msg.tensors, config.kind)
+            self.copy = periodic.Replica(self.spec, config, msg.tensors, steps)
+        elif self.copy is None or set(self.copy.params) != set(self.spec.param_shapes(1, mb.m)):
+            raise ProtocolError(f"the edge sent no copy of units 1..{mb.m} in round {rnd.round} and "
+                                f"{self.account} holds none")
+        self.copy.begin(rnd.step)
+        done = run_step(self, rnd, self.copy.params, local={self.account: x}, labels=lambda g: y)
+        self.copy.step(rnd.step, done.grads, rnd.batch / mb.n)
+        if rnd.upload:
+            self.send("weights", "edge", rnd.round, mb.m, self.copy.state())

@@ -19,6 +19,10 @@
 - **The cloud** is planned like a member: lost (or silent) mid-round, the round is redone without
   it (every path then ends at the edge, k = U, whatever a pin said); back, it is planned in again.
 - **Resuming** (``--resume``, a standby's too) continues after the newest checkpoint (:mod:`.state`).
+- **Periodic sync** (``[fleet] sync = {every = K}``, :mod:`hiertrain.train.periodic`): the devices
+  keep their own copies of units 1..m; a round sends a fresh copy only where a window starts, a device
+  joins or its m changes, and the round that ends a window takes every member's copy and averages.
+  Checkpoints are written at the ends of windows only (where the average is the whole model).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from hiertrain.errors import ConfigError, MissingMessage, ProtocolError, TierLos
 from hiertrain.exchanges import Exchange, exchanges
 from hiertrain.net.wire import Message
 from hiertrain.train.fleetroles import Member, Round
+from hiertrain.train import periodic
 from hiertrain.train.part import Params
 from hiertrain.fleetservice import POLL_S, FleetService
 from hiertrain.service import transport_figures
@@ -92,6 +97,12 @@ class Coordinator(FleetService):
         if resume and cfg.checkpoint_dir is None:
             raise ConfigError(f"{cfg.path}: --resume needs a [checkpoint] dir to resume from")
         self.resume = resume  # from the newest checkpoint, its own or a collector's, once the fleet is here
+        self.sync = cfg.fleet_sync
+        self.every = self.sync.every  # K of periodic sync (0: exact); with ``up_to``, the planner's at each plan
+        self.window = periodic.Window()
+        self.holding: dict[str, int] = {}  # periodic: the devices whose copy of units 1..m is current, and m
+        self._fresh: frozenset[str] = frozenset()
+        self._checkpoint_due = False
         if not resume:
             state.fresh(cfg.checkpoint_dir)
 
@@ -121,7 +132,13 @@ class Coordinator(FleetService):
         if not cloud:
             why = "it is offline or was given up on" if self.roster.cloud_known else "its timings are unknown"
             print(f"edge: the fleet planner plans without the cloud: {why}", flush=True)
+        if self.sync.periodic:
+            sub = replace(sub, sync_every=self.sync.every or self.sync.up_to)
         plan = FP.choose(sub, pins=pins, policy=self.cfg.fleet_policy, cloud=cloud)
+        if self.sync.up_to:  # the planner's K: as often as time allows
+            self.every = F.every_within(sub, plan.paths, self.sync.up_to)
+            sub = replace(sub, sync_every=self.every)
+            plan = FP.choose(sub, pins=pins, policy=self.cfg.fleet_policy, cloud=cloud)
         self.version = next_version(self.publisher, self.version)
         self.plan, self.planned_fleet = plan, sub
         planned = set(self.planned[0]) | ({"cloud"} if self.planned[1] else set())
@@ -130,7 +147,8 @@ class Coordinator(FleetService):
         self.planned = (tuple(names), cloud, self.roster.revision)
         self.paths = dict(zip(names, plan.paths))
         lines = F.describe(sub, plan)
-        print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step) for "
+        sync = f", devices averaged every {self.every} steps" if self.every else ""
+        print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step{sync}) for "
               f"{', '.join(names)}:\n  " + "\n  ".join(lines), flush=True)
         if self.publisher is not None:
             self.publisher.publish(self.schedule(step))
@@ -140,7 +158,7 @@ class Coordinator(FleetService):
         assert self.plan is not None
         return fleet_schedule(self.plan, [(n, self.samples(n), self.paths[n]) for n in self.planned[0]],
                               units=self.units, version=self.version, step=step, cloud=self.planned[1],
-                              reason=self.reason)
+                              reason=self.reason, every=self.every)
 
     def _why(self, names: list[str], cloud: bool) -> str:
         """Why the fleet is (re)planned, for the schedule topic: who joined or left, the cloud, a profile."""
@@ -207,7 +225,8 @@ class Coordinator(FleetService):
                         self.replan(names, cloud, step)
                     rnd = Round(rnd_no, step, self.version, self.units, tuple(
                         Member(n, self.samples(n), self.offsets.get(n, 0), self.paths[n].m, self.paths[n].k)
-                        for n in names))
+                        for n in names), self.every,
+                        bool(self.every) and self.window.due(self.every, step, self.cfg.iterations))
                     rnd_no += 1
                     t0 = time.perf_counter()
                     try:
@@ -220,9 +239,11 @@ class Coordinator(FleetService):
                         self.offsets[mb.name] = mb.offset + mb.n
                     self._record(rnd, loss, seconds, logf)
                     step += 1
-                    if self.cfg.checkpoint_dir and (step == self.cfg.iterations or self.cfg.checkpoint_every
-                                                    and step % self.cfg.checkpoint_every == 0):
+                    self._checkpoint_due |= bool(self.cfg.checkpoint_dir) and (
+                        step == self.cfg.iterations or bool(self.cfg.checkpoint_every) and step % self.cfg.checkpoint_every == 0)
+                    if self._checkpoint_due and self.window.steps == 0:  # (periodic: at a window's end)
                         self._checkpoint(step - 1)
+                        self._checkpoint_due = False
             finally:
                 if logf:
                     logf.close()
@@ -238,6 +259,7 @@ class Coordinator(FleetService):
             self.cloud_excluded = True
         else:
             self.roster.excluded.add(who)
+            self.holding.pop(who, None)
         self.transport.mailbox.forget(who)
         why = self.transport.errors.pop(who, None)
         print(f"edge: step {rnd.step} given up in round {rnd.round}: {redo}{f' ({why})' if why else ''}; "
@@ -247,7 +269,8 @@ class Coordinator(FleetService):
         assert self.plan is not None
         row = {"step": rnd.step, "round": rnd.round, "version": rnd.version, "loss": loss, "seconds": seconds,
                "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,
-               "members": [[mb.name, mb.offset, mb.n, mb.m, mb.k] for mb in rnd.members]}
+               "members": [[mb.name, mb.offset, mb.n, mb.m, mb.k] for mb in rnd.members],
+               **({"every": rnd.every, "upload": rnd.upload, "fresh": sorted(self._fresh)} if rnd.every else {})}
         if logf:
             logf.write(json.dumps(row) + "\n")
             logf.flush()
@@ -306,8 +329,16 @@ class Coordinator(FleetService):
         self._involved = {mb.name for mb in rnd.members} | ({"cloud"} if rnd.kappa < U else set())
         self.transport.advance(r)  # what is left of earlier rounds is dropped, and so is anything far ahead
         meta = rnd.to_meta()
+        self._fresh = frozenset(mb.name for mb in rnd.members if rnd.every and mb.m and (
+            self.window.steps == 0 or self.holding.get(mb.name) != mb.m))
         for mb in rnd.members:
-            self.send("weights", mb.name, r, mb.m, part.weights(P, 1, mb.m), **meta)
+            if not rnd.every:
+                self.send("weights", mb.name, r, mb.m, part.weights(P, 1, mb.m), **meta)
+            elif mb.name in self._fresh:  # the edge's copy, and the optimizer to continue it with
+                self.send("weights", mb.name, r, mb.m, periodic.state_of(P, self.optimizer, self.spec.param_shapes(1, mb.m)),
+                          **meta, sync_opt=periodic.opt_meta(self.cfg.optimizer, self.optimizer.step_count))
+            else:
+                self.send("weights", mb.name, r, mb.m, {}, **meta)
         if rnd.kappa < U:
             self.send("weights", "cloud", r, U, part.weights(P, rnd.kappa + 1, U), **meta)
 
@@ -317,12 +348,34 @@ class Coordinator(FleetService):
         try:
             done = interpreter.step(plan, "edge", exchanges(plan, "edge"), part, P, _EdgeIo(self, r), at=f"step {rnd.step}",
                                     lr=self.cfg.optimizer.lr, describe=samples_of)
+            uploads = {mb.name: self._upload(rnd, mb) for mb in rnd.members if rnd.upload and mb.m}
         except ProtocolError as exc:
             if not exc.sender:
                 raise
             raise Redo(exc.sender, str(exc)) from None
-        self.params = self.optimizer.step(P, done.grads)
+        if not rnd.every:
+            self.params = self.optimizer.step(P, done.grads)
+        else:
+            self._step_shared(rnd, done.grads, uploads)
         return 0.0 if done.loss is None else done.loss
+
+    def _upload(self, rnd: Round, mb: Member) -> Params:
+        """A member's copy at the end of a window (periodic sync), whole."""
+        msg = self.take("weights", mb.name, rnd.round, mb.m)
+        periodic.check_copy(self.spec, mb.name, mb.m, msg.tensors, self.cfg.optimizer.kind)
+        return dict(msg.tensors)
+
+    def _step_shared(self, rnd: Round, grads: Params, uploads: dict[str, Params]) -> None:
+        """Periodic sync, the round done: the edge's copy steps on the mean over the rows it trained of
+        each unit, and at a window's end every copy is averaged into it."""
+        rows = periodic.rows_per_unit(rnd.members, self.units)[periodic.SHARED]
+        mine, frozen = periodic.local_grads(self.spec, grads, rows, rnd.batch)
+        self.params = self.optimizer.step(self.params, mine, frozen)
+        self.window.add(rnd.members, self.units, self._fresh)
+        self.holding = {mb.name: mb.m for mb in rnd.members if mb.m}
+        if rnd.upload:
+            shared = periodic.state_of(self.params, self.optimizer, self.params)
+            self.params = periodic.adopt(self.optimizer, self.window.average(self.spec, shared, uploads))
 
     def _lost(self, lost: TierLost) -> None:
         if lost.tier in self._involved:

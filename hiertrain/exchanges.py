@@ -6,7 +6,9 @@ Along each sample group's chain of stages (:mod:`hiertrain.plan`):
 - the group's **samples** go from its data source to its first stage, when that is another account
   (keyed by layer 0);
 - a stage that trains units it does not own takes their **weights** from their owner before the
-  step (keyed by the stage's last unit) and sends their parameter gradients back (**wgrad**);
+  step (keyed by the stage's last unit) and sends their parameter gradients back (**wgrad**), unless
+  its account keeps its own copy (:attr:`hiertrain.plan.Plan.keeps`): then a wgrad without tensors
+  carries the loss it computed, if it computes one;
 - the activations at a stage's end go to the next stage (**act**, keyed by the stage's last unit)
   and their gradient comes back (**grad**); the last stage's output goes to the group's loss
   account when that is another (keyed by the last unit, U).
@@ -51,6 +53,9 @@ def _messages(plan: Plan) -> list[tuple[str, str, str, int, str]]:
             out.append(("samples", g.source, g.stages[0].tier, 0, g.name))
         for j, st in enumerate(g.stages):
             owners = sorted({plan.owners[u - 1] for u in st.units} - {st.tier})
+            if st.tier in plan.keeps:  # its own copy: only the loss it computes goes to the owner (an empty wgrad)
+                out += [("wgrad", st.tier, o, st.last, g.name) for o in owners if g.loss == st.tier == g.stages[-1].tier]
+                owners = []
             for owner in owners:
                 out += [("weights", owner, st.tier, st.last, g.name), ("wgrad", st.tier, owner, st.last, g.name)]
             if j:

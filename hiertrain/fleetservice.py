@@ -109,9 +109,9 @@ class FleetService:
                     if got is None:
                         print(f"{self.account}: the edge ended the run after round {done}", flush=True)
                         return 0
-                    rnd, params = got
+                    rnd, msg = got
                     try:
-                        self.work(rnd, params)
+                        self.work(rnd, msg)
                         self.report(rnd)
                     except TierLost as lost:
                         done = self._edge_lost(lost)
@@ -142,7 +142,8 @@ class FleetService:
         """What :meth:`announce` publishes: nothing, unless a worker says otherwise."""
         return None
 
-    def work(self, rnd: Round, params: dict[str, np.ndarray]) -> None:
+    def work(self, rnd: Round, msg: Message) -> None:
+        """Its part of round ``rnd``, which came with ``msg`` (the weights the edge sent it)."""
         raise NotImplementedError
 
     def after_round(self) -> None:
@@ -163,8 +164,8 @@ class FleetService:
             time.sleep(POLL_S)
         return -1
 
-    def next_round(self, after: int) -> Optional[tuple[Round, dict[str, np.ndarray]]]:
-        """Wait for the coordinator's next round after ``after``: (round, the weights it sent us), or
+    def next_round(self, after: int) -> Optional[tuple[Round, Message]]:
+        """Wait for the coordinator's next round after ``after``: (round, the weights message), or
         ``None`` when it says the run is over. Waits as long as the edge is online (an idle device)."""
         box = self.transport.mailbox
         while True:
@@ -183,7 +184,7 @@ class FleetService:
             if msg.meta.get("stop"):
                 return None
             try:
-                return Round.from_meta(msg.meta), dict(msg.tensors)
+                return Round.from_meta(msg.meta), msg
             except ProtocolError as exc:
                 log.warning("%s: ignored round %d from the edge: %s", self.account, r, exc)
 
@@ -191,9 +192,10 @@ class FleetService:
         return next(k[2] for k in self.transport.mailbox.pending() if k[:2] == ("weights", rnd) and k[3] == "edge")
 
 
-def run_step(worker: FleetService, rnd: Round, params: dict[str, np.ndarray], **kw: Any) -> None:
+def run_step(worker: FleetService, rnd: Round, params: dict[str, np.ndarray], **kw: Any) -> interpreter.Outcome:
     """A worker's part of round ``rnd``'s plan (:func:`hiertrain.interpreter.step`), with the weights the
-    round came with; its waits give the round up once the coordinator moves on (:meth:`FleetService.take`)."""
+    round came with (or its own copy); its waits give the round up once the coordinator moves on
+    (:meth:`FleetService.take`). Returns the gradients of a copy it keeps."""
     r, plan = rnd.round, rnd.plan()
 
     class _Io:
@@ -214,6 +216,6 @@ def run_step(worker: FleetService, rnd: Round, params: dict[str, np.ndarray], **
         def send(self, x: Exchange, tensors: dict[str, np.ndarray], **meta: Any) -> None:
             worker.send(x.kind, x.peer, r, x.layer, tensors, **meta)
 
-    interpreter.step(plan, worker.account, exchanges(plan, worker.account), worker.part, {}, _Io(), replicas=params,
+    return interpreter.step(plan, worker.account, exchanges(plan, worker.account), worker.part, {}, _Io(), replicas=params,
                      at=f"round {r}", lr=worker.cfg.optimizer.lr,
                      describe=lambda names: ", ".join(f"{n}'s samples" for n in names), **kw)

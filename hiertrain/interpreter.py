@@ -122,6 +122,8 @@ def _batches(plan: Plan, account: str, xs: Sequence[Exchange], local: Mapping[st
 
 def _owner_of(plan: Plan, account: str, b: _Batch) -> Optional[str]:
     """Who owns the units of batch ``b`` (None: it has none)."""
+    if account in plan.keeps:
+        return account  # its own copy: it steps it itself
     owners = {plan.owners[u - 1] for u in range(b.first, b.last + 1)}
     if len(owners) > 1:
         raise ValueError(f"{account}: units {b.first}..{b.last} have several owners ({sorted(owners)}); "
@@ -172,7 +174,7 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
             grads: Params = {}
             done = sorted({id(b): b for b in buf.values()}.values(), key=lambda b: (not b.loss, b.order))
             for b in done:
-                add_into(grads, b.grads or {})
+                add_into(grads, {} if account in plan.keeps else b.grads or {})  # (a kept copy: the loss alone)
             meta = {"loss": sum(b.loss_value for b in done)} if any(b.loss for b in done) else {}
             io.send(x, grads, **meta)
             return
@@ -206,7 +208,11 @@ def step(plan: Plan, account: str, xs: Sequence[Exchange], part: Part, params: P
     def settle(b: _Batch) -> None:
         """Batch ``b``'s parameter gradients to the owner of its units (or kept, if that is us)."""
         owner = _owner_of(plan, account, b)
-        if owner is not None and owner != account:
+        if account in plan.keeps:  # its own copy: its loss, if it computed one, to the units' owner
+            for g in b.groups:
+                if b.loss and g.name in sends["wgrad"]:
+                    send(sends["wgrad"][g.name], g.name, b)
+        elif owner is not None and owner != account:
             for g in b.groups:
                 x = sends["wgrad"].get(g.name)
                 if x is None or x.peer != owner:

@@ -6,7 +6,9 @@ a three-tier job, or an enrolled device of a fleet) trained along a **chain of s
 end go to the next stage, their gradients come back, and the group's loss is computed by its
 ``loss`` account (the last stage's, unless a worker_o computes it on another tier's logits). Every
 unit has one **owner**, which holds its weights and optimizer state: a stage that trains units it
-does not own gets their weights from the owner before the step and sends their gradients back.
+does not own gets their weights from the owner before the step and sends their gradients back,
+unless its account *keeps* its own copy (a fleet's device in periodic sync, :mod:`hiertrain.train.periodic`):
+then it steps that copy itself and the owner averages the copies every K steps.
 
 - HierTrain's O/S/L schedule with o = cloud is three groups owned by the cloud:
   ``[(cloud,1,U)]``, ``[(s,1,m_s),(cloud,m_s+1,U)]``, ``[(l,1,m_l),(cloud,m_l+1,U)]``;
@@ -77,6 +79,7 @@ class Plan:
     owners: tuple[str, ...]       # owners[u - 1]: the account holding unit u's weights and optimizer state
     driver: str = "device"        # who runs the clock: the device with its data, or the edge of a fleet
     compress_bits: int = 0        # cut activations quantised to 8 bits (JALAD), else 0
+    keeps: frozenset[str] = frozenset()  # accounts that keep and step their own copy of the units they train
 
     def __post_init__(self) -> None:
         if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
@@ -100,6 +103,9 @@ class Plan:
             tiers = [st.tier for st in g.stages]
             if len(set(tiers)) != len(tiers):
                 raise PlanError(f"group {g.name}: {tiers} visits an account twice")
+        for who in self.keeps:
+            if who in self.owners or _account(who) not in {st.tier for g in self.groups for st in g.stages}:
+                raise PlanError(f"{who} keeps a copy of units it does not train, or owns")
 
     # ------------------------------------------------------------------ views
 
@@ -147,14 +153,15 @@ class Plan:
             loss = f", loss on the {g.loss}" if g.loss != g.stages[-1].tier else ""
             lines.append(f"{g.name}: {g.samples} samples of the {g.source}'s data: {chain}{loss}")
         bits = f"; cut activations in {self.compress_bits} bits" if self.compress_bits else ""
-        lines.append("owners: " + ", ".join(f"{o} {a}..{b}" for o, a, b in _runs(self.owners)) + bits)
+        keeps = f"; {', '.join(sorted(self.keeps))} keep their own copies" if self.keeps else ""
+        lines.append("owners: " + ", ".join(f"{o} {a}..{b}" for o, a, b in _runs(self.owners)) + bits + keeps)
         return lines
 
     # ------------------------------------------------------------------- JSON
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": KIND, "units": self.units, "driver": self.driver, "compress_bits": self.compress_bits,
-                "owners": [list(r) for r in _runs(self.owners)],
+                "owners": [list(r) for r in _runs(self.owners)], **({"keeps": sorted(self.keeps)} if self.keeps else {}),
                 "groups": [{"name": g.name, "source": g.source, "samples": g.samples, "loss": g.loss,
                             "stages": [[st.tier, st.first, st.last] for st in g.stages]} for g in self.groups]}
 
@@ -172,8 +179,11 @@ class Plan:
             groups = tuple(Group(str(g["name"]), str(g["source"]), _int(g["samples"]),
                                  tuple(Stage(str(t), _int(a), _int(b)) for t, a, b in g["stages"]), str(g.get("loss", "")))
                            for g in data["groups"])
+            keeps = data.get("keeps", [])
+            if not isinstance(keeps, list):
+                raise ValueError("keeps must be a list of accounts")
             return cls(_int(data["units"]), groups, tuple(owners), str(data.get("driver", "device")),
-                       _int(data.get("compress_bits", 0)))
+                       _int(data.get("compress_bits", 0)), frozenset(map(str, keeps)))
         except PlanError as exc:
             raise PlanError(f"not a plan: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -224,16 +234,18 @@ def from_schedule(s: "Schedule", *, units: int, batch: int) -> Plan:
 
 
 def for_fleet(members: Iterable[tuple[str, int, int, int]], *, units: int, cloud: str = "cloud",
-              edge: str = "edge") -> Plan:
+              edge: str = "edge", keep: bool = False) -> Plan:
     """A fleet step: per member ``(name, samples, m, k)`` the group ``[(name,1,m),(edge,m+1,k),(cloud,k+1,U)]``
-    (empty stages left out), every unit owned by the edge, which drives."""
+    (empty stages left out), every unit owned by the edge, which drives; ``keep`` (periodic sync): each
+    device keeps its copy of units 1..m."""
     groups = []
     for name, n, m, k in members:
         if not 0 <= m <= k <= units:
             raise PlanError(f"member {name}: path ({m}, {k}) does not fit {units} units")
         stages = tuple(Stage(t, a, b) for t, a, b in ((name, 1, m), (edge, m + 1, k), (cloud, k + 1, units)) if a <= b)
         groups.append(Group(name, name, n, stages))
-    return Plan(units, tuple(groups), (edge,) * units, edge)
+    keeps = frozenset(g.name for g in groups if g.stage_of(g.name) is not None) if keep else frozenset()
+    return Plan(units, tuple(groups), (edge,) * units, edge, keeps=keeps)
 
 
 def handover(prev: Plan, nxt: Plan) -> dict[tuple[str, str], frozenset[int]]:

@@ -40,6 +40,8 @@
     log = "fleet-log.jsonl"       # the edge's: one line per step, who trained which samples
     policy = "hiertrain"          # the edge's: or a baseline: edgesplit, all-local, all-edge, all-cloud, ...
     planner = "broker/credentials/planner.json"  # the edge's: publishes each plan on the schedule topic
+    sync = { every = 4 }          # the edge's: "exact" (default), or the devices' own copies averaged every
+                                  # K steps (periodic sync), or { up_to = K }: the planner picks K <= this
     samples = 8                   # a device's: with [profile] file, it publishes its profile and joins on its
     rate_mbps = 10                # own with this many samples per step, over a radio of this rate,
     private = true                # its raw samples never leaving it (the fleet file may override each)
@@ -63,6 +65,7 @@ from typing import Any, Optional
 from hiertrain import MAX_BATCH, TIERS, config
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.train.optim import OptimizerConfig
+from hiertrain.train.periodic import Sync
 from hiertrain.net.transport import Endpoint
 
 
@@ -103,6 +106,7 @@ class TierConfig:
     fleet_policy: str = "hiertrain"     # the edge's: the fleet planner, or a baseline (plan-fleet lists them)
     fleet_planner: Optional[Endpoint] = None  # the edge's: the planner's account, to publish plans on the schedule topic
     fleet_join: Optional[dict[str, Any]] = None  # a device's: what it says of itself when it publishes its profile
+    fleet_sync: Sync = Sync()           # the edge's: exact, or periodic sync of the devices' copies
     energy: Optional[Any] = None        # the [energy] table: hiertrain.meters.EnergyConfig
 
     def load_data(self, spec: Any) -> Any:
@@ -198,6 +202,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         if not 1 <= c.fleet_join["samples"] <= c.batch or not 0 < c.fleet_join["rate_mbps"] < float("inf"):
             raise bad(f"[fleet] samples = {c.fleet_join['samples']} must be in 1..{c.batch} ([train] batch) and "
                       f"rate_mbps = {c.fleet_join['rate_mbps']} > 0")
+    if c.fleet_sync.periodic and c.tier != "edge":
+        raise bad(f"[fleet] sync is the edge's (its coordinator sends the devices what to do), not the {c.tier}'s")
     if c.fleet_devices < 1:
         raise bad(f"[fleet] devices = {c.fleet_devices} must be >= 1")
     if c.fleet and c.tier == "device" and c.endpoint.username in ("device", "edge", "cloud", "planner", "observer"):
@@ -205,6 +211,18 @@ def _check_limits(c: TierConfig, path: Any) -> None:
                   f"not {c.endpoint.username!r}")
     if c.endpoint.job is not None and c.endpoint.job != c.job:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
+
+
+def _sync(path: Any, value: Any) -> Sync:
+    """``[fleet] sync``: "exact", ``{every = K}`` or ``{up_to = K}`` (K >= 1)."""
+    if value == "exact":
+        return Sync()
+    if isinstance(value, dict) and len(value) == 1 and set(value) <= {"every", "up_to"}:
+        (key, k), = value.items()
+        if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 10_000:
+            return Sync(**{key: k})
+    raise ConfigError(f'{path}: [fleet] sync = {value!r}: expected "exact", {{every = K}} or {{up_to = K}} '
+                      f"with K an integer in 1..10000")
 
 
 def _planner(cfg: Any, credentials: str) -> Endpoint:
@@ -241,7 +259,7 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
     "eval": {"holdout": int, "every": int, "samples": int},
     "profile": {"file": str},
-    "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str,
+    "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str, "sync": "any",
               "samples": int, "rate_mbps": float, "private": bool},
     "energy": {"source": str, "power": str, "idle_w": float, "busy_w": float, "tx_nj_per_bit": float,
                "rx_nj_per_bit": float, "budget_j": float, "battery": str, "low_pct": float, "low_budget_j": float},
@@ -282,6 +300,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         fleet_devices=fleet.get("devices", 1),
         fleet_log=cfg.resolve(fleet["log"]) if "log" in fleet else None,
         fleet_policy=fleet.get("policy", "hiertrain"),
+        fleet_sync=_sync(cfg.path, fleet.get("sync", "exact")),
         fleet_planner=_planner(cfg, fleet["planner"]) if "planner" in fleet else None,
         fleet_join={k: fleet[k] for k in ("samples", "rate_mbps", "private") if k in fleet} or None,
         energy=_energy(cfg, tier, energy),

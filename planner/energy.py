@@ -61,12 +61,14 @@ class Usage:
 class Costs:
     """What a unit costs where: per account, each unit's forward + backward seconds per sample and its
     update's seconds (on its owner, once a step); per cut the activation bytes of one sample
-    (``act_bytes[0]`` a raw sample); each unit's parameter bytes."""
+    (``act_bytes[0]`` a raw sample); each unit's parameter bytes; how many steps apart an account
+    that keeps its own copy (periodic sync) exchanges it."""
 
     unit_s: Mapping[str, Sequence[float]]
     update_s: Mapping[str, Sequence[float]]
     act_bytes: Sequence[float]
     param_bytes: Sequence[float]
+    sync_every: int = 1
 
     @classmethod
     def of_profile(cls, profile: Profile) -> "Costs":
@@ -79,7 +81,7 @@ class Costs:
     def of_fleet(cls, fleet: F.Fleet) -> "Costs":
         """The fleet model's costs (it has no update term: updates cost nothing)."""
         unit = {"edge": fleet.edge_s, "cloud": fleet.cloud_s, **{d.name: d.unit_s for d in fleet.devices}}
-        return cls(unit, {}, fleet.act_bytes, fleet.param_bytes)
+        return cls(unit, {}, fleet.act_bytes, fleet.param_bytes, fleet.sync_every)
 
 
 def usage(plan: Plan, costs: Costs, accounts: Sequence[str] = ()) -> dict[str, Usage]:
@@ -108,9 +110,10 @@ def usage(plan: Plan, costs: Costs, accounts: Sequence[str] = ()) -> dict[str, U
             send(g.loss, g.stages[-1].tier, g.samples * costs.act_bytes[plan.units])
     for account in sorted(plan.working):
         for u in sorted(plan.replicas(account)):
-            owner = plan.owners[u - 1]
-            send(owner, account, costs.param_bytes[u - 1])  # weights
-            send(account, owner, costs.param_bytes[u - 1])  # gradients
+            owner, nbytes = plan.owners[u - 1], costs.param_bytes[u - 1]
+            nbytes /= costs.sync_every if account in plan.keeps else 1  # a kept copy: down and up every K steps
+            send(owner, account, nbytes)  # weights
+            send(account, owner, nbytes)  # gradients
     for u, owner in enumerate(plan.owners, 1):
         update = costs.update_s.get(owner)
         if update:

@@ -70,6 +70,7 @@ class Fleet:
     medium_mbps: float                 # the shared device-edge medium (R)
     cloud_mbps: float                  # the edge-cloud link (R_c)
     layers: tuple[str, ...] = ()       # the model's layer names (a device's profile must be of the same model)
+    sync_every: int = 1                # periodic sync: a device's weights travel once every K steps (1: exact)
 
     def __post_init__(self) -> None:
         u = len(self.param_bytes)
@@ -81,6 +82,8 @@ class Fleet:
                                 f"{d.rate_mbps} Mbit/s")
         if not (self.medium_mbps > 0 and self.cloud_mbps > 0):
             raise PlanError("link rates must be > 0")
+        if self.sync_every < 1:
+            raise PlanError(f"sync_every = {self.sync_every} must be >= 1")
 
     @property
     def units(self) -> int:
@@ -125,13 +128,19 @@ def paths(fleet: Fleet, d: Device, *, min_k: int = 0) -> list[Path]:
     return [Path(m, k) for m in range(1 if d.private else 0, u + 1) for k in range(max(m, min_k), u + 1)]
 
 
+def prefix_bytes(fleet: Fleet, m: int) -> float:
+    """A device's parameter bytes of units 1..m each way per step: every step in exact mode (the
+    weights down, the gradients up), once every K steps in periodic sync (a fresh copy down, its copy up)."""
+    return sum(fleet.param_bytes[:m]) / fleet.sync_every
+
+
 def device_bytes(fleet: Fleet, d: Device, m: int) -> tuple[float, float]:
     """(bytes up, bytes down) over a device's link when it trains units 1..m: its activations at the
     cut up and their gradient down (raw samples up alone for m = 0, nothing for m = U), the gradients
-    of its units up and their new weights down."""
+    of its units up and their new weights down (:func:`prefix_bytes`)."""
     u = fleet.units
     act = d.samples * fleet.act_bytes[m]
-    params = sum(fleet.param_bytes[:m])
+    params = prefix_bytes(fleet, m)
     return (act if m < u else 0.0) + params, (act if 0 < m < u else 0.0) + params
 
 
@@ -207,6 +216,15 @@ def iteration_time(fleet: Fleet, chosen: Sequence[Path]) -> tuple[float, list[fl
     return tau + servers + sync, shares, {"devices_s": tau, "servers_s": servers, "cloud_sync_s": sync}
 
 
+def every_within(fleet: Fleet, chosen: Sequence[Path], up_to: int, *, slack: float = 0.02) -> int:
+    """Periodic sync's K for these paths: the smallest K <= ``up_to`` (the user's accuracy-safe bound)
+    whose step is within ``slack`` of the step at ``up_to``. Averaging more often only costs time, so
+    the devices average as often as it is nearly free."""
+    floor = iteration_time(replace(fleet, sync_every=up_to), chosen)[0]
+    return next(k for k in range(1, up_to + 1) if iteration_time(replace(fleet, sync_every=k), chosen)[0]
+                <= floor * (1 + slack))
+
+
 def plan_of(policy: str, fleet: Fleet, chosen: Sequence[Path]) -> FleetPlan:
     """The plan of given paths, timed, with the best shares of the medium."""
     t, shares, parts = iteration_time(fleet, chosen)
@@ -238,7 +256,7 @@ def terms_table(fleet: Fleet, d: Device, allow: Optional[Allow] = None) -> tuple
     ``allow`` refuses the path."""
     u, n = fleet.units, d.samples
     act = np.asarray(fleet.act_bytes, dtype=float)
-    params = np.concatenate(([0.0], np.cumsum(fleet.param_bytes)))
+    params = np.concatenate(([0.0], np.cumsum(fleet.param_bytes))) / fleet.sync_every
     ms = np.arange(u + 1)
     compute = n * np.concatenate(([0.0], np.cumsum(d.unit_s)))
     up = np.where(ms < u, n * act, 0.0) + params

@@ -47,7 +47,7 @@ def device_dynamic(fleet: F.Fleet, d: F.Device, m: int) -> float:
 def fleet_joules(fleet: F.Fleet, plan: F.FleetPlan) -> dict[str, float]:
     """Joules per step of every machine of a fleet plan at its predicted seconds."""
     members = [(d.name, d.samples, p.m, p.k) for d, p in zip(fleet.devices, plan.paths)]
-    model = for_fleet([mb for mb in members if mb[1] > 0], units=fleet.units)
+    model = for_fleet([mb for mb in members if mb[1] > 0], units=fleet.units, keep=fleet.sync_every > 1)
     return energies(usage(model, Costs.of_fleet(fleet), ("edge", "cloud")), plan.iteration_s, fleet_powers(fleet))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from hiertrain.planner.fleet import MBIT, Fleet, FleetPlan, Path, cloud_sync, server_terms
+from hiertrain.planner.fleet import MBIT, Fleet, FleetPlan, Path, cloud_sync, prefix_bytes, server_terms
 
 
 def simulated_time(fleet: Fleet, chosen: Sequence[Path]) -> float:
@@ -28,7 +28,7 @@ def simulated_time(fleet: Fleet, chosen: Sequence[Path]) -> float:
     edge_end, phases = 0.0, []
     for d, p in zip(fleet.devices, chosen):
         a = d.samples * fleet.act_bytes[p.m] * 8.0
-        pm = sum(fleet.param_bytes[:p.m]) * 8.0
+        pm = prefix_bytes(fleet, p.m) * 8.0
         post = (a if 0 < p.m < u else 0.0) + pm
         e = d.samples * sum(fleet.edge_s[p.m:p.k]) if p.m < u else 0.0
         phases.append([["tx", pm], ["cpu", d.samples * sum(d.unit_s[:p.m])], ["tx", a if p.m < u else 0.0],

@@ -37,9 +37,16 @@ def toml(path: Path, job: str, creds: Path, sections: dict[str, dict[str, Any]],
         ([f"standby = {json.dumps(list(standby))}"] if standby else [])
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _value(v: Any) -> str:
+    """A TOML value: a mapping as an inline table, anything else as JSON writes it (TOML's too)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
 
 
 def standby_broker(stack: Any, bdir: Any, where: Path) -> Any:

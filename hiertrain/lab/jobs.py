@@ -146,6 +146,7 @@ class Fleet:
     cloud_publishes: bool = False
     eval_every: int = 0      # the edge scores held-out accuracy every N steps
     eval_samples: int = 512  # on this many held-out samples
+    sync: Any = "exact"      # the edge's [fleet] sync: "exact", {"every": K} or {"up_to": K}
     driver = "edge"
 
     def __post_init__(self) -> None:
@@ -204,7 +205,7 @@ class Fleet:
         broker = broker or cluster.bdir
         return cluster.config(name, "edge", self._sections(cluster, name, {
             "fleet": {"file": str(self.fleet_file), "log": str(self.log_file),
-                      "devices": self.wait_for or len(self.devices), "policy": policy,
+                      "devices": self.wait_for or len(self.devices), "policy": policy, "sync": self.sync,
                       "planner": str(broker.credentials_file("planner"))},
             "checkpoint": {"dir": str(checkpoints or self.checkpoints),
                            "every": self.checkpoint_every or self.iterations},

@@ -54,23 +54,34 @@ def step_log(cluster: "Cluster") -> list[dict[str, Any]]:
     return sorted({row["step"]: row for row in rows}.values(), key=lambda row: row["step"])
 
 
-def replay(cluster: "Cluster", optimizer: Any = None) -> tuple[list[float], dict[str, np.ndarray]]:
-    """A fleet: single-process training over exactly the samples the step log names, in its order:
-    (losses per step, final parameters)."""
-    from hiertrain.train.reference import SingleProcess
+def replay(cluster: "Cluster", optimizer: Any = None, *, exact: bool = False) -> tuple[list[float], dict[str, np.ndarray]]:
+    """A fleet: single-process training over exactly the samples the step log names, in its order
+    (in periodic sync, unless ``exact``, :class:`~hiertrain.train.reference.Periodic` over its rounds as
+    the log has them): (losses per step, final parameters)."""
+    from hiertrain.train.fleetroles import Member, Round
+    from hiertrain.train.reference import Periodic, SingleProcess
 
     spec = models.get(cluster.job.model)
     edge_cfg = tierconfig.load("edge", cluster.configs["edge"])
-    ref = SingleProcess(spec, optimizer=optimizer or edge_cfg.optimizer, params=models.init_params(spec, edge_cfg.seed))
+    rows = step_log(cluster)
+    opt, params = optimizer or edge_cfg.optimizer, models.init_params(spec, edge_cfg.seed)
+    periodic = not exact and any("every" in row for row in rows)
+    ref = Periodic(spec, optimizer=opt, params=params) if periodic else SingleProcess(spec, optimizer=opt, params=params)
     sets = {n: dataset(cluster, n) for n in cluster.job.specs}
     losses = []
-    for row in step_log(cluster):
+    for row in rows:
         xs, ys = [], []
         for name, offset, n, _, _ in row["members"]:
             x, y = sets[name].take_raw((offset + np.arange(n)) % len(sets[name]))
-            xs.append(data.normalize(x))
+            xs.append(x if periodic else data.normalize(x))
             ys.append(y)
-        losses.append(ref.step(np.concatenate(xs), np.concatenate(ys)))
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        if isinstance(ref, Periodic):
+            rnd = Round(row["round"], row["step"], row["version"], spec.n_units,
+                        tuple(Member(name, n, offset, m, k) for name, offset, n, m, k in row["members"]), row["every"], row["upload"])
+            losses.append(ref.step(rnd, x, y, row["fresh"]))
+        else:
+            losses.append(ref.step(x, y))
     return losses, ref.params
 
 

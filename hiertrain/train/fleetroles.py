@@ -14,7 +14,8 @@ Exact mode: the edge owns every parameter and the optimizer. A loss is computed 
 samples reach the last unit, as the mean over those rows; its gradient is weighted by rows / B
 (B: the round's samples over all members), so the gradients summed at the edge are exactly those of
 the mean loss over all B samples, and one step is single-process SGD over the concatenation of the
-members' samples in member order. A round is a plan of the plan model (:meth:`Round.plan`): the
+members' samples in member order (periodic sync, ``every`` = K > 0: each device steps its own copy of
+units 1..m, averaged every K steps, :mod:`hiertrain.train.periodic`). A round is a plan of the plan model (:meth:`Round.plan`): the
 in-process reference (:mod:`hiertrain.train.reference`) runs it without MQTT, the services in
 ``device/``, ``edge/`` and ``cloud/`` compute its parts (:mod:`hiertrain.train.part`) over MQTT.
 """
@@ -44,6 +45,8 @@ class Round:
     version: int  # the fleet plan it runs
     units: int
     members: tuple[Member, ...]
+    every: int = 0        # periodic sync every K steps (hiertrain.train.periodic); 0: exact mode
+    upload: bool = False  # periodic: the round ends a window, every member uploads its copy after its step
 
     def __post_init__(self) -> None:
         names = [mb.name for mb in self.members]
@@ -85,12 +88,13 @@ class Round:
     def plan(self, *, edge: str = "edge", cloud: str = "cloud") -> P.Plan:
         """The round as the plan model has it: a group per member, owned by the edge."""
         return P.for_fleet(((mb.name, mb.n, mb.m, mb.k) for mb in self.members), units=self.units, edge=edge,
-                           cloud=cloud)
+                           cloud=cloud, keep=self.every > 0)
 
     def to_meta(self) -> dict[str, Any]:
         cols = ("name", "n", "offset", "m", "k")
         return {"round": self.round, "step": self.step, "version": self.version, "units": self.units,
-                **{f"members_{c}": [getattr(mb, c) for mb in self.members] for c in cols}}
+                **{f"members_{c}": [getattr(mb, c) for mb in self.members] for c in cols},
+                **({"sync_every": self.every, "sync_upload": self.upload} if self.every else {})}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "Round":
@@ -99,7 +103,11 @@ class Round:
             if len({len(c) for c in cols}) != 1:
                 raise ValueError("member columns of different lengths")
             members = tuple(Member(str(a), int(b), int(c), int(d), int(e)) for a, b, c, d, e in zip(*cols))
-            return cls(int(meta["round"]), int(meta["step"]), int(meta["version"]), int(meta["units"]), members)
+            every, upload = int(meta.get("sync_every", 0)), meta.get("sync_upload", False)
+            if every < 0 or not isinstance(upload, bool):
+                raise ValueError(f"sync every {every}, upload {upload!r}")
+            return cls(int(meta["round"]), int(meta["step"]), int(meta["version"]), int(meta["units"]), members,
+                       every, upload)
         except PlanError as exc:
             raise ProtocolError(f"not a fleet round: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:

@@ -105,9 +105,12 @@ class Optimizer:
                 self.moments[f"m:{n}"] = np.zeros(s, np.float32)
                 self.moments[f"v:{n}"] = np.zeros(s, np.float32)
 
-    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """New values of every parameter; a parameter without a gradient gets a zero one."""
+    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray],
+             frozen: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """New values of every parameter; a parameter without a gradient gets a zero one, and one of
+        ``frozen`` (with its moments) stays as it was."""
         c = self.config
+        before = dict(self.moments) if frozen else {}
         self.step_count += 1
         f32 = np.float32
         feed: dict[str, np.ndarray] = {"lr": np.array(c.lr, f32)}
@@ -128,4 +131,7 @@ class Optimizer:
             new[n] = outs[per * i]
             if c.kind == "adamw":
                 self.moments[f"m:{n}"], self.moments[f"v:{n}"] = outs[per * i + 1], outs[per * i + 2]
+        for n in frozen:
+            new[n] = params[n]
+            self.moments.update({k: before[k] for k in (f"m:{n}", f"v:{n}") if k in before})
         return new

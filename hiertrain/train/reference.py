@@ -17,11 +17,13 @@ step's ``B`` samples, and the step is one optimizer step on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
 from hiertrain.plan import Group, Plan
+from hiertrain.train import periodic
+from hiertrain.train.fleetroles import Round
 from hiertrain.train.models import ModelSpec, init_params
 from hiertrain.train.optim import Optimizer, OptimizerConfig
 from hiertrain.train.part import Params, Part, add_into, rows
@@ -82,9 +84,18 @@ class InProcessPlan:
     def step(self, plan: Plan, x: np.ndarray, y: np.ndarray) -> float:
         """One step of ``plan`` on its samples ``x`` (as stored) and labels ``y``, in group order: the
         sum of the weighted losses."""
+        loss, grads = self.gradients(plan, x, y, lambda account: self.params)
+        self.params = self.optimizer.step(self.params, grads.get("", {}))
+        return loss
+
+    def gradients(self, plan: Plan, x: np.ndarray, y: np.ndarray, params_of: Callable[[str], Params]
+                  ) -> tuple[float, dict[str, Params]]:
+        """The sum of the weighted losses of one step of ``plan``, each account computing with
+        ``params_of(account)``, and the parameter gradients: those of an account that keeps its own copy
+        (:attr:`~hiertrain.plan.Plan.keeps`) under its name, the owners' under ``""``."""
         if plan.units != self.spec.n_units:
             raise ValueError(f"a plan of {plan.units} units for a model of {self.spec.n_units}")
-        P, part, B = self.params, self.part, plan.batch
+        part, B = self.part, plan.batch
         batches = split(plan, x, y)
         active = [_Rows((j,), g.samples, g.source, chain(plan, g), *batches[g.name]) for j, g in enumerate(plan.groups)]
         runs: list[_Run] = []
@@ -104,25 +115,66 @@ class InProcessPlan:
                 _, a, b = stages[0]
                 if len(stages) == 1:  # the loss
                     w = len(labels) / B
-                    part_loss, run.g_in, run.grads = part.loss(P, a, h, labels, w)
+                    part_loss, run.g_in, run.grads = part.loss(params_of(account), a, h, labels, w)
                     loss += w * part_loss
                 else:
-                    out, run.stash = part.forward(P, a, b, h)
+                    out, run.stash = part.forward(params_of(account), a, b, h)
                     active.append(_Rows(sum((r.groups for r in inputs), ()), len(labels), account, stages[1:], out,
                                         labels, run))
         for run in reversed(runs):  # backward: a run's consumer ran after it
             g_in = run.g_in
             if run.g_out is not None:
-                g_in, run.grads = part.backward(P, run.stage[1], run.stage[2], run.stash, run.g_out)
+                g_in, run.grads = part.backward(params_of(run.stage[0]), run.stage[1], run.stage[2], run.stash, run.g_out)
             start = 0
             for r in run.inputs:
                 if r.made_by is not None and g_in is not None:
                     r.made_by.g_out = g_in[start:start + r.rows]
                 start += r.rows
-        grads: Params = {}
+        grads: dict[str, Params] = {}
         for run in sorted(runs, key=lambda r: r.stash is not None):  # as the three-tier owner sums them: the
-            add_into(grads, run.grads or {})  # losses' first, then the others', in forward order
-        self.params = self.optimizer.step(P, grads)
+            holder = run.stage[0] if run.stage[0] in plan.keeps else ""  # losses' first, then the others', in
+            add_into(grads.setdefault(holder, {}), run.grads or {})  # forward order
+        return loss, grads
+
+
+class Periodic:
+    """A fleet in periodic sync in one process (:mod:`hiertrain.train.periodic`): the edge's copy and
+    optimizer, each device's own copy, the window; the reference the runtime's periodic mode is held to."""
+
+    def __init__(self, spec: ModelSpec, *, optimizer: OptimizerConfig = OptimizerConfig(),
+                 runtime: Optional[Runtime] = None, params: Optional[Mapping[str, np.ndarray]] = None,
+                 seed: int = 0) -> None:
+        self.shared = InProcessPlan(spec, optimizer=optimizer, runtime=runtime, params=params, seed=seed)
+        self.spec, self.config = spec, optimizer
+        self.copies: dict[str, periodic.Replica] = {}
+        self.window = periodic.Window()
+
+    @property
+    def params(self) -> Params:
+        return self.shared.params
+
+    def step(self, rnd: Round, x: np.ndarray, y: np.ndarray, fresh: Iterable[str]) -> float:
+        """Round ``rnd`` (periodic, completed) on its members' samples (as stored, in member order);
+        ``fresh``: the members that got the edge's copy with it."""
+        shared, spec, B = self.shared, self.spec, rnd.batch
+        opt = shared.optimizer
+        for mb in rnd.members:
+            if mb.name in fresh and mb.m:
+                state = periodic.state_of(shared.params, opt, spec.param_shapes(1, mb.m))
+                self.copies[mb.name] = periodic.Replica(spec, self.config, state, opt.step_count)
+        plan = rnd.plan()
+        loss, grads = shared.gradients(plan, x, y, lambda a: self.copies[a].params if a in plan.keeps else shared.params)
+        for mb in rnd.members:
+            if mb.m:
+                self.copies[mb.name].step(rnd.step, grads.get(mb.name, {}), B / mb.n)
+        mine, frozen = periodic.local_grads(spec, grads.get("", {}), periodic.rows_per_unit(rnd.members, rnd.units)
+                                            [periodic.SHARED], B)
+        shared.params = opt.step(shared.params, mine, frozen)
+        self.window.add(rnd.members, rnd.units, fresh)
+        if rnd.upload:
+            average = self.window.average(spec, periodic.state_of(shared.params, opt, shared.params),
+                                          {mb.name: self.copies[mb.name].state() for mb in rnd.members if mb.m})
+            shared.params = periodic.adopt(opt, average)
         return loss
 
 
