@@ -53,6 +53,12 @@
     battery = "/sys/class/power_supply/BAT0/capacity"  # a device's: below low_pct percent,
     low_pct = 20                  # its budget becomes low_budget_j (re-planned within two steps)
     low_budget_j = 2.0
+    [hierarchy]                   # a hierarchical job (several edge sites, their brokers bridged to the cloud's)
+    site = "lab1"                 # the edge's: its site (its broker bridges as bridge-lab1)
+    sites = ["lab1", "lab2"]      # the cloud's averager: the sites it averages
+    every = 20                    # both: the sites' models are averaged every K2 steps (and after the last)
+    wait_s = 60                   # both: how long a site waits for the average, the averager for the sites
+    log = "average-log.jsonl"     # the averager's: one line per round, the sites in it
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from typing import Any, Optional
 from hiertrain import MAX_BATCH, TIERS, config
 from hiertrain.errors import ConfigError, HiertrainError
 from hiertrain.train.optim import OptimizerConfig
+from hiertrain.train.hierarchy import DEFAULT_WAIT_S, Hierarchy
 from hiertrain.train.periodic import Sync
 from hiertrain.net.transport import Endpoint
 
@@ -108,6 +115,7 @@ class TierConfig:
     fleet_join: Optional[dict[str, Any]] = None  # a device's: what it says of itself when it publishes its profile
     fleet_sync: Sync = Sync()           # the edge's: exact, or periodic sync of the devices' copies
     energy: Optional[Any] = None        # the [energy] table: hiertrain.meters.EnergyConfig
+    hierarchy: Optional[Hierarchy] = None  # [hierarchy]: an edge site's, or the cloud averager's
 
     def load_data(self, spec: Any) -> Any:
         """The device's data set, checked against the model (shape, labels): one line if it does not fit."""
@@ -202,6 +210,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         if not 1 <= c.fleet_join["samples"] <= c.batch or not 0 < c.fleet_join["rate_mbps"] < float("inf"):
             raise bad(f"[fleet] samples = {c.fleet_join['samples']} must be in 1..{c.batch} ([train] batch) and "
                       f"rate_mbps = {c.fleet_join['rate_mbps']} > 0")
+    if c.hierarchy is not None and c.tier == "edge" and not c.fleet:
+        raise bad("[hierarchy] on the edge is a site of a hierarchical job: its fleet needs a [fleet] table")
     if c.fleet_sync.periodic and c.tier != "edge":
         raise bad(f"[fleet] sync is the edge's (its coordinator sends the devices what to do), not the {c.tier}'s")
     if c.fleet_devices < 1:
@@ -211,6 +221,42 @@ def _check_limits(c: TierConfig, path: Any) -> None:
                   f"not {c.endpoint.username!r}")
     if c.endpoint.job is not None and c.endpoint.job != c.job:
         raise bad(f"job = {c.job!r}, but the credentials serve only job {c.endpoint.job!r}")
+
+
+def _hierarchy(cfg: Any, tier: str, t: dict[str, Any]) -> Hierarchy:
+    """``[hierarchy]``: on an edge, its ``site`` and ``every`` (K2); on the cloud (the averager), the
+    ``sites`` and ``every``; ``wait_s`` on both, ``log`` on the cloud's."""
+    from hiertrain.errors import TopicError
+    from hiertrain.net.topics import validate_site
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{cfg.path}: [hierarchy] {why}")
+
+    mine = {"edge": {"site", "every", "wait_s"}, "cloud": {"sites", "every", "wait_s", "log"}}.get(tier, set())
+    extra = sorted(set(t) - mine)
+    if extra:
+        raise bad(f"{', '.join(extra)}: not the {tier}'s (an edge site has site, every, wait_s; the cloud's "
+                  f"averager sites, every, wait_s, log)")
+    if "every" not in t or t["every"] < 1:
+        raise bad(f"every = {t.get('every')}: the steps between averages (K2 >= 1), the same on the sites and the cloud")
+    if not 0 < t.get("wait_s", 1.0) <= MAX_TIMEOUT_S:
+        raise bad(f"wait_s = {t['wait_s']} must be > 0")
+    try:
+        if tier == "edge":
+            if "site" not in t:
+                raise bad('needs site = "NAME": this edge server\'s site (its bridge account is bridge-NAME)')
+            validate_site(t["site"])
+        else:
+            sites = t.get("sites")
+            if not isinstance(sites, list) or not sites or len(set(map(str, sites))) != len(sites):
+                raise bad(f"sites = {sites!r}: the edge sites to average, a list of distinct names")
+            for s in sites:
+                validate_site(s)
+    except TopicError as exc:
+        raise bad(str(exc)) from None
+    return Hierarchy(site=t.get("site", ""), every=t["every"], sites=tuple(t.get("sites", ())),
+                     wait_s=float(t.get("wait_s", DEFAULT_WAIT_S)),
+                     log=str(cfg.resolve(t["log"])) if "log" in t else None)
 
 
 def _sync(path: Any, value: Any) -> Sync:
@@ -261,6 +307,7 @@ TABLES: dict[str, dict[str, config.Kind]] = {
     "profile": {"file": str},
     "fleet": {"file": str, "devices": int, "log": str, "policy": str, "planner": str, "sync": "any",
               "samples": int, "rate_mbps": float, "private": bool},
+    "hierarchy": {"site": str, "every": int, "wait_s": float, "sites": list, "log": str},
     "energy": {"source": str, "power": str, "idle_w": float, "busy_w": float, "tx_nj_per_bit": float,
                "rx_nj_per_bit": float, "budget_j": float, "battery": str, "low_pct": float, "low_budget_j": float},
 }
@@ -271,7 +318,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
     if tier not in TIERS:
         raise ConfigError(f"unknown tier {tier!r}")
     cfg = config.load(path).only_tables(TABLES)
-    train, rt, ck, data, ev, prof, fleet, energy = (cfg.table(name, keys) for name, keys in TABLES.items())
+    train, rt, ck, data, ev, prof, fleet, hier, energy = (cfg.table(name, keys) for name, keys in TABLES.items())
 
     try:
         optimizer = OptimizerConfig(train.get("optimizer", "sgd"), lr=train.get("lr", 0.05),
@@ -304,6 +351,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         fleet_planner=_planner(cfg, fleet["planner"]) if "planner" in fleet else None,
         fleet_join={k: fleet[k] for k in ("samples", "rate_mbps", "private") if k in fleet} or None,
         energy=_energy(cfg, tier, energy),
+        hierarchy=_hierarchy(cfg, tier, hier) if "hierarchy" in cfg.raw else None,
     )
     _check_limits(out, cfg.path)
     from hiertrain.train import models

@@ -23,6 +23,7 @@ BENCHES = {
     "planner": "hiertrain.planner.bench",
     "fleet-planner": "hiertrain.planner.fleetbench",
     "fleet": "hiertrain.bench.fleet",
+    "sync": "hiertrain.bench.sync",
     "families": "hiertrain.bench.families",
     "energy": "hiertrain.bench.energy",
     "dashboard": "hiertrain.bench.dashboard",

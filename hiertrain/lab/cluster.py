@@ -93,7 +93,7 @@ class Cluster:
     @unwinding
     def __init__(self, work: Path, job: Any, *, broker_dir: Any = None, network: Any = None,
                  launch: Optional[dict[str, list[str]]] = None, standby: bool = False,
-                 quotas: Optional[dict[str, float]] = None) -> None:
+                 quotas: Optional[dict[str, float]] = None, bridge: Optional[tuple[str, Path]] = None) -> None:
         """``job``: a :class:`~hiertrain.lab.jobs.ThreeTier` or a :class:`~hiertrain.lab.jobs.Fleet`.
         ``broker_dir``: a broker already running (default: one started here, the job's accounts
         enrolled). ``network``: a testbed whose namespaces hold the processes (its ``prefix(where)``,
@@ -101,7 +101,9 @@ class Cluster:
         interpreter; another virtualenv's, an emulated arm64 machine's), with a cache of its own.
         ``standby``: a standby broker (a copy of the broker directory, on loopback) that every account
         and this watcher move to when theirs is gone (:attr:`standby_dir`). ``quotas``: per process,
-        its CPU in cores (cgroup v1, as root), on top of the job's own."""
+        its CPU in cores (cgroup v1, as root), on top of the job's own. ``bridge``: (site, the bridge
+        credentials ``broker add-site`` wrote on the cloud's broker): this broker is that edge site's of a
+        hierarchical job, bridged to the cloud's."""
         from hiertrain.broker.layout import BrokerDir, Settings
         from hiertrain.broker.process import BrokerProcess, available_kind, free_port
         from hiertrain.lab.cgroup import CpuQuota
@@ -116,7 +118,9 @@ class Cluster:
         self.broker = None
         if broker_dir is None:
             broker_dir = BrokerDir(work / "broker")
-            broker_dir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=job.name))
+            site, creds = bridge or (None, None)
+            broker_dir.init(Settings(port=free_port(), bind="0.0.0.0" if network else "127.0.0.1", job=job.name,
+                                     site=site, bridge=str(creds) if creds else None))
             for account in job.accounts():
                 broker_dir.add_device(account)  # before the broker starts: an embedded broker reads accounts once
             self.broker = self.stack.enter_context(BrokerProcess(broker_dir, kind=available_kind(),

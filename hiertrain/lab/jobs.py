@@ -147,6 +147,9 @@ class Fleet:
     eval_every: int = 0      # the edge scores held-out accuracy every N steps
     eval_samples: int = 512  # on this many held-out samples
     sync: Any = "exact"      # the edge's [fleet] sync: "exact", {"every": K} or {"up_to": K}
+    data: Optional[dict[str, Any]] = None  # a [data] table every device takes its shard of (default: synthetic)
+    holdout: int = 0         # ... less its first N samples, which the edge scores on ([eval] holdout)
+    hierarchy: Optional[dict[str, Any]] = None  # the edge's [hierarchy] table: a site of a hierarchical job
     driver = "edge"
 
     def __post_init__(self) -> None:
@@ -190,7 +193,8 @@ class Fleet:
                if standby else {}),
             "cloud": cluster.config("cloud", "cloud", self._sections(cluster, "cloud", cloud)),
             **{d.name: cluster.config(d.name, "device", self._sections(cluster, d.name, {
-                **self._joins(d), "data": d.data or {"dataset": "synthetic", "shard": [i, len(self.specs)]}}))
+                **self._joins(d), "data": d.data or {**(self.data or {"dataset": "synthetic"}), "shard": [i, len(self.specs)]},
+                **({"eval": {"holdout": self.holdout}} if self.holdout else {})}))
                for i, d in enumerate(self.specs.values())}}
 
     def _sections(self, cluster: "Cluster", name: str, sections: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +213,10 @@ class Fleet:
                       "planner": str(broker.credentials_file("planner"))},
             "checkpoint": {"dir": str(checkpoints or self.checkpoints),
                            "every": self.checkpoint_every or self.iterations},
-            **({"eval": {"every": self.eval_every, "samples": self.eval_samples}} if self.eval_every else {})}),
+            **({"data": self.data} if self.data else {}),
+            **({"hierarchy": self.hierarchy} if self.hierarchy else {}),
+            **({"eval": {"every": self.eval_every, "samples": self.eval_samples,
+                         **({"holdout": self.holdout} if self.holdout else {})}} if self.eval_every else {})}),
             broker=broker)
 
     def describe(self, medium_mbps: float, cloud_mbps: float) -> None:

@@ -54,35 +54,93 @@ def step_log(cluster: "Cluster") -> list[dict[str, Any]]:
     return sorted({row["step"]: row for row in rows}.values(), key=lambda row: row["step"])
 
 
-def replay(cluster: "Cluster", optimizer: Any = None, *, exact: bool = False) -> tuple[list[float], dict[str, np.ndarray]]:
-    """A fleet: single-process training over exactly the samples the step log names, in its order
-    (in periodic sync, unless ``exact``, :class:`~hiertrain.train.reference.Periodic` over its rounds as
-    the log has them): (losses per step, final parameters)."""
-    from hiertrain.train.fleetroles import Member, Round
-    from hiertrain.train.reference import Periodic, SingleProcess
+class FleetReplay:
+    """A fleet's training in one process over exactly the samples its step log names, a step at a time:
+    single-process SGD (exact mode, or ``exact``), or :class:`~hiertrain.train.reference.Periodic` over
+    its rounds as the log has them (periodic sync)."""
 
-    spec = models.get(cluster.job.model)
-    edge_cfg = tierconfig.load("edge", cluster.configs["edge"])
-    rows = step_log(cluster)
-    opt, params = optimizer or edge_cfg.optimizer, models.init_params(spec, edge_cfg.seed)
-    periodic = not exact and any("every" in row for row in rows)
-    ref = Periodic(spec, optimizer=opt, params=params) if periodic else SingleProcess(spec, optimizer=opt, params=params)
-    sets = {n: dataset(cluster, n) for n in cluster.job.specs}
-    losses = []
-    for row in rows:
+    def __init__(self, cluster: "Cluster", optimizer: Any = None, *, exact: bool = False) -> None:
+        from hiertrain.train.reference import Periodic, SingleProcess
+
+        self.spec = models.get(cluster.job.model)
+        edge_cfg = tierconfig.load("edge", cluster.configs["edge"])
+        self.rows = step_log(cluster)
+        opt, params = optimizer or edge_cfg.optimizer, models.init_params(self.spec, edge_cfg.seed)
+        self.periodic = not exact and any("every" in row for row in self.rows)
+        self.ref = Periodic(self.spec, optimizer=opt, params=params) if self.periodic else \
+            SingleProcess(self.spec, optimizer=opt, params=params)
+        self.sets = {n: dataset(cluster, n) for n in cluster.job.specs}
+
+    def step(self, row: dict[str, Any]) -> float:
+        from hiertrain.train.fleetroles import Member, Round
+
         xs, ys = [], []
         for name, offset, n, _, _ in row["members"]:
-            x, y = sets[name].take_raw((offset + np.arange(n)) % len(sets[name]))
-            xs.append(x if periodic else data.normalize(x))
+            x, y = self.sets[name].take_raw((offset + np.arange(n)) % len(self.sets[name]))
+            xs.append(x if self.periodic else data.normalize(x))
             ys.append(y)
         x, y = np.concatenate(xs), np.concatenate(ys)
-        if isinstance(ref, Periodic):
-            rnd = Round(row["round"], row["step"], row["version"], spec.n_units,
-                        tuple(Member(name, n, offset, m, k) for name, offset, n, m, k in row["members"]), row["every"], row["upload"])
-            losses.append(ref.step(rnd, x, y, row["fresh"]))
-        else:
-            losses.append(ref.step(x, y))
-    return losses, ref.params
+        if not self.periodic:
+            return self.ref.step(x, y)
+        rnd = Round(row["round"], row["step"], row["version"], self.spec.n_units,
+                    tuple(Member(name, n, offset, m, k) for name, offset, n, m, k in row["members"]), row["every"],
+                    row["upload"])
+        return self.ref.step(rnd, x, y, row["fresh"])
+
+    @property
+    def _owner(self) -> Any:
+        return self.ref.shared if self.periodic else self.ref
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The whole model: weights and optimizer moments (what a site's model carries up)."""
+        from hiertrain.train.periodic import state_of
+
+        return state_of(self._owner.params, self._owner.optimizer, self._owner.params)
+
+    def adopt(self, state: dict[str, np.ndarray]) -> None:
+        from hiertrain.train.periodic import adopt
+
+        self._owner.params = adopt(self._owner.optimizer, state)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.ref.params
+
+
+def replay(cluster: "Cluster", optimizer: Any = None, *, exact: bool = False) -> tuple[list[float], dict[str, np.ndarray]]:
+    """A fleet's run in one process (:class:`FleetReplay`): (losses per step, final parameters)."""
+    ours = FleetReplay(cluster, optimizer, exact=exact)
+    return [ours.step(row) for row in ours.rows], ours.params
+
+
+def replay_hierarchy(sites: dict[str, "Cluster"], rounds: list[dict[str, Any]]
+                     ) -> dict[str, tuple[list[float], dict[str, np.ndarray]]]:
+    """A hierarchical job in one process: each site's fleet (:class:`FleetReplay`) up to each round, the
+    average of the sites the averager's log (``rounds``) names, weighted by their samples, taken by the
+    sites whose step log says they took it. Per site: (losses per step, final parameters)."""
+    from hiertrain.train.hierarchy import average
+
+    ours = {s: FleetReplay(c) for s, c in sites.items()}
+    at = dict.fromkeys(sites, 0)
+    losses: dict[str, list[float]] = {s: [] for s in sites}
+    for r in sorted(rounds, key=lambda r: r["round"]):
+        models = {}
+        for s, rep in ours.items():  # each site up to its step that sent round r's model
+            while at[s] < len(rep.rows):
+                row = rep.rows[at[s]]
+                losses[s].append(rep.step(row))
+                at[s] += 1
+                if row.get("average", {}).get("round") == r["round"]:
+                    break
+            models[s] = (rep.state(), r["samples"].get(s))
+        mean = average({s: models[s] for s in r["sites"]})
+        for s, rep in ours.items():
+            took = rep.rows[at[s] - 1].get("average", {})
+            if took.get("round") == r["round"] and "sites" in took:
+                rep.adopt(mean)
+    for s, rep in ours.items():  # what is left after the last round
+        losses[s] += [rep.step(row) for row in rep.rows[at[s]:]]
+    return {s: (losses[s], ours[s].params) for s in sites}
 
 
 def reports(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version: int, *, skip: int = 0

@@ -52,6 +52,7 @@ class Inbound:
         # whole model's state: a few wait at most (more are refused, counted, and the sender goes on)
         self.service: dict[str, "queue.Queue[Optional[Message]]"] = {
             k: queue.Queue(4 if k == "checkpoint" else 64) for k in topics.SERVICE_KINDS}
+        self.sync: "queue.Queue[Message]" = queue.Queue(64)  # a hierarchical job's models and averages
         self.dropped: Counter[str] = Counter()
         self.received_bytes = 0
         self._rates: dict[str, tuple[int, float]] = {}
@@ -87,7 +88,7 @@ class Inbound:
             return f"bad topic: {exc}"
         if parsed.job != self.job:
             return f"wrong job: {parsed.job!r}"
-        if not isinstance(parsed, topics.TensorTopic):
+        if not isinstance(parsed, (topics.TensorTopic, topics.SyncTopic)):
             try:
                 event = Event(parsed, json.loads(payload), retained)
             except (ValueError, UnicodeDecodeError) as exc:
@@ -99,7 +100,7 @@ class Inbound:
                     return stale
             self.events.put(event)
             return None
-        if parsed.dest != self.account:
+        if isinstance(parsed, topics.TensorTopic) and parsed.dest != self.account:
             return f"misrouted: addressed to {parsed.dest!r}"
         if retained:  # a leftover (or planted) frame replayed by the broker on subscribe: never ours
             return "retained: tensor frames are never taken from the broker's store"
@@ -127,13 +128,23 @@ class Inbound:
             with self._lock:
                 b, t = self._rates.get(msg.sender, (0, 0.0))
                 self._rates[msg.sender] = (b + nbytes, t + seconds)
-        if (msg.sender, msg.kind, msg.dest, msg.layer) != (parsed.sender, parsed.kind, parsed.dest, parsed.layer):
+        if isinstance(parsed, topics.SyncTopic):  # a hierarchical job's model (up) or average (down)
+            want = ("edge", "cloud", parsed.site) if parsed.site else ("cloud", "edge", "")
+            if (msg.kind, msg.layer, msg.sender, msg.dest, msg.meta.get("site", "")) != ("weights", 0, *want):
+                return f"unauthorized: frame says {msg.describe()} of site {msg.meta.get('site')!r} but came on {topic!r}"
+        elif (msg.sender, msg.kind, msg.dest, msg.layer) != (parsed.sender, parsed.kind, parsed.dest, parsed.layer):
             return f"unauthorized: frame says {msg.describe()} but came on {topic!r}"
         if self.validator is not None:
             reason = self.validator(msg)
             if reason:
                 return f"{reason} ({msg.describe()})"
         self.received_bytes += sum(a.nbytes for a in msg.tensors.values())
+        if isinstance(parsed, topics.SyncTopic):
+            try:
+                self.sync.put_nowait(msg)
+            except queue.Full:
+                return "too many models: the sync queue is full"
+            return None
         if msg.kind in self.service:
             try:
                 self.service[msg.kind].put_nowait(msg)

@@ -167,7 +167,24 @@ class ScheduleTopic:
         return f"{ROOT}/{self.job}/schedule"
 
 
-Topic = Union[TensorTopic, AccountTopic, ScheduleTopic]
+@dataclass(frozen=True)
+class SyncTopic:
+    """``hiertrain/<job>/sync/up/<site>`` (a site's model, ``site`` set) or ``hiertrain/<job>/sync/down``
+    (the cloud's average): a hierarchical job's only topics across the bridges."""
+
+    job: str
+    site: str = ""  # "": the average, down
+
+    def __post_init__(self) -> None:
+        validate_job(self.job)
+        if self.site:
+            validate_site(self.site)
+
+    def __str__(self) -> str:
+        return sync_up(self.job, self.site) if self.site else sync_down(self.job)
+
+
+Topic = Union[TensorTopic, AccountTopic, ScheduleTopic, SyncTopic]
 
 
 def tensor(job: str, sender: str, kind: str, dest: str, layer: int) -> str:
@@ -253,6 +270,10 @@ def parse(topic: str) -> Topic:
     try:
         if len(parts) == 3 and parts[2] == "schedule":
             return ScheduleTopic(parts[1])
+        if parts[2:] == ["sync", "down"]:
+            return SyncTopic(parts[1])
+        if len(parts) == 5 and parts[2:4] == ["sync", "up"]:
+            return SyncTopic(parts[1], parts[4])
         if len(parts) == 4:
             return AccountTopic(parts[1], parts[2], parts[3])
         if len(parts) == 6:

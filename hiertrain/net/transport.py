@@ -211,9 +211,9 @@ class Transport:
 
     # -------------------------------------------------------------- sending
 
-    def send(self, msg: Message, *, bulk: bool = False) -> int:
-        """Publish ``msg`` in frames on its tensor topic (QoS 1); return the bytes queued.
-        ``bulk``: behind every other message (see :data:`BULK_CHUNK_BYTES`)."""
+    def send(self, msg: Message, *, bulk: bool = False, topic: Optional[str] = None) -> int:
+        """Publish ``msg`` in frames on its tensor topic (QoS 1; ``topic``: a hierarchical job's sync
+        topic instead); return the bytes queued. ``bulk``: behind every other message (see :data:`BULK_CHUNK_BYTES`)."""
         if msg.sender != self.account or msg.job != self.job:
             raise TransportError(f"account {self.account!r} of job {self.job!r} cannot send {msg.describe()} "
                                  f"of job {msg.job!r}")
@@ -224,8 +224,8 @@ class Transport:
         if bulk:
             chunk = min(chunk, BULK_CHUNK_BYTES)
         frames = encode_message(msg, msg_id=f"{self._nonce}:{next(self._ids)}", chunk_bytes=chunk)
-        return self.outbound.frames(msg.topic, frames, iteration=msg.iteration, keep=msg.kind not in self.service,
-                                    bulk=bulk)
+        return self.outbound.frames(topic or msg.topic, frames, iteration=msg.iteration,
+                                    keep=msg.kind not in self.service and topic is None, bulk=bulk)
 
     def publish_json(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         self.outbound.publish_json(topic, payload, retain=retain)

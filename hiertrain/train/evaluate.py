@@ -53,11 +53,15 @@ class Scorer:
         ds = held_out(cfg, spec)
         self.x, self.y = ds.take(np.arange(min(cfg.eval_samples, len(ds))))
         self.predict = Predictor(spec)  # BatchNorm by its running statistics
+        self.owed = False
 
-    def __call__(self, step: int, params: dict[str, np.ndarray]) -> Optional[float]:
-        """The accuracy after ``step`` if it is one to score (every N-th), else ``None``."""
-        if (step + 1) % self.every:
+    def __call__(self, step: int, params: dict[str, np.ndarray], *, whole: bool = True) -> Optional[float]:
+        """The accuracy after ``step`` if it is one to score (every N-th), else ``None``. ``whole``: the
+        params are the model (in periodic sync, after an average); if not, the score waits for them."""
+        self.owed |= (step + 1) % self.every == 0
+        if not (self.owed and whole):
             return None
+        self.owed = False
         return float((self.predict(params, self.x).argmax(1) == self.y).mean())
 
 
