@@ -35,11 +35,12 @@ def test_three_sites_over_bridged_brokers_equal_their_reference_and_a_site_whose
     cloud = BrokerDir(tmp_path / "cloud")
     cloud.init(Settings(port=free_port(), bind="127.0.0.1", job=JOB))
     paths = {"lab1": (2, 5), "lab2": (3, U), "lab3": (U, U)}
+    for site in SITES:  # (as `broker add-site` does, before the cloud's broker starts here)
+        cloud.add_site(site)
     with ExitStack() as stack:
         stack.enter_context(BrokerProcess(cloud, kind="mosquitto"))
         wans, sites = {}, {}
         for i, site in enumerate(SITES):
-            cloud.add_site(site)
             wans[site] = stack.enter_context(Wan(("127.0.0.1", cloud.settings().port)))  # the site's uplink
             creds = json.loads(cloud.credentials_file(f"bridge-{site}").read_text())
             link = tmp_path / f"bridge-{site}.json"
