@@ -23,7 +23,7 @@
   keep their own copies of units 1..m; a round sends a fresh copy only where a window starts, a device
   joins or its m changes, and the round that ends a window takes every member's copy and averages.
   Checkpoints are written at the ends of windows only (where the average is the whole model).
-- **A site of a hierarchical job** (``[hierarchy] site``, :mod:`hiertrain.train.hierarchy`): every K2
+- **A site of a hierarchical job** (``[hierarchy] site``, :mod:`hiertrain.edge.uplink`): every K2
   steps its whole model goes up to the cloud's averager over the bridged brokers, and the average
   comes back (or, after ``wait_s``, the site trains on with its own).
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import time
 import uuid
 from contextlib import ExitStack
@@ -45,7 +44,6 @@ from hiertrain.errors import ConfigError, MissingMessage, ProtocolError, TierLos
 from hiertrain.exchanges import Exchange, exchanges
 from hiertrain.net.wire import Message
 from hiertrain.train.fleetroles import Member, Round
-from hiertrain.train import hierarchy as H
 from hiertrain.train import periodic
 from hiertrain.train.part import Params
 from hiertrain.fleetservice import POLL_S, FleetService
@@ -62,6 +60,7 @@ from hiertrain.tierconfig import TierConfig
 from hiertrain.edge.publisher import PlanPublisher, fleet_schedule, next_version
 from hiertrain.edge import state
 from hiertrain.edge.roster import Roster
+from hiertrain.edge.uplink import Uplink
 
 log = logging.getLogger("hiertrain.edge")
 
@@ -108,11 +107,7 @@ class Coordinator(FleetService):
         self.holding: dict[str, int] = {}  # periodic: the devices whose copy of units 1..m is current, and m
         self._fresh: frozenset[str] = frozenset()
         self._checkpoint_due = False
-        self.hierarchy = cfg.hierarchy  # a site of a hierarchical job, or None
-        self.trained = 0  # samples trained since the site's model last went up to the cloud
-        self._ahead: dict[int, Message] = {}  # averages of rounds this site has not reached (it was behind)
-        if self.hierarchy is not None:
-            self.transport.subscribe(topics.sync_down(cfg.job))
+        self.uplink = Uplink(self.transport, cfg.job, cfg.hierarchy, cfg.iterations) if cfg.hierarchy else None
         if not resume:
             state.fresh(cfg.checkpoint_dir)
 
@@ -248,7 +243,8 @@ class Coordinator(FleetService):
                     seconds = time.perf_counter() - t0
                     for mb in rnd.members:
                         self.offsets[mb.name] = mb.offset + mb.n
-                    self.trained += rnd.batch
+                    if self.uplink is not None:
+                        self.uplink.trained += rnd.batch
                     average = self._average(rnd.step) if self._average_due(rnd.step) else None
                     self._record(rnd, loss, seconds, logf, average)
                     step += 1
@@ -279,39 +275,16 @@ class Coordinator(FleetService):
               f"redone without it", flush=True)
 
     def _average_due(self, step: int) -> bool:
-        return self.hierarchy is not None and H.due(step, self.hierarchy.every, self.cfg.iterations)
+        return self.uplink is not None and self.uplink.due(step)
 
     def _average(self, step: int) -> dict[str, Any]:
-        """A hierarchical job's round after ``step``: the site's whole model (weights, optimizer moments)
-        and the samples it trained since the last round up to the cloud's averager, its average back
-        within ``wait_s`` (else the site trains on with its own model, saying so)."""
-        h, job = self.hierarchy, self.cfg.job
-        assert h is not None
-        n, t0 = H.round_after(step, h.every), time.monotonic()
-        state = periodic.state_of(self.params, self.optimizer, self.params)
-        self.transport.send(Message("weights", job, "edge", "cloud", n, 0, state, 0,
-                                    {"site": h.site, "samples": self.trained, "step": step}),
-                            topic=topics.sync_up(job, h.site))
-        self.trained = 0
-        while (left := t0 + h.wait_s - time.monotonic()) > 0:
-            try:
-                got = self._ahead.pop(n, None) or self.transport.inbound.sync.get(timeout=min(left, POLL_S))
-            except queue.Empty:
-                continue
-            if got.iteration > n:
-                self._ahead[got.iteration] = got
-                continue
-            if got.iteration < n or set(got.tensors) != set(state):
-                self.transport.inbound.drop(f"stale: the cloud's average of round {got.iteration} ({len(got.tensors)} "
-                                            f"tensors) while waiting for round {n}'s", topics.sync_down(job))
-                continue
-            self.params = periodic.adopt(self.optimizer, got.tensors)
-            sites = [str(s) for s in got.meta.get("sites", [])]
-            print(f"edge: round {n} (after step {step}): took the cloud's average of {', '.join(sites)}", flush=True)
-            return {"round": n, "sites": sites, "seconds": round(time.monotonic() - t0, 4)}
-        print(f"edge: round {n} (after step {step}): no average from the cloud in {h.wait_s:g} s (its WAN link?): "
-              f"{h.site} trains on with its own model", flush=True)
-        return {"round": n, "missed": True, "seconds": round(time.monotonic() - t0, 4)}
+        """A hierarchical job's round after ``step`` (:class:`hiertrain.edge.uplink.Uplink`): the site's
+        whole model up, the cloud's average taken in if it came."""
+        assert self.uplink is not None
+        average, said = self.uplink.round(step, periodic.state_of(self.params, self.optimizer, self.params))
+        if average is not None:
+            self.params = periodic.adopt(self.optimizer, average)
+        return said
 
     def _record(self, rnd: Round, loss: float, seconds: float, logf: Any, average: Optional[dict[str, Any]] = None
                 ) -> None:
@@ -324,7 +297,8 @@ class Coordinator(FleetService):
         if logf:
             logf.write(json.dumps(row) + "\n")
             logf.flush()
-        accuracy = self.scorer(rnd.step, self.params, whole=self.window.steps == 0) if self.scorer else None
+        whole = self.window.steps == 0 and (self.uplink is None or bool(average and "sites" in average))
+        accuracy = self.scorer(rnd.step, self.params, whole=whole) if self.scorer else None  # (the model, averaged)
         self.transport.publish_json(topics.telemetry(self.cfg.job, "edge"), {
             "iteration": rnd.step, "loss": loss, "iteration_s": seconds, "role": "coordinator",
             "schedule_version": rnd.version, "policy": self.plan.policy, "predicted_s": self.plan.iteration_s,

@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--readme", default="README.md", help="report: the README whose benchmark table it rewrites")
     bench.add_argument("--check", action="store_true", help="exit 1 when the benchmark misses its goal")
     bench.add_argument("--data", help="families, sync: an .npz of images (x [N, C, H, W], y) to train on")
-    bench.add_argument("--every", default="2,4,8", help="sync: periodic sync's K values to run (FedAvg at the largest)")
+    bench.add_argument("--every", default="2,4,8", help="sync: periodic sync's K values to run (FedAvg at the largest); "
+                                                         "hierarchy: the K2 values (and the flat runs' K, the largest)")
+    bench.add_argument("--wan", type=_positive_float, default=5.0, help="hierarchy: each site's WAN to the cloud, Mbit/s")
     bench.add_argument("--library", default="written", choices=("written", "transformers"),
                        help="families: the hand-written families (after torchvision's and timm's code) or Hugging "
                             "Face transformers' own models (needs transformers)")

@@ -30,6 +30,9 @@ def run(*args, timeout=120):
     (["bench", "families", "--data", "/nonexistent.npz"], "cannot read /nonexistent.npz"),
     (["bench", "families", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["bench", "families", "--library", "timm"], "invalid choice: 'timm'"),
+    (["bench", "sync"], "bench sync needs --data D.npz"),
+    (["bench", "hierarchy", "--data", "/nonexistent.npz"], "bench hierarchy needs --data D.npz"),
+    (["bench", "hierarchy", "--wan", "0"], "must be greater than 0"),
     (["demo", "--optimizer", "adam"], "invalid choice: 'adam'"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, needle):

@@ -24,6 +24,7 @@ BENCHES = {
     "fleet-planner": "hiertrain.planner.fleetbench",
     "fleet": "hiertrain.bench.fleet",
     "sync": "hiertrain.bench.sync",
+    "hierarchy": "hiertrain.bench.hierarchy",
     "families": "hiertrain.bench.families",
     "energy": "hiertrain.bench.energy",
     "dashboard": "hiertrain.bench.dashboard",

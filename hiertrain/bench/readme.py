@@ -190,14 +190,21 @@ def dashboard(r: dict[str, Any]) -> str:
             f"< {g['state_mb']:g} MB, < {g['poll_kb']:g} KB, < {g['page_s']:g} s{_goal(r.get('meets_goal'))}")
 
 
-def sync(r: dict[str, Any]) -> str:
-    def one(row: dict[str, Any]) -> str:
-        to = row["time_to"].get("0.8")
-        return (f"{row['mode']} {row['mean_s']:.2f} s/step, accuracy {row['final_accuracy']:.3f} after "
-                f"{row['wall_s']:.0f} s" + (f" (0.8 at {to:.0f} s)" if to is not None else " (0.8 never)"))
+def _to_accuracy(row: dict[str, Any]) -> str:
+    to = row["time_to"].get("0.8")
+    return (f"{row['mode']} {row['mean_s']:.2f} s/step, accuracy {row['final_accuracy']:.3f} after "
+            f"{row['wall_s']:.0f} s" + (f" (0.8 at {to:.0f} s)" if to is not None else " (0.8 never)"))
 
+
+def sync(r: dict[str, Any]) -> str:
     return (f"{len(r['devices'])} devices, {r['medium_mbps']:g} Mbit/s medium, LeNet-5 on {r['data']}, {r['steps']} steps: "
-            + "; ".join(one(row) for row in r["rows"]) + " ![](bench/results/sync.png)")
+            + "; ".join(map(_to_accuracy, r["rows"])) + " ![](bench/results/sync.png)")
+
+
+def hierarchy(r: dict[str, Any]) -> str:
+    return (f"{len(r['devices'])} devices on one edge ({r['medium_mbps']:g} Mbit/s) or three sites ({r['medium_mbps']:g} "
+            f"Mbit/s each, WAN {r['wan_mbps']:g} Mbit/s), {r['steps']} steps: " + "; ".join(map(_to_accuracy, r["rows"]))
+            + " ![](bench/results/hierarchy.png)")
 
 
 # (command, JSON file, row) in the README's order
@@ -209,6 +216,8 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench fleet-planner --edges 20 --devices 1000", "fleet-planner-scale.json", fleet_planner_scale),
     ("hiertrain bench fleet --devices 4 --medium 5,20,50 --count 12", "fleet.json", fleet),
     ("scripts/sync.sh (bench sync --data digits.npz --medium 5 --count 200 --every 2,4,8)", "sync.json", sync),
+    ("scripts/sync.sh (bench hierarchy --data digits.npz --medium 5 --wan 5 --count 120 --every 4,16)", "hierarchy.json",
+     hierarchy),
     ("hiertrain bench segments", "segments.json", segments),
     ("hiertrain bench profile", "profile.json", profile),
     ("hiertrain bench deviceloop", "deviceloop.json", deviceloop),

@@ -150,6 +150,7 @@ class Fleet:
     data: Optional[dict[str, Any]] = None  # a [data] table every device takes its shard of (default: synthetic)
     holdout: int = 0         # ... less its first N samples, which the edge scores on ([eval] holdout)
     hierarchy: Optional[dict[str, Any]] = None  # the edge's [hierarchy] table: a site of a hierarchical job
+    profiles: Any = None     # measured profiles to reuse (another job's, of the same model and devices)
     driver = "edge"
 
     def __post_init__(self) -> None:
@@ -173,8 +174,8 @@ class Fleet:
 
     def write(self, cluster: "Cluster") -> dict[str, Path]:
         work = cluster.work
-        self.profiles = measure_profiles(self.model, max(1, self.batch // max(1, len(self.specs))), work,
-                                         {d.quota for d in self.specs.values()})
+        self.profiles = self.profiles or measure_profiles(self.model, max(1, self.batch // max(1, len(self.specs))),
+                                                          work, {d.quota for d in self.specs.values()})
         self.fleet_file, self.log_file, self.checkpoints = work / "fleet.toml", work / "fleet-log.jsonl", work / "ck-edge"
         if self.cloud_publishes:
             from hiertrain.profile import Profile

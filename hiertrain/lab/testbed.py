@@ -97,13 +97,19 @@ class _Namespaces:
         _run("ip", "-n", self.ns["edge"], "link", "set", peer, "up")
         return root_addr, edge_addr
 
-    def _tbf(self, where: str, ifname: str, mbps: float, replace: bool) -> None:
-        """Cap ``ifname``'s egress in namespace ``where`` at ``mbps`` (effective at once)."""
+    def _tbf(self, where: Optional[str], ifname: str, mbps: float, replace: bool) -> None:
+        """Cap ``ifname``'s egress in namespace ``where`` (None: this one) at ``mbps`` (effective at once)."""
         if not mbps > 0:
             raise ConfigError(f"link rate must be > 0 Mbit/s, got {mbps}")
         burst = max(4096, int(mbps * 125_000 / 100))  # ~10 ms of traffic
-        _run("ip", "netns", "exec", self.ns[where], "tc", "qdisc", "replace" if replace else "add", "dev", ifname,
+        _run(*(self.prefix(where) if where else []), "tc", "qdisc", "replace" if replace else "add", "dev", ifname,
              "root", "tbf", "rate", f"{mbps}mbit", "burst", str(burst), "latency", "500ms")
+
+    def shape_wan(self, mbps: float, *, replace: bool = False) -> None:
+        """The link from this namespace to the edge's as a site's WAN to a cloud here (a hierarchical job's
+        brokers bridged over it), capped at ``mbps`` both ways."""
+        self._tbf(None, self._root_if, mbps, replace)
+        self._tbf("edge", f"{self.tag}m1", mbps, replace)
 
     def up(self) -> "_Namespaces":
         raise NotImplementedError

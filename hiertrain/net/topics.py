@@ -9,7 +9,7 @@
                                                           fleet device's to join: with a "fleet" object)
     hiertrain/<job>/<sender>/<kind>/<dest>/<layer>        framed tensors (hiertrain.net.wire)
     hiertrain/<job>/sync/up/<site>                        a hierarchical job: an edge site's model for the
-    hiertrain/<job>/sync/down                             cloud's average, and the average (retained); the
+    hiertrain/<job>/sync/down                             cloud's average, and the average (framed tensors); the
                                                           only topics a bridge between an edge site's
                                                           broker and the cloud's carries (broker.mosquitto)
 

@@ -22,7 +22,7 @@ and the services use the same ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -77,8 +77,3 @@ def check_samples(site: str, samples: object) -> float:
     if isinstance(samples, bool) or not isinstance(samples, (int, float)) or not 0 < samples < 1e15:
         raise ProtocolError(f"{site}'s model says it trained {samples!r} samples", sender=site)
     return float(samples)
-
-
-def included(sites: Sequence[str], have: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(the sites in a round, in order; the expected ones missing)."""
-    return sorted(have), [s for s in sites if s not in have]

@@ -54,10 +54,6 @@ class Sync:
     def periodic(self) -> bool:
         return self.every > 0 or self.up_to > 0
 
-    def describe(self) -> str:
-        return "exact" if not self.periodic else f"every {self.every} steps" if self.every else \
-            f"every K <= {self.up_to} steps (the planner's)"
-
 
 def is_moment(name: str) -> bool:
     return name[:2] in MOMENTS
