@@ -166,3 +166,49 @@ def test_a_good_hierarchy_table_loads(tmp_path, broker_dir):
                    '[hierarchy]\nsites = ["lab1", "lab2"]\nevery = 5\nwait_s = 30\nlog = "rounds.jsonl"\n')
     h = tierconfig.load("cloud", cfg).hierarchy
     assert h == H.Hierarchy(every=5, sites=("lab1", "lab2"), wait_s=30.0, log=str(tmp_path / "rounds.jsonl"))
+
+
+@pytest.mark.protocol
+def test_the_averager_refuses_forged_and_malformed_models_and_averages_what_it_has(tmp_path, broker_dir, mosquitto,
+                                                                                    connect):
+    """On the cloud's broker, models that are not finite, that say another site than their topic's or an
+    impossible sample count are dropped with their reason and counted; the round is averaged over the
+    site that sent a good model, the other named missing after wait_s, and the averager ends."""
+    import threading
+
+    from hiertrain import tierconfig
+    from hiertrain.cloud.averager import Averager
+    from hiertrain.net import topics
+    from hiertrain.net.wire import Message
+    from hiertrain.train import models
+
+    cfg = toml(tmp_path / "averager.toml", "t", broker_dir.credentials_file("cloud"), {
+        "train": {"model": "lenet5", "iterations": 2, "batch": 8},
+        "hierarchy": {"sites": ["lab1", "lab2"], "every": 2, "wait_s": 2.0, "log": str(tmp_path / "rounds.jsonl")}})
+    averager = Averager(tierconfig.load("cloud", cfg))
+    done: list[int] = []
+    thread = threading.Thread(target=lambda: done.append(averager.run()), daemon=True)
+    thread.start()
+    edge = connect("edge")
+    edge.subscribe(topics.sync_down("t"))
+    time.sleep(1.0)
+    good = {k: np.full(s, 0.5, np.float32) for k, s in models.get("lenet5").param_shapes().items()}
+    bad = {**good, next(iter(good)): np.full(next(iter(good.values())).shape, np.nan, np.float32)}
+
+    def up(site, tensors, **meta):
+        edge.send(Message("weights", "t", "edge", "cloud", 1, 0, tensors, 0, {"site": site, "samples": 8, **meta}),
+                  topic=topics.sync_up("t", "lab1"))
+
+    up("lab1", bad)                    # not finite
+    up("lab2", good)                   # says lab2 on lab1's topic
+    up("lab1", good, samples=-3)       # an impossible sample count
+    up("lab1", good)
+    thread.join(30)
+    assert done == [0]
+    dropped = dict(averager.transport.inbound.dropped)
+    assert dropped == {"non-finite": 1, "unauthorized": 1, "refused": 1}, dropped
+    rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert rows == [{"round": 1, "sites": ["lab1"], "missing": ["lab2"], "samples": {"lab1": 8.0}}]
+    got = edge.inbound.sync.get(timeout=10)
+    assert got.iteration == 1 and got.meta["sites"] == ["lab1"] and got.meta["missing"] == ["lab2"]
+    assert all(np.array_equal(got.tensors[k], v) for k, v in good.items())
