@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--budget", type=_positive_float, default=0.8, metavar="S", help="search time before settling")
     pf.add_argument("--energy-budget", type=_positive_float, metavar="J",
                     help="every device's most joules per step (beside the fleet file's budget_j)")
+    pf.add_argument("--sync-every", type=_positive_int, default=1, metavar="K",
+                    help="periodic sync: the devices' weights travel once every K steps ([fleet] sync = { every = K })")
     pf.add_argument("--json", action="store_true", help="print one JSON object")
     pf.set_defaults(handler=commands.cmd_plan_fleet)
 

@@ -255,7 +255,7 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
     from hiertrain.planner import fleetfile as FF
     from hiertrain.planner import fleetpolicies as FP
 
-    fl = FF.load(args.file)
+    fl = replace(FF.load(args.file), sync_every=args.sync_every)
     if args.energy_budget is not None:
         fl = replace(fl, devices=tuple(replace(d, budget_j=d.budget_j or args.energy_budget) for d in fl.devices))
     budgeted = any(d.budget_j for d in fl.devices)
@@ -264,6 +264,7 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
     joules = FE.fleet_joules(fl, plan)
     if args.json:
         print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
+                          "sync_every": fl.sync_every,
                           "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s,
                                        "joules": joules[d.name], "budget_j": d.budget_j}
                                       for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
@@ -272,7 +273,8 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
                           "baselines_joules": {p: FE.fleet_joules(fl, b) for p, b in others.items()}}))
         return 0
     print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}"
-          f"{', within every energy budget' if budgeted else ''}):")
+          f"{', within every energy budget' if budgeted else ''}"
+          f"{f', devices averaged every {fl.sync_every} steps' if fl.sync_every > 1 else ''}):")
     for d, line in zip(fl.devices, F.describe(fl, plan)):
         budget = f" (budget {d.budget_j:g} J)" if d.budget_j else ""
         print(f"  {line}; {joules[d.name]:.3g} J per step{budget}")

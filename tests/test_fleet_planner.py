@@ -147,6 +147,12 @@ def test_a_fleet_file_of_profiles_is_planned_by_the_cli_and_bad_ones_refused_in_
     assert got["optimal"] and got["iteration_s"] == pytest.approx(F.brute_force(fleet).iteration_s, rel=1e-9)
     assert [d["name"] for d in got["devices"]] == ["pi3", "jetson"] and got["devices"][0]["device_units"] >= 1
     assert all(t >= got["iteration_s"] * (1 - 1e-9) for t in got["baselines_s"].values())
+    out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "fleet.toml"), "--json",
+                          "--sync-every", "8"], capture_output=True, text=True, timeout=120)
+    periodic = json.loads(out.stdout)  # the devices' weights once every 8 steps: the optimum of that fleet
+    assert periodic["sync_every"] == 8 and got["sync_every"] == 1
+    assert periodic["iteration_s"] == pytest.approx(F.brute_force(replace(fleet, sync_every=8)).iteration_s, rel=1e-9)
+    assert periodic["iteration_s"] <= got["iteration_s"]
     # a coordinator's file may leave the cloud's timings to the cloud, which publishes them
     (tmp_path / "edge-only.toml").write_text(text.replace('"servers.json"', '"edge.json"'))
     file = FF.read(tmp_path / "edge-only.toml")
