@@ -25,7 +25,6 @@ from typing import Any, Optional
 import numpy as np
 
 from hiertrain.errors import ProtocolError
-from hiertrain.meters import EnergyConfig
 from hiertrain.power import CLASSES, KEYS
 from hiertrain.fleetservice import FleetService, run_step
 from hiertrain.net.compress import sample_tensors
@@ -37,7 +36,7 @@ from hiertrain.tierconfig import TierConfig
 class DeviceWorker(FleetService):
     def __init__(self, cfg: TierConfig) -> None:
         super().__init__(cfg, account=cfg.endpoint.username, peers=frozenset({"edge"}))
-        self.budget: Optional[float] = None  # the energy budget it last published
+        self.budgets: dict[str, float] = {}  # the energy budgets it last published (budget_j, budget_w)
         self.copy: Optional[periodic.Replica] = None  # periodic sync: its own copy of units 1..m
         self.data = cfg.training_data(self.spec)
         self.transport.status_extra.update(fleet=True, samples=len(self.data))
@@ -50,13 +49,13 @@ class DeviceWorker(FleetService):
         and budget), to join."""
         if self.cfg.profile is None or self.cfg.fleet_join is None:
             return None
-        energy = self.cfg.energy or EnergyConfig()
-        self.budget = energy.budget_now()
-        p = energy.power
+        self.budgets = self.energy.budgets_now()
+        p = self.energy.power
         power = {"class": p.name} if CLASSES.get(p.name) == p else {k: getattr(p, k) for k in KEYS}
         tiers = {t: ({**v, "power": power} if t == "device" else v) for t, v in self.cfg.profile["tiers"].items()}
-        said = {**self.cfg.fleet_join, **({"budget_j": self.budget} if self.budget else {})}
-        budget = f", a budget of {self.budget:g} J per step" if self.budget else ""
+        said = {**self.cfg.fleet_join, **self.budgets}
+        budget = "".join(f", a budget of {v:g} {'J per step' if k == 'budget_j' else 'W on average'}"
+                         for k, v in self.budgets.items())
         print(f"{self.account}: publishes its profile to join ({said['samples']} samples per step{budget})", flush=True)
         return {**self.cfg.profile, "tiers": tiers, "fleet": said}
 
@@ -64,7 +63,7 @@ class DeviceWorker(FleetService):
         """A budget that changed (its battery fell below [energy] low_pct, or came back) is published
         with the profile: the edge re-plans the fleet from the next step."""
         if self.cfg.profile is not None and self.cfg.fleet_join is not None and \
-                (self.cfg.energy or EnergyConfig()).budget_now() != self.budget:
+                self.energy.budgets_now() != self.budgets:
             self.announce()
 
     def work(self, rnd: Round, msg: Message) -> None:

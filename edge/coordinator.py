@@ -153,6 +153,7 @@ class Coordinator(FleetService):
         self.paths = dict(zip(names, plan.paths))
         lines = F.describe(sub, plan)
         sync = f", devices averaged every {self.every} steps" if self.every else ""
+        sync += f", paced to {plan.parts['pace_s']:.4f} s for average-watts budgets" if plan.parts.get("pace_s") else ""
         print(f"edge: plan v{self.version} ({plan.policy}, predicted {plan.iteration_s:.4f} s/step{sync}) for "
               f"{', '.join(names)}:\n  " + "\n  ".join(lines), flush=True)
         if self.publisher is not None:
@@ -240,6 +241,9 @@ class Coordinator(FleetService):
                     except Redo as redo:
                         self._give_up(rnd, redo)
                         continue
+                    hold = self.plan.parts.get("pace_s", 0.0) - (time.perf_counter() - t0)
+                    if hold > 0:  # devices' average-watts budgets: the step is paced to keep them
+                        time.sleep(hold)
                     seconds = time.perf_counter() - t0
                     for mb in rnd.members:
                         self.offsets[mb.name] = mb.offset + mb.n

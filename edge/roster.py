@@ -87,7 +87,8 @@ class Roster:
             self.revision += 1
             self._named = {said for said in self._named if said[0] != name}
             energy = (f", power {device.power.name}" if device.power else "") + \
-                (f", budget {device.budget_j:g} J per step" if device.budget_j else "")
+                (f", budget {device.budget_j:g} J per step" if device.budget_j else "") + \
+                (f", budget {device.budget_w:g} W on average" if device.budget_w else "")
             print(f"edge: {name} {verb}: {device.samples} samples per step, radio "
                   f"{device.rate_mbps:g} Mbit/s{', private' if device.private else ''}{energy}", flush=True)
 

@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--budget", type=_positive_float, default=0.8, metavar="S", help="search time before settling")
     pf.add_argument("--energy-budget", type=_positive_float, metavar="J",
                     help="every device's most joules per step (beside the fleet file's budget_j)")
+    pf.add_argument("--energy-budget-w", type=_positive_float, metavar="W",
+                    help="every device's most watts on average over training, its watt-hours per hour (beside the "
+                         "fleet file's budget_w): the step is paced to keep it")
     pf.add_argument("--sync-every", type=_positive_int, default=1, metavar="K",
                     help="periodic sync: the devices' weights travel once every K steps ([fleet] sync = { every = K })")
     pf.add_argument("--json", action="store_true", help="print one JSON object")

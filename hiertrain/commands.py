@@ -256,9 +256,9 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
     from hiertrain.planner import fleetpolicies as FP
 
     fl = replace(FF.load(args.file), sync_every=args.sync_every)
-    if args.energy_budget is not None:
-        fl = replace(fl, devices=tuple(replace(d, budget_j=d.budget_j or args.energy_budget) for d in fl.devices))
-    budgeted = any(d.budget_j for d in fl.devices)
+    fl = replace(fl, devices=tuple(replace(d, budget_j=d.budget_j or args.energy_budget,
+                                           budget_w=d.budget_w or args.energy_budget_w) for d in fl.devices))
+    budgeted = any(d.budget_j or d.budget_w for d in fl.devices)
     plan = FE.fleet_budget(fl, budget_s=args.budget) if budgeted else F.solve(fl, budget_s=args.budget)
     others = {p: FP.baseline(fl, p) for p in FP.POLICIES[1:]}
     joules = FE.fleet_joules(fl, plan)
@@ -266,18 +266,23 @@ def cmd_plan_fleet(args: argparse.Namespace) -> int:
         print(json.dumps({"policy": plan.policy, "iteration_s": plan.iteration_s, "optimal": plan.parts["optimal"],
                           "sync_every": fl.sync_every,
                           "devices": [{"name": d.name, "device_units": p.m, "edge_to": p.k, "share_mbps": s,
-                                       "joules": joules[d.name], "budget_j": d.budget_j}
+                                       "joules": joules[d.name], "budget_j": d.budget_j, "budget_w": d.budget_w,
+                                       "watts": joules[d.name] / plan.iteration_s}
                                       for d, p, s in zip(fl.devices, plan.paths, plan.shares_mbps)],
                           "joules": joules, "parts": plan.parts,
                           "baselines_s": {p: b.iteration_s for p, b in others.items()},
                           "baselines_joules": {p: FE.fleet_joules(fl, b) for p, b in others.items()}}))
         return 0
+    pace = f", paced to {plan.parts['pace_s']:.4f} s for average watts" if plan.parts.get("pace_s") else ""
     print(f"{plan.iteration_s:.4f} s/iteration ({'optimal' if plan.parts['optimal'] else 'best found in the budget'}"
           f"{', within every energy budget' if budgeted else ''}"
+          f"{pace}"
           f"{f', devices averaged every {fl.sync_every} steps' if fl.sync_every > 1 else ''}):")
     for d, line in zip(fl.devices, F.describe(fl, plan)):
-        budget = f" (budget {d.budget_j:g} J)" if d.budget_j else ""
-        print(f"  {line}; {joules[d.name]:.3g} J per step{budget}")
+        budget = ", ".join(([f"budget {d.budget_j:g} J"] if d.budget_j else [])
+                           + ([f"budget {d.budget_w:g} W"] if d.budget_w else []))
+        print(f"  {line}; {joules[d.name]:.3g} J per step, {joules[d.name] / plan.iteration_s:.3g} W"
+              f"{f' ({budget})' if budget else ''}")
     print(f"  edge {joules['edge']:.3g} J, cloud {joules['cloud']:.3g} J per step")
 
     def devices_j(p: F.FleetPlan) -> float:

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from hiertrain import interpreter
+from hiertrain.meters import EnergyConfig
 from hiertrain.exchanges import Exchange, exchanges
 from hiertrain.net import topics
 from hiertrain.train import checkpoint, models
@@ -55,6 +56,10 @@ class FleetService:
         if held:  # a restarted collector still holds the coordinator's checkpoints (a standby resumes from them)
             self.transport.status_extra["checkpoint_iteration"] = held[-1]
         self.run_id: Optional[str] = None  # the coordinator's run: its own (the edge), or the one followed
+        self.energy = cfg.energy or EnergyConfig()
+        self.meter = self.energy.meter()  # a worker's joules per step, in its telemetry
+        self.stats = interpreter.Stats()  # this round's compute phases (its busy seconds)
+        self.since: Optional[float] = None  # when its previous round ended: a step's joules include the wait
 
     @contextmanager
     def connected(self) -> Iterator[None]:
@@ -110,6 +115,8 @@ class FleetService:
                         print(f"{self.account}: the edge ended the run after round {done}", flush=True)
                         return 0
                     rnd, msg = got
+                    if self.since is None:
+                        self.since = time.perf_counter()
                     try:
                         self.work(rnd, msg)
                         self.report(rnd)
@@ -127,10 +134,18 @@ class FleetService:
                 raise
 
     def report(self, rnd: Round) -> None:
-        """After its part of a round, the worker's telemetry: the step, its plan, its links and refusals."""
+        """After its part of a round, the worker's telemetry: the step, its plan, its links and refusals,
+        and its joules since its previous round ended (:class:`hiertrain.meters.Meter`: its own reader,
+        or its power model over those seconds, the seconds it computed and the bytes it moved)."""
+        now = time.perf_counter()
+        seconds, self.since = now - (self.since or now), now
+        busy, self.stats = sum(self.stats.phases.values()), interpreter.Stats()
+        energy = self.meter.step(seconds, busy, self.transport.sent_bytes, self.transport.received_bytes)
+        budgets = self.energy.budgets_now() if tier_of(self.account) == "device" else {}
         self.transport.publish_json(topics.telemetry(self.cfg.job, self.account), {
             "iteration": rnd.step, "round": rnd.round, "schedule_version": rnd.version,
-            "role": f"{tier_of(self.account)} worker", **transport_figures(self.transport, self.account)})
+            "role": f"{tier_of(self.account)} worker", "iteration_s": seconds, "busy_s": busy, "energy": energy,
+            **budgets, **transport_figures(self.transport, self.account)})
 
     def announce(self) -> None:
         """Once connected, a worker publishes its profile (retained), if it has one to give."""
@@ -217,5 +232,5 @@ def run_step(worker: FleetService, rnd: Round, params: dict[str, np.ndarray], **
             worker.send(x.kind, x.peer, r, x.layer, tensors, **meta)
 
     return interpreter.step(plan, worker.account, exchanges(plan, worker.account), worker.part, {}, _Io(), replicas=params,
-                     at=f"round {r}", lr=worker.cfg.optimizer.lr,
+                     at=f"round {r}", lr=worker.cfg.optimizer.lr, stats=worker.stats,
                      describe=lambda names: ", ".join(f"{n}'s samples" for n in names), **kw)

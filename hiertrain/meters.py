@@ -186,7 +186,8 @@ class Meter:
 @dataclass(frozen=True)
 class EnergyConfig:
     """A tier's ``[energy]`` table: where its joules come from, its power model, and (a device) its
-    budget per step, lowered to ``low_budget_j`` while its battery is below ``low_pct`` percent."""
+    budget per step, lowered to ``low_budget_j`` while its battery is below ``low_pct`` percent; a fleet
+    device's may be in average watts over training too (``budget_w``, ``low_budget_w``: a budget per hour)."""
 
     source: str = "auto"
     power: PowerModel = power_of(DEFAULT_CLASS["device"])
@@ -194,6 +195,8 @@ class EnergyConfig:
     battery: Optional[Path] = None
     low_pct: float = 20.0
     low_budget_j: Optional[float] = None
+    budget_w: Optional[float] = None
+    low_budget_w: Optional[float] = None
 
     @classmethod
     def of(cls, table: dict[str, Any], *, tier: str, resolve: Callable[[str], Path] = Path) -> "EnergyConfig":
@@ -203,26 +206,37 @@ class EnergyConfig:
         spec = {"class": table.get("power", DEFAULT_CLASS.get(tier, DEFAULT_CLASS["device"])),
                 **{k: table[k] for k in KEYS if k in table}}
         power = power_of(spec, where="power")
-        for key in ("budget_j", "low_budget_j"):
+        for key, unit in (("budget_j", "joules per step"), ("low_budget_j", "joules per step"),
+                          ("budget_w", "watts on average"), ("low_budget_w", "watts on average")):
             if key in table and not 0 < table[key] < math.inf:
-                raise ConfigError(f"{key} = {table[key]} must be a positive number of joules per step")
+                raise ConfigError(f"{key} = {table[key]} must be a positive number of {unit}")
         if not 0 <= table.get("low_pct", 20.0) <= 100:
             raise ConfigError(f"low_pct = {table['low_pct']} is not a percentage")
-        if ("battery" in table) != ("low_budget_j" in table):
-            raise ConfigError("battery and low_budget_j go together (the budget while the battery is low)")
+        if ("battery" in table) != ("low_budget_j" in table or "low_budget_w" in table):
+            raise ConfigError("battery goes with low_budget_j or low_budget_w (the budget while the battery is low)")
         return cls(source, power, table.get("budget_j"), resolve(table["battery"]) if "battery" in table else None,
-                   table.get("low_pct", 20.0), table.get("low_budget_j"))
+                   table.get("low_pct", 20.0), table.get("low_budget_j"), table.get("budget_w"),
+                   table.get("low_budget_w"))
 
     def meter(self) -> Meter:
         return Meter(self.power, detect(self.source))
 
+    def low(self) -> bool:
+        """Whether the battery reads below ``low_pct`` (an unreadable battery counts as not low)."""
+        if self.battery is None:
+            return False
+        try:
+            return float(self.battery.read_text().strip()) < self.low_pct
+        except (OSError, ValueError):
+            return False
+
     def budget_now(self) -> Optional[float]:
-        """The budget in force: ``low_budget_j`` while the battery reads below ``low_pct`` (an unreadable
-        battery counts as not low), else ``budget_j``."""
-        if self.battery is not None and self.low_budget_j is not None:
-            try:
-                if float(self.battery.read_text().strip()) < self.low_pct:
-                    return self.low_budget_j
-            except (OSError, ValueError):
-                pass
-        return self.budget_j
+        """The joules-per-step budget in force: ``low_budget_j`` while the battery is low, else ``budget_j``."""
+        return self.low_budget_j if self.low_budget_j is not None and self.low() else self.budget_j
+
+    def budgets_now(self) -> dict[str, float]:
+        """Every budget in force, as a fleet device publishes them: ``budget_j`` and ``budget_w``."""
+        low = self.low()
+        out = {"budget_j": self.low_budget_j if low and self.low_budget_j is not None else self.budget_j,
+               "budget_w": self.low_budget_w if low and self.low_budget_w is not None else self.budget_w}
+        return {k: v for k, v in out.items() if v is not None}

@@ -31,7 +31,7 @@ import numpy as np
 from hiertrain.clock import Clock, Follower
 from hiertrain.device.clock import DeviceClock
 from hiertrain.meters import EnergyConfig
-from hiertrain.errors import Diverged, HiertrainError, PlanError, ProtocolError, TierLost
+from hiertrain.errors import ConfigError, Diverged, HiertrainError, PlanError, ProtocolError, TierLost
 from hiertrain import interpreter
 from hiertrain.exchanges import Exchange, exchanges
 from hiertrain.interpreter import Io, Stats
@@ -65,6 +65,9 @@ class TierService:
         self.state = StateKeeper(cfg, self.view, self.holding)
         self.scorer = scorer(cfg, self.spec)  # [eval] every: the model's owner scores its weights
         self.energy = cfg.energy or EnergyConfig()
+        if self.energy.budget_w or self.energy.low_budget_w:
+            raise ConfigError(f"{cfg.path}: [energy] budget_w and low_budget_w (average watts) are planned for a "
+                              f"fleet's devices; a three-tier device's budget is budget_j (joules per step)")
         self.meter = self.energy.meter()  # joules per step in telemetry
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
             if cfg.tier == "device" else Follower(self.view, timeout_s=cfg.timeout_s)

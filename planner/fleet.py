@@ -58,6 +58,7 @@ class Device:
     private: bool = False              # its raw samples never leave it (m >= 1)
     power: Optional[PowerModel] = None  # what it draws (default: hiertrain.power's pi4)
     budget_j: Optional[float] = None   # the most joules it may spend in a step (planner.energy)
+    budget_w: Optional[float] = None   # the most watts it may draw on average over training (an hour's joules / 3600)
 
 
 @dataclass(frozen=True)

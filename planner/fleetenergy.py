@@ -9,6 +9,10 @@ read off the plan model as for any job (:func:`hiertrain.planner.energy.usage`).
   allowed at T is found and T raised to its seconds until the optimum meets the budgets at its own
   seconds: each round's T is a lower bound of the budgeted optimum (its set of plans contains it),
   so the first plan that meets the budgets is that optimum.
+- Under average watts (``budget_w``, a budget per hour of training): a step may be *paced*, held until
+  the devices' joules above idle fit their spare watts over it (:func:`pace_s`), and the plan of least
+  paced seconds is found by a binary search over the paces (:func:`_fastest_paced`), inside the loop
+  above when a device has both kinds of budget.
 - For least energy within a deadline (:func:`fleet_energy`): exact over every choice of cuts, visited
   by a lower bound; exponential in the devices.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from hiertrain.errors import PlanError
 from hiertrain.plan import for_fleet
@@ -51,29 +55,102 @@ def fleet_joules(fleet: F.Fleet, plan: F.FleetPlan) -> dict[str, float]:
     return energies(usage(model, Costs.of_fleet(fleet), ("edge", "cloud")), plan.iteration_s, fleet_powers(fleet))
 
 
+def pace_s(fleet: F.Fleet, paths: Sequence[F.Path]) -> float:
+    """The shortest step that keeps every device with a ``budget_w`` at or under it on average: a device
+    drawing ``dyn_d`` joules above its idle draw in a step needs ``T >= dyn_d / (budget_w - idle_w)`` (the
+    coordinator holds each round that long). 0 without such devices; inf if one's budget is at or under
+    its idle draw."""
+    out = 0.0
+    for d, p in zip(fleet.devices, paths):
+        if d.budget_w:
+            spare = d.budget_w - power_of_device(d).idle_w
+            out = max(out, device_dynamic(fleet, d, p.m) / spare if spare > 0 else math.inf)
+    return out
+
+
+def paced(fleet: F.Fleet, plan: F.FleetPlan) -> F.FleetPlan:
+    """``plan`` at the step its devices' average-watts budgets allow (:func:`pace_s`): its seconds are
+    the longer of its own and the pace, ``parts["pace_s"]`` the pace and ``parts["unpaced_s"]`` its own
+    (when there is a pace)."""
+    pace = pace_s(fleet, plan.paths)
+    if not pace:
+        return plan
+    return replace(plan, iteration_s=max(plan.iteration_s, pace),
+                   parts={**plan.parts, "pace_s": pace, "unpaced_s": plan.iteration_s})
+
+
 def within_budgets(fleet: F.Fleet, plan: F.FleetPlan) -> bool:
-    """Whether every device with a ``budget_j`` spends no more in a step of ``plan``."""
-    joule = fleet_joules(fleet, plan)
+    """Whether every device with a ``budget_j`` spends no more in a step of ``plan``, paced (average
+    watts are kept by pacing, :func:`paced`)."""
+    joule = fleet_joules(fleet, paced(fleet, plan))
     return all(joule[d.name] <= d.budget_j * (1 + 1e-9) for d in fleet.devices if d.budget_j)
 
 
-def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, *, budget_s: float = 0.8
-                 ) -> F.FleetPlan:
+OkM = Callable[[str, int], bool]  # whether a device may train units 1..m
+
+
+def _fastest_paced(fleet: F.Fleet, ok: OkM, watts: Mapping[str, float], idle: Mapping[str, float],
+                   dyn: Mapping[tuple[str, int], float], budget_s: float) -> F.FleetPlan:
+    """The least paced seconds, ``max(T(plan), pace(plan))``, over the plans whose cuts ``ok`` allows, exact.
+    Every plan's pace is one of the ratios ``dyn_d(m) / (budget_w - idle_w)``; for a ratio tau, t(tau), the
+    fastest plan with every pace-bound device's ratio <= tau, falls as tau grows, so the least of
+    ``max(t(tau), tau)`` is at the first tau with t(tau) <= tau or the one before it (a binary search of
+    exact solves); a plan's paced seconds are at most that, and the optimum's at least."""
+    def solve(tau: float) -> F.FleetPlan:
+        return paced(fleet, F.solve(fleet, budget_s=budget_s, allow=lambda d, p: ok(d.name, p.m) and (
+            d.name not in watts or dyn[d.name, p.m] <= tau * (watts[d.name] - idle[d.name]) * (1 + 1e-12))))
+
+    if not watts:
+        return F.solve(fleet, budget_s=budget_s, allow=lambda d, p: ok(d.name, p.m))
+    m0 = {d.name: 1 if d.private else 0 for d in fleet.devices}
+    ratio = {n: sorted(dyn[n, m] / (w - idle[n]) for m in range(m0[n], fleet.units + 1) if ok(n, m))
+             for n, w in watts.items()}
+    lo = max(r[0] for r in ratio.values())  # below it some device has no cut
+    taus = sorted({t for r in ratio.values() for t in r if t >= lo})
+    found: dict[int, F.FleetPlan] = {}
+
+    def at(i: int) -> F.FleetPlan:
+        if i not in found:
+            found[i] = solve(taus[i])
+        return found[i]
+
+    a, b = 0, len(taus) - 1  # the first i with t(tau_i) <= tau_i (b if none): t(tau) is the plan's unpaced seconds
+    while a < b:
+        mid = (a + b) // 2
+        if at(mid).parts.get("unpaced_s", at(mid).iteration_s) <= taus[mid] * (1 + 1e-12):
+            b = mid
+        else:
+            a = mid + 1
+    best = min((at(i) for i in {a, max(0, a - 1)}), key=lambda p: p.iteration_s)
+    best.parts["optimal"] = all(p.parts.get("optimal", True) for p in found.values())
+    return best
+
+
+def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, *,
+                 watts: Optional[Mapping[str, float]] = None, budget_s: float = 0.8) -> F.FleetPlan:
     """The least seconds per step with every device within its joules per step (``budgets``, default
-    each device's own ``budget_j``); see the module docstring."""
+    each device's own ``budget_j``) and its average watts (``watts``, default its ``budget_w``: kept by
+    pacing the step, :func:`paced`); see the module docstring."""
     budgets = dict(budgets if budgets is not None else {d.name: d.budget_j for d in fleet.devices if d.budget_j})
-    unknown = set(budgets) - {d.name for d in fleet.devices}
+    watts = dict(watts if watts is not None else {d.name: d.budget_w for d in fleet.devices if d.budget_w})
+    unknown = (set(budgets) | set(watts)) - {d.name for d in fleet.devices}
     if unknown:
         raise PlanError(f"budgets for devices not in the fleet: {', '.join(sorted(unknown))}")
-    if not budgets:
+    if not budgets and not watts:
         return F.solve(fleet, budget_s=budget_s)
-    Goal("budget", budget_j=budgets)  # validates them
+    if budgets:
+        Goal("budget", budget_j=budgets)  # validates them
     idle = {d.name: power_of_device(d).idle_w for d in fleet.devices}
+    for n, w in watts.items():
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > idle[n]):
+            raise PlanError(f"no plan meets {n}'s budget of {w:g} W on average: its idle draw alone is {idle[n]:g} W")
+    if watts:
+        fleet = replace(fleet, devices=tuple(replace(d, budget_w=watts.get(d.name)) for d in fleet.devices))
     dyn = {(d.name, m): device_dynamic(fleet, d, m) for d in fleet.devices for m in range(fleet.units + 1)}
     floor, optimal = 0.0, True
     for _ in range(10_000):
-        def allow(d: F.Device, p: F.Path, floor: float = floor) -> bool:
-            return d.name not in budgets or dyn[d.name, p.m] <= (budgets[d.name] - idle[d.name] * floor) * (1 + 1e-12)
+        def ok(n: str, m: int, floor: float = floor) -> bool:
+            return n not in budgets or dyn[n, m] <= (budgets[n] - idle[n] * floor) * (1 + 1e-12)
 
         least = {n: min(dyn[n, m] for m in range(1 if d.private else 0, fleet.units + 1))
                  for d in fleet.devices for n in [d.name] if n in budgets}
@@ -83,7 +160,7 @@ def fleet_budget(fleet: F.Fleet, budgets: Optional[Mapping[str, float]] = None, 
             raise PlanError(f"no plan meets {n}'s budget of {budgets[n]:g} J per step: it spends at least "
                             f"{least[n] + idle[n] * floor:.4g} J in a step of {floor:.4g} s (the shortest "
                             f"the other budgets allow)")
-        plan = F.solve(fleet, budget_s=budget_s, allow=allow)
+        plan = _fastest_paced(fleet, ok, watts, idle, dyn, budget_s)
         optimal &= bool(plan.parts.get("optimal", True))
         t = plan.iteration_s
         if all(dyn[d.name, p.m] + idle[d.name] * t <= budgets[d.name] * (1 + 1e-12)

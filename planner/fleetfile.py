@@ -19,7 +19,7 @@ def from_profiles(servers: Any, devices: Sequence[tuple], *, medium_mbps: float,
                   cloud_mbps: float, need_cloud: bool = True) -> Fleet:
     """A fleet from hiertrain-profile/1 profiles: ``servers`` holds the edge's and the cloud's timings
     (and the model's layers), each device ``(name, its profile, samples, radio Mbit/s, private[, power
-    model, joules budget])`` its own device timings (``hiertrain profile --tier device`` on that device). Without
+    model, joules budget, watts budget])`` its own device timings (``hiertrain profile --tier device`` on that device). Without
     ``need_cloud`` the cloud's timings may be missing (it publishes its own): the fleet is then
     planned as one without a cloud (:func:`without_cloud`)."""
     for tier in ("edge", "cloud") if need_cloud else ("edge",):
@@ -50,7 +50,7 @@ def _same_model(who: str, prof: Any, layers: Sequence[str]) -> None:
 
 
 def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: float, private: bool,
-              power: Any = None, budget_j: Optional[float] = None) -> Device:
+              power: Any = None, budget_j: Optional[float] = None, budget_w: Optional[float] = None) -> Device:
     """A device from its own profile (``hiertrain profile --tier device`` on it), checked against the
     model's layers; its power model ``power`` (a :class:`~hiertrain.power.PowerModel`), else its
     profile's ``power`` object, else the default class's."""
@@ -66,9 +66,11 @@ def device_of(name: str, prof: Any, layers: Sequence[str], samples: int, rate: f
             power = power_of(times.extra["power"], where=f"device {name}'s profile: power")
         except ConfigError as exc:
             raise PlanError(str(exc)) from None
-    if budget_j is not None and not budget_j > 0:
+    if budget_j is not None and not 0 < budget_j < math.inf:
         raise PlanError(f"device {name}: budget_j = {budget_j} must be > 0 joules per step")
-    return Device(name, samples, _per_unit(times), rate, private, power, budget_j)
+    if budget_w is not None and not 0 < budget_w < math.inf:
+        raise PlanError(f"device {name}: budget_w = {budget_w} must be > 0 watts on average")
+    return Device(name, samples, _per_unit(times), rate, private, power, budget_j, budget_w)
 
 
 def published_cloud(fleet: Fleet, payload: Any) -> tuple[float, ...]:
@@ -84,11 +86,13 @@ def published_cloud(fleet: Fleet, payload: Any) -> tuple[float, ...]:
     return _per_unit(times)
 
 
-JOIN_KEYS = {"samples": int, "rate_mbps": float, "private": bool, "power": str, "budget_j": float}
+JOIN_KEYS = {"samples": int, "rate_mbps": float, "private": bool, "power": str, "budget_j": float,
+             "budget_w": float}
 """What a device says of itself beside its timings when it publishes its profile to join (its
 profile's ``"fleet"`` object), and what a fleet file's ``[[device]]`` may override of it: ``power``
 names its device class (:data:`hiertrain.power.CLASSES` or the fleet file's ``[power.<class>]``),
-``budget_j`` the most joules it may spend in a step (publishing a new one re-plans the fleet)."""
+``budget_j`` the most joules it may spend in a step, ``budget_w`` the most watts it may draw on average
+over training (a budget per hour: its watt-hours per hour); publishing a new one re-plans the fleet."""
 
 
 def published_device(fleet: Fleet, name: str, payload: Any, override: dict[str, Any], *, batch: int,
@@ -115,7 +119,7 @@ def published_device(fleet: Fleet, name: str, payload: Any, override: dict[str, 
         raise PlanError(f"device {name}'s profile: fleet samples = {samples} is not in 1..{batch} (the step's "
                         f"batch) or rate_mbps = {rate} is not > 0")
     return device_of(name, prof, fleet.layers, samples, rate, said.get("private", False),
-                     _power(said.get("power"), classes, f"device {name}"), said.get("budget_j"))
+                     _power(said.get("power"), classes, f"device {name}"), said.get("budget_j"), said.get("budget_w"))
 
 
 def _power(cls: Optional[str], classes: Any, who: str) -> Any:
@@ -162,8 +166,9 @@ def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
         path = [2, 4]                     # optional: pinned (units 1..2 on it, 3..4 on the edge)
         power = "pi3"                     # optional: its device class (default pi4), for its joules
         budget_j = 4.0                    # optional: the most joules it may spend per step
+        budget_w = 3.0                    # optional: the most watts it may draw on average (Wh per hour)
         [[device]]                        # one that publishes its own profile: only what the operator
-        name = "pi7"                      # overrides (samples, rate_mbps, private, power, budget_j, path)
+        name = "pi7"                      # overrides (samples, rate_mbps, private, power, budgets, path)
         private = true
         [power.pi3]                       # optional: a device class's figures (hiertrain.power), or a new class
         busy_w = 5.5
@@ -218,7 +223,7 @@ def read(path: Any, *, units: Optional[int] = None) -> FleetFile:
             except PlanError as exc:
                 raise ConfigError(str(exc)) from None
             rows.append((name, profile(d["profile"]), need(d, "samples", where), need(d, "rate_mbps", where),
-                         d.get("private", False), power, d.get("budget_j")))
+                         d.get("private", False), power, d.get("budget_j"), d.get("budget_w")))
     if pins and len(pins) != len(overrides):
         raise ConfigError(f"{path}: pin a path on every [[device]] or on none")
     servers = profile(need(raw, "profile", "the fleet"))

@@ -88,19 +88,27 @@ def choose(fleet: Fleet, *, pins: Optional[list[Path]], policy: str, cloud: bool
     """The plan a coordinator runs: the pinned paths (while they fit: without the cloud every path
     must end at the edge), else the exact optimum of the conservative model or the baseline
     ``policy`` (without the cloud always the optimum), judged by the simulation; with devices that have
-    an energy budget, the fastest plan within the budgets (:func:`hiertrain.planner.fleetenergy.fleet_budget`)."""
+    an energy budget, the fastest plan within the budgets (:func:`hiertrain.planner.fleetenergy.fleet_budget`),
+    its ``parts["pace_s"]`` the least seconds a step may take under average-watts budgets."""
     if pins is not None and (cloud or all(p.k == fleet.units for p in pins)):
         plan = plan_of("pinned", fleet, pins)
-    elif any(d.budget_j for d in fleet.devices) and (policy == "hiertrain" or not cloud):
+    elif any(d.budget_j or d.budget_w for d in fleet.devices) and (policy == "hiertrain" or not cloud):
         # devices with an energy budget: the fastest plan within every budget, or a baseline's if the
-        # step as the runtime runs it is shorter and it keeps the budgets too
-        from hiertrain.planner.fleetenergy import fleet_budget, within_budgets
+        # step as the runtime runs it is shorter and it keeps the budgets too (paced for average watts)
+        from hiertrain.planner.fleetenergy import fleet_budget, paced, within_budgets
 
         others = [b for b in (baseline(fleet, p) for p in POLICIES[1:]) if within_budgets(fleet, b)]
-        plan = replace(refined(fleet, [fleet_budget(fleet, budget_s=0.5), *others]), policy="hiertrain-budget")
+        plan = min((paced(fleet, refined(fleet, [p])) for p in [fleet_budget(fleet, budget_s=0.5), *others]),
+                   key=lambda p: p.iteration_s)
+        plan = replace(plan, policy="hiertrain-budget")
     elif policy == "hiertrain" or not cloud:
         plan = refined(fleet, [solve(fleet, budget_s=0.5), *(baseline(fleet, p) for p in POLICIES[1:])])
         plan = replace(plan, policy="hiertrain")
     else:
         plan = baseline(fleet, policy)
-    return plan if plan.parts.get("conservative_s") is not None else refined(fleet, [plan])
+    plan = plan if plan.parts.get("conservative_s") is not None else refined(fleet, [plan])
+    if "pace_s" not in plan.parts and any(d.budget_w for d in fleet.devices):  # (pinned: held to the budgets too)
+        from hiertrain.planner.fleetenergy import paced
+
+        plan = paced(fleet, plan)
+    return plan

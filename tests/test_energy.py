@@ -351,6 +351,52 @@ def test_the_budgeted_fleet_plan_equals_brute_force(seed):
     assert checked >= 4
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_paced_fleet_plan_under_average_watts_equals_brute_force(seed):
+    """Budgets in average watts (per hour of training) pace the step: a plan's seconds are the longer of
+    its own and every budgeted device's joules above idle over its spare watts. The planner's least
+    paced seconds, alone and with joules-per-step budgets beside, equal brute force over every plan."""
+    from dataclasses import replace
+
+    rng = random.Random(100 + seed)
+    checked = 0
+    for _ in range(10):
+        fleet = _with_power(F.random_fleet(rng, rng.randint(1, 3), rng.randint(1, 3)), rng)
+        every = [(F.plan_of("x", fleet, chosen), FE.fleet_joules(fleet, F.plan_of("x", fleet, chosen)))
+                 for chosen in itertools.product(*(F.paths(fleet, d) for d in fleet.devices))]
+        # each device's average watts between its idle draw and what it draws in the fastest plan
+        fastest = min(every, key=lambda e: e[0].iteration_s)
+        watts = {d.name: d.power.idle_w + rng.uniform(0.05, 1.0) * max(1e-9, fastest[1][d.name] / fastest[0].iteration_s
+                                                                      - d.power.idle_w)
+                 for d in fleet.devices if rng.random() < 0.8}
+        budgets = {d.name: rng.uniform(1.0, 3.0) * fastest[1][d.name] for d in fleet.devices if rng.random() < 0.3}
+        held = replace(fleet, devices=tuple(replace(d, budget_w=watts.get(d.name)) for d in fleet.devices))
+
+        def paced_s(plan):
+            return max(plan.iteration_s, FE.pace_s(held, plan.paths))
+
+        def keeps(plan):
+            at = FE.fleet_joules(fleet, replace(plan, iteration_s=paced_s(plan)))
+            return all(at[n] <= b * (1 + 1e-12) for n, b in budgets.items())
+
+        truth = min((paced_s(p) for p, _ in every if keeps(p)), default=math.inf)
+        if not math.isfinite(truth):
+            with pytest.raises(PlanError, match="no plan meets"):
+                FE.fleet_budget(fleet, budgets, watts=watts)
+            continue
+        plan = FE.fleet_budget(fleet, budgets, watts=watts)
+        assert plan.parts["optimal"] and plan.iteration_s == pytest.approx(truth, rel=1e-9)
+        # every budgeted device draws at most its watts on average over the paced step
+        at = FE.fleet_joules(fleet, plan)
+        for n, w in watts.items():
+            assert at[n] / plan.iteration_s <= w * (1 + 1e-9)
+        checked += 1
+    assert checked >= 5
+    d = fleet.devices[0]
+    with pytest.raises(PlanError, match=f"^no plan meets {d.name}'s budget of 0.1 W on average: its idle draw alone"):
+        FE.fleet_budget(fleet, {}, watts={d.name: 0.1})
+
+
 def test_fleet_joules_are_the_plan_models():
     rng = random.Random(5)
     fleet = _with_power(F.random_fleet(rng, 3, 4), rng)
