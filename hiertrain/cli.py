@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s; failover: both links' rate")
     bench.add_argument("--no-fit", action="store_true", help="testbed: skip the overhead fit (paper model only)")
     bench.add_argument("--testbed", action="store_true",
-                       help="failover: run each job in the testbed's namespaces, links shaped to --bw-device-edge (root)")
+                       help="failover: run each job in the testbed's namespaces, links shaped to --bw-device-edge (root); "
+                            "energy: run every plan on the fleet testbed (root)")
     bench.add_argument("--from", dest="source", help="replan, edgecores: the bench testbed JSON to take the "
                                                       "calibrated profile and quotas from; energy: a bench fleet "
                                                       "JSON whose measured seconds to add")

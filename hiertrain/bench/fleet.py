@@ -27,14 +27,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.demo import fleet_specs
     from hiertrain.lab.cluster import Cluster
     from hiertrain.lab.jobs import Fleet
-    from hiertrain.lab.replay import step_log
     from hiertrain.lab.testbed import FleetTestbed
 
     devices = args.devices or 4
     points = [float(p) for p in args.medium.split(",")]
     count = max(args.count, WARMUP + 3)
     specs = fleet_specs(devices, quotas=True)
-    names = [s.name for s in specs]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-fleet-") as tmp, \
             FleetTestbed({s.name: s.rate_mbps for s in specs}, medium_mbps=points[0], bw_edge_cloud=CLOUD_MBPS) as net, \
@@ -44,19 +42,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             net.shape_medium(medium)
             c.job.describe(medium, CLOUD_MBPS)
             for policy in POLICIES:
-                c.job.rerun(c, policy)
-                c.start("cloud", "edge", *names)
-                codes = c.wait(("edge", "cloud", *names), timeout=600)
-                if any(codes.values()):
-                    raise RuntimeError(f"{policy} at {medium} Mbit/s: exit codes {codes}; edge log:\n"
-                                       + c.log("edge")[-2000:])
-                log = step_log(c)
-                measured = statistics.median(r["seconds"] for r in log[WARMUP:])
-                row = {"medium_mbps": medium, "policy": policy, "measured_s": measured,
-                       "predicted_s": log[0]["predicted_s"],
-                       "paths": {name: [m, k] for name, _, _, m, k in log[0]["members"]}}
+                row = {"medium_mbps": medium, "policy": policy, **run_once(c, policy)}
                 rows.append(row)
-                print(f"{medium:5g} Mbit/s  {policy:22s} measured {measured:.4f} s/step, predicted "
+                print(f"{medium:5g} Mbit/s  {policy:22s} measured {row['measured_s']:.4f} s/step, predicted "
                       f"{row['predicted_s']:.4f}; paths {row['paths']}", flush=True)
     summary = _summary(rows, points)
     result = {"bench": "fleet", "model": args.model, "devices": [
@@ -65,6 +53,22 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         _plot(Path(args.out).with_suffix(".png"), rows, points)
     return result
+
+
+def run_once(c: Any, policy: str) -> dict[str, Any]:
+    """One run of the testbed's fleet job ``c`` by ``policy`` (or the paths its fleet file pins): the
+    measured seconds per step (median after :data:`WARMUP` steps), the prediction and the paths."""
+    from hiertrain.lab.replay import step_log
+
+    names = [s.name for s in c.job.devices]
+    c.job.rerun(c, policy)
+    c.start("cloud", "edge", *names)
+    codes = c.wait(("edge", "cloud", *names), timeout=600)
+    if any(codes.values()):
+        raise RuntimeError(f"{policy}: exit codes {codes}; edge log:\n" + c.log("edge")[-2000:])
+    log = step_log(c)
+    return {"measured_s": statistics.median(r["seconds"] for r in log[WARMUP:]), "predicted_s": log[0]["predicted_s"],
+            "paths": {name: [m, k] for name, _, _, m, k in log[0]["members"]}}
 
 
 def _summary(rows: list[dict[str, Any]], points: list[float]) -> dict[str, Any]:

@@ -220,17 +220,19 @@ class Fleet:
                          **({"holdout": self.holdout} if self.holdout else {})}} if self.eval_every else {})}),
             broker=broker)
 
-    def describe(self, medium_mbps: float, cloud_mbps: float) -> None:
-        """(Re)write the fleet file the edge plans from: the rates, and every device."""
+    def describe(self, medium_mbps: float, cloud_mbps: float, keys: Optional[dict[str, dict[str, Any]]] = None) -> None:
+        """(Re)write the fleet file the edge plans from: the rates, and every device (with ``keys[name]``,
+        more of its ``[[device]]`` keys: a pinned ``path``, its ``power`` class, ``budget_j``, ``budget_w``)."""
         servers, device = self.profiles
         lines = [f'profile = "{servers}"', f"medium_mbps = {medium_mbps}", f"cloud_mbps = {cloud_mbps}"]
         for d in self.specs.values():
-            if d.joins and not d.path:
+            more = {**({"path": list(d.path)} if d.path else {}), **(keys or {}).get(d.name, {})}
+            if d.joins and not more:
                 continue
             lines += ["[[device]]", f'name = "{d.name}"']
             lines += [f'profile = "{device[d.quota]}"', f"samples = {d.samples}", f"rate_mbps = {d.rate_mbps}",
                       f"private = {str(d.private).lower()}"] if not d.joins else []
-            lines += [f"path = [{d.path[0]}, {d.path[1]}]"] if d.path else []
+            lines += [f"{k} = {json.dumps(v)}" for k, v in more.items()]  # (JSON's strings, numbers, lists are TOML's)
         self.fleet_file.write_text("\n".join(lines) + "\n")
 
     def _joins(self, d: Spec) -> dict[str, Any]:
