@@ -48,6 +48,7 @@ class DeviceClock:
         self.stamped: dict[int, Schedule] = {}  # iteration -> the schedule it runs (the last few)
         self.end_at = 0  # the run stops here (set once: a failover does not move it)
         self.without: frozenset[str] = frozenset()  # lost tiers no planner planned around: the fallback's
+        self.released: Optional[float] = None  # when the last samples left (a paced schedule holds the next)
 
     # ------------------------------------------------------------------ the run
 
@@ -143,9 +144,20 @@ class DeviceClock:
             return None
         self._send_samples(i)
         self._wait_done(i - 1)  # flow control: at most one iteration in flight ahead of o
+        self._hold(i)
         self._send_samples(i + 1, stop=i + 1 >= self.end_at, ahead=True)  # prefetch: travels while i computes
         self.stamped = {k: s for k, s in self.stamped.items() if k >= i - 1}
         return Begun(*self.local.pop(i))
+
+    def _hold(self, i: int) -> None:
+        """A schedule paced for the device's average watts (its ``pace_s``): the samples of the next
+        iteration leave no sooner than ``pace_s`` after the previous ones, so no step is shorter (held
+        at most half of ``timeout_s``: the other tiers wait for those samples no longer than that)."""
+        sched = self.stamped.get(i)
+        pace = sched.extra.get("pace_s") if sched is not None else None
+        if isinstance(pace, (int, float)) and self.released is not None:
+            time.sleep(max(0.0, min(float(pace), self.cfg.timeout_s / 2) - (time.monotonic() - self.released)))
+        self.released = time.monotonic()
 
     def schedule_of(self, i: int) -> Optional[Schedule]:
         return self.local[i][0] if i in self.local else None

@@ -25,11 +25,13 @@ def fleet_schedule(plan: Any, members: list[tuple[str, int, Any]], *, units: int
                    cloud: bool, reason: str = "", every: int = 0) -> Schedule:
     """A fleet plan (``members``: each device's name, samples and path) as the schedule topic
     carries it: one sample group per device, the edge owning every unit, in effect from ``step``;
-    ``every``: periodic sync's K (the devices keep their copies), 0 for exact mode."""
+    ``every``: periodic sync's K (the devices keep their copies), 0 for exact mode; ``pace_s``: the
+    least seconds of a step its devices' average-watts budgets allow (the coordinator holds it that long)."""
     groups = for_fleet([(n, samples, p.m, p.k) for n, samples, p in members], units=units, keep=every > 0)
     return Schedule(mapping={}, m_s=0, m_l=0, b_o=0, b_s=0, b_l=0, policy=plan.policy, cost_model="fleet",
                     iteration_s=plan.iteration_s, version=version, effective_iteration=step, groups=groups,
-                    extra={"cloud": cloud, **({"reason": reason} if reason else {}), **({"sync_every": every} if every else {})})
+                    extra={"cloud": cloud, **({"reason": reason} if reason else {}), **({"sync_every": every} if every else {}),
+                           **({"pace_s": plan.parts["pace_s"]} if plan.parts.get("pace_s") else {})})
 
 
 RETAINED_WAIT_S = 1.0  # a retained schedule arrives at once after the subscription, or there is none

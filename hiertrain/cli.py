@@ -242,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="exact: structured branch and bound (default); milp: one python-mip MILP per mapping")
     plan.add_argument("--objective", default="time", choices=["time", "energy", "budget"],
                       help="time: the least seconds per step (default); energy: the least joules within --deadline; "
-                           "budget: the least seconds with the device within --energy-budget")
+                           "budget: the least seconds with the device within --energy-budget(-w)")
     plan.add_argument("--deadline", type=_positive_float, metavar="S", help="energy: the most seconds per step")
     plan.add_argument("--energy-budget", type=_positive_float, metavar="J",
                       help="budget: the most joules the device may spend per step")
+    plan.add_argument("--energy-budget-w", type=_positive_float, metavar="W",
+                      help="budget: the most watts the device may draw on average (its watt-hours per hour); "
+                           "the step is paced to keep it")
     plan.add_argument("--energy-scope", default="devices", choices=["devices", "all"],
                       help="energy: minimise the device's joules (default) or every machine's")
     plan.add_argument("--power", action="append", default=[], metavar="TIER=CLASS",

@@ -222,10 +222,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overrides[tier] = cls
     powers = E.tier_powers(profile, overrides)
     bw = Bandwidth(args.bw_device_edge, args.bw_edge_cloud)
-    if args.objective == "energy" and args.energy_budget is not None or args.objective == "budget" and args.deadline:
-        raise ConfigError("--deadline goes with --objective energy, --energy-budget with --objective budget")
-    if args.objective == "budget" and args.energy_budget is None:
-        raise ConfigError("--objective budget needs --energy-budget J (the device's joules per step)")
+    budgeted = args.energy_budget is not None or args.energy_budget_w is not None
+    if args.objective == "energy" and budgeted or args.objective == "budget" and args.deadline:
+        raise ConfigError("--deadline goes with --objective energy, --energy-budget(-w) with --objective budget")
+    if args.objective == "budget" and not budgeted:
+        raise ConfigError("--objective budget needs --energy-budget J (the device's joules per step) or "
+                          "--energy-budget-w W (its average watts)")
     if args.objective == "time":
         schedule = plan(profile, bw, args.batch, policy=args.policy, cost_model=args.cost_model,
                         solver_name=args.solver)
@@ -234,7 +236,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.policy != "hiertrain" or args.solver != "exact":
             raise ConfigError(f"--objective {args.objective} searches HierTrain's space itself (no --policy or --solver)")
         goal = E.Goal(args.objective, deadline_s=args.deadline or float("inf"),
-                      budget_j={"device": args.energy_budget} if args.energy_budget else {}, scope=args.energy_scope)
+                      budget_j={"device": args.energy_budget} if args.energy_budget else {}, scope=args.energy_scope,
+                      budget_w={"device": args.energy_budget_w} if args.energy_budget_w else {})
         found = E.plan_three_tier(profile, bw, args.batch, goal, cost_model=args.cost_model, powers=powers)
         schedule, joules = found.schedule, found.joules
     schedule = replace(schedule, extra={**schedule.extra, "objective": args.objective,
@@ -243,7 +246,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(schedule.to_json()))
     else:
         spent = ", ".join(f"{t} {j:.3g} J" for t, j in joules.items())
-        print(f"{schedule.describe()}; per step {spent} (solved in {schedule.solve_s * 1e3:.1f} ms)")
+        pace = f"; paced to {schedule.extra['pace_s']:.4g} s for the device's average watts" \
+            if schedule.extra.get("pace_s") else ""
+        print(f"{schedule.describe()}; per step {spent}{pace} (solved in {schedule.solve_s * 1e3:.1f} ms)")
     return 0
 
 

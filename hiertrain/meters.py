@@ -186,8 +186,8 @@ class Meter:
 @dataclass(frozen=True)
 class EnergyConfig:
     """A tier's ``[energy]`` table: where its joules come from, its power model, and (a device) its
-    budget per step, lowered to ``low_budget_j`` while its battery is below ``low_pct`` percent; a fleet
-    device's may be in average watts over training too (``budget_w``, ``low_budget_w``: a budget per hour)."""
+    budget per step, lowered to ``low_budget_j`` while its battery is below ``low_pct`` percent, and its
+    average watts over training (``budget_w``, ``low_budget_w``: a budget per hour)."""
 
     source: str = "auto"
     power: PowerModel = power_of(DEFAULT_CLASS["device"])
@@ -230,12 +230,9 @@ class EnergyConfig:
         except (OSError, ValueError):
             return False
 
-    def budget_now(self) -> Optional[float]:
-        """The joules-per-step budget in force: ``low_budget_j`` while the battery is low, else ``budget_j``."""
-        return self.low_budget_j if self.low_budget_j is not None and self.low() else self.budget_j
-
     def budgets_now(self) -> dict[str, float]:
-        """Every budget in force, as a fleet device publishes them: ``budget_j`` and ``budget_w``."""
+        """Every budget in force, as a device reports them: ``budget_j`` (``low_budget_j`` while the battery
+        is low) and ``budget_w`` (``low_budget_w``)."""
         low = self.low()
         out = {"budget_j": self.low_budget_j if low and self.low_budget_j is not None else self.budget_j,
                "budget_w": self.low_budget_w if low and self.low_budget_w is not None else self.budget_w}

@@ -31,7 +31,7 @@ import numpy as np
 from hiertrain.clock import Clock, Follower
 from hiertrain.device.clock import DeviceClock
 from hiertrain.meters import EnergyConfig
-from hiertrain.errors import ConfigError, Diverged, HiertrainError, PlanError, ProtocolError, TierLost
+from hiertrain.errors import Diverged, HiertrainError, PlanError, ProtocolError, TierLost
 from hiertrain import interpreter
 from hiertrain.exchanges import Exchange, exchanges
 from hiertrain.interpreter import Io, Stats
@@ -65,9 +65,6 @@ class TierService:
         self.state = StateKeeper(cfg, self.view, self.holding)
         self.scorer = scorer(cfg, self.spec)  # [eval] every: the model's owner scores its weights
         self.energy = cfg.energy or EnergyConfig()
-        if self.energy.budget_w or self.energy.low_budget_w:
-            raise ConfigError(f"{cfg.path}: [energy] budget_w and low_budget_w (average watts) are planned for a "
-                              f"fleet's devices; a three-tier device's budget is budget_j (joules per step)")
         self.meter = self.energy.meter()  # joules per step in telemetry
         self.clock: Clock = DeviceClock(cfg, self.spec, self.view, self.state, send=self._send, resume=resume) \
             if cfg.tier == "device" else Follower(self.view, timeout_s=cfg.timeout_s)
@@ -266,9 +263,8 @@ class TierService:
 
     def _telemetry(self, out: dict[str, Any]) -> None:
         payload = {**out, "run": self.view.run_id, **transport_figures(self.transport, self.tier)}
-        budget = self.energy.budget_now() if self.tier == "device" else None
-        if budget is not None:
-            payload["budget_j"] = budget
+        if self.tier == "device":
+            payload.update(self.energy.budgets_now())  # budget_j, budget_w: the planner keeps to them
         self.transport.publish_json(topics.telemetry(self.cfg.job, self.tier), payload)
 
     # ---------------------------------------------------------------------- run

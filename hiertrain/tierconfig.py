@@ -53,8 +53,8 @@
     battery = "/sys/class/power_supply/BAT0/capacity"  # a device's: below low_pct percent,
     low_pct = 20                  # its budget becomes low_budget_j (re-planned within two steps)
     low_budget_j = 2.0
-    budget_w = 4.0                # a fleet device's: the most watts it may draw on average over training (its
-    low_budget_w = 3.0            # watt-hours per hour; the edge paces the step to keep it), and while low
+    budget_w = 4.0                # a device's: the most watts it may draw on average over training (its
+    low_budget_w = 3.0            # watt-hours per hour; the step is paced to keep it), and while low
     [hierarchy]                   # a hierarchical job (several edge sites, their brokers bridged to the cloud's)
     site = "lab1"                 # the edge's: its site (its broker bridges as bridge-lab1)
     sites = ["lab1", "lab2"]      # the cloud's averager: the sites it averages

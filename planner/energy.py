@@ -14,7 +14,8 @@ radio per bit.
 **Objectives** (:data:`OBJECTIVES`): ``time`` (the least seconds per step, what the planners did so
 far), ``energy`` (the least joules per step within a deadline on the step's seconds; whose joules:
 the devices', or ``all`` machines'), ``budget`` (the least seconds per step with no device above its
-joules per step).
+joules per step, nor above its average watts: a step may be *paced*, held until the device's joules
+above idle fit its spare watts over it, :func:`paced`).
 
 - The three-tier job (:func:`plan_three_tier`): every O/S/L schedule of HierTrain's space (6 mappings,
   every cut pair, every integer split; evaluated in numpy batches by :func:`osl_usage`, the same
@@ -181,12 +182,14 @@ def osl_usage(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any,
 @dataclass(frozen=True)
 class Goal:
     """What a plan is chosen for: ``objective`` with its ``deadline_s`` (energy) or the devices'
-    ``budget_j`` per step (budget), the joules of ``scope`` minimised (energy)."""
+    ``budget_j`` per step and ``budget_w`` average watts (budget: the step is paced to keep the watts,
+    :func:`paced`), the joules of ``scope`` minimised (energy)."""
 
     objective: str = "time"
     deadline_s: float = math.inf
     budget_j: Mapping[str, float] = field(default_factory=dict)
     scope: str = "devices"
+    budget_w: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -195,16 +198,37 @@ class Goal:
             raise PlanError(f"unknown energy scope {self.scope!r}; available: {', '.join(SCOPES)}")
         if not self.deadline_s > 0:
             raise PlanError(f"a deadline must be > 0 seconds, got {self.deadline_s!r}")
-        for who, j in self.budget_j.items():
-            if not (isinstance(j, (int, float)) and not isinstance(j, bool) and j > 0 and math.isfinite(j)):
-                raise PlanError(f"{who}'s energy budget must be a positive number of joules per step, got {j!r}")
-        if self.objective == "budget" and not self.budget_j:
-            raise PlanError("the budget objective needs a budget (joules per step) for at least one device")
+        for budgets, unit in ((self.budget_j, "joules per step"), (self.budget_w, "watts on average")):
+            for who, j in budgets.items():
+                if not (isinstance(j, (int, float)) and not isinstance(j, bool) and j > 0 and math.isfinite(j)):
+                    raise PlanError(f"{who}'s energy budget must be a positive number of {unit}, got {j!r}")
+        if self.objective == "budget" and not self.budget_j and not self.budget_w:
+            raise PlanError("the budget objective needs a budget (joules per step or average watts) for at least "
+                            "one device")
 
 
-def _score(goal: Goal, step_s: np.ndarray, joule: Mapping[str, np.ndarray], devices: Sequence[str]
-           ) -> tuple[np.ndarray, np.ndarray]:
+def paced(goal: Goal, step_s: Any, joule: Mapping[str, Any], powers: Mapping[str, PowerModel]
+          ) -> tuple[Any, dict[str, Any]]:
+    """(The step's seconds, every machine's joules) with the step held long enough that every machine
+    with a ``budget_w`` draws no more on average: its joules above idle over its spare watts (inf when
+    its budget is at or under its idle draw). Works on arrays of candidate plans."""
+    if not goal.budget_w:
+        return step_s, dict(joule)
+    pace = np.zeros(np.shape(step_s))
+    for who, w in goal.budget_w.items():
+        idle = powers[who].idle_w
+        spare = w - idle
+        above = joule[who] - idle * step_s
+        pace = np.maximum(pace, above / spare if spare > 0 else np.full(np.shape(step_s), np.inf))
+    held = np.maximum(step_s, pace)
+    return held, {k: v + powers[k].idle_w * (held - step_s) for k, v in joule.items()}
+
+
+def _score(goal: Goal, step_s: np.ndarray, joule: Mapping[str, np.ndarray], devices: Sequence[str],
+           powers: Mapping[str, PowerModel]) -> tuple[np.ndarray, np.ndarray]:
     """(value to minimise, tie-break) of candidate plans under ``goal``; infeasible ones score inf."""
+    if goal.objective == "budget":
+        step_s, joule = paced(goal, step_s, joule, powers)
     if goal.objective == "time":
         return step_s, sum(joule[d] for d in devices)
     if goal.objective == "energy":
@@ -231,7 +255,7 @@ def plan_three_tier(profile: Profile, bw: Bandwidth, batch: int, goal: Goal, *, 
 
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise PlanError(f"batch size must be an integer >= 1, got {batch!r}")
-    unknown = set(goal.budget_j) - {"device"}
+    unknown = (set(goal.budget_j) | set(goal.budget_w)) - {"device"}
     if unknown:
         raise PlanError(f"a three-tier job budgets its device only, not {', '.join(sorted(unknown))}")
     t0 = time.perf_counter()
@@ -253,7 +277,7 @@ def plan_three_tier(profile: Profile, bw: Bandwidth, batch: int, goal: Goal, *, 
             t = evaluate(tab, *args)
             busy, sent, recv = osl_usage(tab, *args)
             joule = {name: joules(powers[name], t, busy[i], sent[i], recv[i]) for i, name in enumerate(TIERS)}
-            value, tie = _score(goal, t, joule, ["device"])
+            value, tie = _score(goal, t, joule, ["device"], powers)
             evaluated += t.size
             finite = np.isfinite(t)
             least_j = min(least_j, float(np.min(np.where(finite, joule["device"], np.inf))))
@@ -273,24 +297,30 @@ def plan_three_tier(profile: Profile, bw: Bandwidth, batch: int, goal: Goal, *, 
             continue
         joule = energies(usage(cand.plan(units=profile.n_units, batch=batch), costs, TIERS), t, powers)
         least_j, quickest = min(least_j, joule["device"]), min(quickest, t)
-        value, tie = _score(goal, np.asarray(t), {k: np.asarray(v) for k, v in joule.items()}, ["device"])
+        value, tie = _score(goal, np.asarray(t), {k: np.asarray(v) for k, v in joule.items()}, ["device"], powers)
         if (float(value), float(tie)) < best[:2]:
             best = (float(value), float(tie), ("chain", cand, t))
     if best[2] is None or not math.isfinite(best[0]):
-        raise PlanError(_unmet(goal, least_j, quickest))
+        raise PlanError(_unmet(goal, least_j, quickest, powers))
     if best[2][0] == "osl":
         _, o, s, l, m_s, m_l, n_o, n_s, n_l, t = best[2]
         sched = Schedule(mapping={"o": TIERS[o], "s": TIERS[s], "l": TIERS[l]}, m_s=m_s, m_l=m_l,
                          b_o=n_o, b_s=n_s, b_l=n_l, policy="hiertrain")
     else:
         _, sched, t = best[2]
-    sched = replace(sched, iteration_s=t, cost_model=cost_model, solve_s=time.perf_counter() - t0,
-                    extra={**sched.extra, "objective": goal.objective})
     joule = energies(usage(sched.plan(units=profile.n_units, batch=batch), costs, TIERS), t, powers)
-    return EnergyPlan(sched, joule, evaluated)
+    held, joule = paced(goal, t, joule, powers) if goal.objective == "budget" else (t, joule)
+    held = float(held)
+    sched = replace(sched, iteration_s=held, cost_model=cost_model, solve_s=time.perf_counter() - t0,
+                    extra={**sched.extra, "objective": goal.objective, **({"pace_s": held} if held > t else {})})
+    return EnergyPlan(sched, {k: float(v) for k, v in joule.items()}, evaluated)
 
 
-def _unmet(goal: Goal, least_j: float, quickest_s: float) -> str:
+def _unmet(goal: Goal, least_j: float, quickest_s: float, powers: Mapping[str, PowerModel]) -> str:
+    for who, w in goal.budget_w.items() if goal.objective == "budget" else ():
+        if w <= powers[who].idle_w:
+            return (f"no plan meets the {who}'s budget of {w:g} W on average: its idle draw alone is "
+                    f"{powers[who].idle_w:g} W")
     if goal.objective == "budget":
         who, limit = next(iter(goal.budget_j.items()))
         return (f"no plan meets the {who}'s budget of {limit:g} J per step: the least it can spend is "

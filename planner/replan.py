@@ -8,8 +8,9 @@ decides when a new schedule is due:
   current schedule was planned with; noise inside the band never re-plans (no flapping); a
   measurement more than twice the band away is a step change and replaces the estimate at once;
 - when a tier goes offline (it is planned around: no samples, no compute) or comes back;
-- when the device reports another energy budget (``budget_j`` in its telemetry, joules per step: a
-  battery running low): the plan is then the fastest within it (:mod:`hiertrain.planner.energy`), or
+- when the device reports another energy budget (``budget_j`` in its telemetry, joules per step, or
+  ``budget_w``, watts on average: a battery running low): the plan is then the fastest within it
+  (:mod:`hiertrain.planner.energy`; under watts, paced: its ``pace_s`` the least seconds of a step), or
   the least-energy one if none is, and a plan over the budget is always replaced.
 
 A new plan is published only when it pays: it must place something differently, beat the current
@@ -53,7 +54,7 @@ def placement(s: Schedule) -> dict[str, Any]:
     restate its placement)."""
     return {k: v for k, v in s.to_json().items() if k not in ("version", "effective_iteration", "iteration_s",
                                                                 "solve_s", "replica_every", "groups", "objective",
-                                                                "joules", "budget_j")}
+                                                                "joules", "budget_j", "budget_w")}
 
 
 @dataclass
@@ -81,7 +82,8 @@ class PlannerState:
     samples: dict[str, list[float]] = field(default_factory=dict)  # recent measurements per link
     reprofiled: set[str] = field(default_factory=set)  # tiers whose new profile is not planned with yet
     budget_j: Optional[float] = None  # the device's energy budget per step, as it last reported it
-    planned_budget: Optional[float] = None
+    budget_w: Optional[float] = None  # ... and in average watts
+    planned_budget: tuple[Optional[float], Optional[float]] = (None, None)  # (budget_j, budget_w) planned with
 
     # ---------------------------------------------------------------- inputs
 
@@ -159,13 +161,15 @@ class PlannerState:
             self.on_rate(link, mbps)
         if it is not None:
             self._on_iteration(account, it)
-        budget = payload.get("budget_j")
-        if budget is not None:
+        for key, unit in (("budget_j", "joules"), ("budget_w", "watts")):
+            budget = payload.get(key)
+            if budget is None:
+                continue
             if account != "device":
                 raise PlanError(f"unauthorized: {account} reported an energy budget; only the device has one")
             if type(budget) not in (int, float) or not 0 < budget < math.inf:
-                raise PlanError(f"malformed: budget_j = {budget!r} from the device is not a positive number of joules")
-            self.budget_j = float(budget)
+                raise PlanError(f"malformed: {key} = {budget!r} from the device is not a positive number of {unit}")
+            setattr(self, key, float(budget))
         version = payload.get("schedule_version")
         if type(version) is int and 0 <= version <= MAX_VERSION:
             self.version = max(self.version, version)  # a planner taking over (a standby) numbers on from there
@@ -235,8 +239,10 @@ class PlannerState:
             return f"tiers offline changed to {sorted(self.offline) or 'none'}"
         if self.reprofiled:
             return f"new profile of the {', '.join(sorted(self.reprofiled))}"
-        if self.budget_j != self.planned_budget:
-            return f"the device's energy budget is now {self.budget_j:g} J per step" if self.budget_j else \
+        if (self.budget_j, self.budget_w) != self.planned_budget:
+            said = [f"{self.budget_j:g} J per step"] if self.budget_j else []
+            said += [f"{self.budget_w:g} W on average"] if self.budget_w else []
+            return f"the device's energy budget is now {' and '.join(said)}" if said else \
                 "the device's energy budget was lifted"
         for link in LINKS:
             old, new = self.planned_rates[link], self.rates[link]
@@ -255,6 +261,8 @@ class PlannerState:
             return "the new plan places everything where it is", False
         if self.current.working & self.offline:  # the work must leave a lost tier, whatever moving costs
             return None, False
+        if (self.budget_j, self.budget_w) != self.planned_budget:
+            return None, False  # planned for other budgets: the plan within today's replaces it
         if self.budget_j is not None and E.schedule_joules(profile, bw, self.current, cost_model=self.cost_model
                                                            )["device"] > self.budget_j * (1 + 1e-9):
             return None, False  # the current plan spends more than the device may
@@ -278,14 +286,16 @@ class PlannerState:
         return None, False
 
     def _budgeted(self, profile: Profile, bw: Bandwidth) -> Schedule:
-        """The fastest schedule within the device's budget, or (none is) the one that spends least."""
-        goal = E.Goal("budget", budget_j={"device": self.budget_j})
+        """The fastest schedule within the device's budgets, or (none is) the one that spends least."""
+        goal = E.Goal("budget", budget_j={"device": self.budget_j} if self.budget_j is not None else {},
+                      budget_w={"device": self.budget_w} if self.budget_w is not None else {})
         try:
             found = E.plan_three_tier(profile, bw, self.batch, goal, cost_model=self.cost_model)
         except PlanError as exc:
             log.warning("%s; planning the schedule that spends least", exc)
             found = E.plan_three_tier(profile, bw, self.batch, E.Goal("energy"), cost_model=self.cost_model)
-        return replace(found.schedule, extra={**found.schedule.extra, "budget_j": self.budget_j,
+        budgets = {k: v for k, v in (("budget_j", self.budget_j), ("budget_w", self.budget_w)) if v is not None}
+        return replace(found.schedule, extra={**found.schedule.extra, **budgets,
                                               "joules": {t: round(j, 6) for t, j in found.joules.items()}})
 
     def on_schedule(self, payload: Any) -> Optional[Schedule]:
@@ -317,7 +327,7 @@ class PlannerState:
             self.planned_offline = frozenset(self.offline)
             return None
         bw = Bandwidth(self.rates["device_edge"], self.rates["edge_cloud"])
-        schedule = self._budgeted(profile, bw) if self.budget_j is not None else \
+        schedule = self._budgeted(profile, bw) if self.budget_j is not None or self.budget_w is not None else \
             self.planner(profile, bw, self.batch, policy=self.policy, cost_model=self.cost_model)
         schedule = replace(schedule, replica_every=replica_every(profile, bw, schedule))
         keep, again = self._keep_current(profile, bw, schedule) if self.current is not None else (None, False)
@@ -325,7 +335,7 @@ class PlannerState:
         if not again:  # (a plan held back for its small gain: the rates drifting on are judged again)
             self.planned_rates = dict(self.rates)
         self.planned_offline = frozenset(self.offline)
-        self.planned_budget = self.budget_j
+        self.planned_budget = (self.budget_j, self.budget_w)
         if keep:
             log.info("not re-planning (%s): %s", why, keep)
             return None

@@ -177,6 +177,54 @@ def test_a_meter_counts_each_steps_joules_from_the_model_or_a_reader():
                                           "source": "pmic"}
 
 
+def test_an_energy_table_gives_the_budgets_in_force_and_refuses_bad_ones(tmp_path):
+    """[energy]: joules per step and average watts, each lowered while the battery file reads below
+    low_pct (an unreadable one is not low); a bad value is one line naming it."""
+    from hiertrain.meters import EnergyConfig
+
+    battery = tmp_path / "capacity"
+    battery.write_text("55\n")
+    cfg = EnergyConfig.of({"budget_j": 5.0, "budget_w": 4.0, "battery": str(battery), "low_pct": 30,
+                           "low_budget_w": 3.0}, tier="device")
+    assert cfg.budgets_now() == {"budget_j": 5.0, "budget_w": 4.0}
+    battery.write_text("12\n")
+    assert cfg.budgets_now() == {"budget_j": 5.0, "budget_w": 3.0}  # (no low_budget_j: the joules stay)
+    battery.write_text("not a number\n")
+    assert cfg.budgets_now() == {"budget_j": 5.0, "budget_w": 4.0}
+    assert EnergyConfig.of({}, tier="device").budgets_now() == {}
+    for table, why in (({"budget_w": -1.0}, "budget_w = -1.0 must be a positive number of watts on average"),
+                       ({"low_budget_w": 2.0}, "battery goes with low_budget_j or low_budget_w"),
+                       ({"battery": "x"}, "battery goes with low_budget_j or low_budget_w")):
+        with pytest.raises(ConfigError, match=why):
+            EnergyConfig.of(table, tier="device")
+
+
+def test_a_fleet_file_gives_devices_average_watts_and_refuses_bad_ones(tmp_path):
+    import json
+
+    from conftest import ROOT
+    from hiertrain.planner import fleetfile as FF
+    from hiertrain.planner import fleetpolicies as FP
+    from hiertrain.profile import Profile
+
+    (tmp_path / "servers.json").write_text(json.dumps(Profile.load(ROOT / "bench" / "profiles" / "lenet5.json").to_json()))
+    text = ('profile = "servers.json"\nmedium_mbps = 20\ncloud_mbps = 5\n[[device]]\nname = "pi1"\n'
+            'profile = "servers.json"\nsamples = 8\nrate_mbps = 10\npower = "pi4"\nbudget_w = 2.9\n')
+    (tmp_path / "fleet.toml").write_text(text)
+    fleet = FF.load(tmp_path / "fleet.toml")
+    assert fleet.devices[0].budget_w == 2.9
+    plan = FP.choose(fleet, pins=None, policy="hiertrain", cloud=True)
+    # the coordinator's plan is paced: its step no shorter than pi1's joules above idle over its 0.2 spare watts
+    j = FE.fleet_joules(fleet, plan)["pi1"]
+    assert plan.policy == "hiertrain-budget" and plan.parts["pace_s"] > 0 and j / plan.iteration_s <= 2.9 * (1 + 1e-9)
+    assert plan.iteration_s >= FE.pace_s(fleet, plan.paths) * (1 - 1e-12)
+    pinned = FP.choose(fleet, pins=[F.Path(2, 7)], policy="hiertrain", cloud=True)  # the operator's paths, paced too
+    assert pinned.parts["pace_s"] == pytest.approx(FE.pace_s(fleet, pinned.paths))
+    (tmp_path / "bad.toml").write_text(text.replace("budget_w = 2.9", "budget_w = 0.0"))
+    with pytest.raises(PlanError, match="device pi1: budget_w = 0.0 must be > 0 watts on average"):
+        FF.load(tmp_path / "bad.toml")
+
+
 # ---------------------------------------------------------------- the plan's accounting
 
 def test_usage_of_a_fleet_step_by_hand():
@@ -287,6 +335,16 @@ def test_the_energy_plans_equal_brute_force(seed):
         assert got.schedule.iteration_s == pytest.approx(min(t for t, j in every if j["device"] <= budget), rel=1e-9)
         assert got.joules["device"] <= budget * (1 + 1e-9)
 
+        # average watts: every schedule paced (its device's joules above idle over its spare watts)
+        idle = powers["device"].idle_w
+        fastest_w = min(every, key=lambda e: e[0])[1]["device"] / quickest
+        watts = idle + rng.uniform(0.05, 1.0) * max(1e-6, fastest_w - idle)
+        paced = [max(t, (j["device"] - idle * t) / (watts - idle)) for t, j in every]
+        got = E.plan_three_tier(profile, bw, batch, E.Goal("budget", budget_w={"device": watts}), powers=powers)
+        assert got.schedule.iteration_s == pytest.approx(min(paced), rel=1e-9)
+        assert got.joules["device"] / got.schedule.iteration_s <= watts * (1 + 1e-9)
+        assert got.schedule.extra.get("pace_s", got.schedule.iteration_s) == got.schedule.iteration_s
+
         got = E.plan_three_tier(profile, bw, batch, E.Goal("time"), powers=powers)
         assert got.schedule.iteration_s == pytest.approx(quickest, rel=1e-9)
 
@@ -299,9 +357,14 @@ def test_an_unmeetable_budget_or_deadline_is_one_clear_line():
         E.plan_three_tier(profile, bw, 8, E.Goal("budget", budget_j={"device": 0.001}))
     with pytest.raises(PlanError, match=r"^no plan meets the deadline of 1e-06 s per step: the quickest takes"):
         E.plan_three_tier(profile, bw, 8, E.Goal("energy", deadline_s=1e-6))
+    idle = E.tier_powers(profile)["device"].idle_w
+    with pytest.raises(PlanError, match=rf"^no plan meets the device's budget of 1 W on average: its idle draw alone is "
+                                        rf"{idle:g} W$"):
+        E.plan_three_tier(profile, bw, 8, E.Goal("budget", budget_w={"device": 1.0}))
     for kwargs, match in [({"objective": "cheap"}, "unknown objective"), ({"objective": "budget"}, "needs a budget"),
                           ({"deadline_s": 0.0}, "deadline must be > 0"),
-                          ({"objective": "budget", "budget_j": {"device": -1.0}}, "positive number of joules")]:
+                          ({"objective": "budget", "budget_j": {"device": -1.0}}, "positive number of joules"),
+                          ({"objective": "budget", "budget_w": {"device": 0.0}}, "positive number of watts")]:
         with pytest.raises(PlanError, match=match):
             E.Goal(**kwargs)
 
@@ -460,9 +523,16 @@ def test_a_fleet_file_sets_power_classes_and_budgets_and_a_device_publishing_a_l
     got = json.loads(out.stdout)
     assert got["devices"][0]["budget_j"] == 50 and got["devices"][0]["joules"] <= 50
     assert set(got["joules"]) == {"pi1", "edge", "cloud"} and set(got["baselines_joules"]) == set(FP.POLICIES[1:])
+    out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(path), "--energy-budget-w", "2.0",
+                          "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)  # pi1 (a pi3: 1.9 W idle) paced to 2 W on average
+    assert got["devices"][0]["budget_w"] == 2.0 and got["devices"][0]["watts"] <= 2.0 * (1 + 1e-9)
+    assert got["parts"]["pace_s"] == pytest.approx(got["iteration_s"])
     for bad, why in ((text.replace('power = "pi3"', 'power = "pi9"'), "unknown device class 'pi9'"),
                      (text.replace("busy_w = 5.5", "busy_w = 0.5"), "below idle_w"),
-                     (text.replace('power = "pi3"', 'budget_j = -2.0'), "budget_j = -2.0 must be > 0")):
+                     (text.replace('power = "pi3"', 'budget_j = -2.0'), "budget_j = -2.0 must be > 0"),
+                     (text.replace('power = "pi3"', 'budget_w = 1.0'), "pi1's budget of 1 W on average: its idle")):
         (tmp_path / "bad.toml").write_text(bad)
         out = subprocess.run([sys.executable, "-m", "hiertrain", "plan-fleet", str(tmp_path / "bad.toml")],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -523,6 +593,31 @@ def test_every_tiers_telemetry_carries_its_joules_and_a_low_battery_replans_with
     assert c.schedules[0]["mapping"]["o"] == "device"  # before: the device trained everything
 
 
+@pytest.mark.integration
+def test_a_three_tier_device_with_average_watts_runs_paced_steps(cluster):
+    """A real job on Mosquitto with the planner service: the device (a Pi 4's power model) may draw
+    2.9 W on average; the planner's schedule is paced (its pace_s), and the device holds every step
+    under it to at least pace_s, so its measured watts stay within the budget."""
+    import statistics
+
+    from conftest import ROOT
+
+    c = cluster(iterations=24, timeout_s=30, batch=16, energy={"device": {"power": "pi4", "budget_w": 2.9}})
+    c.start_planner(ROOT / "bench" / "profiles" / "lenet5.json", bw_device_edge=100.0, bw_edge_cloud=100.0)
+    c.start()
+    codes = c.wait(timeout=180)
+    assert codes == {"device": 0, "edge": 0, "cloud": 0}, {t: c.log(t)[-2000:] for t in TIERS}
+    paced = [s for s in c.schedules if s.get("pace_s")]
+    assert paced and all(s["budget_w"] == 2.9 for s in paced), c.schedules
+    first = min(s["effective_iteration"] for s in paced)
+    pace = min(s["pace_s"] for s in paced)
+    held = [p for a, p in c.telemetry if a == "device" and "energy" in p and p["iteration"] > first + 1]
+    assert len(held) >= 10, held
+    assert statistics.median(p["iteration_s"] for p in held) >= 0.95 * pace  # (a sleep ends no sooner)
+    drawn = sum(p["energy"]["joules"] for p in held) / sum(p["iteration_s"] for p in held)
+    assert drawn <= 2.9 * 1.1, drawn  # what the device's meter says it drew, paced
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_the_least_energy_fleet_plan_within_a_deadline_equals_brute_force(seed):
     rng = random.Random(seed)
@@ -539,3 +634,49 @@ def test_the_least_energy_fleet_plan_within_a_deadline_equals_brute_force(seed):
         FE.fleet_energy(fleet, 1e-9)
     with pytest.raises(PlanError, match="plan with a budget per device instead"):
         FE.fleet_energy(F.random_fleet(rng, 8, 6), 1.0)
+
+
+@pytest.mark.integration
+def test_a_fleet_device_reports_its_joules_and_its_low_battery_is_replanned_within_two_steps(tmp_path):
+    """A fleet over real Mosquitto: pi2 joins with its own profile and [energy] (1 kW busy, so any unit it
+    trains costs joules; a 1 Mbit/s radio, so the fastest plan has it train units and send small
+    activations). Every worker's telemetry carries its own joules per step, at no less than its idle
+    draw. When pi2's battery file reads below 20 %, its budget drops to 0.05 J per step, which only
+    sending its raw samples keeps: it publishes the new budget and the edge's plan in effect no more than
+    two steps after that report has pi2 on m = 0, to the end; every step is single-process SGD."""
+    from hiertrain.lab.cluster import Cluster
+    from hiertrain.lab.jobs import Fleet, Spec
+    from hiertrain.lab.replay import rel, replay, step_log
+
+    battery = tmp_path / "capacity"
+    battery.write_text("80\n")
+    hungry = {"power": "pi4", "idle_w": 0.01, "busy_w": 1000.0, "tx_nj_per_bit": 10.0, "rx_nj_per_bit": 10.0,
+              "budget_j": 50.0, "battery": str(battery), "low_pct": 20.0, "low_budget_j": 0.05}
+    devices = [Spec("pi1", 4), Spec("pi2", 3, rate_mbps=1.0, joins=True, energy=hungry)]
+    with Cluster(tmp_path, Fleet(devices, iterations=30, timeout_s=60)) as c:
+        c.start("cloud", "edge", "pi1", "pi2")
+        c.wait_until(lambda row: "pi2" in [m[0] for m in row["fleet"]])
+        battery.write_text("15\n")  # the battery falls low
+        codes = c.wait(("edge", "cloud", "pi1", "pi2"), timeout=180)
+        assert codes == dict.fromkeys(codes, 0), {n: c.log(n)[-2000:] for n in codes}
+        c.pump()
+        for name, source in (("pi1", "model:pi4"), ("pi2", "model:pi4*"), ("cloud", "model:server")):
+            steps = [p for a, p in c.telemetry if a == name and "energy" in p]
+            assert steps, name
+            idle = {"pi1": 2.7, "pi2": 0.01, "cloud": 50.0}[name]
+            for p in steps:
+                assert p["energy"]["source"] == source and p["energy"]["joules"] >= idle * p["iteration_s"] - 1e-6, p
+        log = step_log(c)
+        assert [row["step"] for row in log] == list(range(30))
+        m_of = {row["step"]: next(m[3] for m in row["members"] if m[0] == "pi2") for row in log
+                if "pi2" in [m[0] for m in row["members"]]}
+        first = min(m_of)
+        assert m_of[first] >= 1  # the fastest plan has it train: its radio is slow
+        reported = min(p["iteration"] for a, p in c.telemetry if a == "pi2" and p.get("budget_j") == 0.05)
+        assert all(m == 0 for s, m in m_of.items() if s > reported + 2), m_of  # within two steps, to the end
+        assert max(row["version"] for row in log) > log[first]["version"]
+        assert "pi2 publishes a new profile: 3 samples per step, radio 1 Mbit/s, power pi4*, budget 0.05 J per step" \
+            in c.log("edge"), c.log("edge")[-3000:]
+        losses, params = replay(c)
+        np.testing.assert_allclose([row["loss"] for row in log], losses, rtol=1e-4)
+        assert rel(c.final_checkpoint().params, params) < 1e-4

@@ -337,3 +337,38 @@ def test_a_device_whose_energy_budget_drops_is_replanned_within_two_steps():
                                   ("device", {"budget_j": "lots"}, "not a positive number")):
         with pytest.raises(PlanError, match=why):
             s.on_telemetry(account, payload)
+
+
+def test_a_device_reporting_average_watts_gets_a_paced_schedule_two_steps_on():
+    """budget_w in the device's telemetry (its battery's watt-hours per hour): the planner publishes the
+    schedule of least paced seconds (its pace_s in the schedule, the device's joules over the step
+    within the watts), in effect two steps on; bad values are refused."""
+    from hiertrain.planner import energy as E
+    from hiertrain.planner.costmodel import Bandwidth
+    from hiertrain.schedule import Schedule
+
+    s = PlannerState(batch=32, hysteresis=0.2, lead=2, profile=_hungry_device_profile())
+    s.on_rate("device_edge", 5), s.on_rate("edge_cloud", 5)
+    first = s.decide()
+    bw = Bandwidth(5, 5)
+    idle = E.tier_powers(s.profile)["device"].idle_w
+    drawn = E.schedule_joules(s.profile, bw, first)["device"] / first.iteration_s
+    watts = idle + 0.3 * (drawn - idle)  # below what the fastest plan draws
+    s.on_telemetry("device", {"iteration": 40, "budget_w": watts})
+    new = s.decide()
+    assert new is not None and new.version == 2 and new.effective_iteration == 42
+    sent = Schedule.from_json(new.to_json())  # as the device reads it from the topic
+    best = E.plan_three_tier(s.profile, bw, 32, E.Goal("budget", budget_w={"device": watts}))
+    assert sent.iteration_s == pytest.approx(best.schedule.iteration_s)
+    assert sent.extra["budget_w"] == watts and sent.extra["joules"]["device"] / sent.iteration_s <= watts * (1 + 1e-9)
+    if "pace_s" in sent.extra:
+        assert sent.extra["pace_s"] == pytest.approx(sent.iteration_s)
+    assert s.decide() is None  # nothing new
+    s.on_telemetry("device", {"iteration": 50, "budget_w": idle + 0.001})  # a milliwatt to spare: every plan paced
+    paced = Schedule.from_json(s.decide().to_json())
+    assert paced.effective_iteration == 52 and paced.extra["pace_s"] == pytest.approx(paced.iteration_s)
+    assert paced.extra["joules"]["device"] / paced.iteration_s <= (idle + 0.001) * (1 + 1e-9)
+    for account, payload, why in (("cloud", {"budget_w": 3.0}, "only the device has one"),
+                                  ("device", {"budget_w": 0}, "budget_w = 0 from the device is not a positive number of watts")):
+        with pytest.raises(PlanError, match=why):
+            s.on_telemetry(account, payload)

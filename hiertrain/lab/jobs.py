@@ -97,6 +97,7 @@ class Spec:
     quota: Optional[float] = None           # its CPU, in cores (cgroup v1, as root): how slow a device it is
     joins: bool = False                     # it publishes its own profile to join; the fleet file holds only
                                             # its pinned path, if any
+    energy: Optional[dict[str, Any]] = None  # its [energy] section (power model, budgets, battery)
 
 
 def measure_profiles(model: str, batch: int, out: Path, quotas: set[Optional[float]]) -> tuple[Path, dict]:
@@ -194,7 +195,7 @@ class Fleet:
                if standby else {}),
             "cloud": cluster.config("cloud", "cloud", self._sections(cluster, "cloud", cloud)),
             **{d.name: cluster.config(d.name, "device", self._sections(cluster, d.name, {
-                **self._joins(d), "data": d.data or {**(self.data or {"dataset": "synthetic"}), "shard": [i, len(self.specs)]},
+                **self._joins(d), **({"energy": d.energy} if d.energy else {}), "data": d.data or {**(self.data or {"dataset": "synthetic"}), "shard": [i, len(self.specs)]},
                 **({"eval": {"holdout": self.holdout}} if self.holdout else {})}))
                for i, d in enumerate(self.specs.values())}}
 
