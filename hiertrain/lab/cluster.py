@@ -320,8 +320,9 @@ class Cluster:
 
     def wait_until(self, test: Callable[[dict[str, Any]], bool], timeout: float = 120) -> int:
         """The first iteration whose telemetry (the one that reported its loss) passes ``test``."""
-        return self._until(lambda: next((i for i in sorted(self.steps) if test(self.steps[i])), None), timeout,
-                           "waiting for an iteration as awaited")
+        found = self._until(lambda: next(([i] for i in sorted(self.steps) if test(self.steps[i])), None), timeout,
+                            "waiting for an iteration as awaited")  # ([i]: iteration 0 is found too)
+        return found[0]
 
     def wait_online(self, name: str, timeout: float = 60) -> None:
         self._until(lambda: self.states.get(name) == "online", timeout, f"waiting for {name} to come online")
