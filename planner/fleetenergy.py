@@ -27,6 +27,7 @@ from hiertrain.errors import PlanError
 from hiertrain.plan import for_fleet
 from hiertrain.planner import fleet as F
 from hiertrain.planner.energy import Costs, Goal, energies, usage
+from hiertrain.planner.energy import paced as paced_step
 from hiertrain.power import CLASSES, DEFAULT_CLASS, PowerModel, joules
 
 
@@ -57,15 +58,14 @@ def fleet_joules(fleet: F.Fleet, plan: F.FleetPlan) -> dict[str, float]:
 
 def pace_s(fleet: F.Fleet, paths: Sequence[F.Path]) -> float:
     """The shortest step that keeps every device with a ``budget_w`` at or under it on average: a device
-    drawing ``dyn_d`` joules above its idle draw in a step needs ``T >= dyn_d / (budget_w - idle_w)`` (the
-    coordinator holds each round that long). 0 without such devices; inf if one's budget is at or under
-    its idle draw."""
-    out = 0.0
-    for d, p in zip(fleet.devices, paths):
-        if d.budget_w:
-            spare = d.budget_w - power_of_device(d).idle_w
-            out = max(out, device_dynamic(fleet, d, p.m) / spare if spare > 0 else math.inf)
-    return out
+    drawing ``dyn_d`` joules above its idle draw in a step needs ``T >= dyn_d / (budget_w - idle_w)``
+    (:func:`hiertrain.planner.energy.paced` of the step's joules at T = 0; the coordinator holds each
+    round that long). 0 without such devices; inf if one's budget is at or under its idle draw."""
+    watts = {d.name: d.budget_w for d in fleet.devices if d.budget_w}
+    if not watts:
+        return 0.0
+    at_zero = fleet_joules(fleet, F.FleetPlan("paced", tuple(paths), (), 0.0))
+    return float(paced_step(Goal("budget", budget_w=watts), 0.0, at_zero, fleet_powers(fleet))[0])
 
 
 def paced(fleet: F.Fleet, plan: F.FleetPlan) -> F.FleetPlan:
