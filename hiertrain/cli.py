@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 from hiertrain import commands
 from hiertrain.bench import BENCHES
 from hiertrain.errors import HiertrainError
+from hiertrain.lab.emulation import PAPER_INTERPRETER
 
 OPTIMIZERS = ("sgd", "adamw")  # hiertrain.train.optim.KINDS, which needs onnx: the CLI's parser does not
 
@@ -68,6 +69,13 @@ def _positive_float(text: str) -> float:
     value = _nonneg_float(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def _dilation(text: str) -> float:
+    value = _positive_float(text)
+    if not 1.0 <= value <= 1000.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in 1..1000")
     return value
 
 
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--threads", type=_positive_int, default=0, help="ORT intra-op threads (default: all cores)")
     prof.add_argument("--cpu-quota", type=_positive_float, metavar="CORES",
                       help="emulate a slower machine: a cgroup CPU quota in cores, e.g. 0.2 (root)")
+    prof.add_argument("--kernel-dilation", type=_dilation, default=1.0, metavar="F",
+                      help="emulate slower kernels than the quota gives: every kernel run stretched F times (>= 1)")
     prof.add_argument("--segments", metavar="DIR", help="a `hiertrain segments build` directory: what a tier "
                       "without the gradient builder (plain onnxruntime, a Raspberry Pi) profiles with")
     prof.add_argument("--repeat", type=_positive_int, default=7)
@@ -299,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--policies", default="hiertrain,all-edge,all-cloud,jointdnn,jointdnn+,jalad",
                        help="testbed: policies to run (also two-way, three-way: fixed hybrid schedules)")
     bench.add_argument("--speeds", default="1:4:40", help="testbed: device:edge:cloud speed ratio to calibrate to")
+    bench.add_argument("--interpreter-ratios", metavar="D:E",
+                       help="testbed: emulate the device's and the edge's Python D and E times slower than a core here "
+                            f"(their CPU quotas) and their kernels apart (a dilation); the paper's Pi 3 and i3-7100U: "
+                            f"{PAPER_INTERPRETER} (hiertrain.lab.emulation)")
     bench.add_argument("--device-quota", type=_positive_float, help="testbed: device CPU (cores) instead of calibrating; deviceloop: the Pi-3 quota")
     bench.add_argument("--edge-quota", type=_positive_float, help="testbed: edge CPU (cores) instead of calibrating")
     bench.add_argument("--bw-device-edge", type=_positive_float, default=5.0, help="testbed: device-edge Mbit/s; failover: both links' rate")

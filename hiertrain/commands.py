@@ -179,11 +179,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from hiertrain.train import artifacts, profiler
     from hiertrain.train.runtime import Runtime
 
-    runtime = Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None)) \
-        if args.segments else None
+    runtime = Runtime(threads=args.threads, provider=artifacts.provider(Path(args.segments), None) if args.segments
+                      else None, dilation=args.kernel_dilation) if args.segments or args.kernel_dilation > 1 else None
     prof = profiler.measure(args.model, args.batch, tier=args.tier, threads=args.threads, repeat=args.repeat,
                             warmup=args.warmup, optimizer=args.optimizer, on_ready=join, runtime=runtime,
-                            note={"cpu_quota": args.cpu_quota} if args.cpu_quota else None,
+                            note={**({"cpu_quota": args.cpu_quota} if args.cpu_quota else {}),
+                                  **({"kernel_dilation": args.kernel_dilation} if args.kernel_dilation > 1 else {})} or None,
                             sample_dtype=args.sample_dtype)
     out = Path(args.out)
     if args.merge and out.exists():

@@ -37,7 +37,8 @@ def open_service(cfg: TierConfig, spec: ModelSpec, *, account: str,
                           validator=validator(spec, cfg.batch), max_message_bytes=max_message_bytes(spec, cfg.batch),
                           expire_s=max(60.0, 2 * cfg.timeout_s), peers=peers)
     supply = artifacts.Supply(transport, directory=cfg.segments_dir, timeout=cfg.timeout_s)
-    runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None, provider=supply.provider)
+    runtime = Runtime(threads=cfg.threads, root=cfg.cache / "segments" if cfg.cache else None, provider=supply.provider,
+                      dilation=cfg.kernel_dilation)
     return Opened(transport, supply, runtime)
 
 

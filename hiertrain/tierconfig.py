@@ -18,6 +18,7 @@
     cache = "~/.cache/hiertrain"  # built segments
     segments = "segments-lenet5"  # optional: `hiertrain segments build` output copied here (no builder needed)
     chunk_kb = 256                # MQTT frame size
+    kernel_dilation = 3.6         # emulation only: every kernel run stretched to this many times its seconds
     [checkpoint]                  # written by whichever tier plays worker_o, every N iterations
     dir = "checkpoints"
     every = 10
@@ -90,6 +91,7 @@ class TierConfig:
     iterations: int = 100
     timeout_s: float = 60.0
     threads: int = 0
+    kernel_dilation: float = 1.0        # an emulated device's kernels (hiertrain.lab.emulation)
     cache: Optional[Path] = None
     segments_dir: Optional[Path] = None
     chunk_bytes: int = 256 << 10
@@ -184,6 +186,8 @@ def _check_limits(c: TierConfig, path: Any) -> None:
         raise bad(f"[eval] samples = {c.eval_samples} must be >= 1")
     if c.threads < 0:
         raise bad(f"[runtime] threads = {c.threads} must be >= 0 (0: all cores)")
+    if not 1.0 <= c.kernel_dilation <= 1000.0:
+        raise bad(f"[runtime] kernel_dilation = {c.kernel_dilation} must be in 1..1000")
     if c.chunk_bytes < 1 << 10:
         raise bad(f"[runtime] chunk_kb = {c.chunk_bytes >> 10} must be >= 1")
     limit = c.endpoint.max_packet_bytes
@@ -302,7 +306,7 @@ def _model(cfg: Any, name: str) -> str:
 TABLES: dict[str, dict[str, config.Kind]] = {
     "train": {"model": str, "batch": int, "optimizer": str, "lr": float, "weight_decay": float, "seed": int,
               "iterations": int, "timeout_s": float},
-    "runtime": {"threads": int, "cache": str, "segments": str, "chunk_kb": int},
+    "runtime": {"threads": int, "cache": str, "segments": str, "chunk_kb": int, "kernel_dilation": float},
     "checkpoint": {"dir": str, "every": int, "keep": int, "collect": bool},
     "data": {"dataset": str, "path": str, "entry": str, "label": str, "shard": list, "compress": bool},
     "eval": {"holdout": int, "every": int, "samples": int},
@@ -332,7 +336,7 @@ def load(tier: str, path: str | os.PathLike) -> TierConfig:
         tier=tier, job=cfg.job, endpoint=cfg.endpoint,
         model=_model(cfg, train.get("model", "lenet5")), batch=train.get("batch", 32), optimizer=optimizer,
         seed=train.get("seed", 0), iterations=train.get("iterations", 100), timeout_s=train.get("timeout_s", 60.0),
-        threads=rt.get("threads", 0),
+        threads=rt.get("threads", 0), kernel_dilation=rt.get("kernel_dilation", 1.0),
         cache=cfg.resolve(rt["cache"]) if "cache" in rt else None,
         segments_dir=cfg.resolve(rt["segments"]) if "segments" in rt else None,
         chunk_bytes=rt.get("chunk_kb", 256) << 10,

@@ -34,6 +34,7 @@ def test_a_good_config_loads_with_its_values_and_an_int_where_a_number_is_asked(
     (("[train]", '[data]\ncompress = "yes"\n[train]'), "[data] compress = 'yes' is not true or false"),
     (("[train]", '[eval]\nholdout = -3\n[train]'), "[eval] holdout = -3 must be >= 0"),
     (("[train]", '[eval]\nsamples = 0\n[train]'), "[eval] samples = 0 must be >= 1"),
+    (("[train]", '[runtime]\nkernel_dilation = 0.5\n[train]'), "[runtime] kernel_dilation = 0.5 must be in 1..1000"),
     (("[train]", '[train.inner]\nx = 1\n[train]'), "[train] unknown key 'inner'"),
 ])
 def test_a_misspelt_or_mistyped_key_is_refused_in_one_line_naming_it(tmp_path, broker_dir, edit, needle):

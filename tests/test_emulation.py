@@ -22,6 +22,21 @@ def test_quotas_turn_probe_timings_into_the_target_ratios():
     assert emulation.quotas_for(times, {"edge": 0.5, "device": 0.2}, {"device": 400, "edge": 4, "cloud": 40})["device"] == 1.0
 
 
+def test_a_device_splits_into_an_interpreter_quota_and_a_kernel_dilation():
+    # kernels as slow as a 0.025-core quota gives; an interpreter 10x slower than a core here: a 0.1-core
+    # quota, and every kernel run stretched 4x (0.1 / 0.025) to keep the kernels where they were
+    assert emulation.split(0.025, 10.0) == (0.1, 4.0)
+    assert emulation.split(0.025, None) == (0.025, 1.0)  # one calibration: the quota alone
+    assert emulation.split(0.025, 50.0) == (0.025, 1.0)  # an interpreter slower than the kernels: no dilation
+    assert emulation.split(0.5, 0.5) == (1.0, 2.0)       # never above one core
+    # the fitted message cost takes the framework's stretch (the quota's), not the dilated kernels'
+    from hiertrain.bench.testbed import message_costs
+
+    measured = {"device": (0.001, 40.0), "edge": (0.0005, 8.0), "cloud": None}
+    assert message_costs(measured) == {"device": 0.04, "edge": 0.004, "cloud": 0.0005}
+    assert message_costs(measured, {"device": 4.0}) == {"device": 0.01, "edge": 0.004, "cloud": 0.0005}
+
+
 @pytest.mark.parametrize("text", ["1:4", "1:x:40", "0:4:40", "", "1:4:-40"])
 def test_bad_speed_ratios_are_refused(text):
     with pytest.raises(ConfigError, match="device:edge:cloud"):

@@ -102,3 +102,24 @@ def test_artifacts_are_cached_on_disk_and_build_fast(tmp_path):
 def test_bad_ranges_are_refused(tmp_path, args, match):
     with pytest.raises(PlanError, match=match):
         segments.build(models.get("lenet5"), root=tmp_path, **args)
+
+
+def test_a_dilated_segment_stretches_each_kernel_run_by_sleeping_the_difference(monkeypatch):
+    """An emulated device's kernels (kernel_dilation F): after each ORT run of t seconds the segment
+    sleeps (F - 1) t, and computes the same numbers."""
+    from hiertrain.train import runtime as R
+
+    spec = models.get("lenet5")
+    params = models.init_params(spec, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, *spec.input_shape)).astype(np.float32)
+    plain = Runtime(threads=1).segment(spec, 1, 3)
+    slept: list[float] = []
+    monkeypatch.setattr(R.time, "sleep", slept.append)
+    dilated = Runtime(threads=1, dilation=3.0).segment(spec, 1, 3)
+    mine = {k: params[k] for k in plain.built.params}
+    y, _ = plain.forward(mine, x)
+    assert slept == []
+    y3, _ = dilated.forward(mine, x)
+    np.testing.assert_array_equal(y, y3)
+    assert len(slept) == 1 and slept[0] > 0  # twice the run's own seconds, which are > 0
+

@@ -28,6 +28,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     source, base = calibrated_source(args)
     quotas, batch, de, per = source["emulation"]["quotas"], source["batch"], source["bw_device_edge"], args.count
+    dilation = source["emulation"].get("dilation", {})  # (kernels emulated apart from the interpreter)
     cores = [int(c) for c in _floats(args.cores)]
     points = _floats(args.points)
     rows: list[dict[str, Any]] = []
@@ -36,10 +37,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         profiles = {}
         for k in cores:
             path = work / f"edge-{k}.json"
-            emulation.profile_tier(base.model, batch, path, "edge", quota=round(quotas["edge"] * k, 4))
+            emulation.profile_tier(base.model, batch, path, "edge", quota=round(quotas["edge"] * k, 4),
+                                   dilation=dilation.get("edge", 1.0))
             profiles[k] = base.merged("edge", Profile.load(path))
         with emulated_job(work, model=base.model, batch=batch, quotas=quotas, bw_device_edge=de,
-                          bw_edge_cloud=points[0]) as (net, c):
+                          bw_edge_cloud=points[0], dilation=dilation) as (net, c):
             runner = Runner(c, net, per)
             for k in cores:
                 c.quotas["edge"].set(round(quotas["edge"] * k, 4))

@@ -44,7 +44,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         (work / "profile.json").write_text(json.dumps(profile.to_json()))
         first = rates["before"]
         with emulated_job(work, model=profile.model, batch=batch, quotas=quotas, bw_device_edge=first["device_edge"],
-                          bw_edge_cloud=first["edge_cloud"]) as (net, c):
+                          bw_edge_cloud=first["edge_cloud"], dilation=source["emulation"].get("dilation")) as (net, c):
             c.start_planner(work / "profile.json", bw_device_edge=first["device_edge"],
                             bw_edge_cloud=first["edge_cloud"], cost_model="calibrated")
             c.start()

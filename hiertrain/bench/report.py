@@ -56,7 +56,10 @@ def testbed_section(r: dict[str, Any], png: str) -> list[str]:
     out = [f"## {model} (B = {r['batch']}, device-edge {r['bw_device_edge']} Mbit/s) - paper {paper.get('figs', '')}", ""]
     out += [f"Emulation: quotas {em.get('quotas')}, measured speeds device : edge : cloud = "
             f"{' : '.join(str(em['measured_speeds'][t]) for t in ('device', 'edge', 'cloud'))} "
-            f"(target {em.get('target_speeds', 'fixed quotas')}); ms per sample {em.get('ms_per_sample')}.",
+            f"(target {em.get('target_speeds', 'fixed quotas')}); ms per sample {em.get('ms_per_sample')}"
+            + (f"; interpreters emulated apart from kernels: {em['interpreter_ratios']} times slower than a core here "
+               f"(CPU quotas), kernels dilated {em['dilation']} (`hiertrain/lab/emulation.py` cites both)"
+               if em.get("interpreter_ratios") else "") + ".",
             f"Fitted framework overheads (s per iteration): {cal.get('overhead_s')}, from {cal.get('fitted_on', {}).get('measured_s')}; "
             f"message costs (s per message sent or received on the critical path): {cal.get('message_s', 'none (fitted before the message term existed)')}.",
             "", f"![{model}]({png})", ""]

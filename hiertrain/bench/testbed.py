@@ -2,7 +2,8 @@
 
 Tiers run in network namespaces joined by tc-shaped veth links (:mod:`hiertrain.lab.testbed`), under
 CPU quotas calibrated to the paper's speed ratios (:mod:`hiertrain.lab.emulation`; or fixed with
-``--device-quota``/``--edge-quota``). The run has three phases, in one training job:
+``--device-quota``/``--edge-quota``); with ``--interpreter-ratios``, the device's and the edge's
+interpreters by their quotas and their kernels by a dilation beside them. The run has three phases, in one training job:
 
 1. *fit*: all-device, all-edge and all-cloud at the first edge-cloud rate; their measured times
    give each tier's framework overhead (:func:`planner.costmodel.fit_overhead`), stored in the
@@ -105,16 +106,16 @@ def calibrated_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
 @contextmanager
 def emulated_job(work: Path, *, model: str, batch: int, quotas: dict[str, float], bw_device_edge: float,
-                 bw_edge_cloud: float) -> Iterator[tuple[Any, Any]]:
+                 bw_edge_cloud: float, dilation: Optional[dict[str, float]] = None) -> Iterator[tuple[Any, Any]]:
     """The testbed's namespaces and shaped links, and one training job in them under the tiers'
-    quotas: (testbed, cluster); everything is removed when the block ends."""
+    quotas (and kernel dilations): (testbed, cluster); everything is removed when the block ends."""
     from hiertrain.lab import testbed
     from hiertrain.lab.cluster import Cluster
     from hiertrain.lab.jobs import ThreeTier
 
     with testbed.Testbed(bw_device_edge=bw_device_edge, bw_edge_cloud=bw_edge_cloud) as net, \
             Cluster(work, ThreeTier(model=model, batch=batch, iterations=100_000, timeout_s=600, lr=learning_rate(model),
-                                    chunk_kb=CHUNK_KB), network=net, quotas=quotas) as cluster:
+                                    chunk_kb=CHUNK_KB, dilation=dilation), network=net, quotas=quotas) as cluster:
         yield net, cluster
 
 
@@ -129,7 +130,9 @@ def emulated_profile(args: argparse.Namespace, work: Path) -> tuple[dict[str, fl
         prof = Profile.load(path)
         return quotas, path, {"quotas": quotas, "measured_speeds": emulation.ratios(prof),
                               "ms_per_sample": {t: round(1e3 * emulation.seconds_per_sample(prof, t), 3) for t in prof.tiers}}
-    return emulation.calibrate(args.model, args.batch, work, speeds=emulation.parse_speeds(args.speeds))
+    return emulation.calibrate(args.model, args.batch, work, speeds=emulation.parse_speeds(args.speeds),
+                               interpreter=emulation.parse_interpreter(args.interpreter_ratios)
+                               if args.interpreter_ratios else None)
 
 
 def schedule_for(policy: str, profile: Any, bw: Any, batch: int) -> Any:
@@ -170,13 +173,16 @@ def message_cost(telemetry: list[tuple[str, dict[str, Any]]], tier: str, version
     return (round(statistics.median(cpu), 6), round(statistics.median(stretch), 3)) if cpu else None
 
 
-def message_costs(measured: dict[str, Optional[tuple[float, float]]]) -> dict[str, float]:
+def message_costs(measured: dict[str, Optional[tuple[float, float]]],
+                  dilation: Optional[dict[str, float]] = None) -> dict[str, float]:
     """Seconds per message at each tier: its framework CPU per message, stretched as its compute is
-    (a CPU quota, a slower CPU). The cloud's CPU time includes its ORT threads' (it computes on
-    every core), so it gets the least CPU per message measured elsewhere, unstretched."""
+    (a CPU quota, a slower CPU) less its kernel dilation (which stretches its kernels, not its
+    framework). The cloud's CPU time includes its ORT threads' (it computes on every core), so it gets
+    the least CPU per message measured elsewhere, unstretched."""
     known = {t: v for t, v in measured.items() if v is not None}
     floor = min((cpu for t, (cpu, _) in known.items() if t != "cloud"), default=0.0)
-    return {t: round(floor if t == "cloud" or t not in known else known[t][0] * known[t][1], 6)
+    return {t: round(floor if t == "cloud" or t not in known
+                     else known[t][0] * known[t][1] / (dilation or {}).get(t, 1.0), 6)
             for t in ("device", "edge", "cloud")}
 
 
@@ -221,9 +227,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hiertrain-testbed-") as d:
         work = Path(d)
         quotas, path, emulation_record = emulated_profile(args, work)
+        dilation = emulation_record.get("dilation")
         profile = Profile.load(path)
         with emulated_job(work, model=args.model, batch=batch, quotas=quotas, bw_device_edge=de,
-                          bw_edge_cloud=points[0]) as (net, c):
+                          bw_edge_cloud=points[0], dilation=dilation) as (net, c):
             runner = Runner(c, net, per)
 
             def run(phase: str, policy: str, bw: float, sched: Any) -> dict[str, Any]:
@@ -243,7 +250,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     per_message[policy[4:]] = message_cost(c.telemetry, policy[4:], row["version"])
                 overhead = fit_overhead(profile, bw, batch, fit, chunk_bytes=CHUNK_KB * 1024)
                 profile = with_calibration(profile, overhead, chunk_bytes=CHUNK_KB * 1024,
-                                           message_s=message_costs(per_message),
+                                           message_s=message_costs(per_message, dilation),
                                            fitted_on={"bw": [de, points[0]], "batch": batch, "measured_s": fit,
                                                       "message": per_message})
             for bw_ec in points:

@@ -28,7 +28,8 @@ class ThreeTier:
     is, or, with a ``collector`` tier, into that tier's ``ck-<collector>`` alone. ``data``: the device's
     ``[data]`` section (default: the synthetic set), ``holdout`` its ``[eval] holdout`` (samples it
     never trains on). ``threads``: per tier, its ORT threads (default: as emulated). ``energy``: per
-    tier, its ``[energy]`` table."""
+    tier, its ``[energy]`` table. ``dilation``: per tier, its kernel dilation (an emulated device's
+    kernels apart from its interpreter, :func:`hiertrain.lab.emulation.split`)."""
 
     name: str = "demo"
     model: str = "lenet5"
@@ -46,6 +47,7 @@ class ThreeTier:
     energy: Optional[dict[str, dict[str, Any]]] = None
     eval_every: int = 0      # the model's owner (whichever tier) scores held-out accuracy every N iterations
     eval_samples: int = 512  # on this many held-out samples
+    dilation: Optional[dict[str, float]] = None
     driver = "device"
 
     def accounts(self) -> tuple[str, ...]:
@@ -71,7 +73,8 @@ class ThreeTier:
         def sections(t: str) -> dict[str, Any]:
             return {
                 "train": train,
-                "runtime": {"threads": threads[t], "cache": cluster.cache(t), "chunk_kb": self.chunk_kb},
+                "runtime": {"threads": threads[t], "cache": cluster.cache(t), "chunk_kb": self.chunk_kb,
+                            **({"kernel_dilation": self.dilation[t]} if (self.dilation or {}).get(t, 1.0) > 1 else {})},
                 **({"checkpoint": {"every": self.every,
                                    **({"dir": str(cluster.work / f"ck-{t}")} if self.collector in (None, t) else {}),
                                    **({"collect": True} if self.collector == t else {})}} if self.every else {}),

@@ -10,6 +10,7 @@ A kernel that fails on its inputs is one :class:`~hiertrain.errors.SegmentError`
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,10 +29,15 @@ ORT_FAILURES: tuple[type[Exception], ...] = tuple(
 
 
 class Segment:
-    """ORT sessions of one built segment; parameters are passed in on every call (by name)."""
+    """ORT sessions of one built segment; parameters are passed in on every call (by name).
 
-    def __init__(self, built: Built, *, threads: int = 0) -> None:
+    ``dilation`` (>= 1, an emulated device only: :mod:`hiertrain.lab.emulation`) stretches every kernel
+    run to that many times its measured seconds, by sleeping the difference after it: a device's
+    kernels are emulated slower than its interpreter, which only its CPU quota slows."""
+
+    def __init__(self, built: Built, *, threads: int = 0, dilation: float = 1.0) -> None:
         self.built = built
+        self.dilation = dilation
         so = session_options(threads)
         names = ("step",) if built.kind == "head" else ("forward", "backward", "fused")
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -50,7 +56,11 @@ class Segment:
     def _run(self, name: str, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         sess = self._session(name)
         try:
-            return sess.run(outputs, {k: feed[k] for k in sess._hiertrain_inputs})  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            out = sess.run(outputs, {k: feed[k] for k in sess._hiertrain_inputs})  # type: ignore[attr-defined]
+            if self.dilation > 1.0:
+                time.sleep((self.dilation - 1.0) * (time.perf_counter() - t0))
+            return out
         except ORT_FAILURES as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = "; non-finite values inside the model fail so: training diverged?" if "narrowing" in first else ""
@@ -112,8 +122,10 @@ class Runtime:
     """
 
     def __init__(self, *, threads: int = 0, root: Optional[Path] = None,
-                 provider: Optional[Callable[[ModelSpec, int, int, str, bool, Path], Path]] = None) -> None:
+                 provider: Optional[Callable[[ModelSpec, int, int, str, bool, Path], Path]] = None,
+                 dilation: float = 1.0) -> None:
         self.threads = threads
+        self.dilation = dilation  # an emulated device's kernels (Segment)
         self.root = root
         self.provider = provider
         self.builds = can_build()
@@ -139,7 +151,8 @@ class Runtime:
         with self._lock:
             seg = self._segments.get(key_)
             if seg is None:
-                seg = Segment(self._built(spec, first, last, kind, input_grad), threads=self.threads)
+                seg = Segment(self._built(spec, first, last, kind, input_grad), threads=self.threads,
+                              dilation=self.dilation)
                 self._segments[key_] = seg
             return seg
 
