@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's experiments on the emulated testbed, then bench/results/REPORT.md (root; ~1 h on 2 cores).
+# The paper's experiments on the emulated testbed, then bench/results/REPORT.md (root; 35 min on 2 cores at stop 40).
 # Each step writes JSON and a PNG into $RESULTS; `hiertrain bench report` alone rebuilds the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."

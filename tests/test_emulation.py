@@ -120,3 +120,24 @@ def test_the_report_says_when_a_link_change_left_nothing_to_re_plan():
     same.update(analyse(same))
     text = "\n".join(report.replan_section(same, "replan-lenet5.png"))
     assert "re-planned 0 time(s). No schedule with a new placement was published" in text and "None" not in text
+
+
+def test_the_testbed_row_says_whether_a_multi_tier_run_beat_every_single_tier_one():
+    from hiertrain.bench.readme import testbed, tiers_of
+
+    edge = {"mapping": {"o": "edge", "s": "device", "l": "cloud"}, "b_o": 32, "b_s": 0, "b_l": 0}
+    hybrid = {"mapping": {"o": "edge", "s": "device", "l": "cloud"}, "b_o": 24, "b_s": 8, "b_l": 0}
+    chain = {**edge, "plan": {"kind": "chain", "stages": [["edge", 1, 5], ["cloud", 6, 7]]}}
+    assert tiers_of(edge) == {"edge"} and tiers_of(hybrid) == {"edge", "device"} and tiers_of(chain) == {"edge", "cloud"}
+    rows = [{"phase": "sweep", "bw_edge_cloud": 1.5, "policy": "hiertrain", "measured_s": 0.20, "plan": edge},
+            {"phase": "sweep", "bw_edge_cloud": 1.5, "policy": "jalad", "measured_s": 0.15, "plan": chain},
+            {"phase": "sweep", "bw_edge_cloud": 3.0, "policy": "hiertrain", "measured_s": 0.20, "plan": hybrid},
+            {"phase": "sweep", "bw_edge_cloud": 3.0, "policy": "all-edge", "measured_s": 0.20, "plan": edge},
+            {"phase": "fit", "bw_edge_cloud": 3.0, "policy": "all-edge", "measured_s": 0.01, "plan": edge}]
+    r = {"rows": rows, "batch": 32, "bw_device_edge": 5.0, "model": "lenet5",
+         "emulation": {"measured_speeds": {"device": 1.0, "edge": 4.0, "cloud": 40.0}}}
+    text = testbed(r)
+    assert "1.5 Mbit/s: hiertrain 0.200 s on edge, best single-tier hiertrain 0.200 s; fastest multi-tier: jalad " \
+           "0.150 s (**25% faster than every single-tier run**)" in text
+    assert "3 Mbit/s: hiertrain 0.200 s on device+edge, best single-tier all-edge 0.200 s; fastest multi-tier: " \
+           "hiertrain 0.200 s (within 5% of it: a tie)" in text  # (fit rows are not judged)

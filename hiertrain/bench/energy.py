@@ -138,8 +138,9 @@ def _rows(base: Any, points: list[float], measured: Any, cloud: float) -> list[d
         for policy in BASELINES:
             plan = FP.baseline(fleet, policy)
             total, most = devices_j(fleet, plan)
+            joules = fleet_joules(fleet, plan)
             row = {"seconds": plan.iteration_s, "devices_j": total, "max_device_j": most,
-                   "joules": {d.name: fleet_joules(fleet, plan)[d.name] for d in fleet.devices},
+                   "joules": {d.name: joules[d.name] for d in fleet.devices},
                    "paths": {d.name: [p.m, p.k] for d, p in zip(fleet.devices, plan.paths)}}
             ran = next((r for r in (measured or {}).get("rows", []) if r["medium_mbps"] == medium
                         and r["policy"] == policy), None)

@@ -165,6 +165,49 @@ def energy(r: dict[str, Any]) -> str:
              "devices' joules per step: ") + "; ".join(out) + " ![](bench/results/energy.png)")
 
 
+NOISE = 0.05  # run-to-run spread on the testbed: differences smaller than this are ties
+
+
+def tiers_of(plan: dict[str, Any]) -> set[str]:
+    """The tiers a three-tier schedule (its JSON) computes on: a chain's stages, or O/S/L's roles with samples."""
+    if (plan.get("plan") or {}).get("kind") == "chain":
+        return {stage[0] for stage in plan["plan"]["stages"]}
+    roles = {"o": plan.get("b_o", 0), "s": plan.get("b_s", 0), "l": plan.get("b_l", 0)}
+    return {plan["mapping"][role] for role, n in roles.items() if n}
+
+
+def testbed(r: dict[str, Any]) -> str:
+    """Each rate: hiertrain's measured seconds and the tiers its plan used, against the best single-tier
+    run; and whether any multi-tier run (a policy's or a validity schedule's) measured faster than it."""
+    rows = [x for x in r["rows"] if x["phase"] != "fit" and x.get("measured_s")]
+    em = r["emulation"]
+    out = []
+    for bw in sorted({x["bw_edge_cloud"] for x in rows}):
+        at = [x for x in rows if x["bw_edge_cloud"] == bw]
+        single = [x for x in at if len(tiers_of(x["plan"])) == 1]
+        multi = [x for x in at if len(tiers_of(x["plan"])) > 1]
+        ours = next((x for x in at if x["policy"] == "hiertrain"), None)
+        best = min(single, key=lambda x: x["measured_s"]) if single else None
+        if ours is None or best is None:
+            continue
+        fastest_multi = min(multi, key=lambda x: x["measured_s"]) if multi else None
+        if fastest_multi is None:
+            beat = "no multi-tier run"
+        else:
+            gain = 1 - fastest_multi["measured_s"] / best["measured_s"]
+            beat = (f"fastest multi-tier: {fastest_multi['policy']} {fastest_multi['measured_s']:.3f} s"
+                    + (f" (**{gain:.0%} faster than every single-tier run**)" if gain > NOISE else
+                       f" (within {NOISE:.0%} of it: a tie)" if gain > -NOISE else ""))
+        out.append(f"{bw:g} Mbit/s: hiertrain {ours['measured_s']:.3f} s on {'+'.join(sorted(tiers_of(ours['plan'])))}, "
+                   f"best single-tier {best['policy']} {best['measured_s']:.3f} s; {beat}")
+    split = (f"; interpreters {em['interpreter_ratios']}x slower than a core here, kernels dilated {em['dilation']}"
+             if em.get("interpreter_ratios") else "; interpreter and kernels under one CPU quota")
+    return (f"the paper's sweep on the emulated testbed, B = {r['batch']}, device-edge {r['bw_device_edge']:g} Mbit/s, "
+            f"measured speeds device : edge : cloud = "
+            f"{' : '.join(str(em['measured_speeds'][t]) for t in ('device', 'edge', 'cloud'))}{split}. " + "; ".join(out)
+            + f" ![](bench/results/testbed-{r['model']}.png)")
+
+
 def fleet_planner_scale(r: dict[str, Any]) -> str:
     g, d = r["growth"], r["deployment"]
     rows = "; ".join(f"{n} devices on an edge: planned in <= {v['solve_s_max']:.2f} s, {_x(v['speedup_over_edgesplit'])} "
@@ -237,6 +280,10 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("hiertrain bench families --library transformers --data digits32.npz --count 150", "families-transformers.json",
      families),
     ("hiertrain bench energy --from bench/results/fleet.json --testbed --count 20", "energy.json", energy),
+    ("hiertrain bench testbed --model lenet5 --batch 32 --count 10 --points 1.5,2,3,4,5 --interpreter-ratios 17.5:2.8",
+     "testbed-lenet5.json", testbed),
+    ("hiertrain bench testbed --model alexnet --batch 16 --count 4 --points 1.5,2,3,4,5 --interpreter-ratios 17.5:2.8",
+     "testbed-alexnet.json", testbed),
     ("hiertrain bench dashboard", "dashboard.json", dashboard),
     ("hiertrain bench broker", "broker.json", broker),
 ]
