@@ -125,8 +125,8 @@ def test_the_report_says_when_a_link_change_left_nothing_to_re_plan():
 def test_the_testbed_row_says_whether_a_multi_tier_run_beat_every_single_tier_one():
     from hiertrain.bench.readme import testbed, tiers_of
 
-    edge = {"mapping": {"o": "edge", "s": "device", "l": "cloud"}, "b_o": 32, "b_s": 0, "b_l": 0}
-    hybrid = {"mapping": {"o": "edge", "s": "device", "l": "cloud"}, "b_o": 24, "b_s": 8, "b_l": 0}
+    edge = {"mapping": {"o": "edge", "s": "device", "l": "cloud"}, "m_s": 0, "m_l": 0, "b_o": 32, "b_s": 0, "b_l": 0}
+    hybrid = {**edge, "m_s": 1, "m_l": 1, "b_o": 24, "b_s": 8}
     chain = {**edge, "plan": {"kind": "chain", "stages": [["edge", 1, 5], ["cloud", 6, 7]]}}
     assert tiers_of(edge) == {"edge"} and tiers_of(hybrid) == {"edge", "device"} and tiers_of(chain) == {"edge", "cloud"}
     rows = [{"phase": "sweep", "bw_edge_cloud": 1.5, "policy": "hiertrain", "measured_s": 0.20, "plan": edge},

@@ -169,11 +169,10 @@ NOISE = 0.05  # run-to-run spread on the testbed: differences smaller than this 
 
 
 def tiers_of(plan: dict[str, Any]) -> set[str]:
-    """The tiers a three-tier schedule (its JSON) computes on: a chain's stages, or O/S/L's roles with samples."""
-    if (plan.get("plan") or {}).get("kind") == "chain":
-        return {stage[0] for stage in plan["plan"]["stages"]}
-    roles = {"o": plan.get("b_o", 0), "s": plan.get("b_s", 0), "l": plan.get("b_l", 0)}
-    return {plan["mapping"][role] for role, n in roles.items() if n}
+    """The tiers a three-tier schedule (its JSON) computes on (:attr:`hiertrain.schedule.Schedule.working`)."""
+    from hiertrain.schedule import Schedule
+
+    return set(Schedule.from_json(plan).working)
 
 
 def testbed(r: dict[str, Any]) -> str:
