@@ -10,8 +10,13 @@ model the layer-split baselines need, and a calibrated variant of both for our r
   plus one frame's store-and-forward at the broker when a transfer crosses both links;
 - *link efficiency*: a shaped link carries TCP payload at MSS / frame = 1448 / 1514 of its rate;
 - *framework overhead*: each tier computing in an iteration adds a per-iteration constant to the
-  critical path (MQTT hops, Python, telemetry, at that tier's CPU speed); the device's own loop
-  (it stamps and sends every iteration) is a floor. Fitted from single-tier runs.
+  critical path (MQTT hops, Python, telemetry, copies and checks of the weights, at that tier's CPU
+  speed). Fitted from single-tier runs, where the tier held every parameter; a tier holding a
+  slice or a chain stage pays the share of it its parameters are;
+- *device loop*: the device stamps and sends samples every iteration even when it computes
+  nothing, so its loop is a floor. Measured apart (its framework seconds per iteration in the runs
+  where it is idle): the owner's overhead, which can be seconds for a large model on a slow device,
+  is no floor for plans that leave the device idle.
 - *message cost*: every message of an exchange on the critical path (weights, activations,
   gradients, parameter gradients between worker_o and a slice worker; activations and gradients
   between chain stages) costs its sender and its receiver their per-message seconds: the MQTT
@@ -53,6 +58,7 @@ class Calibration:
     overhead_s: tuple[float, float, float]
     chunk_bytes: float = 256 * 1024  # the runtime's frame size (store-and-forward unit at the broker)
     message_s: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per message sent or received on the critical path
+    loop_s: float = 0.0  # the idle device's loop per iteration: a floor under every plan
 
     @classmethod
     def of(cls, profile: Profile) -> "Calibration":
@@ -61,13 +67,14 @@ class Calibration:
             values = tuple(float(block["overhead_s"][t]) for t in TIERS)  # type: ignore[index]
             chunk = float(block.get("chunk_bytes", cls.chunk_bytes))  # type: ignore[union-attr]
             per_message = tuple(float(block.get("message_s", {}).get(t, 0.0)) for t in TIERS)  # type: ignore[union-attr]
+            loop = float(block.get("loop_s", 0.0))  # type: ignore[union-attr]
         except (TypeError, KeyError, ValueError, AttributeError):
             raise PlanError("the calibrated cost model needs a profile with a \"calibration\" block "
                             "({\"overhead_s\": {device, edge, cloud}}); hiertrain bench testbed fits one") from None
-        if not all(math.isfinite(v) and v >= 0 for v in (*values, chunk, *per_message)):
-            raise PlanError(f"calibration overheads, message costs and chunk_bytes must be finite and >= 0, got "
-                            f"{values}, {per_message}, {chunk}")
-        return cls(values, chunk, per_message)  # type: ignore[arg-type]
+        if not all(math.isfinite(v) and v >= 0 for v in (*values, chunk, *per_message, loop)):
+            raise PlanError(f"calibration overheads, message costs, loop_s and chunk_bytes must be finite and >= 0, "
+                            f"got {values}, {per_message}, {loop}, {chunk}")
+        return cls(values, chunk, per_message, loop)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,13 @@ class Tables:
     prefetch: bool = False  # inputs travel during the previous iteration: bound by link loads instead
     overhead: np.ndarray = field(default_factory=lambda: np.zeros(3))  # per-iteration seconds of each busy tier
     message: np.ndarray = field(default_factory=lambda: np.zeros(3))  # seconds per message sent or received
+    loop: float = 0.0     # the idle device's loop per iteration (calibrated model): a floor
     chunk: float = 0.0    # frame bytes stored and forwarded at the broker (calibrated model)
+
+    @property
+    def share(self) -> np.ndarray:
+        """(N+1,) share of the model's parameters in units 1..k (all 1 for a model without any)."""
+        return self.pp / self.pp[self.n] if self.pp[self.n] > 0 else np.ones_like(self.pp)
 
     @property
     def q_path(self) -> float:
@@ -143,6 +156,7 @@ def tables(profile: Profile, bw: Bandwidth, cost_model: str = "paper") -> Tables
         prefetch=calibrated,
         overhead=np.array(cal.overhead_s),
         message=np.array(cal.message_s),
+        loop=cal.loop_s,
         chunk=cal.chunk_bytes,
     )
 
@@ -172,11 +186,16 @@ def link_time(tab: Tables, transfers: Sequence[tuple[Any, Any, Any]]) -> Any:
     return busiest + frame * min(de, ec)
 
 
-def overhead(tab: Tables, o: Any, busy_s: Any, s: Any, busy_l: Any, l: Any) -> Any:
-    """Framework seconds the busy tiers (o; s and l when they have samples) add to the critical path."""
-    ov, msg = tab.overhead, tab.message
+def overhead(tab: Tables, o: Any, busy_s: Any, s: Any, m_s: Any, busy_l: Any, l: Any, m_l: Any) -> Any:
+    """Framework seconds the busy tiers (o; s and l when they have samples) add to the critical path.
+
+    A tier's overhead was fitted where it held the whole model; a slice worker holding units 1..m
+    pays the share of it its parameters are (the per-iteration work outside ORT, copies and checks
+    of the weights, grows with them), plus its exchanges' message costs."""
+    ov, msg, share = tab.overhead, tab.message, tab.share
     exchange = 4 * (msg[o] + msg[s]) * busy_s + 4 * (msg[o] + msg[l]) * busy_l  # weights, act, grad, wgrad
-    return ov[o] + np.where(busy_s, ov[s], 0.0) + np.where(busy_l, ov[l], 0.0) + exchange
+    return (ov[o] + np.where(busy_s, ov[s] * share[m_s], 0.0) + np.where(busy_l, ov[l] * share[m_l], 0.0)
+            + exchange)
 
 
 def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, b_s: Any, b_l: Any,
@@ -215,7 +234,7 @@ def evaluate(tab: Tables, o: Any, s: Any, l: Any, m_s: Any, m_l: Any, b_o: Any, 
         links = link_time(tab, [
             (DEVICE, o, b_o * tab.q), (DEVICE, s, b_s * tab.q), (DEVICE, l, b_l * tab.q),
             (s, o, x_s + w_s), (o, s, x_s + w_s), (l, o, x_l + w_l), (o, l, x_l + w_l)])
-        total = np.maximum(np.maximum(total + overhead(tab, o, act_s, s, act_l, l), links), tab.overhead[DEVICE])
+        total = np.maximum(np.maximum(total + overhead(tab, o, act_s, s, m_s, act_l, l, m_l), links), tab.loop)
     bad = (~tab.can_train[o] | (act_s & ~tab.can_train[s]) | (act_l & ~tab.can_train[l])
            | (act_s & (m_s == 0)) | (act_l & (m_l == 0)) | (m_s > m_l))
     total = np.where(bad, np.inf, total)
@@ -248,7 +267,8 @@ def chain_time(tab: Tables, stages: Sequence[Stage], batch: int, *, compress_bit
                           + [(ta, tb, batch * tab.mo[a.last] * ratio) for (ta, a), tb in hops]
                           + [(tb, ta, batch * tab.mo[a.last]) for (ta, a), tb in hops])
         messages = sum(2 * (tab.message[a] + tab.message[b]) for a, b in zip(tiers, tiers[1:]))  # act, grad
-        total = max(total + sum(tab.overhead[t] for t in tiers) + messages, float(links), tab.overhead[DEVICE])
+        held = sum(tab.overhead[t] * (tab.share[st.last] - tab.share[st.first - 1]) for t, st in zip(tiers, stages))
+        total = max(total + held + messages, float(links), tab.loop)
     return float(total)
 
 
@@ -263,13 +283,14 @@ def iteration_time(profile: Profile, bw: Bandwidth, schedule: Schedule, *, cost_
 
 
 def fit_overhead(profile: Profile, bw: Bandwidth, batch: int, measured: dict[str, float], *,
-                 chunk_bytes: float = Calibration.chunk_bytes, margin: float = 0.05) -> dict[str, float]:
+                 chunk_bytes: float = Calibration.chunk_bytes, margin: float = 0.05,
+                 loop_s: float = 0.0) -> dict[str, float]:
     """Per-tier framework overhead from measured seconds per iteration of the ``all-<tier>`` runs.
 
     all-device uses no link: overhead_device = measured - critical path. For the edge and the
     cloud, overhead_t = measured - critical path when the run was not held up by a link or the
-    device's loop (measured more than ``margin`` above both); otherwise it cannot be observed
-    there and is 0 (it is hidden behind the link in that run, and would be in similar plans).
+    idle device's loop ``loop_s`` (measured more than ``margin`` above both); otherwise it cannot
+    be observed there and is 0 (it is hidden behind the link in that run, and would be in similar plans).
     """
     zero = tables(with_calibration(profile, {t: 0.0 for t in TIERS}, chunk_bytes=chunk_bytes), bw, "calibrated")
 
@@ -284,14 +305,14 @@ def fit_overhead(profile: Profile, bw: Bandwidth, batch: int, measured: dict[str
     out = {"device": max(0.0, measured["device"] - path)}
     for tier in ("edge", "cloud"):
         path, floor = parts(tier)
-        floor = max(floor, out["device"])
+        floor = max(floor, loop_s)
         out[tier] = max(0.0, measured[tier] - path) if measured[tier] > (1 + margin) * floor else 0.0
     return {t: round(v, 5) for t, v in out.items()}
 
 
 def with_calibration(profile: Profile, overhead_s: dict[str, float], **record: Any) -> Profile:
     """``profile`` with a calibration block (what :class:`Calibration` reads; ``record`` may hold
-    ``chunk_bytes``, ``message_s`` and notes on how it was fitted)."""
+    ``chunk_bytes``, ``message_s``, ``loop_s`` and notes on how it was fitted)."""
     return Profile(profile.model, profile.sample_bytes, profile.layers, profile.tiers,
                    {**profile.extra, "calibration": {"overhead_s": dict(overhead_s), **record}})
 

@@ -110,7 +110,7 @@ def lower_bound(tab: Tables, c: Candidates, batch: int, pattern: tuple[bool, boo
     seg3 = batch * (pf[o, n] - pf[o, m_l] + pb[o, n] - pb[o, m_l])
     update = np.maximum(np.maximum(pu[o, n], pu[s, m_s] * busy_s), pu[l, m_l] * busy_l)
     sync = np.maximum(2 * tab.pp[m_s] * inv[s, o] * busy_s, 2 * tab.pp[m_l] * inv[l, o] * busy_l)
-    bound = seg1f + seg1b + seg2f + seg2b + seg3 + update + sync + overhead(tab, o, busy_s, s, busy_l, l)
+    bound = seg1f + seg1b + seg2f + seg2b + seg3 + update + sync + overhead(tab, o, busy_s, s, m_s, busy_l, l, m_l)
     feasible = tab.can_train[o] & (tab.can_train[s] | (not busy_s)) & (tab.can_train[l] | (not busy_l))
     return np.where(feasible, bound, np.inf)
 

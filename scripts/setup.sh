@@ -34,3 +34,6 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[all]" 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import hiertrain, onnxruntime, mip, paho.mqtt' >/dev/null
+# matplotlib builds its font cache on first import by running fc-list: do it here, once, not in the
+# first test that plots (a unit test may not start a process)
+MPLBACKEND=Agg .venv/bin/python -c 'import matplotlib.pyplot' >/dev/null 2>&1 || true

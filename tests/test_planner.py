@@ -81,10 +81,24 @@ def test_calibrated_model_hand_computed():
     # a chain device -> cloud cut after unit 1: activations forward and gradients back cross both links
     got = chain_time(tables(p, bw, "calibrated"), (Stage("device", 1, 1), Stage("cloud", 2, 2)), batch)
     crit = 10 * (0.01 + 0.02) + 2 * 10 * 500 * ec + 10 * (0.0004 + 0.0008) + 0.004
-    assert got == pytest.approx(crit + 0.02 + 0.001)
-    # the device's loop is a floor even when it does not compute
-    idle = calibrated(hand_profile(), (0.5, 0.0, 0.0))
-    assert plan(idle, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(0.5)
+    # each stage pays its tier's overhead in the share of the parameters it holds (2000 and 8000 B of 10,000)
+    assert got == pytest.approx(crit + 0.02 * 0.2 + 0.001 * 0.8)
+    # so does a slice worker: the device as s over unit 1 adds a fifth of its overhead to o's
+    t = tables(p, bw, "calibrated")
+    both = float(evaluate(t, 2, 0, 1, 1, 1, 6, 4, 0))
+    alone = float(evaluate(tables(calibrated(hand_profile(), (0.0, 0.005, 0.001)), bw, "calibrated"), 2, 0, 1, 1, 1, 6, 4, 0))
+    assert both - alone == pytest.approx(0.02 * 0.2)
+    # the idle device's loop is a floor under every plan; the device's own overhead (what it pays as
+    # the owner: its update, its copies) is not, when it computes nothing
+    from hiertrain.planner.costmodel import with_calibration
+
+    owner = calibrated(hand_profile(), (0.5, 0.0, 0.0))
+    assert plan(owner, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(link)
+    assert plan(owner, bw, batch, policy="all-device", cost_model="calibrated").iteration_s == pytest.approx(
+        10 * 0.09 + 0.008 + 0.5)
+    looping = with_calibration(hand_profile(), {"device": 0.5, "edge": 0.0, "cloud": 0.0}, loop_s=0.4)
+    assert plan(looping, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s == pytest.approx(0.4)
+    assert chain_time(tables(looping, bw, "calibrated"), (Stage("cloud", 1, 2),), batch) == pytest.approx(0.4)
 
 
 def test_overheads_are_fitted_back_from_single_tier_times():
@@ -100,6 +114,11 @@ def test_overheads_are_fitted_back_from_single_tier_times():
     slow = Bandwidth(8, 0.1)
     measured["cloud"] = plan(truth, slow, batch, policy="all-cloud", cost_model="calibrated").iteration_s
     assert fit_overhead(p, slow, batch, measured)["cloud"] == 0.0
+    # nor behind the idle device's loop; a large owner's overhead on the device hides nothing
+    measured["cloud"] = plan(truth, bw, batch, policy="all-cloud", cost_model="calibrated").iteration_s
+    assert fit_overhead(p, bw, batch, measured, loop_s=measured["cloud"])["cloud"] == 0.0
+    heavy = {**measured, "device": measured["device"] + 30.0}
+    assert fit_overhead(p, bw, batch, heavy)["cloud"] == pytest.approx(0.05, abs=1e-5)
 
 
 def test_message_costs_fall_on_exchanges_and_the_solver_stays_exact():

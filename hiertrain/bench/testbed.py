@@ -186,6 +186,25 @@ def message_costs(measured: dict[str, Optional[tuple[float, float]]],
             for t in ("device", "edge", "cloud")}
 
 
+def idle_loop(telemetry: list[tuple[str, dict[str, Any]]], versions: list[int], stretch: float,
+              dilation: float = 1.0, skip: int = 3) -> float:
+    """Wall seconds per iteration of the device's own loop in the runs of ``versions``, where it
+    computes nothing (it stamps and sends samples): its CPU of every thread per iteration, stretched
+    as its compute is (``stretch``, from :func:`message_cost`) less its kernel dilation; the largest
+    median over those runs, 0 when none reported."""
+    import statistics
+
+    from hiertrain.lab.replay import consecutive, reports
+
+    per_run = []
+    for version in versions:
+        rows = [p for p in reports(telemetry, "device", version, skip=skip) if "cpu_s" in p]
+        cpu = [b["cpu_s"] - a["cpu_s"] for a, b in consecutive(rows)]
+        if cpu:
+            per_run.append(statistics.median(cpu) * stretch / dilation)
+    return round(max(per_run, default=0.0), 6)
+
+
 def predictions(profile: Any, bw: Any, measured_bw: Any, sched: Any) -> dict[str, float]:
     from hiertrain import TIERS
     from hiertrain.planner.costmodel import Calibration, iteration_time, with_calibration
@@ -243,13 +262,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
             if not args.no_fit:
                 bw = Bandwidth(de, points[0])
-                fit, per_message = {}, {}
+                fit, per_message, versions = {}, {}, {}
                 for policy in FIT:
                     row = run("fit", policy, points[0], schedule_for(policy, profile, bw, batch))
                     fit[policy[4:]] = row["measured_s"]
+                    versions[policy[4:]] = row["version"]
                     per_message[policy[4:]] = message_cost(c.telemetry, policy[4:], row["version"])
-                overhead = fit_overhead(profile, bw, batch, fit, chunk_bytes=CHUNK_KB * 1024)
-                profile = with_calibration(profile, overhead, chunk_bytes=CHUNK_KB * 1024,
+                loop = idle_loop(c.telemetry, [versions["edge"], versions["cloud"]],
+                                 (per_message["device"] or (0.0, 0.0))[1], (dilation or {}).get("device", 1.0))
+                overhead = fit_overhead(profile, bw, batch, fit, chunk_bytes=CHUNK_KB * 1024, loop_s=loop)
+                profile = with_calibration(profile, overhead, chunk_bytes=CHUNK_KB * 1024, loop_s=loop,
                                            message_s=message_costs(per_message, dilation),
                                            fitted_on={"bw": [de, points[0]], "batch": batch, "measured_s": fit,
                                                       "message": per_message})
