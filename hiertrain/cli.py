@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", default="bench/results", help="report: directory of the JSON results")
     bench.add_argument("--readme", default="README.md", help="report: the README whose benchmark table it rewrites")
     bench.add_argument("--check", action="store_true", help="exit 1 when the benchmark misses its goal")
+    bench.add_argument("--quick", action="store_true",
+                       help="the smallest run that takes every path of the benchmark (its smoke test); figures not "
+                            "for quoting: bench report refuses them")
     bench.add_argument("--data", help="families, sync: an .npz of images (x [N, C, H, W], y) to train on")
     bench.add_argument("--every", default="2,4,8", help="sync: periodic sync's K values to run (FedAvg at the largest); "
                                                          "hierarchy: the K2 values (and the flat runs' K, the largest)")

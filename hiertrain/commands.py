@@ -7,6 +7,7 @@ stack still runs the commands it has.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -344,7 +345,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hiertrain.bench import run
 
     _terminate_like_ctrl_c()
-    result = run(args.which, args)
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries the JSON alone
+        result = run(args.which, args)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

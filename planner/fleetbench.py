@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hiertrain.bench import sized
 from hiertrain.errors import ConfigError
 from hiertrain.planner import fleet as F
 from hiertrain.planner import fleetpolicies as FP
@@ -39,11 +40,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "edges", None):
         return scale(args)
     rng = random.Random(0)
-    small = [F.random_fleet(rng, rng.randint(1, 3), rng.randint(1, 4)) for _ in range(300)]
+    small = [F.random_fleet(rng, rng.randint(1, 3), rng.randint(1, 4)) for _ in range(sized(args, 300, 20))]
     equal = sum(abs(F.solve(f).iteration_s - F.brute_force(f).iteration_s) <= 1e-9 * F.brute_force(f).iteration_s
                 for f in small)
     rows = []
-    for devices, units in SIZES:
+    sizes = sized(args, SIZES, SIZES[:1])
+    for devices, units in sizes:
         for seed in range(args.repeat):
             fleet = F.random_fleet(random.Random(1000 * devices + seed), devices, units)
             t0 = time.perf_counter()
@@ -60,7 +62,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_median": {p: statistics.median(r["speedup"][p] for r in rows if (r["devices"], r["units"]) == (d, u))
                            for p in FP.POLICIES[1:]},
         "never_worse": all(min(r["speedup"].values()) >= 1 - 1e-9 for r in rows if (r["devices"], r["units"]) == (d, u)),
-    } for d, u in SIZES}
+    } for d, u in sizes}
     result = {"bench": "fleet-planner", "budget_s": BUDGET_S,
               "exact": {"instances": len(small), "equal_to_brute_force": int(equal)},
               "summary": summary, "rows": rows}
@@ -117,19 +119,19 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     if args.devices < edges:
         raise ConfigError(f"--devices {args.devices} over --edges {edges}: every edge needs at least one device")
     sizes = [args.devices // edges + (e < args.devices % edges) for e in range(edges)]
-    growth = []
-    for n in PER_EDGE:
+    growth, per_edge, long_s = [], sized(args, PER_EDGE, PER_EDGE[:1]), sized(args, LONG_S, 1.0)
+    for n in per_edge:
         for seed in range(args.repeat):
-            growth.append(_planned(F.random_fleet(random.Random(7000 + 100 * n + seed), n, SCALE_UNITS), LONG_S))
+            growth.append(_planned(F.random_fleet(random.Random(7000 + 100 * n + seed), n, SCALE_UNITS), long_s))
             print(f"{n:4d} devices on an edge (seed {seed}): planned in {growth[-1]['solve_s']:.2f} s, "
                   f"{growth[-1]['iteration_s']:.3f} s/step, {100 * growth[-1]['gap_to_long']:.1f}% over a "
-                  f"{LONG_S:g} s search", flush=True)
+                  f"{long_s:g} s search", flush=True)
     sites = []
     for e, n in enumerate(sizes):
         sites.append(_planned(F.random_fleet(random.Random(9000 + e), n, SCALE_UNITS)))
     goal = [r for r in growth if r["devices"] == GOAL_DEVICES]
-    by_n = {str(n): _growth_row([r for r in growth if r["devices"] == n]) for n in PER_EDGE}
-    result = {"bench": "fleet-planner-scale", "budget_s": BUDGET_S, "long_s": LONG_S, "units": SCALE_UNITS,
+    by_n = {str(n): _growth_row([r for r in growth if r["devices"] == n]) for n in per_edge}
+    result = {"bench": "fleet-planner-scale", "budget_s": BUDGET_S, "long_s": long_s, "units": SCALE_UNITS,
               "repeat": args.repeat,
               "growth": by_n, "deployment": {
                   "devices": sum(sizes), "edges": edges, "per_edge": sizes[0] if len(set(sizes)) == 1 else sizes,
@@ -141,7 +143,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
                   "wan_mb_per_step_total": sum(r["bytes"]["edge_cloud"] for r in sites) / 1e6,
                   "never_worse": all(r["never_worse"] for r in sites)},
               "goal": {"devices": GOAL_DEVICES, "plan_s": GOAL_S},
-              "meets_goal": all(r["solve_s"] <= GOAL_S and r["never_worse"] for r in goal),
+              "meets_goal": all(r["solve_s"] <= GOAL_S and r["never_worse"] for r in goal) if goal else None,
               "rows": growth, "sites": sites}
     if args.out:
         _plot_scale(result, Path(args.out).with_suffix(".png"))

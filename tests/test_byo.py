@@ -98,7 +98,9 @@ def test_a_transformers_model_trains_across_three_tiers_equal_to_its_split_in_on
     c.publish(plan)
     c.start()
     assert c.wait() == {"device": 0, "edge": 0, "cloud": 0}, dump(c)
-    equals_single_process(c, n, plan)
+    # MobileNetV2's BatchNorm over 8-sample shares amplifies the order of float sums (ORT's threads)
+    # a thousandfold by its second step: one CI run measured 3.7e-4 there; a wrong gradient is percents
+    equals_single_process(c, n, plan, tol=1e-3 if name == "hf-mobilenetv2" else 1e-4)
 
 
 def test_data_that_does_not_fit_the_model_stops_the_device_at_start_in_one_line(cluster, user):

@@ -33,4 +33,29 @@ BENCHES = {
 
 
 def run(which: str, args: argparse.Namespace) -> dict[str, Any]:
-    return importlib.import_module(BENCHES[which]).bench(args)
+    result = importlib.import_module(BENCHES[which]).bench(args)
+    return {**result, "quick": True} if quick(args) else result
+
+
+def quick(args: argparse.Namespace) -> bool:
+    """``--quick``: the smallest run that takes every path of a benchmark (its smoke test's); the
+    figures are not for quoting, and :func:`load` refuses them."""
+    return bool(getattr(args, "quick", False))
+
+
+def sized(args: argparse.Namespace, full: Any, small: Any) -> Any:
+    """A benchmark's size: ``full``, or ``small`` in a ``--quick`` run."""
+    return small if quick(args) else full
+
+
+def load(path: Any) -> dict[str, Any]:
+    """A benchmark's JSON result, to quote: a ``--quick`` run's is refused."""
+    import json
+    from pathlib import Path
+
+    from hiertrain.errors import ConfigError
+
+    result = json.loads(Path(path).read_text())
+    if result.get("quick"):
+        raise ConfigError(f"{path} is a --quick run (a smoke test's): its figures are not for quoting; run the bench in full")
+    return result

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hiertrain.bench import sized
 from hiertrain.bench.transport import raw_client
 
 SIZES = (1 << 10, 16 << 10, 256 << 10)  # a small tensor, a mid-sized one, a full chunk (chunk_kb = 256)
@@ -218,16 +219,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             counters = Counters(bdir.credentials_file("observer"))
             try:
                 for size in SIZES:
-                    count = max(20, min(MESSAGES, VOLUME // size) // clients)
+                    count = sized(args, max(20, min(MESSAGES, VOLUME // size) // clients), 200)
                     rows.append(capacity(bdir, broker.proc.pid, counters, clients, count, size))
                     r = rows[-1]
                     print(f"{size >> 10:4d} KB x {r['messages']}: {r['delivered_per_s']:.0f} msg/s delivered, "
                           f"broker {r['broker_us_per_message']:.0f} us a message ({r['broker_cpu_share'] * 100:.0f} % "
-                          f"of a core): one core carries {r['one_core_messages_per_s']:.0f} msg/s, "
-                          f"{r['one_core_mb_s']:.0f} MB/s", flush=True)
+                          f"of a core): one core carries {r['one_core_messages_per_s'] or 0:.0f} msg/s, "
+                          f"{r['one_core_mb_s'] or 0:.0f} MB/s" + ("" if r["broker_cpu_s"] else " (too few messages "
+                                                                     "for the broker's CPU to register)"), flush=True)
             finally:
                 counters.close()
-        fleet = fleet_step(Path(d) / "fleet", clients, WINDOW_S)
+        fleet = fleet_step(Path(d) / "fleet", clients, sized(args, WINDOW_S, 2.0))
     # the broker's CPU per delivery, a + b * bytes, fitted over the sizes; a device-step's deliveries
     # (each message in goes out once) and bytes then cost what they add up to
     b, a = np.polyfit([r["bytes"] for r in rows], [r["broker_us_per_message"] for r in rows], 1)

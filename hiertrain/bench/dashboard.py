@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hiertrain.bench import sized
+
 GOAL_STATE_MB, GOAL_POLL_KB, GOAL_PAGE_S = 5.0, 300.0, 5.0
 DEVICES = 16
 
@@ -104,7 +106,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     devices = DEVICES
     rows = []
-    for hours in (0.1, 1.0):
+    for hours in sized(args, (0.1, 1.0), (0.01, 0.02)):
         board = Board("bench")
         tracemalloc.start()
         t0 = time.perf_counter()

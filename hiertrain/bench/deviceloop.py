@@ -21,12 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from hiertrain.bench import quick, sized
+from hiertrain.errors import ConfigError
 from hiertrain.lab import cgroup
 from hiertrain.lab.emulation import REFERENCE_QUOTAS
 from hiertrain.schedule import Schedule
 
 PI3_QUOTA = REFERENCE_QUOTAS["device"]
 BATCH, CUT = 32, 2
+MIN_COUNT = 8  # iterations per schedule: a third are skipped, and the figures need three
 
 
 def schedules() -> list[Schedule]:
@@ -52,7 +55,7 @@ def summarize(telemetry: list[tuple[str, dict[str, Any]]], version: int, skip: i
 
     dev = reports(telemetry, "device", version, skip=skip)
     if len(dev) < 3:
-        raise RuntimeError(f"schedule {version} ran {len(dev)} steady iterations on the device; raise --count")
+        raise ConfigError(f"schedule {version} ran {len(dev)} steady iterations on the device; raise --count")
     med = lambda f: statistics.median(f(p) for p in dev)  # noqa: E731
     compute_wall = med(lambda p: sum(p["phases"].values()))
     compute_cpu = med(lambda p: p["compute_cpu_s"])
@@ -100,10 +103,15 @@ GOAL_SHARE = 0.10  # issue 28: the framework's CPU <= 10 % of the device's compu
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    quota = args.device_quota or PI3_QUOTA
-    runs = {"native": run_job(None, args.count)}
-    if cgroup.available() is None:
-        runs["pi3"] = run_job(quota, max(12, args.count // 2))
+    quota, count = args.device_quota or PI3_QUOTA, sized(args, args.count, MIN_COUNT)
+    if count < MIN_COUNT:
+        raise ConfigError(f"bench deviceloop needs --count >= {MIN_COUNT}: a third of each schedule's iterations "
+                          "are warm-up, and three must remain")
+    runs = {"native": run_job(None, count)}
+    if quick(args):  # a process at the Pi-3 quota spends a minute importing onnxruntime
+        runs["pi3"] = {"skipped": "--quick"}
+    elif cgroup.available() is None:
+        runs["pi3"] = run_job(quota, max(12, count // 2))
     else:
         runs["pi3"] = {"skipped": f"no CPU quota here: {cgroup.available()}"}
     if args.out and "skipped" not in runs["pi3"]:

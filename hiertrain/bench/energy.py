@@ -36,14 +36,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hiertrain.bench import quick
 from hiertrain.bench.plot import axes
 
 BASELINES = ("hiertrain", "edgesplit", "per-device-hiertrain", "all-edge", "all-cloud", "all-local")
 SWEEP = 12
 
 
-def testbed_fleet(model: str, devices: int, medium_mbps: float, cloud_mbps: float, work: Path
-                  ) -> tuple[Any, str, tuple[Path, dict]]:
+def testbed_fleet(model: str, devices: int, medium_mbps: float, cloud_mbps: float, work: Path, *,
+                  quotas: bool = True) -> tuple[Any, str, tuple[Path, dict]]:
     """The testbed's fleet with measured timings and each device's class's power model, how the
     device timings were had (measured under CPU quotas, or not: no cgroups here), and the profiles
     (the servers', each quota's device's: a testbed run plans from the same)."""
@@ -54,7 +55,7 @@ def testbed_fleet(model: str, devices: int, medium_mbps: float, cloud_mbps: floa
     from hiertrain.power import CLASSES
     from hiertrain.profile import Profile
 
-    quotas = cgroup.available() is None
+    quotas = quotas and cgroup.available() is None
     specs = fleet_specs(devices, quotas=quotas)
     servers, per_quota = measure_profiles(model, max(1, 16 // devices), work, {s.quota for s in specs})
     rows = [(s.name, Profile.load(per_quota[s.quota]), s.samples, s.rate_mbps, s.private, CLASSES[s.name.split("-")[0]])
@@ -110,7 +111,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     measured = json.loads(Path(args.source).read_text()) if args.source else None
     cloud = measured["cloud_mbps"] if measured else 5.0
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-energy-") as tmp:
-        base, timings, profiles = testbed_fleet(args.model, args.devices or 4, points[0], cloud, Path(tmp))
+        base, timings, profiles = testbed_fleet(args.model, args.devices or 4, points[0], cloud, Path(tmp),
+                                                quotas=not quick(args) or args.testbed)  # quick: at full speed
         rows = _rows(base, points, measured, cloud)
         if args.testbed:
             on_testbed(args, base, profiles, rows, Path(tmp))

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hiertrain.bench import sized
 from hiertrain.net import topics, wire
 from hiertrain.schedule import Schedule
 
@@ -165,11 +166,11 @@ def lost_worker_o() -> dict[str, Any]:
     return _with_broker(run)
 
 
-def broker_crash() -> dict[str, Any]:
+def broker_crash(iterations: int = 60) -> dict[str, Any]:
     from hiertrain.broker.process import BrokerProcess
 
     def run(work: Path, bdir, broker) -> dict[str, Any]:
-        c = _cluster(work, bdir, iterations=60, every=5, timeout_s=60)
+        c = _cluster(work, bdir, iterations=iterations, every=5, timeout_s=60)
         try:
             c.wait_iteration(10)
             done_before = max(c.losses())
@@ -185,7 +186,7 @@ def broker_crash() -> dict[str, Any]:
                 codes = c.wait(timeout=300)
             return {"fault": "Mosquitto SIGKILLed, restarted 2 s later", "broker_back_s": round(restarted, 1),
                     "seconds_to_next_completed_iteration": round(resumed, 1), "exit_codes": codes,
-                    "iterations_completed": len(c.losses()), "iterations_planned": 60}
+                    "iterations_completed": len(c.losses()), "iterations_planned": iterations}
         finally:
             c.close()
 
@@ -199,7 +200,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         return {"bench": "hostile", "skipped": "needs Mosquitto"}
     return {
         "bench": "hostile",
-        "floods": [flood_case("big", 800), flood_case("tiny", 50_000), flood_case("ahead", 200)],
+        "floods": [flood_case("big", sized(args, 800, 10)), flood_case("tiny", sized(args, 50_000, 200)),
+                   flood_case("ahead", sized(args, 200, 10))],
         "lost_worker_o": lost_worker_o(),
-        "broker_crash": broker_crash(),
+        "broker_crash": broker_crash(sized(args, 60, 25)),
     }

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from hiertrain.bench import readme
+from hiertrain.bench import load, readme
 
 from hiertrain.bench.plot import axes
 
@@ -26,7 +26,7 @@ BASELINES = ("all-edge", "all-cloud", "jointdnn", "jointdnn+", "jalad")
 
 
 def _load(path: Path) -> Optional[dict[str, Any]]:
-    return json.loads(path.read_text()) if path.exists() else None
+    return load(path) if path.exists() else None
 
 
 def _fmt(x: Any, digits: int = 3) -> str:

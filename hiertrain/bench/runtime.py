@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from hiertrain import TIERS
+from hiertrain.bench import quick, sized
+from hiertrain.errors import ConfigError
 from hiertrain.lab import cgroup
 from hiertrain.profile import Profile
 from hiertrain.schedule import Schedule
@@ -37,14 +39,20 @@ def _schedules(profile: Profile, batch: int, bw: Any) -> list[Schedule]:
     ]
 
 
+SKIP = 3  # warm-up iterations of each schedule, not measured
+MIN_COUNT = 2 * SKIP
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from hiertrain.lab.emulation import profile_tiers
     from hiertrain.lab.cluster import Cluster
     from hiertrain.lab.jobs import ThreeTier
     from hiertrain.planner.costmodel import Bandwidth, iteration_time
 
-    batch, per = 32, args.count
-    quota = 0.15 if cgroup.available() is None else None
+    batch, per = 32, sized(args, args.count, 8)
+    if per < MIN_COUNT:
+        raise ConfigError(f"bench runtime needs --count >= {MIN_COUNT}: each schedule's first {SKIP} iterations are warm-up")
+    quota = 0.15 if cgroup.available() is None and not quick(args) else None
     with tempfile.TemporaryDirectory(prefix="hiertrain-bench-") as d:
         work = Path(d)
         profile = Profile.load(profile_tiers("lenet5", batch, work / "profile.json",
@@ -61,7 +69,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             codes = c.wait(timeout=300)
             if any(code != 0 for code in codes.values()):
                 raise RuntimeError(f"tiers failed: {codes}: {c.log('device')[-500:]}")
-            measured = {k: c.seconds_per_iteration(k, skip=3) for k in range(1, len(plans) + 1)}
+            measured = {k: c.seconds_per_iteration(k, skip=SKIP) for k in range(1, len(plans) + 1)}
             links: dict[str, list[float]] = {}
             for _, p in c.telemetry:
                 for link, mbps in p.get("links", {}).items():
@@ -71,7 +79,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for k, sched in enumerate(plans, 1):
         if measured[k] is None:
-            raise RuntimeError(f"schedule {k} ran no steady iterations; raise --count")
+            raise ConfigError(f"schedule {k} ran no steady iterations; raise --count")
         predicted = iteration_time(profile, bw, sched)
         rows.append({"schedule": sched.describe().split(";")[0], "measured_s": round(measured[k], 5),
                      "predicted_s": round(predicted, 5), "overhead_s": round(measured[k] - predicted, 5),

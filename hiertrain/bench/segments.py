@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hiertrain.bench import sized
 from hiertrain.train import models, segments
 from hiertrain.train.runtime import Runtime, Segment
 from hiertrain.train.optim import OptimizerConfig
@@ -43,9 +44,9 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build_times() -> dict[str, Any]:
+def build_times(names: tuple[str, ...] = ("lenet5", "alexnet")) -> dict[str, Any]:
     out = {}
-    for name in ("lenet5", "alexnet"):
+    for name in names:
         spec = models.get(name)
         with tempfile.TemporaryDirectory() as d:
             times = []
@@ -60,10 +61,10 @@ def build_times() -> dict[str, Any]:
     return out
 
 
-def recompute(repeat: int) -> list[dict[str, Any]]:
+def recompute(repeat: int, cases: list[tuple[str, int, int, int]] = CASES) -> list[dict[str, Any]]:
     rows = []
     rt = Runtime()
-    for name, a, b, batch in CASES:
+    for name, a, b, batch in cases:
         spec = models.get(name)
         params = models.init_params(spec)
         seg = rt.segment(spec, a, b)
@@ -81,11 +82,11 @@ def recompute(repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
-def lowering_cost(repeat: int) -> list[dict[str, Any]]:
+def lowering_cost(repeat: int, cases: list[tuple[str, int, int, int]] = CASES) -> list[dict[str, Any]]:
     """The lowered backward (standard ONNX ops, any onnxruntime) against the training kernels'."""
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for name, a, b, batch in CASES:
+        for name, a, b, batch in cases:
             spec = models.get(name)
             params = models.init_params(spec)
             rng = np.random.default_rng(0)
@@ -169,17 +170,18 @@ def step_vs_pytorch(repeat: int, name: str = "lenet5", batch: int = 64) -> dict[
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    rec = recompute(args.repeat)
+    cases = sized(args, CASES, CASES[:1])  # quick: LeNet-5 only
+    rec = recompute(args.repeat, cases)
     return {
         "bench": "segments",
-        "build": build_times(),
+        "build": build_times(sized(args, ("lenet5", "alexnet"), ("lenet5",))),
         "recompute": rec,
         "split_ratio_max": max(r["split_ratio"] for r in rec),
         "goal_split_ratio": 1.05,
-        "lowering": (low := lowering_cost(max(args.repeat, 9))),
+        "lowering": (low := lowering_cost(sized(args, max(args.repeat, 9), 1), cases)),
         "lowering_ratio_max": max(r["ratio"] for r in low),
         "goal_lowering_ratio": 1.05,
-        "step": (steps := [step_vs_pytorch(max(args.repeat, 20), m, 64) for m in ("lenet5", "alexnet-small")]),
+        "step": (steps := [step_vs_pytorch(sized(args, max(args.repeat, 20), 2), m, 64) for m in sized(args, ("lenet5", "alexnet-small"), ("lenet5",))]),
         "step_ratio_max": max(r.get("ratio", 0) for r in steps),
         "goal_step_ratio": 1.0,
         "meets_goal": max(r["split_ratio"] for r in rec) <= 1.05 and max(r["ratio"] for r in low) <= 1.05
