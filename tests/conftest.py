@@ -97,3 +97,34 @@ def _markers_mean_what_they_say(request: pytest.FixtureRequest, monkeypatch: pyt
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse("runs an ORT session"))
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))
+
+
+def until(condition: Callable[[], object], timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll ``condition`` until it holds (a readiness signal, not a fixed sleep); fail after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g} s")
+        time.sleep(0.01)
+
+
+def subscribed(client: Any, *subscriptions: tuple[str, int], timeout: float = 10.0) -> None:
+    """Subscribe a looping paho client and return once the broker has granted it all (its SUBACKs)."""
+    import threading
+
+    granted, cond = set(), threading.Condition()
+    previous = client.on_subscribe
+
+    def on_subscribe(c: Any, userdata: Any, mid: int, *rest: Any) -> None:
+        with cond:
+            granted.add(mid)
+            cond.notify_all()
+
+    client.on_subscribe = on_subscribe
+    mids = {client.subscribe(topic, qos)[1] for topic, qos in subscriptions}
+    with cond:
+        if not cond.wait_for(lambda: mids <= granted, timeout):
+            raise AssertionError(f"no SUBACK for {subscriptions} within {timeout:g} s")
+    client.on_subscribe = previous

@@ -19,7 +19,7 @@ from hiertrain.net.mailbox import RESTARTED
 from hiertrain.net.transport import Endpoint, Transport
 from hiertrain.net.wire import Message, encode_message
 
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, subscribed
 
 
 def raw_client(bdir, account=None, password=None):
@@ -267,12 +267,11 @@ def test_devices_are_enrolled_and_withdrawn_on_a_running_mosquitto_each_with_its
         pi3, rc = raw_client(bdir, "pi3")
         assert not rc.is_failure
         pi3.on_message = lambda c, u, m: got.put(("pi3", m.topic))
-        pi3.subscribe([("hiertrain/farm/schedule", 1), ("hiertrain/farm/+/+/+/+", 1)])  # asks for every inbox
+        subscribed(pi3, ("hiertrain/farm/schedule", 1), ("hiertrain/farm/+/+/+/+", 1))  # asks for every inbox
         watcher, _ = raw_client(bdir, "observer")
         watcher.on_message = lambda c, u, m: got.put(("observer", m.topic))
-        watcher.subscribe("hiertrain/farm/+/status", 1)
+        subscribed(watcher, ("hiertrain/farm/+/status", 1))
         edge, _ = raw_client(bdir, "edge")
-        time.sleep(0.5)
         for topic in ("hiertrain/farm/pi3/status", "hiertrain/farm/device/status", "hiertrain/farm/schedule",
                       "hiertrain/other/pi3/status"):
             pi3.publish(topic, b"{}", qos=1).wait_for_publish(5)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cluster import dump, reference, rel, schedule
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, subscribed, until
 from synthetic import planner_config
 from hiertrain.broker.layout import BrokerDir, Settings
 from hiertrain.broker.process import BrokerProcess, free_port
@@ -169,14 +169,10 @@ def test_accounts_are_bound_to_their_job_and_read_only_what_their_role_needs(bou
         other_job = spy.publish("hiertrain/other/device/telemetry", b"{}", qos=1)
         others_topic = spy.publish(topics.status(JOB, "edge"), b'{"state": "offline"}', qos=1)
         own = spy.publish(topics.telemetry(JOB, "device"), b"{}", qos=1)
-        for info in (other_job, others_topic, own):
-            info.wait_for_publish(5)
-        time.sleep(0.3)
+        until(lambda: {other_job.mid, others_topic.mid, own.mid} <= set(acks), what="three PUBACKs")
         assert acks[other_job.mid].is_failure and acks[others_topic.mid].is_failure  # not authorized
         assert not acks[own.mid].is_failure
-        spy.subscribe("#", qos=1)
-        spy.subscribe(f"hiertrain/{JOB}/+/+/+/+", qos=1)  # every tier's tensors
-        time.sleep(0.5)
+        subscribed(spy, ("#", 1), (f"hiertrain/{JOB}/+/+/+/+", 1))  # and every tier's tensors
         edge.send(wire.Message("samples", JOB, "edge", "cloud", 0, 0, {}, 1))  # to the cloud, not the device
         edge.publish_json(topics.telemetry(JOB, "edge"), {"iteration": 0})  # the device may read this
         edge.flush()
