@@ -94,7 +94,7 @@ def test_hostile_floods_a_lost_worker_o_and_a_broker_crash(tmp_path):
     assert row(data)
 
 
-@pytest.mark.compute
+@pytest.mark.process
 def test_energy_front_from_the_cost_model(tmp_path):
     data = bench(tmp_path, "energy", "--devices", "2", "--medium", "20")
     assert [r["medium_mbps"] for r in data["rows"]] == [20.0] and data["rows"][0]["front"] and row(data)

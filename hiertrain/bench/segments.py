@@ -181,7 +181,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "lowering": (low := lowering_cost(sized(args, max(args.repeat, 9), 1), cases)),
         "lowering_ratio_max": max(r["ratio"] for r in low),
         "goal_lowering_ratio": 1.05,
-        "step": (steps := [step_vs_pytorch(sized(args, max(args.repeat, 20), 2), m, 64) for m in sized(args, ("lenet5", "alexnet-small"), ("lenet5",))]),
+        "step": (steps := [step_vs_pytorch(sized(args, max(args.repeat, 20), 2), m, 64)
+                           for m in sized(args, ("lenet5", "alexnet-small"), ("lenet5",))]),
         "step_ratio_max": max(r.get("ratio", 0) for r in steps),
         "goal_step_ratio": 1.0,
         "meets_goal": max(r["split_ratio"] for r in rec) <= 1.05 and max(r["ratio"] for r in low) <= 1.05
