@@ -119,3 +119,13 @@ def test_a_quick_run_is_never_quoted(tmp_path):
         load(tmp_path / "wire.json")
     with pytest.raises(ConfigError, match="--quick run"):
         readme.table(tmp_path)
+
+
+def test_a_broker_figure_too_small_to_register_is_said_not_crashed():
+    from hiertrain.bench.readme import broker
+
+    cap = {"bytes": 1024, "broker_us_per_message": 0.0, "one_core_messages_per_s": None, "one_core_mb_s": None}
+    r = {"clients": 1, "capacity": [cap], "cpu_model": {"us_per_delivery": 0.0, "us_per_kb": 0.8},
+         "fleet": {"devices": 1, "steps_per_s": 10.0, "per_device_step": {"messages_in": 3.7, "kb_in": 12.7}},
+         "device_step_us": 10.0, "device_steps_per_s": 1e5}
+    assert "1 KB: too few messages for the broker's CPU to register" in broker(r)

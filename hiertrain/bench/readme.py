@@ -225,7 +225,9 @@ def fleet_planner_scale(r: dict[str, Any]) -> str:
 
 def broker(r: dict[str, Any]) -> str:
     caps = ", ".join(f"{c['bytes'] >> 10} KB: {c['broker_us_per_message']:.0f} us a message, one core "
-                     f"{c['one_core_messages_per_s']:.0f} msg/s ({c['one_core_mb_s']:.0f} MB/s)" for c in r["capacity"])
+                     f"{c['one_core_messages_per_s']:.0f} msg/s ({c['one_core_mb_s']:.0f} MB/s)"
+                     if c["one_core_messages_per_s"] is not None else
+                     f"{c['bytes'] >> 10} KB: too few messages for the broker's CPU to register" for c in r["capacity"])
     f, p = r["fleet"], r["fleet"]["per_device_step"]
     m = r["cpu_model"]
     return (f"one Mosquitto's CPU per delivered message from {r['clients']} clients: {caps} (fitted: "
