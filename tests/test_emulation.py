@@ -141,3 +141,13 @@ def test_the_testbed_row_says_whether_a_multi_tier_run_beat_every_single_tier_on
            "0.150 s (**25% faster than every single-tier run**)" in text
     assert "3 Mbit/s: hiertrain 0.200 s on device+edge, best single-tier all-edge 0.200 s; fastest multi-tier: " \
            "hiertrain 0.200 s (within 5% of it: a tie)" in text  # (fit rows are not judged)
+
+
+def test_the_idle_devices_loop_is_its_cpu_per_step_stretched_and_never_negative():
+    from hiertrain.bench.testbed import idle_loop
+
+    reports = [("device", {"schedule_version": 2, "iteration": i, "cpu_s": c})
+               for i, c in enumerate([0.5, 0.004, 0.006, 0.005, 0.003, 0.005])]  # (the first 3 are warm-up)
+    reports += [("edge", {"schedule_version": 2, "iteration": i, "cpu_s": 9.0}) for i in range(6)]
+    assert idle_loop(reports, [2], stretch=20.0, dilation=2.0) == pytest.approx(0.005 * 20 / 2)
+    assert idle_loop(reports, [3], stretch=20.0) == 0.0  # no run of that version: no floor

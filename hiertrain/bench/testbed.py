@@ -189,17 +189,17 @@ def message_costs(measured: dict[str, Optional[tuple[float, float]]],
 def idle_loop(telemetry: list[tuple[str, dict[str, Any]]], versions: list[int], stretch: float,
               dilation: float = 1.0, skip: int = 3) -> float:
     """Wall seconds per iteration of the device's own loop in the runs of ``versions``, where it
-    computes nothing (it stamps and sends samples): its CPU of every thread per iteration, stretched
-    as its compute is (``stretch``, from :func:`message_cost`) less its kernel dilation; the largest
-    median over those runs, 0 when none reported."""
+    computes nothing (it stamps and sends samples): its CPU of every thread in a step (``cpu_s``, per
+    step, as each report carries it), stretched as its compute is (``stretch``, from
+    :func:`message_cost`) less its kernel dilation; the largest median over those runs, 0 when none
+    reported."""
     import statistics
 
-    from hiertrain.lab.replay import consecutive, reports
+    from hiertrain.lab.replay import reports
 
     per_run = []
     for version in versions:
-        rows = [p for p in reports(telemetry, "device", version, skip=skip) if "cpu_s" in p]
-        cpu = [b["cpu_s"] - a["cpu_s"] for a, b in consecutive(rows)]
+        cpu = [p["cpu_s"] for p in reports(telemetry, "device", version, skip=skip) if "cpu_s" in p]
         if cpu:
             per_run.append(statistics.median(cpu) * stretch / dilation)
     return round(max(per_run, default=0.0), 6)
